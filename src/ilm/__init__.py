@@ -1,0 +1,38 @@
+"""
+ILM, Intersession Layer Messaging for Twisted.
+
+Every message handed to :meth:`ILM.send_to` is stored until the peer has
+durably received it, and is delivered to the peer's application exactly once
+and in send order, across disconnects, reconnects and crashes of either side.
+"""
+
+from ilm._config import Config
+from ilm._delivery import CallableDelivery, QueueDelivery, as_delivery
+from ilm._message import Message, PeerId
+from ilm._messenger import ILM, Receipt
+from ilm._store import (
+    CommitResult,
+    InboundRecord,
+    OutboundRecord,
+    StoreBatch,
+    StoredState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ILM",
+    "CallableDelivery",
+    "CommitResult",
+    "Config",
+    "InboundRecord",
+    "Message",
+    "OutboundRecord",
+    "PeerId",
+    "QueueDelivery",
+    "Receipt",
+    "StoreBatch",
+    "StoredState",
+    "__version__",
+    "as_delivery",
+]

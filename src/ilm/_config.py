@@ -1,0 +1,73 @@
+"""
+Tunable limits and timings, with their documented defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+
+
+def _positive(instance: object, attribute: attr.Attribute[Any], value: Any) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value!r}")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Config:
+    """
+    Limits and timings of one ILM node.  Every field has a default; pass only
+    what you want to change: ``Config(window=1024)``.
+
+    Flow control
+        ``window`` / ``window_bytes``: at most this many messages (bytes) sent
+        to one peer and not yet acknowledged by it.  The receiver announces
+        its own window in the handshake and the sender uses the smaller one.
+        A single message larger than ``window_bytes`` is still sent alone.
+
+    Limits
+        ``max_message_size``: largest ``contents`` accepted by ``send_to``.
+        ``max_outbox_messages`` / ``max_outbox_bytes``: per peer, messages
+        accepted but not yet acknowledged; ``send_to`` fails with
+        :class:`ilm.errors.OutboxFull` beyond them.
+        ``max_frame_size``: largest frame sent or accepted (the wire layer
+        refuses larger frames with :class:`ilm.errors.FrameTooLarge`).
+
+    Timings (seconds)
+        ``retransmit_timeout`` (doubling up to ``max_retransmit_timeout``):
+        how long sent data may go unconfirmed before it is sent again.
+        ``handshake_retry``: how often the handshake is repeated while the
+        peer's has not arrived (lossy networks).
+        ``ack_delay``: how soon a receiver confirms data it holds but could
+        not yet deliver.
+        ``delivery_retry`` (doubling up to ``max_delivery_retry``): backoff
+        after the delivery target fails.
+        ``store_retry`` (doubling up to ``max_store_retry``): backoff after a
+        failed commit of acknowledgements or delivery marks.
+        ``shutdown_timeout``: default for ``stopService``.
+    """
+
+    window: int = attr.ib(default=4096, validator=_positive)
+    window_bytes: int = attr.ib(default=4 * 1024 * 1024, validator=_positive)
+    max_message_size: int = attr.ib(default=1024 * 1024, validator=_positive)
+    max_outbox_messages: int = attr.ib(default=1_000_000, validator=_positive)
+    max_outbox_bytes: int = attr.ib(default=256 * 1024 * 1024, validator=_positive)
+    max_frame_size: int = attr.ib(default=1024 * 1024 + 4096, validator=_positive)
+    read_batch: int = attr.ib(default=1024, validator=_positive)
+    retransmit_timeout: float = attr.ib(default=1.0, validator=_positive)
+    max_retransmit_timeout: float = attr.ib(default=30.0, validator=_positive)
+    handshake_retry: float = attr.ib(default=1.0, validator=_positive)
+    ack_delay: float = attr.ib(default=0.1, validator=_positive)
+    delivery_retry: float = attr.ib(default=0.1, validator=_positive)
+    max_delivery_retry: float = attr.ib(default=30.0, validator=_positive)
+    store_retry: float = attr.ib(default=0.1, validator=_positive)
+    max_store_retry: float = attr.ib(default=10.0, validator=_positive)
+    shutdown_timeout: float = attr.ib(default=30.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_frame_size < self.max_message_size + 64:
+            raise ValueError(
+                "max_frame_size must exceed max_message_size by at least 64 "
+                "bytes of framing"
+            )

@@ -1,0 +1,87 @@
+"""
+Delivery targets: adapters that let a ``DeferredQueue`` or a plain callable
+stand where an :class:`ilm.interfaces.ILocalDelivery` is expected.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
+from twisted.python.components import registerAdapter
+from zope.interface import implementer
+
+from ilm.interfaces import ILocalDelivery, IMessage
+
+
+@implementer(ILocalDelivery)
+class QueueDelivery:
+    """
+    Deliver by putting each message on a ``DeferredQueue``.
+
+    A queue created with a ``size`` refuses messages when full
+    (``QueueOverflow``); ILM treats that as a failed delivery and retries
+    with backoff, holding later messages from the same sender back.
+    """
+
+    def __init__(self, queue: DeferredQueue[Any]) -> None:
+        self.queue = queue
+
+    def deliver(self, message: IMessage) -> None:
+        self.queue.put(message)
+
+    def __repr__(self) -> str:
+        return f"QueueDelivery({self.queue!r})"
+
+
+@implementer(ILocalDelivery)
+class CallableDelivery:
+    """
+    Deliver by calling ``function(message)``.
+
+    The function may return ``None``, a ``Deferred`` or a coroutine (an
+    ``async def`` function); raising or failing means "not delivered".
+    """
+
+    def __init__(self, function: Callable[[IMessage], object]) -> None:
+        self.function = function
+
+    def deliver(self, message: IMessage) -> Deferred[Any] | None:
+        result = self.function(message)
+        if result is None:
+            return None
+        if isinstance(result, Deferred):
+            return result
+        if inspect.isawaitable(result):
+            return ensureDeferred(result)  # type: ignore[arg-type]
+        return None
+
+    def __repr__(self) -> str:
+        return f"CallableDelivery({self.function!r})"
+
+
+registerAdapter(QueueDelivery, DeferredQueue, ILocalDelivery)
+
+
+def as_delivery(target: object) -> ILocalDelivery:
+    """
+    Turn a delivery target into an :class:`ILocalDelivery`.
+
+    Accepts a provider of ``ILocalDelivery``, anything adaptable to it (a
+    ``DeferredQueue``), or a callable taking one message.
+
+    :raises TypeError: for anything else.
+    """
+    if ILocalDelivery.providedBy(target):
+        return target  # type: ignore[return-value]
+    adapted = ILocalDelivery(target, None)
+    if adapted is not None:
+        return adapted  # type: ignore[no-any-return]
+    if callable(target):
+        return CallableDelivery(target)
+    raise TypeError(
+        "the delivery target must provide ILocalDelivery, be a DeferredQueue "
+        f"or be callable, not {type(target).__name__}"
+    )

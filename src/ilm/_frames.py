@@ -1,0 +1,260 @@
+"""
+Encoding and decoding of ILM session frames (pure functions, with limits).
+
+A frame is one ``bytes`` value; networks carry frames whole (the stream
+transports add a length prefix, see ``docs/protocol.md``).  All integers are
+big-endian.  Every frame starts with a type byte:
+
+====  =======  ============================================================
+type  name     body
+====  =======  ============================================================
+0x01  HELLO    version u16, incarnation 16 bytes, window u32,
+               window_bytes u32, first_unacked u64, last_position u64,
+               flags u8 (bit 0: known incarnation present, bit 1: reply
+               requested), known_incarnation 16 bytes, delivered u64
+0x02  DATA     lane u16 (0), first position u64, count u32, then count
+               times: length u32, contents
+0x03  ACK      lane u16 (0), delivered u64, received u64
+0x04  NACK     lane u16 (0), expected position u64
+====  =======  ============================================================
+
+Decoding never trusts a length: every field is checked against the frame's
+size and the configured limits, and any inconsistency raises a typed
+:class:`ilm.errors.ProtocolViolation`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ilm._session import Hello
+from ilm.errors import FrameTooLarge, MalformedFrame, UnexpectedFrame, UnknownFrameType
+
+HELLO = 0x01
+DATA = 0x02
+ACK = 0x03
+NACK = 0x04
+
+_HELLO = struct.Struct(">BH16sIIQQB16sQ")
+_DATA_HEAD = struct.Struct(">BHQI")
+_ACK = struct.Struct(">BHQQ")
+_NACK = struct.Struct(">BHQ")
+_LEN = struct.Struct(">I")
+
+_FLAG_KNOWN = 0x01
+_FLAG_REPLY = 0x02
+_ZERO_INCARNATION = bytes(16)
+MAX_POSITION = 2**64 - 1
+
+DATA_OVERHEAD = _DATA_HEAD.size
+"""Bytes of a DATA frame besides its messages."""
+PER_MESSAGE_OVERHEAD = _LEN.size
+"""Bytes a DATA frame adds per message besides its contents."""
+
+
+def incarnation_to_bytes(incarnation: str) -> bytes:
+    """
+    Convert an incarnation id (32 hex digits) to its 16 wire bytes.
+    """
+    try:
+        raw = bytes.fromhex(incarnation)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise ValueError(f"incarnation ids are 32 hex digits, not {incarnation!r}")
+    return raw
+
+
+def encode_hello(hello: Hello) -> bytes:
+    flags = (_FLAG_KNOWN if hello.known_incarnation is not None else 0) | (
+        _FLAG_REPLY if hello.reply_requested else 0
+    )
+    known = (
+        incarnation_to_bytes(hello.known_incarnation)
+        if hello.known_incarnation is not None
+        else _ZERO_INCARNATION
+    )
+    return _HELLO.pack(
+        HELLO,
+        hello.version,
+        incarnation_to_bytes(hello.incarnation),
+        hello.window,
+        hello.window_bytes,
+        hello.first_unacked,
+        hello.last_position,
+        flags,
+        known,
+        hello.delivered,
+    )
+
+
+def encode_data(first: int, contents: list[bytes], target_size: int) -> list[bytes]:
+    """
+    Encode messages at consecutive positions from ``first`` into DATA frames
+    of at most ``target_size`` bytes each (a single larger message gets a
+    frame of its own).
+    """
+    frames = []
+    pack_head = _DATA_HEAD.pack
+    pack_len = _LEN.pack
+    count = len(contents)
+    start = 0
+    while start < count:
+        size = DATA_OVERHEAD
+        parts = [b""]
+        append = parts.append
+        stop = start
+        while stop < count:
+            item = contents[stop]
+            item_size = len(item) + 4
+            if size + item_size > target_size and stop > start:
+                break
+            size += item_size
+            append(pack_len(len(item)))
+            append(item)
+            stop += 1
+        parts[0] = pack_head(DATA, 0, first + start, stop - start)
+        frames.append(b"".join(parts))
+        start = stop
+    return frames
+
+
+def encode_ack(delivered: int, received: int) -> bytes:
+    return _ACK.pack(ACK, 0, delivered, received)
+
+
+def encode_nack(expected: int) -> bytes:
+    return _NACK.pack(NACK, 0, expected)
+
+
+def check_size(frame: bytes, max_frame_size: int) -> None:
+    """
+    :raises FrameTooLarge: if ``frame`` is over the limit.
+    """
+    if len(frame) > max_frame_size:
+        raise FrameTooLarge(len(frame), max_frame_size)
+
+
+def frame_type(frame: bytes) -> int:
+    """
+    :return: the type byte of ``frame``.
+    :raises MalformedFrame: for an empty frame.
+    :raises UnknownFrameType: for a type this version does not know.
+    """
+    if not frame:
+        raise MalformedFrame("empty frame")
+    kind = frame[0]
+    if kind not in (HELLO, DATA, ACK, NACK):
+        raise UnknownFrameType(f"unknown frame type 0x{kind:02x}")
+    return kind
+
+
+def _check_lane(lane: int) -> None:
+    if lane != 0:
+        raise UnexpectedFrame(f"lane {lane} is not supported (only lane 0)")
+
+
+def decode_hello(frame: bytes) -> Hello:
+    if len(frame) != _HELLO.size:
+        raise MalformedFrame(
+            f"HELLO frame of {len(frame)} bytes, expected {_HELLO.size}"
+        )
+    (
+        _,
+        version,
+        incarnation,
+        window,
+        window_bytes,
+        first_unacked,
+        last_position,
+        flags,
+        known,
+        delivered,
+    ) = _HELLO.unpack(frame)
+    if flags & ~(_FLAG_KNOWN | _FLAG_REPLY):
+        raise MalformedFrame(f"HELLO has unknown flags 0x{flags:02x}")
+    if first_unacked < 1 or last_position < first_unacked - 1:
+        raise MalformedFrame(
+            f"HELLO positions inconsistent: first unacked {first_unacked}, "
+            f"last {last_position}"
+        )
+    if window < 1 or window_bytes < 1:
+        raise MalformedFrame("HELLO announces an empty window")
+    has_known = bool(flags & _FLAG_KNOWN)
+    if not has_known and delivered:
+        raise MalformedFrame("HELLO carries a delivery mark without an incarnation")
+    return Hello(
+        version=version,
+        incarnation=incarnation.hex(),
+        window=window,
+        window_bytes=window_bytes,
+        first_unacked=first_unacked,
+        last_position=last_position,
+        known_incarnation=known.hex() if has_known else None,
+        delivered=delivered,
+        reply_requested=bool(flags & _FLAG_REPLY),
+    )
+
+
+def decode_data(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
+    """
+    :return: ``(first_position, [contents, ...])``.
+    """
+    size = len(frame)
+    if size < DATA_OVERHEAD:
+        raise MalformedFrame(f"DATA frame of {size} bytes is truncated")
+    _, lane, first, count = _DATA_HEAD.unpack_from(frame)
+    _check_lane(lane)
+    if first < 1 or count < 1:
+        raise MalformedFrame(f"DATA frame with first position {first}, count {count}")
+    if count > (size - DATA_OVERHEAD) // 4:
+        raise MalformedFrame(f"DATA frame claims {count} messages in {size} bytes")
+    if first + count - 1 > MAX_POSITION:
+        raise MalformedFrame("DATA positions overflow 64 bits")
+    contents: list[bytes] = []
+    append = contents.append
+    unpack = _LEN.unpack_from
+    offset = DATA_OVERHEAD
+    for _ in range(count):
+        if offset + 4 > size:
+            raise MalformedFrame("DATA frame truncated in a length field")
+        (length,) = unpack(frame, offset)
+        offset += 4
+        end = offset + length
+        if end > size:
+            raise MalformedFrame("DATA frame truncated in a message")
+        if length > max_message_size:
+            raise MalformedFrame(
+                f"message of {length} bytes exceeds the limit of {max_message_size}"
+            )
+        append(frame[offset:end])
+        offset = end
+    if offset != size:
+        raise MalformedFrame(f"{size - offset} trailing bytes after DATA messages")
+    return first, contents
+
+
+def decode_ack(frame: bytes) -> tuple[int, int]:
+    """
+    :return: ``(delivered, received)``.
+    """
+    if len(frame) != _ACK.size:
+        raise MalformedFrame(f"ACK frame of {len(frame)} bytes, expected {_ACK.size}")
+    _, lane, delivered, received = _ACK.unpack(frame)
+    _check_lane(lane)
+    if received < delivered:
+        raise MalformedFrame(f"ACK received {received} below delivered {delivered}")
+    return delivered, received
+
+
+def decode_nack(frame: bytes) -> int:
+    """
+    :return: the expected position.
+    """
+    if len(frame) != _NACK.size:
+        raise MalformedFrame(f"NACK frame of {len(frame)} bytes, expected {_NACK.size}")
+    _, lane, expected = _NACK.unpack(frame)
+    _check_lane(lane)
+    if expected < 1:
+        raise MalformedFrame("NACK for position 0")
+    return int(expected)

@@ -1,0 +1,1346 @@
+"""
+ILM: the service that joins a backend, a delivery target and a network.
+
+The protocol rules live in :mod:`ilm._session` and the frame formats in
+:mod:`ilm._frames`; this module drives them: it batches stores into group
+commits, transmits what the window allows, delivers in order, and runs the
+timers (retransmission, handshake retry, delivery backoff, store backoff).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ilm import _frames
+from ilm._config import Config
+from ilm._delivery import as_delivery
+from ilm._message import Message, PeerId, check_peer_id
+from ilm._session import (
+    PROTOCOL_VERSION,
+    Hello,
+    InboundStream,
+    OutboundStream,
+    resume_inbound,
+    resume_outbound,
+)
+from ilm._store import CommitResult, StoreBatch, StoredState
+from ilm.errors import (
+    ILMError,
+    MessageTooLarge,
+    NotRunning,
+    OutboxFull,
+    ProtocolViolation,
+    SendToSelf,
+    ShutdownTimeout,
+    StoreError,
+    UnexpectedFrame,
+    UnsupportedVersion,
+    WrongSource,
+)
+from ilm.interfaces import IBackend, IFrameReceiver, IMessage, INetwork
+
+log = Logger(namespace="ilm")
+
+# Link states, per peer.
+_DOWN = 0
+_HELLO_SENT = 1
+_READY = 2
+_CLOSING = 3
+
+# Messenger states.
+_NEW = "new"
+_STARTING = "starting"
+_RUNNING = "running"
+_STOPPING = "stopping"
+_STOPPED = "stopped"
+_FAILED = "failed"
+
+_FRAME_TARGET = 256 * 1024
+
+
+class Receipt:
+    """
+    Proof that ``send_to`` stored a message: from now on ILM owns it.
+
+    ``peer_id`` and ``message_id`` identify the message; ``acknowledged`` is
+    a new ``Deferred`` (each time it is read) that fires with this receipt
+    once the peer has durably received the message, or fails with
+    :class:`ilm.errors.NotRunning` if this messenger stops first (the message
+    stays stored and is sent after the next start).
+    """
+
+    __slots__ = ("_ilm", "message_id", "peer_id")
+
+    def __init__(self, ilm: ILM, peer_id: PeerId, message_id: int) -> None:
+        self._ilm = ilm
+        self.peer_id = peer_id
+        self.message_id = message_id
+
+    @property
+    def acknowledged(self) -> Deferred[Receipt]:
+        return self._ilm._when_acknowledged(self)
+
+    def __repr__(self) -> str:
+        return f"Receipt(peer_id={self.peer_id!r}, message_id={self.message_id})"
+
+
+class _Peer:
+    """
+    Everything the messenger tracks about one peer.
+    """
+
+    __slots__ = (
+        "ack_call",
+        "delivering",
+        "delivery_call",
+        "delivery_delay",
+        "handshake_call",
+        "in_loop",
+        "inbound",
+        "link",
+        "out",
+        "outbox_bytes",
+        "outbox_count",
+        "paused",
+        "peer_id",
+        "peer_incarnation",
+        "pending",
+        "pending_deferreds",
+        "read_call",
+        "retired",
+        "retransmit_call",
+        "retransmit_delay",
+        "waiters",
+    )
+
+    def __init__(self, peer_id: PeerId, out: OutboundStream, config: Config) -> None:
+        self.peer_id = peer_id
+        self.out = out
+        self.inbound: list[InboundStream] = []
+        self.retired: set[str] = set()
+        self.link = _DOWN
+        self.paused = False
+        self.peer_incarnation: str | None = None
+        self.pending: list[bytes] = []
+        self.pending_deferreds: list[Deferred[Receipt]] = []
+        self.outbox_count = out.stored - out.acked
+        self.outbox_bytes = 0
+        self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
+        self.retransmit_call: IDelayedCall | None = None
+        self.retransmit_delay = config.retransmit_timeout
+        self.handshake_call: IDelayedCall | None = None
+        self.ack_call: IDelayedCall | None = None
+        self.read_call: IDelayedCall | None = None
+        self.delivering = False
+        self.in_loop = False
+        self.delivery_call: IDelayedCall | None = None
+        self.delivery_delay = config.delivery_retry
+
+    def current_stream(self) -> InboundStream | None:
+        return self.inbound[-1] if self.inbound else None
+
+    def cancel_timers(self) -> None:
+        for name in (
+            "retransmit_call",
+            "handshake_call",
+            "ack_call",
+            "read_call",
+            "delivery_call",
+        ):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+
+
+@implementer(IFrameReceiver)
+class _LinkEvents:
+    """
+    The :class:`IFrameReceiver` ILM hands to its network; keeps those
+    methods off ILM's public surface.
+    """
+
+    __slots__ = ("_ilm",)
+
+    def __init__(self, ilm: ILM) -> None:
+        self._ilm = ilm
+
+    def link_established(self, peer_id: object) -> None:
+        self._ilm._guard(self._ilm._link_established, peer_id)
+
+    def link_lost(self, peer_id: object, reason: object) -> None:
+        self._ilm._guard(self._ilm._link_lost, peer_id, reason)
+
+    def frame_received(self, peer_id: object, frame: bytes) -> None:
+        self._ilm._frame_received(peer_id, frame)
+
+    def link_paused(self, peer_id: object) -> None:
+        self._ilm._guard(self._ilm._link_paused, peer_id)
+
+    def link_resumed(self, peer_id: object) -> None:
+        self._ilm._guard(self._ilm._link_resumed, peer_id)
+
+
+class ILM(Service):
+    """
+    An ILM node: stores every message handed to :meth:`send_to` until the
+    peer has durably received it, and delivers what peers send exactly once
+    and in order.
+
+    Also a Twisted ``IService``: nest it in a ``MultiService``;
+    ``startService`` opens the backend and starts the network,
+    ``stopService`` is :meth:`shutdown` with the configured timeout.
+
+    :param backend: an :class:`ilm.interfaces.IBackend`.
+    :param delivery: an :class:`ilm.interfaces.ILocalDelivery`, a
+        ``DeferredQueue`` or a callable taking one message.
+    :param network: an :class:`ilm.interfaces.INetwork`.
+    :param config: limits and timings; :class:`ilm.Config` defaults if
+        omitted.
+    :param clock: the ``IReactorTime`` for timers; the global reactor if
+        omitted.
+    """
+
+    def __init__(
+        self,
+        backend: IBackend,
+        delivery: object,
+        network: INetwork,
+        *,
+        config: Config | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if not IBackend.providedBy(backend):
+            raise TypeError(
+                f"backend must provide IBackend, not {type(backend).__name__}"
+            )
+        if not INetwork.providedBy(network):
+            raise TypeError(
+                f"network must provide INetwork, not {type(network).__name__}"
+            )
+        if config is None:
+            config = Config()
+        elif not isinstance(config, Config):
+            raise TypeError(
+                f"config must be an ilm.Config, not {type(config).__name__}"
+            )
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self._backend = backend
+        self._delivery = as_delivery(delivery)
+        self._network = network
+        self._config = config
+        self._clock: IReactorTime = clock  # type: ignore[assignment]
+        self._local_id: PeerId = check_peer_id(network.local_id)
+        self._incarnation = ""
+        self._peers: dict[PeerId, _Peer] = {}
+        self._state = _NEW
+        self._start_waiters: list[Deferred[None]] = []
+        self._start_failure: Failure | None = None
+        self._early: list[tuple[PeerId, bytes, Deferred[Receipt]]] = []
+        self._send_peers: dict[PeerId, _Peer] = {}
+        self._bookkeeping = StoreBatch()
+        self._committing = False
+        self._flush_call: IDelayedCall | None = None
+        self._store_delay = config.store_retry
+        self._drain_waiters: list[Deferred[None]] = []
+        self._idle_waiters: list[Deferred[None]] = []
+        self._settled_waiters: list[Deferred[None]] = []
+        self._deliveries_allowed = True
+        self._shutdown_waiters: list[Deferred[None]] | None = None
+        self._shutdown_result: Failure | None = None
+        self._events = _LinkEvents(self)
+        self._frame_target = min(config.max_frame_size, _FRAME_TARGET)
+        self._waiter_order = itertools.count()
+
+    # -- construction and service ----------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        backend: IBackend,
+        delivery: object,
+        network: INetwork,
+        *,
+        config: Config | None = None,
+        clock: IReactorTime | None = None,
+    ) -> Deferred[ILM]:
+        """
+        Create an ILM node, load its state from ``backend`` and start it.
+
+        :return: a ``Deferred`` firing with the running :class:`ILM`, or
+            failing with the backend's or network's error.
+        """
+        try:
+            ilm = cls(backend, delivery, network, config=config, clock=clock)
+        except Exception:
+            return fail()
+        started = ilm.when_started()
+        ilm.startService()
+        return started.addCallback(lambda _: ilm)
+
+    def when_started(self) -> Deferred[None]:
+        """
+        :return: a ``Deferred`` firing once the node is running (its backend
+            opened and its network started), or failing with the reason it
+            could not start.
+        """
+        if (
+            self._state in (_RUNNING, _STOPPING, _STOPPED)
+            and self._start_failure is None
+        ):
+            return succeed(None)
+        if self._start_failure is not None:
+            return fail(self._start_failure)
+        d: Deferred[None] = Deferred()
+        self._start_waiters.append(d)
+        return d
+
+    def startService(self) -> None:
+        if self._state != _NEW:
+            return
+        Service.startService(self)
+        self._state = _STARTING
+        d = maybeDeferred(self._backend.open)
+        d.addCallback(self._opened)
+        d.addCallbacks(self._started, self._start_failed)
+        d.addErrback(self._unexpected, "starting")
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return self.shutdown()
+
+    @property
+    def local_id(self) -> PeerId:
+        """This node's id (from its network)."""
+        return self._local_id
+
+    @property
+    def incarnation(self) -> str:
+        """This node's store incarnation (empty until started)."""
+        return self._incarnation
+
+    @property
+    def config(self) -> Config:
+        """The limits and timings in force."""
+        return self._config
+
+    def connected_peers(self) -> frozenset[PeerId]:
+        """
+        :return: the ids of peers with a link up whose handshake is complete.
+        """
+        return frozenset(
+            pid for pid, peer in self._peers.items() if peer.link == _READY
+        )
+
+    def pending_outbound(self) -> dict[PeerId, int]:
+        """
+        :return: per peer, how many accepted messages await its
+            acknowledgement (peers with none are omitted).
+        """
+        return {
+            pid: peer.outbox_count
+            for pid, peer in self._peers.items()
+            if peer.outbox_count
+        }
+
+    # -- sending -------------------------------------------------------------
+
+    def send_to(self, peer_id: PeerId, contents: bytes) -> Deferred[Receipt]:
+        """
+        Send ``contents`` to ``peer_id``.
+
+        :return: a ``Deferred`` that fires with a :class:`Receipt` once the
+            message is stored (from then on ILM owns it and will deliver it
+            exactly once, in order), or fails with a
+            :class:`ilm.errors.SendRefused` subclass (nothing stored) or a
+            :class:`ilm.errors.StoreError` (the store failed; nothing stored).
+        :raises TypeError: if ``peer_id`` is not an ``int``/``str`` or
+            ``contents`` is not bytes-like.  Every other refusal is reported
+            through the returned ``Deferred``.
+        """
+        if type(contents) is not bytes:
+            if isinstance(contents, bytes | bytearray | memoryview):
+                contents = bytes(contents)
+            else:
+                raise TypeError(
+                    f"contents must be bytes, not {type(contents).__name__}"
+                )
+        if type(peer_id) is not int or not 0 <= peer_id < 2**63:
+            try:
+                peer_id = check_peer_id(peer_id)
+            except ILMError:
+                return fail()
+        return self._enqueue(peer_id, contents)
+
+    def send_raw_message(self, message: IMessage) -> Deferred[Receipt]:
+        """
+        Send a prepared :class:`ilm.interfaces.IMessage`.
+
+        Its ``source_id`` must be this node's id (else
+        :class:`ilm.errors.WrongSource`).  Its ``message_id`` is not used: ILM
+        assigns the position in the stream, which the receiver sees as
+        ``message_id`` and which the returned :class:`Receipt` carries.
+        """
+        if not IMessage.providedBy(message):
+            raise TypeError(
+                f"expected an IMessage provider, not {type(message).__name__}"
+            )
+        if message.source_id != self._local_id:
+            return fail(
+                WrongSource(
+                    f"message source {message.source_id!r} is not this node "
+                    f"({self._local_id!r})"
+                )
+            )
+        return self.send_to(message.destination_id, message.contents)
+
+    def _enqueue(self, peer_id: PeerId, contents: bytes) -> Deferred[Receipt]:
+        state = self._state
+        if state != _RUNNING or self._shutdown_waiters is not None:
+            if self._shutdown_waiters is not None:
+                return fail(NotRunning(f"ILM node {self._local_id!r} is shutting down"))
+            if state == _STARTING or state == _NEW:
+                d: Deferred[Receipt] = Deferred()
+                self._early.append((peer_id, contents, d))
+                return d
+            return fail(NotRunning(f"ILM node {self._local_id!r} is {state}"))
+        if peer_id == self._local_id:
+            return fail(SendToSelf(f"{peer_id!r} is this node's own id"))
+        size = len(contents)
+        config = self._config
+        if size > config.max_message_size:
+            return fail(MessageTooLarge(size, config.max_message_size))
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            peer = self._new_peer(peer_id)
+        if peer.outbox_count >= config.max_outbox_messages:
+            return fail(OutboxFull(peer_id, "messages", config.max_outbox_messages))
+        if peer.outbox_bytes + size > config.max_outbox_bytes:
+            return fail(OutboxFull(peer_id, "bytes", config.max_outbox_bytes))
+        d = Deferred()
+        if not peer.pending:
+            self._send_peers[peer_id] = peer
+        peer.pending.append(contents)
+        peer.pending_deferreds.append(d)
+        peer.outbox_count += 1
+        peer.outbox_bytes += size
+        if self._flush_call is None and not self._committing:
+            self._flush_call = self._later(0, self._flush)
+        return d
+
+    def _new_peer(self, peer_id: PeerId) -> _Peer:
+        config = self._config
+        out = OutboundStream(
+            0,
+            0,
+            window=config.window,
+            window_bytes=config.window_bytes,
+            cache_messages=2 * config.window,
+            cache_bytes=2 * config.window_bytes,
+        )
+        peer = self._peers[peer_id] = _Peer(peer_id, out, config)
+        return peer
+
+    # -- group commit --------------------------------------------------------
+
+    def _schedule_flush(self, delay: float = 0) -> None:
+        if self._flush_call is None and not self._committing:
+            self._flush_call = self._later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self._committing or self._state not in (_RUNNING, _STOPPING):
+            return
+        batch = self._bookkeeping
+        self._bookkeeping = StoreBatch()
+        sends = []
+        for peer in self._send_peers.values():
+            first = peer.out.stored + 1
+            batch.messages[peer.peer_id] = (first, peer.pending)
+            sends.append((peer, first, peer.pending, peer.pending_deferreds))
+            peer.pending = []
+            peer.pending_deferreds = []
+        self._send_peers = {}
+        if not batch:
+            self._notify_idle()
+            return
+        self._committing = True
+        try:
+            d = self._backend.commit(batch)
+        except Exception:
+            d = fail()
+        d.addCallbacks(
+            self._committed,
+            self._commit_failed,
+            callbackArgs=(batch, sends),
+            errbackArgs=(batch, sends),
+        )
+        d.addErrback(self._unexpected, "processing a commit")
+
+    def _committed(
+        self,
+        result: CommitResult,
+        batch: StoreBatch,
+        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+    ) -> None:
+        self._committing = False
+        self._store_delay = self._config.store_retry
+        peers = self._peers
+        if result is not None:
+            for peer_id, released in result.released_bytes.items():
+                peer = peers.get(peer_id)
+                if peer is not None:
+                    peer.outbox_bytes -= released
+        acknowledge: set[_Peer] = set()
+        for (peer_id, incarnation), position in batch.delivered.items():
+            peer = peers[peer_id]
+            for stream in peer.inbound:
+                if stream.incarnation == incarnation:
+                    if position > stream.marked:
+                        stream.marked = position
+                    if stream is peer.inbound[-1]:
+                        acknowledge.add(peer)
+        for peer in acknowledge:
+            self._send_ack(peer)
+            self._drop_drained_streams(peer)
+        for peer, first, contents, deferreds in sends:
+            peer.out.on_stored(first, contents)
+            self._pump(peer)
+            peer_id = peer.peer_id
+            for offset, d in enumerate(deferreds):
+                d.callback(Receipt(self, peer_id, first + offset))
+        if self._send_peers or self._bookkeeping:
+            self._schedule_flush()
+        else:
+            self._notify_idle()
+        self._check_drained()
+
+    def _commit_failed(
+        self,
+        reason: Failure,
+        batch: StoreBatch,
+        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+    ) -> None:
+        self._committing = False
+        if not reason.check(StoreError):
+            error = StoreError(f"store commit failed: {reason.getErrorMessage()}")
+            error.__cause__ = reason.value
+            reason = Failure(error)
+        refused = 0
+        for peer, _first, contents, deferreds in sends:
+            peer.outbox_count -= len(contents)
+            peer.outbox_bytes -= sum(map(len, contents))
+            refused += len(contents)
+            for d in deferreds:
+                d.errback(reason)
+        delay = self._store_delay
+        self._store_delay = min(delay * 2, self._config.max_store_retry)
+        log.failure(
+            "store commit failed: {refused} message(s) refused; acknowledgements "
+            "and delivery marks retried in {delay:.2f}s",
+            reason,
+            refused=refused,
+            delay=delay,
+            ilm_event="store_commit_failed",
+        )
+        self._bookkeeping.merge_bookkeeping(batch)
+        if self._send_peers:
+            self._schedule_flush()
+        elif self._bookkeeping:
+            self._schedule_flush(delay)
+        else:
+            self._notify_idle()
+
+    def _notify_idle(self) -> None:
+        if self._idle_waiters and not self._committing and not self._bookkeeping:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- transmission --------------------------------------------------------
+
+    def _pump(self, peer: _Peer) -> None:
+        if peer.link != _READY or peer.paused:
+            return
+        out = peer.out
+        first, chunk = out.take()
+        if chunk:
+            self._network.send_frames(
+                peer.peer_id, _frames.encode_data(first, chunk, self._frame_target)
+            )
+            if peer.retransmit_call is None:
+                peer.retransmit_call = self._later(
+                    peer.retransmit_delay, self._retransmit, peer
+                )
+        if peer.read_call is None:
+            request = out.read_request(self._config.read_batch)
+            if request is not None:
+                after, limit = request
+                try:
+                    d = self._backend.read_outbound(peer.peer_id, after, limit)
+                except Exception:
+                    d = fail()
+                d.addCallbacks(
+                    self._read_done,
+                    self._read_failed,
+                    callbackArgs=(peer, after, limit),
+                    errbackArgs=(peer,),
+                )
+                d.addErrback(self._unexpected, "reading the outbox")
+
+    def _read_done(
+        self, contents: list[bytes], peer: _Peer, after: int, limit: int
+    ) -> None:
+        out = peer.out
+        out.on_read(after, contents)
+        if not contents and out.cache_end < out.stored and after >= out.acked:
+            self._read_failed(
+                Failure(
+                    StoreError(
+                        f"outbox to {peer.peer_id!r} returned nothing after "
+                        f"position {after} though {out.stored} are stored"
+                    )
+                ),
+                peer,
+            )
+            return
+        self._pump(peer)
+
+    def _read_failed(self, reason: Failure, peer: _Peer) -> None:
+        peer.out.reading = False
+        delay = self._store_delay
+        log.failure(
+            "reading the outbox to {peer_id!r} failed; retrying in {delay:.2f}s",
+            reason,
+            peer_id=peer.peer_id,
+            delay=delay,
+            ilm_event="outbox_read_failed",
+        )
+        peer.read_call = self._later(delay, self._read_retry, peer)
+
+    def _read_retry(self, peer: _Peer) -> None:
+        peer.read_call = None
+        self._pump(peer)
+
+    def _retransmit(self, peer: _Peer) -> None:
+        peer.retransmit_call = None
+        if peer.link != _READY:
+            return
+        out = peer.out
+        if out.retransmit():
+            log.debug(
+                "retransmitting to {peer_id!r} from position {position}",
+                peer_id=peer.peer_id,
+                position=out.sent + 1,
+            )
+            peer.retransmit_delay = min(
+                peer.retransmit_delay * 2, self._config.max_retransmit_timeout
+            )
+            self._pump(peer)
+        elif out.outstanding:
+            peer.retransmit_call = self._later(
+                peer.retransmit_delay, self._retransmit, peer
+            )
+
+    def _send_ack(self, peer: _Peer) -> None:
+        stream = peer.current_stream()
+        if (
+            peer.link != _READY
+            or stream is None
+            or stream.incarnation != peer.peer_incarnation
+        ):
+            return
+        if peer.ack_call is not None:
+            if peer.ack_call.active():
+                peer.ack_call.cancel()
+            peer.ack_call = None
+        self._network.send_frames(
+            peer.peer_id, [_frames.encode_ack(stream.marked, stream.received)]
+        )
+
+    def _delayed_ack(self, peer: _Peer) -> None:
+        peer.ack_call = None
+        self._send_ack(peer)
+
+    # -- link events -----------------------------------------------------------
+
+    def _guard(self, function: Callable[..., object], *args: object) -> None:
+        """
+        Run ``function``; log anything it raises instead of letting it reach
+        the reactor or the network.
+        """
+        try:
+            function(*args)
+        except Exception:
+            log.failure(
+                "internal error in {function}",
+                function=getattr(function, "__name__", function),
+                ilm_event="internal_error",
+            )
+
+    def _later(
+        self, delay: float, function: Callable[..., object], *args: object
+    ) -> IDelayedCall:
+        return self._clock.callLater(delay, self._guard, function, *args)
+
+    def _peer_for_link(self, peer_id: object) -> _Peer | None:
+        try:
+            pid = check_peer_id(peer_id)
+        except (TypeError, ILMError):
+            log.error(
+                "network reported an invalid peer id {peer_id!r}", peer_id=peer_id
+            )
+            return None
+        peer = self._peers.get(pid)
+        if peer is None:
+            peer = self._new_peer(pid)
+        return peer
+
+    def _link_established(self, peer_id: object) -> None:
+        if self._state not in (_RUNNING, _STOPPING):
+            return
+        peer = self._peer_for_link(peer_id)
+        if peer is None:
+            return
+        if peer.link != _DOWN:
+            self._link_lost(
+                peer.peer_id, Failure(ConnectionError("replaced by a new link"))
+            )
+        peer.link = _HELLO_SENT
+        log.debug("link to {peer_id!r} established", peer_id=peer.peer_id)
+        self._send_hello(peer, reply_requested=False)
+
+    def _send_hello(self, peer: _Peer, reply_requested: bool) -> None:
+        out = peer.out
+        stream = peer.current_stream()
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            incarnation=self._incarnation,
+            window=self._config.window,
+            window_bytes=self._config.window_bytes,
+            first_unacked=out.acked + 1,
+            last_position=out.stored,
+            known_incarnation=stream.incarnation if stream is not None else None,
+            delivered=stream.marked if stream is not None else 0,
+            reply_requested=reply_requested,
+        )
+        self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
+        if peer.link == _HELLO_SENT and peer.handshake_call is None:
+            peer.handshake_call = self._later(
+                self._config.handshake_retry, self._handshake_retry, peer
+            )
+
+    def _handshake_retry(self, peer: _Peer) -> None:
+        peer.handshake_call = None
+        if peer.link == _HELLO_SENT:
+            self._send_hello(peer, reply_requested=True)
+
+    def _link_lost(self, peer_id: object, reason: object) -> None:
+        try:
+            pid = check_peer_id(peer_id)
+        except (TypeError, ILMError):
+            return
+        peer = self._peers.get(pid)
+        if peer is None or peer.link == _DOWN:
+            return
+        peer.link = _DOWN
+        peer.paused = False
+        peer.peer_incarnation = None
+        peer.out.link_lost()
+        for name in ("retransmit_call", "handshake_call", "ack_call"):
+            call = getattr(peer, name)
+            if call is not None:
+                if call.active():
+                    call.cancel()
+                setattr(peer, name, None)
+        peer.retransmit_delay = self._config.retransmit_timeout
+        log.debug(
+            "link to {peer_id!r} lost: {reason}",
+            peer_id=pid,
+            reason=reason.getErrorMessage() if isinstance(reason, Failure) else reason,
+        )
+
+    def _link_paused(self, peer_id: object) -> None:
+        peer = self._peers.get(peer_id)  # type: ignore[call-overload]
+        if peer is not None:
+            peer.paused = True
+
+    def _link_resumed(self, peer_id: object) -> None:
+        peer = self._peers.get(peer_id)  # type: ignore[call-overload]
+        if peer is not None and peer.paused:
+            peer.paused = False
+            self._pump(peer)
+
+    # -- frames --------------------------------------------------------------
+
+    def _frame_received(self, peer_id: object, frame: bytes) -> None:
+        peer = self._peers.get(peer_id)  # type: ignore[call-overload]
+        if peer is None or peer.link == _DOWN or peer.link == _CLOSING:
+            return
+        try:
+            kind = _frames.frame_type(frame)
+            if kind == _frames.DATA:
+                if peer.link == _READY:
+                    first, contents = _frames.decode_data(
+                        frame, self._config.max_message_size
+                    )
+                    self._on_data(peer, first, contents)
+            elif kind == _frames.ACK:
+                if peer.link == _READY:
+                    self._on_ack(peer, *_frames.decode_ack(frame))
+            elif kind == _frames.HELLO:
+                self._on_hello(peer, _frames.decode_hello(frame))
+            else:
+                if peer.link == _READY and peer.out.on_nack(_frames.decode_nack(frame)):
+                    self._pump(peer)
+        except ProtocolViolation as violation:
+            self._violation(peer, violation)
+        except Exception:
+            log.failure(
+                "internal error handling a frame from {peer_id!r}; closing the link",
+                peer_id=peer.peer_id,
+                ilm_event="internal_error",
+            )
+            self._violation(peer, ProtocolViolation("internal error"), logged=True)
+
+    def _violation(
+        self, peer: _Peer, violation: ProtocolViolation, logged: bool = False
+    ) -> None:
+        if not logged:
+            log.error(
+                "closing link to {peer_id!r}: {kind}: {reason}",
+                peer_id=peer.peer_id,
+                kind=type(violation).__name__,
+                reason=str(violation),
+                ilm_event="protocol_violation",
+            )
+        peer.link = _CLOSING
+        self._network.close_link(peer.peer_id, violation)
+
+    def _on_hello(self, peer: _Peer, hello: Hello) -> None:
+        if hello.version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"peer speaks protocol version {hello.version}; this node speaks "
+                f"{PROTOCOL_VERSION}"
+            )
+        if peer.link == _READY:
+            if hello.incarnation != peer.peer_incarnation:
+                raise UnexpectedFrame(
+                    "peer changed incarnation in the middle of a link"
+                )
+            if hello.reply_requested:
+                self._send_hello(peer, reply_requested=False)
+            return
+        incarnation = hello.incarnation
+        stream = None
+        for candidate in peer.inbound:
+            if candidate.incarnation == incarnation:
+                stream = candidate
+        resume = resume_inbound(
+            hello,
+            stream.marked if stream is not None else None,
+            incarnation in peer.retired,
+        )
+        out = peer.out
+        resume_after = resume_outbound(hello, self._incarnation, out.acked, out.stored)
+        # Decided; from here on nothing raises.
+        pid = peer.peer_id
+        config = self._config
+        if stream is None:
+            stream = InboundStream(
+                incarnation,
+                resume.delivered,
+                window=config.window,
+                window_bytes=config.window_bytes,
+                max_frame_size=config.max_frame_size,
+            )
+            for old in peer.inbound:
+                peer.retired.add(old.incarnation)
+                self._bookkeeping.retired.add((pid, old.incarnation))
+                log.info(
+                    "peer {peer_id!r} came back with a new store (incarnation "
+                    "{incarnation}); its old incarnation {old} is retired",
+                    peer_id=pid,
+                    incarnation=incarnation,
+                    old=old.incarnation,
+                    ilm_event="peer_new_incarnation",
+                )
+            peer.inbound = [old for old in peer.inbound if old.queue]
+            peer.inbound.append(stream)
+            self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+            self._schedule_flush()
+        elif peer.inbound[-1] is not stream:
+            peer.inbound.remove(stream)
+            peer.inbound.append(stream)
+        if resume.lost is not None:
+            log.critical(
+                "peer {peer_id!r} no longer has positions {first}..{last} of its "
+                "stream, which this node's store does not record as delivered: "
+                "this node's store lost committed data; continuing after them",
+                peer_id=pid,
+                first=resume.lost[0],
+                last=resume.lost[1],
+                ilm_event="messages_lost",
+            )
+            stream.jump(resume.delivered)
+            self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+            self._schedule_flush()
+        peer.peer_incarnation = incarnation
+        peer.link = _READY
+        if peer.handshake_call is not None:
+            if peer.handshake_call.active():
+                peer.handshake_call.cancel()
+            peer.handshake_call = None
+        newly = out.link_ready(resume_after, hello.window, hello.window_bytes)
+        if newly:
+            self._acknowledged(peer, newly)
+        if hello.reply_requested:
+            self._send_hello(peer, reply_requested=False)
+        log.debug(
+            "handshake with {peer_id!r} complete: resuming after {position}",
+            peer_id=pid,
+            position=out.acked,
+        )
+        self._pump(peer)
+        self._deliver(peer)
+
+    def _on_data(self, peer: _Peer, first: int, contents: list[bytes]) -> None:
+        stream = peer.inbound[-1]
+        accepted, acknowledge_now, nack = stream.on_data(first, contents)
+        if nack:
+            self._network.send_frames(peer.peer_id, [_frames.encode_nack(nack)])
+        if acknowledge_now:
+            self._send_ack(peer)
+        if accepted:
+            self._deliver(peer)
+
+    def _on_ack(self, peer: _Peer, delivered: int, received: int) -> None:
+        newly, progress = peer.out.on_ack(delivered, received)
+        if newly:
+            self._acknowledged(peer, newly)
+        if progress:
+            peer.retransmit_delay = self._config.retransmit_timeout
+            call = peer.retransmit_call
+            if call is not None:
+                if call.active():
+                    call.cancel()
+                peer.retransmit_call = None
+            if peer.out.outstanding:
+                peer.retransmit_call = self._later(
+                    peer.retransmit_delay, self._retransmit, peer
+                )
+        self._pump(peer)
+        if newly:
+            self._check_drained()
+
+    def _acknowledged(self, peer: _Peer, newly: int) -> None:
+        acked = peer.out.acked
+        peer.outbox_count -= newly
+        self._bookkeeping.acked[peer.peer_id] = acked
+        self._schedule_flush()
+        waiters = peer.waiters
+        while waiters and waiters[0][0] <= acked:
+            _, _, d, receipt = heapq.heappop(waiters)
+            d.callback(receipt)
+
+    def _when_acknowledged(self, receipt: Receipt) -> Deferred[Receipt]:
+        peer = self._peers.get(receipt.peer_id)
+        if peer is None:
+            return fail(ValueError(f"no messages were sent to {receipt.peer_id!r}"))
+        if receipt.message_id <= peer.out.acked:
+            return succeed(receipt)
+        if self._state in (_STOPPED, _FAILED):
+            return fail(NotRunning(f"ILM node {self._local_id!r} is {self._state}"))
+        d: Deferred[Receipt] = Deferred()
+        heapq.heappush(
+            peer.waiters, (receipt.message_id, next(self._waiter_order), d, receipt)
+        )
+        return d
+
+    # -- delivery ------------------------------------------------------------
+
+    def _deliver(self, peer: _Peer) -> None:
+        if peer.delivering or peer.delivery_call is not None:
+            return
+        if not self._deliveries_allowed:
+            self._after_delivery(peer)
+            return
+        deliver = self._delivery.deliver
+        local_id = self._local_id
+        peer_id = peer.peer_id
+        peer.in_loop = True
+        try:
+            for stream in peer.inbound:
+                queue = stream.queue
+                while queue:
+                    message = Message(peer_id, local_id, stream.delivered + 1, queue[0])
+                    try:
+                        result = deliver(message)
+                    except Exception:
+                        self._delivery_failed(Failure(), peer, message)
+                        return
+                    if result is not None and isinstance(result, Deferred):
+                        peer.delivering = True
+                        result.addBoth(self._delivery_settled, peer, stream, message)
+                        if peer.delivering or peer.delivery_call is not None:
+                            return
+                        continue
+                    stream.pop_delivered()
+                    peer.delivery_delay = self._config.delivery_retry
+        finally:
+            peer.in_loop = False
+            self._after_delivery(peer)
+
+    def _delivery_settled(
+        self, result: object, peer: _Peer, stream: InboundStream, message: Message
+    ) -> None:
+        peer.delivering = False
+        if isinstance(result, Failure):
+            self._delivery_failed(result, peer, message)
+        elif stream.queue and stream.delivered + 1 == message.message_id:
+            stream.pop_delivered()
+            peer.delivery_delay = self._config.delivery_retry
+        if not peer.in_loop:
+            self._guard(self._deliver, peer)
+            self._notify_settled()
+
+    def _delivery_failed(self, reason: Failure, peer: _Peer, message: Message) -> None:
+        delay = peer.delivery_delay
+        peer.delivery_delay = min(delay * 2, self._config.max_delivery_retry)
+        log.failure(
+            "delivery of message {message_id} from {peer_id!r} failed; later "
+            "messages from it wait; retrying in {delay:.2f}s",
+            reason,
+            message_id=message.message_id,
+            peer_id=peer.peer_id,
+            delay=delay,
+            ilm_event="delivery_failed",
+        )
+        if self._deliveries_allowed:
+            peer.delivery_call = self._later(delay, self._retry_delivery, peer)
+
+    def _retry_delivery(self, peer: _Peer) -> None:
+        peer.delivery_call = None
+        self._deliver(peer)
+
+    def _after_delivery(self, peer: _Peer) -> None:
+        marks = False
+        for stream in peer.inbound:
+            if stream.delivered > stream.marked:
+                key = (peer.peer_id, stream.incarnation)
+                if self._bookkeeping.delivered.get(key, -1) < stream.delivered:
+                    self._bookkeeping.delivered[key] = stream.delivered
+                    marks = True
+        if marks:
+            self._schedule_flush()
+        stream_now = peer.current_stream()
+        if (
+            stream_now is not None
+            and stream_now.queue
+            and peer.link == _READY
+            and peer.ack_call is None
+        ):
+            peer.ack_call = self._later(self._config.ack_delay, self._delayed_ack, peer)
+
+    def _drop_drained_streams(self, peer: _Peer) -> None:
+        if len(peer.inbound) > 1:
+            current = peer.inbound[-1]
+            peer.inbound = [
+                s
+                for s in peer.inbound
+                if s is current or s.queue or s.delivered > s.marked
+            ]
+
+    # -- start and stop --------------------------------------------------------
+
+    def _opened(self, state: StoredState) -> object:
+        self._incarnation = state.incarnation
+        config = self._config
+        for record in state.outbound:
+            out = OutboundStream(
+                record.acked,
+                record.last_position,
+                window=config.window,
+                window_bytes=config.window_bytes,
+                cache_messages=2 * config.window,
+                cache_bytes=2 * config.window_bytes,
+            )
+            peer = self._peers[record.peer_id] = _Peer(record.peer_id, out, config)
+            peer.outbox_bytes = record.pending_bytes
+        for inbound in state.inbound:
+            peer = self._peers.get(inbound.peer_id) or self._new_peer(inbound.peer_id)
+            if inbound.retired:
+                peer.retired.add(inbound.incarnation)
+            else:
+                peer.inbound.append(
+                    InboundStream(
+                        inbound.incarnation,
+                        inbound.delivered,
+                        window=config.window,
+                        window_bytes=config.window_bytes,
+                        max_frame_size=config.max_frame_size,
+                    )
+                )
+        self._state = _RUNNING
+        try:
+            return self._network.start(self._events)
+        except Exception:
+            self._state = _STARTING
+            raise
+
+    def _started(self, _: object) -> None:
+        if self._state != _RUNNING:
+            return
+        log.info(
+            "ILM node {local_id!r} running (incarnation {incarnation}, {peers} "
+            "known peer(s), {pending} message(s) pending)",
+            local_id=self._local_id,
+            incarnation=self._incarnation,
+            peers=len(self._peers),
+            pending=sum(peer.outbox_count for peer in self._peers.values()),
+            ilm_event="started",
+        )
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        early, self._early = self._early, []
+        for peer_id, contents, d in early:
+            self._enqueue(peer_id, contents).chainDeferred(d)
+
+    def _start_failed(self, reason: Failure) -> None:
+        self._state = _FAILED
+        self._start_failure = reason
+        self.running = 0
+        log.failure(
+            "ILM node {local_id!r} failed to start",
+            reason,
+            local_id=self._local_id,
+            ilm_event="start_failed",
+        )
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            waiter.errback(reason)
+        early, self._early = self._early, []
+        for _, _, d in early:
+            d.errback(reason)
+
+    def _unexpected(self, reason: Failure, doing: str) -> None:
+        log.failure(
+            "internal error while {doing}",
+            reason,
+            doing=doing,
+            ilm_event="internal_error",
+        )
+
+    def _check_drained(self) -> None:
+        if self._drain_waiters and self._is_drained():
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def _is_drained(self) -> bool:
+        return all(peer.outbox_count == 0 for peer in self._peers.values())
+
+    def _notify_settled(self) -> None:
+        if self._settled_waiters and not any(
+            p.delivering for p in self._peers.values()
+        ):
+            waiters, self._settled_waiters = self._settled_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def shutdown(self, timeout: float | None = None) -> Deferred[None]:
+        """
+        Stop gracefully.
+
+        New sends are refused at once (:class:`ilm.errors.NotRunning`).  ILM
+        keeps transmitting until every peer has acknowledged everything it was
+        given, or until ``timeout`` seconds (default
+        ``config.shutdown_timeout``) have passed; then it closes its links,
+        lets deliveries in progress finish and their marks commit, and closes
+        its backend.
+
+        :return: a ``Deferred`` firing with ``None`` once everything was
+            drained and closed, or failing with
+            :class:`ilm.errors.ShutdownTimeout` (listing what is still
+            pending, which stays stored) if the timeout expired first.
+        """
+        if timeout is None:
+            timeout = self._config.shutdown_timeout
+        if self._shutdown_waiters is not None:
+            d: Deferred[None] = Deferred()
+            if self._state == _STOPPED:
+                return (
+                    fail(self._shutdown_result)
+                    if self._shutdown_result
+                    else succeed(None)
+                )
+            self._shutdown_waiters.append(d)
+            return d
+        self._shutdown_waiters = []
+        if self._state in (_NEW, _FAILED):
+            self._state = _STOPPED
+            return succeed(None)
+        deadline = self._clock.seconds() + timeout
+        result = Deferred.fromCoroutine(self._shutdown(timeout, deadline))
+        result.addBoth(self._shutdown_finished)
+        return result
+
+    def _shutdown_finished(self, result: object) -> object:
+        if isinstance(result, Failure):
+            self._shutdown_result = result
+            if not result.check(ShutdownTimeout):
+                log.failure("shutdown failed", result, ilm_event="shutdown_failed")
+        waiters = self._shutdown_waiters or []
+        self._shutdown_waiters = []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+        return result
+
+    async def _shutdown(self, timeout: float, deadline: float) -> None:
+        # shutdown() may be called from inside a delivery (a DeferredQueue
+        # fires its getter synchronously from put()): let that call stack
+        # finish, so the delivery is recorded, before anything else.
+        turn: Deferred[None] = Deferred()
+        self._clock.callLater(0, turn.callback, None)
+        await turn
+        if self._state == _STARTING:
+            try:
+                await self._within(self.when_started(), deadline)
+            except Exception:
+                pass
+        if self._state == _FAILED:
+            self._state = _STOPPED
+            return
+        self._state = _STOPPING
+        self.running = 0
+        early, self._early = self._early, []
+        for _, _, d in early:
+            d.errback(NotRunning("ILM is shutting down"))
+        drained = True
+        if not self._is_drained():
+            waiter: Deferred[None] = Deferred()
+            self._drain_waiters.append(waiter)
+            drained = await self._within(waiter, deadline)
+        # Commit outstanding delivery marks while the links are still up, so
+        # that their acknowledgements reach the peers before we go.
+        idle = await self._within(self._store_idle(), deadline)
+        drained = drained and idle
+        pending = self.pending_outbound()
+        grace = max(deadline, self._clock.seconds() + 1.0)
+        closed = await self._within(maybeDeferred(self._network.stop), grace)
+        for peer_id in list(self._peers):
+            self._link_lost(peer_id, Failure(NotRunning("ILM is shutting down")))
+        # Let a delivery in progress finish, start no new one, and commit the
+        # marks of everything delivered so that it is not delivered again.
+        self._deliveries_allowed = False
+        for peer in self._peers.values():
+            call = peer.delivery_call
+            if call is not None and call.active():
+                call.cancel()
+            peer.delivery_call = None
+        settled = await self._within(self._deliveries_settled(), grace)
+        committed = await self._within(self._store_idle(), grace)
+        self._state = _STOPPED
+        self._stop_everything()
+        try:
+            await self._backend.close()
+        except Exception:
+            log.failure("closing the store failed", ilm_event="store_close_failed")
+        log.info(
+            "ILM node {local_id!r} stopped",
+            local_id=self._local_id,
+            ilm_event="stopped",
+        )
+        if not (drained and closed and settled and committed):
+            raise ShutdownTimeout(timeout, pending or self.pending_outbound())
+
+    def _deliveries_settled(self) -> Deferred[None]:
+        if not any(peer.delivering for peer in self._peers.values()):
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._settled_waiters.append(d)
+        return d
+
+    def _store_idle(self) -> Deferred[None]:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._committing and not self._bookkeeping:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        if not self._committing:
+            self._flush()
+        return d
+
+    def _stop_everything(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        stopped = NotRunning(f"ILM node {self._local_id!r} stopped")
+        for peer in self._peers.values():
+            peer.cancel_timers()
+            waiters, peer.waiters = peer.waiters, []
+            for _, _, d, _receipt in waiters:
+                d.errback(stopped)
+
+    def _abandon(self) -> None:
+        """
+        Stop dead, as if the process had been killed: cancel every timer,
+        start no more I/O, touch neither the backend nor the network.  For
+        crash tests and the simulator (see :func:`ilm.testing.crash`).
+        """
+        self._state = _STOPPED
+        self.running = 0
+        self._deliveries_allowed = False
+        self._early = []
+        for peer in self._peers.values():
+            peer.link = _DOWN
+            peer.cancel_timers()
+            peer.waiters = []
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+
+    async def _within(self, d: Deferred[Any], deadline: float) -> bool:
+        """
+        Wait for ``d`` until ``deadline``; return whether it fired in time.
+        A failure of ``d`` is logged and counts as fired.
+        """
+        outcome: Deferred[bool] = Deferred()
+        remaining = max(0.0, deadline - self._clock.seconds())
+
+        def expired() -> None:
+            if not outcome.called:
+                outcome.callback(False)
+
+        timer = self._clock.callLater(remaining, expired)
+
+        def done(result: object) -> None:
+            if isinstance(result, Failure):
+                log.failure("error during shutdown", result, ilm_event="shutdown_error")
+            if not outcome.called:
+                if timer.active():
+                    timer.cancel()
+                outcome.callback(True)
+
+        d.addBoth(done)
+        return await outcome

@@ -1,0 +1,535 @@
+"""
+The pure rules of the ILM protocol, for one ordered stream at a time.
+
+Nothing here touches a reactor, a clock, a socket or a store: the messenger
+feeds events in (messages stored, frames received, links up and down) and
+acts on what comes out (messages to transmit, positions to mark, links to
+close).  ``docs/protocol.md`` describes the rules; this module is their
+implementation.
+
+Positions
+    Every message from node A to node B gets a position: 1, 2, 3, ... in send
+    order, counted per ordered pair and per incarnation of A's store.
+    Python integers do not wrap; the wire carries them as unsigned 64-bit.
+
+Sender side (:class:`OutboundStream`)
+    ``acked`` <= ``sent`` <= ``cache_end`` <= ``stored``.  Messages are
+    transmitted only once stored, at most ``window`` messages (and
+    ``window_bytes`` bytes) beyond ``acked``.  A bounded cache keeps the
+    contents of ``acked + 1 .. cache_end`` in memory; the rest is read from
+    the store in batches, so memory follows the window, not the backlog.
+
+Receiver side (:class:`InboundStream`)
+    ``marked`` (durable) <= ``delivered`` <= ``received``.  Data is accepted
+    only in order; duplicates are re-acknowledged, gaps are reported once
+    (NACK) and dropped, data beyond the announced window ends the link.
+    Acknowledgements carry ``marked``, so nothing is acknowledged before its
+    delivery mark is durable.
+
+Resume (:func:`resume_inbound`, :func:`resume_outbound`)
+    Whenever a link comes up, each side sends a :class:`Hello` and continues
+    from what the other has durably received.  Inbound state is keyed by the
+    sender's incarnation, so a sender that lost its store starts a new stream
+    instead of having its messages taken for duplicates; a receiver that lost
+    its store adopts the sender's first unacknowledged position instead of
+    waiting forever for positions the sender has deleted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attr
+
+from ilm.errors import (
+    AckOutOfRange,
+    OutOfWindow,
+    PeerStoreRegressed,
+    StaleIncarnation,
+    StoreBehindPeer,
+)
+
+PROTOCOL_VERSION = 1
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Hello:
+    """
+    What one side tells the other when a link comes up.
+
+    - ``incarnation``: the sender's store incarnation.
+    - ``window`` / ``window_bytes``: how much the sender accepts beyond what
+      it has acknowledged.
+    - ``first_unacked`` / ``last_position``: the sender's outbound stream to
+      the receiver: the lowest position not yet acknowledged, and the highest
+      position stored.
+    - ``known_incarnation`` / ``delivered``: the receiver's incarnation whose
+      stream the sender has a delivery mark for, and that mark (``None`` and
+      0 when the sender has none).
+    - ``reply_requested``: the sender has not seen the receiver's hello on
+      this link and asks for it again (lossy networks).
+    """
+
+    version: int
+    incarnation: str
+    window: int
+    window_bytes: int
+    first_unacked: int
+    last_position: int
+    known_incarnation: str | None
+    delivered: int
+    reply_requested: bool = False
+
+
+class OutboundStream:
+    """
+    The sender's side of the stream from this node to one peer.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_cache_bytes",
+        "_cache_bytes_limit",
+        "_cache_messages",
+        "_head",
+        "_inflight_bytes",
+        "_window",
+        "_window_bytes",
+        "acked",
+        "peer_received",
+        "reading",
+        "ready",
+        "send_window",
+        "send_window_bytes",
+        "sent",
+        "stored",
+    )
+
+    def __init__(
+        self,
+        acked: int,
+        stored: int,
+        *,
+        window: int,
+        window_bytes: int,
+        cache_messages: int,
+        cache_bytes: int,
+    ) -> None:
+        if not 0 <= acked <= stored:
+            raise ValueError(f"need 0 <= acked ({acked}) <= stored ({stored})")
+        self.acked = acked
+        self.stored = stored
+        self.sent = acked
+        self.peer_received = acked
+        self.ready = False
+        self.reading = False
+        self._window = window
+        self._window_bytes = window_bytes
+        self.send_window = window
+        self.send_window_bytes = window_bytes
+        self._cache_messages = max(cache_messages, 1)
+        self._cache_bytes_limit = max(cache_bytes, 1)
+        # The cache holds the contents of positions acked+1 .. cache_end.
+        self._buf: list[bytes] = []
+        self._head = 0
+        self._cache_bytes = 0
+        self._inflight_bytes = 0
+
+    # -- views -------------------------------------------------------------
+
+    @property
+    def cache_end(self) -> int:
+        """The highest position whose contents are in memory."""
+        return self.acked + len(self._buf) - self._head
+
+    @property
+    def unacked(self) -> int:
+        """Stored messages the peer has not acknowledged."""
+        return self.stored - self.acked
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes transmitted on the current link and not yet acknowledged."""
+        return self._inflight_bytes
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of contents held in memory."""
+        return self._cache_bytes
+
+    @property
+    def outstanding(self) -> bool:
+        """Whether transmitted data has not been confirmed received."""
+        return self.ready and self.sent > self.peer_received
+
+    # -- events ------------------------------------------------------------
+
+    def on_stored(self, first: int, contents: list[bytes]) -> None:
+        """
+        Messages at ``first``, ``first + 1``, ... have been committed.
+        """
+        if first != self.stored + 1:
+            raise ValueError(f"stored out of order: {first} after {self.stored}")
+        self.stored += len(contents)
+        if self.cache_end == first - 1:
+            self._append(contents)
+
+    def read_request(self, batch: int) -> tuple[int, int] | None:
+        """
+        Whether to read more contents from the store now.
+
+        :return: ``(after, limit)`` for ``IBackend.read_outbound``, or
+            ``None``.  At most one read is outstanding.
+        """
+        if self.reading or not self.ready:
+            return None
+        end = self.cache_end
+        if end >= self.stored or end - self.sent >= batch:
+            return None
+        room = self._cache_messages - (len(self._buf) - self._head)
+        if room <= 0 or self._cache_bytes >= self._cache_bytes_limit:
+            return None
+        self.reading = True
+        return end, min(room, batch, self.stored - end)
+
+    def on_read(self, after: int, contents: list[bytes]) -> int:
+        """
+        A read requested by :meth:`read_request` returned.
+
+        :return: the number of messages added to the cache.
+        """
+        self.reading = False
+        skip = self.cache_end - after
+        if skip < 0:
+            return 0
+        if skip:
+            contents = contents[skip:]
+        return self._append(contents)
+
+    def take(self) -> tuple[int, list[bytes]]:
+        """
+        Take what may be transmitted now and advance ``sent``.
+
+        :return: ``(first_position, [contents, ...])``; the list is empty when
+            nothing may be sent.
+        """
+        if not self.ready:
+            return 0, []
+        limit = min(self.cache_end, self.acked + self.send_window)
+        if limit <= self.sent:
+            return 0, []
+        base = self._head - self.acked - 1
+        chunk = self._buf[base + self.sent + 1 : base + limit + 1]
+        budget = self.send_window_bytes - self._inflight_bytes
+        total = sum(map(len, chunk))
+        if total > budget:
+            count = 0
+            total = 0
+            for item in chunk:
+                size = len(item)
+                if total + size > budget and (count or self._inflight_bytes):
+                    break
+                total += size
+                count += 1
+            del chunk[count:]
+            if not chunk:
+                return 0, []
+        first = self.sent + 1
+        self.sent += len(chunk)
+        self._inflight_bytes += total
+        return first, chunk
+
+    def on_ack(self, delivered: int, received: int) -> tuple[int, bool]:
+        """
+        The peer acknowledged ``delivered`` (durably delivered) and reports
+        holding everything up to ``received``.
+
+        :return: ``(newly_acknowledged_count, progress)``; ``progress`` is
+            whether anything moved (for the retransmission timer).
+        :raises AckOutOfRange: if the peer acknowledges positions never
+            stored.
+        """
+        if delivered > self.stored or received > self.stored:
+            raise AckOutOfRange(
+                f"peer acknowledged position {max(delivered, received)} but only "
+                f"{self.stored} were ever stored for it"
+            )
+        progress = False
+        if received > self.peer_received:
+            self.peer_received = received
+            progress = True
+        newly = delivered - self.acked
+        if newly <= 0:
+            return 0, progress
+        self._release(delivered)
+        return newly, True
+
+    def on_nack(self, expected: int) -> bool:
+        """
+        The peer is missing ``expected`` (the link lost frames): transmit
+        again from there.
+
+        :return: whether anything will be transmitted again.
+        """
+        if expected - 1 > self.peer_received and expected - 1 <= self.sent:
+            self.peer_received = expected - 1
+        return self._go_back(expected - 1)
+
+    def retransmit(self) -> bool:
+        """
+        The retransmission timer expired: transmit again everything the peer
+        has not confirmed receiving.
+
+        :return: whether anything will be transmitted again.
+        """
+        return self._go_back(self.peer_received)
+
+    def link_ready(
+        self, resume_after: int, peer_window: int, peer_window_bytes: int
+    ) -> int:
+        """
+        The handshake finished: the peer has durably received everything up to
+        ``resume_after`` (from :func:`resume_outbound`).
+
+        :return: the number of messages newly acknowledged by the handshake.
+        """
+        newly = 0
+        if resume_after > self.acked:
+            newly = resume_after - self.acked
+            self._release(resume_after)
+        self.ready = True
+        self.sent = self.acked
+        self.peer_received = self.acked
+        self._inflight_bytes = 0
+        self.send_window = max(1, min(self._window, peer_window))
+        self.send_window_bytes = max(1, min(self._window_bytes, peer_window_bytes))
+        return newly
+
+    def link_lost(self) -> None:
+        """
+        The link went down; everything unacknowledged will be sent again on
+        the next one.
+        """
+        self.ready = False
+        self.sent = self.acked
+        self.peer_received = self.acked
+        self._inflight_bytes = 0
+
+    # -- internals ---------------------------------------------------------
+
+    def _append(self, contents: list[bytes]) -> int:
+        live = len(self._buf) - self._head
+        room = self._cache_messages - live
+        if room <= 0 or self._cache_bytes >= self._cache_bytes_limit:
+            return 0
+        if len(contents) > room:
+            contents = contents[:room]
+        total = sum(map(len, contents))
+        if self._cache_bytes + total > self._cache_bytes_limit:
+            budget = self._cache_bytes_limit - self._cache_bytes
+            count = 0
+            total = 0
+            for item in contents:
+                if total + len(item) > budget and count:
+                    break
+                total += len(item)
+                count += 1
+            contents = contents[:count]
+        self._buf.extend(contents)
+        self._cache_bytes += total
+        return len(contents)
+
+    def _release(self, through: int) -> None:
+        count = through - self.acked
+        head = self._head
+        live = len(self._buf) - head
+        popped = min(count, live)
+        inflight = max(0, min(count, self.sent - self.acked))
+        if inflight:
+            self._inflight_bytes -= sum(map(len, self._buf[head : head + inflight]))
+        if popped:
+            self._cache_bytes -= sum(map(len, self._buf[head : head + popped]))
+        if popped >= live:
+            self._buf = []
+            self._head = 0
+            self._cache_bytes = 0
+        else:
+            self._head = head + popped
+            if self._head > 4096 and self._head * 2 > len(self._buf):
+                del self._buf[: self._head]
+                self._head = 0
+        self.acked = through
+        if self.sent < through:
+            self.sent = through
+            self._inflight_bytes = 0
+        if self.peer_received < through:
+            self.peer_received = through
+
+    def _go_back(self, to: int) -> bool:
+        if not self.ready or to < self.acked or to >= self.sent:
+            return False
+        self.sent = to
+        head = self._head
+        self._inflight_bytes = sum(map(len, self._buf[head : head + (to - self.acked)]))
+        return True
+
+
+class InboundStream:
+    """
+    The receiver's side of the stream from one incarnation of a peer.
+    """
+
+    __slots__ = (
+        "_max_frame_size",
+        "_window",
+        "_window_bytes",
+        "delivered",
+        "held_bytes",
+        "incarnation",
+        "marked",
+        "nacked",
+        "queue",
+    )
+
+    def __init__(
+        self,
+        incarnation: str,
+        delivered: int,
+        *,
+        window: int,
+        window_bytes: int,
+        max_frame_size: int,
+    ) -> None:
+        self.incarnation = incarnation
+        self.marked = delivered
+        self.delivered = delivered
+        self.queue: deque[bytes] = deque()
+        self.held_bytes = 0
+        self.nacked = 0
+        self._window = window
+        self._window_bytes = window_bytes
+        self._max_frame_size = max_frame_size
+
+    @property
+    def received(self) -> int:
+        """The highest position held (delivered or queued)."""
+        return self.delivered + len(self.queue)
+
+    def on_data(self, first: int, contents: list[bytes]) -> tuple[int, bool, int]:
+        """
+        Data for positions ``first``, ``first + 1``, ... arrived.
+
+        :return: ``(accepted, acknowledge_now, nack_position)``: how many new
+            messages were queued for delivery, whether to send an ACK at
+            once (the data held duplicates), and a position to NACK (0 for
+            none).
+        :raises OutOfWindow: if the data goes beyond the announced window.
+        """
+        last = first + len(contents) - 1
+        if last > self.marked + self._window:
+            raise OutOfWindow(
+                f"position {last} is beyond the window (delivered {self.marked}, "
+                f"window {self._window})"
+            )
+        received = self.received
+        if first > received + 1:
+            if self.nacked != received + 1:
+                self.nacked = received + 1
+                return 0, False, received + 1
+            return 0, False, 0
+        if last <= received:
+            return 0, True, 0
+        skip = received + 1 - first
+        if skip:
+            contents = contents[skip:]
+        size = sum(map(len, contents))
+        if self.held_bytes + size > self._window_bytes + self._max_frame_size:
+            raise OutOfWindow(
+                f"{self.held_bytes + size} bytes held exceeds the window of "
+                f"{self._window_bytes} bytes"
+            )
+        self.queue.extend(contents)
+        self.held_bytes += size
+        self.nacked = 0
+        return len(contents), skip > 0, 0
+
+    def pop_delivered(self) -> None:
+        """
+        The head of the queue was delivered.
+        """
+        self.held_bytes -= len(self.queue.popleft())
+        self.delivered += 1
+
+    def jump(self, delivered: int) -> None:
+        """
+        Continue after ``delivered`` (positions the sender no longer has).
+        """
+        self.queue.clear()
+        self.held_bytes = 0
+        self.delivered = delivered
+        self.marked = max(self.marked, delivered)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class InboundResume:
+    """
+    How to continue receiving from a peer after its :class:`Hello`.
+
+    - ``delivered``: the delivery mark to continue from.
+    - ``new_stream``: whether this is the first contact with this incarnation.
+    - ``lost``: ``(first, last)`` positions the sender has deleted although
+      this node has no record of delivering them (only possible when this
+      node's store lost committed data), or ``None``.
+    """
+
+    delivered: int
+    new_stream: bool
+    lost: tuple[int, int] | None = None
+
+
+def resume_inbound(hello: Hello, delivered: int | None, retired: bool) -> InboundResume:
+    """
+    Decide where the stream from the hello's sender continues.
+
+    :param delivered: this node's delivery mark for ``hello.incarnation``, or
+        ``None`` when it has none.
+    :param retired: whether ``hello.incarnation`` was replaced by a newer
+        incarnation of the same peer.
+    :raises StaleIncarnation: for a retired incarnation.
+    :raises PeerStoreRegressed: if the peer's store holds fewer positions than
+        this node has already delivered from it.
+    """
+    if retired:
+        raise StaleIncarnation(
+            f"incarnation {hello.incarnation} was replaced by a newer one"
+        )
+    start = hello.first_unacked - 1
+    if delivered is None:
+        return InboundResume(start, True)
+    if delivered > hello.last_position:
+        raise PeerStoreRegressed(
+            f"peer's store ends at position {hello.last_position} but "
+            f"{delivered} were already delivered from this incarnation"
+        )
+    if delivered < start:
+        return InboundResume(start, False, (delivered + 1, start))
+    return InboundResume(delivered, False)
+
+
+def resume_outbound(hello: Hello, incarnation: str, acked: int, stored: int) -> int:
+    """
+    Decide what the hello's sender has durably received from this node.
+
+    :return: the position after which transmission resumes (at least
+        ``acked``).
+    :raises StoreBehindPeer: if the peer reports more than this node ever
+        stored.
+    """
+    if hello.known_incarnation != incarnation:
+        return acked
+    if hello.delivered > stored:
+        raise StoreBehindPeer(
+            f"peer has delivered up to position {hello.delivered} but this "
+            f"node's store ends at {stored}"
+        )
+    return max(acked, hello.delivered)

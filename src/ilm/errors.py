@@ -1,0 +1,292 @@
+"""
+The ILM error hierarchy.
+
+Every failure ILM reports is an :class:`ILMError`.  The subclasses say what went
+wrong and what the caller can do about it:
+
+- :class:`SendRefused` and its subclasses fail the ``Deferred`` returned by
+  :meth:`ilm.ILM.send_to` (or :meth:`ilm.ILM.send_raw_message`).  The message
+  was **not** accepted: nothing was stored and nothing will be sent.  Some
+  refusals are about the arguments (:class:`SendToSelf`, :class:`WrongSource`,
+  :class:`InvalidPeerId`, :class:`MessageTooLarge`) and will fail again if
+  retried; :class:`OutboxFull` clears once the peer acknowledges messages;
+  :class:`NotRunning` means the messenger is stopping or stopped.
+- :class:`StoreError` and its subclasses come from a backend.  When one fails a
+  ``send_to`` Deferred, that message was not stored.  ILM keeps running and
+  retries its own bookkeeping writes (acknowledgements, delivery marks) with
+  backoff; it never acknowledges anything that was not committed.
+- :class:`ProtocolViolation` and its subclasses end **one link**: the peer sent
+  something that breaks the protocol.  ILM logs the reason and closes the link;
+  other links are unaffected and nothing already accepted is lost.
+- :class:`ShutdownTimeout` fails the Deferred returned by
+  :meth:`ilm.ILM.shutdown` when pending messages could not be drained in time;
+  they stay in the store and are sent after the next start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class ILMError(Exception):
+    """
+    Base class of every error raised or reported by ILM.
+    """
+
+
+# --- refusals of one message -------------------------------------------------
+
+
+class SendRefused(ILMError):
+    """
+    A message handed to ``send_to`` was refused; nothing was stored.
+    """
+
+
+class SendToSelf(SendRefused, ValueError):
+    """
+    The destination is this node's own id; ILM does not loop messages back.
+    """
+
+
+class WrongSource(SendRefused, ValueError):
+    """
+    ``send_raw_message`` was given a message whose ``source_id`` is not this
+    node's id.
+    """
+
+
+class InvalidPeerId(SendRefused, ValueError):
+    """
+    A peer id is out of range: ids are integers in ``[0, 2**63)`` or non-empty
+    strings of at most 255 UTF-8 bytes.
+    """
+
+
+class MessageTooLarge(SendRefused, ValueError):
+    """
+    The message contents exceed the configured ``max_message_size``.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class OutboxFull(SendRefused):
+    """
+    The outbox towards one peer holds as many messages (or bytes) as its limit
+    allows.  Retry after the peer has acknowledged some of them.
+    """
+
+    def __init__(self, peer_id: object, kind: str, limit: int) -> None:
+        super().__init__(f"outbox to peer {peer_id!r} is full ({kind} limit {limit})")
+        self.peer_id = peer_id
+        self.kind = kind
+        self.limit = limit
+
+
+class NotRunning(SendRefused):
+    """
+    The messenger is shutting down, has stopped, or failed to start.
+
+    Also used to fail a receipt's ``acknowledged`` Deferred when the messenger
+    stops before the peer acknowledged the message (the message itself stays
+    in the store and is sent after the next start).
+    """
+
+
+# --- store failures ------------------------------------------------------------
+
+
+class StoreError(ILMError):
+    """
+    The backend could not complete an operation.  Nothing of the failed
+    operation was applied.
+    """
+
+
+class StoreCorrupt(StoreError):
+    """
+    The store's file is not a valid ILM store (damaged, or not a database).
+    """
+
+
+class StoreLocked(StoreError):
+    """
+    Another process holds the store (it is locked).
+    """
+
+
+class StoreReadOnly(StoreError):
+    """
+    The store cannot be written (read-only file, directory or filesystem).
+    """
+
+
+class StoreFull(StoreError):
+    """
+    The store ran out of space (disk full or a configured size limit).
+    """
+
+
+class StoreSchemaTooNew(StoreError):
+    """
+    The store was written by a newer version of ILM than this one.
+    """
+
+    def __init__(self, found: int, supported: int) -> None:
+        super().__init__(
+            f"store schema version {found} is newer than the newest this "
+            f"version of ILM understands ({supported}); upgrade ILM"
+        )
+        self.found = found
+        self.supported = supported
+
+
+# --- link-ending protocol errors --------------------------------------------------
+
+
+class ProtocolViolation(ILMError):
+    """
+    A peer broke the protocol on one link.  The link is closed; nothing
+    already accepted is lost.
+    """
+
+
+class MalformedFrame(ProtocolViolation):
+    """
+    A frame could not be decoded (truncated, inconsistent lengths, trailing
+    bytes, out-of-range field).
+    """
+
+
+class FrameTooLarge(ProtocolViolation):
+    """
+    A frame is larger than the configured maximum frame size.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class UnknownFrameType(ProtocolViolation):
+    """
+    A frame's type byte is not one this version knows.
+    """
+
+
+class UnsupportedVersion(ProtocolViolation):
+    """
+    The peer speaks a protocol version this node does not support.
+    """
+
+
+class UnexpectedFrame(ProtocolViolation):
+    """
+    A frame arrived that is not valid in the link's current state.
+    """
+
+
+class AckOutOfRange(ProtocolViolation):
+    """
+    The peer acknowledged a position this node never stored for it.
+    """
+
+
+class OutOfWindow(ProtocolViolation):
+    """
+    The peer sent data beyond the window this node announced.
+    """
+
+
+class StaleIncarnation(ProtocolViolation):
+    """
+    The peer introduced itself with an incarnation that has been replaced by a
+    newer one (its store was lost and recreated since).
+    """
+
+
+class PeerStoreRegressed(ProtocolViolation):
+    """
+    The peer's store is behind what this node has already received from it:
+    the peer lost committed data but kept its incarnation, so its new
+    messages could not be told from old ones.  The link is refused until an
+    operator intervenes (for example by giving the peer a fresh store).
+    """
+
+
+class StoreBehindPeer(ProtocolViolation):
+    """
+    The peer reports having received more from this node than this node's
+    store holds: this node's store lost committed data but kept its
+    incarnation.  The link is refused so that no position is reused.
+    """
+
+
+class AuthenticationFailed(ProtocolViolation):
+    """
+    The peer could not prove the identity it claims, or is not configured.
+    """
+
+
+class SpoofedPeer(ProtocolViolation):
+    """
+    A frame claims a node id other than the link's authenticated peer.
+    """
+
+
+# --- shutdown ------------------------------------------------------------------
+
+
+class ShutdownTimeout(ILMError):
+    """
+    ``shutdown`` did not finish draining within its timeout.  ``pending`` maps
+    each peer id to the number of messages still waiting for its
+    acknowledgement; they remain in the store.
+    """
+
+    def __init__(self, timeout: float, pending: Mapping[Any, int]) -> None:
+        total = sum(pending.values())
+        super().__init__(
+            f"shutdown did not drain within {timeout} s: {total} message(s) "
+            f"still unacknowledged by {len(pending)} peer(s); they stay stored"
+        )
+        self.timeout = timeout
+        self.pending = dict(pending)
+
+
+__all__ = [
+    "AckOutOfRange",
+    "AuthenticationFailed",
+    "FrameTooLarge",
+    "ILMError",
+    "InvalidPeerId",
+    "MalformedFrame",
+    "MessageTooLarge",
+    "NotRunning",
+    "OutOfWindow",
+    "OutboxFull",
+    "PeerStoreRegressed",
+    "ProtocolViolation",
+    "SendRefused",
+    "SendToSelf",
+    "ShutdownTimeout",
+    "SpoofedPeer",
+    "StaleIncarnation",
+    "StoreBehindPeer",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "StoreLocked",
+    "StoreReadOnly",
+    "StoreSchemaTooNew",
+    "UnexpectedFrame",
+    "UnknownFrameType",
+    "UnsupportedVersion",
+    "WrongSource",
+]

@@ -1,0 +1,196 @@
+"""
+The contracts between ILM and what it is plugged into.
+
+- :class:`IMessage`: a message as the application sees it.
+- :class:`ILocalDelivery`: where received messages go (the application).
+- :class:`IBackend`: where ILM keeps what must survive a crash.
+- :class:`INetwork` and :class:`IFrameReceiver`: how frames travel between
+  nodes, and how the network reports links and frames back to ILM.
+
+Peer ids are ``int`` (in ``[0, 2**63)``) or ``str`` (1 to 255 UTF-8 bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
+    from ilm._message import PeerId
+    from ilm._store import CommitResult, StoreBatch, StoredState
+
+
+class IMessage(Interface):
+    """
+    One application message.
+    """
+
+    source_id = Attribute("The id of the node that sent the message.")
+    destination_id = Attribute("The id of the node the message is for.")
+    message_id = Attribute(
+        "An ``int`` the sender assigned: the message's position in the ordered "
+        "stream from ``source_id`` to ``destination_id`` (1, 2, 3, ...). "
+        "Unique within one incarnation of the sender's store."
+    )
+    contents = Attribute("The payload, ``bytes``.")
+
+
+class ILocalDelivery(Interface):
+    """
+    The application end of ILM: receives every message exactly once per
+    sender, in the order the sender sent them.
+    """
+
+    def deliver(message: IMessage) -> Deferred[object] | None:
+        """
+        Hand one message to the application.
+
+        Return ``None`` when the message has been taken, or a ``Deferred`` that
+        fires when it has.  Raising, or a ``Deferred`` that fails, means "not
+        delivered": ILM logs the failure and delivers the same message again
+        later (with backoff), holding back every later message from the same
+        sender until it succeeds.  Messages from other senders are not held.
+
+        ILM never calls ``deliver`` for a message while an earlier one from the
+        same sender is still pending.
+        """
+
+
+class IBackend(Interface):
+    """
+    Durable storage for one node: the outbox, the inbound delivery marks and
+    the per-peer protocol state.
+
+    Durability contract:
+
+    - ``open`` returns the state as of the last successful ``commit``; a
+      crash at any moment loses only batches whose ``commit`` Deferred had not
+      fired.
+    - ``commit`` applies a whole :class:`ilm.StoreBatch` atomically: when its
+      Deferred fires, everything in the batch is durable; when it fails,
+      nothing of the batch was applied.
+    - ILM never calls ``commit`` again before the previous call's Deferred has
+      fired, so batches are applied in the order they were committed.
+    - ``read_outbound`` sees everything committed before it was called.
+    - ILM acknowledges a message to its sender only after the ``commit`` that
+      recorded its delivery mark has fired, and transmits a message only after
+      the ``commit`` that stored it has fired.
+    """
+
+    def open() -> Deferred[StoredState]:
+        """
+        Open (creating if needed) the store.
+
+        :return: a ``Deferred`` firing with an :class:`ilm.StoredState`.  A new
+            store gets a fresh random incarnation id, persisted before this
+            fires.  Fails with a :class:`ilm.errors.StoreError` subclass.
+        """
+
+    def commit(batch: StoreBatch) -> Deferred[CommitResult]:
+        """
+        Durably and atomically apply an :class:`ilm.StoreBatch`.
+
+        :return: a ``Deferred`` firing with an :class:`ilm.CommitResult` once
+            the batch is durable, or failing with a
+            :class:`ilm.errors.StoreError` (nothing applied).
+        """
+
+    def read_outbound(peer_id: PeerId, after: int, limit: int) -> Deferred[list[bytes]]:
+        """
+        Read stored outbound messages to ``peer_id``.
+
+        :return: a ``Deferred`` firing with a list of at most ``limit``
+            ``bytes``: the contents at positions ``after + 1``, ``after + 2``,
+            ... in order, stopping early at the end of the outbox.  Positions
+            at or below the peer's acknowledged point are not returned.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Release the store.  Returns a ``Deferred`` that fires when closed.
+        """
+
+
+class IFrameReceiver(Interface):
+    """
+    What a network reports to ILM.  ILM provides it; networks call it.
+
+    For each peer there is at most one link at a time.  Frames sent on a link
+    arrive in order or not at all (a network may drop or duplicate frames;
+    ILM recovers), and no frame of a link is reported after its
+    ``link_lost``.
+    """
+
+    def link_established(peer_id: PeerId) -> None:
+        """
+        A link to ``peer_id`` is up; frames may now be exchanged with it.
+        """
+
+    def link_lost(peer_id: PeerId, reason: Failure) -> None:
+        """
+        The link to ``peer_id`` is gone.  ``reason`` is a ``Failure``.
+        """
+
+    def frame_received(peer_id: PeerId, frame: bytes) -> None:
+        """
+        A frame arrived from ``peer_id`` on its current link.  ``peer_id`` is
+        the peer the network authenticated, never a value read from the frame.
+        """
+
+    def link_paused(peer_id: PeerId) -> None:
+        """
+        The link to ``peer_id`` cannot take more data for now; ILM stops
+        sending to it until ``link_resumed``.
+        """
+
+    def link_resumed(peer_id: PeerId) -> None:
+        """
+        The link to ``peer_id`` can take data again.
+        """
+
+
+class INetwork(Interface):
+    """
+    A custom network layer: carries ILM frames between this node and its
+    peers.
+    """
+
+    local_id = Attribute("This node's id.")
+
+    def start(receiver: IFrameReceiver) -> Deferred[None] | None:
+        """
+        Begin reporting links and frames to ``receiver``.
+
+        :return: ``None`` or a ``Deferred`` that fires once started.
+        """
+
+    def stop() -> Deferred[None] | None:
+        """
+        Close every link and stop.  No events are reported after the returned
+        ``Deferred`` (or ``None``) fires.
+        """
+
+    def connected_peers() -> frozenset[PeerId]:
+        """
+        :return: a ``frozenset`` of the ids of peers with a link up now.
+        """
+
+    def send_frames(peer_id: PeerId, frames: Sequence[bytes]) -> None:
+        """
+        Send a sequence of frames (``bytes``) to ``peer_id`` on its current
+        link, in order.  Frames for a peer without a link are discarded.
+        """
+
+    def close_link(peer_id: PeerId, reason: Exception) -> None:
+        """
+        Close the current link to ``peer_id`` because of ``reason`` (usually a
+        :class:`ilm.errors.ProtocolViolation`).  ``link_lost`` follows.
+        """
+
+
+__all__ = ["IBackend", "IFrameReceiver", "ILocalDelivery", "IMessage", "INetwork"]

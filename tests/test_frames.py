@@ -1,0 +1,201 @@
+"""
+Tests for ilm._frames: encoding, decoding and hostile input.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm import _frames
+from ilm._session import PROTOCOL_VERSION, Hello
+from ilm.errors import (
+    FrameTooLarge,
+    MalformedFrame,
+    ProtocolViolation,
+    UnexpectedFrame,
+    UnknownFrameType,
+)
+
+INC = "0123456789abcdef" * 2
+
+
+def decode_any(frame: bytes, max_message: int = 1 << 20) -> object:
+    kind = _frames.frame_type(frame)
+    if kind == _frames.HELLO:
+        return _frames.decode_hello(frame)
+    if kind == _frames.DATA:
+        return _frames.decode_data(frame, max_message)
+    if kind == _frames.ACK:
+        return _frames.decode_ack(frame)
+    return _frames.decode_nack(frame)
+
+
+class RoundTripTests(SynchronousTestCase):
+    def test_hello(self) -> None:
+        """
+        HELLO frames round-trip, with and without a known incarnation.
+        """
+        for known, delivered, reply in ((None, 0, False), (INC[::-1], 77, True)):
+            hello = Hello(
+                PROTOCOL_VERSION, INC, 64, 1 << 20, 5, 90, known, delivered, reply
+            )
+            self.assertEqual(_frames.decode_hello(_frames.encode_hello(hello)), hello)
+
+    def test_data(self) -> None:
+        """
+        DATA frames round-trip, including empty messages.
+        """
+        contents = [b"", b"a", b"x" * 1000]
+        [frame] = _frames.encode_data(2**40, contents, 1 << 20)
+        self.assertEqual(_frames.decode_data(frame, 1000), (2**40, contents))
+
+    def test_data_split(self) -> None:
+        """
+        encode_data splits at the target size, and a message larger than the
+        target gets a frame of its own.
+        """
+        contents = [b"x" * 30] * 10 + [b"y" * 500] + [b"z"]
+        frames = _frames.encode_data(7, contents, 100)
+        decoded: list[bytes] = []
+        position = 7
+        for frame in frames:
+            first, part = _frames.decode_data(frame, 1000)
+            self.assertEqual(first, position)
+            position += len(part)
+            decoded += part
+            if len(part) > 1:
+                self.assertLessEqual(len(frame), 100)
+        self.assertEqual(decoded, contents)
+
+    def test_ack_nack(self) -> None:
+        """
+        ACK and NACK frames round-trip.
+        """
+        self.assertEqual(_frames.decode_ack(_frames.encode_ack(3, 9)), (3, 9))
+        self.assertEqual(_frames.decode_nack(_frames.encode_nack(2**63)), 2**63)
+
+    @given(
+        first=st.integers(1, 2**63),
+        contents=st.lists(st.binary(max_size=50), min_size=1, max_size=30),
+    )
+    def test_data_property(self, first: int, contents: list[bytes]) -> None:
+        """
+        Any batch of messages survives encoding and decoding.
+        """
+        decoded: list[bytes] = []
+        for frame in _frames.encode_data(first, contents, 200):
+            decoded += _frames.decode_data(frame, 50)[1]
+        self.assertEqual(decoded, contents)
+
+
+class HostileTests(SynchronousTestCase):
+    def test_empty_and_unknown(self) -> None:
+        """
+        Empty frames and unknown types raise typed errors.
+        """
+        self.assertRaises(MalformedFrame, _frames.frame_type, b"")
+        self.assertRaises(UnknownFrameType, _frames.frame_type, b"\x7fabc")
+
+    def test_truncated_and_trailing(self) -> None:
+        """
+        Every truncation of a valid frame and any trailing byte is refused.
+        """
+        hello = _frames.encode_hello(Hello(PROTOCOL_VERSION, INC, 1, 1, 1, 0, None, 0))
+        [data] = _frames.encode_data(1, [b"abc", b"defg"], 1000)
+        for frame in (hello, data, _frames.encode_ack(1, 1), _frames.encode_nack(1)):
+            for cut in range(1, len(frame)):
+                self.assertRaises(MalformedFrame, decode_any, frame[:cut])
+            self.assertRaises(MalformedFrame, decode_any, frame + b"\x00")
+
+    def test_lying_lengths(self) -> None:
+        """
+        A count or a length that does not fit the frame is refused without
+        reading past the end; so is a message over the size limit.
+        """
+        head = struct.pack(">BHQI", _frames.DATA, 0, 1, 2**32 - 1)
+        self.assertRaises(MalformedFrame, _frames.decode_data, head + b"\x00" * 8, 100)
+        frame = (
+            struct.pack(">BHQI", _frames.DATA, 0, 1, 1)
+            + struct.pack(">I", 2**31)
+            + b"x"
+        )
+        self.assertRaises(MalformedFrame, _frames.decode_data, frame, 100)
+        [big] = _frames.encode_data(1, [b"x" * 101], 1000)
+        self.assertRaises(MalformedFrame, _frames.decode_data, big, 100)
+
+    def test_bad_fields(self) -> None:
+        """
+        Zero positions, inconsistent HELLO positions, unknown flags, empty
+        windows, ACKs below their own delivery point and unknown lanes are
+        refused.
+        """
+        self.assertRaises(
+            MalformedFrame,
+            _frames.decode_data,
+            struct.pack(">BHQI", _frames.DATA, 0, 0, 1) + b"\x00" * 4,
+            10,
+        )
+        self.assertRaises(
+            MalformedFrame,
+            _frames.decode_data,
+            struct.pack(">BHQI", _frames.DATA, 0, 2**64 - 1, 2) + b"\x00" * 8,
+            10,
+        )
+        self.assertRaises(
+            UnexpectedFrame,
+            _frames.decode_data,
+            struct.pack(">BHQI", _frames.DATA, 1, 1, 1) + b"\x00" * 4,
+            10,
+        )
+        self.assertRaises(MalformedFrame, _frames.decode_ack, _frames.encode_ack(5, 4))
+        self.assertRaises(MalformedFrame, _frames.decode_nack, _frames.encode_nack(0))
+        raw = bytes.fromhex(INC)
+        pack = struct.Struct(">BH16sIIQQB16sQ").pack
+        bad = [
+            pack(1, 1, raw, 1, 1, 0, 0, 0, bytes(16), 0),  # first_unacked 0
+            pack(1, 1, raw, 1, 1, 5, 2, 0, bytes(16), 0),  # last below first - 1
+            pack(1, 1, raw, 1, 1, 1, 0, 0x80, bytes(16), 0),  # unknown flag
+            pack(1, 1, raw, 0, 1, 1, 0, 0, bytes(16), 0),  # empty window
+            pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 3),  # mark without incarnation
+        ]
+        for frame in bad:
+            self.assertRaises(MalformedFrame, _frames.decode_hello, frame)
+
+    def test_size_limit(self) -> None:
+        """
+        check_size refuses frames over the limit.
+        """
+        _frames.check_size(b"x" * 10, 10)
+        error = self.assertRaises(FrameTooLarge, _frames.check_size, b"x" * 11, 10)
+        self.assertEqual((error.size, error.limit), (11, 10))
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.binary(max_size=200))
+    def test_fuzz(self, frame: bytes) -> None:
+        """
+        Arbitrary bytes either decode or raise a ProtocolViolation, never
+        anything else.
+        """
+        try:
+            decode_any(frame, 100)
+        except ProtocolViolation:
+            pass
+
+    @settings(max_examples=1000, deadline=None)
+    @given(
+        st.sampled_from([_frames.HELLO, _frames.DATA, _frames.ACK, _frames.NACK]),
+        st.binary(max_size=120),
+    )
+    def test_fuzz_typed(self, kind: int, body: bytes) -> None:
+        """
+        Arbitrary bodies behind each valid type byte either decode or raise a
+        ProtocolViolation.
+        """
+        try:
+            decode_any(bytes([kind]) + body, 100)
+        except ProtocolViolation:
+            pass

@@ -1,0 +1,817 @@
+"""
+Tests for ilm._messenger: the ILM service over the in-memory network and
+backend, on a Clock.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from ilm import ILM, Config, Receipt, StoreBatch
+from ilm.errors import (
+    InvalidPeerId,
+    MessageTooLarge,
+    NotRunning,
+    OutboxFull,
+    SendToSelf,
+    ShutdownTimeout,
+    StoreError,
+    WrongSource,
+)
+from ilm.interfaces import IBackend
+from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage
+
+from .support import Cluster, numbered
+
+
+class Events:
+    """
+    Collect ILM log events with an ``ilm_event`` key.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self)
+        case.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: dict[str, object]) -> None:
+        if "ilm_event" in event:
+            self.events.append(event)
+
+    def named(self, name: str) -> list[dict[str, object]]:
+        return [e for e in self.events if e["ilm_event"] == name]
+
+
+class BasicTests(SynchronousTestCase):
+    def test_exchange(self) -> None:
+        """
+        Two nodes each send one message; each receives the other's with the
+        right source, destination, id and contents, and receipts carry the
+        message ids.
+        """
+        c = Cluster()
+        a, b = c.start(1), c.start(2)
+        r1 = self.successResultOf(wait(c, a.send_to(2, b"\x01\x02\x03")))
+        r2 = self.successResultOf(wait(c, b.send_to(1, b"\x04\x05\x06")))
+        self.assertEqual((r1.peer_id, r1.message_id), (2, 1))
+        self.assertEqual((r2.peer_id, r2.message_id), (1, 1))
+        c.run_until(lambda: c.recorders[1].messages and c.recorders[2].messages)
+        [m2] = c.recorders[2].messages
+        [m1] = c.recorders[1].messages
+        self.assertEqual(
+            (m2.source_id, m2.destination_id, m2.message_id, m2.contents),
+            (1, 2, 1, b"\x01\x02\x03"),
+        )
+        self.assertEqual(
+            (m1.source_id, m1.destination_id, m1.message_id, m1.contents),
+            (2, 1, 1, b"\x04\x05\x06"),
+        )
+
+    def test_ten_thousand_in_order(self) -> None:
+        """
+        10,000 messages arrive exactly once and in order.
+        """
+        c = Cluster()
+        a = c.start("a")
+        c.start("b")
+        payloads = numbered(10_000)
+        for p in payloads:
+            a.send_to("b", p)
+        c.run_until(lambda: len(c.recorders["b"].messages) >= 10_000)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received("b", "a"), payloads)
+        self.assertEqual(c.recorders["b"].ids_from("a"), list(range(1, 10_001)))
+
+    def test_both_directions(self) -> None:
+        """
+        Two nodes stream to each other at the same time; both streams arrive
+        whole and in order.
+        """
+        c = Cluster(Config(window=64))
+        a, b = c.start(1), c.start(2)
+        to_b, to_a = numbered(3000, prefix=b"ab"), numbered(3000, prefix=b"ba")
+        for x, y in zip(to_b, to_a, strict=True):
+            a.send_to(2, x)
+            b.send_to(1, y)
+        c.run_until(lambda: not a.pending_outbound() and not b.pending_outbound())
+        self.assertEqual(c.received(2, 1), to_b)
+        self.assertEqual(c.received(1, 2), to_a)
+
+    def test_many_peers(self) -> None:
+        """
+        A hub exchanges streams with 12 peers at once; every stream arrives
+        whole and in order, independently of the others.
+        """
+        c = Cluster(Config(window=32))
+        hub = c.start("hub")
+        spokes = {f"n{i}": c.start(f"n{i}") for i in range(12)}
+        for round_ in range(200):
+            for name, node in spokes.items():
+                node.send_to("hub", b"%s-%d" % (name.encode(), round_))
+                hub.send_to(name, b"hub-%d" % round_)
+        c.run_until(
+            lambda: (
+                not hub.pending_outbound()
+                and not any(n.pending_outbound() for n in spokes.values())
+            )
+        )
+        for name in spokes:
+            self.assertEqual(
+                c.received("hub", name),
+                [b"%s-%d" % (name.encode(), r) for r in range(200)],
+            )
+            self.assertEqual(
+                c.received(name, "hub"), [b"hub-%d" % r for r in range(200)]
+            )
+        self.assertEqual(hub.connected_peers(), frozenset(spokes))
+
+    def test_acks_clear_outbox(self) -> None:
+        """
+        Once the receiver acknowledges, the sender's store no longer holds the
+        messages and each receipt's ``acknowledged`` fires.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        sends = [a.send_to(2, p) for p in numbered(50)]
+        c.clock.advance(0)
+        receipts = [self.successResultOf(d) for d in sends]
+        acks = [r.acknowledged for r in receipts]
+        self.assertEqual(len(c.outbox(1, 2)) + len(c.received(2, 1)), 50)
+        c.run_until(lambda: not a.pending_outbound())
+        c.run_until(lambda: not c.outbox(1, 2))
+        for r, d in zip(receipts, acks, strict=True):
+            self.assertIs(self.successResultOf(d), r)
+        self.assertIs(self.successResultOf(receipts[0].acknowledged), receipts[0])
+        self.assertEqual(c.storages[1].outboxes[2].acked, 50)
+
+    def test_send_before_start(self) -> None:
+        """
+        Messages sent before the node has opened its store are accepted once
+        it has, in order.
+        """
+        c = Cluster()
+        c.start(2)
+        backend = PausedOpen(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        node = ILM(backend, lambda m: None, c.network.add_peer(1), clock=c.clock)
+        node.startService()
+        early = [node.send_to(2, p) for p in numbered(3)]
+        self.assertNoResult(early[0])
+        backend.release()
+        c.run_until(lambda: len(c.received(2, 1)) == 3)
+        self.assertEqual([self.successResultOf(d).message_id for d in early], [1, 2, 3])
+        self.assertEqual(c.received(2, 1), numbered(3))
+
+    def test_service(self) -> None:
+        """
+        ILM provides IService and starts and stops inside a MultiService.
+        """
+        c = Cluster()
+        c.start(2)
+        node = ILM(
+            InMemoryBackend(), lambda m: None, c.network.add_peer(1), clock=c.clock
+        )
+        verifyObject(IService, node)
+        parent = MultiService()
+        node.setServiceParent(parent)
+        parent.startService()
+        self.successResultOf(node.when_started())
+        d = node.send_to(2, b"x")
+        c.run_until(lambda: c.received(2, 1) == [b"x"])
+        self.successResultOf(d)
+        stopped = parent.stopService()
+        c.run_until(lambda: stopped.called)
+        self.successResultOf(stopped)
+        self.failureResultOf(node.send_to(2, b"y"), NotRunning)
+
+
+class RefusalTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.c = Cluster(
+            Config(
+                max_message_size=100,
+                max_outbox_messages=10,
+                max_outbox_bytes=500,
+                max_frame_size=4096,
+            )
+        )
+        self.a = self.c.start(1)
+
+    def test_self_send(self) -> None:
+        """
+        Sending to one's own id fails with SendToSelf.
+        """
+        self.failureResultOf(self.a.send_to(1, b"x"), SendToSelf)
+
+    def test_raw_message(self) -> None:
+        """
+        send_raw_message refuses a message whose source is another node, and
+        sends one whose source is this node.
+        """
+        self.failureResultOf(
+            self.a.send_raw_message(TestMessage(3, 2, 7, b"x")), WrongSource
+        )
+        self.failureResultOf(
+            self.a.send_raw_message(TestMessage(1, 1, 7, b"x")), SendToSelf
+        )
+        self.c.start(2)
+        d = self.a.send_raw_message(TestMessage(1, 2, 99, b"raw"))
+        self.c.run_until(lambda: self.c.received(2, 1) == [b"raw"])
+        self.assertEqual(self.successResultOf(d).message_id, 1)
+        self.assertEqual(self.c.recorders[2].messages[0].message_id, 1)
+        self.assertRaises(TypeError, self.a.send_raw_message, object())
+
+    def test_argument_types(self) -> None:
+        """
+        Wrong argument types raise TypeError at once; out-of-range ids and
+        oversized contents fail the Deferred with typed errors.
+        """
+        self.assertRaises(TypeError, self.a.send_to, 2, "text")
+        self.assertRaises(TypeError, self.a.send_to, 2.0, b"x")
+        self.assertRaises(TypeError, self.a.send_to, True, b"x")
+        self.failureResultOf(self.a.send_to(-1, b"x"), InvalidPeerId)
+        self.failureResultOf(self.a.send_to(2**63, b"x"), InvalidPeerId)
+        self.failureResultOf(self.a.send_to("", b"x"), InvalidPeerId)
+        self.failureResultOf(self.a.send_to("x" * 256, b"x"), InvalidPeerId)
+        failure = self.failureResultOf(self.a.send_to(2, b"x" * 101), MessageTooLarge)
+        self.assertEqual((failure.value.size, failure.value.limit), (101, 100))
+        d = self.a.send_to(2, bytearray(b"ok"))
+        self.c.clock.advance(0)
+        self.successResultOf(d)
+
+    def test_outbox_message_limit(self) -> None:
+        """
+        With the peer away, the outbox takes max_outbox_messages, refuses the
+        next with OutboxFull, and takes more once the peer has acknowledged.
+        """
+        sends = [self.a.send_to(2, b"%d" % i) for i in range(10)]
+        failure = self.failureResultOf(self.a.send_to(2, b"more"), OutboxFull)
+        self.assertEqual((failure.value.peer_id, failure.value.kind), (2, "messages"))
+        self.c.clock.advance(0)
+        for d in sends:
+            self.successResultOf(d)
+        self.failureResultOf(self.a.send_to(2, b"more"), OutboxFull)
+        self.c.start(2)
+        self.c.run_until(lambda: not self.a.pending_outbound())
+        d = self.a.send_to(2, b"more")
+        self.c.run_until(lambda: len(self.c.received(2, 1)) == 11)
+        self.successResultOf(d)
+
+    def test_outbox_byte_limit(self) -> None:
+        """
+        The outbox refuses a message that would take it over max_outbox_bytes.
+        """
+        for _ in range(5):
+            self.a.send_to(2, b"x" * 100)
+        failure = self.failureResultOf(self.a.send_to(2, b"y"), OutboxFull)
+        self.assertEqual(failure.value.kind, "bytes")
+
+    def test_config_validation(self) -> None:
+        """
+        Config refuses non-positive limits and a frame size that cannot hold
+        a maximal message.
+        """
+        self.assertRaises(ValueError, Config, window=0)
+        self.assertRaises(
+            ValueError, Config, max_message_size=2000, max_frame_size=1000
+        )
+        self.assertRaises(TypeError, ILM, InMemoryBackend(), print, object())
+        self.assertRaises(TypeError, ILM, object(), print, self.c.network.add_peer(9))
+
+
+class DeliveryTests(SynchronousTestCase):
+    def test_failure_holds_the_line(self) -> None:
+        """
+        When delivery fails, later messages from the same sender wait and the
+        failing one is retried with backoff until it succeeds; another sender's
+        stream is not held up; every failure is logged.
+        """
+        c = Cluster()
+        a, b = c.start("a"), c.start("b")
+        receiver = c.start("r")
+        events = Events(self)
+        c.recorders["r"].fail_from["a"] = 4
+        for p in numbered(5, prefix=b"a"):
+            a.send_to("r", p)
+        c.run_until(lambda: c.recorders["r"].attempts >= 2)
+        for p in numbered(5, prefix=b"b"):
+            b.send_to("r", p)
+        c.run_until(lambda: len(c.received("r", "b")) == 5)
+        self.assertEqual(c.received("r", "b"), numbered(5, prefix=b"b"))
+        self.assertEqual(c.received("r", "a"), [])
+        c.run_until(lambda: len(c.received("r", "a")) == 5)
+        self.assertEqual(c.received("r", "a"), numbered(5, prefix=b"a"))
+        failures = events.named("delivery_failed")
+        self.assertEqual(len(failures), 4)
+        delays = [e["delay"] for e in failures]
+        self.assertEqual(delays, sorted(delays))
+        self.assertGreater(delays[-1], delays[0])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 4)
+        c.run_until(lambda: not a.pending_outbound())
+        del receiver
+
+    def test_deferred_delivery(self) -> None:
+        """
+        A delivery target returning a Deferred gets the next message only once
+        the previous Deferred has fired; acknowledgement waits for it.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        gate: Deferred[None] = Deferred()
+        c.recorders[2].hold = gate
+        a.send_to(2, b"first")
+        a.send_to(2, b"second")
+        c.run_until(lambda: c.recorders[2].attempts == 1)
+        c.clock.advance(5)
+        self.assertEqual(c.recorders[2].attempts, 1)
+        self.assertEqual(a.pending_outbound(), {2: 2})
+        c.recorders[2].hold = None
+        gate.callback(None)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received(2, 1), [b"first", b"second"])
+
+    def test_deferred_queue_target(self) -> None:
+        """
+        A DeferredQueue can be the delivery target; one that is full refuses
+        (QueueOverflow), which ILM retries.
+        """
+        c = Cluster()
+        a = c.start(1)
+        queue: DeferredQueue[object] = DeferredQueue(size=2)
+        node = ILM(InMemoryBackend(), queue, c.network.add_peer(2), clock=c.clock)
+        node.startService()
+        for p in numbered(4):
+            a.send_to(2, p)
+        c.run_until(lambda: len(queue.pending) == 2)
+        c.clock.advance(1)
+        self.assertEqual(len(queue.pending), 2)
+        got = [self.successResultOf(queue.get()).contents for _ in range(2)]
+        c.run_until(lambda: len(queue.pending) == 2)
+        got += [self.successResultOf(queue.get()).contents for _ in range(2)]
+        self.assertEqual(got, numbered(4))
+        self.flushLoggedErrors()
+
+
+class FaultTests(SynchronousTestCase):
+    def test_cut_mid_stream(self) -> None:
+        """
+        Cutting the link while frames are in flight loses them; after the link
+        comes back every message is delivered exactly once, in order.
+        """
+        c = Cluster(Config(window=100), latency=0.01)
+        a = c.start(1)
+        c.start(2)
+        payloads = numbered(2000)
+        for p in payloads:
+            a.send_to(2, p)
+        rng = random.Random(1234)
+        cuts = 0
+        while a.pending_outbound():
+            c.clock.advance(rng.random() * 0.02)
+            if rng.random() < 0.2 and c.network.in_flight():
+                c.network.cut(1, 2)
+                cuts += 1
+                c.clock.advance(rng.random())
+                c.network.restore(1, 2)
+        self.assertGreater(cuts, 10)
+        self.assertEqual(c.received(2, 1), payloads)
+
+    def test_dropped_and_duplicated_frames(self) -> None:
+        """
+        Frames dropped or duplicated on a live link (data, acks, handshakes)
+        are recovered by NACK, retransmission and handshake retry, with
+        exactly-once in-order delivery.
+        """
+        c = Cluster(Config(window=20))
+        a = c.start(1)
+        c.start(2)
+        rng = random.Random(99)
+
+        def policy(src: object, dst: object, frame: bytes) -> tuple[float, ...]:
+            roll = rng.random()
+            if roll < 0.1:
+                return ()
+            if roll < 0.2:
+                return (0.0, 0.0)
+            if roll < 0.25:
+                return (rng.random() * 0.5,)
+            return (0.0,)
+
+        c.network.fault_policy = policy
+        payloads = numbered(1500)
+        for p in payloads:
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received(2, 1), payloads)
+        self.assertGreater(c.network.frames_dropped, 10)
+        self.assertGreater(c.network.frames_duplicated, 10)
+
+    def test_lost_hello(self) -> None:
+        """
+        A lost handshake frame is repeated until the link is ready.
+        """
+        c = Cluster()
+        c.network.drop_next(2, 1, 1)
+        a = c.start(1)
+        c.start(2)
+        a.send_to(2, b"x")
+        c.run_until(lambda: c.received(2, 1) == [b"x"])
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(a.connected_peers(), frozenset({2}))
+
+    def test_sender_crash(self) -> None:
+        """
+        A sender killed mid-stream and restarted from its store resumes: every
+        stored message is delivered exactly once, in order.
+        """
+        c = Cluster(Config(window=50))
+        a = c.start(1)
+        c.start(2)
+        payloads = numbered(3000)
+        for p in payloads[:1500]:
+            a.send_to(2, p)
+        c.run_until(lambda: len(c.received(2, 1)) >= 300)
+        c.crash(1)
+        a = c.start(1)
+        for p in payloads[1500:]:
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received(2, 1), payloads)
+
+    def test_receiver_crash(self) -> None:
+        """
+        A receiver killed mid-stream and restarted resumes from its delivery
+        mark; the only messages delivered twice are those delivered after the
+        last mark committed before the crash (the at-least-once window).
+        """
+        c = Cluster(Config(window=50))
+        a = c.start(1)
+        c.start(2)
+        payloads = numbered(2000)
+        for p in payloads:
+            a.send_to(2, p)
+        c.run_until(lambda: len(c.received(2, 1)) >= 777)
+        durable = max(r.delivered for r in c.storages[2].inbound.values())
+        delivered = len(c.received(2, 1))
+        c.crash(2)
+        c.start(2)
+        c.run_until(lambda: not a.pending_outbound())
+        ids = c.recorders[2].ids_from(1)
+        window = list(range(durable + 1, delivered + 1))
+        self.assertEqual(
+            ids, list(range(1, delivered + 1)) + list(range(durable + 1, 2001))
+        )
+        self.assertEqual(c.received(2, 1)[delivered:], payloads[durable:])
+        self.assertLessEqual(len(window), 50)
+
+    def test_sender_lost_store(self) -> None:
+        """
+        A sender that lost its store comes back as a new incarnation: its new
+        messages (numbered from 1 again) are delivered, not swallowed as
+        duplicates of the old ones.
+        """
+        c = Cluster()
+        events = Events(self)
+        a = c.start(1)
+        c.start(2)
+        for p in numbered(100, prefix=b"old"):
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        old_incarnation = a.incarnation
+        c.crash(1)
+        c.lose_store(1)
+        a = c.start(1)
+        self.assertNotEqual(a.incarnation, old_incarnation)
+        for p in numbered(30, prefix=b"new"):
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(
+            c.received(2, 1), numbered(100, prefix=b"old") + numbered(30, prefix=b"new")
+        )
+        self.assertEqual(c.recorders[2].ids_from(1)[100:], list(range(1, 31)))
+        self.assertEqual(len(events.named("peer_new_incarnation")), 1)
+
+    def test_receiver_lost_store(self) -> None:
+        """
+        A receiver that lost its store does not block the sender: messages
+        still pending are delivered to its new incarnation.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        for p in numbered(100, prefix=b"first"):
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        c.crash(2)
+        for p in numbered(40, prefix=b"second"):
+            a.send_to(2, p)
+        c.clock.advance(1)
+        c.lose_store(2)
+        c.recorders[2].messages.clear()
+        c.start(2)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received(2, 1), numbered(40, prefix=b"second"))
+        self.assertEqual(c.recorders[2].ids_from(1), list(range(101, 141)))
+
+    def test_stale_incarnation_refused(self) -> None:
+        """
+        An old incarnation of a peer that shows up after its replacement was
+        seen is refused: the link is closed with StaleIncarnation.
+        """
+        c = Cluster()
+        events = Events(self)
+        a = c.start(1)
+        c.start(2)
+        a.send_to(2, b"old")
+        c.run_until(lambda: not a.pending_outbound())
+        old_storage = c.storages[1]
+        c.crash(1)
+        c.lose_store(1)
+        a = c.start(1)
+        a.send_to(2, b"new")
+        c.run_until(lambda: not a.pending_outbound())
+        c.crash(1)
+        c.storages[1] = old_storage
+        a = c.start(1)
+        a.send_to(2, b"zombie")
+        c.clock.advance(2)
+        kinds = [e["kind"] for e in events.named("protocol_violation")]
+        self.assertIn("StaleIncarnation", kinds)
+        self.assertEqual(c.received(2, 1), [b"old", b"new"])
+
+    def test_garbage_frame_closes_link(self) -> None:
+        """
+        A malformed frame closes that link with a logged, typed reason; the
+        link comes back and the stream continues.
+        """
+        c = Cluster()
+        events = Events(self)
+        a = c.start(1)
+        c.start(2)
+        a.send_to(2, b"before")
+        c.run_until(lambda: not a.pending_outbound())
+        c.network._transmit(1, 2, [b"\x02garbage"])
+        c.clock.advance(0)
+        self.assertEqual(
+            events.named("protocol_violation")[0]["kind"], "MalformedFrame"
+        )
+        a.send_to(2, b"after")
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received(2, 1), [b"before", b"after"])
+
+
+class StoreTests(SynchronousTestCase):
+    def test_commit_failure_refuses_sends(self) -> None:
+        """
+        When the store fails a commit, the sends in it fail with StoreError,
+        nothing of them is transmitted, and later sends work.
+        """
+        c = Cluster()
+        backend = FlakyBackend(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        a = c.start(1, backend)
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        backend.fail_commits = 1
+        bad = [a.send_to(2, b"lost1"), a.send_to(2, b"lost2")]
+        c.clock.advance(0)
+        for d in bad:
+            self.failureResultOf(d, StoreError)
+        good = a.send_to(2, b"kept")
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(self.successResultOf(good).message_id, 1)
+        self.assertEqual(c.received(2, 1), [b"kept"])
+        self.flushLoggedErrors(StoreError)
+
+    def test_ack_only_after_mark_committed(self) -> None:
+        """
+        The receiver acknowledges only after the commit recording the
+        delivery mark has fired; a failed mark commit is retried.
+        """
+        c = Cluster()
+        a = c.start(1)
+        backend = FlakyBackend(
+            InMemoryBackend(c.storages.setdefault(2, InMemoryStorage()))
+        )
+        c.start(2, backend)
+        c.run_until(lambda: a.connected_peers())
+        backend.hold_commits = True
+        d = a.send_to(2, b"x")
+        c.run_until(lambda: c.received(2, 1) == [b"x"])
+        receipt = self.successResultOf(d)
+        c.clock.advance(10)
+        self.assertEqual(a.pending_outbound(), {2: 1})
+        self.assertEqual(c.storages[1].pending(2), [b"x"])
+        backend.hold_commits = False
+        backend.fail_commits = 1
+        backend.release(StoreError("disk hiccup"))
+        c.run_until(lambda: not a.pending_outbound())
+        self.successResultOf(receipt.acknowledged)
+        self.flushLoggedErrors(StoreError)
+
+    def test_memory_bounded_by_window(self) -> None:
+        """
+        With a large backlog, the sender keeps at most twice the window in
+        memory and reads the rest from the store in batches.
+        """
+        c = Cluster(Config(window=64, read_batch=32))
+        a = c.start(1)
+        for p in numbered(20_000):
+            a.send_to(2, p)
+        c.clock.advance(0)
+        c.crash(1)
+        reads = CountingBackend(InMemoryBackend(c.storages[1]))
+        a = c.start(1, reads)
+        c.start(2)
+        peak = 0
+        while a.pending_outbound():
+            c.clock.advance(0)
+            peak = max(peak, len(a._peers[2].out._buf) - a._peers[2].out._head)
+        self.assertLessEqual(peak, 128)
+        self.assertGreater(reads.reads, 20_000 // 32 - 1)
+        self.assertEqual(len(c.received(2, 1)), 20_000)
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_drains(self) -> None:
+        """
+        shutdown refuses new sends at once and fires only after every pending
+        message has been acknowledged.
+        """
+        c = Cluster(Config(window=10))
+        a = c.start(1)
+        c.start(2)
+        for p in numbered(500):
+            a.send_to(2, p)
+        d = a.shutdown(timeout=60)
+        self.failureResultOf(a.send_to(2, b"late"), NotRunning)
+        self.assertNoResult(d)
+        c.run_until(lambda: d.called)
+        self.successResultOf(d)
+        self.assertEqual(c.received(2, 1), numbered(500))
+        self.assertEqual(c.outbox(1, 2), [])
+        self.assertTrue(c.backends[1].closed)
+
+    def test_timeout(self) -> None:
+        """
+        With the peer unreachable, shutdown fails with ShutdownTimeout after
+        the timeout, reporting what is pending; the messages stay stored and
+        are delivered after a restart.
+        """
+        c = Cluster()
+        a = c.start(1)
+        sends = [a.send_to(2, p) for p in numbered(7)]
+        c.clock.advance(0)
+        receipts = [self.successResultOf(s) for s in sends]
+        ack = receipts[0].acknowledged
+        d = a.shutdown(timeout=5)
+        c.clock.advance(4.9)
+        self.assertNoResult(d)
+        c.run_until(lambda: d.called)
+        failure = self.failureResultOf(d, ShutdownTimeout)
+        self.assertEqual(failure.value.pending, {2: 7})
+        self.failureResultOf(ack, NotRunning)
+        self.assertEqual(c.outbox(1, 2), numbered(7))
+        c.start(1)
+        c.start(2)
+        c.run_until(lambda: len(c.received(2, 1)) == 7)
+        self.assertEqual(c.received(2, 1), numbered(7))
+
+    def test_shutdown_from_inside_delivery(self) -> None:
+        """
+        An application that shuts its node down from inside a delivery (a
+        DeferredQueue fires its getter synchronously) still records that
+        delivery and acknowledges it before the links close, so the sender
+        drains too.
+        """
+        c = Cluster()
+        a = c.start(1)
+        queue: DeferredQueue[object] = DeferredQueue()
+        b = ILM(InMemoryBackend(), queue, c.network.add_peer(2), clock=c.clock)
+        b.startService()
+        stopped: list[Deferred[None]] = []
+        queue.get().addCallback(lambda _: stopped.append(b.shutdown(10)))
+        a.send_to(2, b"last")
+        c.run_until(lambda: stopped and stopped[0].called)
+        self.successResultOf(stopped[0])
+        self.assertEqual(a.pending_outbound(), {})
+        d = a.shutdown(1)
+        c.run_until(lambda: d.called)
+        self.successResultOf(d)
+
+    def test_idempotent(self) -> None:
+        """
+        Calling shutdown twice gives the same outcome to both callers.
+        """
+        c = Cluster()
+        a = c.start(1)
+        first, second = a.shutdown(1), a.shutdown(1)
+        c.run_until(lambda: first.called and second.called)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.successResultOf(a.shutdown())
+
+
+@implementer(IBackend)
+class PausedOpen:
+    """
+    A backend wrapper whose open() waits for release().
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        self._inner = inner
+        self._open: Deferred[object] = Deferred()
+
+    def release(self) -> None:
+        self._inner.open().chainDeferred(self._open)
+
+    def open(self) -> Deferred[object]:
+        return self._open
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+@implementer(IBackend)
+class FlakyBackend:
+    """
+    A backend wrapper that can fail or hold commits.
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        self._inner = inner
+        self.fail_commits = 0
+        self.hold_commits = False
+        self._held: list[tuple[StoreBatch, Deferred[object]]] = []
+
+    def open(self) -> Deferred[object]:
+        return self._inner.open()  # type: ignore[return-value]
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        if self.hold_commits:
+            d: Deferred[object] = Deferred()
+            self._held.append((batch, d))
+            return d
+        if self.fail_commits:
+            self.fail_commits -= 1
+            return fail(StoreError("injected commit failure"))
+        return self._inner.commit(batch)  # type: ignore[return-value]
+
+    def release(self, error: Exception | None = None) -> None:
+        held, self._held = self._held, []
+        for batch, d in held:
+            if error is not None:
+                d.errback(error)
+            else:
+                self._inner.commit(batch).chainDeferred(d)
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int
+    ) -> Deferred[object]:
+        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+
+    def close(self) -> Deferred[None]:
+        return self._inner.close()
+
+
+@implementer(IBackend)
+class CountingBackend:
+    """
+    A backend wrapper counting outbox reads.
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        self._inner = inner
+        self.reads = 0
+        self.closed = False
+
+    def open(self) -> Deferred[object]:
+        return self._inner.open()  # type: ignore[return-value]
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        return self._inner.commit(batch)  # type: ignore[return-value]
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int
+    ) -> Deferred[object]:
+        self.reads += 1
+        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def wait(c: Cluster, d: Deferred[Receipt]) -> Deferred[Receipt]:
+    c.clock.advance(0)
+    return d
