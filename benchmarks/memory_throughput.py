@@ -62,7 +62,9 @@ def baseline(messages: int, size: int) -> float:
     return messages / elapsed
 
 
-async def ilm_run(reactor: Any, messages: int, size: int, burst: int) -> tuple[float, float]:
+async def ilm_run(
+    reactor: Any, messages: int, size: int, burst: int
+) -> tuple[float, float]:
     """
     :return: (messages per second to last delivery, to last acknowledgement).
     """
@@ -114,7 +116,9 @@ def main(argv: list[str]) -> None:
         rows = []
         for index in range(args.runs):
             raw = baseline(args.messages, args.size)
-            delivered, acked = await ilm_run(reactor, args.messages, args.size, args.burst)
+            delivered, acked = await ilm_run(
+                reactor, args.messages, args.size, args.burst
+            )
             rows.append((raw, delivered, acked))
             print(
                 f"run {index + 1}: ILM {delivered:,.0f} msg/s delivered "
