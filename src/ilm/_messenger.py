@@ -262,6 +262,7 @@ class ILM(Service):
         self._shutdown_waiters: list[Deferred[None]] | None = None
         self._shutdown_result: Failure | None = None
         self._events = _LinkEvents(self)
+        self._backend_open = False
         self._frame_target = min(config.max_frame_size, _FRAME_TARGET)
         self._waiter_order = itertools.count()
 
@@ -1067,6 +1068,7 @@ class ILM(Service):
     # -- start and stop --------------------------------------------------------
 
     def _opened(self, state: StoredState) -> object:
+        self._backend_open = True
         self._incarnation = state.incarnation
         config = self._config
         for record in state.outbound:
@@ -1136,6 +1138,10 @@ class ILM(Service):
         early, self._early = self._early, []
         for _, _, d in early:
             d.errback(reason)
+        if self._backend_open:
+            self._backend_open = False
+            closing = maybeDeferred(self._backend.close)
+            closing.addErrback(self._unexpected, "closing the store after failing")
 
     def _unexpected(self, reason: Failure, doing: str) -> None:
         log.failure(
