@@ -191,6 +191,22 @@ class BasicTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.successResultOf(node.shutdown())
 
+    def test_store_of_another_node(self) -> None:
+        """
+        A store holding state for a peer with this node's own id belongs to
+        another node: starting on it fails with StoreError.
+        """
+        c = Cluster()
+        storage = InMemoryStorage()
+        storage.apply(StoreBatch(messages={1: (1, [b"x"])}))
+        node = ILM(
+            InMemoryBackend(storage), print, c.network.add_peer(1), clock=c.clock
+        )
+        started = node.when_started()
+        node.startService()
+        self.failureResultOf(started, StoreError)
+        self.flushLoggedErrors(StoreError)
+
     def test_service(self) -> None:
         """
         ILM provides IService and starts and stops inside a MultiService.
