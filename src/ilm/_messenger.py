@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -201,7 +202,9 @@ class ILM(Service):
     ``startService`` opens the backend and starts the network,
     ``stopService`` is :meth:`shutdown` with the configured timeout.
 
-    :param backend: an :class:`ilm.interfaces.IBackend`.
+    :param backend: an :class:`ilm.interfaces.IBackend`, or the path
+        (``str`` or ``os.PathLike``) of an SQLite store, which means
+        ``SQLiteBackend(path)``: the durable default.
     :param delivery: an :class:`ilm.interfaces.ILocalDelivery`, a
         ``DeferredQueue`` or a callable taking one message.
     :param network: an :class:`ilm.interfaces.INetwork`.
@@ -213,13 +216,18 @@ class ILM(Service):
 
     def __init__(
         self,
-        backend: IBackend,
+        backend: IBackend | str | os.PathLike[str],
         delivery: object,
         network: INetwork,
         *,
         config: Config | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
+        if isinstance(backend, str | os.PathLike):
+            from ilm.backends._sqlite import SQLiteBackend
+
+            threads = clock if IReactorThreads.providedBy(clock) else None
+            backend = SQLiteBackend(backend, reactor=threads)
         if not IBackend.providedBy(backend):
             raise TypeError(
                 f"backend must provide IBackend, not {type(backend).__name__}"
@@ -275,7 +283,7 @@ class ILM(Service):
     @classmethod
     def create(
         cls,
-        backend: IBackend,
+        backend: IBackend | str | os.PathLike[str],
         delivery: object,
         network: INetwork,
         *,
@@ -283,7 +291,9 @@ class ILM(Service):
         clock: IReactorTime | None = None,
     ) -> Deferred[ILM]:
         """
-        Create an ILM node, load its state from ``backend`` and start it.
+        Create an ILM node, load its state from ``backend`` (an
+        :class:`ilm.interfaces.IBackend`, or the path of an SQLite store) and
+        start it.
 
         :return: a ``Deferred`` firing with the running :class:`ILM`, or
             failing with the backend's or network's error.

@@ -474,6 +474,8 @@ class SQLiteBackend:
         self.path = os.fspath(path)
         if not isinstance(self.path, str):
             raise TypeError("path must be a str or os.PathLike[str]")
+        if self.path in ("", ":memory:") or self.path.startswith("file:"):
+            raise ValueError(f"{self.path!r} is not the path of a file")
         mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
