@@ -14,7 +14,9 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from ilm import ILM, Message, SQLiteBackend
+from ilm.backends import InMemoryBackend
 from ilm.backends._sqlite import inspect_store
+from ilm.errors import StoreFull
 from ilm.network import InMemoryNetwork
 
 
@@ -93,3 +95,48 @@ class PathBackendTests(TestCase):
             [(r.peer_id, r.incarnation, r.delivered) for r in one.inbound],
             [(2, other.incarnation, 1)],
         )
+
+
+class StoreFullTests(TestCase):
+    async def test_full_store_refuses_then_recovers(self) -> None:
+        """
+        With its SQLite store at its size limit, a node's send_to fails with
+        StoreFull while ILM keeps running: messages accepted before are
+        still delivered, in order; once the limit is raised, sends succeed
+        again and take the next positions (the failed ones are reused).
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        reactor = the_reactor()
+        network = InMemoryNetwork(reactor)
+        backend = SQLiteBackend(
+            os.path.join(directory, "sender.sqlite"), max_size=64 * 1024
+        )
+        inbox = Inbox()
+        sender = await ILM.create(backend, lambda m: None, network.add_peer(1))
+        self.addCleanup(sender.shutdown, 5)
+        receiver = await ILM.create(InMemoryBackend(), inbox, network.add_peer(2))
+        self.addCleanup(receiver.shutdown, 5)
+        network.cut(1, 2)
+        accepted = [b"early %d " % i + b"." * 100 for i in range(20)]
+        receipts = [await d for d in [sender.send_to(2, p) for p in accepted]]
+        too_big = [sender.send_to(2, b"B" * 200_000), sender.send_to(2, b"small")]
+        for d in too_big:
+            await self.assertFailure(d, StoreFull)
+        later = await sender.send_to(2, b"fits")
+        self.assertEqual(later.message_id, 21)
+        network.restore(1, 2)
+        await receipts[-1].acknowledged
+        await later.acknowledged
+        await inbox.wait_for(21)
+        self.assertEqual(inbox.contents(), [*accepted, b"fits"])
+        self.assertEqual([m.message_id for m in inbox.messages], list(range(1, 22)))
+        await backend.set_max_size(None)
+        big = await sender.send_to(2, b"B" * 200_000)
+        self.assertEqual(big.message_id, 22)
+        await big.acknowledged
+        await inbox.wait_for(22)
+        self.assertEqual(inbox.contents()[-1], b"B" * 200_000)
+        self.assertEqual(len(inbox.messages), 22)
+        # The refused commit was logged (store_commit_failed).
+        self.assertEqual(len(self.flushLoggedErrors(StoreFull)), 1)
