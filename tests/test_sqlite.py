@@ -238,6 +238,24 @@ class FaultTests(StoreCase):
         os.mkdir(directory)
         await self.assertFailure(SQLiteBackend(directory).open(), StoreCorrupt)
 
+    async def test_inconsistent_state(self) -> None:
+        """
+        A store whose per-peer state disagrees with its outbox (here: it
+        claims more positions than the outbox holds) is refused at open with
+        StoreCorrupt rather than trusted; repaired, it opens intact.
+        """
+        path = self.store_path()
+        expected = await self.filled(path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE outbound SET last_position = 31 WHERE last_position = 30")
+        conn.close()
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+        self.assertIn("holds positions 11..30", str(error))
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE outbound SET last_position = 30 WHERE last_position = 31")
+        conn.close()
+        await self.assert_intact(path, expected)
+
     async def test_damaged_pages(self) -> None:
         """
         Garbage written over the pages of a store's outbox is reported as
