@@ -629,6 +629,26 @@ class OpenTests(StoreCase):
         self.assertEqual((process.returncode, out), (0, "committed\n"), err)
 
 
+class ReactorShutdownTests(StoreCase):
+    async def test_threads_stop_with_the_reactor(self) -> None:
+        """
+        When the reactor shuts down with the store open, the backend's
+        threads stop; afterwards commit fails with StoreError, close is a
+        no-op, and what was committed is there for the next opener.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(StoreBatch(messages={2: (1, [b"kept"])}))
+        backend._reactor_stopping()
+        self.assertIsNone(backend._write_pool)
+        await self.assertFailure(
+            backend.commit(StoreBatch(messages={2: (2, [b"x"])})), StoreError
+        )
+        await backend.close()
+        _, state = await self.opened(path)
+        self.assertEqual(summary(state)[0], {(int, 2): (0, 1, 4)})
+
+
 class ErrorMappingTests(SynchronousTestCase):
     def test_sqlite_codes(self) -> None:
         """

@@ -525,8 +525,19 @@ class SQLiteBackend:
         self._write_pool.start()
         self._read_pool.start()
         self._trigger = reactor.addSystemEventTrigger(
-            "during", "shutdown", self._stop_pools
+            "during", "shutdown", self._reactor_stopping
         )
+
+    def _reactor_stopping(self) -> None:
+        """
+        The reactor is shutting down with the store still open: stop the
+        threads (else the process could not exit).  What was committed is
+        on disk.  Later calls fail (or, for ``close``, do nothing).
+        """
+        self._trigger = None
+        self._open = False
+        self._stop_pools()
+        self._lock.release()
 
     def _stop_pools(self) -> None:
         for pool in (self._write_pool, self._read_pool):
