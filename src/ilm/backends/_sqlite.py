@@ -326,10 +326,10 @@ class _Lock:
                 pass
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                who = f" (process {holder.decode()})" if holder.isdigit() else ""
+                who = f" by process {holder.decode()}" if holder.isdigit() else ""
                 raise StoreLocked(
-                    f"{self.path[:-5]} is in use by another process{who}; "
-                    f"one process per store"
+                    f"{self.path.removesuffix('-lock')} is already open (locked"
+                    f"{who}); a store takes one process and one backend at a time"
                 ) from e
             raise store_error(e, self.path, "cannot lock") from e
         try:
