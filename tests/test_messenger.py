@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, Config, Receipt, StoreBatch
+from ilm import ILM, Config, Receipt, StoreBatch, _frames
 from ilm.errors import (
     InvalidPeerId,
     MessageTooLarge,
@@ -721,6 +721,34 @@ class ShutdownTests(SynchronousTestCase):
         self.successResultOf(first)
         self.successResultOf(second)
         self.successResultOf(a.shutdown())
+
+
+class DeterminismTests(SynchronousTestCase):
+    def test_acknowledgements_follow_the_commit_order(self) -> None:
+        """
+        After a commit that records delivery marks for several peers, the
+        ACKs go out in the order of the marks in the batch, not in an order
+        that depends on object addresses, so that a run on a Clock replays
+        exactly.
+        """
+        c = Cluster()
+        c.start(0)
+        spokes = list(range(1, 9))
+        for spoke in spokes:
+            c.start(spoke)
+        c.clock.advance(1)
+        acks: list[object] = []
+
+        def policy(source: object, destination: object, frame: bytes) -> list[float]:
+            if source == 0 and frame[0] == _frames.ACK:
+                acks.append(destination)
+            return [0.0]
+
+        c.network.fault_policy = policy
+        for spoke in reversed(spokes):
+            c.nodes[spoke].send_to(0, b"x")
+        c.run_until(lambda: len(acks) >= len(spokes))
+        self.assertEqual(acks, list(reversed(spokes)))
 
 
 @implementer(IBackend)
