@@ -26,7 +26,7 @@ from ilm.errors import (
     WrongSource,
 )
 from ilm.interfaces import IBackend
-from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage
+from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage, settle
 
 from .support import Cluster, numbered
 
@@ -428,6 +428,30 @@ class FaultTests(SynchronousTestCase):
         c.run_until(lambda: c.received(2, 1) == [b"x"])
         c.run_until(lambda: not a.pending_outbound())
         self.assertEqual(a.connected_peers(), frozenset({2}))
+
+    def test_lost_ack_after_held_delivery(self) -> None:
+        """
+        A receiver whose delivery was held reports holding the data (a
+        delayed ACK), then delivers it and sends one ACK with the new mark,
+        which is lost: the sender, still waiting for the acknowledgement,
+        sends the last message again, the receiver acknowledges the
+        duplicate and the stream completes.  (Found by the simulator, seed 5:
+        the stream stalled until the link happened to reconnect.)
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        hold: Deferred[None] = Deferred()
+        c.recorders[2].hold = hold
+        a.send_to(2, b"x")
+        settle(c.clock, 0.5)
+        self.assertEqual(a.pending_outbound(), {2: 1})
+        self.assertEqual(a._peers[2].out.peer_received, 1)
+        c.network.drop_next(2, 1, 1)
+        c.recorders[2].hold = None
+        hold.callback(None)
+        c.run_until(lambda: not a.pending_outbound(), timeout=60)
+        self.assertEqual(c.received(2, 1), [b"x"])
 
     def test_sender_crash(self) -> None:
         """
