@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, Config, Receipt, StoreBatch
+from ilm import ILM, Config, Receipt, StoreBatch, _frames
 from ilm.errors import (
     InvalidPeerId,
     MessageTooLarge,
@@ -26,7 +26,7 @@ from ilm.errors import (
     WrongSource,
 )
 from ilm.interfaces import IBackend
-from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage
+from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage, settle
 
 from .support import Cluster, numbered
 
@@ -465,6 +465,30 @@ class FaultTests(SynchronousTestCase):
         c.run_until(lambda: not a.pending_outbound())
         self.assertEqual(a.connected_peers(), frozenset({2}))
 
+    def test_lost_ack_after_held_delivery(self) -> None:
+        """
+        A receiver whose delivery was held reports holding the data (a
+        delayed ACK), then delivers it and sends one ACK with the new mark,
+        which is lost: the sender, still waiting for the acknowledgement,
+        sends the last message again, the receiver acknowledges the
+        duplicate and the stream completes.  (Found by the simulator, seed 5:
+        the stream stalled until the link happened to reconnect.)
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        hold: Deferred[None] = Deferred()
+        c.recorders[2].hold = hold
+        a.send_to(2, b"x")
+        settle(c.clock, 0.5)
+        self.assertEqual(a.pending_outbound(), {2: 1})
+        self.assertEqual(a._peers[2].out.peer_received, 1)
+        c.network.drop_next(2, 1, 1)
+        c.recorders[2].hold = None
+        hold.callback(None)
+        c.run_until(lambda: not a.pending_outbound(), timeout=60)
+        self.assertEqual(c.received(2, 1), [b"x"])
+
     def test_sender_crash(self) -> None:
         """
         A sender killed mid-stream and restarted from its store resumes: every
@@ -781,6 +805,34 @@ class ShutdownTests(SynchronousTestCase):
         self.successResultOf(first)
         self.successResultOf(second)
         self.successResultOf(a.shutdown())
+
+
+class DeterminismTests(SynchronousTestCase):
+    def test_acknowledgements_follow_the_commit_order(self) -> None:
+        """
+        After a commit that records delivery marks for several peers, the
+        ACKs go out in the order of the marks in the batch, not in an order
+        that depends on object addresses, so that a run on a Clock replays
+        exactly.
+        """
+        c = Cluster()
+        c.start(0)
+        spokes = list(range(1, 9))
+        for spoke in spokes:
+            c.start(spoke)
+        c.clock.advance(1)
+        acks: list[object] = []
+
+        def policy(source: object, destination: object, frame: bytes) -> list[float]:
+            if source == 0 and frame[0] == _frames.ACK:
+                acks.append(destination)
+            return [0.0]
+
+        c.network.fault_policy = policy
+        for spoke in reversed(spokes):
+            c.nodes[spoke].send_to(0, b"x")
+        c.run_until(lambda: len(acks) >= len(spokes))
+        self.assertEqual(acks, list(reversed(spokes)))
 
 
 @implementer(IBackend)

@@ -182,7 +182,26 @@ class OutboundTests(SynchronousTestCase):
         self.assertTrue(out.outstanding)
         self.assertTrue(out.retransmit())
         self.assertEqual(out.take(), (5, [b"4", b"5"]))
-        out.on_ack(0, 6)
+        out.on_ack(6, 6)
+        self.assertFalse(out.outstanding)
+        self.assertFalse(out.retransmit())
+
+    def test_lost_ack_recovered(self) -> None:
+        """
+        Data the peer confirmed receiving but has not acknowledged stays
+        outstanding: when the retransmission timer expires, the last message
+        is sent again (the peer answers a duplicate with an ACK at once), so
+        a lost ACK cannot stall the stream.
+        """
+        out = outbound(window=10)
+        out.link_ready(0, 10, 10_000)
+        out.on_stored(1, [b"a", b"b", b"c"])
+        out.take()
+        self.assertEqual(out.on_ack(0, 3), (0, True))
+        self.assertTrue(out.outstanding)
+        self.assertTrue(out.retransmit())
+        self.assertEqual(out.take(), (3, [b"c"]))
+        out.on_ack(3, 3)
         self.assertFalse(out.outstanding)
         self.assertFalse(out.retransmit())
 

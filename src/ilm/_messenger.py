@@ -540,7 +540,10 @@ class ILM(Service):
                 peer = peers.get(peer_id)
                 if peer is not None:
                     peer.outbox_bytes -= released
-        acknowledge: set[_Peer] = set()
+        # A dict, not a set: peers are acknowledged in the batch's order, not
+        # in an order that depends on object addresses (runs must replay
+        # exactly on a Clock).
+        acknowledge: dict[_Peer, None] = {}
         for (peer_id, incarnation), position in batch.delivered.items():
             peer = peers[peer_id]
             for stream in peer.inbound:
@@ -548,7 +551,7 @@ class ILM(Service):
                     if position > stream.marked:
                         stream.marked = position
                     if stream is peer.inbound[-1]:
-                        acknowledge.add(peer)
+                        acknowledge[peer] = None
         for peer in acknowledge:
             self._send_ack(peer)
             self._drop_drained_streams(peer)

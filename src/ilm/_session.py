@@ -159,8 +159,8 @@ class OutboundStream:
 
     @property
     def outstanding(self) -> bool:
-        """Whether transmitted data has not been confirmed received."""
-        return self.ready and self.sent > self.peer_received
+        """Whether transmitted data has not been acknowledged yet."""
+        return self.ready and self.sent > self.acked
 
     # -- events ------------------------------------------------------------
 
@@ -278,11 +278,16 @@ class OutboundStream:
     def retransmit(self) -> bool:
         """
         The retransmission timer expired: transmit again everything the peer
-        has not confirmed receiving.
+        has not confirmed receiving.  If the peer confirmed receiving
+        everything but has not acknowledged it, its acknowledgement may have
+        been lost: transmit the last message again, which the peer answers
+        with an ACK at once (a duplicate).
 
         :return: whether anything will be transmitted again.
         """
-        return self._go_back(self.peer_received)
+        if self.peer_received < self.sent:
+            return self._go_back(self.peer_received)
+        return self._go_back(self.sent - 1)
 
     def link_ready(
         self, resume_after: int, peer_window: int, peer_window_bytes: int

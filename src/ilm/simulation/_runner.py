@@ -1,0 +1,291 @@
+"""
+Run seeds, sum their results up, and the ``python -m ilm.simulation``
+command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO
+
+import attr
+
+from ilm.simulation._world import Scenario, World
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SeedResult:
+    """
+    The outcome of one seed.
+
+    - ``violations``: every broken invariant (empty when the seed passed).
+    - ``stats``: counters (messages, faults injected by kind, duplicates in
+      the allowed windows, ...).
+    - ``trace``: the last lines of the run's trace.
+    - ``digest``: a hash of the whole trace; a replay of the same seed and
+      scenario gives the same digest.
+    """
+
+    seed: int
+    nodes: int
+    violations: tuple[str, ...]
+    stats: Counter[str]
+    trace: tuple[str, ...]
+    digest: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def run_seed(
+    seed: int, scenario: Scenario | None = None, *, trace: IO[str] | None = None
+) -> SeedResult:
+    """
+    Simulate one seed.
+
+    :param scenario: what to simulate (the default :class:`Scenario` if
+        omitted).
+    :param trace: if given, every event of the run is written to it as it
+        happens (for debugging a replay).
+    """
+    if scenario is None:
+        scenario = Scenario()
+    world = World(seed, scenario, trace=trace)
+    world.run()
+    return SeedResult(
+        seed=seed,
+        nodes=scenario.nodes,
+        violations=tuple(world.violations),
+        stats=world.stats,
+        trace=tuple(world.trace_tail),
+        digest=world.digest,
+    )
+
+
+@attr.s(slots=True, auto_attribs=True)
+class Summary:
+    """
+    The outcome of many seeds: how many ran, the failed ones, the summed
+    counters and the wall time.
+    """
+
+    seeds: int = 0
+    failures: list[SeedResult] = attr.ib(factory=list)
+    stats: Counter[str] = attr.ib(factory=Counter)
+    wall_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def run_seeds(
+    seeds: Iterable[int],
+    scenario: Scenario | None = None,
+    *,
+    on_result: Callable[[SeedResult], None] | None = None,
+    stop_after: int | None = None,
+) -> Summary:
+    """
+    Simulate every seed in ``seeds``.
+
+    :param on_result: called with each :class:`SeedResult` as it completes.
+    :param stop_after: stop once this many seeds have failed.
+    """
+    summary = Summary()
+    started = time.perf_counter()
+    for seed in seeds:
+        result = run_seed(seed, scenario)
+        summary.seeds += 1
+        summary.stats.update(result.stats)
+        if not result.ok:
+            summary.failures.append(result)
+        if on_result is not None:
+            on_result(result)
+        if stop_after is not None and len(summary.failures) >= stop_after:
+            break
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def replay_command(seed: int, nodes: int) -> str:
+    """
+    The command that replays one seed with its full trace.
+    """
+    return (
+        f"python -m ilm.simulation --seeds 1 --start {seed} --nodes {nodes} --verbose"
+    )
+
+
+def format_failure(result: SeedResult, tail: int = 60) -> str:
+    """
+    What to print about a failed seed: the violations, the end of its trace
+    and the command that replays it.
+    """
+    lines = [f"seed {result.seed} FAILED:"]
+    lines += [f"  {v}" for v in result.violations]
+    lines.append(f"  last {min(tail, len(result.trace))} trace lines:")
+    lines += [f"    {line}" for line in result.trace[-tail:]]
+    lines.append(f"  replay: {replay_command(result.seed, result.nodes)}")
+    return "\n".join(lines)
+
+
+def format_summary(summary: Summary, first_seed: int, nodes: int) -> str:
+    """
+    The summary printed at the end of a run of seeds.
+    """
+    s = summary.stats
+    duplicates = s["duplicates_receiver_crash"] + s["duplicates_receiver_store_loss"]
+    last = first_seed + summary.seeds - 1
+    rate = summary.seeds / summary.wall_seconds if summary.wall_seconds else 0.0
+    return "\n".join(
+        [
+            f"seeds       {summary.seeds} ({first_seed}..{last}), {nodes} nodes, "
+            f"{len(summary.failures)} failed",
+            f"messages    sent {s['messages_sent']}, accepted "
+            f"{s['messages_accepted']}, refused {s['messages_refused']}, in "
+            f"doubt after a crash {s['messages_in_doubt_landed']} stored + "
+            f"{s['messages_in_doubt_lost']} not stored",
+            f"delivered   {s['messages_delivered']} messages in "
+            f"{s['deliveries']} deliveries",
+            f"duplicates  {duplicates} inside the at-least-once windows "
+            f"(receiver crash "
+            f"{s['duplicates_receiver_crash']}, receiver store loss "
+            f"{s['duplicates_receiver_store_loss']})",
+            f"lost        {s['lost_with_sender_store']} with their sender's store "
+            f"({s['lost_with_sender_store_accepted']} of them accepted)",
+            f"faults      cut {s['fault_cut']}, drop {s['fault_drop']}, duplicate "
+            f"{s['fault_duplicate']}, delay {s['fault_delay']}, crash "
+            f"{s['fault_crash']} (at random {s['fault_crash_at_random']}, in commit "
+            f"{s['fault_crash_in_commit']}, after commit "
+            f"{s['fault_crash_after_commit']}, after delivery "
+            f"{s['fault_crash_after_delivery']}; commit in flight landed "
+            f"{s['crash_commit_landed']}, lost {s['crash_commit_lost']}), store "
+            f"loss {s['fault_store_loss']}, delivery failure "
+            f"{s['fault_delivery_failure']} ({s['delivery_refusals']} refusals), "
+            f"commit failure {s['fault_commit_failure']}, shutdown "
+            f"{s['fault_shutdown']} ({s['shutdown_clean']} clean, "
+            f"{s['shutdown_timed_out']} timed out)",
+            f"restarts    {s['restarts']}",
+            f"simulated   {s['sim_seconds']} s in {s['steps']} steps",
+            f"wall time   {summary.wall_seconds:.1f} s ({rate:.1f} seeds/s)",
+            f"violations  {sum(len(f.violations) for f in summary.failures)}",
+        ]
+    )
+
+
+class _Progress:
+    """
+    A progress bar on a plain text stream.
+    """
+
+    def __init__(self, stream: IO[str], total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.tty = stream.isatty()
+        self.last_decile = -1
+
+    def update(self, result: SeedResult) -> None:
+        self.done += 1
+        self.failed += not result.ok
+        now = time.perf_counter()
+        if self.tty:
+            if now - self.last < 0.2 and self.done < self.total:
+                return
+            self.last = now
+            self.stream.write("\r" + self._bar(now))
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            decile = self.done * 10 // self.total
+            if decile == self.last_decile and self.done < self.total:
+                return
+            self.last_decile = decile
+            self.stream.write(self._bar(now) + "\n")
+        self.stream.flush()
+
+    def interrupt(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+    def _bar(self, now: float) -> str:
+        width = 30
+        filled = width * self.done // self.total
+        elapsed = now - self.started
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        return (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"seeds, {self.failed} failed, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
+        )
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """
+    ``python -m ilm.simulation``: run seeds, print a summary, and for each
+    failed seed its violations and the command that replays it.
+
+    :return: the exit status: 0 when every seed passed, 1 otherwise.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    parser = argparse.ArgumentParser(
+        prog="python -m ilm.simulation",
+        description="Run ILM nodes through seeded fault schedules and check "
+        "exactly-once, in-order delivery.",
+    )
+    parser.add_argument("--seeds", type=int, default=100, help="how many seeds")
+    parser.add_argument("--start", type=int, default=0, help="the first seed")
+    parser.add_argument("--nodes", type=int, default=3, help="ILM nodes per seed")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="write every event of each seed (use it to replay one seed)",
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    try:
+        scenario = Scenario(nodes=args.nodes)
+    except ValueError as error:
+        parser.error(str(error))
+    progress = None if args.verbose else _Progress(err, args.seeds)
+    summary = Summary()
+    started = time.perf_counter()
+    try:
+        for seed in range(args.start, args.start + args.seeds):
+            if args.verbose:
+                out.write(f"--- seed {seed}\n")
+            result = run_seed(seed, scenario, trace=out if args.verbose else None)
+            summary.seeds += 1
+            summary.stats.update(result.stats)
+            if not result.ok:
+                summary.failures.append(result)
+                if progress is not None and progress.tty:
+                    err.write("\n")
+                out.write(format_failure(result) + "\n")
+            if progress is not None:
+                progress.update(result)
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.interrupt()
+        out.write("interrupted\n")
+    summary.wall_seconds = time.perf_counter() - started
+    out.write(format_summary(summary, args.start, args.nodes) + "\n")
+    if summary.failures:
+        out.write("failed seeds: " + " ".join(str(f.seed) for f in summary.failures))
+        out.write("\n")
+        return 1
+    return 0
