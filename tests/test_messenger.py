@@ -559,6 +559,13 @@ class FaultTests(SynchronousTestCase):
             c.received(2, 1), numbered(100, prefix=b"old") + numbered(30, prefix=b"new")
         )
         self.assertEqual(c.recorders[2].ids_from(1)[100:], list(range(1, 31)))
+        incarnations = [m.source_incarnation for m in c.recorders[2].messages]
+        self.assertEqual(incarnations, [old_incarnation] * 100 + [a.incarnation] * 30)
+        identities = {
+            (m.source_id, m.source_incarnation, m.message_id)
+            for m in c.recorders[2].messages
+        }
+        self.assertEqual(len(identities), 130)
         self.assertEqual(len(events.named("peer_new_incarnation")), 1)
 
     def test_receiver_lost_store(self) -> None:
@@ -793,6 +800,23 @@ class ShutdownTests(SynchronousTestCase):
         c.clock.advance(0)
         c.clock.advance(0)
         self.successResultOf(d)
+
+    def test_crash_during_shutdown(self) -> None:
+        """
+        A node killed while its shutdown is in progress runs no more of that
+        shutdown: it neither stops its network nor closes its store, and the
+        shutdown's Deferred fails with NotRunning.
+        """
+        c = Cluster()
+        a = c.start(1)
+        a.send_to(2, b"never acknowledged")
+        d = a.shutdown(timeout=5)
+        c.clock.advance(1)
+        backend = c.backends[1]
+        c.crash(1)
+        c.clock.advance(10)
+        self.failureResultOf(d, NotRunning)
+        self.assertFalse(backend.closed)
 
     def test_idempotent(self) -> None:
         """

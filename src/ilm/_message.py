@@ -49,13 +49,17 @@ class Message:
     A message delivered by ILM.
 
     ``message_id`` is the message's position in the ordered stream from
-    ``source_id`` to ``destination_id``.
+    ``source_id`` to ``destination_id``; it restarts at 1 when the sender
+    loses its store, so ``source_incarnation`` (the sender's store
+    incarnation) is part of the message's identity:
+    ``(source_id, source_incarnation, message_id)`` is unique.
     """
 
     source_id: PeerId
     destination_id: PeerId
     message_id: int
     contents: bytes
+    source_incarnation: str = ""
 
     def __repr__(self) -> str:
         shown = self.contents[:32]

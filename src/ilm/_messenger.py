@@ -95,6 +95,12 @@ class Receipt:
         return f"Receipt(peer_id={self.peer_id!r}, message_id={self.message_id})"
 
 
+class _Abandoned(Exception):
+    """
+    Unwinds a shutdown in progress when the node is abandoned (crashed).
+    """
+
+
 class _Peer:
     """
     Everything the messenger tracks about one peer.
@@ -271,6 +277,7 @@ class ILM(Service):
         self._shutdown_result: Failure | None = None
         self._events = _LinkEvents(self)
         self._backend_open = False
+        self._abandoned = False
         self._accepting = False
         self._max_message_size = config.max_message_size
         self._max_outbox_messages = config.max_outbox_messages
@@ -1027,7 +1034,13 @@ class ILM(Service):
             for stream in peer.inbound:
                 queue = stream.queue
                 while queue:
-                    message = Message(peer_id, local_id, stream.delivered + 1, queue[0])
+                    message = Message(
+                        peer_id,
+                        local_id,
+                        stream.delivered + 1,
+                        queue[0],
+                        stream.incarnation,
+                    )
                     try:
                         result = deliver(message)
                     except Exception:
@@ -1254,7 +1267,9 @@ class ILM(Service):
         return result
 
     def _shutdown_finished(self, result: object) -> object:
-        if isinstance(result, Failure):
+        if isinstance(result, Failure) and result.check(_Abandoned):
+            result = Failure(NotRunning(f"ILM node {self._local_id!r} crashed"))
+        elif isinstance(result, Failure):
             self._shutdown_result = result
             if not result.check(ShutdownTimeout):
                 log.failure("shutdown failed", result, ilm_event="shutdown_failed")
@@ -1274,6 +1289,8 @@ class ILM(Service):
         turn: Deferred[None] = Deferred()
         self._clock.callLater(0, turn.callback, None)
         await turn
+        if self._abandoned:
+            raise _Abandoned()
         if self._state == _STARTING:
             try:
                 await self._within(self.when_started(), deadline)
@@ -1362,6 +1379,7 @@ class ILM(Service):
         start no more I/O, touch neither the backend nor the network.  For
         crash tests and the simulator (see :func:`ilm.testing.crash`).
         """
+        self._abandoned = True
         self._state = _STOPPED
         self.running = 0
         self._accepting = False
@@ -1398,4 +1416,7 @@ class ILM(Service):
                 outcome.callback(True)
 
         d.addBoth(done)
-        return await outcome
+        in_time = await outcome
+        if self._abandoned:
+            raise _Abandoned()
+        return in_time
