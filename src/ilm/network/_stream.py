@@ -871,21 +871,29 @@ class StreamNetwork:
         """
         return [port.getHost() for port in self._ports]
 
-    def abort(self) -> None:
+    def abort(self) -> Deferred[None]:
         """
         Drop everything at once, as if the process died: stop listening and
-        dialling and abort every connection, without any clean close.
+        dialling and abort every connection, without any clean close;
         ``link_lost`` is reported to nobody.  For crash tests.
+
+        :return: a ``Deferred`` firing once the listening endpoints are
+            closed (so that a restarted node can listen on them again).
         """
         self._running = False
         self._receiver = None
-        for port in self._ports:
-            port.stopListening()
+        self._stopping = succeed(None)
+        closing = [maybeDeferred(port.stopListening) for port in self._ports]
         for dialer in self._dialers.values():
             if dialer.service.running:
                 dialer.service.stopService()
         for protocol in list(self._protocols):
             protocol.close(ConnectionDone("aborted"), abort=True)
+        done: Deferred[None] = Deferred()
+        DeferredList(closing, consumeErrors=True).addCallback(
+            lambda _: done.callback(None)
+        )
+        return done
 
     # -- dialling ------------------------------------------------------------
 
