@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 
 from ilm import ILM, Config, Message, PeerId, Receipt
@@ -40,9 +40,12 @@ class _Node:
         self.network: StreamNetwork | None = None
         self.counter = 0
         self.redelivered = 0
+        self.on_delivery: Callable[[], None] | None = None
 
     def deliver(self, message: Message) -> None:
         self.received.setdefault(message.source_id, []).append(message.contents)
+        if self.on_delivery is not None:
+            self.on_delivery()
 
 
 class Chaos:
@@ -84,8 +87,10 @@ class Chaos:
         self.cuts = 0
         self.crashes = 0
         self.chaos_over = False
-        self.restarting: set[PeerId] = set()
         self.start_time = 0.0
+        self._delivered_waiters: list[Deferred[None]] = []
+        for node in self.nodes.values():
+            node.on_delivery = self._check_delivered
 
     # -- running ---------------------------------------------------------------
 
@@ -140,6 +145,7 @@ class Chaos:
     def _kill_tick(self) -> None:
         if self.clock.seconds() - self.start_time >= self.duration:
             self.chaos_over = True
+            self._check_delivered()
             return
         if self.random.random() < self.crash_share:
             node = self.nodes[self.random.choice([1, 2])]
@@ -180,6 +186,34 @@ class Chaos:
         closed.addCallback(restart)
 
     # -- checking --------------------------------------------------------------
+
+    def all_delivered(self) -> bool:
+        """
+        Whether the chaos is over and each node has received as many
+        messages as the other had accepted for it.
+        """
+        if not self.chaos_over:
+            return False
+        for sender, receiver in ((1, 2), (2, 1)):
+            accepted = self.nodes[sender].accepted.get(receiver, [])
+            if len(self.nodes[receiver].received.get(sender, [])) != len(accepted):
+                return False
+        return True
+
+    def when_delivered(self) -> Deferred[None]:
+        """
+        :return: a ``Deferred`` firing once :meth:`all_delivered` holds.
+        """
+        d: Deferred[None] = Deferred()
+        self._delivered_waiters.append(d)
+        self._check_delivered()
+        return d
+
+    def _check_delivered(self) -> None:
+        if self._delivered_waiters and self.all_delivered():
+            waiters, self._delivered_waiters = self._delivered_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     def settled(self) -> bool:
         """
@@ -235,10 +269,12 @@ class Chaos:
         )
 
     def stop(self) -> Deferred[Any]:
-        from twisted.internet.defer import DeferredList
-
+        """
+        Shut both nodes down; the result is a ``DeferredList`` result (both
+        succeed only if every outbox drained).
+        """
         waits = []
         for node in self.nodes.values():
             if node.ilm is not None:
-                waits.append(node.ilm.stopService())
+                waits.append(node.ilm.shutdown(timeout=10.0))
         return DeferredList(waits, consumeErrors=True)

@@ -52,6 +52,8 @@ def memory_chaos(seed: int, duration: float, kill_interval: float) -> Chaos:
     except ClockTimeout:
         raise AssertionError(f"did not settle: {chaos.summary()}")
     chaos.check()
+    if os.environ.get("ILM_CHAOS_VERBOSE"):
+        print(chaos.summary())
     return chaos
 
 

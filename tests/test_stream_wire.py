@@ -293,3 +293,23 @@ class FuzzTests(SynchronousTestCase):
             decode_everything(bytes(mutated), cuts, 1 << 16)
         except ProtocolViolation:
             pass
+
+
+class FuzzCommandTests(SynchronousTestCase):
+    def test_short_run(self) -> None:
+        """
+        The fuzz command runs the requested number of inputs through the
+        decoder and a responder protocol, and reports the count.
+        """
+        import contextlib
+        import io
+
+        from ilm.network import fuzz
+
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            status = fuzz.main(
+                ["--inputs", "3000", "--seed", "7", "--protocol-share", "0.5"]
+            )
+        self.assertEqual(status, 0, output.getvalue())
+        self.assertIn("3,000 inputs fuzzed (seed 7)", output.getvalue())
