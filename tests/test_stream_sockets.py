@@ -274,6 +274,18 @@ class RealAuthenticationTests(TestCase):
         event = await self.waiter.wait("spoofed_peer")
         self.assertIn("dialled node 2", event["reason"])
 
+    async def test_tcp_link_without_nagle(self) -> None:
+        """
+        Links over TCP disable Nagle's algorithm on both ends: ILM waits on
+        small ACK frames, which Nagle would hold back for a delayed ACK.
+        """
+        server = await self.server(keys={1: pair_key(1, 2)})
+        client = await self.dial(1, keys={2: pair_key(1, 2)})
+        await self.waiter.wait("link_established", count=2)
+        for network, peer in ((server, 1), (client, 2)):
+            transport = network._links[peer].transport
+            self.assertTrue(transport.getTcpNoDelay())  # type: ignore[union-attr]
+
     async def test_psk_wrong_key_over_tcp(self) -> None:
         """
         Over real TCP, a dialler with the wrong pre-shared key is refused

@@ -223,6 +223,14 @@ class ILMProtocol(Protocol):
     def connectionMade(self) -> None:
         network = self._network
         network._protocols.add(self)
+        # ILM coalesces its writes itself and waits on small ACK frames:
+        # Nagle's algorithm would hold those back for a delayed ACK (40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:
+                pass
         if not network._running:
             self.state = _CLOSED
             self.transport.abortConnection()  # type: ignore[union-attr]
