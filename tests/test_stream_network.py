@@ -703,3 +703,26 @@ class HostileInputTests(SynchronousTestCase):
         self.assertIsNotNone(raw.lost)
         [event] = self.logs.named("link_protocol_violation")
         self.assertEqual(event["kind"], "UnexpectedFrame")
+
+
+class PublicNamesTests(SynchronousTestCase):
+    def test_reexports(self) -> None:
+        """
+        ilm.network's public names are the private implementations.
+        """
+        import ilm.network
+        from ilm.network import _handshake, _stream, _tls
+
+        for name, module in (
+            ("StreamNetwork", _stream),
+            ("ILMProtocol", _stream),
+            ("ILMFactory", _stream),
+            ("LinkSettings", _stream),
+            ("Backoff", _stream),
+            ("PreSharedKeys", _handshake),
+            ("TLSCredentials", _tls),
+            ("fingerprint", _tls),
+            ("node_uri", _tls),
+        ):
+            self.assertIs(getattr(ilm.network, name), getattr(module, name))
+            self.assertIn(name, ilm.network.__all__)
