@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -267,6 +267,24 @@ class LinkTests(SynchronousTestCase):
         nodes.start(2, known=(1,))
         nodes.settle(1.1)
         self.assertEqual(nodes.receivers[1].kinds(), ["established"])
+
+    def test_start_fails_when_an_endpoint_cannot_listen(self) -> None:
+        """
+        If one endpoint cannot listen, start() fails with its error and the
+        endpoints that did listen are closed again.
+        """
+        nodes = Nodes()
+        nodes.board.server("taken").listen(Factory.forProtocol(Protocol))
+        network = StreamNetwork(
+            1,
+            listen=[nodes.board.server("free"), nodes.board.server("taken")],
+            keys={2: pair_key(1, 2)},
+            reactor=nodes.clock,
+        )
+        started = network.start(RecordingReceiver())
+        nodes.settle()
+        self.failureResultOf(started, OSError)
+        self.assertNotIn("free", nodes.board.listeners)
 
     def test_stop(self) -> None:
         """
