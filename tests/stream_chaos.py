@@ -86,6 +86,7 @@ class Chaos:
         self.nodes = {1: _Node(1), 2: _Node(2)}
         self.cuts = 0
         self.crashes = 0
+        self.failed_starts = 0
         self.chaos_over = False
         self.start_time = 0.0
         self._delivered_waiters: list[Deferred[None]] = []
@@ -117,6 +118,22 @@ class Chaos:
         node.network = network
         node.ilm = ilm
         ilm.startService()
+        ilm.when_started().addErrback(self._start_failed, node, ilm)
+
+    def _restart(self, node: _Node) -> None:
+        self._start(node)
+        self._check_delivered()
+
+    def _start_failed(self, reason: Any, node: _Node, ilm: ILM) -> None:
+        # A restarted node could not listen again (its address was taken in
+        # between): try again shortly, as a supervisor would.
+        self.failed_starts += 1
+        if node.ilm is ilm:
+            assert node.network is not None
+            node.network.abort()
+            node.ilm = None
+            node.network = None
+            self.clock.callLater(0.1, self._restart, node)
 
     def _next_kill(self) -> float:
         return self.random.expovariate(1.0 / self.kill_interval)
@@ -181,7 +198,7 @@ class Chaos:
                 del received[record.delivered :]
 
         def restart(_: object) -> None:
-            self.clock.callLater(self.random.uniform(0, 0.05), self._start, node)
+            self.clock.callLater(self.random.uniform(0, 0.05), self._restart, node)
 
         closed.addCallback(restart)
 
@@ -189,10 +206,10 @@ class Chaos:
 
     def all_delivered(self) -> bool:
         """
-        Whether the chaos is over and each node has received as many
+        Whether the chaos is over, both nodes run, and each has received as many
         messages as the other had accepted for it.
         """
-        if not self.chaos_over:
+        if not self.chaos_over or any(n.ilm is None for n in self.nodes.values()):
             return False
         for sender, receiver in ((1, 2), (2, 1)):
             accepted = self.nodes[sender].accepted.get(receiver, [])
@@ -265,7 +282,7 @@ class Chaos:
         )
         return (
             f"seed {self.seed}: {self.cuts} connections killed, {self.crashes} "
-            f"crashes, {messages} messages"
+            f"crashes, {self.failed_starts} failed restarts, {messages} messages"
         )
 
     def stop(self) -> Deferred[Any]:

@@ -9,6 +9,7 @@ sockets.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -38,11 +39,32 @@ CHAOS_SEED = int(os.environ.get("ILM_CHAOS_SEED", "20261126"))
 FAST = LinkSettings(reconnect=Backoff(initial=0.01, maximum=0.2))
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """
+    A free TCP port below the ephemeral range: a node restarted in the
+    middle of a test listens on it again, and no outgoing connection (ours
+    or another process's) may take it in between, nor connect to itself
+    through it.
+    """
+    rng = random.Random()
+    high = max(_ephemeral_low(), 12000)
+    for _ in range(1000):
+        port = rng.randrange(10000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 class EventWaiter:
