@@ -92,6 +92,7 @@ def _backend(kind: str, directory: str) -> Any:
     except ImportError:
         print("the SQLite backend is not installed (ilm.backends.SQLiteBackend)")
         sys.exit(2)
+    # Assumed constructor: SQLiteBackend(path); adjust here if it differs.
     return SQLiteBackend(os.path.join(directory, "ilm.sqlite"))
 
 
@@ -109,10 +110,13 @@ async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
     )
     latencies: list[float] = []
     done: defer.Deferred[None] = defer.Deferred()
+    cpu = 0.0
 
     def deliver(message: Message) -> None:
-        nonlocal count
+        nonlocal count, cpu
         now = _now()
+        if count == 0:
+            cpu = time.process_time()
         if options.mode == "throughput":
             if message.message_id != count + 1 or message.contents != expected[count]:
                 raise AssertionError(f"out of order or corrupt at {count + 1}")
@@ -121,7 +125,7 @@ async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
         count += 1
         if count == options.messages:
             if options.mode == "throughput":
-                _result({"last": now})
+                _result({"last": now, "receiver_cpu": time.process_time() - cpu})
             else:
                 _result(_latency_summary(latencies))
             done.callback(None)
@@ -155,6 +159,7 @@ async def ilm_sender(reactor: Any, options: argparse.Namespace) -> None:
         while 2 not in node.connected_peers():
             await task.deferLater(reactor, 0.001)
         last: Any = None
+        cpu = time.process_time()
         if options.mode == "throughput":
             payloads = _payloads(options.messages, options.size)
             start = _now()
@@ -176,7 +181,10 @@ async def ilm_sender(reactor: Any, options: argparse.Namespace) -> None:
                     sent += 1
         receipt = await last
         await receipt.acknowledged
-        _result({"start": start, "acked": _now()})
+        acked = _now()
+        _result(
+            {"start": start, "acked": acked, "sender_cpu": time.process_time() - cpu}
+        )
         await node.shutdown()
 
 
@@ -339,9 +347,12 @@ def throughput(options: argparse.Namespace) -> None:
         delivered = options.messages / (ilm["last"] - ilm["start"])
         acknowledged = options.messages / (ilm["acked"] - ilm["start"])
         rows.append((raw_rate, delivered, acknowledged))
+        elapsed = ilm["acked"] - ilm["start"]
         print(
             f"run {index + 1}: ILM {delivered:,.0f} msg/s delivered "
-            f"({acknowledged:,.0f} msg/s acknowledged); raw Int32StringReceiver "
+            f"({acknowledged:,.0f} msg/s acknowledged; CPU busy: sender "
+            f"{ilm['sender_cpu'] / elapsed:.0%}, receiver "
+            f"{ilm['receiver_cpu'] / elapsed:.0%}); raw Int32StringReceiver "
             f"{raw_rate:,.0f} msg/s; ratio {delivered / raw_rate:.2f}",
             flush=True,
         )
@@ -406,6 +417,12 @@ def main(argv: list[str]) -> None:
     if options.role is not None:
         run_role(options)
         return
+    if options.backend == "sqlite":
+        try:
+            from ilm.backends import SQLiteBackend  # type: ignore[attr-defined]  # noqa: F401
+        except ImportError:
+            print("the SQLite backend is not installed (ilm.backends.SQLiteBackend)")
+            sys.exit(2)
     if options.mode in ("throughput", "both"):
         throughput(options)
     if options.mode in ("latency", "both"):
