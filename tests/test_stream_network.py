@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
@@ -167,10 +168,18 @@ def authenticate(nodes: Nodes, local: PeerId, remote: PeerId, key: bytes) -> Raw
 class LinkTests(SynchronousTestCase):
     def test_provides_inetwork(self) -> None:
         """
-        StreamNetwork provides INetwork.
+        StreamNetwork provides INetwork; its protocol is an IPushProducer
+        (and an IProtocol); its dialling endpoint an IStreamClientEndpoint.
         """
         nodes = Nodes()
-        verifyObject(INetwork, nodes.start(1, known=(2,)))
+        network = nodes.start(1, dial=(2,))
+        verifyObject(INetwork, network)
+        nodes.start(2, known=(1,))
+        nodes.settle()
+        protocol = network._links[2]
+        verifyObject(IPushProducer, protocol)
+        verifyObject(IProtocol, protocol)
+        verifyObject(IStreamClientEndpoint, network._dialers[2].endpoint)
 
     def test_link_and_frames_both_ways(self) -> None:
         """

@@ -271,6 +271,31 @@ class RealAuthenticationTests(TestCase):
         self.assertIn("neither pinned nor valid", event["reason"])
         self.assertEqual(self.receiver.events, [])
 
+    async def test_tls_client_without_certificate(self) -> None:
+        """
+        A TLS client that presents no certificate fails the TLS handshake
+        (the listener requires one): it receives nothing and nothing reaches
+        ILM.
+        """
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import CertificateOptions
+
+        from ilm.network import _wire
+
+        await self.server(tls=self.tls(issue(self.ca, 2), ca_certificates=[self.ca[0]]))
+        endpoint = wrapClientTLS(
+            CertificateOptions(), TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        )
+        raw = await endpoint.connect(Factory.forProtocol(RawPeer))
+        lost: Deferred[None] = Deferred()
+        raw.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign]
+        assert raw.transport is not None
+        raw.transport.write(_wire.encode_hello(_wire.LinkHello(1, b"n" * 32, 1, 2)))
+        lost.addTimeout(10, reactor)
+        await lost
+        self.assertEqual(raw.received, b"")
+        self.assertEqual(self.receiver.events, [])
+
     async def test_tls_spoofed_identity(self) -> None:
         """
         A client with a valid certificate for node 3 claiming to be node 1 is

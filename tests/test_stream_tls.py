@@ -135,6 +135,26 @@ class IdentifyTests(SynchronousTestCase):
         self.assertEqual(credentials.identify(self.pinned, []), 7)
         self.assertEqual(credentials.identify(issue(self.ca, 8)[0], []), 8)
 
+    def test_connection_creator(self) -> None:
+        """
+        The credentials' connection creator provides both TLS creator
+        interfaces and makes connections that require a peer certificate.
+        """
+        from OpenSSL import SSL
+        from twisted.internet.interfaces import (
+            IOpenSSLClientConnectionCreator,
+            IOpenSSLServerConnectionCreator,
+        )
+        from zope.interface.verify import verifyObject
+
+        creator = self.credentials.creator()
+        verifyObject(IOpenSSLClientConnectionCreator, creator)
+        verifyObject(IOpenSSLServerConnectionCreator, creator)
+        connection = creator.serverConnectionForTLS(None)
+        mode = connection.get_context().get_verify_mode()
+        self.assertEqual(mode, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        self.assertIs(self.credentials.creator(), creator)
+
     def test_plain_transport_refused(self) -> None:
         """
         When certificates are required, a transport that is not TLS proves
