@@ -171,6 +171,42 @@ class BasicTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(d).message_id for d in early], [1, 2, 3])
         self.assertEqual(c.received(2, 1), numbered(3))
 
+    def test_start_failure(self) -> None:
+        """
+        When the network cannot start, create() fails with its error, sends
+        made meanwhile fail with it too, and the opened store is closed.
+        """
+        c = Cluster()
+        backend = InMemoryBackend()
+        network = c.network.add_peer(1)
+        network.start = lambda receiver: fail(RuntimeError("no network"))  # type: ignore[method-assign]
+        node = ILM(backend, lambda m: None, network, clock=c.clock)
+        started = node.when_started()
+        early = node.send_to(2, b"x")
+        node.startService()
+        self.failureResultOf(started, RuntimeError)
+        self.failureResultOf(early, RuntimeError)
+        self.assertTrue(backend.closed)
+        self.failureResultOf(node.send_to(2, b"y"), NotRunning)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.successResultOf(node.shutdown())
+
+    def test_store_of_another_node(self) -> None:
+        """
+        A store holding state for a peer with this node's own id belongs to
+        another node: starting on it fails with StoreError.
+        """
+        c = Cluster()
+        storage = InMemoryStorage()
+        storage.apply(StoreBatch(messages={1: (1, [b"x"])}))
+        node = ILM(
+            InMemoryBackend(storage), print, c.network.add_peer(1), clock=c.clock
+        )
+        started = node.when_started()
+        node.startService()
+        self.failureResultOf(started, StoreError)
+        self.flushLoggedErrors(StoreError)
+
     def test_service(self) -> None:
         """
         ILM provides IService and starts and stops inside a MultiService.
@@ -708,6 +744,30 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(a.pending_outbound(), {})
         d = a.shutdown(1)
         c.run_until(lambda: d.called)
+        self.successResultOf(d)
+
+    def test_drain_completed_by_handshake(self) -> None:
+        """
+        A shutdown waiting for acknowledgements finishes when they arrive in
+        the peer's handshake after a reconnect (the ACK frame itself was
+        lost), not only in an ACK frame.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        c.network.drop_next(2, 1, 100)
+        a.send_to(2, b"x")
+        c.run_until(lambda: c.received(2, 1) == [b"x"])
+        c.clock.advance(0.5)
+        d = a.shutdown(timeout=30)
+        c.clock.advance(1)
+        self.assertNoResult(d)
+        c.network._drop.clear()
+        c.network.cut(1, 2)
+        c.network.restore(1, 2)
+        c.clock.advance(0)
+        c.clock.advance(0)
         self.successResultOf(d)
 
     def test_idempotent(self) -> None:

@@ -17,6 +17,7 @@ from ilm._store import (
     StoreBatch,
     StoredState,
 )
+from ilm.backends._sqlite import SQLiteBackend
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "PeerId",
     "QueueDelivery",
     "Receipt",
+    "SQLiteBackend",
     "StoreBatch",
     "StoredState",
     "__version__",

@@ -1,0 +1,1020 @@
+"""
+An :class:`ilm.interfaces.IBackend` that keeps a node's state in one SQLite
+file (the standard library's ``sqlite3``): ILM's default, durable store.
+
+- One writer connection on a dedicated thread applies each
+  :class:`ilm.StoreBatch` as one transaction (ILM already groups everything
+  that arrives while a commit runs into the next batch).  WAL journal,
+  ``synchronous=FULL`` by default: when a commit's Deferred fires, the batch
+  is on disk.
+- A second, read-only connection on its own thread streams the outbox back
+  (``read_outbound``) from a WAL snapshot, so reads do not wait behind
+  commits.
+- One process per store: an exclusive ``flock`` on ``PATH-lock``, which the
+  kernel releases when the process dies, however it dies.
+- Opening reads the per-peer state and the delivery marks, never the outbox.
+
+docs/durability.md says what is durable when, what ``synchronous=NORMAL``
+risks, and what ILM does on each store error.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from itertools import count
+from typing import Any, TypeVar
+
+import attr
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from ilm._message import PeerId
+from ilm._store import (
+    CommitResult,
+    InboundRecord,
+    OutboundRecord,
+    StoreBatch,
+    StoredState,
+)
+from ilm.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+    StoreReadOnly,
+    StoreSchemaTooNew,
+)
+from ilm.interfaces import IBackend
+
+log = Logger(namespace="ilm.backends.sqlite")
+
+_T = TypeVar("_T")
+
+SCHEMA_VERSION = 1
+"""The schema version this version of ILM writes."""
+
+APPLICATION_ID = 0x494C4D31
+"""``PRAGMA application_id`` of an ILM store ("ILM1")."""
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+Migration = Callable[[sqlite3.Connection], None]
+"""A step that takes the schema from version ``v`` to ``v + 1``."""
+
+
+def _create_v1(conn: sqlite3.Connection) -> None:
+    """
+    Version 0 (an empty file) to 1: create the tables.
+
+    - ``ilm_schema``: one row, the schema version.
+    - ``ilm_meta``: key/value settings of the store (``incarnation``).
+    - ``peer``: a small integer key per peer id.  An ``int`` id is stored as
+      an INTEGER and a ``str`` id as its UTF-8 bytes (a BLOB): SQLite
+      compares values of different storage classes as different, so ``1``
+      and ``"1"`` stay different peers.
+    - ``outbound``: per peer, the stream's ``acked``, ``last_position`` and
+      ``pending_bytes``.
+    - ``outbox``: the stored messages not yet acknowledged, keyed by
+      ``(peer_key, position)``, with the time (ms since the epoch) of the
+      commit that stored them.
+    - ``inbound``: the delivery mark per ``(peer_key, incarnation)``, and
+      whether that incarnation is retired.
+    """
+    run_statements(
+        conn,
+        f"""
+        PRAGMA application_id = {APPLICATION_ID};
+        CREATE TABLE ilm_schema (version INTEGER NOT NULL);
+        CREATE TABLE ilm_meta (
+            key TEXT PRIMARY KEY,
+            value NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE peer (
+            peer_key INTEGER PRIMARY KEY,
+            peer_id BLOB NOT NULL UNIQUE
+        );
+        CREATE TABLE outbound (
+            peer_key INTEGER PRIMARY KEY,
+            acked INTEGER NOT NULL,
+            last_position INTEGER NOT NULL,
+            pending_bytes INTEGER NOT NULL
+        );
+        CREATE TABLE outbox (
+            peer_key INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            stored_at INTEGER NOT NULL,
+            contents BLOB NOT NULL,
+            PRIMARY KEY (peer_key, position)
+        ) WITHOUT ROWID;
+        CREATE TABLE inbound (
+            peer_key INTEGER NOT NULL,
+            incarnation TEXT NOT NULL,
+            delivered INTEGER NOT NULL,
+            retired INTEGER NOT NULL,
+            PRIMARY KEY (peer_key, incarnation)
+        ) WITHOUT ROWID;
+        INSERT INTO ilm_schema (version) VALUES (0);
+        """,
+    )
+
+
+def run_statements(conn: sqlite3.Connection, script: str) -> None:
+    """
+    Run the ``;``-separated statements of ``script`` (which holds no ``;``
+    inside a literal) in the current transaction.  (``executescript`` would
+    commit the transaction first, so a migration could half-apply.)
+    """
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+MIGRATIONS: Mapping[int, Migration] = {0: _create_v1}
+"""``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``."""
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """
+    :return: the schema version of the open database: 0 for an empty one.
+    :raises StoreCorrupt: if it holds tables but is not an ILM store.
+    """
+    tables = {
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        )
+    }
+    if not tables:
+        return 0
+    (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+    if "ilm_schema" not in tables or application_id != APPLICATION_ID:
+        raise StoreCorrupt("the file is an SQLite database but not an ILM store")
+    row = conn.execute("SELECT version FROM ilm_schema").fetchone()
+    if row is None or type(row[0]) is not int or row[0] < 0:
+        raise StoreCorrupt(f"the store's schema version is unreadable: {row!r}")
+    version: int = row[0]
+    return version
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    migrations: Mapping[int, Migration] = MIGRATIONS,
+    target: int = SCHEMA_VERSION,
+) -> tuple[int, int]:
+    """
+    Bring the schema of ``conn`` (in autocommit mode) up to ``target``, in
+    one transaction: either every step applies or none does.  A new store
+    also gets its incarnation in that transaction.
+
+    :return: ``(version found, version now)``.
+    :raises StoreSchemaTooNew: if the store is newer than ``target``.
+    :raises StoreCorrupt: if the file is not an ILM store.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = version = schema_version(conn)
+        if version > target:
+            raise StoreSchemaTooNew(version, target)
+        while version < target:
+            step = migrations.get(version)
+            if step is None:
+                raise StoreError(f"no migration from schema version {version}")
+            step(conn)
+            version += 1
+            conn.execute("UPDATE ilm_schema SET version = ?", (version,))
+        if found == 0:
+            conn.execute(
+                "INSERT INTO ilm_meta (key, value) VALUES ('incarnation', ?)",
+                (uuid.uuid4().hex,),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return found, version
+
+
+# -- peer ids -------------------------------------------------------------------
+
+
+def _encode_peer(peer_id: PeerId) -> int | bytes:
+    if type(peer_id) is int:
+        return peer_id
+    return str(peer_id).encode("utf-8", "surrogatepass")
+
+
+def _decode_peer(value: object) -> PeerId:
+    if type(value) is int:
+        return value
+    if type(value) is bytes:
+        return value.decode("utf-8", "surrogatepass")
+    raise StoreCorrupt(f"peer id of unexpected type {type(value).__name__}")
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def store_error(exc: BaseException, path: str, doing: str) -> StoreError:
+    """
+    Translate an exception raised by ``sqlite3`` or the OS into the matching
+    :class:`ilm.errors.StoreError` subclass, by SQLite's (primary) error
+    code or ``errno``.
+    """
+    if isinstance(exc, StoreError):
+        return exc
+    kind: type[StoreError] = StoreError
+    detail = str(exc)
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        name = getattr(exc, "sqlite_errorname", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary == sqlite3.SQLITE_FULL:
+            kind = StoreFull
+        elif primary == sqlite3.SQLITE_READONLY:
+            kind = StoreReadOnly
+        elif primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            kind = StoreCorrupt
+        elif primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            kind = StoreLocked
+        elif primary == sqlite3.SQLITE_PERM:
+            kind = StoreReadOnly
+        if name:
+            detail = f"{detail} ({name})"
+    elif isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+            kind = StoreFull
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            kind = StoreReadOnly
+    error = kind(f"{doing} {path}: {detail}")
+    error.__cause__ = exc
+    return error
+
+
+# -- the backend ----------------------------------------------------------------------
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (peer_key, position, stored_at, contents) "
+    "VALUES ({key:d}, ?, {now:d}, ?)"
+)
+"""
+The peer key and the time are the same for every row of a batch, so they
+are written into the statement and only the position and contents are bound
+per row (a third faster than binding four values).  Both are ``int``s
+formatted by ``{:d}``: nothing from outside reaches the SQL text.
+"""
+_RELEASED = (
+    "SELECT coalesce(sum(length(contents)), 0) FROM outbox "
+    "WHERE peer_key = ? AND position <= ?"
+)
+_DELETE_OUTBOX = "DELETE FROM outbox WHERE peer_key = ? AND position <= ?"
+_SAVE_OUTBOUND = (
+    "INSERT OR REPLACE INTO outbound (peer_key, acked, last_position, pending_bytes) "
+    "VALUES (?, ?, ?, ?)"
+)
+_MARK = (
+    "INSERT INTO inbound (peer_key, incarnation, delivered, retired) "
+    "VALUES (?, ?, ?, 0) ON CONFLICT (peer_key, incarnation) DO UPDATE "
+    "SET delivered = excluded.delivered WHERE excluded.delivered > delivered"
+)
+_RETIRE = (
+    "INSERT INTO inbound (peer_key, incarnation, delivered, retired) "
+    "VALUES (?, ?, 0, 1) ON CONFLICT (peer_key, incarnation) DO UPDATE "
+    "SET retired = 1"
+)
+_READ_OUTBOX = (
+    "SELECT position, contents FROM outbox WHERE peer_key = ? AND position > ? "
+    "ORDER BY position LIMIT ?"
+)
+
+_SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+class _Lock:
+    """
+    An exclusive ``flock`` on ``PATH-lock``: one process (and one backend)
+    per store.  The kernel drops it when the process dies.
+    """
+
+    def __init__(self, store_path: str) -> None:
+        self.path = store_path + "-lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise store_error(e, self.path, "cannot create the lock file") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = b""
+            try:
+                holder = os.pread(fd, 32, 0).strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f" by process {holder.decode()}" if holder.isdigit() else ""
+                raise StoreLocked(
+                    f"{self.path.removesuffix('-lock')} is already open (locked"
+                    f"{who}); a store takes one process and one backend at a time"
+                ) from e
+            raise store_error(e, self.path, "cannot lock") from e
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        except OSError:
+            pass  # only informative
+        self.fd = fd
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
+def _check_directory(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreError(f"cannot open {path}: directory {directory} does not exist")
+
+
+def _check_file(path: str) -> bool:
+    """
+    Check that ``path`` can be an ILM store before SQLite touches it.
+
+    :return: whether the file exists (with content).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        header = None
+    except IsADirectoryError:
+        raise StoreCorrupt(f"{path} is a directory, not an ILM store")
+    except OSError as e:
+        raise store_error(e, path, "cannot read") from e
+    if header and header != _SQLITE_HEADER:
+        raise StoreCorrupt(f"{path} is not an SQLite database (so not an ILM store)")
+    if not os.access(directory, os.W_OK):
+        raise StoreReadOnly(
+            f"cannot open {path}: its directory {directory} is not writable "
+            f"(SQLite needs to create its -wal and -shm files there)"
+        )
+    if header is not None and not os.access(path, os.W_OK):
+        raise StoreReadOnly(f"cannot open {path}: the file is read-only")
+    return bool(header)
+
+
+def _sync_directory(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Loaded:
+    state: StoredState
+    keys: dict[PeerId, int]
+    outbound: dict[int, tuple[int, int, int]]
+
+
+def _load(conn: sqlite3.Connection) -> _Loaded:
+    """
+    Read everything but the outbox, in one read transaction, checking what
+    can be checked cheaply.
+    """
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(
+            "SELECT value FROM ilm_meta WHERE key = 'incarnation'"
+        ).fetchone()
+        if row is None or type(row[0]) is not str or len(row[0]) != 32:
+            raise StoreCorrupt(f"the store's incarnation is missing or bad: {row!r}")
+        incarnation: str = row[0]
+        ids: dict[int, PeerId] = {}
+        for key, value in conn.execute("SELECT peer_key, peer_id FROM peer"):
+            ids[key] = _decode_peer(value)
+        outbound: dict[int, tuple[int, int, int]] = {}
+        records = []
+        for key, acked, last, pending in conn.execute(
+            "SELECT peer_key, acked, last_position, pending_bytes FROM outbound "
+            "ORDER BY peer_key"
+        ):
+            if key not in ids or not 0 <= acked <= last or pending < 0:
+                raise StoreCorrupt(
+                    f"bad outbound record {(key, acked, last, pending)!r}"
+                )
+            first, final = conn.execute(
+                "SELECT min(position), max(position) FROM outbox WHERE peer_key = ?",
+                (key,),
+            ).fetchone()
+            if (first, final) != ((acked + 1, last) if last > acked else (None, None)):
+                raise StoreCorrupt(
+                    f"the outbox to {ids[key]!r} holds positions {first}..{final}, "
+                    f"but its state says {acked + 1}..{last}"
+                )
+            outbound[key] = (acked, last, pending)
+            records.append(OutboundRecord(ids[key], acked, last, pending))
+        marks = []
+        for key, peer_incarnation, delivered, retired in conn.execute(
+            "SELECT peer_key, incarnation, delivered, retired FROM inbound "
+            "ORDER BY peer_key, retired DESC, incarnation"
+        ):
+            if key not in ids or delivered < 0:
+                raise StoreCorrupt(f"bad delivery mark {(key, delivered)!r}")
+            marks.append(
+                InboundRecord(ids[key], peer_incarnation, delivered, bool(retired))
+            )
+    finally:
+        conn.execute("COMMIT")
+    return _Loaded(
+        StoredState(incarnation, tuple(records), tuple(marks)),
+        {peer_id: key for key, peer_id in ids.items()},
+        outbound,
+    )
+
+
+@implementer(IBackend)
+class SQLiteBackend:
+    """
+    A durable store in one SQLite file.
+
+    :param path: the store's file (``str`` or ``os.PathLike``); created with
+        a fresh incarnation if it does not exist.  SQLite keeps ``PATH-wal``
+        and ``PATH-shm`` next to it, and the backend locks ``PATH-lock``.
+    :param synchronous: ``"FULL"`` (default): every commit is on disk when
+        its Deferred fires.  ``"NORMAL"``: commits survive a crash of the
+        application but the last ones can be lost on power loss or an OS
+        crash (see docs/durability.md for what that means for ILM).
+    :param max_size: if given, the largest size in bytes the database may
+        grow to; a commit that would exceed it fails with
+        :class:`ilm.errors.StoreFull` (see :meth:`set_max_size`).
+    :param reactor: the reactor whose thread pool machinery runs the
+        database threads; the global reactor if omitted.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        max_size: int | None = None,
+        reactor: Any = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        if not isinstance(self.path, str):
+            raise TypeError("path must be a str or os.PathLike[str]")
+        if self.path in ("", ":memory:") or self.path.startswith("file:"):
+            raise ValueError(f"{self.path!r} is not the path of a file")
+        mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
+        if mode not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        if max_size is not None and max_size <= 0:
+            raise ValueError(f"max_size must be positive, not {max_size!r}")
+        self.synchronous: str = mode
+        self._max_size = max_size
+        self._reactor = reactor
+        self._lock = _Lock(self.path)
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._write_pool: ThreadPool | None = None
+        self._read_pool: ThreadPool | None = None
+        self._trigger: object = None
+        self._open = False
+        self._closing: Deferred[None] | None = None
+        self._broken: StoreError | None = None
+        # Owned by the writer thread: peer id -> key, key -> (acked, last,
+        # pending bytes), as of the last successful commit.
+        self._keys: dict[PeerId, int] = {}
+        self._outbound: dict[int, tuple[int, int, int]] = {}
+        self.schema_version = 0
+
+    def __repr__(self) -> str:
+        return f"SQLiteBackend({self.path!r})"
+
+    # -- threads ---------------------------------------------------------------
+
+    def _get_reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def _start_pools(self) -> None:
+        reactor = self._get_reactor()
+        self._write_pool = ThreadPool(1, 1, name=f"ilm-sqlite-writer {self.path}")
+        self._read_pool = ThreadPool(1, 1, name=f"ilm-sqlite-reader {self.path}")
+        self._write_pool.start()
+        self._read_pool.start()
+        self._trigger = reactor.addSystemEventTrigger(
+            "during", "shutdown", self._reactor_stopping
+        )
+
+    def _reactor_stopping(self) -> None:
+        """
+        The reactor is shutting down with the store still open: stop the
+        threads (else the process could not exit).  What was committed is
+        on disk.  Later calls fail (or, for ``close``, do nothing).
+        """
+        self._trigger = None
+        self._open = False
+        self._stop_pools()
+        self._lock.release()
+
+    def _stop_pools(self) -> None:
+        for pool in (self._write_pool, self._read_pool):
+            if pool is not None:
+                pool.stop()
+        self._write_pool = self._read_pool = None
+        if self._trigger is not None:
+            trigger, self._trigger = self._trigger, None
+            try:
+                self._get_reactor().removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # already fired: the reactor is shutting down
+
+    def _on_writer(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
+        assert self._write_pool is not None
+        return deferToThreadPool(self._get_reactor(), self._write_pool, f, *args)
+
+    def _on_reader(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
+        assert self._read_pool is not None
+        return deferToThreadPool(self._get_reactor(), self._read_pool, f, *args)
+
+    # -- IBackend ----------------------------------------------------------------
+
+    def open(self) -> Deferred[StoredState]:
+        """
+        Open (creating if needed) the store; see
+        :meth:`ilm.interfaces.IBackend.open`.  Fails with
+        :class:`ilm.errors.StoreLocked`, :class:`~ilm.errors.StoreReadOnly`,
+        :class:`~ilm.errors.StoreCorrupt`,
+        :class:`~ilm.errors.StoreSchemaTooNew` or another
+        :class:`~ilm.errors.StoreError`.
+        """
+        if self._closing is not None:
+            return fail(StoreError("the store is closing"))
+        if self._open:
+            return self._on_writer(self._reload)
+        self._start_pools()
+        self._open = True
+        d = self._on_writer(self._open_writer)
+        d.addCallback(lambda state: self._on_reader(self._open_reader, state))
+        d.addErrback(self._open_failed)
+        return d
+
+    def _open_failed(self, reason: Failure) -> Deferred[StoredState]:
+        """
+        Undo a failed open: close whatever was opened, release the lock,
+        stop the threads, then fail with ``reason``.
+        """
+        d = self._on_writer(self._close_writer)
+        d.addBoth(lambda _: self._on_reader(self._close_reader))
+
+        def stopped(_: object) -> Failure:
+            self._stop_pools()
+            self._open = False
+            return reason
+
+        return d.addBoth(stopped)
+
+    def commit(self, batch: StoreBatch) -> Deferred[CommitResult]:
+        """
+        Apply ``batch`` as one transaction; see
+        :meth:`ilm.interfaces.IBackend.commit`.
+        """
+        if not self._open or self._closing is not None:
+            return fail(StoreError("the store is closed"))
+        return self._on_writer(self._commit, batch)
+
+    def read_outbound(
+        self, peer_id: PeerId, after: int, limit: int
+    ) -> Deferred[list[bytes]]:
+        """
+        Read stored messages to ``peer_id`` after position ``after``; see
+        :meth:`ilm.interfaces.IBackend.read_outbound`.
+        """
+        if not self._open or self._closing is not None:
+            return fail(StoreError("the store is closed"))
+        return self._on_reader(self._read, peer_id, after, limit)
+
+    def close(self) -> Deferred[None]:
+        """
+        Finish what is queued, close the connections and release the lock.
+        Commits and reads after this fail with :class:`ilm.errors.StoreError`.
+        """
+        if self._closing is not None:
+            waiter: Deferred[None] = Deferred()
+
+            def done_closing(_: object) -> None:
+                waiter.callback(None)
+
+            self._closing.addCallback(done_closing)
+            return waiter
+        if not self._open:
+            return succeed(None)
+        closing = self._closing = Deferred()
+        errors: list[Failure] = []
+        writer = self._on_writer(self._close_writer)
+        writer.addErrback(errors.append)
+        reader = self._on_reader(self._close_reader)
+        reader.addErrback(errors.append)
+
+        def closed(_: object) -> Failure | None:
+            self._stop_pools()
+            self._open = False
+            self._closing = None
+            closing.callback(None)
+            return errors[0] if errors else None
+
+        return DeferredList([writer, reader]).addCallback(closed)
+
+    def set_max_size(self, max_size: int | None) -> Deferred[None]:
+        """
+        Change the size limit of an open store (``None``: no limit beyond
+        SQLite's own).  Raising it lets commits that failed with
+        :class:`ilm.errors.StoreFull` succeed again.
+        """
+        if max_size is not None and max_size <= 0:
+            raise ValueError(f"max_size must be positive, not {max_size!r}")
+        self._max_size = max_size
+        if not self._open:
+            return succeed(None)
+        return self._on_writer(self._apply_max_size)
+
+    # -- on the writer thread ----------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=10.0,
+            cached_statements=64,
+        )
+
+    def _apply_max_size(self) -> None:
+        conn = self._writer
+        assert conn is not None
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        pages = 2**31 - 2 if self._max_size is None else self._max_size // page_size
+        conn.execute(f"PRAGMA max_page_count = {max(1, int(pages))}")
+
+    def _open_writer(self) -> StoredState:
+        path = self.path
+        try:
+            _check_directory(path)
+            self._lock.acquire()
+            existed = _check_file(path)
+            conn = self._writer = self._connect()
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode != "wal":
+                raise StoreError(f"cannot put {path} in WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            self._apply_max_size()
+            found, version = migrate(conn)
+            if not existed:
+                _sync_directory(path)
+            loaded = _load(conn)
+        except BaseException as e:
+            raise store_error(e, path, "cannot open") from e
+        if found != version:
+            log.info(
+                "store {path} migrated from schema version {found} to {version}",
+                path=path,
+                found=found,
+                version=version,
+                ilm_event="store_migrated",
+            )
+        self.schema_version = version
+        self._keys = loaded.keys
+        self._outbound = loaded.outbound
+        self._broken = None
+        return loaded.state
+
+    def _reload(self) -> StoredState:
+        conn = self._writer
+        assert conn is not None
+        try:
+            loaded = _load(conn)
+        except BaseException as e:
+            raise store_error(e, self.path, "cannot read") from e
+        self._keys = loaded.keys
+        self._outbound = loaded.outbound
+        return loaded.state
+
+    def _key(self, peer_id: PeerId, new: dict[PeerId, int]) -> int:
+        key = self._keys.get(peer_id)
+        if key is None:
+            key = new.get(peer_id)
+            if key is None:
+                conn = self._writer
+                assert conn is not None
+                cursor = conn.execute(
+                    "INSERT INTO peer (peer_id) VALUES (?)", (_encode_peer(peer_id),)
+                )
+                new_key = cursor.lastrowid
+                assert new_key is not None
+                key = new[peer_id] = new_key
+        return key
+
+    def _commit(self, batch: StoreBatch) -> CommitResult:
+        if self._broken is not None:
+            raise self._broken
+        conn = self._writer
+        assert conn is not None
+        keys = self._keys
+        outbound = self._outbound
+        empty = (0, 0, 0)
+        # Check first, as the in-memory backend does: a bad batch applies
+        # nothing and leaves the store usable.
+        for peer_id, (first, _contents) in batch.messages.items():
+            key = keys.get(peer_id)
+            last = outbound.get(key, empty)[1] if key is not None else 0
+            if first != last + 1:
+                raise StoreError(
+                    f"outbox to {peer_id!r}: batch starts at {first}, "
+                    f"store ends at {last}"
+                )
+        for peer_id, position in batch.acked.items():
+            key = keys.get(peer_id)
+            last = outbound.get(key, empty)[1] if key is not None else 0
+            added = len(batch.messages.get(peer_id, (0, []))[1])
+            if position > last + added:
+                raise StoreError(
+                    f"outbox to {peer_id!r}: acknowledgement {position} beyond {last}"
+                )
+        new_keys: dict[PeerId, int] = {}
+        changed: dict[int, tuple[int, int, int]] = {}
+        released: dict[PeerId, int] = {}
+        execute = conn.execute
+        try:
+            execute("BEGIN IMMEDIATE")
+            if batch.messages:
+                now = int(time.time() * 1000)
+                for peer_id, (first, contents) in batch.messages.items():
+                    key = self._key(peer_id, new_keys)
+                    acked, last, pending = outbound.get(key, empty)
+                    conn.executemany(
+                        _INSERT_OUTBOX.format(key=key, now=now),
+                        zip(count(first), contents),
+                    )
+                    changed[key] = (
+                        acked,
+                        last + len(contents),
+                        pending + sum(map(len, contents)),
+                    )
+            for peer_id, position in batch.acked.items():
+                key = self._key(peer_id, new_keys)
+                acked, last, pending = changed.get(key) or outbound.get(key, empty)
+                if position <= acked:
+                    if key not in outbound and key not in changed:
+                        changed[key] = (acked, last, pending)
+                    continue
+                (freed,) = execute(_RELEASED, (key, position)).fetchone()
+                execute(_DELETE_OUTBOX, (key, position))
+                changed[key] = (position, last, pending - freed)
+                released[peer_id] = freed
+            if changed:
+                conn.executemany(
+                    _SAVE_OUTBOUND,
+                    [(key, *values) for key, values in changed.items()],
+                )
+            if batch.delivered:
+                conn.executemany(
+                    _MARK,
+                    [
+                        (self._key(peer_id, new_keys), incarnation, position)
+                        for (peer_id, incarnation), position in batch.delivered.items()
+                    ],
+                )
+            if batch.retired:
+                conn.executemany(
+                    _RETIRE,
+                    [
+                        (self._key(peer_id, new_keys), incarnation)
+                        for peer_id, incarnation in batch.retired
+                    ],
+                )
+        except BaseException as e:
+            self._rollback(conn)
+            raise store_error(e, self.path, "cannot commit to") from e
+        try:
+            execute("COMMIT")
+        except BaseException as e:
+            self._rollback(conn)
+            error = store_error(e, self.path, "cannot commit to")
+            if not isinstance(error, StoreFull | StoreReadOnly):
+                # SQLite may have written the commit and failed to sync it:
+                # whether the batch is on disk is unknown.  Reusing its
+                # positions could then collide with it, so refuse all
+                # further work; a restart reads the truth from the file.
+                self._broken = StoreError(
+                    f"the store {self.path} is in an unknown state after a "
+                    f"failed commit ({error}); restart the node"
+                )
+                self._broken.__cause__ = error
+                log.critical(
+                    "commit to {path} failed in an unknown state; the store "
+                    "refuses further work until reopened: {error}",
+                    path=self.path,
+                    error=str(error),
+                    ilm_event="store_broken",
+                )
+            raise error from e
+        keys.update(new_keys)
+        outbound.update(changed)
+        return CommitResult(released)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite already rolled back
+
+    def _close_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        try:
+            if conn is not None:
+                conn.close()
+        finally:
+            self._lock.release()
+
+    # -- on the reader thread ----------------------------------------------------------
+
+    def _open_reader(self, state: StoredState) -> StoredState:
+        try:
+            conn = self._reader = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+        except BaseException as e:
+            raise store_error(e, self.path, "cannot open") from e
+        return state
+
+    def _read(self, peer_id: PeerId, after: int, limit: int) -> list[bytes]:
+        conn = self._reader
+        assert conn is not None
+        try:
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    "SELECT peer_key, acked FROM outbound JOIN peer USING (peer_key) "
+                    "WHERE peer_id = ?",
+                    (_encode_peer(peer_id),),
+                ).fetchone()
+                if row is None:
+                    return []
+                key, acked = row
+                if after < acked:
+                    raise StoreError(
+                        f"outbox to {peer_id!r}: read after {after}, "
+                        f"below acknowledged {acked}"
+                    )
+                rows = conn.execute(_READ_OUTBOX, (key, after, limit)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        except BaseException as e:
+            raise store_error(e, self.path, "cannot read from") from e
+        if rows and (rows[0][0] != after + 1 or rows[-1][0] != after + len(rows)):
+            raise StoreCorrupt(
+                f"outbox to {peer_id!r} has a gap after position {after}: "
+                f"read {rows[0][0]}..{rows[-1][0]} ({len(rows)} rows)"
+            )
+        return [contents for _, contents in rows]
+
+    def _close_reader(self) -> None:
+        conn, self._reader = self._reader, None
+        if conn is not None:
+            conn.close()
+
+
+# -- inspection (read-only, no lock) --------------------------------------------
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class OutboxReport:
+    """
+    The outbound stream to one peer, as ``ilm inspect`` shows it.
+
+    ``oldest_stored_at``: when (seconds since the epoch) the oldest pending
+    message was committed; ``None`` when nothing is pending.
+    """
+
+    peer_id: PeerId
+    acked: int
+    last_position: int
+    pending_bytes: int
+    oldest_stored_at: float | None
+
+    @property
+    def pending(self) -> int:
+        return self.last_position - self.acked
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class StoreReport:
+    """
+    A read-only snapshot of a store, for ``ilm inspect``.
+    """
+
+    path: str
+    schema_version: int
+    incarnation: str
+    outbound: tuple[OutboxReport, ...]
+    inbound: tuple[InboundRecord, ...]
+
+
+def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
+    """
+    Read a store without locking it or changing it (it may belong to a
+    running node): one consistent snapshot.
+
+    :raises StoreError: no store at ``path``;
+        :class:`ilm.errors.StoreCorrupt`: not an ILM store;
+        :class:`ilm.errors.StoreSchemaTooNew`: written by a newer ILM.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise StoreError(f"no ILM store at {path}")
+    with open(path, "rb") as f:
+        if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+            raise StoreCorrupt(f"{path} is not an SQLite database, not an ILM store")
+    from urllib.parse import quote
+
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+    except sqlite3.Error as e:
+        raise store_error(e, path, "cannot open") from e
+    try:
+        conn.execute("BEGIN")
+        version = schema_version(conn)
+        if version == 0:
+            raise StoreError(f"{path} is an empty database, not yet an ILM store")
+        if version > SCHEMA_VERSION:
+            raise StoreSchemaTooNew(version, SCHEMA_VERSION)
+        loaded = _load_for_inspection(conn)
+        conn.execute("COMMIT")
+    except BaseException as e:
+        raise store_error(e, path, "cannot inspect") from e
+    finally:
+        conn.close()
+    incarnation, outbound, inbound = loaded
+    return StoreReport(path, version, incarnation, outbound, inbound)
+
+
+def _load_for_inspection(
+    conn: sqlite3.Connection,
+) -> tuple[str, tuple[OutboxReport, ...], tuple[InboundRecord, ...]]:
+    row = conn.execute(
+        "SELECT value FROM ilm_meta WHERE key = 'incarnation'"
+    ).fetchone()
+    if row is None:
+        raise StoreCorrupt("the store has no incarnation")
+    ids = {key: _decode_peer(v) for key, v in conn.execute("SELECT * FROM peer")}
+    outbound = []
+    for key, acked, last, pending in conn.execute(
+        "SELECT peer_key, acked, last_position, pending_bytes FROM outbound "
+        "ORDER BY peer_key"
+    ).fetchall():
+        oldest = conn.execute(
+            "SELECT stored_at FROM outbox WHERE peer_key = ? ORDER BY position LIMIT 1",
+            (key,),
+        ).fetchone()
+        outbound.append(
+            OutboxReport(
+                ids[key],
+                acked,
+                last,
+                pending,
+                None if oldest is None else oldest[0] / 1000,
+            )
+        )
+    inbound = tuple(
+        InboundRecord(ids[key], incarnation, delivered, bool(retired))
+        for key, incarnation, delivered, retired in conn.execute(
+            "SELECT peer_key, incarnation, delivered, retired FROM inbound "
+            "ORDER BY peer_key, retired DESC, incarnation"
+        )
+    )
+    return str(row[0]), tuple(outbound), inbound

@@ -1,0 +1,683 @@
+"""
+The SQLite backend's own guarantees, on real files: schema versions and
+migrations, the typed error for each store fault (read-only, full, corrupt,
+newer schema, locked by another live process) with nothing committed lost,
+recovery after a writer process is SIGKILLed mid-commit, and what opening
+does and does not read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from ilm import StoreBatch
+from ilm.backends import SQLiteBackend
+from ilm.backends._sqlite import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    inspect_store,
+    migrate,
+    schema_version,
+    store_error,
+)
+from ilm.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreFull,
+    StoreLocked,
+    StoreReadOnly,
+    StoreSchemaTooNew,
+)
+
+from .test_backends import summary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(script: str, *args: str) -> subprocess.Popen[str]:
+    """
+    Start a Python child process running ``script`` with ``args``.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def died(process: subprocess.Popen[str]) -> str:
+    """
+    Kill ``process`` (if needed) and return what it wrote to stderr.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    _, err = process.communicate(timeout=30)
+    return f"child process ended ({process.returncode}): {err}"
+
+
+def kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def make_read_only(case: SynchronousTestCase, path: str) -> None:
+    """
+    Make ``path`` (a file or a directory) read-only for this process, even
+    when it runs as root (with ``chattr +i``); skip the test if that is not
+    possible here.
+    """
+    if os.geteuid() != 0:
+        mode = os.stat(path).st_mode
+        os.chmod(path, mode & ~0o222)
+        case.addCleanup(os.chmod, path, mode)
+    else:
+        done = subprocess.run(["chattr", "+i", path], capture_output=True)
+        if done.returncode != 0:
+            raise SkipTest(f"cannot make {path} immutable: {done.stderr!r}")
+        case.addCleanup(subprocess.run, ["chattr", "-i", path], check=True)
+    if os.access(path, os.W_OK):
+        raise SkipTest(f"cannot make {path} read-only here")
+
+
+class StoreCase(TestCase):
+    def store_path(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return os.path.join(directory, "store.sqlite")
+
+    async def opened(self, path: str, **kwargs: Any) -> tuple[SQLiteBackend, Any]:
+        backend = SQLiteBackend(path, **kwargs)
+        state = await backend.open()
+        self.addCleanup(backend.close)
+        return backend, state
+
+    async def filled(self, path: str) -> Any:
+        """
+        Create a store at ``path`` holding some of everything; return its
+        state summary.
+        """
+        backend, _ = await self.opened(path)
+        await backend.commit(
+            StoreBatch(
+                messages={2: (1, [b"a" * 100] * 30), "2": (1, [b"b"])},
+                delivered={(3, "c" * 32): 17},
+            )
+        )
+        await backend.commit(StoreBatch(acked={2: 10}, retired={(3, "d" * 32)}))
+        state = await backend.open()
+        await backend.close()
+        return summary(state)
+
+    async def assert_intact(self, path: str, expected: Any) -> None:
+        """
+        The store at ``path`` opens with the state ``expected`` and its outbox
+        reads back whole.
+        """
+        backend, state = await self.opened(path)
+        self.assertEqual(summary(state), expected)
+        self.assertEqual(await backend.read_outbound(2, 10, 100), [b"a" * 100] * 20)
+        await backend.close()
+
+
+class SchemaTests(StoreCase):
+    async def test_new_store_schema(self) -> None:
+        """
+        A new store is at the current schema version, carries ILM's
+        application id, and is in WAL mode with synchronous=FULL by default
+        or NORMAL on request.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        self.assertEqual(backend.schema_version, SCHEMA_VERSION)
+        conn = backend._writer
+        assert conn is not None
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
+        self.assertEqual(conn.execute("PRAGMA synchronous").fetchone(), (2,))
+        await backend.close()
+        backend, _ = await self.opened(path, synchronous="normal")
+        conn = backend._writer
+        assert conn is not None
+        self.assertEqual(conn.execute("PRAGMA synchronous").fetchone(), (1,))
+        self.assertRaises(ValueError, SQLiteBackend, path, synchronous="OFF")
+        self.assertRaises(ValueError, SQLiteBackend, "")
+        self.assertRaises(ValueError, SQLiteBackend, ":memory:")
+
+    def test_migration_framework(self) -> None:
+        """
+        migrate() runs each step from the store's version to the target in
+        one transaction: a v1 -> v2 step applies and is recorded, keeping the
+        data; a failing step leaves the store exactly at its old version.
+        """
+        path = self.store_path()
+        conn = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(conn.close)
+        self.assertEqual(migrate(conn), (0, 1))
+        incarnation = conn.execute("SELECT value FROM ilm_meta").fetchone()
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("ALTER TABLE outbound ADD COLUMN half INTEGER")
+            raise RuntimeError("migration step failed")
+
+        self.assertRaises(
+            RuntimeError, migrate, conn, {**MIGRATIONS, 1: broken}, target=2
+        )
+        self.assertEqual(schema_version(conn), 1)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(outbound)")]
+        self.assertNotIn("half", columns)
+
+        def add_priority(conn: sqlite3.Connection) -> None:
+            conn.execute("ALTER TABLE outbound ADD COLUMN priority INTEGER")
+
+        self.assertEqual(migrate(conn, {**MIGRATIONS, 1: add_priority}, 2), (1, 2))
+        self.assertEqual(schema_version(conn), 2)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(outbound)")]
+        self.assertIn("priority", columns)
+        self.assertEqual(
+            conn.execute("SELECT value FROM ilm_meta").fetchone(), incarnation
+        )
+        self.assertEqual(migrate(conn, {**MIGRATIONS, 1: add_priority}, 2), (2, 2))
+
+    async def test_schema_too_new(self) -> None:
+        """
+        A store written by a newer ILM is refused with StoreSchemaTooNew
+        (by the backend and by inspect_store) and left untouched.
+        """
+        path = self.store_path()
+        expected = await self.filled(path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE ilm_schema SET version = ?", (SCHEMA_VERSION + 1,))
+        conn.close()
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreSchemaTooNew)
+        self.assertEqual(
+            (error.found, error.supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION)
+        )
+        self.assertRaises(StoreSchemaTooNew, inspect_store, path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE ilm_schema SET version = ?", (SCHEMA_VERSION,))
+        conn.close()
+        await self.assert_intact(path, expected)
+
+
+class FaultTests(StoreCase):
+    async def test_not_a_database(self) -> None:
+        """
+        A file that is not an SQLite database, or an SQLite database that is
+        not an ILM store, is refused with StoreCorrupt and not modified; so
+        is a directory.
+        """
+        path = self.store_path()
+        garbage = os.urandom(8192)
+        Path(path).write_bytes(garbage)
+        await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+        self.assertEqual(Path(path).read_bytes(), garbage)
+        other = self.store_path()
+        conn = sqlite3.connect(other)
+        conn.execute("CREATE TABLE notes (text)")
+        conn.commit()
+        conn.close()
+        await self.assertFailure(SQLiteBackend(other).open(), StoreCorrupt)
+        self.assertRaises(StoreCorrupt, inspect_store, other)
+        directory = self.store_path()
+        os.mkdir(directory)
+        await self.assertFailure(SQLiteBackend(directory).open(), StoreCorrupt)
+
+    async def test_inconsistent_state(self) -> None:
+        """
+        A store whose per-peer state disagrees with its outbox (here: it
+        claims more positions than the outbox holds) is refused at open with
+        StoreCorrupt rather than trusted; repaired, it opens intact.
+        """
+        path = self.store_path()
+        expected = await self.filled(path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE outbound SET last_position = 31 WHERE last_position = 30")
+        conn.close()
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+        self.assertIn("holds positions 11..30", str(error))
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE outbound SET last_position = 30 WHERE last_position = 31")
+        conn.close()
+        await self.assert_intact(path, expected)
+
+    async def test_damaged_pages(self) -> None:
+        """
+        Garbage written over the pages of a store's outbox is reported as
+        StoreCorrupt when the store is opened or read, never returned as
+        messages; the lock is released so the file can be repaired.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(StoreBatch(messages={2: (1, [b"x" * 500] * 400)}))
+        await backend.close()
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.seek(4096 * 8)
+            f.write(os.urandom(size - 4096 * 9))
+        backend = SQLiteBackend(path)
+        try:
+            await backend.open()
+        except StoreCorrupt:
+            pass
+        else:
+            self.addCleanup(backend.close)
+            read = backend.read_outbound(2, 0, 1000)
+            await self.assertFailure(read, StoreCorrupt)
+            await backend.close()
+        # Nothing holds the lock after a failed open or a close: opening
+        # again meets the damage, not a lock.
+        again = SQLiteBackend(path)
+        try:
+            await again.open()
+        except StoreCorrupt:
+            pass
+        else:
+            await again.close()
+
+    async def test_read_only_file(self) -> None:
+        """
+        A read-only store file is refused with StoreReadOnly; once writable
+        again it opens with everything it held.
+        """
+        path = self.store_path()
+        expected = await self.filled(path)
+        make_read_only(self, path)
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreReadOnly)
+        self.assertIn("read-only", str(error))
+        # inspect never writes, so it works on a read-only store.
+        self.assertEqual(inspect_store(path).outbound[0].pending, 20)
+        await self.undo_read_only(path)
+        await self.assert_intact(path, expected)
+
+    async def undo_read_only(self, path: str) -> None:
+        """
+        Undo make_read_only for ``path`` now (the cleanups registered by it
+        run again harmlessly at the end).
+        """
+        if os.geteuid() != 0:
+            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+        else:
+            subprocess.run(["chattr", "-i", path], check=True)
+
+    async def test_read_only_directory(self) -> None:
+        """
+        A store whose directory is read-only (SQLite could not create its
+        -wal and -shm files) is refused with StoreReadOnly, as is a new store
+        in a read-only directory; nothing is lost.
+        """
+        path = self.store_path()
+        expected = await self.filled(path)
+        directory = os.path.dirname(path)
+        make_read_only(self, directory)
+        await self.assertFailure(SQLiteBackend(path).open(), StoreReadOnly)
+        new = os.path.join(directory, "new.sqlite")
+        await self.assertFailure(SQLiteBackend(new).open(), StoreReadOnly)
+        self.assertFalse(os.path.exists(new))
+        await self.undo_read_only(directory)
+        await self.assert_intact(path, expected)
+
+    async def test_full(self) -> None:
+        """
+        A commit that would grow the store past ``max_size`` fails with
+        StoreFull and applies nothing (not even the parts that fit); smaller
+        commits still succeed; raising the limit lets the big one through.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path, max_size=64 * 1024)
+        await backend.commit(StoreBatch(messages={2: (1, [b"s" * 100] * 5)}))
+        big = StoreBatch(
+            messages={2: (6, [b"b" * 1000] * 200), 3: (1, [b"t"])},
+            acked={2: 2},
+            delivered={(4, "e" * 32): 8},
+        )
+        error = await self.assertFailure(backend.commit(big), StoreFull)
+        self.assertIn("SQLITE_FULL", str(error))
+        state = await backend.open()
+        self.assertEqual(summary(state), ({(int, 2): (0, 5, 500)}, {}))
+        await backend.commit(StoreBatch(messages={2: (6, [b"small"])}))
+        await backend.set_max_size(None)
+        big.messages[2] = (7, big.messages[2][1])
+        result = await backend.commit(big)
+        self.assertEqual(result.released_bytes, {2: 200})
+        backend, state = await self.reopen(backend, path)
+        self.assertEqual(
+            summary(state),
+            (
+                {(int, 2): (2, 206, 300 + 5 + 200_000), (int, 3): (0, 1, 1)},
+                {(int, 4, "e" * 32): (8, False)},
+            ),
+        )
+
+    async def reopen(self, backend: SQLiteBackend, path: str) -> tuple[Any, Any]:
+        await backend.close()
+        return await self.opened(path)
+
+    async def test_full_filesystem(self) -> None:
+        """
+        On a real filesystem that fills up (a 1 MiB tmpfs; skipped where it
+        cannot be mounted), commits fail with StoreFull, and everything
+        committed before is still there after a reopen.
+        """
+        mountpoint = self.mktemp()
+        os.makedirs(mountpoint)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mountpoint],
+            capture_output=True,
+        )
+        if mounted.returncode != 0:
+            raise SkipTest(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+        self.addCleanup(subprocess.run, ["umount", "-l", mountpoint], check=True)
+        path = os.path.join(mountpoint, "store.sqlite")
+        backend, _ = await self.opened(path)
+        stored = 0
+        for _ in range(100):
+            batch = StoreBatch(messages={2: (stored + 1, [b"f" * 1000] * 50)})
+            try:
+                await backend.commit(batch)
+            except StoreFull:
+                break
+            stored += 50
+        else:
+            self.fail("a 1 MiB filesystem took 5 MB")
+        self.assertGreater(stored, 0)
+        backend, state = await self.reopen(backend, path)
+        self.assertEqual(summary(state)[0], {(int, 2): (0, stored, stored * 1000)})
+        read = await backend.read_outbound(2, stored - 1, 5)
+        self.assertEqual(read, [b"f" * 1000])
+
+    async def test_locked_by_this_process(self) -> None:
+        """
+        A second backend on a store already open in this process is refused
+        with StoreLocked; once the first closes, it opens.
+        """
+        path = self.store_path()
+        first, _ = await self.opened(path)
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreLocked)
+        self.assertIn(f"process {os.getpid()}", str(error))
+        await first.close()
+        await self.opened(path)
+
+    async def test_locked_by_another_process(self) -> None:
+        """
+        A store held by another live process is refused with StoreLocked
+        (naming that process); when that process is SIGKILLed the kernel
+        drops its lock and the store opens with everything committed.
+        """
+        path = self.store_path()
+        expected = await self.filled(path)
+        holder = child(
+            """
+            import sys
+            from twisted.internet import defer, task
+            from ilm.backends import SQLiteBackend
+
+            async def main(reactor):
+                await SQLiteBackend(sys.argv[1], reactor=reactor).open()
+                print("open", flush=True)
+                await defer.Deferred()
+
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+            """,
+            path,
+        )
+        self.addCleanup(kill, holder)
+        assert holder.stdout is not None
+        if holder.stdout.readline() != "open\n":
+            self.fail(died(holder))
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreLocked)
+        self.assertIn(f"process {holder.pid}", str(error))
+        kill(holder)
+        self.assertEqual(holder.returncode, -signal.SIGKILL)
+        await self.assert_intact(path, expected)
+
+    async def test_writer_killed_mid_commit(self) -> None:
+        """
+        A child process commits batches in a loop (messages, deletions by
+        acknowledgement, delivery marks) and is SIGKILLed while committing,
+        twice.  Each time the store passes SQLite's integrity check, reopens,
+        and holds every commit the child saw fire, plus at most the one in
+        progress, never part of one.
+        """
+        path = self.store_path()
+        writer = """
+            import sys
+            from twisted.internet import defer, task
+            from ilm import StoreBatch
+            from ilm.backends import SQLiteBackend
+
+            def contents(position):
+                return b"%d:" % position + b"x" * (position * 7 % 900)
+
+            async def main(reactor):
+                backend = SQLiteBackend(sys.argv[1], reactor=reactor)
+                state = await backend.open()
+                records = {r.peer_id: r for r in state.outbound}
+                last = records[2].last_position if 2 in records else 0
+                mark = max([r.delivered for r in state.inbound] + [0])
+                step = 0
+                while True:
+                    step += 1
+                    count = 1 + step * 37 % 300
+                    batch = StoreBatch(
+                        messages={2: (last + 1, [contents(last + 1 + i)
+                                                 for i in range(count)])},
+                        acked={2: max(0, last - 500)},
+                        delivered={(3, "a" * 32): mark + 1},
+                    )
+                    await backend.commit(batch)
+                    last += count
+                    mark += 1
+                    print(step, last, max(0, last - count - 500), mark, flush=True)
+
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+        """
+        for _round in range(2):
+            process = child(writer, path)
+            self.addCleanup(kill, process)
+            assert process.stdout is not None
+            line = ""
+            for _ in range(40):
+                line = process.stdout.readline()
+                if not line:
+                    self.fail(died(process))
+            kill(process)
+            step, last, acked, mark = map(int, line.split())
+            conn = sqlite3.connect(path)
+            check = conn.execute("PRAGMA integrity_check").fetchall()
+            conn.close()
+            self.assertEqual(check, [("ok",)])
+            backend, state = await self.opened(path)
+            [out] = state.outbound
+            [inbound] = state.inbound
+            # Every commit the child saw fire is there; the one it was in
+            # the middle of is there entirely or not at all.
+            following = 1 + (step + 1) * 37 % 300
+            if out.last_position == last:
+                self.assertEqual((out.acked, inbound.delivered), (acked, mark))
+            else:
+                self.assertEqual(out.last_position, last + following)
+                self.assertEqual(
+                    (out.acked, inbound.delivered), (max(0, last - 500), mark + 1)
+                )
+            read: list[bytes] = []
+            while len(read) < out.last_position - out.acked:
+                chunk = await backend.read_outbound(2, out.acked + len(read), 1000)
+                self.assertTrue(chunk)
+                read.extend(chunk)
+            expected = [
+                b"%d:" % p + b"x" * (p * 7 % 900)
+                for p in range(out.acked + 1, out.last_position + 1)
+            ]
+            self.assertEqual(read, expected)
+            self.assertEqual(out.pending_bytes, sum(map(len, expected)))
+            await backend.close()
+
+
+class OpenTests(StoreCase):
+    async def test_open_does_not_read_the_outbox(self) -> None:
+        """
+        Opening a store with messages pending runs no statement that reads
+        message contents: only per-peer state, marks and index bounds.
+        """
+        path = self.store_path()
+        await self.filled(path)
+        statements: list[str] = []
+        connect = SQLiteBackend._connect
+
+        def traced(backend: SQLiteBackend) -> sqlite3.Connection:
+            conn = connect(backend)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        self.patch(SQLiteBackend, "_connect", traced)
+        backend, state = await self.opened(path)
+        self.assertEqual(state.outbound[0].last_position, 30)
+        self.assertTrue(any("FROM outbox" in s for s in statements), statements)
+        self.assertFalse([s for s in statements if "contents" in s], statements)
+        statements.clear()
+        self.assertEqual(len(await backend.read_outbound(2, 10, 5)), 5)
+        self.assertTrue([s for s in statements if "contents" in s])
+
+    async def test_store_stays_consistent_after_a_failed_commit_sync(self) -> None:
+        """
+        If COMMIT itself fails with an I/O error (the batch may or may not be
+        on disk), the backend refuses all further commits with a StoreError
+        telling to restart, instead of reusing positions that may be taken;
+        a reopened backend reads the truth from the file.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(StoreBatch(messages={2: (1, [b"one"])}))
+        real = backend._writer
+        assert real is not None
+
+        class FailingCommit:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def execute(self, sql: str, *args: Any) -> Any:
+                if sql == "COMMIT":
+                    real.execute("COMMIT")
+                    error = sqlite3.OperationalError("disk I/O error")
+                    error.sqlite_errorcode = sqlite3.SQLITE_IOERR_FSYNC  # type: ignore[attr-defined]
+                    error.sqlite_errorname = "SQLITE_IOERR_FSYNC"  # type: ignore[attr-defined]
+                    raise error
+                return real.execute(sql, *args)
+
+        backend._writer = FailingCommit()  # type: ignore[assignment]
+        error = await self.assertFailure(
+            backend.commit(StoreBatch(messages={2: (2, [b"two"])})), StoreError
+        )
+        self.assertIn("SQLITE_IOERR_FSYNC", str(error))
+        backend._writer = real
+        again = await self.assertFailure(
+            backend.commit(StoreBatch(messages={2: (2, [b"two again"])})), StoreError
+        )
+        self.assertIn("restart", str(again))
+        backend, state = await self.reopen(backend, path)
+        self.assertEqual(summary(state)[0], {(int, 2): (0, 2, 6)})
+        self.assertEqual(await backend.read_outbound(2, 0, 5), [b"one", b"two"])
+
+    async def reopen(self, backend: SQLiteBackend, path: str) -> tuple[Any, Any]:
+        await backend.close()
+        return await self.opened(path)
+
+    def test_reactor_stops_with_the_store_open(self) -> None:
+        """
+        A process whose reactor stops while a store is still open exits
+        (the backend's threads stop with the reactor) instead of hanging.
+        """
+        path = self.store_path()
+        process = child(
+            """
+            import sys
+            from twisted.internet import defer, task
+            from ilm import StoreBatch
+            from ilm.backends import SQLiteBackend
+
+            async def main(reactor):
+                backend = SQLiteBackend(sys.argv[1], reactor=reactor)
+                await backend.open()
+                await backend.commit(StoreBatch(messages={2: (1, [b"x"])}))
+                print("committed", flush=True)
+
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+            """,
+            path,
+        )
+        self.addCleanup(kill, process)
+        try:
+            out, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("the process did not exit after its reactor stopped")
+        self.assertEqual((process.returncode, out), (0, "committed\n"), err)
+
+
+class ReactorShutdownTests(StoreCase):
+    async def test_threads_stop_with_the_reactor(self) -> None:
+        """
+        When the reactor shuts down with the store open, the backend's
+        threads stop; afterwards commit fails with StoreError, close is a
+        no-op, and what was committed is there for the next opener.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(StoreBatch(messages={2: (1, [b"kept"])}))
+        backend._reactor_stopping()
+        self.assertIsNone(backend._write_pool)
+        await self.assertFailure(
+            backend.commit(StoreBatch(messages={2: (2, [b"x"])})), StoreError
+        )
+        await backend.close()
+        _, state = await self.opened(path)
+        self.assertEqual(summary(state)[0], {(int, 2): (0, 1, 4)})
+
+
+class ErrorMappingTests(SynchronousTestCase):
+    def test_sqlite_codes(self) -> None:
+        """
+        sqlite3 errors map to the StoreError subclass of their primary
+        SQLite error code; OS errors by errno; the original is the cause.
+        """
+        cases = [
+            (sqlite3.SQLITE_FULL, StoreFull),
+            (sqlite3.SQLITE_IOERR_SHORT_READ, StoreError),
+            (sqlite3.SQLITE_READONLY_DBMOVED, StoreReadOnly),
+            (sqlite3.SQLITE_CORRUPT, StoreCorrupt),
+            (sqlite3.SQLITE_NOTADB, StoreCorrupt),
+            (sqlite3.SQLITE_BUSY, StoreLocked),
+        ]
+        for code, kind in cases:
+            error = sqlite3.OperationalError("boom")
+            error.sqlite_errorcode = code  # type: ignore[attr-defined]
+            error.sqlite_errorname = f"CODE_{code}"  # type: ignore[attr-defined]
+            mapped = store_error(error, "/x", "cannot commit to")
+            self.assertIs(type(mapped), kind, code)
+            self.assertIs(mapped.__cause__, error)
+            self.assertIn(f"CODE_{code}", str(mapped))
+        for number, kind in [
+            (errno.ENOSPC, StoreFull),
+            (errno.EROFS, StoreReadOnly),
+            (errno.EACCES, StoreReadOnly),
+            (errno.EIO, StoreError),
+        ]:
+            mapped = store_error(OSError(number, "x"), "/x", "cannot open")
+            self.assertIs(type(mapped), kind, number)
+        locked = StoreLocked("held")
+        self.assertIs(store_error(locked, "/x", "cannot open"), locked)
