@@ -88,7 +88,7 @@ def _backend(kind: str, directory: str) -> Any:
 
         return InMemoryBackend()
     try:
-        from ilm.backends import SQLiteBackend  # type: ignore[attr-defined]
+        from ilm.backends import SQLiteBackend
     except ImportError:
         print("the SQLite backend is not installed (ilm.backends.SQLiteBackend)")
         sys.exit(2)
@@ -389,13 +389,17 @@ def latency(options: argparse.Namespace) -> None:
     p99 = statistics.median(r[1]["p99"] for r in rows)
     raw50 = statistics.median(r[0]["p50"] for r in rows)
     raw99 = statistics.median(r[0]["p99"] for r in rows)
+    if options.backend == "memory":
+        targets, met = "targets p50 < 1 ms, p99 < 5 ms", p50 < 1e-3 and p99 < 5e-3
+    else:
+        targets, met = "target p99 < 5 ms", p99 < 5e-3
     print(
         f"latency, median of {options.runs}: {options.count_now:,} x "
         f"{options.size} B at {options.rate:,.0f} msg/s, {options.backend} backend, "
         f"send_to to delivery: ILM p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms; "
         f"baseline p50 {raw50 * 1e3:.3f} ms, p99 {raw99 * 1e3:.3f} ms; ILM/baseline "
-        f"p50 {p50 / raw50:.1f}x, p99 {p99 / raw99:.1f}x; targets p50 < 1 ms, "
-        f"p99 < 5 ms: {'met' if p50 < 1e-3 and p99 < 5e-3 else 'NOT met'}"
+        f"p50 {p50 / raw50:.1f}x, p99 {p99 / raw99:.1f}x; {targets}: "
+        f"{'met' if met else 'NOT met'}"
     )
 
 
@@ -419,7 +423,7 @@ def main(argv: list[str]) -> None:
         return
     if options.backend == "sqlite":
         try:
-            from ilm.backends import SQLiteBackend  # type: ignore[attr-defined]  # noqa: F401
+            from ilm.backends import SQLiteBackend  # noqa: F401
         except ImportError:
             print("the SQLite backend is not installed (ilm.backends.SQLiteBackend)")
             sys.exit(2)
