@@ -18,6 +18,8 @@ wrong and what the caller can do about it:
 - :class:`ProtocolViolation` and its subclasses end **one link**: the peer sent
   something that breaks the protocol.  ILM logs the reason and closes the link;
   other links are unaffected and nothing already accepted is lost.
+- :class:`LinkTimeout` ends one link of a stream network (handshake not
+  completed in time, or a silent, half-open connection); it is reconnected.
 - :class:`ShutdownTimeout` fails the Deferred returned by
   :meth:`ilm.ILM.shutdown` when pending messages could not be drained in time;
   they stay in the store and are sent after the next start.
@@ -240,6 +242,18 @@ class SpoofedPeer(ProtocolViolation):
     """
 
 
+# --- links ---------------------------------------------------------------------
+
+
+class LinkTimeout(ILMError):
+    """
+    A network closed a link because time ran out: the peer did not complete
+    the link handshake in time, or nothing at all arrived from it for the
+    idle timeout (a half-open connection).  The link is reconnected as
+    usual; nothing already accepted is lost.
+    """
+
+
 # --- shutdown ------------------------------------------------------------------
 
 
@@ -266,6 +280,7 @@ __all__ = [
     "FrameTooLarge",
     "ILMError",
     "InvalidPeerId",
+    "LinkTimeout",
     "MalformedFrame",
     "MessageTooLarge",
     "NotRunning",

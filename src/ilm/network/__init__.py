@@ -1,7 +1,37 @@
 """
 Networks: how ILM frames travel between nodes.
+
+- :class:`InMemoryNetwork`: in-process, with fault controls, for tests.
+- :class:`StreamNetwork`: over Twisted stream endpoints (TCP, TLS, UNIX
+  sockets, endpoint plugins), with authenticated links
+  (:class:`PreSharedKeys`, :class:`TLSCredentials`), reconnection
+  (:class:`Backoff`), keepalives and limits (:class:`LinkSettings`).
+  :class:`ILMProtocol` and :class:`ILMFactory` are its Twisted protocol and
+  factory.
 """
 
+from ilm.network._handshake import PreSharedKeys
 from ilm.network._memory import FaultPolicy, InMemoryNetwork, InMemoryPeerNetwork
+from ilm.network._stream import (
+    Backoff,
+    ILMFactory,
+    ILMProtocol,
+    LinkSettings,
+    StreamNetwork,
+)
+from ilm.network._tls import TLSCredentials, fingerprint, node_uri
 
-__all__ = ["FaultPolicy", "InMemoryNetwork", "InMemoryPeerNetwork"]
+__all__ = [
+    "Backoff",
+    "FaultPolicy",
+    "ILMFactory",
+    "ILMProtocol",
+    "InMemoryNetwork",
+    "InMemoryPeerNetwork",
+    "LinkSettings",
+    "PreSharedKeys",
+    "StreamNetwork",
+    "TLSCredentials",
+    "fingerprint",
+    "node_uri",
+]

@@ -1,0 +1,1138 @@
+"""
+ILM over stream endpoints: :class:`ILMProtocol`, :class:`ILMFactory` and
+:class:`StreamNetwork`, the :class:`ilm.interfaces.INetwork` built on them.
+
+A :class:`StreamNetwork` listens on server endpoints (``serverFromString``
+strings such as ``tcp:9000`` or ``unix:/run/ilm.sock``, or endpoint objects)
+and keeps a link to each configured peer alive with a ``ClientService``
+(``clientFromString`` strings or endpoint objects).  Every connection runs
+the link handshake (:mod:`ilm.network._handshake`): nothing reaches ILM, in
+either direction, before the peer is authenticated.  TLS, when configured,
+is layered on any of these endpoints.
+
+One link per peer
+    When two nodes dial each other at once, the node with the smaller id
+    decides which connection becomes the link and says so with a LINK_UP
+    frame; the other node reports a link only on LINK_UP.  If both
+    connections authenticate, the one initiated by the smaller id wins (the
+    smaller node holds the other until its own dial succeeds or fails); a
+    connection authenticated while a link exists replaces it if it was
+    initiated by the same node as the link (that node redialled: it has
+    lost the old one), and is closed otherwise.  A node does not dial a peer
+    while it has a link to it that the peer initiated.  ILM therefore sees
+    one ``link_established`` per link.
+
+Why not ``prepareConnection``
+    ``ClientService``'s state machine has no transition for a connection
+    lost while ``prepareConnection`` is pending, or after it failed (see
+    ``tests/test_stream_service.py``).  The handshake therefore runs inside
+    the client endpoint (:class:`_LinkEndpoint`): ``ClientService`` is handed
+    a connection only once its link is up, with its own timeout, and a
+    failed handshake aborts the transport and counts as a failed attempt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random as _random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attr
+from twisted.application.internet import ClientService
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ilm._message import PeerId, check_peer_id
+from ilm.errors import (
+    AuthenticationFailed,
+    LinkTimeout,
+    ProtocolViolation,
+    SpoofedPeer,
+    UnexpectedFrame,
+)
+from ilm.interfaces import IFrameReceiver, INetwork
+from ilm.network import _wire
+from ilm.network._handshake import LinkHandshake, PreSharedKeys
+from ilm.network._tls import TLSCredentials, certificate_identity
+
+log = Logger(namespace="ilm.network.stream")
+
+_DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
+
+
+def _positive(instance: object, attribute: attr.Attribute[Any], value: Any) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value!r}")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class Backoff:
+    """
+    Reconnection delays: attempt ``n`` (1, 2, ...) waits
+    ``min(initial * factor ** (n - 1), maximum)``, less a random fraction of
+    up to ``jitter`` of it (so peers that lost a link together do not redial
+    in lockstep).  The defaults redial 25 to 50 ms after a link drops and
+    never wait more than 5 s: ``ClientService``'s own default waits at least
+    a second, which is slow for a link that merely dropped.
+    """
+
+    initial: float = attr.ib(default=0.05, validator=_positive)
+    factor: float = attr.ib(default=2.0, validator=_positive)
+    maximum: float = attr.ib(default=5.0, validator=_positive)
+    jitter: float = 0.5
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), not {self.jitter!r}")
+        if self.factor < 1:
+            raise ValueError(f"factor must be at least 1, not {self.factor!r}")
+
+    def delay(self, attempt: int, uniform: float) -> float:
+        """
+        :param attempt: the number of failed attempts in a row (from 1).
+        :param uniform: a random number in [0, 1).
+        """
+        try:
+            base = min(self.initial * self.factor ** max(0, attempt - 1), self.maximum)
+        except OverflowError:
+            base = self.maximum
+        return base * (1.0 - self.jitter * uniform)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class LinkSettings:
+    """
+    Limits and timings of stream links (seconds).
+
+    - ``max_frame_size``: the largest ILM session frame accepted; keep it
+      equal to the node's ``Config.max_frame_size``.  A longer length prefix
+      closes the link (:class:`ilm.errors.FrameTooLarge`) before anything is
+      buffered.  Before authentication the limit is 1 KiB.
+    - ``handshake_timeout``: a connection must be authenticated and chosen
+      as the link within this time, else it is aborted
+      (:class:`ilm.errors.LinkTimeout`).
+    - ``keepalive_interval``: a PING goes out after an interval in which
+      nothing was sent; the peer answers PONG.
+    - ``idle_timeout``: a link on which nothing at all arrived for this long
+      is dead (a half-open connection) and is aborted
+      (:class:`ilm.errors.LinkTimeout`).
+    - ``close_grace``: how long a clean close may take before the
+      connection is aborted.
+    - ``reconnect``: the :class:`Backoff` between connection attempts.
+    """
+
+    max_frame_size: int = attr.ib(default=_DEFAULT_MAX_FRAME, validator=_positive)
+    handshake_timeout: float = attr.ib(default=10.0, validator=_positive)
+    keepalive_interval: float = attr.ib(default=5.0, validator=_positive)
+    idle_timeout: float = attr.ib(default=15.0, validator=_positive)
+    close_grace: float = attr.ib(default=5.0, validator=_positive)
+    reconnect: Backoff = attr.ib(factory=Backoff)
+
+    def __attrs_post_init__(self) -> None:
+        if self.idle_timeout < 2 * self.keepalive_interval:
+            raise ValueError(
+                "idle_timeout must be at least twice keepalive_interval, or a "
+                "live but quiet peer would be taken for dead"
+            )
+
+
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+# Protocol states.
+_HANDSHAKING = "handshaking"
+_AUTHENTICATED = "authenticated"  # waiting for LINK_UP, or held by the decider
+_OPEN = "open"
+_CLOSED = "closed"
+
+
+def _violation_event(violation: Exception) -> str:
+    if isinstance(violation, SpoofedPeer):
+        return "spoofed_peer"
+    if isinstance(violation, AuthenticationFailed):
+        return "authentication_failed"
+    if isinstance(violation, LinkTimeout):
+        return "link_timeout"
+    return "link_protocol_violation"
+
+
+@implementer(IPushProducer)
+class ILMProtocol(Protocol):
+    """
+    One connection of a :class:`StreamNetwork`: runs the link handshake,
+    then carries ILM session frames, keepalives and backpressure.
+
+    :ivar peer_id: the authenticated peer (``None`` until authenticated).
+    :ivar initiated: whether this node dialled the connection.
+    """
+
+    def __init__(self, network: StreamNetwork, destination: PeerId | None) -> None:
+        self._network = network
+        self.destination = destination
+        self.initiated = destination is not None
+        self.peer_id: PeerId | None = None
+        self.state = _HANDSHAKING
+        self._handshake = LinkHandshake(
+            network.local_id,
+            destination,
+            keys=network._keys,
+            certificates=network._tls is not None,
+            random_bytes=network._random_bytes,
+        )
+        self._parser = _wire.FrameParser()
+        self._clock = network._clock
+        self._settings = network.settings
+        self._handshake_call: IDelayedCall | None = None
+        self._keepalive_call: IDelayedCall | None = None
+        self._grace_call: IDelayedCall | None = None
+        self._received = False
+        self._sent = False
+        self._silent_ticks = 0
+        self._tokens = itertools.count(1)
+        self._opened: list[Deferred[ILMProtocol]] = []
+        self._lost: list[Deferred[None]] = []
+        self._connection_lost = False
+        self._watchers: list[IProtocol] = []
+        self._producing = False
+        self._paused = False
+
+    # -- connection --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        network = self._network
+        network._protocols.add(self)
+        # ILM coalesces its writes itself and waits on small ACK frames:
+        # Nagle's algorithm would hold those back for a delayed ACK (40 ms).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:
+                pass
+        if not network._running:
+            self.state = _CLOSED
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._handshake_call = self._clock.callLater(
+            self._settings.handshake_timeout, self._handshake_expired
+        )
+        try:
+            frames = self._handshake.start()
+        except ProtocolViolation as violation:
+            self.fail(violation)
+            return
+        if frames:
+            self._write(frames)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == _CLOSED:
+            return
+        self._received = True
+        parser = self._parser
+        parser.feed(data)
+        next_frame = parser.next_frame
+        try:
+            while True:
+                state = self.state
+                if state == _OPEN:
+                    # The data path: session frames straight to ILM.
+                    receiver = self._network._receiver
+                    peer = self.peer_id
+                    assert peer is not None
+                    while self.state == _OPEN:
+                        frame = next_frame()
+                        if frame is None:
+                            return
+                        kind, body = frame
+                        if kind == _wire.DATA and body and receiver is not None:
+                            receiver.frame_received(peer, body)
+                        else:
+                            self._open_frame(kind, body)
+                    continue
+                if state == _CLOSED:
+                    return
+                frame = next_frame()
+                if frame is None:
+                    return
+                self._frame(*frame)
+        except ProtocolViolation as violation:
+            self.fail(violation)
+        except Exception:
+            log.failure(
+                "internal error on the link to {peer_id!r}; closing it",
+                peer_id=self.peer_id,
+                ilm_event="internal_error",
+            )
+            self.fail(ProtocolViolation("internal error"), logged=True)
+
+    def _open_frame(self, kind: int, body: bytes) -> None:
+        if kind == _wire.PING:
+            token = _wire.decode_token(body, "PING")
+            self._write([_wire.encode_pong(token)])
+        elif kind == _wire.PONG:
+            _wire.decode_token(body, "PONG")
+        elif kind == _wire.DATA:
+            _wire.decode_data(body)
+        else:
+            raise UnexpectedFrame(
+                f"{_wire.FRAME_NAMES[kind]} frame on a link that is up"
+            )
+
+    def _frame(self, kind: int, body: bytes) -> None:
+        if self.state == _HANDSHAKING:
+            replies = self._handshake.receive(kind, body, self._certificate_identity)
+            if replies:
+                self._write(replies)
+            if self._handshake.done:
+                self.state = _AUTHENTICATED
+                self.peer_id = self._handshake.peer_id
+                self._network._authenticated(self)
+            return
+        # _AUTHENTICATED: only the decider's LINK_UP may come now.
+        if kind == _wire.LINK_UP and not self._network._decides(self):
+            _wire.check_empty(body, "LINK_UP")
+            self._network._link_up_received(self)
+            return
+        raise UnexpectedFrame(
+            f"{_wire.FRAME_NAMES[kind]} frame while waiting for the link to be chosen"
+        )
+
+    def _certificate_identity(self) -> PeerId:
+        tls = self._network._tls
+        assert tls is not None
+        return certificate_identity(self.transport, tls)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._connection_lost = True
+        was = self.state
+        self.state = _CLOSED
+        self._cancel_timers()
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self._grace_call = None
+        self._network._connection_lost(self, was, reason)
+        opened, self._opened = self._opened, []
+        for d in opened:
+            if not d.called:
+                d.errback(reason)
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            watcher.connectionLost(reason)
+        waiters, self._lost = self._lost, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- link life ---------------------------------------------------------
+
+    def open(self, announce: bool) -> None:
+        """
+        This connection is now the link: raise the frame limit, start
+        keepalives and flow control; send LINK_UP if this node decided.
+        """
+        self.state = _OPEN
+        self._cancel_timers()
+        self._parser.limit = _wire.frame_limit(self._settings.max_frame_size)
+        if announce:
+            self._write([_wire.encode_frame(_wire.LINK_UP)])
+        self._keepalive_call = self._clock.callLater(
+            self._settings.keepalive_interval, self._keepalive
+        )
+        transport = self.transport
+        if transport is not None and not self._producing:
+            try:
+                transport.registerProducer(self, True)  # type: ignore[attr-defined]
+                self._producing = True
+            except RuntimeError:
+                pass
+        opened, self._opened = self._opened, []
+        for d in opened:
+            if not d.called:
+                d.callback(self)
+
+    def when_open(self) -> Deferred[ILMProtocol]:
+        """
+        :return: a ``Deferred`` firing with this protocol once it is the
+            link, or failing when the connection is lost first.  Cancelling
+            it aborts the connection.
+        """
+        if self.state == _OPEN:
+            return succeed(self)
+        d: Deferred[ILMProtocol] = Deferred(lambda _: self._abort_quietly())
+        if self._connection_lost:
+            d.errback(Failure(ConnectionDone("connection lost before the link was up")))
+            return d
+        self._opened.append(d)
+        return d
+
+    def when_lost(self) -> Deferred[None]:
+        """
+        :return: a ``Deferred`` firing once the connection is closed.
+        """
+        if self._connection_lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost.append(d)
+        return d
+
+    def watch(self, watcher: IProtocol) -> None:
+        """
+        Forward this connection's ``connectionLost`` to ``watcher``.
+        """
+        self._watchers.append(watcher)
+
+    def send_session_frames(self, frames: Iterable[bytes]) -> None:
+        """
+        Send ILM session frames, all in one ``writeSequence``.
+        """
+        if self.state != _OPEN:
+            return
+        header = _wire.data_header
+        parts: list[bytes] = []
+        append = parts.append
+        for frame in frames:
+            append(header(len(frame)))
+            append(frame)
+        if parts:
+            self._sent = True
+            self.transport.writeSequence(parts)  # type: ignore[union-attr]
+
+    def _write(self, frames: list[bytes]) -> None:
+        self._sent = True
+        transport = self.transport
+        if transport is not None:
+            if len(frames) == 1:
+                transport.write(frames[0])
+            else:
+                transport.writeSequence(frames)
+
+    # -- closing -----------------------------------------------------------
+
+    def fail(self, violation: Exception, logged: bool = False) -> None:
+        """
+        Close this connection because of ``violation``, logged as a
+        structured event; the peer is told nothing.
+        """
+        if self.state == _CLOSED:
+            return
+        if not logged:
+            event = _violation_event(violation)
+            log.error(
+                "closing {direction} connection from {address} ({who}): "
+                "{kind}: {reason}",
+                direction="outgoing" if self.initiated else "incoming",
+                address=self._address(),
+                who=self._who(),
+                kind=type(violation).__name__,
+                reason=str(violation),
+                peer_id=self.peer_id,
+                claimed_id=self._handshake.claimed_id,
+                ilm_event=event,
+            )
+        self.close(violation, abort=True)
+
+    def close(self, reason: Exception, abort: bool) -> None:
+        """
+        Close this connection: at once (``abort``), or cleanly (what was
+        written is delivered) within ``close_grace``.
+        """
+        if self.state == _CLOSED:
+            return
+        was = self.state
+        self.state = _CLOSED
+        self._cancel_timers()
+        self._network._detached(self, was, reason)
+        transport = self.transport
+        if transport is None or self._connection_lost:
+            return
+        if abort:
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        if self._producing:
+            self._producing = False
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.loseConnection()
+        self._grace_call = self._clock.callLater(
+            self._settings.close_grace, self._abort_quietly
+        )
+
+    def _abort_quietly(self) -> None:
+        self._grace_call = None
+        if self.state != _CLOSED:
+            self.close(ConnectionDone("connection cancelled"), abort=True)
+        elif not self._connection_lost and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_timers(self) -> None:
+        for name in ("_handshake_call", "_keepalive_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_call = None
+        if self.state in (_HANDSHAKING, _AUTHENTICATED):
+            stage = (
+                self._handshake.state
+                if self.state == _HANDSHAKING
+                else "waiting for the link to be chosen"
+            )
+            self.fail(
+                LinkTimeout(
+                    f"link handshake not complete within "
+                    f"{self._settings.handshake_timeout} s (state: {stage})"
+                )
+            )
+
+    def _keepalive(self) -> None:
+        self._keepalive_call = None
+        if self.state != _OPEN:
+            return
+        settings = self._settings
+        if self._received:
+            self._received = False
+            self._silent_ticks = 0
+        else:
+            self._silent_ticks += 1
+            silent = self._silent_ticks * settings.keepalive_interval
+            if silent >= settings.idle_timeout:
+                self.fail(
+                    LinkTimeout(
+                        f"nothing received from {self.peer_id!r} for "
+                        f"{settings.idle_timeout} s: the link is dead (half-open)"
+                    )
+                )
+                return
+        if not self._sent:
+            self._write([_wire.encode_ping(next(self._tokens))])
+        self._sent = False
+        self._keepalive_call = self._clock.callLater(
+            settings.keepalive_interval, self._keepalive
+        )
+
+    # -- flow control (IPushProducer) ---------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.state == _OPEN and not self._paused:
+            self._paused = True
+            self._network._report("link_paused", self.peer_id)
+
+    def resumeProducing(self) -> None:
+        if self.state == _OPEN and self._paused:
+            self._paused = False
+            self._network._report("link_resumed", self.peer_id)
+
+    def stopProducing(self) -> None:
+        self._producing = False
+
+    # -- logging helpers ---------------------------------------------------
+
+    def _address(self) -> str:
+        try:
+            return str(self.transport.getPeer())  # type: ignore[union-attr]
+        except Exception:
+            return "?"
+
+    def _who(self) -> str:
+        if self.peer_id is not None:
+            return f"peer {self.peer_id!r}"
+        claimed = self._handshake.claimed_id
+        if claimed is not None:
+            return f"claiming to be {claimed!r}, not authenticated"
+        return "not authenticated"
+
+    def __repr__(self) -> str:
+        return (
+            f"<ILMProtocol {'to' if self.initiated else 'from'} "
+            f"{self.peer_id if self.peer_id is not None else self.destination!r} "
+            f"{self.state}>"
+        )
+
+
+class ILMFactory(Factory):
+    """
+    Builds :class:`ILMProtocol` instances for a :class:`StreamNetwork`:
+    responders (``destination=None``) for its listening endpoints, and
+    initiators towards ``destination`` for its dialers.
+    """
+
+    noisy = False
+
+    def __init__(self, network: StreamNetwork, destination: PeerId | None) -> None:
+        self.network = network
+        self.destination = destination
+
+    def buildProtocol(self, addr: IAddress | None) -> ILMProtocol:
+        protocol = ILMProtocol(self.network, self.destination)
+        protocol.factory = self
+        return protocol
+
+
+class _Watcher(Protocol):
+    """
+    What ``ClientService`` holds for a link: told when the link's connection
+    is lost; its transport closes the link cleanly.
+    """
+
+
+class _WatcherFactory(Factory):
+    noisy = False
+    protocol = _Watcher
+
+
+def _service_stopped() -> ConnectionDone:
+    return ConnectionDone("reconnection service stopped")
+
+
+class _LinkTransport:
+    """
+    The transport ``ClientService`` sees: closing it closes the link
+    cleanly (with the grace period), whatever the real transport needs.
+    """
+
+    def __init__(self, protocol: ILMProtocol) -> None:
+        self._protocol = protocol
+
+    def loseConnection(self) -> None:
+        self._protocol.close(_service_stopped(), abort=False)
+
+    def abortConnection(self) -> None:
+        self._protocol.close(_service_stopped(), abort=True)
+
+    def getPeer(self) -> IAddress:
+        return self._protocol.transport.getPeer()  # type: ignore[union-attr,no-any-return]
+
+    def getHost(self) -> IAddress:
+        return self._protocol.transport.getHost()  # type: ignore[union-attr,no-any-return]
+
+
+@implementer(IStreamClientEndpoint)
+class _LinkEndpoint:
+    """
+    A client endpoint whose connections are links: ``connect`` fires only
+    once the connection is authenticated and chosen as the link, fails (the
+    transport aborted) if the handshake fails or times out, and aborts the
+    connection if cancelled.
+    """
+
+    def __init__(
+        self, network: StreamNetwork, peer_id: PeerId, endpoint: IStreamClientEndpoint
+    ) -> None:
+        self._network = network
+        self._peer_id = peer_id
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        attempt: Deferred[Any] = self._endpoint.connect(
+            ILMFactory(self._network, self._peer_id)
+        )
+
+        def connected(protocol: ILMProtocol) -> Deferred[ILMProtocol]:
+            return protocol.when_open()
+
+        def opened(protocol: ILMProtocol) -> IProtocol | None:
+            watcher = protocolFactory.buildProtocol(protocol.transport.getPeer())  # type: ignore[union-attr]
+            if watcher is None:
+                refused = ConnectionDone("reconnection service refused")
+                protocol.close(refused, abort=False)
+                return None
+            watcher.makeConnection(_LinkTransport(protocol))  # type: ignore[arg-type]
+            protocol.watch(watcher)
+            return watcher
+
+        attempt.addCallback(connected)
+        attempt.addCallback(opened)
+        return attempt
+
+    def __repr__(self) -> str:
+        return f"<link endpoint to {self._peer_id!r} via {self._endpoint!r}>"
+
+
+class _Dialer:
+    __slots__ = ("endpoint", "service", "stopping")
+
+    def __init__(self, endpoint: IStreamClientEndpoint, service: ClientService) -> None:
+        self.endpoint = endpoint
+        self.service = service
+        self.stopping: Deferred[None] | None = None
+
+
+@implementer(INetwork)
+class StreamNetwork:
+    """
+    An :class:`ilm.interfaces.INetwork` over stream endpoints.
+
+    :param local_id: this node's id.
+    :param listen: server endpoints to accept links on: strings for
+        ``serverFromString`` (``"tcp:9000:interface=127.0.0.1"``,
+        ``"unix:/run/ilm.sock"``, any endpoint plugin) or
+        ``IStreamServerEndpoint`` objects.
+    :param peers: peer id to the client endpoint to dial it (a string for
+        ``clientFromString`` such as ``"tcp:host=10.0.0.2:port=9000"``, or an
+        ``IStreamClientEndpoint``).  Peers that only dial this node need no
+        entry, only credentials.
+    :param keys: pre-shared keys (:class:`PreSharedKeys` or a mapping of
+        peer id to key) for the challenge-response authentication.
+    :param tls: :class:`TLSCredentials`: every link is mutual TLS and peers
+        are identified by their certificates.  ``keys`` and ``tls`` may be
+        combined (both are then checked); at least one is required.
+    :param settings: :class:`LinkSettings`.
+    :param reactor: the reactor (time, and the endpoints named by strings);
+        the global reactor if omitted.
+    """
+
+    def __init__(
+        self,
+        local_id: PeerId,
+        *,
+        listen: Sequence[str | IStreamServerEndpoint] = (),
+        peers: Mapping[PeerId, str | IStreamClientEndpoint] | None = None,
+        keys: PreSharedKeys | Mapping[PeerId, bytes] | None = None,
+        tls: TLSCredentials | None = None,
+        settings: LinkSettings | None = None,
+        reactor: Any = None,
+        random_bytes: Callable[[int], bytes] | None = None,
+        random: Callable[[], float] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.local_id: PeerId = check_peer_id(local_id)
+        if keys is not None and not isinstance(keys, PreSharedKeys):
+            keys = PreSharedKeys(keys)
+        if keys is None and tls is None:
+            raise ValueError(
+                "StreamNetwork needs keys (pre-shared keys) or tls (certificates): "
+                "links are always authenticated"
+            )
+        self._keys: PreSharedKeys | None = keys
+        self._tls = tls
+        self.settings = settings if settings is not None else LinkSettings()
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        if random_bytes is None:
+            import os
+
+            random_bytes = os.urandom
+        self._random_bytes = random_bytes
+        self._uniform = random if random is not None else _random.random
+        self._listen = list(listen)
+        self._peer_endpoints: dict[PeerId, str | IStreamClientEndpoint] = {}
+        for peer_id, endpoint in (peers or {}).items():
+            peer_id = check_peer_id(peer_id)
+            if peer_id == self.local_id:
+                raise ValueError("a node does not dial itself")
+            if keys is not None and keys.key_for(peer_id) is None:
+                raise ValueError(f"peer {peer_id!r} is dialled but has no key")
+            self._peer_endpoints[peer_id] = endpoint
+        self._receiver: IFrameReceiver | None = None
+        self._running = False
+        self._stopping: Deferred[None] | None = None
+        self._ports: list[IListeningPort] = []
+        self._dialers: dict[PeerId, _Dialer] = {}
+        self._protocols: set[ILMProtocol] = set()
+        self._links: dict[PeerId, ILMProtocol] = {}
+        self._held: dict[PeerId, ILMProtocol] = {}
+        self._local_key = _wire.id_order_key(self.local_id)
+
+    # -- INetwork ------------------------------------------------------------
+
+    def start(self, receiver: IFrameReceiver) -> Deferred[None]:
+        """
+        Listen on every server endpoint and start dialling every peer.
+
+        :return: a ``Deferred`` firing once every endpoint listens, or
+            failing (after closing those that did) if one cannot.
+        """
+        if self._receiver is not None or self._stopping is not None:
+            raise RuntimeError("StreamNetwork.start called twice")
+        self._receiver = receiver
+        self._running = True
+        factory: IProtocolFactory = ILMFactory(self, None)
+        if self._tls is not None:
+            factory = TLSMemoryBIOFactory(
+                self._tls.creator(), False, factory, clock=self._clock
+            )
+        listening = []
+        for description in self._listen:
+            endpoint = (
+                serverFromString(self._reactor, description)
+                if isinstance(description, str)
+                else description
+            )
+            listening.append(maybeDeferred(endpoint.listen, factory))
+        done: Deferred[None] = Deferred()
+
+        def listened(results: list[tuple[bool, Any]]) -> None:
+            failures = [value for ok, value in results if not ok]
+            self._ports = [value for ok, value in results if ok]
+            if failures:
+                self._running = False
+                stopped = self.stop()
+                stopped.addBoth(lambda _: done.errback(failures[0]))
+                return
+            for peer_id in self._peer_endpoints:
+                self._dialers[peer_id] = self._make_dialer(peer_id)
+                self._sync_dialer(peer_id)
+            log.info(
+                "node {local_id!r} listening on {addresses}, dialling {peers}",
+                local_id=self.local_id,
+                addresses=[str(a) for a in self.listening_addresses()],
+                peers=sorted(map(repr, self._peer_endpoints)),
+                ilm_event="network_started",
+            )
+            done.callback(None)
+
+        DeferredList(listening, consumeErrors=True).addCallback(listened)
+        return done
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop listening and dialling, and close every connection cleanly (what
+        was written is delivered; a connection that has not closed within
+        ``close_grace`` is aborted).  ``link_lost`` is reported for every
+        link before the returned ``Deferred`` fires; nothing after.
+        """
+        if self._stopping is not None:
+            return self._chain(self._stopping)
+        self._running = False
+        waits: list[Deferred[Any]] = []
+        for port in self._ports:
+            waits.append(maybeDeferred(port.stopListening))
+        for dialer in self._dialers.values():
+            if dialer.service.running:
+                waits.append(dialer.service.stopService())
+            elif dialer.stopping is not None:
+                waits.append(self._chain(dialer.stopping))
+        for protocol in list(self._protocols):
+            waits.append(protocol.when_lost())
+            protocol.close(ConnectionDone("node stopping"), abort=False)
+        stopping: Deferred[None] = Deferred()
+        self._stopping = stopping
+
+        def finished(_: object) -> None:
+            self._receiver = None
+            log.info(
+                "node {local_id!r} network stopped",
+                local_id=self.local_id,
+                ilm_event="network_stopped",
+            )
+            stopping.callback(None)
+
+        DeferredList(waits, consumeErrors=True).addCallback(finished)
+        return self._chain(stopping)
+
+    def connected_peers(self) -> frozenset[PeerId]:
+        return frozenset(self._links)
+
+    def send_frames(self, peer_id: PeerId, frames: Sequence[bytes]) -> None:
+        protocol = self._links.get(peer_id)
+        if protocol is not None:
+            protocol.send_session_frames(frames)
+
+    def close_link(self, peer_id: PeerId, reason: Exception) -> None:
+        """
+        Close the link to ``peer_id`` at once; ``link_lost`` is reported
+        before this returns.
+        """
+        protocol = self._links.get(peer_id)
+        if protocol is None:
+            return
+        log.warn(
+            "closing the link to {peer_id!r}: {kind}: {reason}",
+            peer_id=peer_id,
+            kind=type(reason).__name__,
+            reason=str(reason),
+            ilm_event="link_closed",
+        )
+        protocol.close(reason, abort=True)
+
+    # -- introspection -------------------------------------------------------
+
+    def listening_addresses(self) -> list[IAddress]:
+        """
+        :return: the addresses this node listens on (to learn a port chosen
+            by the system with ``tcp:0``).
+        """
+        return [port.getHost() for port in self._ports]
+
+    def abort(self) -> Deferred[None]:
+        """
+        Drop everything at once, as if the process died: stop listening and
+        dialling and abort every connection, without any clean close;
+        ``link_lost`` is reported to nobody.  For crash tests.
+
+        :return: a ``Deferred`` firing once the listening endpoints are
+            closed (so that a restarted node can listen on them again).
+        """
+        self._running = False
+        self._receiver = None
+        self._stopping = succeed(None)
+        closing = [maybeDeferred(port.stopListening) for port in self._ports]
+        for dialer in self._dialers.values():
+            if dialer.service.running:
+                dialer.service.stopService()
+        for protocol in list(self._protocols):
+            protocol.close(ConnectionDone("aborted"), abort=True)
+        done: Deferred[None] = Deferred()
+        DeferredList(closing, consumeErrors=True).addCallback(
+            lambda _: done.callback(None)
+        )
+        return done
+
+    # -- dialling ------------------------------------------------------------
+
+    def _make_dialer(self, peer_id: PeerId) -> _Dialer:
+        description = self._peer_endpoints[peer_id]
+        endpoint: IStreamClientEndpoint = (
+            clientFromString(self._reactor, description)
+            if isinstance(description, str)
+            else description
+        )
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls.creator(), endpoint, clock=self._clock)
+        link_endpoint = _LinkEndpoint(self, peer_id, endpoint)
+        backoff = self.settings.reconnect
+        uniform = self._uniform
+        service = ClientService(
+            link_endpoint,
+            _WatcherFactory(),
+            retryPolicy=lambda attempt: backoff.delay(attempt, uniform()),
+            clock=self._clock,
+        )
+        return _Dialer(link_endpoint, service)
+
+    def _schedule_sync(self, peer_id: PeerId) -> None:
+        if peer_id in self._dialers:
+            # One reactor turn later: ClientService must not be started or
+            # stopped from inside its own state machine's callbacks.
+            self._clock.callLater(0, self._sync_dialer, peer_id)
+
+    def _sync_dialer(self, peer_id: PeerId) -> None:
+        """
+        Dial ``peer_id`` exactly when there is no link to it, or when the
+        link is this node's own connection.
+        """
+        dialer = self._dialers.get(peer_id)
+        if dialer is None or dialer.stopping is not None:
+            return
+        link = self._links.get(peer_id)
+        wanted = self._running and (link is None or link.initiated)
+        service = dialer.service
+        if wanted and not service.running:
+            service.startService()
+        elif not wanted and service.running:
+            stopping = dialer.stopping = service.stopService()
+
+            def stopped(result: object) -> None:
+                dialer.stopping = None
+                if isinstance(result, Failure):
+                    log.failure(
+                        "stopping the dialer of {peer_id!r} failed",
+                        result,
+                        peer_id=peer_id,
+                        ilm_event="internal_error",
+                    )
+                self._schedule_sync(peer_id)
+
+            stopping.addBoth(stopped)
+
+    # -- link choice ---------------------------------------------------------
+
+    def _decides(self, protocol: ILMProtocol) -> bool:
+        """
+        Whether this node chooses the link with ``protocol``'s peer (it has
+        the smaller id).
+        """
+        assert protocol.peer_id is not None
+        return self._local_key < _wire.id_order_key(protocol.peer_id)
+
+    def _authenticated(self, protocol: ILMProtocol) -> None:
+        peer_id = protocol.peer_id
+        assert peer_id is not None
+        log.debug(
+            "{direction} connection authenticated as {peer_id!r}",
+            direction="outgoing" if protocol.initiated else "incoming",
+            peer_id=peer_id,
+        )
+        if not self._running:
+            protocol.close(ConnectionDone("node stopping"), abort=True)
+            return
+        if not self._decides(protocol):
+            return  # wait for the peer's LINK_UP
+        current = self._links.get(peer_id)
+        if current is not None:
+            if protocol.initiated or current.initiated == protocol.initiated:
+                self._replace(current, protocol, announce=True)
+            else:
+                self._duplicate(protocol, current)
+            return
+        held = self._held.pop(peer_id, None)
+        if protocol.initiated:
+            if held is not None:
+                self._duplicate(held, protocol)
+            self._make_link(protocol, announce=True)
+            return
+        if held is not None:
+            self._duplicate(held, protocol)
+        if self._dialling(peer_id):
+            # Our own connection to this peer is being set up; it wins if it
+            # succeeds (the connection initiated by the smaller id wins).
+            self._held[peer_id] = protocol
+            return
+        self._make_link(protocol, announce=True)
+
+    def _dialling(self, peer_id: PeerId) -> bool:
+        return any(
+            p.initiated and p.destination == peer_id and p.state == _HANDSHAKING
+            for p in self._protocols
+        )
+
+    def _link_up_received(self, protocol: ILMProtocol) -> None:
+        peer_id = protocol.peer_id
+        assert peer_id is not None
+        if not self._running:
+            protocol.close(ConnectionDone("node stopping"), abort=True)
+            return
+        current = self._links.get(peer_id)
+        if current is not None:
+            self._replace(current, protocol, announce=False)
+        else:
+            self._make_link(protocol, announce=False)
+
+    def _duplicate(self, loser: ILMProtocol, winner: ILMProtocol) -> None:
+        log.info(
+            "closing a duplicate {direction} connection with {peer_id!r}: the "
+            "{winner} connection is the link",
+            direction="outgoing" if loser.initiated else "incoming",
+            peer_id=loser.peer_id,
+            winner="outgoing" if winner.initiated else "incoming",
+            ilm_event="duplicate_link",
+        )
+        loser.close(ConnectionDone("duplicate connection"), abort=False)
+
+    def _replace(self, old: ILMProtocol, new: ILMProtocol, announce: bool) -> None:
+        log.info(
+            "a new {direction} connection with {peer_id!r} replaces its link",
+            direction="outgoing" if new.initiated else "incoming",
+            peer_id=new.peer_id,
+            ilm_event="link_replaced",
+        )
+        old.close(ConnectionDone("replaced by a newer connection"), abort=False)
+        self._make_link(new, announce=announce)
+
+    def _make_link(self, protocol: ILMProtocol, announce: bool) -> None:
+        peer_id = protocol.peer_id
+        assert peer_id is not None
+        self._links[peer_id] = protocol
+        protocol.open(announce)
+        log.info(
+            "link with {peer_id!r} established ({direction})",
+            peer_id=peer_id,
+            direction="outgoing" if protocol.initiated else "incoming",
+            ilm_event="link_established",
+        )
+        self._report("link_established", peer_id)
+        if not protocol.initiated:
+            self._schedule_sync(peer_id)
+
+    def _detached(self, protocol: ILMProtocol, was: str, reason: object) -> None:
+        """
+        ``protocol`` stops being usable (closed by this node, or lost).
+        """
+        if was == _HANDSHAKING and protocol.initiated:
+            self._clock.callLater(0, self._release_held, protocol.destination)
+        peer_id = protocol.peer_id
+        if peer_id is None:
+            return
+        if self._held.get(peer_id) is protocol:
+            del self._held[peer_id]
+        if self._links.get(peer_id) is protocol:
+            del self._links[peer_id]
+            failure = reason if isinstance(reason, Failure) else Failure(reason)
+            log.info(
+                "link with {peer_id!r} lost: {reason}",
+                peer_id=peer_id,
+                reason=failure.getErrorMessage(),
+                ilm_event="link_lost",
+            )
+            self._report("link_lost", peer_id, failure)
+            if not protocol.initiated:
+                self._schedule_sync(peer_id)
+
+    def _release_held(self, peer_id: PeerId | None) -> None:
+        if peer_id is None or peer_id not in self._held or self._dialling(peer_id):
+            return
+        held = self._held.pop(peer_id)
+        if held.state == _AUTHENTICATED and self._running:
+            self._make_link(held, announce=True)
+
+    def _connection_lost(
+        self, protocol: ILMProtocol, was: str, reason: Failure
+    ) -> None:
+        self._protocols.discard(protocol)
+        if was != _CLOSED:
+            self._detached(protocol, was, reason)
+
+    # -- reporting -----------------------------------------------------------
+
+    def _report(self, event: str, *args: object) -> None:
+        receiver = self._receiver
+        if receiver is None:
+            return
+        try:
+            getattr(receiver, event)(*args)
+        except Exception:
+            log.failure(
+                "the frame receiver raised from {event}",
+                event=event,
+                ilm_event="internal_error",
+            )
+
+    @staticmethod
+    def _chain(d: Deferred[None]) -> Deferred[None]:
+        result: Deferred[None] = Deferred()
+
+        def fire(value: object) -> object:
+            result.callback(None)
+            return value
+
+        if d.called:
+            return succeed(None)
+        d.addBoth(fire)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<StreamNetwork {self.local_id!r}>"
+
+
+__all__ = [
+    "Backoff",
+    "ILMFactory",
+    "ILMProtocol",
+    "LinkSettings",
+    "StreamNetwork",
+]

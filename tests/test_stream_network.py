@@ -1,0 +1,755 @@
+"""
+The stream network's logic over in-memory pipes on a ``Clock``: links,
+simultaneous dial, reconnection, keepalives, backpressure, stop, and what
+happens to unauthenticated or hostile peers.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+import ilm.errors
+from ilm import PeerId
+from ilm.errors import (
+    FrameTooLarge,
+    ILMError,
+    LinkTimeout,
+    MalformedFrame,
+    ProtocolViolation,
+    UnexpectedFrame,
+    UnknownFrameType,
+    UnsupportedVersion,
+)
+from ilm.interfaces import INetwork
+from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wire
+from ilm.network._handshake import LinkHandshake
+from ilm.testing import settle
+
+from .stream_support import RawPeer, RecordingReceiver, Switchboard
+
+
+class LinkTimeoutErrorTests(SynchronousTestCase):
+    def test_link_timeout_is_not_a_violation(self) -> None:
+        """
+        LinkTimeout is an ILMError, exported by ilm.errors, and not a
+        ProtocolViolation (a silent peer broke no rule).
+        """
+        self.assertTrue(issubclass(LinkTimeout, ILMError))
+        self.assertFalse(issubclass(LinkTimeout, ProtocolViolation))
+        self.assertIn("LinkTimeout", ilm.errors.__all__)
+
+
+def pair_key(a: PeerId, b: PeerId) -> bytes:
+    low, high = sorted((repr(a), repr(b)))
+    return (low + "|" + high).encode().ljust(32, b"#")
+
+
+class LogCapture:
+    """
+    Collect log events with an ``ilm_event`` key while a test runs.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self._observe)
+        case.addCleanup(globalLogPublisher.removeObserver, self._observe)
+
+    def _observe(self, event: LogEvent) -> None:
+        if "ilm_event" in event:
+            self.events.append(event)
+
+    def named(self, name: str) -> list[LogEvent]:
+        return [e for e in self.events if e["ilm_event"] == name]
+
+
+class Nodes:
+    """
+    Stream networks on one Switchboard and Clock; node ``n`` listens on
+    address ``"n"``.
+    """
+
+    def __init__(self, seed: int = 0, latency: float = 0.001, **settings: Any) -> None:
+        self.clock = Clock()
+        self.board = Switchboard(self.clock, latency=latency)
+        self.random = random.Random(seed)
+        self.settings = LinkSettings(**settings)
+        self.networks: dict[PeerId, StreamNetwork] = {}
+        self.receivers: dict[PeerId, RecordingReceiver] = {}
+
+    def start(
+        self,
+        node: PeerId,
+        dial: tuple[PeerId, ...] = (),
+        keys: dict[PeerId, bytes] | None = None,
+        known: tuple[PeerId, ...] = (),
+    ) -> StreamNetwork:
+        if keys is None:
+            keys = {p: pair_key(node, p) for p in (*dial, *known)}
+        network = StreamNetwork(
+            node,
+            listen=[self.board.server(str(node))],
+            peers={p: self.board.client(str(p)) for p in dial},
+            keys=keys,
+            settings=self.settings,
+            reactor=self.clock,
+            random=self.random.random,
+            random_bytes=self.random.randbytes,
+        )
+        receiver = RecordingReceiver()
+        network.start(receiver)
+        self.networks[node] = network
+        self.receivers[node] = receiver
+        return network
+
+    def settle(self, seconds: float = 1.0) -> None:
+        settle(self.clock, seconds)
+
+
+def raw_connect(nodes: Nodes, address: str) -> RawPeer:
+    holder: list[RawPeer] = []
+
+    def build() -> RawPeer:
+        peer = RawPeer()
+        holder.append(peer)
+        return peer
+
+    nodes.board.client(address).connect(Factory.forProtocol(build))
+    settle(nodes.clock, 0.01)
+    return holder[0]
+
+
+def frames(data: bytes) -> list[tuple[int, bytes]]:
+    parser = _wire.FrameParser(1 << 21)
+    parser.feed(data)
+    out = []
+    while (frame := parser.next_frame()) is not None:
+        out.append(frame)
+    return out
+
+
+def authenticate(nodes: Nodes, local: PeerId, remote: PeerId, key: bytes) -> RawPeer:
+    """
+    Connect a raw peer to ``remote`` and run a valid handshake as ``local``;
+    return it once it holds the link (LINK_UP sent or received).
+    """
+    raw = raw_connect(nodes, str(remote))
+    handshake = LinkHandshake(
+        local, remote, keys=PreSharedKeys({remote: key}), certificates=False
+    )
+    assert raw.transport is not None
+    for frame in handshake.start():
+        raw.transport.write(frame)
+    seen = 0
+    for _ in range(10):
+        nodes.settle(0.01)
+        for kind, body in frames(raw.received)[seen:]:
+            seen += 1
+            if kind == _wire.LINK_UP:
+                continue
+            for reply in handshake.receive(kind, body, lambda: remote):
+                raw.transport.write(reply)
+        if handshake.done:
+            break
+    assert handshake.done
+    if _wire.id_order_key(local) < _wire.id_order_key(remote):
+        raw.transport.write(_wire.encode_frame(_wire.LINK_UP))
+    nodes.settle(0.01)
+    return raw
+
+
+class LinkTests(SynchronousTestCase):
+    def test_provides_inetwork(self) -> None:
+        """
+        StreamNetwork provides INetwork; its protocol is an IPushProducer
+        (and an IProtocol); its dialling endpoint an IStreamClientEndpoint.
+        """
+        nodes = Nodes()
+        network = nodes.start(1, dial=(2,))
+        verifyObject(INetwork, network)
+        nodes.start(2, known=(1,))
+        nodes.settle()
+        protocol = network._links[2]
+        verifyObject(IPushProducer, protocol)
+        verifyObject(IProtocol, protocol)
+        verifyObject(IStreamClientEndpoint, network._dialers[2].endpoint)
+
+    def test_link_and_frames_both_ways(self) -> None:
+        """
+        Once linked, frames flow both ways in order, each peer sees one
+        link_established, and connected_peers reports the link.
+        """
+        nodes = Nodes()
+        a = nodes.start(1, dial=(2,))
+        b = nodes.start(2, known=(1,))
+        nodes.settle()
+        self.assertEqual(nodes.receivers[1].kinds(), ["established"])
+        self.assertEqual(nodes.receivers[2].kinds(), ["established"])
+        self.assertEqual((a.connected_peers(), b.connected_peers()), ({2}, {1}))
+        sent = [b"f%d" % i for i in range(100)]
+        a.send_frames(2, sent[:50])
+        a.send_frames(2, sent[50:])
+        b.send_frames(1, [b"back"])
+        nodes.settle()
+        self.assertEqual(nodes.receivers[2].frames[1], sent)
+        self.assertEqual(nodes.receivers[1].frames[2], [b"back"])
+
+    def test_one_write_per_send(self) -> None:
+        """
+        send_frames writes a whole sequence of frames with one write.
+        """
+        nodes = Nodes()
+        a = nodes.start(1, dial=(2,))
+        nodes.start(2, known=(1,))
+        nodes.settle()
+        [pipe] = nodes.board.pipes
+        before = pipe.ends[0].writes
+        a.send_frames(2, [b"x" * 10] * 20)
+        self.assertEqual(pipe.ends[0].writes, before + 1)
+
+    def test_frames_to_unlinked_peer_discarded(self) -> None:
+        """
+        Frames for a peer without a link are discarded, and close_link on it
+        does nothing.
+        """
+        nodes = Nodes()
+        a = nodes.start(1, known=(2,))
+        a.send_frames(2, [b"x"])
+        a.close_link(2, ProtocolViolation("test"))
+        nodes.settle()
+        self.assertEqual(nodes.receivers[1].events, [])
+
+    def test_reconnect_after_cut(self) -> None:
+        """
+        A cut link (bytes in flight lost) is reported lost on both sides and
+        comes back within the fast default backoff.
+        """
+        nodes = Nodes()
+        nodes.start(1, dial=(2,))
+        nodes.start(2, known=(1,))
+        nodes.settle()
+        nodes.board.cut_all()
+        self.assertEqual(nodes.receivers[1].kinds(), ["established", "lost"])
+        nodes.settle(0.2)
+        self.assertEqual(
+            nodes.receivers[1].kinds(), ["established", "lost", "established"]
+        )
+        self.assertEqual(
+            nodes.receivers[2].kinds(), ["established", "lost", "established"]
+        )
+
+    def test_peer_restart(self) -> None:
+        """
+        A peer that dies (its network aborted) and comes back on the same
+        address is linked again.
+        """
+        nodes = Nodes()
+        nodes.start(1, dial=(2,))
+        nodes.networks[2] = nodes.start(2, known=(1,))
+        nodes.settle()
+        nodes.networks[2].abort()
+        nodes.settle(0.5)
+        self.assertEqual(nodes.receivers[1].kinds(), ["established", "lost"])
+        nodes.start(2, known=(1,))
+        nodes.settle(10)
+        self.assertEqual(
+            nodes.receivers[1].kinds(), ["established", "lost", "established"]
+        )
+        self.assertEqual(nodes.receivers[2].kinds(), ["established"])
+
+    def test_backoff_grows_while_unreachable(self) -> None:
+        """
+        While the peer is unreachable, attempts back off exponentially up to
+        the maximum: with 50 ms doubling to 1 s, about 9 attempts in 5 s.
+        """
+        nodes = Nodes(reconnect=Backoff(initial=0.05, maximum=1.0, jitter=0.0))
+        nodes.start(1, dial=(2,))
+        nodes.settle(5.0)
+        self.assertTrue(7 <= nodes.board.attempts["2"] <= 10, nodes.board.attempts)
+        nodes.start(2, known=(1,))
+        nodes.settle(1.1)
+        self.assertEqual(nodes.receivers[1].kinds(), ["established"])
+
+    def test_start_fails_when_an_endpoint_cannot_listen(self) -> None:
+        """
+        If one endpoint cannot listen, start() fails with its error and the
+        endpoints that did listen are closed again.
+        """
+        nodes = Nodes()
+        nodes.board.server("taken").listen(Factory.forProtocol(Protocol))
+        network = StreamNetwork(
+            1,
+            listen=[nodes.board.server("free"), nodes.board.server("taken")],
+            keys={2: pair_key(1, 2)},
+            reactor=nodes.clock,
+        )
+        started = network.start(RecordingReceiver())
+        nodes.settle()
+        self.failureResultOf(started, OSError)
+        self.assertNotIn("free", nodes.board.listeners)
+
+    def test_stop(self) -> None:
+        """
+        stop() closes the links cleanly (what was sent arrives), reports
+        link_lost before its Deferred fires, closes the server-side
+        connections, stops listening, and nothing is reported after.
+        """
+        nodes = Nodes()
+        nodes.start(1, known=(2,))
+        b = nodes.start(2, dial=(1,))
+        nodes.settle()
+        nodes.networks[1].send_frames(2, [b"last words"])
+        stopped = nodes.networks[1].stop()
+        nodes.settle(1)
+        self.successResultOf(stopped)
+        self.assertEqual(nodes.receivers[2].frames[1], [b"last words"])
+        self.assertEqual(nodes.receivers[1].kinds(), ["established", "lost"])
+        self.assertEqual(nodes.board.pipes, [])
+        self.assertNotIn("1", nodes.board.listeners)
+        nodes.settle(5)
+        self.assertEqual(nodes.receivers[1].kinds(), ["established", "lost"])
+        self.assertEqual(b.connected_peers(), frozenset())
+
+    def test_stop_aborts_stalled_peer(self) -> None:
+        """
+        A peer that stops reading cannot hold stop() up: after close_grace
+        the connection is aborted.
+        """
+        nodes = Nodes(close_grace=2.0)
+        nodes.start(1, known=(2,))
+        nodes.start(2, dial=(1,))
+        nodes.settle()
+        [pipe] = nodes.board.pipes
+        pipe.stall(0)
+        pipe.stall(1)
+        nodes.networks[1].send_frames(2, [b"x"])
+        stopped = nodes.networks[1].stop()
+        nodes.settle(1.0)
+        self.assertNoResult(stopped)
+        nodes.settle(1.5)
+        self.successResultOf(stopped)
+
+
+class SimultaneousDialTests(SynchronousTestCase):
+    def run_dial(self, delay: float, latency: float, seed: int) -> Nodes:
+        nodes = Nodes(seed=seed, latency=latency)
+        nodes.start(1, dial=(2,))
+        nodes.settle(delay)
+        nodes.start(2, dial=(1,))
+        nodes.settle(2.0)
+        return nodes
+
+    def test_exactly_one_link(self) -> None:
+        """
+        When both nodes dial each other at once (over many timings), exactly
+        one connection survives, each side sees a single link_established
+        and no link_lost, and frames flow over the link.
+        """
+        for seed in range(40):
+            rng = random.Random(seed)
+            delay = rng.choice([0.0, 0.0005, 0.001, 0.002, 0.003, 0.01])
+            latency = rng.choice([0.0005, 0.001, 0.003])
+            nodes = self.run_dial(delay, latency, seed)
+            context = f"seed {seed}: delay {delay}, latency {latency}"
+            self.assertEqual(nodes.receivers[1].kinds(), ["established"], context)
+            self.assertEqual(nodes.receivers[2].kinds(), ["established"], context)
+            self.assertEqual(len(nodes.board.pipes), 1, context)
+            nodes.networks[2].send_frames(1, [b"over the link"])
+            nodes.settle(0.1)
+            self.assertEqual(nodes.receivers[1].frames[2], [b"over the link"], context)
+
+    def test_smaller_id_connection_wins(self) -> None:
+        """
+        When both connections authenticate at the same time, the one
+        initiated by the smaller id is the link.
+        """
+        nodes = self.run_dial(0.0, 0.001, 0)
+        [pipe] = nodes.board.pipes
+        # The client end of the surviving pipe belongs to node 1.
+        self.assertEqual(pipe.ends[0].protocol.initiated, True)  # type: ignore[union-attr]
+        self.assertEqual(pipe.ends[0].protocol._network.local_id, 1)  # type: ignore[union-attr]
+
+    def test_string_and_int_ids(self) -> None:
+        """
+        Mixed int and str ids resolve a simultaneous dial too (ints order
+        before strings).
+        """
+        nodes = Nodes()
+        nodes.start("alpha", dial=(7,))
+        nodes.start(7, dial=("alpha",))
+        nodes.settle(2.0)
+        self.assertEqual(nodes.receivers["alpha"].kinds(), ["established"])
+        self.assertEqual(nodes.receivers[7].kinds(), ["established"])
+        [pipe] = nodes.board.pipes
+        self.assertEqual(pipe.ends[0].protocol._network.local_id, 7)  # type: ignore[union-attr]
+
+    def test_no_dialling_while_peer_linked(self) -> None:
+        """
+        A node whose link was initiated by its peer does not dial that peer,
+        and dials again once the link is lost.
+        """
+        nodes = Nodes()
+        nodes.start(1, dial=(2,))
+        nodes.start(2, dial=(1,))
+        nodes.settle(2.0)
+        attempts = dict(nodes.board.attempts)
+        nodes.settle(30.0)
+        self.assertEqual(nodes.board.attempts, attempts)
+        nodes.board.cut_all()
+        nodes.settle(1.0)
+        self.assertEqual(
+            nodes.receivers[2].kinds(), ["established", "lost", "established"]
+        )
+
+
+class KeepaliveTests(SynchronousTestCase):
+    def test_idle_link_stays_up(self) -> None:
+        """
+        A link with no traffic exchanges PING/PONG and stays up.
+        """
+        nodes = Nodes(keepalive_interval=1.0, idle_timeout=3.0)
+        nodes.start(1, dial=(2,))
+        nodes.start(2, known=(1,))
+        nodes.settle(60.0)
+        self.assertEqual(nodes.receivers[1].kinds(), ["established"])
+        [pipe] = nodes.board.pipes
+        self.assertGreater(pipe.bytes_delivered[0], 60 * 13)
+
+    def test_half_open_detected(self) -> None:
+        """
+        A connection that silently stops carrying bytes (half-open) is
+        closed with LinkTimeout after the idle timeout, logged as
+        link_timeout, and the link is then re-established.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes(keepalive_interval=1.0, idle_timeout=3.0)
+        nodes.start(1, dial=(2,))
+        nodes.start(2, known=(1,))
+        nodes.settle(1.0)
+        [pipe] = nodes.board.pipes
+        pipe.blackhole()
+        nodes.settle(2.5)
+        self.assertEqual(nodes.receivers[1].kinds(), ["established"])
+        nodes.settle(2.0)
+        self.assertEqual(nodes.receivers[1].kinds()[:2], ["established", "lost"])
+        reason = nodes.receivers[1].lost_reasons()[0]
+        self.assertTrue(reason.check(LinkTimeout), reason)
+        self.assertTrue(logs.named("link_timeout"))
+        nodes.settle(2.0)
+        self.assertEqual(nodes.receivers[1].kinds()[-1], "established")
+
+    def test_handshake_timeout(self) -> None:
+        """
+        A connection that never completes the handshake is aborted after
+        handshake_timeout, with a LinkTimeout log event.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes(handshake_timeout=2.0)
+        nodes.start(1, known=(2,))
+        raw = raw_connect(nodes, "1")
+        nodes.settle(1.9)
+        self.assertIsNone(raw.lost)
+        nodes.settle(0.2)
+        self.assertIsNotNone(raw.lost)
+        self.assertEqual(raw.received, b"")
+        [event] = logs.named("link_timeout")
+        self.assertEqual(event["kind"], "LinkTimeout")
+
+
+class BackpressureTests(SynchronousTestCase):
+    def test_pause_and_resume(self) -> None:
+        """
+        When the peer stops reading and the transport's buffer fills, ILM is
+        told link_paused; when it drains, link_resumed.  Other links are not
+        paused.
+        """
+        nodes = Nodes()
+        a = nodes.start(1, dial=(2, 3))
+        nodes.start(2, known=(1,))
+        nodes.start(3, known=(1,))
+        nodes.settle()
+        pipe = next(
+            p
+            for p in nodes.board.pipes
+            if p.ends[1].protocol._network.local_id == 2  # type: ignore[union-attr]
+        )
+        pipe.stall(1)
+        for _ in range(40):
+            a.send_frames(2, [b"x" * 10_000])
+        self.assertEqual(nodes.receivers[1].kinds(2)[-1], "paused")
+        self.assertNotIn("paused", nodes.receivers[1].kinds(3))
+        pipe.stall(1, False)
+        nodes.settle(0.1)
+        self.assertEqual(nodes.receivers[1].kinds(2)[-1], "resumed")
+        self.assertEqual(len(nodes.receivers[2].frames[1]), 40)
+
+
+class AuthenticationTests(SynchronousTestCase):
+    def attempt(
+        self, claimed: PeerId, key: bytes, nodes: Nodes | None = None
+    ) -> tuple[Nodes, RawPeer, LogCapture]:
+        logs = LogCapture(self)
+        if nodes is None:
+            nodes = Nodes()
+            nodes.start(2, known=(1, 3))
+        raw = raw_connect(nodes, "2")
+        handshake = LinkHandshake(
+            claimed, 2, keys=PreSharedKeys({2: key}), certificates=False
+        )
+        assert raw.transport is not None
+        for frame in handshake.start():
+            raw.transport.write(frame)
+        nodes.settle(0.01)
+        [(kind, body)] = frames(raw.received)
+        for reply in handshake.receive(kind, body, lambda: 2):
+            raw.transport.write(reply)
+        nodes.settle(0.1)
+        return nodes, raw, logs
+
+    def assert_refused(self, nodes: Nodes, raw: RawPeer) -> None:
+        self.assertIsNotNone(raw.lost)
+        self.assertEqual([kind for kind, _ in frames(raw.received)], [_wire.CHALLENGE])
+        self.assertEqual(nodes.receivers[2].events, [])
+
+    def test_wrong_key(self) -> None:
+        """
+        A peer with the wrong key is refused with an authentication_failed
+        event, learns nothing beyond the CHALLENGE nonce, and ILM sees
+        nothing.
+        """
+        nodes, raw, logs = self.attempt(1, b"w" * 32)
+        self.assert_refused(nodes, raw)
+        [event] = logs.named("authentication_failed")
+        self.assertEqual(event["kind"], "AuthenticationFailed")
+        self.assertEqual(event["claimed_id"], 1)
+
+    def test_unconfigured_peer(self) -> None:
+        """
+        A peer whose id is not configured gets AuthenticationFailed, after the
+        same CHALLENGE a configured one gets.
+        """
+        nodes, raw, logs = self.attempt(99, b"u" * 32)
+        self.assert_refused(nodes, raw)
+        [event] = logs.named("authentication_failed")
+        self.assertIn("not configured", event["reason"])
+
+    def test_spoofed_peer(self) -> None:
+        """
+        Node 3 claiming to be node 1 (with its own key) is refused with
+        SpoofedPeer and a spoofed_peer event naming both ids.
+        """
+        nodes, raw, logs = self.attempt(1, pair_key(2, 3))
+        self.assert_refused(nodes, raw)
+        [event] = logs.named("spoofed_peer")
+        self.assertEqual(event["kind"], "SpoofedPeer")
+        self.assertIn("key of 3", event["reason"])
+
+    def test_refused_peer_does_not_disturb_links(self) -> None:
+        """
+        A failed authentication leaves the node's existing links alone.
+        """
+        nodes = Nodes()
+        nodes.start(2, known=(1, 3))
+        nodes.start(1, dial=(2,))
+        nodes.settle()
+        self.attempt(3, b"w" * 32, nodes)
+        nodes.networks[1].send_frames(2, [b"still here"])
+        nodes.settle()
+        self.assertEqual(nodes.receivers[2].kinds(), ["established", "frame"])
+
+    def test_legitimate_peer_redials_after_refusals(self) -> None:
+        """
+        The dialler's handshake failing (a node answering with the wrong
+        key) counts as a failed attempt: it backs off and keeps trying.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes(reconnect=Backoff(initial=0.05, maximum=0.4, jitter=0.0))
+        nodes.start(2, keys={1: b"x" * 32})
+        nodes.start(1, dial=(2,))
+        nodes.settle(3.0)
+        self.assertGreaterEqual(len(logs.named("authentication_failed")), 8)
+        self.assertEqual(nodes.receivers[1].events, [])
+        self.assertEqual(nodes.receivers[2].events, [])
+
+
+class HostileInputTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.logs = LogCapture(self)
+        self.nodes = Nodes()
+        self.nodes.start(2, known=(1, 3))
+        self.nodes.start(3, dial=(2,))
+        self.nodes.settle()
+
+    def send_raw(self, data: bytes, authenticated: bool = False) -> RawPeer:
+        if authenticated:
+            raw = authenticate(self.nodes, 1, 2, pair_key(1, 2))
+        else:
+            raw = raw_connect(self.nodes, "2")
+        assert raw.transport is not None
+        raw.transport.write(data)
+        self.nodes.settle(0.1)
+        return raw
+
+    def assert_closed(self, raw: RawPeer, error: type[Exception]) -> None:
+        self.assertIsNotNone(raw.lost)
+        events = [
+            e
+            for e in self.logs.events
+            if e["ilm_event"]
+            in ("link_protocol_violation", "authentication_failed", "spoofed_peer")
+        ]
+        self.assertEqual([e["kind"] for e in events], [error.__name__])
+        # The other link is unaffected.
+        self.nodes.networks[3].send_frames(2, [b"unaffected"])
+        self.nodes.settle(0.1)
+        self.assertEqual(self.nodes.receivers[2].frames[3][-1], b"unaffected")
+
+    def test_garbage(self) -> None:
+        """
+        Garbage bytes (an HTTP request) close the connection with
+        FrameTooLarge (its first four bytes read as a huge length).
+        """
+        raw = self.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assert_closed(raw, FrameTooLarge)
+        self.assertEqual(raw.received, b"")
+
+    def test_unknown_frame_type(self) -> None:
+        """
+        An unknown link frame type is UnknownFrameType.
+        """
+        raw = self.send_raw(b"\x00\x00\x00\x02\x7f\x00")
+        self.assert_closed(raw, UnknownFrameType)
+
+    def test_zero_length(self) -> None:
+        """
+        A zero-length frame is MalformedFrame.
+        """
+        self.assert_closed(self.send_raw(b"\x00\x00\x00\x00"), MalformedFrame)
+
+    def test_oversized_before_authentication(self) -> None:
+        """
+        Before authentication, a frame over 1 KiB is refused on its length
+        prefix alone.
+        """
+        raw = self.send_raw(_wire.data_header(2000))
+        self.assert_closed(raw, FrameTooLarge)
+
+    def test_oversized_after_authentication(self) -> None:
+        """
+        After authentication, a frame over max_frame_size is refused on its
+        length prefix; ILM is told the link was lost.
+        """
+        raw = self.send_raw(_wire.data_header(2**21), authenticated=True)
+        self.assert_closed(raw, FrameTooLarge)
+        self.assertEqual(self.nodes.receivers[2].kinds(1), ["established", "lost"])
+
+    def test_wrong_version(self) -> None:
+        """
+        A HELLO of another version is UnsupportedVersion.
+        """
+        hello = _wire.encode_hello(_wire.LinkHello(1, b"n" * 32, 1, 2))
+        bad = hello[:9] + b"\x00\x09" + hello[11:]
+        self.assert_closed(self.send_raw(bad), UnsupportedVersion)
+
+    def test_data_before_authentication(self) -> None:
+        """
+        DATA before the handshake is UnexpectedFrame and reaches nobody.
+        """
+        raw = self.send_raw(_wire.data_header(3) + b"abc")
+        self.assert_closed(raw, UnexpectedFrame)
+        self.assertNotIn(1, self.nodes.receivers[2].frames)
+
+    def test_handshake_frame_after_link_up(self) -> None:
+        """
+        A handshake frame on a link that is up is UnexpectedFrame; the frames
+        before it were delivered.
+        """
+        data = (
+            _wire.data_header(2)
+            + b"ok"
+            + _wire.encode_challenge(b"c" * 32)
+            + _wire.data_header(4)
+            + b"late"
+        )
+        raw = self.send_raw(data, authenticated=True)
+        self.assert_closed(raw, UnexpectedFrame)
+        self.assertEqual(self.nodes.receivers[2].frames[1], [b"ok"])
+
+    def test_truncated_frame(self) -> None:
+        """
+        A connection that ends in the middle of a frame delivers nothing of
+        it; the link is reported lost.
+        """
+        raw = self.send_raw(_wire.data_header(10) + b"12345", authenticated=True)
+        assert raw.transport is not None
+        raw.transport.loseConnection()
+        self.nodes.settle(0.1)
+        self.assertNotIn(1, self.nodes.receivers[2].frames)
+        self.assertEqual(self.nodes.receivers[2].kinds(1), ["established", "lost"])
+
+    def test_malformed_ping(self) -> None:
+        """
+        A PING of the wrong size is MalformedFrame.
+        """
+        raw = self.send_raw(_wire.encode_frame(_wire.PING, b"xyz"), authenticated=True)
+        self.assert_closed(raw, MalformedFrame)
+
+    def test_empty_data(self) -> None:
+        """
+        A DATA link frame without a session frame is MalformedFrame.
+        """
+        raw = self.send_raw(_wire.encode_frame(_wire.DATA), authenticated=True)
+        self.assert_closed(raw, MalformedFrame)
+
+    def test_link_up_from_larger_id(self) -> None:
+        """
+        A LINK_UP from the node that does not decide (the larger id) is
+        UnexpectedFrame.
+        """
+        nodes = self.nodes
+        raw = raw_connect(nodes, "2")
+        handshake = LinkHandshake(
+            3, 2, keys=PreSharedKeys({2: pair_key(2, 3)}), certificates=False
+        )
+        assert raw.transport is not None
+        for frame in handshake.start():
+            raw.transport.write(frame)
+        nodes.settle(0.01)
+        for reply in handshake.receive(*frames(raw.received)[0], lambda: 2):
+            raw.transport.write(reply)
+        nodes.settle(0.01)
+        raw.transport.write(_wire.encode_frame(_wire.LINK_UP))
+        nodes.settle(0.01)
+        self.assertIsNotNone(raw.lost)
+        [event] = self.logs.named("link_protocol_violation")
+        self.assertEqual(event["kind"], "UnexpectedFrame")
+
+
+class PublicNamesTests(SynchronousTestCase):
+    def test_reexports(self) -> None:
+        """
+        ilm.network's public names are the private implementations.
+        """
+        import ilm.network
+        from ilm.network import _handshake, _stream, _tls
+
+        for name, module in (
+            ("StreamNetwork", _stream),
+            ("ILMProtocol", _stream),
+            ("ILMFactory", _stream),
+            ("LinkSettings", _stream),
+            ("Backoff", _stream),
+            ("PreSharedKeys", _handshake),
+            ("TLSCredentials", _tls),
+            ("fingerprint", _tls),
+            ("node_uri", _tls),
+        ):
+            self.assertIs(getattr(ilm.network, name), getattr(module, name))
+            self.assertIn(name, ilm.network.__all__)

@@ -1,0 +1,315 @@
+"""
+The stream transport's wire format: encoding, decoding, limits, and a
+property-based fuzz of the frame decoder.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm.errors import (
+    FrameTooLarge,
+    MalformedFrame,
+    ProtocolViolation,
+    UnknownFrameType,
+    UnsupportedVersion,
+)
+from ilm.network import _wire
+from ilm.network._wire import FrameParser, LinkHello
+
+NONCE = bytes(range(32))
+
+
+def parse_all(data: bytes, limit: int = 1 << 20) -> list[tuple[int, bytes]]:
+    parser = FrameParser(limit)
+    parser.feed(data)
+    frames = []
+    while (frame := parser.next_frame()) is not None:
+        frames.append(frame)
+    return frames
+
+
+class IdTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """
+        Int and str ids survive encoding, including the extremes.
+        """
+        for peer_id in (0, 1, 2**63 - 1, "a", "é" * 127, "x" * 255):
+            raw = _wire.encode_id(peer_id)
+            self.assertEqual(_wire.decode_id(raw + b"tail", 0), (peer_id, len(raw)))
+
+    def test_invalid(self) -> None:
+        """
+        Truncated ids, unknown kinds, ints at 2**63, empty or non-UTF-8
+        strings are MalformedFrame.
+        """
+        for raw in (
+            b"",
+            b"\x01\x00",
+            b"\x01" + struct.pack(">Q", 2**63),
+            b"\x02\x00",
+            b"\x02\x05abc",
+            b"\x02\x01\xff",
+            b"\x03",
+        ):
+            self.assertRaises(MalformedFrame, _wire.decode_id, raw, 0)
+
+    def test_total_order(self) -> None:
+        """
+        Every int sorts before every str; ints by value, strs by UTF-8 bytes.
+        """
+        ids: list[int | str] = ["b", 10, "a", 2, "é", "ab"]
+        self.assertEqual(
+            sorted(ids, key=_wire.id_order_key), [2, 10, "a", "ab", "b", "é"]
+        )
+
+
+class FrameTests(SynchronousTestCase):
+    def test_hello_round_trip(self) -> None:
+        """
+        A HELLO decodes to what was encoded.
+        """
+        hello = LinkHello(_wire.LINK_VERSION, NONCE, "alice", 7)
+        [(kind, body)] = parse_all(_wire.encode_hello(hello))
+        self.assertEqual(kind, _wire.HELLO)
+        self.assertEqual(_wire.decode_hello(body), hello)
+
+    def test_hello_rejections(self) -> None:
+        """
+        A wrong magic or flags, a truncated body or trailing bytes are
+        MalformedFrame; another version is UnsupportedVersion.
+        """
+        body = parse_all(_wire.encode_hello(LinkHello(1, NONCE, 1, 2)))[0][1]
+        self.assertRaises(MalformedFrame, _wire.decode_hello, b"XXXX" + body[4:])
+        self.assertRaises(MalformedFrame, _wire.decode_hello, body[:20])
+        self.assertRaises(MalformedFrame, _wire.decode_hello, body + b"\x00")
+        self.assertRaises(
+            MalformedFrame, _wire.decode_hello, body[:6] + b"\x01" + body[7:]
+        )
+        error = self.assertRaises(
+            UnsupportedVersion,
+            _wire.decode_hello,
+            body[:4] + struct.pack(">H", 2) + body[6:],
+        )
+        self.assertIn("version 2", str(error))
+
+    def test_fixed_bodies(self) -> None:
+        """
+        CHALLENGE, PROOF/ACCEPT, LINK_UP, PING/PONG and DATA check their
+        sizes.
+        """
+        self.assertEqual(_wire.decode_challenge(NONCE), NONCE)
+        self.assertRaises(MalformedFrame, _wire.decode_challenge, NONCE[:-1])
+        self.assertEqual(_wire.decode_mac(b"", "PROOF"), b"")
+        self.assertEqual(_wire.decode_mac(NONCE, "PROOF"), NONCE)
+        self.assertRaises(MalformedFrame, _wire.decode_mac, b"x", "PROOF")
+        self.assertRaises(MalformedFrame, _wire.check_empty, b"x", "LINK_UP")
+        [(kind, body)] = parse_all(_wire.encode_ping(2**64 - 1))
+        self.assertEqual(
+            (kind, _wire.decode_token(body, "PING")), (_wire.PING, 2**64 - 1)
+        )
+        self.assertRaises(MalformedFrame, _wire.decode_token, b"1234567", "PONG")
+        self.assertRaises(MalformedFrame, _wire.decode_data, b"")
+
+    def test_data_header(self) -> None:
+        """
+        A DATA header followed by a session frame is one DATA link frame.
+        """
+        wire = _wire.data_header(3) + b"abc" + _wire.data_header(1) + b"z"
+        self.assertEqual(parse_all(wire), [(_wire.DATA, b"abc"), (_wire.DATA, b"z")])
+
+    def test_mac_binds_everything(self) -> None:
+        """
+        Changing the key, role, version, either nonce or either id changes the
+        MAC.
+        """
+        args = (b"k" * 32, _wire.INITIATOR_ROLE, 1, NONCE, NONCE[::-1], 1, 2)
+        base = _wire.link_mac(*args)
+        variants = [
+            (b"j" * 32, *args[1:]),
+            (args[0], _wire.RESPONDER_ROLE, *args[2:]),
+            (*args[:2], 2, *args[3:]),
+            (*args[:3], NONCE[::-1], *args[4:]),
+            (*args[:4], NONCE, *args[5:]),
+            (*args[:5], 2, 1),
+            (*args[:5], "1", 2),
+        ]
+        for variant in variants:
+            self.assertNotEqual(_wire.link_mac(*variant), base, variant)
+
+
+class ParserTests(SynchronousTestCase):
+    def test_chunked(self) -> None:
+        """
+        Frames split at every possible byte boundary parse the same.
+        """
+        wire = (
+            _wire.encode_ping(5)
+            + _wire.data_header(10)
+            + b"0123456789"
+            + _wire.encode_frame(_wire.LINK_UP)
+        )
+        expected = parse_all(wire)
+        for cut in range(len(wire) + 1):
+            parser = FrameParser(1000)
+            frames = []
+            for chunk in (wire[:cut], wire[cut:]):
+                parser.feed(chunk)
+                while (frame := parser.next_frame()) is not None:
+                    frames.append(frame)
+            self.assertEqual(frames, expected)
+            self.assertEqual(parser.buffered(), 0)
+
+    def test_limit_checked_on_prefix(self) -> None:
+        """
+        A length over the limit is refused as soon as its 4-byte prefix
+        arrives: nothing of the body needs to be buffered.
+        """
+        parser = FrameParser(1024)
+        parser.feed(struct.pack(">I", 1025))
+        error = self.assertRaises(FrameTooLarge, parser.next_frame)
+        self.assertEqual((error.size, error.limit), (1025, 1024))
+        parser = FrameParser(1024)
+        parser.feed(struct.pack(">I", 2**32 - 1))
+        self.assertRaises(FrameTooLarge, parser.next_frame)
+
+    def test_limit_exact(self) -> None:
+        """
+        A frame exactly at the limit is accepted.
+        """
+        body = b"x" * 99
+        self.assertEqual(
+            parse_all(_wire.data_header(99) + body, limit=100), [(6, body)]
+        )
+
+    def test_zero_length_and_unknown_type(self) -> None:
+        """
+        A zero length is MalformedFrame; an unknown type byte is
+        UnknownFrameType.
+        """
+        self.assertRaises(MalformedFrame, parse_all, b"\x00\x00\x00\x00")
+        self.assertRaises(UnknownFrameType, parse_all, b"\x00\x00\x00\x01\x99")
+        self.assertRaises(UnknownFrameType, parse_all, b"\x00\x00\x00\x01\x00")
+
+    def test_large_frame_in_small_chunks(self) -> None:
+        """
+        A frame at the default limit (1 MiB + 4 KiB) fed 1 KiB at a time is
+        parsed once complete, and the buffer holds no more than it.
+        """
+        size = 1024 * 1024 + 4096
+        wire = _wire.data_header(size) + b"y" * size
+        parser = FrameParser(_wire.frame_limit(size))
+        for offset in range(0, len(wire), 1024):
+            self.assertIsNone(parser.next_frame())
+            parser.feed(wire[offset : offset + 1024])
+        frame = parser.next_frame()
+        assert frame is not None
+        self.assertEqual(len(frame[1]), size)
+        self.assertEqual(parser.buffered(), 0)
+
+
+def decode_everything(data: bytes, cuts: list[int], limit: int) -> int:
+    """
+    Feed ``data`` in pieces and decode every frame body by its type; return
+    how many frames came out.  Only ProtocolViolation may escape.
+    """
+    parser = FrameParser(limit)
+    count = 0
+    start = 0
+    for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
+        parser.feed(data[start:cut])
+        start = max(start, cut)
+        while (frame := parser.next_frame()) is not None:
+            kind, body = frame
+            count += 1
+            decode_body(kind, body)
+    return count
+
+
+def decode_body(kind: int, body: bytes) -> None:
+    if kind == _wire.HELLO:
+        _wire.decode_hello(body)
+    elif kind == _wire.CHALLENGE:
+        _wire.decode_challenge(body)
+    elif kind in (_wire.PROOF, _wire.ACCEPT):
+        _wire.decode_mac(body, "MAC")
+    elif kind == _wire.LINK_UP:
+        _wire.check_empty(body, "LINK_UP")
+    elif kind in (_wire.PING, _wire.PONG):
+        _wire.decode_token(body, "PING")
+    else:
+        _wire.decode_data(body)
+
+
+valid_frames = st.one_of(
+    st.builds(
+        lambda n, s, d: _wire.encode_hello(LinkHello(1, n, s, d)),
+        st.binary(min_size=32, max_size=32),
+        st.one_of(st.integers(0, 2**63 - 1), st.text(min_size=1, max_size=20)),
+        st.one_of(st.integers(0, 2**63 - 1), st.text(min_size=1, max_size=20)),
+    ),
+    st.builds(_wire.encode_challenge, st.binary(min_size=32, max_size=32)),
+    st.builds(_wire.encode_ping, st.integers(0, 2**64 - 1)),
+    st.builds(lambda b: _wire.data_header(len(b)) + b, st.binary(min_size=1)),
+)
+
+
+class FuzzTests(SynchronousTestCase):
+    @settings(max_examples=400, deadline=None)
+    @given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=6))
+    def test_arbitrary_bytes(self, data: bytes, cuts: list[int]) -> None:
+        """
+        Arbitrary bytes, cut anywhere, either decode or raise a
+        ProtocolViolation: never another exception.
+        """
+        try:
+            decode_everything(data, cuts, 200)
+        except ProtocolViolation:
+            pass
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(valid_frames, min_size=1, max_size=5),
+        st.lists(st.integers(0, 2000), max_size=6),
+        st.integers(0, 2000),
+        st.integers(0, 255),
+    )
+    def test_mutated_valid_frames(
+        self, frames: list[bytes], cuts: list[int], position: int, value: int
+    ) -> None:
+        """
+        Valid frames round-trip whatever the chunking; with one byte changed
+        they still either decode or raise a ProtocolViolation.
+        """
+        data = b"".join(frames)
+        self.assertEqual(decode_everything(data, cuts, 1 << 16), len(frames))
+        mutated = bytearray(data)
+        mutated[position % len(data)] = value
+        try:
+            decode_everything(bytes(mutated), cuts, 1 << 16)
+        except ProtocolViolation:
+            pass
+
+
+class FuzzCommandTests(SynchronousTestCase):
+    def test_short_run(self) -> None:
+        """
+        The fuzz command runs the requested number of inputs through the
+        decoder and a responder protocol, and reports the count.
+        """
+        import contextlib
+        import io
+
+        from ilm.network import fuzz
+
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            status = fuzz.main(
+                ["--inputs", "3000", "--seed", "7", "--protocol-share", "0.5"]
+            )
+        self.assertEqual(status, 0, output.getvalue())
+        self.assertIn("3,000 inputs fuzzed (seed 7)", output.getvalue())
