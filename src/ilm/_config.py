@@ -14,6 +14,11 @@ def _positive(instance: object, attribute: attr.Attribute[Any], value: Any) -> N
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
 
 
+def _not_negative(instance: object, attribute: attr.Attribute[Any], value: Any) -> None:
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class Config:
     """
@@ -41,6 +46,13 @@ class Config:
         peer's has not arrived (lossy networks).
         ``ack_delay``: how soon a receiver confirms data it holds but could
         not yet deliver.
+        ``mark_delay``: how long a delivery mark may wait for more deliveries
+        to share its commit (fewer fsyncs; acknowledgements leave that much
+        later, and a receiver crash can repeat that much more).
+        ``delete_delay``: how long the deletion of acknowledged messages may
+        wait to share a commit (a crash before it only causes resends that
+        the peer takes as duplicates).  Sends never wait: a commit starts as
+        soon as the previous one has finished.
         ``delivery_retry`` (doubling up to ``max_delivery_retry``): backoff
         after the delivery target fails.
         ``store_retry`` (doubling up to ``max_store_retry``): backoff after a
@@ -59,6 +71,8 @@ class Config:
     max_retransmit_timeout: float = attr.ib(default=30.0, validator=_positive)
     handshake_retry: float = attr.ib(default=1.0, validator=_positive)
     ack_delay: float = attr.ib(default=0.1, validator=_positive)
+    mark_delay: float = attr.ib(default=0.002, validator=_not_negative)
+    delete_delay: float = attr.ib(default=0.05, validator=_not_negative)
     delivery_retry: float = attr.ib(default=0.1, validator=_positive)
     max_delivery_retry: float = attr.ib(default=30.0, validator=_positive)
     store_retry: float = attr.ib(default=0.1, validator=_positive)

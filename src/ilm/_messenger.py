@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -268,6 +269,10 @@ class ILM(Service):
         self._bookkeeping = StoreBatch()
         self._committing = False
         self._flush_call: IDelayedCall | None = None
+        # The earliest moment some pending work asked to be committed by, and
+        # whether a send asked for "now" since the last flush.
+        self._flush_due = math.inf
+        self._flush_now = False
         self._store_delay = config.store_retry
         self._drain_waiters: list[Deferred[None]] = []
         self._idle_waiters: list[Deferred[None]] = []
@@ -478,8 +483,9 @@ class ILM(Service):
         peer.pending_deferreds.append(d)
         peer.outbox_count += 1
         peer.outbox_bytes += size
-        if self._flush_call is None and not self._committing:
-            self._flush_call = self._later(0, self._flush)
+        if not self._flush_now:
+            self._flush_now = True
+            self._schedule_flush(0)
         return d
 
     def _new_peer(self, peer_id: PeerId) -> _Peer:
@@ -500,11 +506,38 @@ class ILM(Service):
     # -- group commit --------------------------------------------------------
 
     def _schedule_flush(self, delay: float = 0) -> None:
-        if self._flush_call is None and not self._committing:
+        """
+        Ask for a commit within ``delay`` seconds.  Requests share commits:
+        whatever is pending when the earliest deadline comes goes into one
+        batch, and while a commit runs, the next waits for it to finish.
+        """
+        due = self._clock.seconds() + delay
+        if due >= self._flush_due:
+            return
+        self._flush_due = due
+        if self._committing:
+            return
+        call = self._flush_call
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
             self._flush_call = self._later(delay, self._flush)
+
+    def _schedule_pending_flush(self) -> None:
+        """
+        After a commit: schedule the next one for the earliest deadline asked
+        for while it ran.
+        """
+        due = self._flush_due
+        if due == math.inf:
+            return
+        self._flush_due = math.inf
+        self._schedule_flush(max(0.0, due - self._clock.seconds()))
 
     def _flush(self) -> None:
         self._flush_call = None
+        self._flush_due = math.inf
+        self._flush_now = False
         if self._committing or self._state not in (_RUNNING, _STOPPING):
             return
         batch = self._bookkeeping
@@ -568,10 +601,8 @@ class ILM(Service):
             peer_id = peer.peer_id
             for offset, d in enumerate(deferreds):
                 d.callback(Receipt(self, peer_id, first + offset))
-        if self._send_peers or self._bookkeeping:
-            self._schedule_flush()
-        else:
-            self._notify_idle()
+        self._schedule_pending_flush()
+        self._notify_idle()
         self._check_drained()
 
     def _commit_failed(
@@ -603,15 +634,18 @@ class ILM(Service):
             ilm_event="store_commit_failed",
         )
         self._bookkeeping.merge_bookkeeping(batch)
-        if self._send_peers:
-            self._schedule_flush()
-        elif self._bookkeeping:
+        self._schedule_pending_flush()
+        if self._bookkeeping:
             self._schedule_flush(delay)
-        else:
-            self._notify_idle()
+        self._notify_idle()
 
     def _notify_idle(self) -> None:
-        if self._idle_waiters and not self._committing and not self._bookkeeping:
+        if (
+            self._idle_waiters
+            and not self._committing
+            and not self._bookkeeping
+            and not self._send_peers
+        ):
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
@@ -991,18 +1025,20 @@ class ILM(Service):
                     peer.retransmit_delay, self._retransmit, peer
                 )
         self._pump(peer)
-        if newly:
-            self._check_drained()
 
     def _acknowledged(self, peer: _Peer, newly: int) -> None:
         acked = peer.out.acked
         peer.outbox_count -= newly
         self._bookkeeping.acked[peer.peer_id] = acked
-        self._schedule_flush()
+        # Deleting acknowledged messages can wait to share a commit: if it is
+        # lost in a crash, they are sent again and the peer takes them as
+        # duplicates.
+        self._schedule_flush(self._config.delete_delay)
         waiters = peer.waiters
         while waiters and waiters[0][0] <= acked:
             _, _, d, receipt = heapq.heappop(waiters)
             d.callback(receipt)
+        self._check_drained()
 
     def _when_acknowledged(self, receipt: Receipt) -> Deferred[Receipt]:
         peer = self._peers.get(receipt.peer_id)
@@ -1099,7 +1135,7 @@ class ILM(Service):
                     self._bookkeeping.delivered[key] = stream.delivered
                     marks = True
         if marks:
-            self._schedule_flush()
+            self._schedule_flush(self._config.mark_delay)
         stream_now = peer.current_stream()
         if (
             stream_now is not None
@@ -1350,16 +1386,14 @@ class ILM(Service):
         return d
 
     def _store_idle(self) -> Deferred[None]:
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
-        if not self._committing and not self._bookkeeping:
+        """
+        Commit everything pending now; fire once nothing is left to commit.
+        """
+        if not self._committing and not self._bookkeeping and not self._send_peers:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle_waiters.append(d)
-        if not self._committing:
-            self._flush()
+        self._schedule_flush(0)
         return d
 
     def _stop_everything(self) -> None:
