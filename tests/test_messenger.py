@@ -311,6 +311,27 @@ class RefusalTests(SynchronousTestCase):
         failure = self.failureResultOf(self.a.send_to(2, b"y"), OutboxFull)
         self.assertEqual(failure.value.kind, "bytes")
 
+    def test_frame_limit_of_network(self) -> None:
+        """
+        ILM refuses a Config whose frames could exceed what its network
+        carries, instead of failing link after link later.
+        """
+        c = Cluster(max_frame_size=100_000)
+        self.assertRaises(
+            ValueError,
+            ILM,
+            InMemoryBackend(),
+            print,
+            c.network.add_peer(7),
+            config=Config(),
+        )
+        ILM(
+            InMemoryBackend(),
+            print,
+            c.network.add_peer(8),
+            config=Config(max_message_size=90_000, max_frame_size=100_000),
+        )
+
     def test_config_validation(self) -> None:
         """
         Config refuses non-positive limits and a frame size that cannot hold

@@ -249,6 +249,13 @@ class ILM(Service):
             raise TypeError(
                 f"config must be an ilm.Config, not {type(config).__name__}"
             )
+        limit = getattr(network, "max_frame_size", None)
+        if isinstance(limit, int) and config.max_frame_size > limit:
+            raise ValueError(
+                f"Config.max_frame_size ({config.max_frame_size}) exceeds what the "
+                f"network carries ({limit}): raise the network's limit or lower "
+                f"max_frame_size and max_message_size"
+            )
         if clock is None:
             from twisted.internet import reactor
 

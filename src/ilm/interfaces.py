@@ -162,6 +162,10 @@ class INetwork(Interface):
 
     local_id = Attribute("This node's id.")
 
+    # A network that limits the size of the frames it carries may also expose
+    # ``max_frame_size`` (an ``int``): ILM then refuses, when it is created, a
+    # ``Config`` whose frames could exceed it.
+
     def start(receiver: IFrameReceiver) -> Deferred[None] | None:
         """
         Begin reporting links and frames to ``receiver``.

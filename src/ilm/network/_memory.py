@@ -347,6 +347,11 @@ class InMemoryPeerNetwork:
             self.receiver = None
         return succeed(None)
 
+    @property
+    def max_frame_size(self) -> int | None:
+        """The network's frame size limit, if any."""
+        return self.network.max_frame_size
+
     def connected_peers(self) -> frozenset[PeerId]:
         return frozenset(
             peer

@@ -127,8 +127,9 @@ class LinkSettings:
     """
     Limits and timings of stream links (seconds).
 
-    - ``max_frame_size``: the largest ILM session frame accepted; keep it
-      equal to the node's ``Config.max_frame_size``.  A longer length prefix
+    - ``max_frame_size``: the largest ILM session frame accepted; at least
+      the node's ``Config.max_frame_size`` (ILM refuses to run over a
+      network with a smaller limit).  A longer length prefix
       closes the link (:class:`ilm.errors.FrameTooLarge`) before anything is
       buffered.  Before authentication the limit is 1 KiB.
     - ``handshake_timeout``: a connection must be authenticated and chosen
@@ -844,6 +845,11 @@ class StreamNetwork:
 
         DeferredList(waits, consumeErrors=True).addCallback(finished)
         return self._chain(stopping)
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest ILM frame a link carries (``settings.max_frame_size``)."""
+        return self.settings.max_frame_size
 
     def connected_peers(self) -> frozenset[PeerId]:
         return frozenset(self._links)
