@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, Config, Receipt, StoreBatch, _frames
+from ilm import ILM, Config, Message, Receipt, StoreBatch, _frames
 from ilm.errors import (
     InvalidPeerId,
     MessageTooLarge,
@@ -25,7 +25,7 @@ from ilm.errors import (
     StoreError,
     WrongSource,
 )
-from ilm.interfaces import IBackend
+from ilm.interfaces import IBackend, ILocalDelivery
 from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage, settle
 
 from .support import Cluster, numbered
@@ -185,7 +185,8 @@ class BasicTests(SynchronousTestCase):
         early = node.send_to(2, b"x")
         node.startService()
         self.failureResultOf(started, RuntimeError)
-        self.failureResultOf(early, RuntimeError)
+        refusal = self.failureResultOf(early, NotRunning)
+        self.assertIsInstance(refusal.value.__cause__, RuntimeError)
         self.assertTrue(backend.closed)
         self.failureResultOf(node.send_to(2, b"y"), NotRunning)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -206,6 +207,34 @@ class BasicTests(SynchronousTestCase):
         node.startService()
         self.failureResultOf(started, StoreError)
         self.flushLoggedErrors(StoreError)
+
+    def test_early_sends_keep_their_order(self) -> None:
+        """
+        Messages sent before the start completed take their positions before
+        anything sent from a start callback.
+        """
+        c = Cluster()
+        c.start(2)
+        backend = PausedOpen(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        node = ILM(backend, lambda m: None, c.network.add_peer(1), clock=c.clock)
+        node.when_started().addCallback(lambda _: node.send_to(2, b"second"))
+        node.startService()
+        node.send_to(2, b"first")
+        backend.release()
+        c.run_until(lambda: len(c.received(2, 1)) == 2)
+        self.assertEqual(c.received(2, 1), [b"first", b"second"])
+
+    def test_no_restart(self) -> None:
+        """
+        A stopped node refuses to start again, with a typed error.
+        """
+        c = Cluster()
+        a = c.start(1)
+        d = a.shutdown(1)
+        c.run_until(lambda: d.called)
+        self.assertRaises(NotRunning, a.startService)
 
     def test_service(self) -> None:
         """
@@ -396,6 +425,56 @@ class DeliveryTests(SynchronousTestCase):
         gate.callback(None)
         c.run_until(lambda: not a.pending_outbound())
         self.assertEqual(c.received(2, 1), [b"first", b"second"])
+
+    def test_async_provider(self) -> None:
+        """
+        An ILocalDelivery provider whose deliver is a coroutine function is
+        awaited: its failure is retried and its success acknowledged (a
+        coroutine is never taken for a finished delivery).
+        """
+        c = Cluster()
+        a = c.start(1)
+        attempts: list[bytes] = []
+        done: list[bytes] = []
+
+        @implementer(ILocalDelivery)
+        class AsyncTarget:
+            async def deliver(self, message: Message) -> None:
+                attempts.append(message.contents)
+                if len(attempts) == 1:
+                    raise RuntimeError("not yet")
+                done.append(message.contents)
+
+        node = ILM(
+            InMemoryBackend(), AsyncTarget(), c.network.add_peer(2), clock=c.clock
+        )
+        node.startService()
+        a.send_to(2, b"x")
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual((attempts, done), ([b"x", b"x"], [b"x"]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_bad_delivery_result(self) -> None:
+        """
+        A provider returning something other than None, a Deferred or an
+        awaitable has not delivered: the failure is logged (TypeError) and
+        the message is retried, not acknowledged.
+        """
+        c = Cluster()
+        a = c.start(1)
+        results: list[object] = [42, None]
+
+        @implementer(ILocalDelivery)
+        class Confused:
+            def deliver(self, message: Message) -> object:
+                return results.pop(0)
+
+        node = ILM(InMemoryBackend(), Confused(), c.network.add_peer(2), clock=c.clock)
+        node.startService()
+        a.send_to(2, b"x")
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(results, [])
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
     def test_deferred_queue_target(self) -> None:
         """
@@ -839,6 +918,80 @@ class ShutdownTests(SynchronousTestCase):
         self.failureResultOf(d, NotRunning)
         self.assertFalse(backend.closed)
 
+    def test_busy_receiver(self) -> None:
+        """
+        A node that keeps receiving while it shuts down (its commits slower
+        than the messages arriving) still finishes its shutdown: it waits for
+        one commit after the links close, not for a moment with nothing
+        pending.
+        """
+        c = Cluster()
+        a = c.start(1)
+        backend = SlowCommits(
+            InMemoryBackend(c.storages.setdefault(2, InMemoryStorage())), c.clock, 0.003
+        )
+        b = c.start(2, backend)
+        c.run_until(lambda: a.connected_peers())
+
+        def keep_sending() -> None:
+            if a._accepting:
+                a.send_to(2, b"more")
+                c.clock.callLater(0.001, keep_sending)
+
+        keep_sending()
+        c.clock.advance(0.05)
+        d = b.shutdown(timeout=5)
+        c.run_until(lambda: d.called, timeout=10)
+        self.successResultOf(d)
+        self.assertLess(c.clock.seconds(), 1)
+
+    def test_failed_commit_completes_drain(self) -> None:
+        """
+        A shutdown waiting on sends whose commit then fails finishes at once
+        (nothing of them is pending any more) instead of waiting out its
+        timeout.
+        """
+        c = Cluster()
+        backend = FlakyBackend(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        a = c.start(1, backend)
+        backend.hold_commits = True
+        sent = a.send_to(2, b"doomed")
+        c.clock.advance(0)
+        d = a.shutdown(timeout=30)
+        c.clock.advance(0.1)
+        backend.hold_commits = False
+        backend.release(StoreError("disk gone"))
+        c.run_until(lambda: d.called)
+        self.successResultOf(d)
+        self.failureResultOf(sent, StoreError)
+        self.assertLess(c.clock.seconds(), 5)
+        self.flushLoggedErrors(StoreError)
+
+    def test_shutdown_while_starting(self) -> None:
+        """
+        A shutdown whose timeout expires while the store is still opening
+        fails with ShutdownTimeout; when the store opens later, the node
+        closes it again instead of coming to life.
+        """
+        c = Cluster()
+        c.start(2)
+        inner = InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        backend = PausedOpen(inner)
+        node = ILM(backend, lambda m: None, c.network.add_peer(1), clock=c.clock)
+        started = node.when_started()
+        node.startService()
+        d = node.shutdown(timeout=1)
+        c.run_until(lambda: d.called)
+        self.failureResultOf(d, ShutdownTimeout)
+        backend.release()
+        c.clock.advance(1)
+        self.failureResultOf(started, NotRunning)
+        self.assertTrue(inner.closed)
+        self.assertEqual(node.connected_peers(), frozenset())
+        self.failureResultOf(node.send_to(2, b"x"), NotRunning)
+
     def test_idempotent(self) -> None:
         """
         Calling shutdown twice gives the same outcome to both callers.
@@ -967,6 +1120,37 @@ class CountingBackend:
 
     def close(self) -> Deferred[None]:
         return succeed(None)
+
+
+@implementer(IBackend)
+class SlowCommits:
+    """
+    A backend wrapper whose commits take ``delay`` seconds of clock time.
+    """
+
+    def __init__(self, inner: InMemoryBackend, clock: object, delay: float) -> None:
+        self._inner = inner
+        self._clock = clock
+        self._delay = delay
+        self.closed = False
+
+    def open(self) -> Deferred[object]:
+        return self._inner.open()  # type: ignore[return-value]
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        result = self._inner.commit(batch)
+        self._clock.callLater(self._delay, result.chainDeferred, d)  # type: ignore[attr-defined]
+        return d
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int
+    ) -> Deferred[object]:
+        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return self._inner.close()
 
 
 def wait(c: Cluster, d: Deferred[Receipt]) -> Deferred[Receipt]:

@@ -332,7 +332,7 @@ class BrokenVariantTests(SynchronousTestCase):
         is caught (what it delivered would be delivered again after a clean
         stop).
         """
-        self.patch(ILM, "_store_idle", lambda self: succeed(None))
+        self.patch(ILM, "_commit_barrier", lambda self: succeed(None))
         self._caught("a clean shutdown left positions")
 
     def test_failure_replays(self) -> None:

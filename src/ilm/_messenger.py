@@ -10,6 +10,7 @@ timers (retransmission, handshake retry, delivery backoff, store backoff).
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 import math
 import os
@@ -17,7 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    ensureDeferred,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -94,6 +101,19 @@ class Receipt:
 
     def __repr__(self) -> str:
         return f"Receipt(peer_id={self.peer_id!r}, message_id={self.message_id})"
+
+
+def _as_deferred(result: object) -> Deferred[Any] | None:
+    """
+    What a delivery returned, as a Deferred: itself, or an awaitable (an
+    ``async def`` deliver) driven by ``ensureDeferred``; ``None`` for
+    anything else.
+    """
+    if isinstance(result, Deferred):
+        return result
+    if inspect.isawaitable(result):
+        return ensureDeferred(result)  # type: ignore[arg-type]
+    return None
 
 
 class _Abandoned(Exception):
@@ -282,7 +302,7 @@ class ILM(Service):
         self._flush_now = False
         self._store_delay = config.store_retry
         self._drain_waiters: list[Deferred[None]] = []
-        self._idle_waiters: list[Deferred[None]] = []
+        self._next_commit_waiters: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
         self._deliveries_allowed = True
         self._shutdown_waiters: list[Deferred[None]] | None = None
@@ -290,6 +310,7 @@ class ILM(Service):
         self._events = _LinkEvents(self)
         self._backend_open = False
         self._abandoned = False
+        self._start_abandoned = False
         self._accepting = False
         self._max_message_size = config.max_message_size
         self._max_outbox_messages = config.max_outbox_messages
@@ -343,6 +364,11 @@ class ILM(Service):
         return d
 
     def startService(self) -> None:
+        if self._state in (_STOPPED, _FAILED):
+            raise NotRunning(
+                f"ILM node {self._local_id!r} has {self._state}; a node cannot be "
+                f"started again: create a new one"
+            )
         if self._state != _NEW:
             return
         Service.startService(self)
@@ -557,8 +583,10 @@ class ILM(Service):
             peer.pending = []
             peer.pending_deferreds = []
         self._send_peers = {}
+        waiters, self._next_commit_waiters = self._next_commit_waiters, []
         if not batch:
-            self._notify_idle()
+            for waiter in waiters:
+                waiter.callback(None)
             return
         self._committing = True
         try:
@@ -568,8 +596,8 @@ class ILM(Service):
         d.addCallbacks(
             self._committed,
             self._commit_failed,
-            callbackArgs=(batch, sends),
-            errbackArgs=(batch, sends),
+            callbackArgs=(batch, sends, waiters),
+            errbackArgs=(batch, sends, waiters),
         )
         d.addErrback(self._unexpected, "processing a commit")
 
@@ -578,6 +606,7 @@ class ILM(Service):
         result: CommitResult,
         batch: StoreBatch,
         sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+        waiters: list[Deferred[None]],
     ) -> None:
         self._committing = False
         self._store_delay = self._config.store_retry
@@ -609,7 +638,8 @@ class ILM(Service):
             for offset, d in enumerate(deferreds):
                 d.callback(Receipt(self, peer_id, first + offset))
         self._schedule_pending_flush()
-        self._notify_idle()
+        for waiter in waiters:
+            waiter.callback(None)
         self._check_drained()
 
     def _commit_failed(
@@ -617,8 +647,12 @@ class ILM(Service):
         reason: Failure,
         batch: StoreBatch,
         sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+        waiters: list[Deferred[None]],
     ) -> None:
         self._committing = False
+        # What the barrier waiters were waiting for is retried: they wait for
+        # the retry.
+        self._next_commit_waiters[:0] = waiters
         if not reason.check(StoreError):
             error = StoreError(f"store commit failed: {reason.getErrorMessage()}")
             error.__cause__ = reason.value
@@ -642,20 +676,24 @@ class ILM(Service):
         )
         self._bookkeeping.merge_bookkeeping(batch)
         self._schedule_pending_flush()
-        if self._bookkeeping:
+        if self._bookkeeping or self._next_commit_waiters:
             self._schedule_flush(delay)
-        self._notify_idle()
+        self._check_drained()
 
-    def _notify_idle(self) -> None:
-        if (
-            self._idle_waiters
-            and not self._committing
-            and not self._bookkeeping
-            and not self._send_peers
-        ):
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+    def _commit_barrier(self) -> Deferred[None]:
+        """
+        :return: a Deferred that fires once a commit that starts after this
+            call has succeeded (so everything pending now is durable; a failed
+            commit's bookkeeping is retried and waited for), or at once if
+            nothing is pending.  It does not wait for work that arrives
+            later, so a busy node still gets there.
+        """
+        if not self._committing and not self._bookkeeping and not self._send_peers:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._next_commit_waiters.append(d)
+        self._schedule_flush(0)
+        return d
 
     # -- transmission --------------------------------------------------------
 
@@ -1089,9 +1127,23 @@ class ILM(Service):
                     except Exception:
                         self._delivery_failed(Failure(), peer, message)
                         return
-                    if result is not None and isinstance(result, Deferred):
+                    if result is not None:
+                        pending = _as_deferred(result)
+                        if pending is None:
+                            self._delivery_failed(
+                                Failure(
+                                    TypeError(
+                                        "ILocalDelivery.deliver must return None, a "
+                                        f"Deferred or an awaitable, not "
+                                        f"{type(result).__name__}"
+                                    )
+                                ),
+                                peer,
+                                message,
+                            )
+                            return
                         peer.delivering = True
-                        result.addBoth(self._delivery_settled, peer, stream, message)
+                        pending.addBoth(self._delivery_settled, peer, stream, message)
                         if peer.delivering or peer.delivery_call is not None:
                             return
                         continue
@@ -1165,6 +1217,8 @@ class ILM(Service):
 
     def _opened(self, state: StoredState) -> object:
         self._backend_open = True
+        if self._start_abandoned:
+            raise NotRunning("shut down before its store had opened")
         self._incarnation = state.incarnation
         config = self._config
         ids = [r.peer_id for r in state.outbound] + [r.peer_id for r in state.inbound]
@@ -1206,6 +1260,13 @@ class ILM(Service):
             raise
 
     def _started(self, _: object) -> None:
+        if self._start_abandoned:
+            stopping = maybeDeferred(self._network.stop)
+            stopping.addErrback(self._unexpected, "stopping a network started too late")
+            self._start_failed(
+                Failure(NotRunning("shut down before its network had started"))
+            )
+            return
         if self._state != _RUNNING:
             return
         log.info(
@@ -1218,29 +1279,38 @@ class ILM(Service):
             ilm_event="started",
         )
         self._accepting = self._shutdown_waiters is None
-        waiters, self._start_waiters = self._start_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        # Sends made before the start take their positions before anything a
+        # start callback sends.
         early, self._early = self._early, []
         for peer_id, contents, d in early:
             self._enqueue(peer_id, contents).chainDeferred(d)
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def _start_failed(self, reason: Failure) -> None:
-        self._state = _FAILED
+        if self._state != _STOPPED:
+            self._state = _FAILED
         self._start_failure = reason
         self.running = 0
-        log.failure(
-            "ILM node {local_id!r} failed to start",
-            reason,
-            local_id=self._local_id,
-            ilm_event="start_failed",
-        )
+        if not self._start_abandoned:
+            log.failure(
+                "ILM node {local_id!r} failed to start",
+                reason,
+                local_id=self._local_id,
+                ilm_event="start_failed",
+            )
         waiters, self._start_waiters = self._start_waiters, []
         for waiter in waiters:
             waiter.errback(reason)
         early, self._early = self._early, []
-        for _, _, d in early:
-            d.errback(reason)
+        if early:
+            refusal = NotRunning(
+                f"ILM node {self._local_id!r} did not start: {reason.getErrorMessage()}"
+            )
+            refusal.__cause__ = reason.value
+            for _, _, d in early:
+                d.errback(refusal)
         if self._backend_open:
             self._backend_open = False
             closing = maybeDeferred(self._backend.close)
@@ -1335,10 +1405,14 @@ class ILM(Service):
         if self._abandoned:
             raise _Abandoned()
         if self._state == _STARTING:
-            try:
-                await self._within(self.when_started(), deadline)
-            except Exception:
-                pass
+            started = await self._within(self.when_started(), deadline, quiet=True)
+            if not started:
+                # The store or the network is still opening: give up on the
+                # start; whatever completes later is closed again at once.
+                self._start_abandoned = True
+                self._state = _STOPPED
+                self.running = 0
+                raise ShutdownTimeout(timeout, {})
         if self._state == _FAILED:
             self._state = _STOPPED
             return
@@ -1354,7 +1428,7 @@ class ILM(Service):
             drained = await self._within(waiter, deadline)
         # Commit outstanding delivery marks while the links are still up, so
         # that their acknowledgements reach the peers before we go.
-        idle = await self._within(self._store_idle(), deadline)
+        idle = await self._within(self._commit_barrier(), deadline)
         drained = drained and idle
         pending = self.pending_outbound()
         grace = max(deadline, self._clock.seconds() + 1.0)
@@ -1370,7 +1444,7 @@ class ILM(Service):
                 call.cancel()
             peer.delivery_call = None
         settled = await self._within(self._deliveries_settled(), grace)
-        committed = await self._within(self._store_idle(), grace)
+        committed = await self._within(self._commit_barrier(), grace)
         self._state = _STOPPED
         self._stop_everything()
         try:
@@ -1390,17 +1464,6 @@ class ILM(Service):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._settled_waiters.append(d)
-        return d
-
-    def _store_idle(self) -> Deferred[None]:
-        """
-        Commit everything pending now; fire once nothing is left to commit.
-        """
-        if not self._committing and not self._bookkeeping and not self._send_peers:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle_waiters.append(d)
-        self._schedule_flush(0)
         return d
 
     def _stop_everything(self) -> None:
@@ -1434,10 +1497,12 @@ class ILM(Service):
             self._flush_call.cancel()
         self._flush_call = None
 
-    async def _within(self, d: Deferred[Any], deadline: float) -> bool:
+    async def _within(
+        self, d: Deferred[Any], deadline: float, quiet: bool = False
+    ) -> bool:
         """
         Wait for ``d`` until ``deadline``; return whether it fired in time.
-        A failure of ``d`` is logged and counts as fired.
+        A failure of ``d`` counts as fired, and is logged unless ``quiet``.
         """
         outcome: Deferred[bool] = Deferred()
         remaining = max(0.0, deadline - self._clock.seconds())
@@ -1449,7 +1514,7 @@ class ILM(Service):
         timer = self._clock.callLater(remaining, expired)
 
         def done(result: object) -> None:
-            if isinstance(result, Failure):
+            if isinstance(result, Failure) and not quiet:
                 log.failure("error during shutdown", result, ilm_event="shutdown_error")
             if not outcome.called:
                 if timer.active():
