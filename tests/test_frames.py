@@ -41,7 +41,7 @@ class RoundTripTests(SynchronousTestCase):
         """
         for known, delivered, reply in ((None, 0, False), (INC[::-1], 77, True)):
             hello = Hello(
-                PROTOCOL_VERSION, INC, 64, 1 << 20, 5, 90, known, delivered, reply
+                PROTOCOL_VERSION, INC, 64, 1 << 20, 5, 90, known, delivered, reply, 4096
             )
             self.assertEqual(_frames.decode_hello(_frames.encode_hello(hello)), hello)
 
@@ -154,13 +154,15 @@ class HostileTests(SynchronousTestCase):
         self.assertRaises(MalformedFrame, _frames.decode_ack, _frames.encode_ack(5, 4))
         self.assertRaises(MalformedFrame, _frames.decode_nack, _frames.encode_nack(0))
         raw = bytes.fromhex(INC)
-        pack = struct.Struct(">BH16sIIQQB16sQ").pack
+        pack = struct.Struct(">BH16sIIQQB16sQI").pack
+        _frames.decode_hello(pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 0, 1))
         bad = [
-            pack(1, 1, raw, 1, 1, 0, 0, 0, bytes(16), 0),  # first_unacked 0
-            pack(1, 1, raw, 1, 1, 5, 2, 0, bytes(16), 0),  # last below first - 1
-            pack(1, 1, raw, 1, 1, 1, 0, 0x80, bytes(16), 0),  # unknown flag
-            pack(1, 1, raw, 0, 1, 1, 0, 0, bytes(16), 0),  # empty window
-            pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 3),  # mark without incarnation
+            pack(1, 1, raw, 1, 1, 0, 0, 0, bytes(16), 0, 1),  # first_unacked 0
+            pack(1, 1, raw, 1, 1, 5, 2, 0, bytes(16), 0, 1),  # last below first - 1
+            pack(1, 1, raw, 1, 1, 1, 0, 0x80, bytes(16), 0, 1),  # unknown flag
+            pack(1, 1, raw, 0, 1, 1, 0, 0, bytes(16), 0, 1),  # empty window
+            pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 3, 1),  # mark, no incarnation
+            pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 0, 0),  # no message fits
         ]
         for frame in bad:
             self.assertRaises(MalformedFrame, _frames.decode_hello, frame)

@@ -367,6 +367,8 @@ class RefusalTests(SynchronousTestCase):
         a maximal message.
         """
         self.assertRaises(ValueError, Config, window=0)
+        self.assertRaises(ValueError, Config, window_bytes=2**32)
+        self.assertRaises(ValueError, Config, window=2**32)
         self.assertRaises(
             ValueError, Config, max_message_size=2000, max_frame_size=1000
         )
@@ -715,6 +717,36 @@ class FaultTests(SynchronousTestCase):
         kinds = [e["kind"] for e in events.named("protocol_violation")]
         self.assertIn("StaleIncarnation", kinds)
         self.assertEqual(c.received(2, 1), [b"old", b"new"])
+
+    def test_peer_accepts_smaller_messages(self) -> None:
+        """
+        A peer that accepts smaller messages than this node says so in its
+        handshake: a larger message already stored is not sent (the peer
+        would refuse it and the link would fail again and again); the stream
+        holds there, with one logged error per link, and flows again once
+        the peer accepts it.  New sends over the peer's limit are refused at
+        once.
+        """
+        c = Cluster()
+        events = Events(self)
+        a = c.start(1)
+        a.send_to(2, b"small")
+        a.send_to(2, b"x" * 200)
+        a.send_to(2, b"after")
+        c.clock.advance(0)
+        c.config = Config(max_message_size=100, max_frame_size=4096)
+        c.start(2)
+        c.run_until(lambda: c.received(2, 1) == [b"small"])
+        c.clock.advance(5)
+        self.assertEqual(c.received(2, 1), [b"small"])
+        self.assertEqual(events.named("protocol_violation"), [])
+        self.assertEqual(len(events.named("message_too_large_for_peer")), 1)
+        self.failureResultOf(a.send_to(2, b"y" * 150), MessageTooLarge)
+        c.crash(2)
+        c.config = Config()
+        c.start(2)
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(c.received(2, 1), [b"small", b"x" * 200, b"after"])
 
     def test_garbage_frame_closes_link(self) -> None:
         """

@@ -14,6 +14,15 @@ def _positive(instance: object, attribute: attr.Attribute[Any], value: Any) -> N
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
 
 
+def _u32(instance: object, attribute: attr.Attribute[Any], value: Any) -> None:
+    _positive(instance, attribute, value)
+    if value > 2**32 - 1:
+        raise ValueError(
+            f"{attribute.name} must fit in 32 bits (the handshake carries it), "
+            f"not {value!r}"
+        )
+
+
 def _not_negative(instance: object, attribute: attr.Attribute[Any], value: Any) -> None:
     if not value >= 0:
         raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
@@ -60,9 +69,9 @@ class Config:
         ``shutdown_timeout``: default for ``stopService``.
     """
 
-    window: int = attr.ib(default=4096, validator=_positive)
-    window_bytes: int = attr.ib(default=4 * 1024 * 1024, validator=_positive)
-    max_message_size: int = attr.ib(default=1024 * 1024, validator=_positive)
+    window: int = attr.ib(default=4096, validator=_u32)
+    window_bytes: int = attr.ib(default=4 * 1024 * 1024, validator=_u32)
+    max_message_size: int = attr.ib(default=1024 * 1024, validator=_u32)
     max_outbox_messages: int = attr.ib(default=1_000_000, validator=_positive)
     max_outbox_bytes: int = attr.ib(default=256 * 1024 * 1024, validator=_positive)
     max_frame_size: int = attr.ib(default=1024 * 1024 + 4096, validator=_positive)

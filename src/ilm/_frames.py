@@ -11,7 +11,8 @@ type  name     body
 0x01  HELLO    version u16, incarnation 16 bytes, window u32,
                window_bytes u32, first_unacked u64, last_position u64,
                flags u8 (bit 0: known incarnation present, bit 1: reply
-               requested), known_incarnation 16 bytes, delivered u64
+               requested), known_incarnation 16 bytes, delivered u64,
+               max_message_size u32
 0x02  DATA     lane u16 (0), first position u64, count u32, then count
                times: length u32, contents
 0x03  ACK      lane u16 (0), delivered u64, received u64
@@ -35,7 +36,7 @@ DATA = 0x02
 ACK = 0x03
 NACK = 0x04
 
-_HELLO = struct.Struct(">BH16sIIQQB16sQ")
+_HELLO = struct.Struct(">BH16sIIQQB16sQI")
 _DATA_HEAD = struct.Struct(">BHQI")
 _ACK = struct.Struct(">BHQQ")
 _NACK = struct.Struct(">BHQ")
@@ -85,6 +86,7 @@ def encode_hello(hello: Hello) -> bytes:
         flags,
         known,
         hello.delivered,
+        hello.max_message_size,
     )
 
 
@@ -170,6 +172,7 @@ def decode_hello(frame: bytes) -> Hello:
         flags,
         known,
         delivered,
+        max_message_size,
     ) = _HELLO.unpack(frame)
     if flags & ~(_FLAG_KNOWN | _FLAG_REPLY):
         raise MalformedFrame(f"HELLO has unknown flags 0x{flags:02x}")
@@ -180,6 +183,8 @@ def decode_hello(frame: bytes) -> Hello:
         )
     if window < 1 or window_bytes < 1:
         raise MalformedFrame("HELLO announces an empty window")
+    if max_message_size < 1:
+        raise MalformedFrame("HELLO announces a zero message size limit")
     has_known = bool(flags & _FLAG_KNOWN)
     if not has_known and delivered:
         raise MalformedFrame("HELLO carries a delivery mark without an incarnation")
@@ -193,6 +198,7 @@ def decode_hello(frame: bytes) -> Hello:
         known_incarnation=known.hex() if has_known else None,
         delivered=delivered,
         reply_requested=bool(flags & _FLAG_REPLY),
+        max_message_size=max_message_size,
     )
 
 

@@ -133,9 +133,11 @@ class _Peer:
         "delivery_call",
         "delivery_delay",
         "handshake_call",
+        "hold_reported",
         "in_loop",
         "inbound",
         "link",
+        "max_message",
         "out",
         "outbox_bytes",
         "outbox_count",
@@ -158,6 +160,8 @@ class _Peer:
         self.retired: set[str] = set()
         self.link = _DOWN
         self.paused = False
+        self.hold_reported = False
+        self.max_message = config.max_message_size
         self.peer_incarnation: str | None = None
         self.pending: list[bytes] = []
         self.pending_deferreds: list[Deferred[Receipt]] = []
@@ -450,7 +454,7 @@ class ILM(Service):
         if (
             self._accepting
             and peer is not None
-            and size <= self._max_message_size
+            and size <= peer.max_message
             and peer.outbox_count < self._max_outbox_messages
             and peer.outbox_bytes + size <= self._max_outbox_bytes
         ):
@@ -498,6 +502,15 @@ class ILM(Service):
         peer = self._peers.get(peer_id)
         if peer is None:
             peer = self._new_peer(peer_id)
+        if size > peer.max_message:
+            return fail(
+                MessageTooLarge(
+                    size,
+                    peer.max_message,
+                    f"message of {size} bytes exceeds the {peer.max_message} bytes "
+                    f"peer {peer_id!r} accepts",
+                )
+            )
         if peer.outbox_count >= config.max_outbox_messages:
             return fail(OutboxFull(peer_id, "messages", config.max_outbox_messages))
         if peer.outbox_bytes + size > config.max_outbox_bytes:
@@ -702,6 +715,17 @@ class ILM(Service):
             return
         out = peer.out
         first, chunk = out.take()
+        if out.held_at and not peer.hold_reported:
+            peer.hold_reported = True
+            log.error(
+                "message {position} to {peer_id!r} is larger than the {limit} bytes "
+                "that peer accepts: its stream waits there until the peer "
+                "accepts larger messages",
+                position=out.held_at,
+                peer_id=peer.peer_id,
+                limit=out.max_message,
+                ilm_event="message_too_large_for_peer",
+            )
         if chunk:
             self._network.send_frames(
                 peer.peer_id, _frames.encode_data(first, chunk, self._frame_target)
@@ -863,6 +887,7 @@ class ILM(Service):
             known_incarnation=stream.incarnation if stream is not None else None,
             delivered=stream.marked if stream is not None else 0,
             reply_requested=reply_requested,
+            max_message_size=self._config.max_message_size,
         )
         self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
         if peer.link == _HELLO_SENT and peer.handshake_call is None:
@@ -885,6 +910,7 @@ class ILM(Service):
             return
         peer.link = _DOWN
         peer.paused = False
+        peer.hold_reported = False
         peer.peer_incarnation = None
         peer.out.link_lost()
         for name in ("retransmit_call", "handshake_call", "ack_call"):
@@ -1031,7 +1057,10 @@ class ILM(Service):
             if peer.handshake_call.active():
                 peer.handshake_call.cancel()
             peer.handshake_call = None
-        newly = out.link_ready(resume_after, hello.window, hello.window_bytes)
+        newly = out.link_ready(
+            resume_after, hello.window, hello.window_bytes, hello.max_message_size
+        )
+        peer.max_message = min(self._config.max_message_size, hello.max_message_size)
         if newly:
             self._acknowledged(peer, newly)
         if hello.reply_requested:

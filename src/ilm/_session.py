@@ -68,6 +68,7 @@ class Hello:
       0 when the sender has none).
     - ``reply_requested``: the sender has not seen the receiver's hello on
       this link and asks for it again (lossy networks).
+    - ``max_message_size``: the largest message the sender accepts.
     """
 
     version: int
@@ -79,6 +80,7 @@ class Hello:
     known_incarnation: str | None
     delivered: int
     reply_requested: bool = False
+    max_message_size: int = 1024 * 1024
 
 
 class OutboundStream:
@@ -96,6 +98,8 @@ class OutboundStream:
         "_window",
         "_window_bytes",
         "acked",
+        "held_at",
+        "max_message",
         "peer_received",
         "reading",
         "ready",
@@ -123,6 +127,8 @@ class OutboundStream:
         self.peer_received = acked
         self.ready = False
         self.reading = False
+        self.max_message: int | None = None
+        self.held_at = 0
         self._window = window
         self._window_bytes = window_bytes
         self.send_window = window
@@ -220,6 +226,16 @@ class OutboundStream:
             return 0, []
         base = self._head - self.acked - 1
         chunk = self._buf[base + self.sent + 1 : base + limit + 1]
+        if self.max_message is not None and max(map(len, chunk)) > self.max_message:
+            # The peer would refuse this message: send what precedes it and
+            # hold the stream there (see held_at).
+            cut = next(
+                i for i, item in enumerate(chunk) if len(item) > self.max_message
+            )
+            self.held_at = self.sent + 1 + cut
+            del chunk[cut:]
+            if not chunk:
+                return 0, []
         budget = self.send_window_bytes - self._inflight_bytes
         total = sum(map(len, chunk))
         if total > budget:
@@ -290,11 +306,18 @@ class OutboundStream:
         return self._go_back(self.sent - 1)
 
     def link_ready(
-        self, resume_after: int, peer_window: int, peer_window_bytes: int
+        self,
+        resume_after: int,
+        peer_window: int,
+        peer_window_bytes: int,
+        peer_max_message: int | None = None,
     ) -> int:
         """
         The handshake finished: the peer has durably received everything up to
-        ``resume_after`` (from :func:`resume_outbound`).
+        ``resume_after`` (from :func:`resume_outbound`).  ``peer_max_message``
+        is the largest message the peer accepts: a larger one is not sent, and
+        the stream holds at it (``held_at`` is its position) until a link to a
+        peer that accepts it.
 
         :return: the number of messages newly acknowledged by the handshake.
         """
@@ -308,6 +331,8 @@ class OutboundStream:
         self._inflight_bytes = 0
         self.send_window = max(1, min(self._window, peer_window))
         self.send_window_bytes = max(1, min(self._window_bytes, peer_window_bytes))
+        self.max_message = peer_max_message
+        self.held_at = 0
         return newly
 
     def link_lost(self) -> None:
@@ -319,6 +344,7 @@ class OutboundStream:
         self.sent = self.acked
         self.peer_received = self.acked
         self._inflight_bytes = 0
+        self.held_at = 0
 
     # -- internals ---------------------------------------------------------
 

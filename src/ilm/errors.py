@@ -68,11 +68,14 @@ class InvalidPeerId(SendRefused, ValueError):
 
 class MessageTooLarge(SendRefused, ValueError):
     """
-    The message contents exceed the configured ``max_message_size``.
+    The message contents exceed the configured ``max_message_size``, or the
+    smaller limit the peer announced in its handshake.
     """
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, detail: str | None = None) -> None:
+        super().__init__(
+            detail or f"message of {size} bytes exceeds the limit of {limit} bytes"
+        )
         self.size = size
         self.limit = limit
 
