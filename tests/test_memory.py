@@ -154,6 +154,20 @@ class NetworkTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.lb.events[-1], ("up", 1))
 
+    def test_repeated_closes_back_off(self) -> None:
+        """
+        Each close in a row doubles the time before the link comes back.
+        """
+        delay = self.net.reconnect_delay
+        for wait in (delay, 2 * delay, 4 * delay):
+            self.a.close_link(2, ValueError("bad"))
+            self.clock.advance(0)
+            self.clock.advance(wait * 0.9)
+            self.assertEqual(self.lb.events[-1], ("down", 1))
+            self.clock.advance(wait * 0.2)
+            self.clock.advance(0)
+            self.assertEqual(self.lb.events[-1], ("up", 1))
+
     def test_stop_delivers_what_was_sent(self) -> None:
         """
         A clean stop delivers the stopping node's frames already sent, then

@@ -277,6 +277,47 @@ class LinkTests(SynchronousTestCase):
         nodes.settle(1.1)
         self.assertEqual(nodes.receivers[1].kinds(), ["established"])
 
+    def test_refusal_after_violations_grows(self) -> None:
+        """
+        After ILM closes a link for a protocol violation, the node neither
+        redials the peer nor accepts it for a while, longer after each
+        violation in a row: 0.5 s, then 1 s (without jitter here).
+        """
+        refusal = Backoff(initial=0.5, maximum=60.0, jitter=0.0)
+        nodes = Nodes(refusal=refusal)
+        nodes.start(1, dial=(2,))
+        nodes.start(2, known=(1,))
+        nodes.settle()
+        for hold in (0.5, 1.0):
+            kinds = len(nodes.receivers[1].kinds())
+            nodes.networks[1].close_link(2, ProtocolViolation("bad frame"))
+            nodes.settle(hold - 0.05)
+            self.assertEqual(nodes.receivers[1].kinds()[kinds:], ["lost"])
+            nodes.settle(0.2)
+            self.assertEqual(
+                nodes.receivers[1].kinds()[kinds:], ["lost", "established"]
+            )
+
+    def test_refused_peer_that_dials(self) -> None:
+        """
+        A node that closed a link for a violation also turns away the
+        peer's own redials until the refusal has passed.
+        """
+        refusal = Backoff(initial=2.0, maximum=60.0, jitter=0.0)
+        nodes = Nodes(refusal=refusal)
+        nodes.start(1, known=(2,))
+        nodes.start(2, dial=(1,))
+        nodes.settle()
+        attempts = nodes.board.attempts["1"]
+        nodes.networks[1].close_link(2, ProtocolViolation("bad frame"))
+        nodes.settle(1.9)
+        self.assertEqual(nodes.receivers[1].kinds(), ["established", "lost"])
+        self.assertGreater(nodes.board.attempts["1"], attempts)
+        nodes.settle(3)
+        self.assertEqual(
+            nodes.receivers[1].kinds(), ["established", "lost", "established"]
+        )
+
     def test_start_fails_when_an_endpoint_cannot_listen(self) -> None:
         """
         If one endpoint cannot listen, start() fails with its error and the

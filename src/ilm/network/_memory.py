@@ -35,10 +35,11 @@ reorder it after later frames).
 
 
 class _Link:
-    __slots__ = ("alive", "calls", "ends", "generation", "queues")
+    __slots__ = ("alive", "calls", "ends", "generation", "queues", "started")
 
-    def __init__(self, a: PeerId, b: PeerId, generation: int) -> None:
+    def __init__(self, a: PeerId, b: PeerId, generation: int, started: float) -> None:
         self.ends = (a, b)
+        self.started = started
         self.alive = True
         self.generation = generation
         self.queues: dict[PeerId, list[tuple[float, int, bytes]]] = {a: [], b: []}
@@ -64,7 +65,8 @@ class InMemoryNetwork:
     :param latency: seconds each frame takes.
     :param reconnect_delay: seconds before a link closed by a node (for a
         protocol violation) comes back, as a real network's reconnection
-        would.
+        would; doubled for each such close in a row (up to 30 s), counted
+        afresh once a link has stayed up for a minute.
     :param max_frame_size: frames larger than this close the link (``None``:
         no limit).
     """
@@ -92,6 +94,7 @@ class InMemoryNetwork:
         self._drop: dict[tuple[PeerId, PeerId], int] = {}
         self._duplicate: dict[tuple[PeerId, PeerId], int] = {}
         self._order = itertools.count()
+        self._closes: dict[frozenset[PeerId], int] = {}
         self._generations = itertools.count(1)
         self.frames_sent = 0
         self.frames_dropped = 0
@@ -213,7 +216,9 @@ class InMemoryNetwork:
             or node_b.receiver is None
         ):
             return
-        link = self._links[key] = _Link(a, b, next(self._generations))
+        link = self._links[key] = _Link(
+            a, b, next(self._generations), self.clock.seconds()
+        )
         self.clock.callLater(0, self._announce, key, link)
 
     def _announce(self, key: frozenset[PeerId], link: _Link) -> None:
@@ -248,11 +253,16 @@ class InMemoryNetwork:
         if link is None:
             return
         link.alive = False
+        closes = self._closes.get(key, 0) + 1
+        if self.clock.seconds() - link.started >= 60.0:
+            closes = 1
+        self._closes[key] = closes
+        delay = min(self.reconnect_delay * 2 ** min(closes - 1, 20), 30.0)
 
         def later() -> None:
             if self._links.get(key) is link:
                 self._break(key, Failure(reason))
-                self.clock.callLater(self.reconnect_delay, self._connect, closer, peer)
+                self.clock.callLater(delay, self._connect, closer, peer)
 
         self.clock.callLater(0, later)
 

@@ -60,6 +60,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -143,6 +144,12 @@ class LinkSettings:
     - ``close_grace``: how long a clean close may take before the
       connection is aborted.
     - ``reconnect``: the :class:`Backoff` between connection attempts.
+    - ``refusal``: the :class:`Backoff` after ILM closed a link to a peer
+      for a protocol violation: for that long, this node neither dials the
+      peer nor accepts its connections, growing with each violation in a row
+      (a peer refused for good, say for a stale incarnation, is retried
+      slowly instead of every few milliseconds).  The count starts again
+      once a link has stayed up for ``refusal_reset``.
     """
 
     max_frame_size: int = attr.ib(default=_DEFAULT_MAX_FRAME, validator=_positive)
@@ -151,6 +158,8 @@ class LinkSettings:
     idle_timeout: float = attr.ib(default=15.0, validator=_positive)
     close_grace: float = attr.ib(default=5.0, validator=_positive)
     reconnect: Backoff = attr.ib(factory=Backoff)
+    refusal: Backoff = attr.ib(factory=lambda: Backoff(initial=0.5, maximum=60.0))
+    refusal_reset: float = attr.ib(default=60.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.idle_timeout < 2 * self.keepalive_interval:
@@ -646,9 +655,20 @@ class _LinkEndpoint:
         self._endpoint = endpoint
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        attempt: Deferred[Any] = self._endpoint.connect(
-            ILMFactory(self._network, self._peer_id)
-        )
+        wait = self._network._refused_for(self._peer_id)
+        if wait:
+            # A protocol violation closed the last link: dial again only once
+            # the refusal has passed (cancelling the wait cancels the dial).
+            attempt: Deferred[Any] = deferLater(
+                self._network._clock, wait, lambda: None
+            )
+            attempt.addCallback(
+                lambda _: self._endpoint.connect(
+                    ILMFactory(self._network, self._peer_id)
+                )
+            )
+        else:
+            attempt = self._endpoint.connect(ILMFactory(self._network, self._peer_id))
 
         def connected(protocol: ILMProtocol) -> Deferred[ILMProtocol]:
             return protocol.when_open()
@@ -757,6 +777,11 @@ class StreamNetwork:
         self._protocols: set[ILMProtocol] = set()
         self._links: dict[PeerId, ILMProtocol] = {}
         self._held: dict[PeerId, ILMProtocol] = {}
+        # After violations: per peer, how many in a row, and until when its
+        # links are refused; and when each current link came up.
+        self._refusals: dict[PeerId, int] = {}
+        self._refused_until: dict[PeerId, float] = {}
+        self._linked_at: dict[PeerId, float] = {}
         self._local_key = _wire.id_order_key(self.local_id)
 
     # -- INetwork ------------------------------------------------------------
@@ -867,14 +892,38 @@ class StreamNetwork:
         protocol = self._links.get(peer_id)
         if protocol is None:
             return
+        hold = 0.0
+        if isinstance(reason, ProtocolViolation):
+            now = self._clock.seconds()
+            count = self._refusals.get(peer_id, 0) + 1
+            if now - self._linked_at.get(peer_id, now) >= self.settings.refusal_reset:
+                count = 1
+            self._refusals[peer_id] = count
+            hold = self.settings.refusal.delay(count, self._uniform())
+            self._refused_until[peer_id] = now + hold
         log.warn(
-            "closing the link to {peer_id!r}: {kind}: {reason}",
+            "closing the link to {peer_id!r}: {kind}: {reason}; its links are "
+            "refused for {hold:.2f}s",
             peer_id=peer_id,
             kind=type(reason).__name__,
             reason=str(reason),
+            hold=hold,
             ilm_event="link_closed",
         )
         protocol.close(reason, abort=True)
+
+    def _refused_for(self, peer_id: PeerId) -> float:
+        """
+        :return: how long links to ``peer_id`` are still refused (0 if not).
+        """
+        until = self._refused_until.get(peer_id)
+        if until is None:
+            return 0.0
+        left = until - self._clock.seconds()
+        if left <= 0:
+            del self._refused_until[peer_id]
+            return 0.0
+        return left
 
     # -- introspection -------------------------------------------------------
 
@@ -987,6 +1036,15 @@ class StreamNetwork:
         if not self._running:
             protocol.close(ConnectionDone("node stopping"), abort=True)
             return
+        if self._refused_for(peer_id):
+            log.debug(
+                "refusing a connection from {peer_id!r} for now (protocol violation)",
+                peer_id=peer_id,
+            )
+            protocol.close(
+                ConnectionDone("refused after a protocol violation"), abort=True
+            )
+            return
         if not self._decides(protocol):
             return  # wait for the peer's LINK_UP
         current = self._links.get(peer_id)
@@ -1054,6 +1112,7 @@ class StreamNetwork:
         peer_id = protocol.peer_id
         assert peer_id is not None
         self._links[peer_id] = protocol
+        self._linked_at[peer_id] = self._clock.seconds()
         protocol.open(announce)
         log.info(
             "link with {peer_id!r} established ({direction})",
