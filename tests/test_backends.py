@@ -295,9 +295,10 @@ class SQLiteBackendTests(BackendContract, TestCase):
         A seeded random sequence of batches (messages to int and str peers,
         acknowledgements, marks, retirements, some invalid) leaves the SQLite
         backend in the in-memory backend's state after every commit, and
-        after reopening; results, errors and reads agree.
+        after reopening; results, errors and reads agree.  The seed is fixed
+        so that runs repeat; set ILM_TEST_SEED to explore others.
         """
-        seed = int(os.environ.get("ILM_TEST_SEED", random.randrange(2**32)))
+        seed = int(os.environ.get("ILM_TEST_SEED", "20261126"))
         rng = random.Random(seed)
         try:
             await self._differential(rng)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import attr
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
 from twisted.logger import globalLogPublisher
@@ -15,6 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from ilm import ILM, Config, Message, Receipt, StoreBatch, _frames
+from ilm._session import PROTOCOL_VERSION, Hello
 from ilm.errors import (
     InvalidPeerId,
     MessageTooLarge,
@@ -748,6 +750,113 @@ class FaultTests(SynchronousTestCase):
         c.run_until(lambda: not a.pending_outbound())
         self.assertEqual(c.received(2, 1), [b"small", b"x" * 200, b"after"])
 
+    def test_oversized_frame_refused(self) -> None:
+        """
+        A frame larger than Config.max_frame_size closes the link with
+        FrameTooLarge, whatever the network let through.
+        """
+        c = Cluster(Config(max_message_size=1000, max_frame_size=2000))
+        events = Events(self)
+        c.start(1)
+        c.start(2)
+        c.run_until(lambda: c.network.linked(1, 2))
+        c.network._transmit(1, 2, [b"\x02" + b"x" * 3000])
+        c.clock.advance(0)
+        self.assertEqual(events.named("protocol_violation")[0]["kind"], "FrameTooLarge")
+
+    def test_regressed_sender_store_refused(self) -> None:
+        """
+        A sender whose store lost committed messages but kept its incarnation
+        would reuse positions the receiver has delivered: the receiver
+        refuses it (PeerStoreRegressed) and the sender, seeing the receiver
+        ahead of its store, refuses too (StoreBehindPeer); nothing is
+        delivered twice or swallowed.
+        """
+        c = Cluster()
+        events = Events(self)
+        a = c.start(1)
+        c.start(2)
+        for p in numbered(10):
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        c.crash(1)
+        box = c.storages[1].outboxes[2]
+        box.acked = box.last = 4
+        a = c.start(1)
+        a.send_to(2, b"would reuse position 5")
+        c.clock.advance(3)
+        kinds = {e["kind"] for e in events.named("protocol_violation")}
+        self.assertEqual(kinds, {"PeerStoreRegressed", "StoreBehindPeer"})
+        self.assertEqual(c.received(2, 1), numbered(10))
+
+    def test_receiver_lost_marks(self) -> None:
+        """
+        A receiver whose store lost delivery marks (but kept its incarnation)
+        finds that the sender no longer has the positions in between: it logs
+        them as lost (critical) and continues after them, without blocking.
+        """
+        c = Cluster()
+        events = Events(self)
+        a = c.start(1)
+        c.start(2)
+        for p in numbered(10):
+            a.send_to(2, p)
+        c.run_until(lambda: not a.pending_outbound())
+        c.clock.advance(1)
+        c.crash(2)
+        [(key, record)] = c.storages[2].inbound.items()
+        c.storages[2].inbound[key] = attr.evolve(record, delivered=4)
+        c.start(2)
+        a.send_to(2, b"next")
+        c.run_until(lambda: not a.pending_outbound())
+        [lost] = events.named("messages_lost")
+        self.assertEqual((lost["first"], lost["last"]), (5, 10))
+        self.assertEqual(c.received(2, 1)[-1], b"next")
+        self.assertEqual(c.recorders[2].ids_from(1)[-1], 11)
+
+    def test_incarnation_change_on_ready_link(self) -> None:
+        """
+        A handshake announcing another incarnation on a link that is already
+        up is an UnexpectedFrame violation.
+        """
+        c = Cluster()
+        events = Events(self)
+        c.start(1)
+        c.start(2)
+        c.run_until(lambda: c.network.linked(1, 2))
+        c.clock.advance(0.1)
+        hello = _frames.encode_hello(
+            Hello(PROTOCOL_VERSION, "ab" * 16, 1, 1, 1, 0, None, 0)
+        )
+        c.network._transmit(1, 2, [hello])
+        c.clock.advance(0)
+        self.assertEqual(
+            events.named("protocol_violation")[0]["kind"], "UnexpectedFrame"
+        )
+
+    def test_outbox_read_failures_back_off(self) -> None:
+        """
+        Failing outbox reads are retried with a doubling delay (each failure
+        logged), and the stream continues once reads work.
+        """
+        c = Cluster(Config(window=4, read_batch=4))
+        a = c.start(1)
+        for p in numbered(40):
+            a.send_to(2, p)
+        c.clock.advance(0)
+        c.crash(1)
+        flaky = FailingReads(InMemoryBackend(c.storages[1]), failures=4)
+        events = Events(self)
+        a = c.start(1, flaky)
+        c.start(2)
+        c.run_until(lambda: not a.pending_outbound())
+        delays = [e["delay"] for e in events.named("outbox_read_failed")]
+        self.assertEqual(len(delays), 4)
+        self.assertEqual(delays, sorted(delays))
+        self.assertGreater(delays[-1], delays[0])
+        self.assertEqual(c.received(2, 1), numbered(40))
+        self.flushLoggedErrors(StoreError)
+
     def test_garbage_frame_closes_link(self) -> None:
         """
         A malformed frame closes that link with a logged, typed reason; the
@@ -1152,6 +1261,35 @@ class CountingBackend:
 
     def close(self) -> Deferred[None]:
         return succeed(None)
+
+
+@implementer(IBackend)
+class FailingReads:
+    """
+    A backend wrapper whose first ``failures`` outbox reads fail.
+    """
+
+    def __init__(self, inner: InMemoryBackend, failures: int) -> None:
+        self._inner = inner
+        self.failures = failures
+        self.closed = False
+
+    def open(self) -> Deferred[object]:
+        return self._inner.open()  # type: ignore[return-value]
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        return self._inner.commit(batch)  # type: ignore[return-value]
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int
+    ) -> Deferred[object]:
+        if self.failures:
+            self.failures -= 1
+            return fail(StoreError("injected read failure"))
+        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+
+    def close(self) -> Deferred[None]:
+        return self._inner.close()
 
 
 @implementer(IBackend)

@@ -227,15 +227,23 @@ class PreSharedKeyTests(SynchronousTestCase):
     def test_wrong_destination_and_self(self) -> None:
         """
         A HELLO addressed to another node, or claiming the responder's own
-        id, is AuthenticationFailed before anything is sent back.
+        id, gets the same CHALLENGE as a correct one (a stranger cannot probe
+        for the responder's id), and is refused as AuthenticationFailed at
+        the proof.
         """
-        for source, destination in ((1, 3), (2, 2)):
+        for source, destination in ((1, 3), (2, 2), (1, 2)):
             b = node(2, None, {1: AB})
             b.start()
             hello = _wire.encode_hello(
                 _wire.LinkHello(1, b"n" * 32, source, destination)
             )
             [(kind, body)] = frames_of([hello])
+            [reply] = frames_of(b.receive(kind, body, no_certificate))
+            self.assertEqual(reply[0], _wire.CHALLENGE)
+            if (source, destination) == (1, 2):
+                continue  # the correct HELLO, for comparison
+            proof = frames_of([_wire.encode_frame(_wire.PROOF, b"m" * _wire.MAC_SIZE)])
+            [(kind, body)] = proof
             self.assertRaises(
                 AuthenticationFailed, b.receive, kind, body, no_certificate
             )

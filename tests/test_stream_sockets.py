@@ -141,7 +141,8 @@ class RealChaosTests(TestCase):
         Over loopback TCP, with over 50 connection kills and crashes at
         random moments: every accepted message, both ways, delivered exactly
         once and in order (seed in the failure message; ILM_CHAOS_SEED
-        replays).
+        repeats the schedule of faults, though real sockets and the real
+        clock make no two runs interleave exactly alike).
         """
         ports = {1: free_port(), 2: free_port()}
 

@@ -44,6 +44,7 @@ from ilm._session import (
 )
 from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.errors import (
+    FrameTooLarge,
     ILMError,
     MessageTooLarge,
     NotRunning,
@@ -147,6 +148,7 @@ class _Peer:
         "pending",
         "pending_deferreds",
         "read_call",
+        "read_delay",
         "retired",
         "retransmit_call",
         "retransmit_delay",
@@ -173,6 +175,7 @@ class _Peer:
         self.handshake_call: IDelayedCall | None = None
         self.ack_call: IDelayedCall | None = None
         self.read_call: IDelayedCall | None = None
+        self.read_delay = config.store_retry
         self.delivering = False
         self.in_loop = False
         self.delivery_call: IDelayedCall | None = None
@@ -489,6 +492,12 @@ class ILM(Service):
             if self._shutdown_waiters is not None:
                 return fail(NotRunning(f"ILM node {self._local_id!r} is shutting down"))
             if state == _STARTING or state == _NEW:
+                if len(self._early) >= self._config.max_outbox_messages:
+                    return fail(
+                        OutboxFull(
+                            peer_id, "messages", self._config.max_outbox_messages
+                        )
+                    )
                 d: Deferred[Receipt] = Deferred()
                 self._early.append((peer_id, contents, d))
                 return d
@@ -753,6 +762,7 @@ class ILM(Service):
     def _read_done(
         self, contents: list[bytes], peer: _Peer, after: int, limit: int
     ) -> None:
+        peer.read_delay = self._config.store_retry
         out = peer.out
         out.on_read(after, contents)
         if not contents and out.cache_end < out.stored and after >= out.acked:
@@ -770,7 +780,8 @@ class ILM(Service):
 
     def _read_failed(self, reason: Failure, peer: _Peer) -> None:
         peer.out.reading = False
-        delay = self._store_delay
+        delay = peer.read_delay
+        peer.read_delay = min(delay * 2, self._config.max_store_retry)
         log.failure(
             "reading the outbox to {peer_id!r} failed; retrying in {delay:.2f}s",
             reason,
@@ -944,6 +955,8 @@ class ILM(Service):
         if peer is None or peer.link == _DOWN or peer.link == _CLOSING:
             return
         try:
+            if len(frame) > self._config.max_frame_size:
+                raise FrameTooLarge(len(frame), self._config.max_frame_size)
             kind = _frames.frame_type(frame)
             if kind == _frames.DATA:
                 if peer.link == _READY:

@@ -30,7 +30,12 @@ import os
 from collections.abc import Callable, Mapping
 
 from ilm._message import PeerId, check_peer_id
-from ilm.errors import AuthenticationFailed, SpoofedPeer, UnexpectedFrame
+from ilm.errors import (
+    AuthenticationFailed,
+    ProtocolViolation,
+    SpoofedPeer,
+    UnexpectedFrame,
+)
 from ilm.network import _wire
 
 _SPOOF_SEARCH_LIMIT = 256
@@ -149,6 +154,7 @@ class LinkHandshake:
         self._nonce_i = b""
         self._nonce_r = b""
         self._claimed: PeerId | None = None
+        self._deferred_refusal: ProtocolViolation | None = None
         self.peer_id: PeerId | None = None
         """The authenticated peer, once :attr:`done`."""
 
@@ -218,13 +224,18 @@ class LinkHandshake:
     def _on_hello(
         self, hello: _wire.LinkHello, certificate_identity: CertificateIdentity
     ) -> list[bytes]:
+        # A refusal that depends on this node's id waits for the proof stage:
+        # refusing at once would tell a stranger which id it had guessed
+        # right.  Every well-formed HELLO gets a CHALLENGE.
         if hello.destination != self.local_id:
-            raise AuthenticationFailed(
+            self._deferred_refusal = AuthenticationFailed(
                 f"link addressed to node {hello.destination!r}; this is node "
                 f"{self.local_id!r}"
             )
-        if hello.source == self.local_id:
-            raise AuthenticationFailed("peer claims this node's own id")
+        elif hello.source == self.local_id:
+            self._deferred_refusal = AuthenticationFailed(
+                "peer claims this node's own id"
+            )
         if self._certificates:
             proven = certificate_identity()
             if proven != hello.source:
@@ -239,6 +250,8 @@ class LinkHandshake:
         return [_wire.encode_challenge(self._nonce_r)]
 
     def _on_proof(self, mac: bytes) -> list[bytes]:
+        if self._deferred_refusal is not None:
+            raise self._deferred_refusal
         claimed = self._claimed
         assert claimed is not None
         keys = self._keys
