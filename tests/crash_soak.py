@@ -204,6 +204,7 @@ def check_logs(
     # The receiver: in order, no gap, repeats only in the window.
     highest: dict[str, int] = {}
     contents: dict[tuple[str, int], int] = {}
+    resumed: dict[str, int] = {}
     for life in receiver:
         for incarnation, mark in life.marks.items():
             before = highest.get(incarnation, 0)
@@ -212,6 +213,13 @@ def check_logs(
                     f"receiver log line {life.line}: resumed from mark {mark} of "
                     f"{incarnation} but only {before} were ever delivered"
                 )
+            if mark < resumed.get(incarnation, 0):
+                raise _fail(
+                    f"receiver log line {life.line}: resumed from mark {mark} of "
+                    f"{incarnation}, below the {resumed[incarnation]} of an "
+                    "earlier start: a durable mark went back"
+                )
+            resumed[incarnation] = mark
         for incarnation, before in highest.items():
             mark = life.marks.get(incarnation, 0)
             if before - mark > window:

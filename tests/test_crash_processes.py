@@ -181,6 +181,18 @@ class CheckerTests(SynchronousTestCase):
             receiver=edit(RECEIVER_LOG, "marks A:2", "marks A:5"),
         )
 
+    def test_mark_went_back(self) -> None:
+        """
+        A receiver resuming from a mark below the one an earlier process
+        resumed from has lost a durable mark: refused.
+        """
+        receiver = edit(
+            RECEIVER_LOG,
+            "stopped\n",
+            "start pid 22 marks A:1\nrunning\ndelivered A 2 2\n",
+        )
+        self.refused("a durable mark went back", receiver=receiver)
+
     def test_repeats_beyond_the_window(self) -> None:
         """
         More repeats after one restart than the window allows are refused.
