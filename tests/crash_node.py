@@ -28,8 +28,8 @@ and shuts down, which waits until the receiver has acknowledged everything.
 
 Receiver (node 2) log::
 
-    start pid PID marks I:D,...     the delivery marks its store holds (read
-                                    before opening it); "marks -" if none
+    start pid PID marks I:D,...     its store is open: the delivery marks
+                                    ILM resumes from; "marks -" if none
     running                         its store is open and it listens
     delivered I P N                 deliver() got position P of sender
                                     incarnation I, contents N
@@ -39,7 +39,7 @@ Receiver (node 2) log::
 A line that a kill cut short is ended with `` !torn`` by the next process.
 
 Usage: python tests/crash_node.py sender|receiver --store PATH --log PATH
-       --port PORT [--stop PATH] [--outbox N] [--burst N]
+       --port PORT [--stop PATH] [--outbox N] [--burst N] [--window N]
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ async def run_sender(reactor: Any, options: argparse.Namespace) -> None:
         SQLiteBackend(options.store, reactor=reactor),
         lambda message: None,
         network,
-        config=Config(max_outbox_messages=options.outbox),
+        config=Config(max_outbox_messages=options.outbox, window=options.window),
         clock=reactor,
     )
     incarnation = node.incarnation
@@ -201,25 +201,55 @@ async def run_sender(reactor: Any, options: argparse.Namespace) -> None:
 async def run_receiver(reactor: Any, options: argparse.Namespace) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.error import CannotListenError
+    from zope.interface import implementer
 
-    from ilm import ILM, Message
+    from ilm import (
+        ILM,
+        CommitResult,
+        Config,
+        Message,
+        PeerId,
+        StoreBatch,
+        StoredState,
+    )
     from ilm.backends import SQLiteBackend
-    from ilm.backends._sqlite import inspect_store
+    from ilm.interfaces import IBackend
     from ilm.network import StreamNetwork
 
     log = LineLog(options.log)
-    marks = "-"
-    if os.path.exists(options.store):
-        # Read before opening: the mark this process resumes from.  The
-        # previous process is dead, so nothing changes it in between.
-        report = inspect_store(options.store)
-        found = [
-            f"{record.incarnation}:{record.delivered}"
-            for record in report.inbound
-            if record.peer_id == SENDER
-        ]
-        marks = ",".join(found) or "-"
-    log.write(f"start pid {os.getpid()} marks {marks}")
+
+    @implementer(IBackend)
+    class MarkLoggingBackend:
+        """
+        The SQLite store, logging the delivery marks ILM resumes from as it
+        opens (before any delivery can happen).
+        """
+
+        def __init__(self, backend: SQLiteBackend) -> None:
+            self._backend = backend
+
+        def open(self) -> Deferred[StoredState]:
+            return self._backend.open().addCallback(self._opened)
+
+        def _opened(self, state: StoredState) -> StoredState:
+            marks = [
+                f"{record.incarnation}:{record.delivered}"
+                for record in state.inbound
+                if record.peer_id == SENDER and not record.retired
+            ]
+            log.write(f"start pid {os.getpid()} marks {','.join(marks) or '-'}")
+            return state
+
+        def commit(self, batch: StoreBatch) -> Deferred[CommitResult]:
+            return self._backend.commit(batch)
+
+        def read_outbound(
+            self, peer_id: PeerId, after: int, limit: int
+        ) -> Deferred[list[bytes]]:
+            return self._backend.read_outbound(peer_id, after, limit)
+
+        def close(self) -> Deferred[None]:
+            return self._backend.close()
 
     def deliver(message: Message) -> None:
         if message.source_id != SENDER:
@@ -238,9 +268,10 @@ async def run_receiver(reactor: Any, options: argparse.Namespace) -> None:
     )
     try:
         node = await ILM.create(
-            SQLiteBackend(options.store, reactor=reactor),
+            MarkLoggingBackend(SQLiteBackend(options.store, reactor=reactor)),
             deliver,
             network,
+            config=Config(window=options.window),
             clock=reactor,
         )
     except CannotListenError:
@@ -267,6 +298,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--stop", help="sender: stop sending once this file exists")
     parser.add_argument("--outbox", type=int, default=20_000)
     parser.add_argument("--burst", type=int, default=1_000)
+    parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     options = parser.parse_args(argv)
     if options.role == "sender" and options.stop is None:

@@ -25,12 +25,14 @@ and the two stores (:func:`check_logs`):
   repeats;
 - every number from 1 to the last one logged was delivered;
 - the sender's outbox ends empty (acknowledged up to M, no rows left) and
-  the receiver's mark for the sender's incarnation is M.
+  the receiver's mark for the sender's incarnation is M;
+- neither node logged an error, a critical event or a traceback.
 
 Used by ``tests/test_crash_processes.py`` (the default suite) and as a soak
 command::
 
-    python -m tests.crash_soak --kills 200 [--seed S] [--keep]
+    python -m tests.crash_soak --kills 200 [--seed S] [--keep] [--verbose]
+        [--max-delay SECONDS] [--window N] [--outbox N] [--burst N]
 
 Kill moments depend on the seed and on timing: a seed replays the same
 kill plan (roles, kinds and delays), not the same interleaving.
@@ -386,13 +388,24 @@ def check_logs(
 def _read_lines(path: str) -> list[str]:
     if not os.path.exists(path):
         return []
-    with open(path, encoding="ascii") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         return f.read().splitlines()
 
 
 def _tail(path: str, lines: int = 15) -> str:
     text = "\n".join(_read_lines(path)[-lines:]) if os.path.exists(path) else ""
     return text or "(nothing)"
+
+
+_PROBLEMS = ("#error]", "#critical]", "Traceback", "Unhandled")
+
+
+def _problems(path: str) -> list[str]:
+    """
+    Lines of a node's output that report an error: a kill explains none
+    (it loses connections, not frames, and never breaks a store).
+    """
+    return [line for line in _read_lines(path) if any(p in line for p in _PROBLEMS)]
 
 
 class Node:
@@ -420,8 +433,6 @@ class Node:
             *(extra or []),
         ]
         self.process: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-        self.starts = 0
         self.address_retries = 0
         self._offset = 0
         self._running = False
@@ -433,7 +444,6 @@ class Node:
             self.process = subprocess.Popen(
                 self.arguments, stdout=output, stderr=subprocess.STDOUT
             )
-        self.starts += 1
 
     def size(self) -> int:
         try:
@@ -444,7 +454,6 @@ class Node:
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
-        self.kills += 1
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -500,7 +509,9 @@ class CrashReport:
         )
 
 
-def kill_plan(seed: int, kills: int) -> list[tuple[str, str, float]]:
+def kill_plan(
+    seed: int, kills: int, max_delay: float = 0.5
+) -> list[tuple[str, str, float]]:
     """
     The kills of a run: ``(victims, moment, delay)``, where ``victims`` is
     ``sender``, ``receiver`` or ``both`` (``both`` counts as two SIGKILLs)
@@ -519,7 +530,7 @@ def kill_plan(seed: int, kills: int) -> list[tuple[str, str, float]]:
         (
             victim,
             "early" if rng.random() < 0.2 else "flowing",
-            rng.uniform(0.0, 0.5),
+            rng.uniform(0.0, max_delay),
         )
         for victim in victims
     ]
@@ -533,6 +544,9 @@ async def run_crashes(
     *,
     step_timeout: float = 60.0,
     drain_timeout: float = 120.0,
+    max_delay: float = 0.5,
+    window: int = WINDOW,
+    sender_options: tuple[str, ...] = (),
     progress: Callable[[str], None] | None = None,
 ) -> CrashReport:
     """
@@ -543,6 +557,10 @@ async def run_crashes(
         restart.
     :param drain_timeout: how long the sender may take to have everything
         acknowledged at the end.
+    :param max_delay: kills come up to this many seconds after their moment.
+    :param window: both nodes' ``Config.window``.
+    :param sender_options: more arguments for the sender (``--outbox N``,
+        ``--burst N``).
     :raises CrashTestFailed: with the seed, how to replay and the logs' tails.
     """
     from twisted.internet.task import deferLater
@@ -552,12 +570,20 @@ async def run_crashes(
     started = time.monotonic()
     port = free_port()
     stop = os.path.join(directory, "stop")
-    sender = Node("sender", directory, port, ["--stop", stop])
-    receiver = Node("receiver", directory, port)
+    common = ["--window", str(window)]
+    sender = Node("sender", directory, port, [*common, "--stop", stop, *sender_options])
+    receiver = Node("receiver", directory, port, common)
     nodes = {"sender": sender, "receiver": receiver}
     watched = {sender, receiver}
     killed = {"sender": 0, "receiver": 0}
-    replay = f"python -m tests.crash_soak --kills {kills} --seed {seed}"
+    replay = " ".join(
+        [
+            f"python -m tests.crash_soak --kills {kills} --seed {seed}",
+            *([f"--max-delay {max_delay}"] if max_delay != 0.5 else []),
+            *([f"--window {window}"] if window != WINDOW else []),
+            *sender_options,
+        ]
+    )
 
     def failed(reason: str) -> CrashTestFailed:
         return CrashTestFailed(
@@ -617,7 +643,8 @@ async def run_crashes(
         receiver.spawn()
         await until(receiver.running, step_timeout, "the receiver to listen")
         sender.spawn()
-        for number, (victim, moment, delay) in enumerate(kill_plan(seed, kills)):
+        plan = kill_plan(seed, kills, max_delay)
+        for number, (victim, moment, delay) in enumerate(plan):
             if moment == "flowing":
                 await flowing()
             await deferLater(reactor, delay)
@@ -656,9 +683,17 @@ async def run_crashes(
                 _read_lines(receiver.log),
                 inspect_store(sender.store),
                 inspect_store(receiver.store),
+                window,
             )
         except CheckFailed as e:
             raise failed(f"check failed: {e}") from e
+        for node in (sender, receiver):
+            problems = _problems(node.output)
+            if problems:
+                raise failed(
+                    f"the {node.role} logged {len(problems)} error(s):\n"
+                    + "\n".join(problems[:10])
+                )
     finally:
         for node in (sender, receiver):
             if node.exited() is None and node.process is not None:
@@ -681,9 +716,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--kills", type=int, default=200, help="SIGKILLs in all")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the logs")
+    parser.add_argument(
+        "--max-delay", type=float, default=0.5, help="kill delays: 0 to this (s)"
+    )
+    parser.add_argument("--window", type=int, default=WINDOW, help="Config.window")
+    parser.add_argument("--outbox", type=int, help="sender: max_outbox_messages")
+    parser.add_argument("--burst", type=int, help="sender: sends per burst")
     parser.add_argument("--verbose", action="store_true", help="print each kill")
     options = parser.parse_args(argv)
     seed = options.seed if options.seed is not None else random.randrange(2**32)
+    extra = []
+    for name in ("outbox", "burst"):
+        if getattr(options, name) is not None:
+            extra += [f"--{name}", str(getattr(options, name))]
     directory = tempfile.mkdtemp(prefix="ilm-crash-")
     print(f"seed {seed}, {options.kills} kills, logs in {directory}", flush=True)
 
@@ -693,6 +738,9 @@ def main(argv: list[str]) -> None:
             directory,
             seed,
             options.kills,
+            max_delay=options.max_delay,
+            window=options.window,
+            sender_options=tuple(extra),
             progress=(lambda s: print(s, flush=True)) if options.verbose else None,
         )
         print(report.summary())

@@ -17,7 +17,14 @@ from ilm import InboundRecord
 from ilm.backends._sqlite import OutboxReport, StoreReport
 
 from . import crash_node
-from .crash_soak import CheckFailed, Tally, check_logs, kill_plan, run_crashes
+from .crash_soak import (
+    CheckFailed,
+    Tally,
+    _problems,
+    check_logs,
+    kill_plan,
+    run_crashes,
+)
 
 SEED = int(os.environ.get("ILM_CRASH_SEED", "20261127"))
 KILLS = int(os.environ.get("ILM_CRASH_KILLS", "24"))
@@ -357,6 +364,23 @@ class NodeLogTests(SynchronousTestCase):
                 ["running", "delivered A 5 1 !torn", "start pid 2 marks -"],
             )
 
+    def test_errors_in_output_found(self) -> None:
+        """
+        Error and critical log events and tracebacks in a node's output are
+        found; info events are not.
+        """
+        path = self.mktemp()
+        lines = [
+            "2026-11-27T00:00:00+0000 [ilm#info] ILM node 2 running",
+            "2026-11-27T00:00:00+0000 [ilm#critical] peer 1 no longer has ...",
+            "2026-11-27T00:00:00+0000 [ilm.network.stream#error] closing ...",
+            "Traceback (most recent call last):",
+            "2026-11-27T00:00:00+0000 [-] Unhandled error in Deferred:",
+        ]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.assertEqual(_problems(path), lines[1:])
+
     def test_kill_plan(self) -> None:
         """
         The kill plan SIGKILLs each role about as often as the other, both
@@ -376,7 +400,7 @@ class CrashProcessTests(TestCase):
     Real processes, real SIGKILLs, real SQLite files, real TCP.
     """
 
-    timeout = 600
+    timeout = 300
 
     async def test_sigkills(self) -> None:
         """
