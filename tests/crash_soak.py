@@ -7,8 +7,9 @@ sender streams the numbers 1, 2, 3, ... to the receiver.  The driver
 SIGKILLs the sender, the receiver or both at random moments (seeded),
 restarts them on the same stores and logs, and repeats; then it lets the
 sender finish (it stops sending and shuts down, which waits until every
-message is acknowledged), stops the receiver, and checks from the two logs
-and the two stores (:func:`check_logs`):
+message is acknowledged; two more kills come while it drains, unless it
+finishes first), stops the receiver, and checks from the two logs and the
+two stores (:func:`check_logs`):
 
 - per sender incarnation, the receiver delivered positions 1..M in order,
   with no gap; a position delivered again is allowed only at the start of a
@@ -485,6 +486,7 @@ class CrashReport:
 
     seed: int
     kills: dict[str, int]
+    draining: dict[str, int]
     tally: Tally
     seconds: float
     address_retries: int
@@ -495,7 +497,8 @@ class CrashReport:
         restarts = t.repeats_per_restart
         return (
             f"seed {self.seed}: {sum(self.kills.values())} SIGKILLs (sender "
-            f"{self.kills['sender']}, receiver {self.kills['receiver']}); "
+            f"{self.kills['sender']}, receiver {self.kills['receiver']}; of these "
+            f"{sum(self.draining.values())} while the sender drained); "
             f"{t.positions:,} messages delivered in order, numbers 1..{t.numbers:,} "
             f"all delivered; {t.deliveries:,} deliveries of which {t.repeats:,} "
             f"at-least-once repeats ({sum(1 for n in restarts if n)} of "
@@ -507,6 +510,19 @@ class CrashReport:
             f"processes logged a start; {t.torn} torn log lines; "
             f"{self.address_retries} address-in-use retries; {self.seconds:.1f} s"
         )
+
+
+def drain_plan(seed: int, kills: int, max_delay: float) -> list[tuple[str, float]]:
+    """
+    The kills while the sender drains at the end: ``(victim, delay)``, each
+    ``delay`` seconds after the victim is seen running (short: a drain can
+    take only a fraction of a second).
+    """
+    rng = random.Random(seed + 1)
+    return [
+        (rng.choice(("sender", "receiver")), rng.uniform(0.0, max_delay / 5))
+        for _ in range(kills)
+    ]
 
 
 def kill_plan(
@@ -545,6 +561,7 @@ async def run_crashes(
     step_timeout: float = 60.0,
     drain_timeout: float = 120.0,
     max_delay: float = 0.5,
+    drain_kills: int = 2,
     window: int = WINDOW,
     sender_options: tuple[str, ...] = (),
     progress: Callable[[str], None] | None = None,
@@ -552,12 +569,15 @@ async def run_crashes(
     """
     Run one crash test in ``directory`` (see the module docstring).
 
-    :param kills: how many SIGKILLs, split between sender and receiver.
+    :param kills: how many SIGKILLs while the stream flows, split between
+        sender and receiver.
     :param step_timeout: how long the stream may take to flow again after a
         restart.
     :param drain_timeout: how long the sender may take to have everything
         acknowledged at the end.
     :param max_delay: kills come up to this many seconds after their moment.
+    :param drain_kills: at most this many more kills while the sender drains
+        its outbox at the end (fewer if it finishes first).
     :param window: both nodes' ``Config.window``.
     :param sender_options: more arguments for the sender (``--outbox N``,
         ``--burst N``).
@@ -576,10 +596,12 @@ async def run_crashes(
     nodes = {"sender": sender, "receiver": receiver}
     watched = {sender, receiver}
     killed = {"sender": 0, "receiver": 0}
+    draining = {"sender": 0, "receiver": 0}
     replay = " ".join(
         [
             f"python -m tests.crash_soak --kills {kills} --seed {seed}",
             *([f"--max-delay {max_delay}"] if max_delay != 0.5 else []),
+            *([f"--drain-kills {drain_kills}"] if drain_kills != 2 else []),
             *([f"--window {window}"] if window != WINDOW else []),
             *sender_options,
         ]
@@ -663,7 +685,26 @@ async def run_crashes(
         await flowing()
         with open(stop, "w"):
             pass
+        # The sender may exit now (after "finished"); the receiver may not.
         watched.discard(sender)
+        for victim, delay in drain_plan(seed, drain_kills, max_delay):
+            node = nodes[victim]
+            await until(
+                lambda node=node: node.running() or sender.exited() is not None,
+                step_timeout,
+                f"the {victim} to run",
+            )
+            await deferLater(reactor, delay)
+            watch()
+            if sender.exited() is not None:
+                break
+            node.kill()
+            killed[victim] += 1
+            draining[victim] += 1
+            await dead(node)
+            node.spawn()
+            if progress is not None:
+                progress(f"kill while draining: {victim} ({delay:.2f} s)")
         await until(
             lambda: sender.exited() is not None, drain_timeout, "the sender to finish"
         )
@@ -702,6 +743,7 @@ async def run_crashes(
     return CrashReport(
         seed,
         killed,
+        draining,
         tally,
         time.monotonic() - started,
         receiver.address_retries,
@@ -718,6 +760,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the logs")
     parser.add_argument(
         "--max-delay", type=float, default=0.5, help="kill delays: 0 to this (s)"
+    )
+    parser.add_argument(
+        "--drain-kills", type=int, default=2, help="kills while the sender drains"
     )
     parser.add_argument("--window", type=int, default=WINDOW, help="Config.window")
     parser.add_argument("--outbox", type=int, help="sender: max_outbox_messages")
@@ -739,6 +784,7 @@ def main(argv: list[str]) -> None:
             seed,
             options.kills,
             max_delay=options.max_delay,
+            drain_kills=options.drain_kills,
             window=options.window,
             sender_options=tuple(extra),
             progress=(lambda s: print(s, flush=True)) if options.verbose else None,

@@ -404,9 +404,10 @@ class CrashProcessTests(TestCase):
 
     async def test_sigkills(self) -> None:
         """
-        A sender and a receiver process, SIGKILLed 24 times in all at random
-        moments (each several times, sometimes both together) and restarted
-        on their stores: the receiver got every message in order with no
+        A sender and a receiver process, SIGKILLed 24 times at random
+        moments while the stream flows (each several times, sometimes both
+        together) and up to twice more while the sender drains at the end,
+        and restarted on their stores: the receiver got every message in order with no
         gap, repeats only inside the at-least-once window after its own
         kills, every number the sender logged as accepted, and the sender's
         outbox ended empty.  The seed is in the failure message;
