@@ -57,12 +57,10 @@ import attr
 
 from ilm.backends._sqlite import StoreReport, inspect_store
 
+from .crash_node import EXIT_ADDRESS_IN_USE, RECEIVER, SENDER, TORN
+
 NODE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_node.py")
-SENDER = 1
-RECEIVER = 2
 WINDOW = 4096  # ilm.Config().window: the most a receiver crash can repeat
-EXIT_ADDRESS_IN_USE = 75
-TORN = "!torn"
 
 
 class CheckFailed(AssertionError):

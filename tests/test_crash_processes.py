@@ -8,6 +8,9 @@ checker of their logs, proven on logs that show each kind of failure.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.logger import Logger
@@ -18,6 +21,7 @@ from ilm.backends._sqlite import OutboxReport, StoreReport
 
 from . import crash_node
 from .crash_soak import (
+    NODE_SCRIPT,
     CheckFailed,
     Tally,
     _problems,
@@ -393,6 +397,44 @@ class NodeLogTests(SynchronousTestCase):
         receiver = victims.count("receiver") + victims.count("both")
         self.assertEqual((sender, receiver), (12, 12))
         self.assertEqual(victims.count("both"), 2)
+
+
+class PortTakenTests(SynchronousTestCase):
+    """
+    The driver restarts a receiver whose port was taken; the node must say
+    so by its exit status.
+    """
+
+    def test_receiver_exits_when_port_taken(self) -> None:
+        """
+        A receiver whose port is already listened on exits with status 75
+        and logs ``address-in-use`` (the driver then starts it again).
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    NODE_SCRIPT,
+                    "receiver",
+                    "--store",
+                    os.path.join(directory, "receiver.sqlite"),
+                    "--log",
+                    os.path.join(directory, "receiver.log"),
+                    "--port",
+                    str(port),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        self.assertEqual(done.returncode, crash_node.EXIT_ADDRESS_IN_USE, done.stdout)
+        with open(os.path.join(directory, "receiver.log")) as f:
+            self.assertEqual(f.read().splitlines()[-1], "address-in-use")
 
 
 class CrashProcessTests(TestCase):
