@@ -45,6 +45,8 @@ from ilm.simulation import (
     SimulatedNetwork,
     SimulationView,
     StoreModel,
+    _gate,
+    _pipes,
     _runner,
     _store,
     _world,
@@ -764,7 +766,13 @@ class PublicSurfaceTests(SynchronousTestCase):
             if module is not None:
                 self.assertIn(
                     module,
-                    {_runner.__name__, _store.__name__, _world.__name__},
+                    {
+                        _gate.__name__,
+                        _pipes.__name__,
+                        _runner.__name__,
+                        _store.__name__,
+                        _world.__name__,
+                    },
                     name,
                 )
         self.assertIs(ilm.simulation.Scenario, _world.Scenario)

@@ -15,6 +15,8 @@ and in order, except in the documented at-least-once windows.
 ``docs/simulation.md``.
 """
 
+from ilm.simulation._gate import Gate, GateTimeout
+from ilm.simulation._pipes import Switchboard
 from ilm.simulation._runner import (
     SeedResult,
     Summary,
@@ -49,6 +51,8 @@ __all__ = [
     "FAULT_KINDS",
     "Application",
     "CrashableBackend",
+    "Gate",
+    "GateTimeout",
     "InjectedDeliveryFailure",
     "InjectedStoreFailure",
     "MemoryStoreModel",
@@ -61,6 +65,7 @@ __all__ = [
     "StoreListener",
     "StoreModel",
     "Summary",
+    "Switchboard",
     "format_failure",
     "format_summary",
     "main",
