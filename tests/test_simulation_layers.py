@@ -344,7 +344,10 @@ class BrokenVariantTests(SynchronousTestCase):
         dead is caught (a half-open link stalls its streams for good).
         """
         self.patch(_stream.ILMProtocol, "_keepalive", never_notice_silence)
-        self._caught(range(STREAM_SEEDS), Scenario(network=stream_network))
+        # A stalled stream is reported once heal_timeout has passed: two
+        # simulated minutes are plenty for a sound network to converge.
+        scenario = Scenario(network=stream_network, heal_timeout=120.0)
+        self._caught(range(STREAM_SEEDS), scenario)
 
 
 # --- the SQLite store model ----------------------------------------------------------
