@@ -297,6 +297,19 @@ class SimulatedSQLiteBackend:
         self._abandon()
         return batch is not None
 
+    def release(self) -> None:
+        """
+        The run is over (or the store is being deleted): stop everything
+        and close SQLite, landing nothing more.
+        """
+        self.crashed = True
+        self.in_flight = None
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        self._abandon()
+
     def _abandon(self) -> None:
         """
         Close SQLite as the death of the process would: nothing is queued
@@ -358,11 +371,6 @@ class SQLiteStoreModel:
         """
         if not isinstance(store, SQLiteStore):
             raise TypeError(f"expected an SQLiteStore, not {type(store).__name__}")
-        backend = store.backend
-        if backend is not None:
-            backend.crashed = True
-            for call in backend._calls:
-                if call.active():
-                    call.cancel()
-            backend._abandon()
+        if store.backend is not None:
+            store.backend.release()
         shutil.rmtree(store.directory, ignore_errors=True)

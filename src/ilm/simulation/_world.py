@@ -104,6 +104,13 @@ class SimulatedNetwork(Protocol):
     """
     What the simulator needs from a network: the controls of
     :class:`ilm.testing.InMemoryNetwork`.
+
+    A network with faults of its own (:class:`StreamSimulation`) may also
+    have ``attach(node_ids, frame_check, note, stats)`` (called once, before
+    any node starts), ``fault_rates`` (kind: the rates a seed draws from),
+    ``inject(kind, rng)`` (returns what it did, for the trace, or ``None``),
+    ``frame_faults = False`` (the per-frame faults make no sense for it) and
+    ``describe()`` (its parameters, for the trace).
     """
 
     fault_policy: FaultPolicy | None
@@ -238,9 +245,11 @@ class Scenario:
     - ``application``: makes the per-seed :class:`Application` (delivery
       targets and custom checks).
     - ``store_model``: makes stores and opens backends over them
-      (:class:`MemoryStoreModel`).
+      (:class:`MemoryStoreModel`; :class:`SQLiteStoreModel` for SQLite
+      files).
     - ``network``: ``network(clock, rng)`` returns the
-      :class:`SimulatedNetwork` (:func:`memory_network`).
+      :class:`SimulatedNetwork` (:func:`memory_network`;
+      :func:`stream_network` for the real stream network).
     - ``config``: ``config(rng)`` returns the nodes' :class:`ilm.Config`
       (:func:`random_config`).
     """
