@@ -26,10 +26,17 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from ilm import CommitResult, StoreBatch
+import ilm.backends._sqlite
+from ilm import ILM, CommitResult, StoreBatch
 from ilm.backends import SQLiteBackend
 from ilm.backends._sqlite import inspect_store
-from ilm.errors import StoreError, StoreFull, StoreLocked, StoreReadOnly
+from ilm.errors import (
+    StoreError,
+    StoreFull,
+    StoreInDoubt,
+    StoreLocked,
+    StoreReadOnly,
+)
 from ilm.interfaces import IBackend, INetwork
 from ilm.network import StreamNetwork, _stream, _wire
 from ilm.simulation import (
@@ -149,7 +156,11 @@ class SQLiteSeedTests(SynchronousTestCase):
                 "fault_drop",
                 "store_fault_full",
                 "store_fault_read_only",
+                "store_fault_io_error",
                 "store_error_StoreReadOnly",
+                "store_error_StoreInDoubt",
+                "messages_store_in_doubt",
+                "fault_crash_store_broken",
             ),
         )
         self.assertEqual(stats["store_error_InjectedStoreFailure"], 0)
@@ -160,6 +171,47 @@ class SQLiteSeedTests(SynchronousTestCase):
         """
         stats = self._batch(range(SQLITE_SEEDS // 2, SQLITE_SEEDS))
         assert_occurred(self, stats, (*CORE_KINDS, "store_error_StoreReadOnly"))
+
+
+SQLITE_REGRESSION_SEEDS = {
+    # seed: what it found (three nodes, --store sqlite)
+    57: "an outbox read overtaken by an acknowledgement committed before it "
+    "ran was logged as a store failure (outbox_read_failed)",
+    73: "a commit whose sync failed was reported as not applied (StoreError); "
+    "the send it refused was in the file and delivered after the restart",
+    77: "the same, on another schedule",
+}
+
+
+class SQLiteRegressionTests(SynchronousTestCase):
+    def test_regression_seeds(self) -> None:
+        """
+        The seeds that found bugs through the SQLite store pass (each bug
+        also has a focused test next to the code it fixed).
+        """
+        check(self, sorted(SQLITE_REGRESSION_SEEDS), scenario_for(3, "sqlite"))
+
+    def test_regression_seeds_still_find_the_bugs(self) -> None:
+        """
+        With each bug put back, its seeds fail again: they keep testing what
+        they found.  (If a change to the simulator's draws breaks this, find
+        the seeds again.)
+        """
+        scenario = scenario_for(3, "sqlite")
+        read_failed = ILM._read_failed
+        self.patch(
+            ILM,
+            "_read_failed",
+            lambda self, reason, peer, after=None: read_failed(self, reason, peer),
+        )
+        [violation] = run_seed(57, scenario).violations
+        self.assertIn("outbox_read_failed", violation)
+        self.assertIn("below acknowledged", violation)
+        self.patch(ILM, "_read_failed", read_failed)
+        self.patch(ilm.backends._sqlite, "StoreInDoubt", StoreError)
+        for seed in (73, 77):
+            [violation] = run_seed(seed, scenario).violations
+            self.assertIn("was refused although its store holds it", violation)
 
 
 class StreamSeedTests(SynchronousTestCase):
@@ -501,6 +553,39 @@ class SQLiteStoreTests(SynchronousTestCase):
         d = self.backend.commit(StoreBatch(messages={2: (1, big)}))
         self.run_for(1)
         self.successResultOf(d)
+
+    def test_commit_sync_fails(self) -> None:
+        """
+        A commit whose sync fails (written or not, as the store's seeded
+        generator decides) fails with the backend's StoreInDoubt; what was
+        written is reported as landed and is in the file; the store then
+        refuses all work until reopened.
+        """
+        self.patch(_sqlite, "STORE_FAULTS", ("io_error",))
+        outcomes = set()
+        position = 0
+        for attempt in range(8):
+            self.listener.fail_next = True
+            landed = len(self.listener.batches)
+            d = self.backend.commit(
+                StoreBatch(messages={2: (position + 1, [b"%d" % attempt])})
+            )
+            self.run_for(1)
+            self.failureResultOf(d, StoreInDoubt)
+            written = len(self.listener.batches) > landed
+            outcomes.add(written)
+            position += written
+            self.assertEqual(self.in_file()[0].get(2, (0, 0))[1], position)
+            self.listener.fail_next = False
+            refused = self.backend.commit(
+                StoreBatch(messages={2: (position + 1, [b"x"])})
+            )
+            self.run_for(1)
+            self.assertIn("restart", str(self.failureResultOf(refused).value))
+            self.backend.crash(land=False)
+            self.backend = self.open_backend()
+        self.assertEqual(outcomes, {True, False})
+        self.assertEqual(self.listener.faults, ["io_error"] * 8)
 
     def test_reads_run_apart_from_commits(self) -> None:
         """

@@ -285,6 +285,13 @@ class Ledger:
         stream.accepted.add(position)
         self.stats["messages_accepted"] += 1
 
+    def in_doubt(self, contents: bytes) -> None:
+        """
+        ``send_to`` failed with ``StoreInDoubt``: the message may or may not
+        be stored (counted with the sends whose node crashed).
+        """
+        self.stats["messages_store_in_doubt"] += 1
+
     def refused(self, contents: bytes) -> None:
         origin = self.origins[contents]
         if origin.landed:

@@ -209,7 +209,12 @@ def format_summary(
             f"messages    sent {s['messages_sent']}, accepted "
             f"{s['messages_accepted']}, refused {s['messages_refused']}, in "
             f"doubt after a crash {s['messages_in_doubt_landed']} stored + "
-            f"{s['messages_in_doubt_lost']} not stored",
+            f"{s['messages_in_doubt_lost']} not stored"
+            + (
+                f" ({s['messages_store_in_doubt']} of them failed with StoreInDoubt)"
+                if s["messages_store_in_doubt"]
+                else ""
+            ),
             f"delivered   {s['messages_delivered']} messages in "
             f"{s['deliveries']} deliveries",
             f"duplicates  {duplicates} inside the at-least-once windows "
@@ -223,7 +228,14 @@ def format_summary(
             f"{s['fault_crash']} (at random {s['fault_crash_at_random']}, in commit "
             f"{s['fault_crash_in_commit']}, after commit "
             f"{s['fault_crash_after_commit']}, after delivery "
-            f"{s['fault_crash_after_delivery']}; commit in flight landed "
+            f"{s['fault_crash_after_delivery']}"
+            + (
+                f", restarted by a supervisor after store_broken "
+                f"{s['fault_crash_store_broken']}"
+                if s["fault_crash_store_broken"]
+                else ""
+            )
+            + "; commit in flight landed "
             f"{s['crash_commit_landed']}, lost {s['crash_commit_lost']}), store "
             f"loss {s['fault_store_loss']}, delivery failure "
             f"{s['fault_delivery_failure']} ({s['delivery_refusals']} refusals), "

@@ -46,7 +46,7 @@ from ilm.interfaces import IBackend
 from ilm.simulation._gate import Gate
 from ilm.simulation._store import StoreListener, _snapshot
 
-STORE_FAULTS = ("full", "read_only")
+STORE_FAULTS = ("full", "read_only", "io_error")
 """How an injected commit failure breaks the store (see the module doc)."""
 
 
@@ -64,6 +64,34 @@ def create_store(path: str, incarnation: str) -> None:
         )
     finally:
         conn.close()
+
+
+class _FailingCommit:
+    """
+    A writer connection whose next ``COMMIT`` fails with an I/O error (after
+    committing, if ``written``); then it is the real connection again.
+    """
+
+    def __init__(self, real: sqlite3.Connection, write: bool) -> None:
+        self.real = real
+        self.write = write
+        self.failed = False
+        self.written = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and not self.failed:
+            self.failed = True
+            if self.write:
+                self.real.execute("COMMIT")
+                self.written = True
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorcode = sqlite3.SQLITE_IOERR_FSYNC  # type: ignore[attr-defined]
+            error.sqlite_errorname = "SQLITE_IOERR_FSYNC"  # type: ignore[attr-defined]
+            raise error
+        return self.real.execute(sql, *args)
 
 
 class SQLiteStore:
@@ -246,18 +274,38 @@ class SimulatedSQLiteBackend:
         ``fails``) and wait for the outcome.
         """
         fault = self.store.random.choice(STORE_FAULTS) if fails else None
+        failing: _FailingCommit | None = None
         if fault is not None:
             self.listener.fault_injected(self, fault)
-            self._fault(fault, True)
+            if fault == "io_error":
+                failing = self._io_error(self.store.random.random() < 0.5)
+            else:
+                self._fault(fault, True)
         result = self.gate.wait(self.inner.commit(batch))
-        if fault is not None:
+        if failing is not None:
+            self.inner._writer = failing.real
+        elif fault is not None:
             self._fault(fault, False)
         if isinstance(result, Failure):
             self.listener.commit_failed(self, result)
-        else:
+        written = failing is not None and failing.written
+        if written or not isinstance(result, Failure):
             self.store.outbox_cache = None
             self.listener.landed(self, batch)
         return result
+
+    def _io_error(self, write: bool) -> _FailingCommit:
+        """
+        Make the next ``COMMIT`` fail with an I/O error, after writing the
+        transaction (``write``: its sync failed) or before.  The backend
+        then cannot tell whether the batch is on disk, and refuses all later
+        work until reopened.
+        """
+        real = self.inner._writer
+        assert real is not None
+        failing = _FailingCommit(real, write)
+        self.inner._writer = failing  # type: ignore[assignment]
+        return failing
 
     def _fault(self, fault: str, on: bool) -> None:
         inner = self.inner

@@ -33,7 +33,13 @@ from ilm._delivery import as_delivery
 from ilm._message import PeerId
 from ilm._messenger import ILM, Receipt
 from ilm._store import StoreBatch, StoredState
-from ilm.errors import ILMError, NotRunning, ShutdownTimeout, StoreError
+from ilm.errors import (
+    ILMError,
+    NotRunning,
+    ShutdownTimeout,
+    StoreError,
+    StoreInDoubt,
+)
 from ilm.interfaces import ILocalDelivery, IMessage, INetwork
 from ilm.network._memory import FaultPolicy, InMemoryNetwork
 from ilm.simulation._ledger import Ledger
@@ -453,6 +459,7 @@ class World:
         self._redactions: list[tuple[str, str]] = []
         self.ledger = Ledger(self._violation, self.stats)
         self.healing = False
+        self.broken_stores = 0
         self._serial = 0
         self._steps = 0
         self._log_observer = _LogObserver(self)
@@ -738,13 +745,16 @@ class World:
     def _start_failed(self, reason: Failure) -> None:
         self._violation(f"a node failed to start: {reason.getErrorMessage()}")
 
-    def crash(self, node: _Node, how: str) -> None:
+    def crash(self, node: _Node, how: str, supervisor: bool = False) -> None:
         """
         Kill ``node`` now; it restarts later (during the faults) or when they
         stop.
+
+        :param supervisor: the node is restarted because its store requires
+            it (even once the faults have stopped).
         """
         messenger = node.ilm
-        if messenger is None or self.healing:
+        if messenger is None or (self.healing and not supervisor):
             return
         land = self.rng.random() < 0.5
         in_flight = node.backend.crash(land)
@@ -775,6 +785,9 @@ class World:
         node.stopping = False
         node.restart_loses_store = self.rng.random() < self.store_loss
         downtime = self.rng.choice([0.0, 0.01, 0.1, 0.5, 2.0])
+        if self.healing:
+            node.restart_loses_store = False
+            downtime = 0.0
         node.restart_call = self.clock.callLater(downtime, self._restart, node)
 
     def _restart(self, node: _Node) -> None:
@@ -839,6 +852,12 @@ class World:
     def _refused(
         self, reason: Failure, contents: bytes, serial: int, sender: _Node, life: int
     ) -> None:
+        if reason.check(StoreInDoubt):
+            # The store cannot tell whether it holds the message: like a send
+            # whose node crashed before answering, it may still be delivered.
+            self.note(f"in doubt #{serial}: {reason.getErrorMessage()}")
+            self.ledger.in_doubt(contents)
+            return
         self.note(f"refused #{serial}: {reason.getErrorMessage()}")
         self.ledger.refused(contents)
         # A store failure refuses a send; so does a graceful shutdown, for a
@@ -1164,8 +1183,22 @@ class _StoreEvents:
         self.world.stats[f"store_error_{kind}"] += 1
 
     def fault_injected(self, backend: CrashableBackend, kind: str) -> None:
-        self.world.stats[f"store_fault_{kind}"] += 1
-        self.world.note(f"node {self.node.node_id}'s store is {kind} for a commit")
+        world = self.world
+        node = self.node
+        world.stats[f"store_fault_{kind}"] += 1
+        world.note(f"node {node.node_id}'s store is {kind} for a commit")
+        if kind == "io_error":
+            # The store cannot tell whether the commit is on disk and refuses
+            # all work until reopened: a supervisor restarts the node.
+            world.broken_stores += 1
+            world.node_call(
+                node,
+                world.rng.choice([0.0, 0.05, 0.5]),
+                world.crash,
+                node,
+                "store_broken",
+                True,
+            )
 
     def commit_started(self, backend: CrashableBackend, latency: float) -> None:
         world = self.world
@@ -1212,7 +1245,9 @@ class _LogObserver:
             text = world.redact(text)
             if world._trace_out is not None:
                 world._trace_out.write(f"{world.clock.seconds():11.6f}   log: {text}\n")
-            if name in _BAD_EVENTS:
+            if name in _BAD_EVENTS and not (
+                name == "store_broken" and world.broken_stores
+            ):
                 world._violation(f"ILM logged {name}: {text}")
 
 
