@@ -19,9 +19,11 @@ and commits nothing more.  A restarted node opens the same file.  Losing
 the store deletes the file (with its ``-wal``, ``-shm`` and ``-lock``).
 
 Injected commit failures are real SQLite errors, so ILM sees the typed
-errors the backend gives in production: the store is made full (its size
-is capped at what it holds: ``StoreFull`` when a commit needs room) or
-read-only (``PRAGMA query_only``: ``StoreReadOnly``) for that commit.
+errors the backend gives in production: for that commit the store is made
+full (its size is capped at what it holds: ``StoreFull`` when a commit
+needs room), read-only (``PRAGMA query_only``: ``StoreReadOnly``), or its
+``COMMIT`` fails with an I/O error after writing the transaction or before
+(``StoreInDoubt``; the backend then refuses all work until reopened).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def create_store(path: str, incarnation: str) -> None:
 class _FailingCommit:
     """
     A writer connection whose next ``COMMIT`` fails with an I/O error (after
-    committing, if ``written``); then it is the real connection again.
+    committing, if ``write``: ``written`` then says so); later statements go
+    to the real connection.
     """
 
     def __init__(self, real: sqlite3.Connection, write: bool) -> None:
