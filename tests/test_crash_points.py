@@ -13,10 +13,10 @@ crash and cover exactly the positions delivered after its last durable mark
 confirmed send is delivered.
 
 The same runs go against the in-memory backend (the reference) and SQLite
-files.  SQLite commits run on a thread, so the backends sit behind a gate
-that waits for each operation on the real reactor and hands the results to
-ILM in call order, between steps of the ``Clock``: the runs stay
-deterministic.
+files.  SQLite commits run on a thread, so the backends sit behind
+:class:`ilm.simulation.Gate` (the simulator's gate): it waits for each
+operation's result and hands the results to ILM in call order, between
+steps of the ``Clock``: the runs stay deterministic.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from ilm import ILM, Config, PeerId, StoreBatch
 from ilm.backends import InMemoryBackend, InMemoryStorage, SQLiteBackend
 from ilm.backends._sqlite import inspect_store
 from ilm.interfaces import IBackend
+from ilm.simulation import Gate
 from ilm.testing import InMemoryNetwork, crash
 
 from .support import Recorder
@@ -48,42 +49,6 @@ PLAN: dict[PeerId, tuple[PeerId, list[bytes], int]] = {
 }
 """Per node: its peer, what its application sends, and how many it keeps
 unconfirmed at most."""
-
-
-class Gate:
-    """
-    Holds the results of backend operations until :meth:`settle` hands them
-    to ILM, in the order the operations were called.
-    """
-
-    def __init__(self) -> None:
-        self._held: list[tuple[Deferred[list[Any]], Deferred[Any], Any]] = []
-
-    def hold(self, inner: Deferred[Any], owner: Any) -> Deferred[Any]:
-        outer: Deferred[Any] = Deferred()
-        boxed = inner.addBoth(lambda result: [result])
-        self._held.append((boxed, outer, owner))
-        return outer
-
-    async def settle(self) -> bool:
-        """
-        Wait for every held operation, then fire the results of those whose
-        owner has not crashed, in call order (which may start more).
-
-        :return: whether anything was held.
-        """
-        any_held = bool(self._held)
-        while self._held:
-            held, self._held = self._held, []
-            results = [(await boxed)[0] for boxed, _, _ in held]
-            for (_, outer, owner), result in zip(held, results, strict=True):
-                if owner.crashed:
-                    continue
-                if isinstance(result, Failure):
-                    outer.errback(result)
-                else:
-                    outer.callback(result)
-        return any_held
 
 
 @implementer(IBackend)
@@ -153,7 +118,8 @@ class Run:
 
     def __init__(
         self,
-        case: TestCase,
+        case: SynchronousTestCase,
+        gate: Gate,
         stores: Callable[[PeerId], Any],
         marks: Callable[[PeerId], dict[tuple[PeerId, str], int]],
         crash_node: PeerId | None = None,
@@ -163,7 +129,7 @@ class Run:
         self.case = case
         self.clock = Clock()
         self.network = InMemoryNetwork(self.clock)
-        self.gate = Gate()
+        self.gate = gate
         self.stores = stores
         self.marks = marks
         self.crash_node = crash_node
@@ -229,7 +195,15 @@ class Run:
             self.unconfirmed[peer].remove(index)
             self.confirmed[peer].add(index)
 
-    async def handle_crash(self) -> bool:
+    def close(self, backend: CrashingBackend) -> None:
+        """
+        Close ``backend``'s store, as the death of its process would.
+        """
+        result = self.gate.wait(backend.inner.close())
+        if isinstance(result, Failure):
+            result.raiseException()
+
+    def handle_crash(self) -> bool:
         for peer, backend in list(self.backends.items()):
             if backend.crash_requested and not backend.crashed:
                 backend.crashed = True
@@ -237,7 +211,7 @@ class Run:
                 self.commit_counts[peer] = backend.commits
                 crash(self.nodes[peer], self.network)
                 # The process is gone: what the store holds is all there is.
-                await backend.inner.close()
+                self.close(backend)
                 marks = self.marks(peer)
                 for sender in PLAN:
                     if sender == peer:
@@ -270,7 +244,7 @@ class Run:
                 return False
         return True
 
-    async def run(self) -> None:
+    def run(self) -> None:
         for peer in PLAN:
             self.start(peer, self.crash_at if peer == self.crash_node else None)
         steps = 0
@@ -278,7 +252,7 @@ class Run:
             steps += 1
             if steps > 100_000:
                 raise AssertionError("the exchange did not finish")
-            if await self.gate.settle() or await self.handle_crash():
+            if self.gate.settle() or self.handle_crash():
                 continue
             if self.finished():
                 break
@@ -291,7 +265,7 @@ class Run:
         for peer, backend in self.backends.items():
             self.commit_counts.setdefault(peer, backend.commits)
             crash(self.nodes[peer], self.network)
-            await backend.inner.close()
+            self.close(backend)
 
     def check(self) -> None:
         """
@@ -334,24 +308,28 @@ class Run:
 
 class CrashPointContract:
     """
-    Mixed into a ``TestCase``; subclasses provide the stores.
+    Mixed into a ``SynchronousTestCase``; subclasses provide the stores.
     """
 
-    def make_stores(self) -> tuple[Callable[[PeerId], Any], Callable[[PeerId], Any]]:
+    def make_stores(
+        self, gate: Gate
+    ) -> tuple[Callable[[PeerId], Any], Callable[[PeerId], Any]]:
         """
+        :param gate: the gate the backends' threads (if any) report to.
         :return: ``(backend_for(peer), marks_of(peer))`` for a fresh pair
             of stores.
         """
         raise NotImplementedError
 
-    async def exchange(self, *args: Any) -> Run:
-        stores, marks = self.make_stores()
-        run = Run(self, stores, marks, *args)  # type: ignore[arg-type]
-        await run.run()
+    def exchange(self, *args: Any) -> Run:
+        gate = Gate()
+        stores, marks = self.make_stores(gate)
+        run = Run(self, gate, stores, marks, *args)  # type: ignore[arg-type]
+        run.run()
         run.check()
         return run
 
-    async def test_crash_at_every_commit(self) -> None:
+    def test_crash_at_every_commit(self) -> None:
         """
         For each node and each of its commits in the exchange, a crash just
         before the commit reaches the store, and one just after it is
@@ -359,7 +337,7 @@ class CrashPointContract:
         every committed position exactly once and in order, apart from the
         at-least-once window after a receiver crash.
         """
-        reference = await self.exchange()
+        reference = self.exchange()
         counts = reference.commit_counts
         self.assertGreater(min(counts.values()), 10, counts)  # type: ignore[attr-defined]
         repeats = resent = runs = 0
@@ -367,7 +345,7 @@ class CrashPointContract:
             for point in range(1, counts[node] + 1):
                 for when in ("before", "after"):
                     try:
-                        run = await self.exchange(node, point, when)
+                        run = self.exchange(node, point, when)
                     except BaseException:
                         print(f"\ncrash of node {node} {when} commit {point} failed")
                         raise
@@ -382,12 +360,14 @@ class CrashPointContract:
         self.assertGreater(resent, 0)
 
 
-class InMemoryCrashPointTests(CrashPointContract, TestCase):
+class InMemoryCrashPointTests(CrashPointContract, SynchronousTestCase):
     """
     Crash points with the in-memory backend (the reference).
     """
 
-    def make_stores(self) -> tuple[Callable[[PeerId], Any], Callable[[PeerId], Any]]:
+    def make_stores(
+        self, gate: Gate
+    ) -> tuple[Callable[[PeerId], Any], Callable[[PeerId], Any]]:
         storages = {peer: InMemoryStorage() for peer in PLAN}
 
         def marks(peer: PeerId) -> dict[tuple[PeerId, str], int]:
@@ -398,12 +378,14 @@ class InMemoryCrashPointTests(CrashPointContract, TestCase):
         return (lambda peer: InMemoryBackend(storages[peer])), marks
 
 
-class SQLiteCrashPointTests(CrashPointContract, TestCase):
+class SQLiteCrashPointTests(CrashPointContract, SynchronousTestCase):
     """
     Crash points with SQLite files: what survives is what is in the file.
     """
 
-    def make_stores(self) -> tuple[Callable[[PeerId], Any], Callable[[PeerId], Any]]:
+    def make_stores(
+        self, gate: Gate
+    ) -> tuple[Callable[[PeerId], Any], Callable[[PeerId], Any]]:
         directory = self.mktemp()
         os.makedirs(directory)
         paths = {peer: os.path.join(directory, f"{peer}.sqlite") for peer in PLAN}
@@ -412,14 +394,14 @@ class SQLiteCrashPointTests(CrashPointContract, TestCase):
             report = inspect_store(paths[peer])
             return {(r.peer_id, r.incarnation): r.delivered for r in report.inbound}
 
-        return (lambda peer: SQLiteBackend(paths[peer])), marks
+        return (lambda peer: SQLiteBackend(paths[peer], reactor=gate)), marks
 
-    async def test_same_commits_as_the_reference(self) -> None:
+    def test_same_commits_as_the_reference(self) -> None:
         """
         Behind the gate, ILM on SQLite makes exactly the commits it makes on
         the in-memory backend: the backends behave the same.
         """
-        sqlite_run = await self.exchange()
+        sqlite_run = self.exchange()
         reference = InMemoryCrashPointTests("test_crash_at_every_commit")
-        memory_run = await reference.exchange()
+        memory_run = reference.exchange()
         self.assertEqual(sqlite_run.commit_counts, memory_run.commit_counts)

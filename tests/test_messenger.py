@@ -10,6 +10,7 @@ import random
 import attr
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -27,7 +28,7 @@ from ilm.errors import (
     StoreError,
     WrongSource,
 )
-from ilm.interfaces import IBackend, ILocalDelivery
+from ilm.interfaces import IBackend, IFrameReceiver, ILocalDelivery, INetwork
 from ilm.testing import InMemoryBackend, InMemoryStorage, TestMessage, settle
 
 from .support import Cluster, numbered
@@ -928,6 +929,57 @@ class StoreTests(SynchronousTestCase):
         self.successResultOf(receipt.acknowledged)
         self.flushLoggedErrors(StoreError)
 
+    def test_read_overtaken_by_acknowledgement(self) -> None:
+        """
+        An outbox read still in flight when an acknowledgement moves past
+        its starting point (a store whose reads run apart from its commits,
+        as SQLite's reader thread does) fails in the store; that is not a
+        store failure: ILM logs no outbox_read_failed, backs off nothing,
+        and reads again from the new point at once.  (Found by the
+        simulator on its SQLite store, seed 57 of ``--store sqlite``.)
+        """
+        events = Events(self)
+        clock = Clock()
+        storage = InMemoryStorage()
+        storage.incarnation = "a" * 32
+        storage.apply(StoreBatch(messages={2: (1, numbered(10))}))
+        backend = LaggingReads(InMemoryBackend(storage))
+        network = ScriptedNetwork(1)
+        node = ILM(backend, lambda m: None, network, config=Config(), clock=clock)
+        node.startService()
+        clock.advance(0)
+        network.establish(2)
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            incarnation="b" * 32,
+            window=64,
+            window_bytes=1 << 20,
+            first_unacked=1,
+            last_position=0,
+            known_incarnation="a" * 32,
+            delivered=0,
+        )
+        network.receive(2, _frames.encode_hello(hello))
+        clock.advance(0)
+        self.assertEqual(backend.pending(), [(2, 0)])
+        # The peer acknowledges 6 (delivered in an earlier life of this
+        # node); the acknowledgement is committed before the read runs.
+        network.receive(2, _frames.encode_ack(6, 6))
+        clock.advance(1)
+        self.assertEqual(storage.outboxes[2].acked, 6)
+        backend.release()
+        clock.advance(0)
+        self.assertEqual(events.named("outbox_read_failed"), [])
+        self.assertEqual(backend.pending(), [(2, 6)])
+        backend.release()
+        clock.advance(0)
+        sent = [
+            _frames.decode_data(frame, 1 << 20)
+            for frame in network.sent
+            if frame[0] == _frames.DATA
+        ]
+        self.assertEqual(sent, [(7, numbered(4, start=6))])
+
     def test_memory_bounded_by_window(self) -> None:
         """
         With a large backlog, the sender keeps at most twice the window in
@@ -1321,6 +1373,80 @@ class SlowCommits:
     def close(self) -> Deferred[None]:
         self.closed = True
         return self._inner.close()
+
+
+@implementer(IBackend)
+class LaggingReads:
+    """
+    A backend wrapper whose outbox reads run only when released (as with a
+    store whose reader lags behind its commits).
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        self._inner = inner
+        self._reads: list[tuple[object, int, int, Deferred[object]]] = []
+
+    def pending(self) -> list[tuple[object, int]]:
+        return [(peer_id, after) for peer_id, after, _, _ in self._reads]
+
+    def release(self) -> None:
+        reads, self._reads = self._reads, []
+        for peer_id, after, limit, d in reads:
+            self._inner.read_outbound(peer_id, after, limit).chainDeferred(d)  # type: ignore[arg-type]
+
+    def open(self) -> Deferred[object]:
+        return self._inner.open()  # type: ignore[return-value]
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        return self._inner.commit(batch)  # type: ignore[return-value]
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int
+    ) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self._reads.append((peer_id, after, limit, d))
+        return d
+
+    def close(self) -> Deferred[None]:
+        return self._inner.close()
+
+
+@implementer(INetwork)
+class ScriptedNetwork:
+    """
+    A network whose links and incoming frames the test makes by hand; it
+    records what the node sends.
+    """
+
+    def __init__(self, local_id: object) -> None:
+        self.local_id = local_id
+        self.receiver: IFrameReceiver | None = None
+        self.links: set[object] = set()
+        self.sent: list[bytes] = []
+
+    def start(self, receiver: IFrameReceiver) -> None:
+        self.receiver = receiver
+
+    def stop(self) -> None:
+        self.receiver = None
+
+    def connected_peers(self) -> frozenset[object]:
+        return frozenset(self.links)
+
+    def send_frames(self, peer_id: object, frames: list[bytes]) -> None:
+        self.sent.extend(frames)
+
+    def close_link(self, peer_id: object, reason: Exception) -> None:
+        self.links.discard(peer_id)
+
+    def establish(self, peer_id: object) -> None:
+        assert self.receiver is not None
+        self.links.add(peer_id)
+        self.receiver.link_established(peer_id)
+
+    def receive(self, peer_id: object, frame: bytes) -> None:
+        assert self.receiver is not None
+        self.receiver.frame_received(peer_id, frame)
 
 
 def wait(c: Cluster, d: Deferred[Receipt]) -> Deferred[Receipt]:

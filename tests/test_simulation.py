@@ -18,8 +18,10 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import attr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -28,7 +30,7 @@ import ilm.simulation
 from ilm import _frames
 from ilm._messenger import _READY, ILM, _Peer
 from ilm._session import Hello, OutboundStream
-from ilm._store import StoreBatch
+from ilm._store import StoreBatch, StoredState
 from ilm.backends import InMemoryStorage
 from ilm.errors import StoreError
 from ilm.interfaces import IBackend, IMessage
@@ -45,8 +47,12 @@ from ilm.simulation import (
     SimulatedNetwork,
     SimulationView,
     StoreModel,
+    _gate,
+    _pipes,
     _runner,
+    _sqlite,
     _store,
+    _stream,
     _world,
     main,
     replay_command,
@@ -335,6 +341,19 @@ class BrokenVariantTests(SynchronousTestCase):
         self.patch(ILM, "_commit_barrier", lambda self: succeed(None))
         self._caught("a clean shutdown left positions")
 
+    def test_store_forgets_marks(self) -> None:
+        """
+        A store that reopens without the delivery marks it made durable is
+        caught when a node reopens it (what it finds is not what landed).
+        """
+        state = InMemoryStorage.state
+
+        def forgetful(self: InMemoryStorage) -> StoredState:
+            return attr.evolve(state(self), inbound=())
+
+        self.patch(InMemoryStorage, "state", forgetful)
+        self._caught("opened its store and found no delivery mark")
+
     def test_failure_replays(self) -> None:
         """
         A failure found among many seeds is reproduced exactly by running
@@ -357,15 +376,27 @@ class Listener:
         self.batches: list[StoreBatch] = []
         self.broken: list[str] = []
         self.fail_next = False
+        self.opened_states: list[StoredState] = []
+        self.failures: list[Failure] = []
+        self.faults: list[str] = []
 
-    def commit_started(self, backend: SimulatedBackend, latency: float) -> None:
+    def opened(self, backend: CrashableBackend, state: StoredState) -> None:
+        self.opened_states.append(state)
+
+    def commit_started(self, backend: CrashableBackend, latency: float) -> None:
         self.started.append(latency)
         backend.commits_fail = self.fail_next
 
-    def landed(self, backend: SimulatedBackend, batch: StoreBatch) -> None:
+    def landed(self, backend: CrashableBackend, batch: StoreBatch) -> None:
         self.batches.append(batch)
 
-    def contract_broken(self, backend: SimulatedBackend, problem: str) -> None:
+    def commit_failed(self, backend: CrashableBackend, reason: Failure) -> None:
+        self.failures.append(reason)
+
+    def fault_injected(self, backend: CrashableBackend, kind: str) -> None:
+        self.faults.append(kind)
+
+    def contract_broken(self, backend: CrashableBackend, problem: str) -> None:
         self.broken.append(problem)
 
 
@@ -425,6 +456,7 @@ class SimulatedStoreTests(SynchronousTestCase):
         self.assertEqual(self.storage.inbound[(3, "x")].delivered, 4)
         state = self.successResultOf(self._opened())
         self.assertEqual(state.outbound[0].last_position, 2)
+        self.assertEqual(self.listener.opened_states, [state])
 
     def test_crash_loses_whole_batch(self) -> None:
         """
@@ -460,6 +492,8 @@ class SimulatedStoreTests(SynchronousTestCase):
         d = self.backend.commit(batch())
         self.clock.advance(1)
         self.failureResultOf(d, InjectedStoreFailure)
+        [reported] = self.listener.failures
+        self.assertTrue(reported.check(InjectedStoreFailure))
         self.assertEqual(self.storage.pending(2), [])
         self.backend.commit(batch())
         self.backend.crash(land=True)
@@ -764,7 +798,15 @@ class PublicSurfaceTests(SynchronousTestCase):
             if module is not None:
                 self.assertIn(
                     module,
-                    {_runner.__name__, _store.__name__, _world.__name__},
+                    {
+                        _gate.__name__,
+                        _pipes.__name__,
+                        _runner.__name__,
+                        _sqlite.__name__,
+                        _store.__name__,
+                        _stream.__name__,
+                        _world.__name__,
+                    },
                     name,
                 )
         self.assertIs(ilm.simulation.Scenario, _world.Scenario)

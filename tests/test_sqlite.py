@@ -34,6 +34,7 @@ from ilm.errors import (
     StoreCorrupt,
     StoreError,
     StoreFull,
+    StoreInDoubt,
     StoreLocked,
     StoreReadOnly,
     StoreSchemaTooNew,
@@ -94,6 +95,29 @@ def make_read_only(case: SynchronousTestCase, path: str) -> None:
         case.addCleanup(subprocess.run, ["chattr", "-i", path], check=True)
     if os.access(path, os.W_OK):
         raise SkipTest(f"cannot make {path} read-only here")
+
+
+class FailingSync:
+    """
+    A writer connection whose COMMIT fails with an I/O error, after writing
+    the transaction (``written``: only its sync failed) or before.
+    """
+
+    def __init__(self, real: sqlite3.Connection, written: bool) -> None:
+        self.real = real
+        self.written = written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            if self.written:
+                self.real.execute("COMMIT")
+            error = sqlite3.OperationalError("disk I/O error")
+            error.sqlite_errorcode = sqlite3.SQLITE_IOERR_FSYNC  # type: ignore[attr-defined]
+            raise error
+        return self.real.execute(sql, *args)
 
 
 class StoreCase(TestCase):
@@ -363,6 +387,33 @@ class FaultTests(StoreCase):
                 {(int, 4, "e" * 32): (8, False)},
             ),
         )
+
+    async def test_failed_commit_sync_is_in_doubt(self) -> None:
+        """
+        A commit whose COMMIT fails with an I/O error fails with
+        StoreInDoubt (a StoreError): whether it was applied is unknown, so
+        ILM must not tell the senders their messages were not stored.
+        Whether SQLite wrote the batch (its sync failed) or not, the error
+        is the same, and the reopened store holds what was written.  (Found
+        by the simulator: a plain StoreError, "nothing applied", made ILM
+        refuse sends that were delivered after the restart.)
+        """
+        for written in (True, False):
+            path = self.store_path()
+            backend, _ = await self.opened(path)
+            real = backend._writer
+            assert real is not None
+            backend._writer = FailingSync(real, written)  # type: ignore[assignment]
+            error = await self.assertFailure(
+                backend.commit(StoreBatch(messages={2: (1, [b"one"])})), StoreInDoubt
+            )
+            self.assertIsInstance(error, StoreError)
+            self.assertIn("unknown", str(error))
+            backend._writer = real
+            backend, state = await self.reopen(backend, path)
+            stored = [(o.peer_id, o.last_position) for o in state.outbound]
+            self.assertEqual(stored, [(2, 1)] if written else [])
+            await backend.close()
 
     async def reopen(self, backend: SQLiteBackend, path: str) -> tuple[Any, Any]:
         await backend.close()

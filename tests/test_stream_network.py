@@ -7,6 +7,7 @@ happens to unauthenticated or hostile peers.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
@@ -17,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 import ilm.errors
+import ilm.network._stream
 from ilm import PeerId
 from ilm.errors import (
     FrameTooLarge,
@@ -771,6 +773,45 @@ class HostileInputTests(SynchronousTestCase):
         self.assertIsNotNone(raw.lost)
         [event] = self.logs.named("link_protocol_violation")
         self.assertEqual(event["kind"], "UnexpectedFrame")
+
+
+def record_loss(log: list[PeerId], peer: PeerId) -> Callable[[PeerId, Any], None]:
+    """
+    A ``link_lost`` that appends ``peer`` (the node that heard it) to ``log``.
+    """
+    return lambda peer_id, reason: log.append(peer)
+
+
+class DeterminismTests(SynchronousTestCase):
+    def test_connections_close_in_the_order_they_were_made(self) -> None:
+        """
+        ``abort`` and ``stop`` close a node's connections in the order the
+        connections were made, whatever the protocol objects' hashes (they
+        depend on memory addresses): a run on a Clock replays exactly.
+        """
+        hashes: dict[int, int] = {}
+
+        def reversed_hash(protocol: object) -> int:
+            # Each new protocol hashes lower than the one before it, so a
+            # set would list them newest first.
+            return hashes.setdefault(id(protocol), 1000 - len(hashes))
+
+        self.patch(ilm.network._stream.ILMProtocol, "__hash__", reversed_hash)
+        for how in ("abort", "stop"):
+            nodes = Nodes()
+            peers = (2, 3, 4, 5, 6)
+            # The peers dial node 1: its connections are incoming ones (its
+            # own dialers would close theirs in the order of its peers).
+            nodes.start(1, known=peers)
+            closed: list[PeerId] = []
+            for peer in peers:
+                nodes.start(peer, dial=(1,))
+                nodes.receivers[peer].link_lost = record_loss(closed, peer)  # type: ignore[method-assign]
+            nodes.settle()
+            self.assertEqual(nodes.networks[1].connected_peers(), frozenset(peers))
+            getattr(nodes.networks[1], how)()
+            nodes.settle()
+            self.assertEqual(closed, list(peers), how)
 
 
 class PublicNamesTests(SynchronousTestCase):

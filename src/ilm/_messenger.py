@@ -755,7 +755,7 @@ class ILM(Service):
                     self._read_done,
                     self._read_failed,
                     callbackArgs=(peer, after, limit),
-                    errbackArgs=(peer,),
+                    errbackArgs=(peer, after),
                 )
                 d.addErrback(self._unexpected, "reading the outbox")
 
@@ -778,8 +778,25 @@ class ILM(Service):
             return
         self._pump(peer)
 
-    def _read_failed(self, reason: Failure, peer: _Peer) -> None:
-        peer.out.reading = False
+    def _read_failed(
+        self, reason: Failure, peer: _Peer, after: int | None = None
+    ) -> None:
+        out = peer.out
+        out.reading = False
+        if after is not None and after < out.acked:
+            # An acknowledgement overtook this read (it was committed while
+            # the read was in flight, as a store whose reads run apart from
+            # its commits allows) and the store refused to read below it.
+            # Nothing is wrong with the store: read again from the new point.
+            log.debug(
+                "outbox read to {peer_id!r} after {after} overtaken by the "
+                "acknowledgement of {acked}; reading again",
+                peer_id=peer.peer_id,
+                after=after,
+                acked=out.acked,
+            )
+            self._pump(peer)
+            return
         delay = peer.read_delay
         peer.read_delay = min(delay * 2, self._config.max_store_retry)
         log.failure(

@@ -12,9 +12,11 @@ wrong and what the caller can do about it:
   retried; :class:`OutboxFull` clears once the peer acknowledges messages;
   :class:`NotRunning` means the messenger is stopping or stopped.
 - :class:`StoreError` and its subclasses come from a backend.  When one fails a
-  ``send_to`` Deferred, that message was not stored.  ILM keeps running and
-  retries its own bookkeeping writes (acknowledgements, delivery marks) with
-  backoff; it never acknowledges anything that was not committed.
+  ``send_to`` Deferred, that message was not stored, except with
+  :class:`StoreInDoubt`: then it may have been (and may be delivered).  ILM
+  keeps running and retries its own bookkeeping writes (acknowledgements,
+  delivery marks) with backoff; it never acknowledges anything that was not
+  committed.
 - :class:`ProtocolViolation` and its subclasses end **one link**: the peer sent
   something that breaks the protocol.  ILM logs the reason and closes the link;
   other links are unaffected and nothing already accepted is lost.
@@ -109,7 +111,7 @@ class NotRunning(SendRefused):
 class StoreError(ILMError):
     """
     The backend could not complete an operation.  Nothing of the failed
-    operation was applied.
+    operation was applied (except with :class:`StoreInDoubt`).
     """
 
 
@@ -134,6 +136,16 @@ class StoreReadOnly(StoreError):
 class StoreFull(StoreError):
     """
     The store ran out of space (disk full or a configured size limit).
+    """
+
+
+class StoreInDoubt(StoreError):
+    """
+    A commit failed in a way that leaves unknown whether it was applied (an
+    I/O error while committing: the data may be on disk, its sync failed).
+    The messages of a ``send_to`` that fails with it may or may not have been
+    stored, so may still be delivered.  The store refuses further work until
+    the node restarts, which reads the truth from the store.
     """
 
 
@@ -300,6 +312,7 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "StoreFull",
+    "StoreInDoubt",
     "StoreLocked",
     "StoreReadOnly",
     "StoreSchemaTooNew",

@@ -50,6 +50,7 @@ from ilm.errors import (
     StoreCorrupt,
     StoreError,
     StoreFull,
+    StoreInDoubt,
     StoreLocked,
     StoreReadOnly,
     StoreSchemaTooNew,
@@ -825,9 +826,13 @@ class SQLiteBackend:
             error = store_error(e, self.path, "cannot commit to")
             if not isinstance(error, StoreFull | StoreReadOnly):
                 # SQLite may have written the commit and failed to sync it:
-                # whether the batch is on disk is unknown.  Reusing its
-                # positions could then collide with it, so refuse all
-                # further work; a restart reads the truth from the file.
+                # whether the batch is on disk is unknown.  Say so (its
+                # messages may yet be delivered), and, since reusing its
+                # positions could collide with it, refuse all further work;
+                # a restart reads the truth from the file.
+                in_doubt = StoreInDoubt(
+                    f"{error}: whether the batch is on disk is unknown"
+                )
                 self._broken = StoreError(
                     f"the store {self.path} is in an unknown state after a "
                     f"failed commit ({error}); restart the node"
@@ -840,6 +845,7 @@ class SQLiteBackend:
                     error=str(error),
                     ilm_event="store_broken",
                 )
+                raise in_doubt from e
             raise error from e
         keys.update(new_keys)
         outbound.update(changed)

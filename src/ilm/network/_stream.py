@@ -232,7 +232,7 @@ class ILMProtocol(Protocol):
 
     def connectionMade(self) -> None:
         network = self._network
-        network._protocols.add(self)
+        network._protocols[self] = None
         # ILM coalesces its writes itself and waits on small ACK frames:
         # Nagle's algorithm would hold those back for a delayed ACK (40 ms).
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -774,7 +774,10 @@ class StreamNetwork:
         self._stopping: Deferred[None] | None = None
         self._ports: list[IListeningPort] = []
         self._dialers: dict[PeerId, _Dialer] = {}
-        self._protocols: set[ILMProtocol] = set()
+        # An ordered set (dict keys): stop() and abort() close connections in
+        # the order they were made, not in an order that depends on object
+        # addresses, so a run on a Clock replays exactly.
+        self._protocols: dict[ILMProtocol, None] = {}
         self._links: dict[PeerId, ILMProtocol] = {}
         self._held: dict[PeerId, ILMProtocol] = {}
         # After violations: per peer, how many in a row, and until when its
@@ -1158,7 +1161,7 @@ class StreamNetwork:
     def _connection_lost(
         self, protocol: ILMProtocol, was: str, reason: Failure
     ) -> None:
-        self._protocols.discard(protocol)
+        self._protocols.pop(protocol, None)
         if was != _CLOSED:
             self._detached(protocol, was, reason)
 

@@ -9,12 +9,18 @@ targets and stores failing for a while) and checks, after every instant of
 simulated time and at the end, that every stream is delivered exactly once
 and in order, except in the documented at-least-once windows.
 
+The nodes' stores can be real SQLite files (:class:`SQLiteStoreModel`) and
+their links the real stream network over in-memory pipes
+(:func:`stream_network`), with the faults of those layers.
+
 ``python -m ilm.simulation --seeds N`` runs seeds from the command line;
 :func:`run_seed` and :func:`run_seeds` run them from code, and
 :class:`Application` plugs your own delivery code and checks in.  See
 ``docs/simulation.md``.
 """
 
+from ilm.simulation._gate import Gate, GateTimeout
+from ilm.simulation._pipes import Switchboard
 from ilm.simulation._runner import (
     SeedResult,
     Summary,
@@ -25,6 +31,7 @@ from ilm.simulation._runner import (
     run_seed,
     run_seeds,
 )
+from ilm.simulation._sqlite import SimulatedSQLiteBackend, SQLiteStoreModel
 from ilm.simulation._store import (
     CrashableBackend,
     InjectedStoreFailure,
@@ -33,6 +40,7 @@ from ilm.simulation._store import (
     StoreListener,
     StoreModel,
 )
+from ilm.simulation._stream import StreamSimulation, stream_network
 from ilm.simulation._world import (
     FAULT_KINDS,
     Application,
@@ -49,18 +57,24 @@ __all__ = [
     "FAULT_KINDS",
     "Application",
     "CrashableBackend",
+    "Gate",
+    "GateTimeout",
     "InjectedDeliveryFailure",
     "InjectedStoreFailure",
     "MemoryStoreModel",
     "NodeContext",
+    "SQLiteStoreModel",
     "Scenario",
     "SeedResult",
     "SimulatedBackend",
     "SimulatedNetwork",
+    "SimulatedSQLiteBackend",
     "SimulationView",
     "StoreListener",
     "StoreModel",
+    "StreamSimulation",
     "Summary",
+    "Switchboard",
     "format_failure",
     "format_summary",
     "main",
@@ -69,4 +83,5 @@ __all__ = [
     "replay_command",
     "run_seed",
     "run_seeds",
+    "stream_network",
 ]

@@ -19,6 +19,9 @@ application took, and checks each new fact against the others:
   sender.  Each window allows each position once more, and is counted;
 - a delivery mark never exceeds what the application took, and the sender
   never acknowledges beyond the receiver's durable mark;
+- a node that opens its store finds exactly what landed in it: its
+  incarnation, per peer the outbox's acknowledged and last positions and
+  its pending bytes, and its delivery marks;
 - at the end, every durably stored message is delivered, except those whose
   sender lost its store before they were acknowledged (counted apart).
 """
@@ -29,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from ilm._message import PeerId
-from ilm._store import StoreBatch
+from ilm._store import StoreBatch, StoredState
 
 StreamKey = tuple[PeerId, int, PeerId]
 
@@ -207,6 +210,61 @@ class Ledger:
             stream.mark = max(stream.mark, mark)
             stream.max_mark = max(stream.max_mark, mark)
 
+    def opened(self, node: PeerId, generation: int, state: StoredState) -> None:
+        """
+        ``node`` opened its store of ``generation`` and found ``state``:
+        it must be exactly what landed in that store.
+        """
+        where = f"node {node} opened its store and found"
+        if self._generations.get((node, state.incarnation)) != generation:
+            self._violation(f"{where} incarnation {state.incarnation}, not its own")
+            return
+        outboxes = set()
+        for record in state.outbound:
+            peer = record.peer_id
+            outboxes.add(peer)
+            stream = self.streams.get((node, generation, peer))
+            stored = stream.stored if stream is not None else []
+            acked = stream.sender_acked if stream is not None else 0
+            if (record.acked, record.last_position) != (acked, len(stored)):
+                self._violation(
+                    f"{where} its outbox to {peer} acknowledged up to "
+                    f"{record.acked} and ending at {record.last_position}; what "
+                    f"landed says {acked} and {len(stored)}"
+                )
+            elif record.pending_bytes != sum(map(len, stored[acked:])):
+                self._violation(
+                    f"{where} {record.pending_bytes} bytes pending to {peer}; "
+                    f"what landed holds {sum(map(len, stored[acked:]))}"
+                )
+        for (sender, sender_generation, peer), stream in self.streams.items():
+            if (sender, sender_generation) == (node, generation) and (
+                len(stream.stored) and peer not in outboxes
+            ):
+                self._violation(f"{where} no outbox to {peer}; {stream} landed")
+        marks = set()
+        for mark in state.inbound:
+            peer_generation = self._generations.get((mark.peer_id, mark.incarnation))
+            if peer_generation is None:
+                self._violation(
+                    f"{where} a mark for unknown incarnation {mark.incarnation} "
+                    f"of {mark.peer_id}"
+                )
+                continue
+            stream = self.streams.get((mark.peer_id, peer_generation, node))
+            expected = stream.mark if stream is not None else 0
+            marks.add((mark.peer_id, peer_generation))
+            if mark.delivered != expected:
+                self._violation(
+                    f"{where} delivery mark {mark.delivered} for {stream}; the "
+                    f"marks that landed say {expected}"
+                )
+        for stream in self.streams_to(node):
+            if stream.mark and (stream.key[0], stream.key[1]) not in marks:
+                self._violation(
+                    f"{where} no delivery mark for {stream}; {stream.mark} landed"
+                )
+
     # -- facts from the senders ------------------------------------------------
 
     def accepted(self, contents: bytes, position: int) -> None:
@@ -226,6 +284,13 @@ class Ledger:
             )
         stream.accepted.add(position)
         self.stats["messages_accepted"] += 1
+
+    def in_doubt(self, contents: bytes) -> None:
+        """
+        ``send_to`` failed with ``StoreInDoubt``: the message may or may not
+        be stored (counted with the sends whose node crashed).
+        """
+        self.stats["messages_store_in_doubt"] += 1
 
     def refused(self, contents: bytes) -> None:
         origin = self.origins[contents]
@@ -253,14 +318,31 @@ class Ledger:
             )
 
     def check_ack(
-        self, receiver: PeerId, sender: PeerId, delivered: int, sender_acked: int
+        self,
+        receiver: PeerId,
+        sender: PeerId,
+        delivered: int,
+        sender_acked: int,
+        incarnation: str | None = None,
     ) -> None:
         """
         ``receiver`` acknowledges ``delivered`` to ``sender`` (whose current
         acknowledgement point is ``sender_acked``): it must not exceed the
         receiver's durable mark.
+
+        :param incarnation: the sender's incarnation whose stream the
+            receiver acknowledges (``None``: the sender's current one).  A
+            receiver that has not yet heard that the sender restarted with
+            a new store (its link to the sender is half-open) acknowledges
+            the old incarnation's stream; what the sender acknowledged in
+            that store is then what counts.
         """
-        stream = self.streams.get((sender, self.current[sender], receiver))
+        generation = self.current[sender]
+        if incarnation is not None:
+            generation = self._generations.get((sender, incarnation), generation)
+        stream = self.streams.get((sender, generation, receiver))
+        if generation != self.current[sender]:
+            sender_acked = stream.sender_acked if stream is not None else 0
         mark = stream.mark if stream is not None else 0
         if delivered > max(mark, sender_acked):
             self._violation(

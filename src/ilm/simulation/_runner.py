@@ -14,7 +14,52 @@ from typing import IO
 
 import attr
 
-from ilm.simulation._world import Scenario, World
+from ilm.simulation._sqlite import SQLiteStoreModel
+from ilm.simulation._store import MemoryStoreModel, StoreModel
+from ilm.simulation._stream import stream_network
+from ilm.simulation._world import Scenario, SimulatedNetwork, World, memory_network
+
+STORES: dict[str, Callable[[], StoreModel]] = {
+    "memory": MemoryStoreModel,
+    "sqlite": SQLiteStoreModel,
+}
+"""The stores ``--store`` names: each makes a :class:`StoreModel`."""
+
+NETWORKS: dict[str, Callable[..., SimulatedNetwork]] = {
+    "memory": memory_network,
+    "stream": stream_network,
+}
+"""The networks ``--network`` names: ``Scenario(network=...)`` factories."""
+
+
+def scenario_for(
+    nodes: int = 3, store: str = "memory", network: str = "memory"
+) -> Scenario:
+    """
+    The scenario the command line runs: ``nodes`` nodes on the named store
+    and network (keys of :data:`STORES` and :data:`NETWORKS`).
+    """
+    if store not in STORES:
+        raise ValueError(f"unknown store {store!r}: use one of {sorted(STORES)}")
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}: use one of {sorted(NETWORKS)}")
+    return Scenario(nodes=nodes, store_model=STORES[store](), network=NETWORKS[network])
+
+
+def scenario_options(scenario: Scenario) -> tuple[str, ...]:
+    """
+    The command-line options (beyond ``--nodes``) that select
+    ``scenario``'s store and network, when they are ones the command line
+    knows and not the defaults.
+    """
+    options: list[str] = []
+    store = getattr(scenario.store_model, "name", None)
+    if store in STORES and store != "memory":
+        options += ["--store", store]
+    for name, factory in NETWORKS.items():
+        if scenario.network is factory and name != "memory":
+            options += ["--network", name]
+    return tuple(options)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -36,6 +81,7 @@ class SeedResult:
     stats: Counter[str]
     trace: tuple[str, ...]
     digest: str
+    options: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -64,6 +110,7 @@ def run_seed(
         stats=world.stats,
         trace=tuple(world.trace_tail),
         digest=world.digest,
+        options=scenario_options(scenario),
     )
 
 
@@ -113,12 +160,17 @@ def run_seeds(
     return summary
 
 
-def replay_command(seed: int, nodes: int) -> str:
+def replay_command(seed: int, nodes: int, options: Sequence[str] = ()) -> str:
     """
     The command that replays one seed with its full trace.
+
+    :param options: the options selecting the store and network
+        (:func:`scenario_options`).
     """
+    extra = "".join(f" {option}" for option in options)
     return (
-        f"python -m ilm.simulation --seeds 1 --start {seed} --nodes {nodes} --verbose"
+        f"python -m ilm.simulation --seeds 1 --start {seed} --nodes {nodes}"
+        f"{extra} --verbose"
     )
 
 
@@ -131,13 +183,19 @@ def format_failure(result: SeedResult, tail: int = 60) -> str:
     lines += [f"  {v}" for v in result.violations]
     lines.append(f"  last {min(tail, len(result.trace))} trace lines:")
     lines += [f"    {line}" for line in result.trace[-tail:]]
-    lines.append(f"  replay: {replay_command(result.seed, result.nodes)}")
+    lines.append(
+        f"  replay: {replay_command(result.seed, result.nodes, result.options)}"
+    )
     return "\n".join(lines)
 
 
-def format_summary(summary: Summary, first_seed: int, nodes: int) -> str:
+def format_summary(
+    summary: Summary, first_seed: int, nodes: int, options: Sequence[str] = ()
+) -> str:
     """
     The summary printed at the end of a run of seeds.
+
+    :param options: the store and network options of the run, if any.
     """
     s = summary.stats
     duplicates = s["duplicates_receiver_crash"] + s["duplicates_receiver_store_loss"]
@@ -146,11 +204,17 @@ def format_summary(summary: Summary, first_seed: int, nodes: int) -> str:
     return "\n".join(
         [
             f"seeds       {summary.seeds} ({first_seed}..{last}), {nodes} nodes, "
-            f"{len(summary.failures)} failed",
+            f"{len(summary.failures)} failed"
+            + (f" ({' '.join(options)})" if options else ""),
             f"messages    sent {s['messages_sent']}, accepted "
             f"{s['messages_accepted']}, refused {s['messages_refused']}, in "
             f"doubt after a crash {s['messages_in_doubt_landed']} stored + "
-            f"{s['messages_in_doubt_lost']} not stored",
+            f"{s['messages_in_doubt_lost']} not stored"
+            + (
+                f" ({s['messages_store_in_doubt']} of them failed with StoreInDoubt)"
+                if s["messages_store_in_doubt"]
+                else ""
+            ),
             f"delivered   {s['messages_delivered']} messages in "
             f"{s['deliveries']} deliveries",
             f"duplicates  {duplicates} inside the at-least-once windows "
@@ -164,19 +228,67 @@ def format_summary(summary: Summary, first_seed: int, nodes: int) -> str:
             f"{s['fault_crash']} (at random {s['fault_crash_at_random']}, in commit "
             f"{s['fault_crash_in_commit']}, after commit "
             f"{s['fault_crash_after_commit']}, after delivery "
-            f"{s['fault_crash_after_delivery']}; commit in flight landed "
+            f"{s['fault_crash_after_delivery']}"
+            + (
+                f", restarted by a supervisor after store_broken "
+                f"{s['fault_crash_store_broken']}"
+                if s["fault_crash_store_broken"]
+                else ""
+            )
+            + "; commit in flight landed "
             f"{s['crash_commit_landed']}, lost {s['crash_commit_lost']}), store "
             f"loss {s['fault_store_loss']}, delivery failure "
             f"{s['fault_delivery_failure']} ({s['delivery_refusals']} refusals), "
             f"commit failure {s['fault_commit_failure']}, shutdown "
             f"{s['fault_shutdown']} ({s['shutdown_clean']} clean, "
             f"{s['shutdown_timed_out']} timed out)",
+            *_layer_lines(s),
             f"restarts    {s['restarts']}",
             f"simulated   {s['sim_seconds']} s in {s['steps']} steps",
             f"wall time   {summary.wall_seconds:.1f} s ({rate:.1f} seeds/s)",
             f"violations  {sum(len(f.violations) for f in summary.failures)}",
         ]
     )
+
+
+def _layer_lines(s: Counter[str]) -> list[str]:
+    """
+    The summary lines about the stream network and the stores' errors, when
+    they have anything to say.
+    """
+    lines = []
+    if s["fault_abort"] or s["fault_half_open"] or s["fault_stall"]:
+        lines.append(
+            f"stream      connections aborted {s['fault_abort']}, half-open "
+            f"{s['fault_half_open']}, stalled {s['fault_stall']}; crashes whose "
+            f"connections vanished silently {s['crash_silent']}; link timeouts "
+            f"{s['event_link_timeout']}, links established "
+            f"{s['event_link_established']}, duplicate connections closed "
+            f"{s['event_duplicate_link']}, links replaced "
+            f"{s['event_link_replaced']}, paused by a full buffer {s['link_paused']}"
+        )
+    errors = sorted(
+        (k.removeprefix("store_error_"), v)
+        for k, v in s.items()
+        if k.startswith("store_error_") and v
+    )
+    if errors:
+        faults = sorted(
+            (k.removeprefix("store_fault_"), v)
+            for k, v in s.items()
+            if k.startswith("store_fault_") and v
+        )
+        lines.append(
+            "store       failed commits: "
+            + ", ".join(f"{name} {count}" for name, count in errors)
+            + (
+                "; commits made while the store was "
+                + ", ".join(f"{name} {count}" for name, count in faults)
+                if faults
+                else ""
+            )
+        )
+    return lines
 
 
 class _Progress:
@@ -250,6 +362,20 @@ def main(
     parser.add_argument("--start", type=int, default=0, help="the first seed")
     parser.add_argument("--nodes", type=int, default=3, help="ILM nodes per seed")
     parser.add_argument(
+        "--store",
+        choices=sorted(STORES),
+        default="memory",
+        help="the nodes' store: the simulated in-memory store (default) or "
+        "real SQLite files",
+    )
+    parser.add_argument(
+        "--network",
+        choices=sorted(NETWORKS),
+        default="memory",
+        help="what links the nodes: the in-memory network (default) or the "
+        "real stream network over in-memory pipes",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="write every event of each seed (use it to replay one seed)",
@@ -258,7 +384,7 @@ def main(
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     try:
-        scenario = Scenario(nodes=args.nodes)
+        scenario = scenario_for(args.nodes, args.store, args.network)
     except ValueError as error:
         parser.error(str(error))
     progress = None if args.verbose else _Progress(err, args.seeds)
@@ -283,7 +409,8 @@ def main(
             progress.interrupt()
         out.write("interrupted\n")
     summary.wall_seconds = time.perf_counter() - started
-    out.write(format_summary(summary, args.start, args.nodes) + "\n")
+    options = scenario_options(scenario)
+    out.write(format_summary(summary, args.start, args.nodes, options) + "\n")
     if summary.failures:
         out.write("failed seeds: " + " ".join(str(f.seed) for f in summary.failures))
         out.write("\n")

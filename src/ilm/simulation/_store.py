@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm._message import PeerId
@@ -30,23 +31,54 @@ from ilm.errors import StoreError
 from ilm.interfaces import IBackend
 
 
+@runtime_checkable
+class CrashableBackend(Protocol):
+    """
+    What the simulator needs from a backend beyond ``IBackend``: it can be
+    crashed, made to fail its commits, and asked what is durably pending.
+    """
+
+    commits_fail: bool
+
+    def crash(self, land: bool) -> bool: ...
+
+    def durable_outbox(self) -> dict[PeerId, int]: ...
+
+
 class StoreListener(Protocol):
     """
     What a simulated store reports to the simulator.
     """
 
-    def commit_started(self, backend: SimulatedBackend, latency: float) -> None:
+    def opened(self, backend: CrashableBackend, state: StoredState) -> None:
         """
-        ``commit`` was called; the batch lands after ``latency`` seconds
-        unless the node crashes first.
+        ``open`` found ``state`` in the store (what ILM is about to get).
         """
 
-    def landed(self, backend: SimulatedBackend, batch: StoreBatch) -> None:
+    def commit_started(self, backend: CrashableBackend, latency: float) -> None:
+        """
+        ``commit`` was called; the batch lands after ``latency`` seconds
+        unless the node crashes first.  The listener may set
+        ``backend.commits_fail``.
+        """
+
+    def landed(self, backend: CrashableBackend, batch: StoreBatch) -> None:
         """
         ``batch`` is now durable (its commit finished, or a crash landed it).
         """
 
-    def contract_broken(self, backend: SimulatedBackend, problem: str) -> None:
+    def commit_failed(self, backend: CrashableBackend, reason: Failure) -> None:
+        """
+        A commit failed and applied nothing.
+        """
+
+    def fault_injected(self, backend: CrashableBackend, kind: str) -> None:
+        """
+        The store was broken in the way ``kind`` says for one commit (a
+        commit it made fail on purpose; see ``commits_fail``).
+        """
+
+    def contract_broken(self, backend: CrashableBackend, problem: str) -> None:
         """
         ILM used the backend against the ``IBackend`` contract.
         """
@@ -115,7 +147,13 @@ class SimulatedBackend(InMemoryBackend):
     def open(self) -> Deferred[StoredState]:
         self.closed = False
         d: Deferred[StoredState] = Deferred()
-        self._later(self.latency(), lambda: d.callback(self.storage.state()))
+
+        def opened() -> None:
+            state = self.storage.state()
+            self.listener.opened(self, state)
+            d.callback(state)
+
+        self._later(self.latency(), opened)
         return d
 
     def commit(self, batch: StoreBatch) -> Deferred[CommitResult]:
@@ -137,12 +175,16 @@ class SimulatedBackend(InMemoryBackend):
         def finish() -> None:
             self.in_flight = None
             if fails:
-                d.errback(InjectedStoreFailure("injected commit failure"))
+                failure = Failure(InjectedStoreFailure("injected commit failure"))
+                self.listener.commit_failed(self, failure)
+                d.errback(failure)
                 return
             try:
                 result = self.storage.apply(batch)
             except StoreError:
-                d.errback()
+                failure = Failure()
+                self.listener.commit_failed(self, failure)
+                d.errback(failure)
                 return
             self.listener.landed(self, batch)
             d.callback(result)
@@ -202,20 +244,6 @@ class SimulatedBackend(InMemoryBackend):
 
 
 @runtime_checkable
-class CrashableBackend(Protocol):
-    """
-    What the simulator needs from a backend beyond ``IBackend``: it can be
-    crashed, made to fail its commits, and asked what is durably pending.
-    """
-
-    commits_fail: bool
-
-    def crash(self, land: bool) -> bool: ...
-
-    def durable_outbox(self) -> dict[PeerId, int]: ...
-
-
-@runtime_checkable
 class StoreModel(Protocol):
     """
     How the simulator makes stores and opens backends over them.
@@ -243,6 +271,8 @@ class MemoryStoreModel:
     The default :class:`StoreModel`: :class:`SimulatedBackend` over
     :class:`ilm.backends.InMemoryStorage`.
     """
+
+    name = "memory"
 
     def new_store(self, incarnation: str) -> InMemoryStorage:
         storage = InMemoryStorage()

@@ -24,21 +24,28 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import ilm._messenger
+import ilm.backends._sqlite
 import ilm.network._memory
+import ilm.network._stream
 from ilm import _frames
 from ilm._config import Config
 from ilm._delivery import as_delivery
 from ilm._message import PeerId
 from ilm._messenger import ILM, Receipt
-from ilm._store import StoreBatch
-from ilm.errors import ILMError, NotRunning, ShutdownTimeout, StoreError
+from ilm._store import StoreBatch, StoredState
+from ilm.errors import (
+    ILMError,
+    NotRunning,
+    ShutdownTimeout,
+    StoreError,
+    StoreInDoubt,
+)
 from ilm.interfaces import ILocalDelivery, IMessage, INetwork
 from ilm.network._memory import FaultPolicy, InMemoryNetwork
 from ilm.simulation._ledger import Ledger
 from ilm.simulation._store import (
     CrashableBackend,
     MemoryStoreModel,
-    SimulatedBackend,
     StoreModel,
 )
 from ilm.testing import crash as crash_node
@@ -49,6 +56,9 @@ FAULT_KINDS = frozenset(
         "drop",
         "duplicate",
         "delay",
+        "abort",
+        "half_open",
+        "stall",
         "crash",
         "store_loss",
         "shutdown",
@@ -68,7 +78,22 @@ _BAD_EVENTS = frozenset(
         "protocol_violation",
         "outbox_read_failed",
         "start_failed",
+        # the SQLite store
+        "store_broken",
+        "store_close_failed",
+        # the stream network: no peer here is hostile or misconfigured
+        "link_protocol_violation",
+        "authentication_failed",
+        "spoofed_peer",
     }
+)
+
+# The loggers whose events the simulator hears (counted, traced, checked).
+_LOGGERS = (
+    ilm._messenger.log,
+    ilm.network._memory.log,
+    ilm.network._stream.log,
+    ilm.backends._sqlite.log,
 )
 
 _TRACE_TAIL = 400
@@ -85,6 +110,13 @@ class SimulatedNetwork(Protocol):
     """
     What the simulator needs from a network: the controls of
     :class:`ilm.testing.InMemoryNetwork`.
+
+    A network with faults of its own (:class:`StreamSimulation`) may also
+    have ``attach(node_ids, frame_check, note, stats)`` (called once, before
+    any node starts), ``fault_rates`` (kind: the rates a seed draws from),
+    ``inject(kind, rng)`` (returns what it did, for the trace, or ``None``),
+    ``frame_faults = False`` (the per-frame faults make no sense for it) and
+    ``describe()`` (its parameters, for the trace).
     """
 
     fault_policy: FaultPolicy | None
@@ -219,9 +251,11 @@ class Scenario:
     - ``application``: makes the per-seed :class:`Application` (delivery
       targets and custom checks).
     - ``store_model``: makes stores and opens backends over them
-      (:class:`MemoryStoreModel`).
+      (:class:`MemoryStoreModel`; :class:`SQLiteStoreModel` for SQLite
+      files).
     - ``network``: ``network(clock, rng)`` returns the
-      :class:`SimulatedNetwork` (:func:`memory_network`).
+      :class:`SimulatedNetwork` (:func:`memory_network`;
+      :func:`stream_network` for the real stream network).
     - ``config``: ``config(rng)`` returns the nodes' :class:`ilm.Config`
       (:func:`random_config`).
     """
@@ -312,6 +346,7 @@ class _Node:
         "restart_call",
         "restart_loses_store",
         "restarts",
+        "settle",
         "started",
         "stopping",
         "store",
@@ -324,6 +359,7 @@ class _Node:
         self.incarnation = ""
         self.store: object = None
         self.backend: Any = None
+        self.settle: Callable[[], object] | None = None
         self.ilm: ILM | None = None
         self.started = False
         self.target: _Delivery | None = None
@@ -418,8 +454,12 @@ class World:
         self.trace_tail: deque[str] = deque(maxlen=_TRACE_TAIL)
         self._digest = hashlib.blake2b(digest_size=16)
         self._trace_out = trace
+        # Texts that differ from run to run (a store's temporary directory)
+        # and what the trace says instead.
+        self._redactions: list[tuple[str, str]] = []
         self.ledger = Ledger(self._violation, self.stats)
         self.healing = False
+        self.broken_stores = 0
         self._serial = 0
         self._steps = 0
         self._log_observer = _LogObserver(self)
@@ -428,6 +468,11 @@ class World:
         self.network = scenario.network(self.clock, self.rng)
         self.network.fault_policy = self._frame_policy
         self._ids = tuple(range(1, scenario.nodes + 1))
+        # A network with faults of its own (the stream network) is told the
+        # nodes, how to check the frames ILM sends, and where to report.
+        attach = getattr(self.network, "attach", None)
+        if attach is not None:
+            attach(self._ids, self._check_frame, self.note, self.stats)
         self.nodes: dict[PeerId, _Node] = {i: _Node(i) for i in self._ids}
         self.view = SimulationView(self)
         self.application = scenario.application(self.view)
@@ -436,7 +481,18 @@ class World:
 
     # -- trace and violations --------------------------------------------------
 
+    def redact(self, text: str) -> str:
+        """
+        ``text`` with what differs from run to run (a store's temporary
+        directory) replaced by a stable name.
+        """
+        for text_here, text_there in self._redactions:
+            text = text.replace(text_here, text_there)
+        return text
+
     def note(self, text: str) -> None:
+        if self._redactions:
+            text = self.redact(text)
         line = f"{self.clock.seconds():11.6f} {text}"
         self.trace_tail.append(line)
         self._digest.update(line.encode())
@@ -477,6 +533,9 @@ class World:
         self.commit_failure_rate = rate("commit_failure", [0.0, 0.3, 1.0])
         self.shutdown_rate = rate("shutdown", [0.0, 0.0, 0.3, 1.0])
         self.store_latency = rng.choice([(0.0, 0.0005), (0.0002, 0.003), (0.001, 0.02)])
+        if not getattr(self.network, "frame_faults", True):
+            # A stream neither drops, duplicates nor reorders single frames.
+            self.p_drop = self.p_duplicate = self.p_delay = 0.0
         self.note(
             f"seed {self.seed}: {len(self.nodes)} nodes, {self.message_count} "
             f"messages over {self.chaos_time:.3f}s; window {self.config.window} "
@@ -489,6 +548,16 @@ class World:
             f"store latency {self.store_latency}; "
             f"{'async' if self.asynchronous_delivery else 'sync'} delivery"
         )
+        # The network's own kinds of fault, drawn after everything else so
+        # that a seed of the in-memory network draws what it always drew.
+        self.network_fault_rates: dict[str, float] = {}
+        own: dict[str, Sequence[float]] = getattr(self.network, "fault_rates", {})
+        for kind in sorted(own):
+            self.network_fault_rates[kind] = rate(kind, own[kind])
+        describe = getattr(self.network, "describe", None)
+        if describe is not None:
+            rates = ", ".join(f"{k} {v}/s" for k, v in self.network_fault_rates.items())
+            self.note(f"{describe()}; {rates}")
 
     def _schedule(self) -> None:
         rng = self.rng
@@ -511,6 +580,13 @@ class World:
             while t < end:
                 self.clock.callLater(t, self._fault, action)
                 t += rng.expovariate(rate)
+        for kind, rate in self.network_fault_rates.items():
+            if rate <= 0:
+                continue
+            t = rng.expovariate(rate)
+            while t < end:
+                self.clock.callLater(t, self._fault, self._network_fault, kind)
+                t += rng.expovariate(rate)
         self.clock.callLater(end, self._heal)
 
     # -- running ---------------------------------------------------------------
@@ -519,17 +595,32 @@ class World:
         """
         Run the seed to the end: chaos, healing, final checks.
         """
-        messenger_log = ilm._messenger.log
-        network_log = ilm.network._memory.log
-        saved = (messenger_log.observer, network_log.observer)
-        messenger_log.observer = self._log_observer
-        network_log.observer = self._log_observer
+        saved = [log.observer for log in _LOGGERS]
+        for log in _LOGGERS:
+            log.observer = self._log_observer
         globalLogPublisher.addObserver(self._error_observer)
         try:
             self._run(max_steps)
         finally:
-            messenger_log.observer, network_log.observer = saved
-            globalLogPublisher.removeObserver(self._error_observer)
+            try:
+                self._discard_stores()
+            finally:
+                for log, observer in zip(_LOGGERS, saved, strict=True):
+                    log.observer = observer
+                globalLogPublisher.removeObserver(self._error_observer)
+
+    def _discard_stores(self) -> None:
+        """
+        The run is over: release every store (close backends still open,
+        delete files), if the store model holds anything outside memory.
+        """
+        discard = getattr(self.scenario.store_model, "discard", None)
+        if discard is None:
+            return
+        for node in self.nodes.values():
+            if node.store is not None:
+                discard(node.store)
+                node.store = None
 
     def _run(self, max_steps: int) -> None:
         for node in self.nodes.values():
@@ -558,6 +649,11 @@ class World:
                 )
                 break
             clock.advance(max(0.0, next_time - clock.seconds()))
+            # Hand the results of store operations that finished in that
+            # instant to ILM (stores that work on threads hold them).
+            for node in self.nodes.values():
+                if node.settle is not None:
+                    node.settle()
             self._steps += 1
             if self._steps > max_steps:
                 self._violation(f"livelock: {max_steps} steps without converging")
@@ -589,6 +685,11 @@ class World:
         incarnation = f"{self.rng.getrandbits(128):032x}"
         node.store = self.scenario.store_model.new_store(incarnation)
         node.incarnation = incarnation
+        directory = getattr(node.store, "directory", None)
+        if isinstance(directory, str):
+            self._redactions.append(
+                (directory, f"<store {node.node_id}.{node.generation}>")
+            )
         self.ledger.new_store(node.node_id, node.generation, incarnation)
 
     def _start(self, node: _Node) -> None:
@@ -603,6 +704,7 @@ class World:
         if not isinstance(backend, CrashableBackend):
             raise TypeError("the store model's backends must be CrashableBackends")
         node.backend = backend
+        node.settle = getattr(backend, "settle", None)
         context = NodeContext(
             node.node_id,
             node.generation,
@@ -643,13 +745,16 @@ class World:
     def _start_failed(self, reason: Failure) -> None:
         self._violation(f"a node failed to start: {reason.getErrorMessage()}")
 
-    def crash(self, node: _Node, how: str) -> None:
+    def crash(self, node: _Node, how: str, supervisor: bool = False) -> None:
         """
         Kill ``node`` now; it restarts later (during the faults) or when they
         stop.
+
+        :param supervisor: the node is restarted because its store requires
+            it (even once the faults have stopped).
         """
         messenger = node.ilm
-        if messenger is None or self.healing:
+        if messenger is None or (self.healing and not supervisor):
             return
         land = self.rng.random() < 0.5
         in_flight = node.backend.crash(land)
@@ -680,6 +785,9 @@ class World:
         node.stopping = False
         node.restart_loses_store = self.rng.random() < self.store_loss
         downtime = self.rng.choice([0.0, 0.01, 0.1, 0.5, 2.0])
+        if self.healing:
+            node.restart_loses_store = False
+            downtime = 0.0
         node.restart_call = self.clock.callLater(downtime, self._restart, node)
 
     def _restart(self, node: _Node) -> None:
@@ -690,6 +798,9 @@ class World:
             self.stats["fault_store_loss"] += 1
             self.note(f"node {node.node_id} lost its store")
             self.ledger.lost_store(node.node_id, node.generation)
+            discard = getattr(self.scenario.store_model, "discard", None)
+            if discard is not None:
+                discard(node.store)
             node.generation += 1
             self._new_store(node)
         node.restarts += 1
@@ -741,6 +852,12 @@ class World:
     def _refused(
         self, reason: Failure, contents: bytes, serial: int, sender: _Node, life: int
     ) -> None:
+        if reason.check(StoreInDoubt):
+            # The store cannot tell whether it holds the message: like a send
+            # whose node crashed before answering, it may still be delivered.
+            self.note(f"in doubt #{serial}: {reason.getErrorMessage()}")
+            self.ledger.in_doubt(contents)
+            return
         self.note(f"refused #{serial}: {reason.getErrorMessage()}")
         self.ledger.refused(contents)
         # A store failure refuses a send; so does a graceful shutdown, for a
@@ -767,9 +884,15 @@ class World:
 
     # -- faults ----------------------------------------------------------------
 
-    def _fault(self, action: Callable[[], None]) -> None:
+    def _fault(self, action: Callable[..., None], *args: object) -> None:
         if not self.healing:
-            action()
+            action(*args)
+
+    def _network_fault(self, kind: str) -> None:
+        what = self.network.inject(kind, self.rng)  # type: ignore[attr-defined]
+        if what is not None:
+            self.stats[f"fault_{kind}"] += 1
+            self.note(what)
 
     def _cut(self) -> None:
         a, b = self.rng.sample(self._ids, 2)
@@ -924,7 +1047,14 @@ class World:
                 acked = 0
                 if sender is not None and source in sender._peers:
                     acked = sender._peers[source].out.acked
-                self.ledger.check_ack(source, destination, delivered, acked)
+                # The incarnation of the sender whose stream is acknowledged.
+                incarnation = None
+                receiver = self.nodes[source].ilm
+                if receiver is not None and destination in receiver._peers:
+                    incarnation = receiver._peers[destination].peer_incarnation
+                self.ledger.check_ack(
+                    source, destination, delivered, acked, incarnation
+                )
         except ILMError as error:
             self._violation(f"{source}->{destination}: ILM sent a bad frame: {error}")
 
@@ -1045,7 +1175,32 @@ class _StoreEvents:
         self.node = node
         self.generation = node.generation
 
-    def commit_started(self, backend: SimulatedBackend, latency: float) -> None:
+    def opened(self, backend: CrashableBackend, state: StoredState) -> None:
+        self.world.ledger.opened(self.node.node_id, self.generation, state)
+
+    def commit_failed(self, backend: CrashableBackend, reason: Failure) -> None:
+        kind = reason.type.__name__ if reason.type is not None else "unknown"
+        self.world.stats[f"store_error_{kind}"] += 1
+
+    def fault_injected(self, backend: CrashableBackend, kind: str) -> None:
+        world = self.world
+        node = self.node
+        world.stats[f"store_fault_{kind}"] += 1
+        world.note(f"node {node.node_id}'s store is {kind} for a commit")
+        if kind == "io_error":
+            # The store cannot tell whether the commit is on disk and refuses
+            # all work until reopened: a supervisor restarts the node.
+            world.broken_stores += 1
+            world.node_call(
+                node,
+                world.rng.choice([0.0, 0.05, 0.5]),
+                world.crash,
+                node,
+                "store_broken",
+                True,
+            )
+
+    def commit_started(self, backend: CrashableBackend, latency: float) -> None:
         world = self.world
         node = self.node
         backend.commits_fail = world.commit_fails(node)
@@ -1055,7 +1210,7 @@ class _StoreEvents:
                 node, world.rng.uniform(0, latency), world.crash, node, "in_commit"
             )
 
-    def landed(self, backend: SimulatedBackend, batch: StoreBatch) -> None:
+    def landed(self, backend: CrashableBackend, batch: StoreBatch) -> None:
         world = self.world
         world.ledger.landed(self.node.node_id, self.generation, batch)
         node = self.node
@@ -1063,7 +1218,7 @@ class _StoreEvents:
             node.armed = None
             world.node_call(node, 0, world.crash, node, "after_commit")
 
-    def contract_broken(self, backend: SimulatedBackend, problem: str) -> None:
+    def contract_broken(self, backend: CrashableBackend, problem: str) -> None:
         self.world._violation(f"node {self.node.node_id}: {problem}")
 
 
@@ -1087,9 +1242,12 @@ class _LogObserver:
             failure = event.get("log_failure")
             if failure is not None:
                 text += f" ({failure.getErrorMessage()})"
+            text = world.redact(text)
             if world._trace_out is not None:
                 world._trace_out.write(f"{world.clock.seconds():11.6f}   log: {text}\n")
-            if name in _BAD_EVENTS:
+            if name in _BAD_EVENTS and not (
+                name == "store_broken" and world.broken_stores
+            ):
                 world._violation(f"ILM logged {name}: {text}")
 
 
