@@ -73,7 +73,12 @@ class IBackend(Interface):
       fired.
     - ``commit`` applies a whole :class:`ilm.StoreBatch` atomically: when its
       Deferred fires, everything in the batch is durable; when it fails,
-      nothing of the batch was applied.
+      nothing of the batch was applied, with one exception:
+      :class:`ilm.errors.StoreInDoubt` says the batch may or may not have been
+      applied (the commit's own I/O failed).  A backend that reports it must
+      refuse every later ``commit`` and ``read_outbound`` until it is opened
+      again, so that nothing is built on a guess; ``open`` then returns what
+      is really stored.
     - ILM never calls ``commit`` again before the previous call's Deferred has
       fired, so batches are applied in the order they were committed.
     - ``read_outbound`` sees everything committed before it was called.
@@ -97,7 +102,9 @@ class IBackend(Interface):
 
         :return: a ``Deferred`` firing with an :class:`ilm.CommitResult` once
             the batch is durable, or failing with a
-            :class:`ilm.errors.StoreError` (nothing applied).
+            :class:`ilm.errors.StoreError` (nothing applied), or with
+            :class:`ilm.errors.StoreInDoubt` (perhaps applied; the backend
+            refuses further work until reopened).
         """
 
     def read_outbound(peer_id: PeerId, after: int, limit: int) -> Deferred[list[bytes]]:

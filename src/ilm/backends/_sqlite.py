@@ -615,6 +615,9 @@ class SQLiteBackend:
         """
         if not self._open or self._closing is not None:
             return fail(StoreError("the store is closed"))
+        if self._broken is not None:
+            # A commit is in doubt: read nothing until reopened.
+            return fail(self._broken)
         return self._on_reader(self._read, peer_id, after, limit)
 
     def close(self) -> Deferred[None]:
