@@ -410,6 +410,58 @@ class DeliveryTests(SynchronousTestCase):
         c.run_until(lambda: not a.pending_outbound())
         del receiver
 
+    def test_bug_while_settling_a_delivery_is_logged(self) -> None:
+        """
+        An exception raised while ILM settles an application's delivery
+        Deferred is logged as an internal_error event at once (not left for
+        the garbage collector as an unhandled error in a Deferred), and
+        delivery goes on.
+        """
+        c = Cluster()
+        a = c.start(1)
+        pending: list[Deferred[None]] = []
+        delivered: list[bytes] = []
+
+        def deliver(message: Message) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            d.addCallback(lambda _: delivered.append(message.contents))
+            pending.append(d)
+            return d
+
+        b = ILM(InMemoryBackend(), deliver, c.network.add_peer(2), clock=c.clock)
+        b.startService()
+        events = Events(self)
+        for p in numbered(3):
+            a.send_to(2, p)
+        c.run_until(lambda: pending)
+
+        def broken() -> None:
+            raise RuntimeError("simulated bug after a delivery")
+
+        b._notify_settled = broken  # type: ignore[method-assign]
+        pending[0].callback(None)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [event] = events.named("internal_error")
+        self.assertEqual(event["doing"], "settling a delivery")
+        del b._notify_settled
+        c.run_until(lambda: len(pending) == 2)
+        pending[1].callback(None)
+        c.run_until(lambda: len(pending) == 3)
+        pending[2].callback(None)
+        self.assertEqual(delivered, numbered(3))
+
+    def test_frame_from_unhashable_peer_id(self) -> None:
+        """
+        A network that reports a frame from an id that cannot be a peer id
+        (unhashable) gets an internal_error event, not an exception.
+        """
+        c = Cluster()
+        a = c.start(1)
+        events = Events(self)
+        a._events.frame_received([2], b"\x00")
+        [event] = events.named("internal_error")
+        self.assertEqual(event["peer_id"], [2])
+
     def test_deferred_delivery(self) -> None:
         """
         A delivery target returning a Deferred gets the next message only once

@@ -506,6 +506,63 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(event["kind"], "LinkTimeout")
 
 
+class InternalErrorTests(SynchronousTestCase):
+    """
+    A bug in the network's own timers costs at most the link it hit: it is
+    logged as an internal_error event and never reaches the reactor.
+    """
+
+    def test_keepalive_timer_raising_closes_only_that_link(self) -> None:
+        """
+        An exception in a keepalive tick is logged, that link is closed and
+        re-established, and the next keepalive runs as usual.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes(keepalive_interval=1.0, idle_timeout=3.0)
+        nodes.start(1, dial=(2,))
+        nodes.start(2, known=(1,))
+        nodes.settle(0.5)
+        [link] = [p for p in nodes.networks[1]._protocols if p.peer_id == 2]
+        broken = [True]
+        real_write = link._write
+
+        def write(frames: list[bytes]) -> None:
+            if broken[0]:
+                broken[0] = False
+                raise RuntimeError("simulated bug in the keepalive path")
+            real_write(frames)
+
+        link._write = write  # type: ignore[method-assign]
+        link._sent = False  # the next tick writes a PING
+        nodes.settle(1.0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [event] = logs.named("internal_error")
+        self.assertEqual(event["peer_id"], 2)
+        self.assertEqual(nodes.receivers[1].kinds()[:2], ["established", "lost"])
+        nodes.settle(5.0)
+        self.assertEqual(nodes.receivers[1].kinds()[-1], "established")
+        self.assertEqual(len(logs.named("internal_error")), 1)
+
+    def test_network_timer_raising_is_logged(self) -> None:
+        """
+        An exception in a network-level timer (the dialer synchronisation)
+        is logged with what it was doing, not raised into the reactor.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes()
+        network = nodes.start(1, dial=(2,))
+
+        def sync(peer_id: PeerId) -> None:
+            raise RuntimeError(f"simulated bug syncing {peer_id!r}")
+
+        network._sync_dialer = sync  # type: ignore[method-assign]
+        network._schedule_sync(2)
+        nodes.settle(0.1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [event] = logs.named("internal_error")
+        self.assertEqual(event["doing"], "synchronising a dialer")
+
+
 class BackpressureTests(SynchronousTestCase):
     def test_pause_and_resume(self) -> None:
         """

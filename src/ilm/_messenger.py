@@ -968,7 +968,15 @@ class ILM(Service):
     # -- frames --------------------------------------------------------------
 
     def _frame_received(self, peer_id: object, frame: bytes) -> None:
-        peer = self._peers.get(peer_id)  # type: ignore[call-overload]
+        try:
+            peer = self._peers.get(peer_id)  # type: ignore[call-overload]
+        except TypeError:
+            log.error(
+                "network reported a frame from an invalid peer id {peer_id!r}",
+                peer_id=peer_id,
+                ilm_event="internal_error",
+            )
+            return
         if peer is None or peer.link == _DOWN or peer.link == _CLOSING:
             return
         try:
@@ -1202,7 +1210,9 @@ class ILM(Service):
                             )
                             return
                         peer.delivering = True
-                        pending.addBoth(self._delivery_settled, peer, stream, message)
+                        pending.addBoth(
+                            self._delivery_settled, peer, stream, message
+                        ).addErrback(self._unexpected, "settling a delivery")
                         if peer.delivering or peer.delivery_call is not None:
                             return
                         continue

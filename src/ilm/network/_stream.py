@@ -188,6 +188,19 @@ def _violation_event(violation: Exception) -> str:
     return "link_protocol_violation"
 
 
+def _guarded(doing: str, function: Callable[..., object], *args: object) -> None:
+    """
+    Run a network timer's ``function``; log anything it raises (as an
+    ``internal_error`` event) instead of letting it reach the reactor.
+    """
+    try:
+        function(*args)
+    except Exception:
+        log.failure(
+            "internal error while {doing}", doing=doing, ilm_event="internal_error"
+        )
+
+
 @implementer(IPushProducer)
 class ILMProtocol(Protocol):
     """
@@ -231,6 +244,9 @@ class ILMProtocol(Protocol):
     # -- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._guard(self._connection_made)
+
+    def _connection_made(self) -> None:
         network = self._network
         network._protocols[self] = None
         # ILM coalesces its writes itself and waits on small ACK frames:
@@ -245,7 +261,7 @@ class ILMProtocol(Protocol):
             self.state = _CLOSED
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
-        self._handshake_call = self._clock.callLater(
+        self._handshake_call = self._later(
             self._settings.handshake_timeout, self._handshake_expired
         )
         try:
@@ -290,12 +306,42 @@ class ILMProtocol(Protocol):
         except ProtocolViolation as violation:
             self.fail(violation)
         except Exception:
+            self._internal_error()
+
+    def _guard(self, function: Callable[..., object], *args: object) -> None:
+        """
+        Run ``function`` (a timer's, or a transport callback's); anything it
+        raises is logged and closes this connection, never reaching the
+        reactor.
+        """
+        try:
+            function(*args)
+        except Exception:
+            self._internal_error()
+
+    def _later(
+        self, delay: float, function: Callable[..., object], *args: object
+    ) -> IDelayedCall:
+        return self._clock.callLater(delay, self._guard, function, *args)
+
+    def _internal_error(self) -> None:
+        """
+        Log the exception being handled as an internal error and close the
+        connection: a bug must cost one link, never the node.
+        """
+        log.failure(
+            "internal error on the link to {peer_id!r}; closing it",
+            peer_id=self.peer_id,
+            ilm_event="internal_error",
+        )
+        try:
+            self.fail(ProtocolViolation("internal error"), logged=True)
+        except Exception:
             log.failure(
-                "internal error on the link to {peer_id!r}; closing it",
+                "closing the link to {peer_id!r} after an internal error failed",
                 peer_id=self.peer_id,
                 ilm_event="internal_error",
             )
-            self.fail(ProtocolViolation("internal error"), logged=True)
 
     def _open_frame(self, kind: int, body: bytes) -> None:
         if kind == _wire.PING:
@@ -366,7 +412,7 @@ class ILMProtocol(Protocol):
         self._parser.limit = _wire.frame_limit(self._settings.max_frame_size)
         if announce:
             self._write([_wire.encode_frame(_wire.LINK_UP)])
-        self._keepalive_call = self._clock.callLater(
+        self._keepalive_call = self._later(
             self._settings.keepalive_interval, self._keepalive
         )
         transport = self.transport
@@ -483,9 +529,7 @@ class ILMProtocol(Protocol):
             self._producing = False
             transport.unregisterProducer()  # type: ignore[attr-defined]
         transport.loseConnection()
-        self._grace_call = self._clock.callLater(
-            self._settings.close_grace, self._abort_quietly
-        )
+        self._grace_call = self._later(self._settings.close_grace, self._abort_quietly)
 
     def _abort_quietly(self) -> None:
         self._grace_call = None
@@ -538,9 +582,7 @@ class ILMProtocol(Protocol):
         if not self._sent:
             self._write([_wire.encode_ping(next(self._tokens))])
         self._sent = False
-        self._keepalive_call = self._clock.callLater(
-            settings.keepalive_interval, self._keepalive
-        )
+        self._keepalive_call = self._later(settings.keepalive_interval, self._keepalive)
 
     # -- flow control (IPushProducer) ---------------------------------------
 
@@ -987,7 +1029,9 @@ class StreamNetwork:
         if peer_id in self._dialers:
             # One reactor turn later: ClientService must not be started or
             # stopped from inside its own state machine's callbacks.
-            self._clock.callLater(0, self._sync_dialer, peer_id)
+            self._clock.callLater(
+                0, _guarded, "synchronising a dialer", self._sync_dialer, peer_id
+            )
 
     def _sync_dialer(self, peer_id: PeerId) -> None:
         """
@@ -1132,7 +1176,13 @@ class StreamNetwork:
         ``protocol`` stops being usable (closed by this node, or lost).
         """
         if was == _HANDSHAKING and protocol.initiated:
-            self._clock.callLater(0, self._release_held, protocol.destination)
+            self._clock.callLater(
+                0,
+                _guarded,
+                "releasing a held connection",
+                self._release_held,
+                protocol.destination,
+            )
         peer_id = protocol.peer_id
         if peer_id is None:
             return
