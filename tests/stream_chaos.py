@@ -84,8 +84,12 @@ class Chaos:
         self.burst = burst
         self.config = config or Config(window=64, window_bytes=64 * 1024)
         self.nodes = {1: _Node(1), 2: _Node(2)}
+        #: links killed while up (mid-stream), by a kill or with a crash
         self.cuts = 0
+        #: connections killed before they became the link (handshaking)
+        self.early_cuts = 0
         self.crashes = 0
+        self.crashes_by_node = {1: 0, 2: 0}
         self.failed_starts = 0
         self.chaos_over = False
         self.start_time = 0.0
@@ -164,7 +168,15 @@ class Chaos:
             self.chaos_over = True
             self._check_delivered()
             return
-        if self.random.random() < self.crash_share:
+        spared = [
+            node
+            for node_id, node in self.nodes.items()
+            if not self.crashes_by_node[node_id] and node.ilm is not None
+        ]
+        if spared and self.clock.seconds() - self.start_time >= self.duration / 2:
+            # Each side is restarted from its store at least once a run.
+            self._crash(spared[0])
+        elif self.random.random() < self.crash_share:
             node = self.nodes[self.random.choice([1, 2])]
             if node.ilm is not None:
                 self._crash(node)
@@ -178,14 +190,22 @@ class Chaos:
             ]
             if connections:
                 victim = self.random.choice(connections)
+                if victim.state == "open":
+                    self.cuts += 1
+                else:
+                    self.early_cuts += 1
                 victim.transport.abortConnection()  # type: ignore[union-attr]
-                self.cuts += 1
         self.clock.callLater(self._next_kill(), self._kill_tick)
 
     def _crash(self, node: _Node) -> None:
         assert node.ilm is not None and node.network is not None
         self.crashes += 1
-        self.cuts += len(node.network._protocols)
+        self.crashes_by_node[node.node_id] += 1
+        for protocol in node.network._protocols:
+            if protocol.state == "open":
+                self.cuts += 1
+            elif protocol.state != "closed":
+                self.early_cuts += 1
         crash(node.ilm)
         closed = node.network.abort()
         node.ilm = None
@@ -281,8 +301,11 @@ class Chaos:
             for messages in node.accepted.values()
         )
         return (
-            f"seed {self.seed}: {self.cuts} connections killed, {self.crashes} "
-            f"crashes, {self.failed_starts} failed restarts, {messages} messages"
+            f"seed {self.seed}: {self.cuts} links killed mid-stream, "
+            f"{self.early_cuts} connections killed in the handshake, "
+            f"{self.crashes} crashes (node 1: {self.crashes_by_node[1]}, node 2: "
+            f"{self.crashes_by_node[2]}), {self.failed_starts} failed restarts, "
+            f"{messages} messages"
         )
 
     def stop(self) -> Deferred[Any]:

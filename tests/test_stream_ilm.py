@@ -60,7 +60,7 @@ def memory_chaos(seed: int, duration: float, kill_interval: float) -> Chaos:
 class ChaosTests(SynchronousTestCase):
     def test_cuts_and_crashes(self) -> None:
         """
-        Over 50 connection kills and node crashes at random moments, with
+        Over 50 links killed mid-stream and node crashes at random moments, with
         streams in both directions: every accepted message is delivered
         exactly once and in order (seed printed on failure; set
         ILM_CHAOS_SEED to replay).

@@ -132,15 +132,18 @@ class RealChaosTests(TestCase):
         for ok, value in results:
             self.assertTrue(ok, f"{chaos.summary()}: shutdown failed: {value}")
         chaos.check()
+        # Both sides were restarted from their stores at least once.
+        for node_id, crashes in chaos.crashes_by_node.items():
+            self.assertGreaterEqual(crashes, 1, f"node {node_id}: {chaos.summary()}")
         if os.environ.get("ILM_CHAOS_VERBOSE"):
             print(chaos.summary())
         return chaos
 
     async def test_tcp(self) -> None:
         """
-        Over loopback TCP, with over 50 connection kills and crashes at
-        random moments: every accepted message, both ways, delivered exactly
-        once and in order (seed in the failure message; ILM_CHAOS_SEED
+        Over loopback TCP, with over 50 links killed mid-stream and crashes
+        of both nodes at random moments: every accepted message, both ways,
+        delivered exactly once and in order (seed in the failure message; ILM_CHAOS_SEED
         repeats the schedule of faults, though real sockets and the real
         clock make no two runs interleave exactly alike).
         """
@@ -156,7 +159,7 @@ class RealChaosTests(TestCase):
                 settings=FAST,
             )
 
-        chaos = await self.chaos(make, CHAOS_SEED, duration=5.0, kill_interval=0.06)
+        chaos = await self.chaos(make, CHAOS_SEED, duration=5.0, kill_interval=0.05)
         self.assertGreaterEqual(chaos.cuts, 50, chaos.summary())
 
     async def test_tls(self) -> None:
