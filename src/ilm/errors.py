@@ -144,7 +144,7 @@ class StoreInDoubt(StoreError):
     A commit failed in a way that leaves unknown whether it was applied (an
     I/O error while committing: the data may be on disk, its sync failed).
     The messages of a ``send_to`` that fails with it may or may not have been
-    stored, so may still be delivered.  The store refuses further work until
+    stored, so may still be delivered.  The store refuses further commits until
     the node restarts, which reads the truth from the store.
     """
 

@@ -76,9 +76,10 @@ class IBackend(Interface):
       nothing of the batch was applied, with one exception:
       :class:`ilm.errors.StoreInDoubt` says the batch may or may not have been
       applied (the commit's own I/O failed).  A backend that reports it must
-      refuse every later ``commit`` and ``read_outbound`` until it is opened
-      again, so that nothing is built on a guess; ``open`` then returns what
-      is really stored.
+      refuse every later ``commit`` until it is opened again, so that no
+      position is reused on a guess (reads may go on: ILM transmits only
+      positions it knows are stored); ``open`` then returns what is really
+      stored.
     - ILM never calls ``commit`` again before the previous call's Deferred has
       fired, so batches are applied in the order they were committed.
     - ``read_outbound`` sees everything committed before it was called.
@@ -104,7 +105,7 @@ class IBackend(Interface):
             the batch is durable, or failing with a
             :class:`ilm.errors.StoreError` (nothing applied), or with
             :class:`ilm.errors.StoreInDoubt` (perhaps applied; the backend
-            refuses further work until reopened).
+            refuses further commits until reopened).
         """
 
     def read_outbound(peer_id: PeerId, after: int, limit: int) -> Deferred[list[bytes]]:

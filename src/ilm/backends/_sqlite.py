@@ -615,9 +615,6 @@ class SQLiteBackend:
         """
         if not self._open or self._closing is not None:
             return fail(StoreError("the store is closed"))
-        if self._broken is not None:
-            # A commit is in doubt: read nothing until reopened.
-            return fail(self._broken)
         return self._on_reader(self._read, peer_id, after, limit)
 
     def close(self) -> Deferred[None]:
@@ -831,7 +828,7 @@ class SQLiteBackend:
                 # SQLite may have written the commit and failed to sync it:
                 # whether the batch is on disk is unknown.  Say so (its
                 # messages may yet be delivered), and, since reusing its
-                # positions could collide with it, refuse all further work;
+                # positions could collide with it, refuse all further commits;
                 # a restart reads the truth from the file.
                 in_doubt = StoreInDoubt(
                     f"{error}: whether the batch is on disk is unknown"
@@ -843,7 +840,7 @@ class SQLiteBackend:
                 self._broken.__cause__ = error
                 log.critical(
                     "commit to {path} failed in an unknown state; the store "
-                    "refuses further work until reopened: {error}",
+                    "refuses further commits until reopened: {error}",
                     path=self.path,
                     error=str(error),
                     ilm_event="store_broken",

@@ -23,7 +23,7 @@ errors the backend gives in production: for that commit the store is made
 full (its size is capped at what it holds: ``StoreFull`` when a commit
 needs room), read-only (``PRAGMA query_only``: ``StoreReadOnly``), or its
 ``COMMIT`` fails with an I/O error after writing the transaction or before
-(``StoreInDoubt``; the backend then refuses all work until reopened).
+(``StoreInDoubt``; the backend then refuses all commits until reopened).
 """
 
 from __future__ import annotations
