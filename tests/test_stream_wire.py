@@ -5,6 +5,7 @@ property-based fuzz of the frame decoder.
 
 from __future__ import annotations
 
+import re
 import struct
 
 from hypothesis import given, settings
@@ -296,20 +297,59 @@ class FuzzTests(SynchronousTestCase):
 
 
 class FuzzCommandTests(SynchronousTestCase):
-    def test_short_run(self) -> None:
-        """
-        The fuzz command runs the requested number of inputs through the
-        decoder and a responder protocol, and reports the count.
-        """
+    def fuzz(self, *arguments: str) -> tuple[int, str]:
         import contextlib
         import io
 
         from ilm.network import fuzz
 
         output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            status = fuzz.main(
-                ["--inputs", "3000", "--seed", "7", "--protocol-share", "0.5"]
-            )
-        self.assertEqual(status, 0, output.getvalue())
-        self.assertIn("3,000 inputs fuzzed (seed 7)", output.getvalue())
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            status = fuzz.main(list(arguments))
+        return status, output.getvalue()
+
+    def test_short_run(self) -> None:
+        """
+        The fuzz command runs the requested number of inputs through the
+        decoders, a responder protocol and, as an authenticated peer, a
+        running ILM node, and reports the counts.
+        """
+        status, output = self.fuzz(
+            "--inputs", "3000", "--seed", "7", "--protocol-share", "0.5",
+            "--session-share", "0.5",
+        )  # fmt: skip
+        self.assertEqual(status, 0, output)
+        self.assertIn("3,000 inputs fuzzed (seed 7)", output)
+        match = re.search(r"\(([\d,]+) links, ([\d,]+) messages delivered", output)
+        assert match is not None, output
+        links, delivered = (int(g.replace(",", "")) for g in match.groups())
+        self.assertGreater(links, 1000)
+        self.assertGreater(delivered, 100)
+
+    def test_catches_a_session_bug(self) -> None:
+        """
+        A bug behind an authenticated link (here: the node delivering a
+        message again when a duplicate DATA frame arrives) fails the run,
+        with the seed and the input.
+        """
+        from ilm._session import InboundStream
+
+        real = InboundStream.on_data
+
+        def on_data(
+            stream: InboundStream, first: int, contents: list[bytes]
+        ) -> tuple[int, bool, int]:
+            if not stream.queue and first <= stream.delivered:
+                # Forget what was delivered: the duplicate is taken again.
+                stream.delivered = first - 1
+            return real(stream, first, contents)
+
+        self.patch(InboundStream, "on_data", on_data)
+        status, output = self.fuzz(
+            "--inputs", "20000", "--seed", "7", "--protocol-share", "0",
+            "--session-share", "1",
+        )  # fmt: skip
+        self.assertEqual(status, 1, output)
+        self.assertIn("FAILED on input", output)
+        self.assertIn("(seed 7)", output)
+        self.assertIn("delivered position", output)

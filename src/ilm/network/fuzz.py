@@ -1,19 +1,36 @@
 """
-Fuzz the stream transport's decoder and link handshake.
+Fuzz the stream transport's decoders, the link handshake and ILM's session
+layer behind an authenticated link.
 
 Usage::
 
-    python -m ilm.network.fuzz [--inputs 1000000] [--seed N] [--protocol-share 0.1]
+    python -m ilm.network.fuzz [--inputs 1000000] [--seed N]
+        [--protocol-share 0.1] [--session-share 0.1]
 
-Each input is random bytes, or valid link frames with mutations (bytes
-flipped, inserted or removed, lengths changed, truncation), fed in random
-chunks to :class:`ilm.network._wire.FrameParser`, and every frame body to
-its decoder.  The only exceptions allowed are
-:class:`ilm.errors.ProtocolViolation` subclasses.  A share of the inputs
-also goes to a responder :class:`ilm.network.ILMProtocol` over an
-in-memory transport: no exception may escape it, it may not log an internal
-error, and an unauthenticated peer may receive nothing but a CHALLENGE and
-deliver nothing to ILM.
+Each input is one of:
+
+- random bytes, or valid link frames with mutations (bytes flipped,
+  inserted or removed, lengths changed, truncation);
+- valid ILM session frames (HELLO, DATA, ACK, NACK), each mutated the same
+  way, wrapped in well-formed link DATA frames, so that the session decoders
+  see the damage.
+
+Every input is fed in random chunks to
+:class:`ilm.network._wire.FrameParser`, every frame body to its decoder and
+every session frame to its session decoder.  The only exceptions allowed are
+:class:`ilm.errors.ProtocolViolation` subclasses.
+
+A share of the inputs (``--protocol-share``) also goes to a responder
+:class:`ilm.network.ILMProtocol` over an in-memory transport: no exception
+may escape it, it may not log an internal error, and an unauthenticated peer
+may receive nothing but a CHALLENGE and deliver nothing to ILM.
+
+Another share (``--session-share``) is sent by a peer that first
+authenticates properly: through a real link into a running ILM node (with
+messages of its own for that peer in its outbox).  No exception may escape,
+no internal error may be logged, and what the node delivers from each of
+the peer's incarnations must be consecutive positions, none twice, however
+damaged the frames.
 
 Prints the number of inputs run; exits 1 with the offending input (hex) on
 the first failure.
@@ -25,6 +42,7 @@ import argparse
 import random
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 from twisted.internet.task import Clock
@@ -32,9 +50,11 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
+from ilm import _frames
 from ilm._message import PeerId
+from ilm._session import PROTOCOL_VERSION, Hello
 from ilm.errors import ProtocolViolation
-from ilm.interfaces import IFrameReceiver
+from ilm.interfaces import IFrameReceiver, IMessage
 from ilm.network import _wire
 
 _DECODERS: dict[int, Callable[[bytes], object]] = {
@@ -47,6 +67,129 @@ _DECODERS: dict[int, Callable[[bytes], object]] = {
     _wire.PING: lambda body: _wire.decode_token(body, "PING"),
     _wire.PONG: lambda body: _wire.decode_token(body, "PONG"),
 }
+
+
+_SESSION_DECODERS: dict[int, Callable[[bytes], object]] = {
+    _frames.HELLO: _frames.decode_hello,
+    _frames.DATA: lambda frame: _frames.decode_data(frame, 1 << 20),
+    _frames.ACK: _frames.decode_ack,
+    _frames.NACK: _frames.decode_nack,
+}
+
+_INTERESTING = [0, 1, 2, 3, 5, 64, 1000, 2**32 - 1, 2**63, 2**64 - 1]
+
+
+def _incarnation(n: int) -> str:
+    return f"{n:032x}"
+
+
+def _position(rng: random.Random, expected: int = 1) -> int:
+    """
+    A position: mostly the one the receiver expects or close to it.
+    """
+    roll = rng.random()
+    if roll < 0.6:
+        return expected
+    if roll < 0.85:
+        return min(_frames.MAX_POSITION, max(1, expected + rng.randint(-3, 3)))
+    return rng.choice(_INTERESTING)
+
+
+def _hello(
+    rng: random.Random, incarnation: str, known: str | None, expected: int
+) -> bytes:
+    first = max(1, _position(rng, expected))
+    return _frames.encode_hello(
+        Hello(
+            version=PROTOCOL_VERSION if rng.random() < 0.95 else rng.randrange(4),
+            incarnation=incarnation,
+            window=rng.choice([1, 4, 64, 4096, 2**32 - 1]),
+            window_bytes=rng.choice([1, 1024, 4 << 20, 2**32 - 1]),
+            first_unacked=first,
+            last_position=min(
+                _frames.MAX_POSITION,
+                first - 1 + rng.choice([0, 1, 5, 1000, 2**40]),
+            ),
+            known_incarnation=rng.choice([None, known, known, _incarnation(0)]),
+            delivered=rng.choice([0, 0, _position(rng), _position(rng, 50)]),
+            reply_requested=rng.random() < 0.5,
+            max_message_size=rng.choice([1, 64, 1 << 20, 2**32 - 1]),
+        )
+    )
+
+
+def _session_frame(rng: random.Random, known: str | None, expected: int) -> bytes:
+    """
+    A valid session frame other than HELLO, with plausible values.
+    """
+    kind = rng.randrange(10)
+    if kind < 7:
+        count = rng.randint(1, 5)
+        contents = [rng.randbytes(rng.randint(0, 24)) for _ in range(count)]
+        first = _position(rng, expected)
+        if first + count - 1 > _frames.MAX_POSITION:
+            first = _frames.MAX_POSITION
+            contents = contents[:1]
+        return b"".join(_frames.encode_data(first, contents, 1 << 20))
+    if kind < 9:
+        delivered = _position(rng, rng.choice([1, 25, 50]))
+        received = min(_frames.MAX_POSITION, delivered + rng.choice([0, 0, 1, 7]))
+        return _frames.encode_ack(delivered, received)
+    return _frames.encode_nack(_position(rng, rng.choice([1, 25, 50])))
+
+
+def _mutate(rng: random.Random, data: bytearray, least: int) -> None:
+    for _ in range(rng.randint(least, 4)):
+        if not data:
+            break
+        mutation = rng.randrange(6)
+        position = rng.randrange(len(data))
+        if mutation == 0:
+            data[position] ^= 1 << rng.randrange(8)
+        elif mutation == 1:
+            data[position] = rng.randrange(256)
+        elif mutation == 2:
+            data.insert(position, rng.randrange(256))
+        elif mutation == 3:
+            del data[position]
+        elif mutation == 4:
+            del data[position:]
+        else:
+            # Rewrite a length prefix-sized field with an interesting value.
+            value = rng.choice([0, 1, 2, 1023, 1024, 1025, 2**31, 2**32 - 1])
+            data[position : position + 4] = value.to_bytes(4, "big")
+
+
+def session_input(
+    rng: random.Random,
+    incarnation: str = _incarnation(1),
+    known: str | None = None,
+    expected: int = 1,
+) -> bytes:
+    """
+    One fuzz input of session frames in well-formed link DATA frames: a
+    HELLO from ``incarnation`` (naming ``known``, the receiver's
+    incarnation), then DATA mostly at ``expected`` and on, ACKs and NACKs;
+    each frame mutated or not.
+    """
+    expected = min(expected, _frames.MAX_POSITION)
+    frames = [_hello(rng, incarnation, known, expected)]
+    for _ in range(rng.randint(0, 5)):
+        frame = _session_frame(rng, known, expected)
+        if frame[0] == _frames.DATA and int.from_bytes(frame[3:11]) == expected:
+            expected = min(
+                _frames.MAX_POSITION, expected + int.from_bytes(frame[11:15])
+            )
+        frames.append(frame)
+    out = []
+    for frame in frames:
+        if rng.random() < 0.3:
+            damaged = bytearray(frame)
+            _mutate(rng, damaged, 1)
+            frame = bytes(damaged)
+        if frame:
+            out.append(_wire.data_header(len(frame)) + frame)
+    return b"".join(out)
 
 
 def _random_id(rng: random.Random) -> PeerId:
@@ -84,28 +227,12 @@ def make_input(rng: random.Random) -> bytes:
     One fuzz input.
     """
     style = rng.random()
-    if style < 0.25:
+    if style < 0.2:
         return rng.randbytes(rng.randint(0, 64))
+    if style < 0.5:
+        return session_input(rng)
     data = bytearray(b"".join(_valid_frame(rng) for _ in range(rng.randint(1, 4))))
-    for _ in range(rng.randint(0 if style < 0.4 else 1, 4)):
-        if not data:
-            break
-        mutation = rng.randrange(6)
-        position = rng.randrange(len(data))
-        if mutation == 0:
-            data[position] ^= 1 << rng.randrange(8)
-        elif mutation == 1:
-            data[position] = rng.randrange(256)
-        elif mutation == 2:
-            data.insert(position, rng.randrange(256))
-        elif mutation == 3:
-            del data[position]
-        elif mutation == 4:
-            del data[position:]
-        else:
-            # Rewrite a length prefix-sized field with an interesting value.
-            value = rng.choice([0, 1, 2, 1023, 1024, 1025, 2**31, 2**32 - 1])
-            data[position : position + 4] = value.to_bytes(4, "big")
+    _mutate(rng, data, 0 if style < 0.6 else 1)
     return bytes(data)
 
 
@@ -135,6 +262,11 @@ def decode(rng: random.Random, data: bytes, limit: int) -> int:
                 kind, body = frame
                 _DECODERS[kind](body)
                 frames += 1
+                if kind == _wire.DATA:
+                    try:
+                        _SESSION_DECODERS[_frames.frame_type(body)](body)
+                    except ProtocolViolation:
+                        pass
     except ProtocolViolation:
         pass
     return frames
@@ -167,12 +299,16 @@ class _NothingExpected:
 
 @implementer(ILogObserver)
 class _InternalErrors:
-    def __init__(self, found: list[LogEvent]) -> None:
+    def __init__(self, found: list[LogEvent], lost: list[LogEvent] | None = None):
         self._found = found
+        self._lost = lost
 
     def __call__(self, event: LogEvent) -> None:
-        if event.get("ilm_event") == "internal_error":
+        kind = event.get("ilm_event")
+        if kind == "internal_error":
             self._found.append(event)
+        elif kind == "messages_lost" and self._lost is not None:
+            self._lost.append(event)
 
 
 class _ProtocolFuzzer:
@@ -219,6 +355,138 @@ class _ProtocolFuzzer:
         return None
 
 
+_FUZZ_KEY = b"session fuzzing pre-shared key 0"
+
+
+class _SessionFuzzer:
+    """
+    Sends inputs as an authenticated peer (node 1) into a running ILM node
+    (node 2) over a real link, one link per input.
+    """
+
+    def __init__(self) -> None:
+        from ilm import ILM
+        from ilm.network._handshake import PreSharedKeys
+        from ilm.network._stream import Backoff, ILMFactory, LinkSettings, StreamNetwork
+        from ilm.testing import InMemoryBackend
+
+        self.clock = Clock()
+        # Violations close links; keep the refusal that follows one short so
+        # that the next input's link is accepted.
+        self.network = StreamNetwork(
+            2,
+            keys={1: _FUZZ_KEY},
+            settings=LinkSettings(
+                refusal=Backoff(initial=0.001, maximum=0.001), refusal_reset=0.001
+            ),
+            reactor=self.clock,
+        )
+        self.delivered: dict[str, int] = {}
+        self.deliveries = 0
+        self.problems: list[str] = []
+        # The peer may say it no longer has positions the node has not
+        # delivered (as after the node lost its store): the node logs
+        # messages_lost and carries on after them.  Only such a jump may
+        # skip positions.
+        self.lost: list[LogEvent] = []
+        self._lost_seen = 0
+        self._generation = 1
+        self.node = ILM(
+            InMemoryBackend(), self._deliver, self.network, clock=self.clock
+        )
+        self.node.startService()
+        self.clock.advance(0)
+        for n in range(50):
+            self.node.send_to(1, b"to the fuzzing peer %d" % n)
+        self.clock.advance(0)
+        self.factory = ILMFactory(self.network, None)
+        self._keys = PreSharedKeys({2: _FUZZ_KEY})
+        self.links = 0
+        self.internal_errors: list[LogEvent] = []
+        self._observer = _InternalErrors(self.internal_errors, self.lost)
+        globalLogPublisher.addObserver(self._observer)
+
+    def make_input(self, rng: random.Random) -> bytes:
+        """
+        An input from the fuzzing peer's current incarnation (now and then a
+        new one, or an older, retired one).
+        """
+        if rng.random() < 0.02:
+            self._generation += 1
+        generation = self._generation
+        if generation > 1 and rng.random() < 0.05:
+            generation = rng.randrange(1, generation)
+        incarnation = _incarnation(generation)
+        expected = self.delivered.get(incarnation, 0) + 1
+        return session_input(rng, incarnation, self.node.incarnation, expected)
+
+    def close(self) -> None:
+        globalLogPublisher.removeObserver(self._observer)
+
+    def _deliver(self, message: IMessage) -> None:
+        incarnation = message.source_incarnation  # type: ignore[attr-defined]
+        # A stream the node did not know starts where its sender says its
+        # unacknowledged positions start.
+        last = self.delivered.get(incarnation)
+        position = message.message_id
+        jumped = len(self.lost) > self._lost_seen
+        self._lost_seen = len(self.lost)
+        if last is not None and (
+            position <= last or (position != last + 1 and not jumped)
+        ):
+            self.problems.append(
+                f"delivered position {position} of incarnation {incarnation} "
+                f"after {last}"
+            )
+        self.delivered[incarnation] = position
+        self.deliveries += 1
+
+    def _authenticate(self, transport: StringTransport, protocol: object) -> bool:
+        from ilm.network._handshake import LinkHandshake
+
+        handshake = LinkHandshake(1, 2, keys=self._keys, certificates=False)
+        for frame in handshake.start():
+            protocol.dataReceived(frame)  # type: ignore[attr-defined]
+        seen = 0
+        for _ in range(4):
+            written = frames_of(transport.value())
+            for kind, body in written[seen:]:
+                if kind in (_wire.LINK_UP, _wire.DATA, _wire.PING):
+                    continue
+                for reply in handshake.receive(kind, body, lambda: 2):
+                    protocol.dataReceived(reply)  # type: ignore[attr-defined]
+            seen = len(written)
+            if handshake.done:
+                break
+        if not handshake.done:
+            return False
+        # The smaller id decides which connection is the link.
+        protocol.dataReceived(_wire.encode_frame(_wire.LINK_UP))  # type: ignore[attr-defined]
+        return protocol.state == "open"  # type: ignore[attr-defined, no-any-return]
+
+    def run(self, rng: random.Random, data: bytes) -> str | None:
+        """
+        :return: a description of what went wrong, or ``None``.
+        """
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
+        if not self._authenticate(transport, protocol):
+            return "a properly authenticated peer got no link"
+        self.links += 1
+        for chunk in _chunks(rng, data):
+            protocol.dataReceived(chunk)
+            self.clock.advance(0)
+        self.clock.advance(rng.choice([0, 0.001, 0.5]))
+        protocol.connectionLost()
+        self.clock.advance(1)
+        if self.internal_errors:
+            return f"internal error: {self.internal_errors[0].get('log_failure')}"
+        if self.problems:
+            return self.problems[0]
+        return None
+
+
 def frames_of(data: bytes) -> list[tuple[int, bytes]]:
     parser = _wire.FrameParser(1 << 20)
     parser.feed(data)
@@ -238,12 +506,20 @@ def main(argv: list[str] | None = None) -> int:
         default=0.1,
         help="share of inputs also fed to a responder protocol (default 0.1)",
     )
+    parser.add_argument(
+        "--session-share",
+        type=float,
+        default=0.1,
+        help="share of session inputs also sent by an authenticated peer into a "
+        "running ILM node (default 0.1)",
+    )
     options = parser.parse_args(argv)
     seed = options.seed if options.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     fuzzer = _ProtocolFuzzer()
+    session = _SessionFuzzer()
     started = time.perf_counter()
-    frames = protocol_runs = 0
+    frames = protocol_runs = session_runs = 0
     try:
         for count in range(1, options.inputs + 1):
             data = make_input(rng)
@@ -254,7 +530,15 @@ def main(argv: list[str] | None = None) -> int:
                     problem = fuzzer.run(rng, data)
                     if problem is not None:
                         raise AssertionError(problem)
+                if rng.random() < options.session_share:
+                    session_runs += 1
+                    data = session.make_input(rng)
+                    problem = session.run(rng, data)
+                    if problem is not None:
+                        raise AssertionError(problem)
             except Exception as error:
+                if not isinstance(error, AssertionError):
+                    traceback.print_exc()
                 print(
                     f"FAILED on input {count} (seed {seed}): "
                     f"{type(error).__name__}: {error}\ninput: {data.hex()}"
@@ -264,14 +548,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {count:,} inputs...", flush=True)
     finally:
         fuzzer.close()
+        session.close()
     elapsed = time.perf_counter() - started
     print(
         f"{options.inputs:,} inputs fuzzed (seed {seed}) in {elapsed:.1f} s: "
         f"{frames:,} frames decoded, {protocol_runs:,} inputs also run through "
-        f"a responder protocol; no failure"
+        f"a responder protocol, {session_runs:,} session inputs sent by an "
+        f"authenticated peer into a running ILM node ({session.links:,} links, "
+        f"{session.deliveries:,} messages delivered, {len(session.lost):,} "
+        f"announced gaps); no failure"
     )
     return 0
 
 
 if __name__ == "__main__":
+    from twisted.logger import globalLogBeginner
+
+    # The inputs make the node log violations by the thousand: keep them
+    # off the terminal (the checks above observe the events themselves).
+    globalLogBeginner.beginLoggingTo(
+        [_InternalErrors([])], discardBuffer=True, redirectStandardIO=False
+    )
     sys.exit(main())
