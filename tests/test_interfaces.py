@@ -38,6 +38,20 @@ class ProviderTests(SynchronousTestCase):
         verifyObject(IFrameReceiver, _LinkEvents(node))
         verifyObject(IService, node)
 
+    def test_internal_providers(self) -> None:
+        """
+        The simulator's delivery target and the fuzz command's frame receiver
+        provide their interfaces.
+        """
+        from ilm.network.fuzz import _NothingExpected
+        from ilm.simulation._world import _Delivery
+
+        verifyObject(IFrameReceiver, _NothingExpected())
+        verifyObject(
+            ILocalDelivery,
+            _Delivery(None, None, None, False),  # type: ignore[arg-type]
+        )
+
     def test_messages(self) -> None:
         """
         Message and TestMessage provide IMessage.

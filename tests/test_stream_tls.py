@@ -70,18 +70,19 @@ class IdentifyTests(SynchronousTestCase):
         Unpinned self-signed certificates, other CAs, expired certificates,
         and CA certificates naming no node or two nodes are refused.
         """
+        untrusted = "neither pinned nor valid under the configured CA"
         cases = {
-            "self-signed": self_signed()[0],
-            "other CA": issue(make_ca("other"), 2)[0],
-            "expired": issue(self.ca, 2, expired=True)[0],
-            "no SAN": issue(self.ca)[0],
-            "two nodes": issue(self.ca, 2, 3)[0],
+            "self-signed": (self_signed()[0], untrusted),
+            "other CA": (issue(make_ca("other"), 2)[0], untrusted),
+            "expired": (issue(self.ca, 2, expired=True)[0], "expired"),
+            "no SAN": (issue(self.ca)[0], "names 0 ILM nodes"),
+            "two nodes": (issue(self.ca, 2, 3)[0], "names 2 ILM nodes"),
         }
-        for name, certificate in cases.items():
-            self.assertRaises(
+        for name, (certificate, reason) in cases.items():
+            error = self.assertRaises(
                 AuthenticationFailed, self.credentials.identify, certificate, []
             )
-            del name
+            self.assertIn(reason, str(error), name)
 
     def test_pins_only(self) -> None:
         """
