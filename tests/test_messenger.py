@@ -628,8 +628,9 @@ class FaultTests(SynchronousTestCase):
         delayed ACK), then delivers it and sends one ACK with the new mark,
         which is lost: the sender, still waiting for the acknowledgement,
         sends the last message again, the receiver acknowledges the
-        duplicate and the stream completes.  (Found by the simulator, seed 5:
-        the stream stalled until the link happened to reconnect.)
+        duplicate and the stream completes.  (Found by the simulator: the
+        stream stalled until the link happened to reconnect; its seeds are
+        kept in tests/test_simulation.py, REGRESSION_SEEDS.)
         """
         c = Cluster()
         a = c.start(1)
