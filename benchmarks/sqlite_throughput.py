@@ -145,7 +145,10 @@ async def ilm_run(
     def deliver(message: Message) -> None:
         nonlocal count
         if message.message_id != count + 1 or message.contents != payloads[count]:
-            raise AssertionError(f"out of order or corrupt at {count + 1}")
+            # Fail the run (raising would only make ILM retry the delivery).
+            if not done.called:
+                done.errback(AssertionError(f"out of order or corrupt at {count + 1}"))
+            return
         count += 1
         if count == messages:
             done.callback(None)

@@ -115,7 +115,13 @@ async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
             cpu = time.process_time()
         if options.mode == "throughput":
             if message.message_id != count + 1 or message.contents != expected[count]:
-                raise AssertionError(f"out of order or corrupt at {count + 1}")
+                # Fail the run (raising would only make ILM retry the
+                # delivery): this process ends without a RESULT.
+                if not done.called:
+                    done.errback(
+                        AssertionError(f"out of order or corrupt at {count + 1}")
+                    )
+                return
         else:
             latencies.append(now - _STAMP.unpack_from(message.contents)[0])
         count += 1
@@ -207,7 +213,11 @@ async def raw_receiver(reactor: Any, options: argparse.Namespace) -> None:
             now = _now()
             if options.mode == "throughput":
                 if string != expected[self.count]:
-                    raise AssertionError(f"out of order or corrupt at {self.count}")
+                    if not done.called:
+                        done.errback(
+                            AssertionError(f"out of order or corrupt at {self.count}")
+                        )
+                    return
             else:
                 latencies.append(now - _STAMP.unpack_from(string)[0])
             self.count += 1
