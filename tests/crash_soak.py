@@ -708,6 +708,9 @@ async def run_crashes(
         )
         if sender.exited() != 0 or _read_lines(sender.log)[-1:] != ["finished"]:
             raise failed(f"the sender did not finish (status {sender.exited()})")
+        # A receiver respawned by the last drain kill (the sender may have
+        # finished just before it) handles SIGTERM only once it runs.
+        await until(receiver.running, step_timeout, "the receiver to run")
         assert receiver.process is not None
         receiver.process.send_signal(signal.SIGTERM)
         watched.discard(receiver)
