@@ -315,11 +315,19 @@ class DaemonTests(TestCase):
 
     async def test_start_failure_exits_1(self) -> None:
         """
-        A node that cannot start (its store is a directory) logs why and
-        exits with status 1.
+        A node that cannot start (its store is a directory, or its inbox
+        cannot be written) logs why and exits with status 1.
         """
         os.makedirs(os.path.join(self.directory, "node2.sqlite"))
         process = self.spawn()
         await self.wait_for(lambda: process.poll() is not None, "the exit", 30)
         self.assertEqual(process.returncode, 1, self.log_text()[-3000:])
         self.assertIn("could not start", self.log_text())
+        self.assertIn("node2.sqlite", self.log_text())
+        os.rmdir(os.path.join(self.directory, "node2.sqlite"))
+        os.remove(self.inbox)
+        os.makedirs(self.inbox)
+        process = self.spawn()
+        await self.wait_for(lambda: process.poll() is not None, "the exit", 30)
+        self.assertEqual(process.returncode, 1, self.log_text()[-3000:])
+        self.assertIn("Is a directory", self.log_text())

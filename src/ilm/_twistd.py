@@ -261,8 +261,9 @@ def _tls(options: Mapping[str, Any]) -> Any:
 class NodeService(MultiService):
     """
     The daemon's service: the ILM node and its inbox.  If the node cannot
-    start (its store locked or unreadable, an address taken), the failure is
-    logged and the process stops with exit status 1.
+    start (its store locked or unreadable, an address taken, the inbox not
+    writable), the failure is logged and the process stops with exit
+    status 1.
     """
 
     def __init__(self, node: ILM, inbox: FileDelivery, reactor: Any = None) -> None:
@@ -274,7 +275,11 @@ class NodeService(MultiService):
         self.failed: Failure | None = None
 
     def startService(self) -> None:
-        self.inbox.open()
+        try:
+            self.inbox.open()
+        except OSError:
+            self._start_failed(Failure())
+            return
         MultiService.startService(self)
         self.node.when_started().addErrback(self._start_failed)
 
