@@ -46,7 +46,7 @@ from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.backends._sqlite import SQLiteBackend, inspect_store, migrate
 from ilm.interfaces import IBackend
 from ilm.simulation._gate import Gate
-from ilm.simulation._store import StoreListener, _snapshot
+from ilm.simulation._store import SimulatedOperations, StoreListener
 
 STORE_FAULTS = ("full", "read_only", "io_error")
 """How an injected commit failure breaks the store (see the module doc)."""
@@ -129,7 +129,7 @@ class SQLiteStore:
 
 
 @implementer(IBackend)
-class SimulatedSQLiteBackend:
+class SimulatedSQLiteBackend(SimulatedOperations):
     """
     An :class:`ilm.backends.SQLiteBackend` on ``store``'s file, whose
     operations take simulated time on ``clock`` and reach SQLite one at a
@@ -220,16 +220,8 @@ class SimulatedSQLiteBackend:
 
     def commit(self, batch: StoreBatch) -> Deferred[CommitResult]:
         d: Deferred[CommitResult] = Deferred()
-        if self.in_flight is not None:
-            self.listener.contract_broken(
-                self, "commit called while the previous commit was in flight"
-            )
-        batch = _snapshot(batch)
-        latency = self.latency()
-        self.in_flight = batch
-        # The listener may decide that this commit fails, or arm a crash.
-        self.listener.commit_started(self, latency)
-        fails = self._in_flight_fails = self.commits_fail
+        batch, latency, fails = self._begin_commit(batch)
+        self._in_flight_fails = fails
 
         def run() -> None:
             self.in_flight = None
@@ -337,12 +329,7 @@ class SimulatedSQLiteBackend:
 
         :return: whether a commit was in flight.
         """
-        self.crashed = True
-        batch, self.in_flight = self.in_flight, None
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        batch = self._stop_everything()
         if batch is not None and land:
             self._commit_now(batch, self._in_flight_fails)
         self._abandon()
@@ -353,12 +340,7 @@ class SimulatedSQLiteBackend:
         The run is over (or the store is being deleted): stop everything
         and close SQLite, landing nothing more.
         """
-        self.crashed = True
-        self.in_flight = None
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._stop_everything()
         self._abandon()
 
     def _abandon(self) -> None:

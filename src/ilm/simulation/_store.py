@@ -106,8 +106,57 @@ def _snapshot(batch: StoreBatch) -> StoreBatch:
     )
 
 
+class SimulatedOperations:
+    """
+    What the simulator's backends share: operations scheduled on the
+    simulated clock, all cancelled at once by a crash, and commits one at a
+    time, each reported to the listener as it starts.
+    """
+
+    clock: IReactorTime
+    listener: StoreListener
+    latency: Callable[[], float]
+    commits_fail: bool
+    crashed: bool
+    in_flight: StoreBatch | None
+    _calls: list[IDelayedCall]
+
+    def _begin_commit(self, batch: StoreBatch) -> tuple[StoreBatch, float, bool]:
+        """
+        A commit starts: check that ILM waited for the previous one, keep a
+        copy of ``batch`` as the commit in flight and tell the listener
+        (which may decide that this commit fails, or arm a crash).
+
+        :return: the copy, the commit's latency and whether it fails.
+        """
+        backend: CrashableBackend = self  # type: ignore[assignment]
+        if self.in_flight is not None:
+            self.listener.contract_broken(
+                backend, "commit called while the previous commit was in flight"
+            )
+        batch = _snapshot(batch)
+        latency = self.latency()
+        self.in_flight = batch
+        self.listener.commit_started(backend, latency)
+        return batch, latency, self.commits_fail
+
+    def _stop_everything(self) -> StoreBatch | None:
+        """
+        The process dies: cancel every scheduled operation.
+
+        :return: the batch that was in flight, if any.
+        """
+        self.crashed = True
+        batch, self.in_flight = self.in_flight, None
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+        return batch
+
+
 @implementer(IBackend)
-class SimulatedBackend(InMemoryBackend):
+class SimulatedBackend(SimulatedOperations, InMemoryBackend):
     """
     An :class:`ilm.backends.InMemoryBackend` whose operations take simulated
     time on ``clock`` and which can be crashed.
@@ -161,16 +210,7 @@ class SimulatedBackend(InMemoryBackend):
         if self.closed or self.crashed:
             self._later(0, lambda: d.errback(StoreError("the store is closed")))
             return d
-        if self.in_flight is not None:
-            self.listener.contract_broken(
-                self, "commit called while the previous commit was in flight"
-            )
-        batch = _snapshot(batch)
-        latency = self.latency()
-        self.in_flight = batch
-        # The listener may decide that this commit fails, or arm a crash.
-        self.listener.commit_started(self, latency)
-        fails = self.commits_fail
+        batch, latency, fails = self._begin_commit(batch)
 
         def finish() -> None:
             self.in_flight = None
@@ -216,12 +256,7 @@ class SimulatedBackend(InMemoryBackend):
             (whole).
         :return: whether a commit was in flight.
         """
-        self.crashed = True
-        batch, self.in_flight = self.in_flight, None
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        batch = self._stop_everything()
         if batch is None:
             return False
         if land and not self.commits_fail:

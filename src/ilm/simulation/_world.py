@@ -374,6 +374,19 @@ class _Node:
         self.graceful_lives: set[int] = set()
         self.deliveries: list[IMessage] = []
 
+    def disarm(self) -> None:
+        """
+        This life of the node ends: cancel its pending faults and stop its
+        delivery target from taking anything more.
+        """
+        for call in self.calls:
+            if call.active():
+                call.cancel()
+        self.calls = []
+        self.armed = None
+        if self.target is not None:
+            self.target.alive = False
+
 
 @implementer(ILocalDelivery)
 class _Delivery:
@@ -772,13 +785,7 @@ class World:
             + ")"
         )
         self.ledger.receiver_crashed(node.node_id)
-        for call in node.calls:
-            if call.active():
-                call.cancel()
-        node.calls = []
-        node.armed = None
-        if node.target is not None:
-            node.target.alive = False
+        node.disarm()
         crash_node(messenger, self.network)  # type: ignore[arg-type]
         node.ilm = None
         node.started = False
@@ -952,13 +959,7 @@ class World:
             f"node {node.node_id} stopped"
             + ("" if clean else f" ({result.getErrorMessage()})")  # type: ignore[attr-defined]
         )
-        for call in node.calls:
-            if call.active():
-                call.cancel()
-        node.calls = []
-        node.armed = None
-        if node.target is not None:
-            node.target.alive = False
+        node.disarm()
         node.ilm = None
         node.started = False
         node.stopping = False
