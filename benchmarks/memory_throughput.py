@@ -27,8 +27,8 @@ from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 
-from ilm import ILM, Message
-from ilm.testing import InMemoryBackend, InMemoryNetwork
+from _oneway import one_way
+from ilm.testing import InMemoryBackend
 
 
 class _Collector(Int32StringReceiver):
@@ -69,42 +69,7 @@ async def ilm_run(
     :return: (messages per second to last delivery, to last acknowledgement).
     """
     payloads = [b"%0*d" % (size, i) for i in range(messages)]
-    network = InMemoryNetwork(reactor)
-    done: defer.Deferred[None] = defer.Deferred()
-    count = 0
-
-    def deliver(message: Message) -> None:
-        nonlocal count
-        if message.message_id != count + 1 or message.contents != payloads[count]:
-            # Fail the run (raising would only make ILM retry the delivery).
-            if not done.called:
-                done.errback(AssertionError(f"out of order or corrupt at {count + 1}"))
-            return
-        count += 1
-        if count == messages:
-            done.callback(None)
-
-    sender = await ILM.create(InMemoryBackend(), lambda m: None, network.add_peer(1))
-    receiver = await ILM.create(InMemoryBackend(), deliver, network.add_peer(2))
-    while 2 not in sender.connected_peers():
-        await task.deferLater(reactor, 0.001)
-
-    start = time.perf_counter()
-    last: defer.Deferred[Any] | None = None
-    for offset in range(0, messages, burst):
-        for p in payloads[offset : offset + burst]:
-            last = sender.send_to(2, p)
-        await task.deferLater(reactor, 0)
-    await done
-    delivered = time.perf_counter() - start
-    assert last is not None
-    receipt = await last
-    await receipt.acknowledged
-    acknowledged = time.perf_counter() - start
-    assert count == messages and not sender.pending_outbound()
-    await sender.shutdown()
-    await receiver.shutdown()
-    return messages / delivered, messages / acknowledged
+    return await one_way(reactor, InMemoryBackend(), InMemoryBackend(), payloads, burst)
 
 
 def main(argv: list[str]) -> None:

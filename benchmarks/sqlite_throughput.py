@@ -35,9 +35,9 @@ from typing import Any
 from twisted.internet import defer, task
 from zope.interface import implementer
 
-from ilm import ILM, Message, SQLiteBackend, StoreBatch
+from _oneway import one_way
+from ilm import SQLiteBackend, StoreBatch
 from ilm.interfaces import IBackend
-from ilm.network import InMemoryNetwork
 
 
 @implementer(IBackend)
@@ -134,53 +134,20 @@ async def ilm_run(
     :return: (messages per second to last delivery, to last acknowledgement,
         the sender's commit sizes).
     """
-    messages = len(payloads)
     paths = [os.path.join(directory, f"node{i}.sqlite") for i in (1, 2)]
     for path in paths:
         remove_store(path)
-    network = InMemoryNetwork(reactor)
-    done: defer.Deferred[None] = defer.Deferred()
-    count = 0
-
-    def deliver(message: Message) -> None:
-        nonlocal count
-        if message.message_id != count + 1 or message.contents != payloads[count]:
-            # Fail the run (raising would only make ILM retry the delivery).
-            if not done.called:
-                done.errback(AssertionError(f"out of order or corrupt at {count + 1}"))
-            return
-        count += 1
-        if count == messages:
-            done.callback(None)
-
     backend = CommitSizes(SQLiteBackend(paths[0], synchronous=sync, reactor=reactor))
-    sender = await ILM.create(backend, lambda m: None, network.add_peer(1))
-    receiver = await ILM.create(
+    delivered, acknowledged = await one_way(
+        reactor,
+        backend,
         SQLiteBackend(paths[1], synchronous=sync, reactor=reactor),
-        deliver,
-        network.add_peer(2),
+        payloads,
+        burst,
     )
-    while 2 not in sender.connected_peers():
-        await task.deferLater(reactor, 0.001)
-
-    start = time.perf_counter()
-    last: defer.Deferred[Any] | None = None
-    for offset in range(0, messages, burst):
-        for p in payloads[offset : offset + burst]:
-            last = sender.send_to(2, p)
-        await task.deferLater(reactor, 0)
-    await done
-    delivered = time.perf_counter() - start
-    assert last is not None
-    receipt = await last
-    await receipt.acknowledged
-    acknowledged = time.perf_counter() - start
-    assert count == messages and not sender.pending_outbound()
-    await sender.shutdown()
-    await receiver.shutdown()
     for path in paths:
         remove_store(path)
-    return messages / delivered, messages / acknowledged, backend.sizes
+    return delivered, acknowledged, backend.sizes
 
 
 def main(argv: list[str]) -> None:
