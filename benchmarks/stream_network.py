@@ -92,45 +92,66 @@ def _backend(kind: str, directory: str) -> Any:
     return SQLiteBackend(os.path.join(directory, "ilm.sqlite"))
 
 
+class _Arrivals:
+    """
+    A receiver's side of a run: checks each message in throughput mode
+    (exactly once, in order), records latencies in latency mode, and prints
+    the RESULT after the last one.  A wrong message fails ``done`` (the
+    process then ends without a RESULT) instead of raising, which ILM would
+    take as a failed delivery and retry.
+    """
+
+    def __init__(self, options: argparse.Namespace, cpu: bool) -> None:
+        from twisted.internet import defer
+
+        self.options = options
+        self.throughput = options.mode == "throughput"
+        self.expected = (
+            _payloads(options.messages, options.size) if self.throughput else []
+        )
+        self.latencies: list[float] = []
+        self.count = 0
+        self.cpu = cpu
+        self.cpu_start = 0.0
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def arrived(self, contents: bytes, position: int | None = None) -> None:
+        now = _now()
+        count = self.count
+        if count == 0:
+            self.cpu_start = time.process_time()
+        if self.throughput:
+            if contents != self.expected[count] or position not in (None, count + 1):
+                if not self.done.called:
+                    self.done.errback(
+                        AssertionError(f"out of order or corrupt at {count + 1}")
+                    )
+                return
+        else:
+            self.latencies.append(now - _STAMP.unpack_from(contents)[0])
+        self.count = count = count + 1
+        if count == self.options.messages:
+            if not self.throughput:
+                _result(_latency_summary(self.latencies))
+            elif self.cpu:
+                _result(
+                    {"last": now, "receiver_cpu": time.process_time() - self.cpu_start}
+                )
+            else:
+                _result({"last": now})
+            self.done.callback(None)
+
+
 async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
     from twisted.internet import defer
 
     from ilm import ILM, Message
     from ilm.network import StreamNetwork
 
-    count = 0
-    expected = (
-        _payloads(options.messages, options.size)
-        if options.mode == "throughput"
-        else []
-    )
-    latencies: list[float] = []
-    done: defer.Deferred[None] = defer.Deferred()
-    cpu = 0.0
+    arrivals = _Arrivals(options, cpu=True)
 
     def deliver(message: Message) -> None:
-        nonlocal count, cpu
-        now = _now()
-        if count == 0:
-            cpu = time.process_time()
-        if options.mode == "throughput":
-            if message.message_id != count + 1 or message.contents != expected[count]:
-                # Fail the run (raising would only make ILM retry the
-                # delivery): this process ends without a RESULT.
-                if not done.called:
-                    done.errback(
-                        AssertionError(f"out of order or corrupt at {count + 1}")
-                    )
-                return
-        else:
-            latencies.append(now - _STAMP.unpack_from(message.contents)[0])
-        count += 1
-        if count == options.messages:
-            if options.mode == "throughput":
-                _result({"last": now, "receiver_cpu": time.process_time() - cpu})
-            else:
-                _result(_latency_summary(latencies))
-            done.callback(None)
+        arrivals.arrived(message.contents, message.message_id)
 
     with tempfile.TemporaryDirectory() as directory:
         network = StreamNetwork(
@@ -138,7 +159,7 @@ async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
         )
         node = await ILM.create(_backend(options.backend, directory), deliver, network)
         print(f"READY {network.listening_addresses()[0].port}", flush=True)
-        await done
+        await arrivals.done
         # Stay up until the sender has every acknowledgement (SIGTERM).
         await defer.Deferred()
         await node.shutdown()
@@ -197,41 +218,18 @@ async def raw_receiver(reactor: Any, options: argparse.Namespace) -> None:
     from twisted.internet import defer, endpoints, protocol
     from twisted.protocols.basic import Int32StringReceiver
 
-    expected = (
-        _payloads(options.messages, options.size)
-        if options.mode == "throughput"
-        else []
-    )
-    latencies: list[float] = []
-    done: defer.Deferred[None] = defer.Deferred()
+    arrivals = _Arrivals(options, cpu=False)
 
     class Receiver(Int32StringReceiver):
         MAX_LENGTH = 1 << 20
-        count = 0
 
         def stringReceived(self, string: bytes) -> None:
-            now = _now()
-            if options.mode == "throughput":
-                if string != expected[self.count]:
-                    if not done.called:
-                        done.errback(
-                            AssertionError(f"out of order or corrupt at {self.count}")
-                        )
-                    return
-            else:
-                latencies.append(now - _STAMP.unpack_from(string)[0])
-            self.count += 1
-            if self.count == options.messages:
-                if options.mode == "throughput":
-                    _result({"last": now})
-                else:
-                    _result(_latency_summary(latencies))
-                done.callback(None)
+            arrivals.arrived(string)
 
     endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
     port = await endpoint.listen(protocol.Factory.forProtocol(Receiver))
     print(f"READY {port.getHost().port}", flush=True)
-    await done
+    await arrivals.done
     await defer.Deferred()
 
 
