@@ -1280,13 +1280,37 @@ class DeterminismTests(SynchronousTestCase):
 
 
 @implementer(IBackend)
-class PausedOpen:
+class WrappedBackend:
+    """
+    A backend that hands everything to ``inner``; each wrapper below
+    changes one thing.
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        self._inner = inner
+
+    def open(self) -> Deferred[object]:
+        return self._inner.open()  # type: ignore[return-value]
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        return self._inner.commit(batch)  # type: ignore[return-value]
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int
+    ) -> Deferred[object]:
+        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+
+    def close(self) -> Deferred[None]:
+        return self._inner.close()
+
+
+class PausedOpen(WrappedBackend):
     """
     A backend wrapper whose open() waits for release().
     """
 
     def __init__(self, inner: InMemoryBackend) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._open: Deferred[object] = Deferred()
 
     def release(self) -> None:
@@ -1295,24 +1319,17 @@ class PausedOpen:
     def open(self) -> Deferred[object]:
         return self._open
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
 
-
-@implementer(IBackend)
-class FlakyBackend:
+class FlakyBackend(WrappedBackend):
     """
     A backend wrapper that can fail or hold commits.
     """
 
     def __init__(self, inner: InMemoryBackend) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.fail_commits = 0
         self.hold_commits = False
         self._held: list[tuple[StoreBatch, Deferred[object]]] = []
-
-    def open(self) -> Deferred[object]:
-        return self._inner.open()  # type: ignore[return-value]
 
     def commit(self, batch: StoreBatch) -> Deferred[object]:
         if self.hold_commits:
@@ -1322,7 +1339,7 @@ class FlakyBackend:
         if self.fail_commits:
             self.fail_commits -= 1
             return fail(StoreError("injected commit failure"))
-        return self._inner.commit(batch)  # type: ignore[return-value]
+        return super().commit(batch)
 
     def release(self, error: Exception | None = None) -> None:
         held, self._held = self._held, []
@@ -1332,58 +1349,37 @@ class FlakyBackend:
             else:
                 self._inner.commit(batch).chainDeferred(d)
 
-    def read_outbound(
-        self, peer_id: object, after: int, limit: int
-    ) -> Deferred[object]:
-        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
 
-    def close(self) -> Deferred[None]:
-        return self._inner.close()
-
-
-@implementer(IBackend)
-class CountingBackend:
+class CountingBackend(WrappedBackend):
     """
-    A backend wrapper counting outbox reads.
+    A backend wrapper counting outbox reads (closing it leaves the inner
+    backend open).
     """
 
     def __init__(self, inner: InMemoryBackend) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.reads = 0
         self.closed = False
-
-    def open(self) -> Deferred[object]:
-        return self._inner.open()  # type: ignore[return-value]
-
-    def commit(self, batch: StoreBatch) -> Deferred[object]:
-        return self._inner.commit(batch)  # type: ignore[return-value]
 
     def read_outbound(
         self, peer_id: object, after: int, limit: int
     ) -> Deferred[object]:
         self.reads += 1
-        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+        return super().read_outbound(peer_id, after, limit)
 
     def close(self) -> Deferred[None]:
         return succeed(None)
 
 
-@implementer(IBackend)
-class FailingReads:
+class FailingReads(WrappedBackend):
     """
     A backend wrapper whose first ``failures`` outbox reads fail.
     """
 
     def __init__(self, inner: InMemoryBackend, failures: int) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.failures = failures
         self.closed = False
-
-    def open(self) -> Deferred[object]:
-        return self._inner.open()  # type: ignore[return-value]
-
-    def commit(self, batch: StoreBatch) -> Deferred[object]:
-        return self._inner.commit(batch)  # type: ignore[return-value]
 
     def read_outbound(
         self, peer_id: object, after: int, limit: int
@@ -1391,26 +1387,19 @@ class FailingReads:
         if self.failures:
             self.failures -= 1
             return fail(StoreError("injected read failure"))
-        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
-
-    def close(self) -> Deferred[None]:
-        return self._inner.close()
+        return super().read_outbound(peer_id, after, limit)
 
 
-@implementer(IBackend)
-class SlowCommits:
+class SlowCommits(WrappedBackend):
     """
     A backend wrapper whose commits take ``delay`` seconds of clock time.
     """
 
     def __init__(self, inner: InMemoryBackend, clock: object, delay: float) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._clock = clock
         self._delay = delay
         self.closed = False
-
-    def open(self) -> Deferred[object]:
-        return self._inner.open()  # type: ignore[return-value]
 
     def commit(self, batch: StoreBatch) -> Deferred[object]:
         d: Deferred[object] = Deferred()
@@ -1418,25 +1407,19 @@ class SlowCommits:
         self._clock.callLater(self._delay, result.chainDeferred, d)  # type: ignore[attr-defined]
         return d
 
-    def read_outbound(
-        self, peer_id: object, after: int, limit: int
-    ) -> Deferred[object]:
-        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
-
     def close(self) -> Deferred[None]:
         self.closed = True
-        return self._inner.close()
+        return super().close()
 
 
-@implementer(IBackend)
-class LaggingReads:
+class LaggingReads(WrappedBackend):
     """
     A backend wrapper whose outbox reads run only when released (as with a
     store whose reader lags behind its commits).
     """
 
     def __init__(self, inner: InMemoryBackend) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._reads: list[tuple[object, int, int, Deferred[object]]] = []
 
     def pending(self) -> list[tuple[object, int]]:
@@ -1447,21 +1430,12 @@ class LaggingReads:
         for peer_id, after, limit, d in reads:
             self._inner.read_outbound(peer_id, after, limit).chainDeferred(d)  # type: ignore[arg-type]
 
-    def open(self) -> Deferred[object]:
-        return self._inner.open()  # type: ignore[return-value]
-
-    def commit(self, batch: StoreBatch) -> Deferred[object]:
-        return self._inner.commit(batch)  # type: ignore[return-value]
-
     def read_outbound(
         self, peer_id: object, after: int, limit: int
     ) -> Deferred[object]:
         d: Deferred[object] = Deferred()
         self._reads.append((peer_id, after, limit, d))
         return d
-
-    def close(self) -> Deferred[None]:
-        return self._inner.close()
 
 
 @implementer(INetwork)
