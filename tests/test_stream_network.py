@@ -892,3 +892,74 @@ class PublicNamesTests(SynchronousTestCase):
         ):
             self.assertIs(getattr(ilm.network, name), getattr(module, name))
             self.assertIn(name, ilm.network.__all__)
+
+
+class EndpointConfigurationTests(SynchronousTestCase):
+    """
+    Endpoint strings are parsed when the network is built: a malformed one
+    raises at once, naming the peer or the listen option, instead of
+    hanging the node.
+    """
+
+    KEYS = {1: b"k" * 32, "b": b"j" * 32}
+
+    def _network(self, **kwargs: Any) -> StreamNetwork:
+        return StreamNetwork(2, keys=self.KEYS, reactor=Clock(), **kwargs)
+
+    def test_malformed_peer_endpoints(self) -> None:
+        """
+        A missing port, a bare host:port, a port that is not a number or
+        out of range, and an unknown endpoint type each raise
+        ``ConfigurationError`` naming the peer and the string.
+        """
+        for text in (
+            "tcp:host=127.0.0.1",
+            "127.0.0.1:9001",
+            "tcp:host=127.0.0.1:port=notaport",
+            "tcp:host=127.0.0.1:port=99999",
+            "bogus:1",
+            "",
+        ):
+            with self.assertRaises(ilm.errors.ConfigurationError) as caught:
+                self._network(peers={"b": text})
+            message = str(caught.exception)
+            self.assertIn("peer 'b'", message)
+            self.assertIn(repr(text), message)
+            self.assertNotIn("\n", message)
+        self.assertIsInstance(caught.exception, ValueError)
+
+    def test_malformed_listen_endpoints(self) -> None:
+        """
+        A malformed listen endpoint raises ``ConfigurationError`` naming it.
+        """
+        for text in ("tcp:notaport", "9001", "tcp:70000"):
+            with self.assertRaises(ilm.errors.ConfigurationError) as caught:
+                self._network(listen=[text])
+            self.assertIn("listen endpoint " + repr(text), str(caught.exception))
+
+    def test_valid_endpoints_accepted(self) -> None:
+        """
+        Well-formed strings and endpoint objects are accepted; port 0 is
+        fine for listening (the system picks one).
+        """
+        network = self._network(
+            listen=["tcp:0:interface=127.0.0.1", "unix:/tmp/ilm-test.sock"],
+            peers={1: "tcp:host=127.0.0.1:port=9001", "b": "unix:/tmp/b.sock"},
+        )
+        self.assertEqual(network.connected_peers(), frozenset())
+
+    def test_non_endpoint_object_refused(self) -> None:
+        """
+        A peer endpoint that is neither a string nor an endpoint is refused.
+        """
+        with self.assertRaises(ilm.errors.ConfigurationError) as caught:
+            self._network(peers={1: 9001})  # type: ignore[dict-item]
+        self.assertIn("peer 1", str(caught.exception))
+
+    def test_create_fails_at_once(self) -> None:
+        """
+        Through the library: ``ILM.create`` with such a network never
+        starts; the network cannot even be built, so nothing waits forever.
+        """
+        with self.assertRaises(ilm.errors.ConfigurationError):
+            StreamNetwork("a", peers={"b": "tcp:host=127.0.0.1"}, keys=self.KEYS)

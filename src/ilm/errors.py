@@ -95,6 +95,15 @@ class OutboxFull(SendRefused):
         self.limit = limit
 
 
+class UnknownPeer(SendRefused, ValueError):
+    """
+    The network says it can never have a link to this peer (a stream
+    network with no key, certificate pin or certificate authority that
+    could authenticate it): the message would wait in the store forever.
+    Usually a typo in the peer id, or ``"1"`` where ``1`` was meant.
+    """
+
+
 class NotRunning(SendRefused):
     """
     The messenger is shutting down, has stopped, or failed to start.
@@ -102,6 +111,17 @@ class NotRunning(SendRefused):
     Also used to fail a receipt's ``acknowledged`` Deferred when the messenger
     stops before the peer acknowledged the message (the message itself stays
     in the store and is sent after the next start).
+    """
+
+
+# --- configuration ------------------------------------------------------------
+
+
+class ConfigurationError(ILMError, ValueError):
+    """
+    A setting cannot work: a malformed endpoint string, a key given to two
+    peers, a key file others can read.  Raised when the object is built,
+    before anything is opened, with one line naming the option or peer.
     """
 
 
@@ -292,6 +312,7 @@ class ShutdownTimeout(ILMError):
 __all__ = [
     "AckOutOfRange",
     "AuthenticationFailed",
+    "ConfigurationError",
     "FrameTooLarge",
     "ILMError",
     "InvalidPeerId",
@@ -318,6 +339,7 @@ __all__ = [
     "StoreSchemaTooNew",
     "UnexpectedFrame",
     "UnknownFrameType",
+    "UnknownPeer",
     "UnsupportedVersion",
     "WrongSource",
 ]

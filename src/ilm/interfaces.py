@@ -173,6 +173,13 @@ class INetwork(Interface):
     # A network that limits the size of the frames it carries may also expose
     # ``max_frame_size`` (an ``int``): ILM then refuses, when it is created, a
     # ``Config`` whose frames could exceed it.
+    #
+    # A network that knows it can never have a link to some peers (a stream
+    # network authenticates only peers it has a key, a certificate pin or a
+    # certificate authority for) may also expose ``can_link(peer_id) ->
+    # bool``: ILM then refuses sends to a peer for which it returns ``False``
+    # with :class:`ilm.errors.UnknownPeer` instead of storing them forever.
+    # Networks where any peer may appear later omit it (or return ``True``).
 
     def start(receiver: IFrameReceiver) -> Deferred[None] | None:
         """

@@ -69,6 +69,7 @@ from zope.interface import implementer
 from ilm._message import PeerId, check_peer_id
 from ilm.errors import (
     AuthenticationFailed,
+    ConfigurationError,
     LinkTimeout,
     ProtocolViolation,
     SpoofedPeer,
@@ -167,6 +168,70 @@ class LinkSettings:
                 "idle_timeout must be at least twice keepalive_interval, or a "
                 "live but quiet peer would be taken for dead"
             )
+
+
+def _check_port(endpoint: object, description: str, server: bool) -> None:
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not (0 if server else 1) <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+
+
+def _server_endpoint(
+    reactor: Any, description: str | IStreamServerEndpoint
+) -> IStreamServerEndpoint:
+    """
+    A listening endpoint from ``serverFromString`` syntax (or as given).
+
+    :raises ConfigurationError: naming the string and what is wrong with it.
+    """
+    if not isinstance(description, str):
+        return description
+    try:
+        endpoint = serverFromString(reactor, description)
+        _check_port(endpoint, description, server=True)
+    except Exception as e:
+        raise ConfigurationError(
+            f"listen endpoint {description!r} is not valid: {_reason(e)} "
+            f"(expected serverFromString syntax, such as 'tcp:9001' or "
+            f"'tcp:9001:interface=127.0.0.1')"
+        ) from None
+    return endpoint  # type: ignore[no-any-return]
+
+
+def _client_endpoint(
+    reactor: Any, peer_id: PeerId, description: str | IStreamClientEndpoint
+) -> IStreamClientEndpoint:
+    """
+    A peer's endpoint from ``clientFromString`` syntax (or as given).
+
+    :raises ConfigurationError: naming the peer, the string and what is
+        wrong with it.
+    """
+    if not isinstance(description, str):
+        if not IStreamClientEndpoint.providedBy(description):
+            raise ConfigurationError(
+                f"the endpoint of peer {peer_id!r} must be a string or an "
+                f"IStreamClientEndpoint, not {type(description).__name__}"
+            )
+        return description
+    try:
+        endpoint = clientFromString(reactor, description)
+        _check_port(endpoint, description, server=False)
+    except Exception as e:
+        raise ConfigurationError(
+            f"endpoint of peer {peer_id!r}, {description!r}, is not valid: "
+            f"{_reason(e)} (expected clientFromString syntax, such as "
+            f"'tcp:host=10.0.0.2:port=9001')"
+        ) from None
+    return endpoint  # type: ignore[no-any-return]
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, TypeError) and "missing" in str(error):
+        # clientFromString("tcp:host=h") -> "__init__() missing 1 required
+        # positional argument: 'port'"
+        return "a required part is missing (" + str(error).split("missing ", 1)[1] + ")"
+    return str(error) or type(error).__name__
 
 
 _CONNECTION_DONE = Failure(ConnectionDone())
@@ -802,15 +867,20 @@ class StreamNetwork:
             random_bytes = os.urandom
         self._random_bytes = random_bytes
         self._uniform = random if random is not None else _random.random
-        self._listen = list(listen)
-        self._peer_endpoints: dict[PeerId, str | IStreamClientEndpoint] = {}
+        # Endpoint strings are parsed now, not when the network starts: a
+        # malformed one fails here, naming the option, instead of inside a
+        # start-up callback where nobody would see it.
+        self._listen: list[IStreamServerEndpoint] = [
+            _server_endpoint(reactor, description) for description in listen
+        ]
+        self._peer_endpoints: dict[PeerId, IStreamClientEndpoint] = {}
         for peer_id, endpoint in (peers or {}).items():
             peer_id = check_peer_id(peer_id)
             if peer_id == self.local_id:
-                raise ValueError("a node does not dial itself")
+                raise ConfigurationError("a node does not dial itself")
             if keys is not None and keys.key_for(peer_id) is None:
-                raise ValueError(f"peer {peer_id!r} is dialled but has no key")
-            self._peer_endpoints[peer_id] = endpoint
+                raise ConfigurationError(f"peer {peer_id!r} is dialled but has no key")
+            self._peer_endpoints[peer_id] = _client_endpoint(reactor, peer_id, endpoint)
         self._receiver: IFrameReceiver | None = None
         self._running = False
         self._stopping: Deferred[None] | None = None
@@ -847,14 +917,9 @@ class StreamNetwork:
             factory = TLSMemoryBIOFactory(
                 self._tls.creator(), False, factory, clock=self._clock
             )
-        listening = []
-        for description in self._listen:
-            endpoint = (
-                serverFromString(self._reactor, description)
-                if isinstance(description, str)
-                else description
-            )
-            listening.append(maybeDeferred(endpoint.listen, factory))
+        listening = [
+            maybeDeferred(endpoint.listen, factory) for endpoint in self._listen
+        ]
         done: Deferred[None] = Deferred()
 
         def listened(results: list[tuple[bool, Any]]) -> None:
@@ -1006,12 +1071,7 @@ class StreamNetwork:
     # -- dialling ------------------------------------------------------------
 
     def _make_dialer(self, peer_id: PeerId) -> _Dialer:
-        description = self._peer_endpoints[peer_id]
-        endpoint: IStreamClientEndpoint = (
-            clientFromString(self._reactor, description)
-            if isinstance(description, str)
-            else description
-        )
+        endpoint = self._peer_endpoints[peer_id]
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls.creator(), endpoint, clock=self._clock)
         link_endpoint = _LinkEndpoint(self, peer_id, endpoint)
