@@ -963,3 +963,33 @@ class EndpointConfigurationTests(SynchronousTestCase):
         """
         with self.assertRaises(ilm.errors.ConfigurationError):
             StreamNetwork("a", peers={"b": "tcp:host=127.0.0.1"}, keys=self.KEYS)
+
+    def test_can_link(self) -> None:
+        """
+        ``can_link`` is true only for peers the network could authenticate:
+        with keys, those with a key; with TLS pins, the pinned ones; with a
+        trusted CA, any peer; never this node itself.
+        """
+        from ilm.network import TLSCredentials
+
+        from .tls_support import make_ca, self_signed
+
+        network = self._network()
+        self.assertTrue(network.can_link(1))
+        self.assertTrue(network.can_link("b"))
+        self.assertFalse(network.can_link("1"))
+        self.assertFalse(network.can_link("reciever"))
+        self.assertFalse(network.can_link(2))
+        certificate, key = self_signed()
+        peer_certificate, _ = self_signed("peer")
+        from ilm.network._tls import fingerprint
+
+        pinned = TLSCredentials(
+            certificate, key, peer_fingerprints={7: fingerprint(peer_certificate)}
+        )
+        tls_network = StreamNetwork(2, tls=pinned, reactor=Clock())
+        self.assertTrue(tls_network.can_link(7))
+        self.assertFalse(tls_network.can_link(8))
+        ca, _ca_key = make_ca()
+        by_ca = TLSCredentials(certificate, key, ca_certificates=[ca])
+        self.assertTrue(StreamNetwork(2, tls=by_ca, reactor=Clock()).can_link(8))

@@ -989,6 +989,19 @@ class StreamNetwork:
     def connected_peers(self) -> frozenset[PeerId]:
         return frozenset(self._links)
 
+    def can_link(self, peer_id: PeerId) -> bool:
+        """
+        Whether a link to ``peer_id`` can ever be authenticated: it has a
+        pre-shared key (when keys are used), and its certificate is pinned
+        or a certificate authority is trusted (when TLS is used).  ILM
+        refuses sends to other peers with :class:`ilm.errors.UnknownPeer`.
+        """
+        if peer_id == self.local_id:
+            return False
+        if self._keys is not None and self._keys.key_for(peer_id) is None:
+            return False
+        return self._tls is None or self._tls.can_identify(peer_id)
+
     def send_frames(self, peer_id: PeerId, frames: Sequence[bytes]) -> None:
         protocol = self._links.get(peer_id)
         if protocol is not None:

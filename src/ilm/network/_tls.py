@@ -131,6 +131,14 @@ class TLSCredentials:
         self._store: crypto.X509Store | None = None
         self._creator: MutualTLSCreator | None = None
 
+    def can_identify(self, peer_id: PeerId) -> bool:
+        """
+        Whether a certificate could ever prove ``peer_id``: its fingerprint
+        is pinned, or a certificate authority is trusted (which may issue
+        one later).
+        """
+        return bool(self._cas) or peer_id in self._pins.values()
+
     @classmethod
     def from_pem(
         cls,
