@@ -77,6 +77,31 @@ class BasicTests(SynchronousTestCase):
             (2, 1, 1, b"\x04\x05\x06"),
         )
 
+    def test_last_message_id_and_receipt_after_restart(self) -> None:
+        """
+        ``last_message_id`` is the highest position stored for a peer, also
+        after a crash and restart; ``receipt`` gives the receipt of a
+        message sent before the restart, whose ``acknowledged`` fires once
+        the peer has it.  Ids never stored are refused.
+        """
+        c = Cluster()
+        a = c.start(1)
+        self.assertEqual(a.last_message_id(2), 0)
+        for p in numbered(5):
+            a.send_to(2, p)
+        c.run_until(lambda: a.last_message_id(2) == 5)
+        c.crash(1)
+        a = c.start(1)
+        self.assertEqual(a.last_message_id(2), 5)
+        self.assertRaises(ValueError, a.receipt, 2, 6)
+        self.assertRaises(ValueError, a.receipt, 2, 0)
+        acknowledged = a.receipt(2, 5).acknowledged
+        self.assertNoResult(acknowledged)
+        c.start(2)
+        c.run_until(lambda: acknowledged.called)
+        self.assertEqual(self.successResultOf(acknowledged).message_id, 5)
+        self.assertEqual(c.received(2, 1), numbered(5))
+
     def test_ten_thousand_in_order(self) -> None:
         """
         10,000 messages arrive exactly once and in order.

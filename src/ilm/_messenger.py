@@ -423,6 +423,32 @@ class ILM(Service):
             if peer.outbox_count
         }
 
+    def last_message_id(self, peer_id: PeerId) -> int:
+        """
+        :return: the highest ``message_id`` stored for ``peer_id`` by this
+            store's incarnation (0 if none): the receipts of every message
+            up to it have fired, also before a restart.  A sender that
+            restarts continues after it without repeating or skipping
+            anything it handed over (see ``docs/guide.md``).
+        """
+        peer = self._peers.get(check_peer_id(peer_id))
+        return 0 if peer is None else peer.out.stored
+
+    def receipt(self, peer_id: PeerId, message_id: int) -> Receipt:
+        """
+        The :class:`Receipt` of a message already stored, for example one
+        sent before a restart, whose ``acknowledged`` can be awaited.
+
+        :raises ValueError: if ``message_id`` was never stored for the peer.
+        """
+        peer_id = check_peer_id(peer_id)
+        if not 1 <= message_id <= self.last_message_id(peer_id):
+            raise ValueError(
+                f"message {message_id} to {peer_id!r} was never stored by this "
+                f"node (its last is {self.last_message_id(peer_id)})"
+            )
+        return Receipt(self, peer_id, message_id)
+
     # -- sending -------------------------------------------------------------
 
     def send_to(self, peer_id: PeerId, contents: bytes) -> Deferred[Receipt]:
