@@ -14,11 +14,12 @@ line at a time; the driver hands it credit on its stdin.
 **Faults.**  :func:`ilm._demo._plan.fault_plan` draws, from the seed, when
 the link is cut (every relayed connection aborted, both sides) and when each
 node is SIGKILLed; a killed node is restarted at once on the same store and
-record file.  A fault happens once both streams have delivered its
-threshold, both nodes run and are linked, and both streams have moved since
-the previous fault; the senders may not run more than 5 % of the stream past
-the next fault's threshold (their *credit*), so every fault falls while
-messages are in flight, however fast the streams run.
+record file.  A fault happens once one stream has delivered its threshold,
+both nodes run and are linked again, and the streams have moved since the
+previous fault (:meth:`Demo.fault_due`); the senders may not run more than
+5 % of the stream past the next fault's threshold (their *credit*), so every
+fault falls while messages are in flight, however fast the streams run, and
+every planned fault happens before the streams end.
 
 **What is counted, and how a kill cannot fool it.**  What each receiving
 application got is read at the end from its record file (a record per
@@ -64,7 +65,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from ilm._config import Config
+from ilm import Config
 from ilm._demo._plan import CUT, Fault, credit, fault_plan
 from ilm._demo._progress import Progress, ProgressView, StreamProgress
 from ilm._demo._records import parse_records
@@ -93,10 +94,8 @@ class _NodeProtocol(ProcessProtocol):
         self.pid = 0
         self.ended: Deferred[None] = Deferred()
         self.alive = True
+        self.status: int | None = None  # the exit status (None: a signal)
         self._buffer = b""
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._buffer + data).split(b"\n")
@@ -110,11 +109,15 @@ class _NodeProtocol(ProcessProtocol):
             self.node.driver.reported(self.node, self, report)
 
     def errReceived(self, data: bytes) -> None:
-        with open(self.node.stderr, "ab") as f:
-            f.write(data)
+        try:
+            with open(self.node.stderr, "ab") as f:
+                f.write(data)
+        except OSError:
+            sys.stderr.buffer.write(data)  # its directory is gone already
 
     def processEnded(self, reason: Failure) -> None:
         self.alive = False
+        self.status = getattr(reason.value, "exitCode", None)
         self.node.driver.ended(self.node, self, reason)
         self.ended.callback(None)
 
@@ -279,15 +282,16 @@ class Demo:
         finally:
             watchdog.stop()
             self.progress.stop()
+        await self.stop_nodes(kill=self.signalled is not None)
         if self.signalled is not None:
-            await self.stop_nodes(kill=True)
+            self.remove_directory()
             self.out.write(
                 f"interrupted by signal {self.signalled}: node processes stopped, "
                 "temporary files removed\n"
             )
             return 128 + self.signalled
-        await self.stop_nodes(kill=False)
         summary = self.summary()
+        self.remove_directory()
         self.out.write("\n" + summary_table(summary) + "\n")
         self.out.flush()
         if options.json:
@@ -325,13 +329,14 @@ class Demo:
         node.process = protocol
         node.ready = False
         node.linked = False
-        self.reactor.spawnProcess(
+        transport = self.reactor.spawnProcess(
             protocol,
             sys.executable,
             arguments,
             env=dict(os.environ),
             childFDs={0: "w", 1: "r", 2: "r"},
         )
+        protocol.pid = transport.pid
         node.pids.append((protocol.pid, False))
 
     def credit(self) -> int:
@@ -350,6 +355,14 @@ class Demo:
             node.relay.target = int(report["port"])
             self.window = int(report.get("window", self.window))
             process.send(f"credit {self.credit()}")
+            if len(node.pids) > 1:
+                stored = int(report["accepted"])
+                self.event(
+                    f"{node.name} is back (pid {process.pid}): its store holds "
+                    f"{stored:,} messages for node {node.peer} (the killed process "
+                    f"had reported {node.accepted:,}); it goes on from "
+                    f"{stored + 1:,}"
+                )
         elif event == "error":
             node.error = str(report.get("message"))
             self.finish(f"{node.name} failed: {node.error}")
@@ -374,11 +387,9 @@ class Demo:
             return
         if self._stopping or self._done:
             return
-        status = reason.value
-        code = getattr(status, "exitCode", None)
+        how = reason.value if process.status is None else f"status {process.status}"
         self.finish(
-            f"{node.name} (pid {process.pid}) exited on its own "
-            f"({'status ' + str(code) if code is not None else status}); "
+            f"{node.name} (pid {process.pid}) exited on its own ({how}); "
             f"its log: {_tail(node.stderr)}"
         )
 
@@ -414,6 +425,15 @@ class Demo:
             self.finish(None)
 
     def fault_due(self, fault: Fault) -> bool:
+        """
+        Whether ``fault`` happens now: both nodes run and are linked (as
+        they reported since the previous fault), one of the streams has
+        reached the fault's threshold, and each stream has moved since the
+        previous fault unless its credit or its end holds it.  Firing as
+        soon as the first stream reaches the threshold finds both streams
+        with messages in flight: the other has not got there yet, and this
+        one may still run ``lead`` messages further.
+        """
         for node in self.nodes:
             if node.process is None or node.killing or not node.ready:
                 return False
@@ -421,11 +441,13 @@ class Demo:
                 return False
         if not any(relay.linked() for relay in self.relays):
             return False
-        for _, receiver in self.streams():
-            if receiver.delivered < min(fault.at, self.messages):
-                return False
+        receivers = [receiver for _, receiver in self.streams()]
+        if max(r.delivered for r in receivers) < min(fault.at, self.messages):
+            return False
+        limit = self.credit()
+        for receiver in receivers:
             moved = receiver.delivered > self._at_fault.get(receiver.id, -1)
-            if not (moved or receiver.delivered >= self.messages):
+            if not (moved or receiver.delivered >= limit):
                 return False
         return True
 
@@ -435,15 +457,16 @@ class Demo:
             self._at_fault[node.id] = node.delivered
             # Seen linked again only in a report made after the fault.
             node.linked = False
-        delivered = " and ".join(
-            f"{receiver.delivered:,}" for _, receiver in self.streams()
+        delivered = ", ".join(
+            f"{receiver.delivered:,} to {receiver.name}"
+            for _, receiver in self.streams()
         )
         if fault.kind == CUT:
             aborted = sum(relay.cut() for relay in self.relays)
             self.link_cuts += 1
             self.event(
                 f"link cut {self.link_cuts}: aborted {aborted} TCP connection(s) "
-                f"(delivered {delivered})"
+                f"(delivered so far: {delivered})"
             )
         else:
             [node] = [n for n in self.nodes if n.name == fault.kind]
@@ -456,8 +479,8 @@ class Demo:
             node.pids[-1] = (pid, True)
             node.process.signal("KILL")
             self.event(
-                f"SIGKILL {node.name} (pid {pid}), restarting it on its store "
-                f"(delivered {delivered})"
+                f"SIGKILL {node.name} (pid {pid}) and restart it on its store "
+                f"(delivered so far: {delivered})"
             )
         credit_now = self.credit()
         for node in self.nodes:
@@ -571,21 +594,29 @@ class Demo:
         :data:`STOP_GRACE` seconds), or SIGKILL at once.
         """
         self._stopping = True
-        waits = []
+        stopping = []
         for node in self.nodes:
             process = node.process
             if process is None or not process.alive:
                 continue
             process.signal("KILL" if kill else "TERM")
-            waits.append(process.ended)
-        for wait in waits:
-            if not wait.called:
-                timer = self.reactor.callLater(STOP_GRACE, self._kill_all)
-                await wait
-                if timer.active():
-                    timer.cancel()
+            stopping.append((node, process))
+        timer = self.reactor.callLater(STOP_GRACE, self._kill_all)
+        for _, process in stopping:
+            await process.ended
+        if timer.active():
+            timer.cancel()
         for relay in self.relays:
             await relay.close()
+        if kill:
+            return
+        for node, process in stopping:
+            if process.status != 0:
+                how = "killed" if process.status is None else f"status {process.status}"
+                self.failures.append(
+                    f"{node.name} did not stop cleanly ({how}); "
+                    f"its log: {_tail(node.stderr)}"
+                )
 
     def _kill_all(self) -> None:
         for node in self.nodes:
@@ -599,8 +630,11 @@ class Demo:
         """
         streams = []
         for sender, receiver in self.streams():
-            with open(receiver.records, "rb") as f:
-                processes = parse_records(f.read())
+            try:
+                with open(receiver.records, "rb") as f:
+                    processes = parse_records(f.read())
+            except FileNotFoundError:
+                processes = []
             lives = []
             spawned = iter(receiver.pids)
             for process in processes:
@@ -655,12 +689,19 @@ class Demo:
                     os.waitpid(process.pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
-        if self.directory is None:
+        self.remove_directory()
+
+    def remove_directory(self) -> None:
+        """
+        Remove the temporary directory (unless ``--keep``), once.
+        """
+        directory, self.directory = self.directory, None
+        if directory is None:
             return
         if self.options.keep:
-            self.out.write(f"kept the stores and records in {self.directory}\n")
+            self.out.write(f"kept the stores, records and node logs in {directory}\n")
         else:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def tampered(evidence: StreamEvidence, kind: str) -> StreamEvidence:
@@ -723,7 +764,20 @@ def run(options: argparse.Namespace) -> int:
     :return: the exit status.
     """
     from twisted.internet import reactor
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
+    # Only what went wrong: the progress and the summary are the output.
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+        redirectStandardIO=False,
+    )
     out = sys.stderr if options.json else sys.stdout
     demo = Demo(reactor, options, out, sys.stdout)
     status = [1]

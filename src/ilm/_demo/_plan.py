@@ -3,9 +3,9 @@ The demo's fault schedule: which link cuts and SIGKILLs happen, and at what
 point of the streams.  Pure and seeded: the same seed, message count and
 fault counts give the same schedule.
 
-Each fault has a threshold: it happens once both streams have delivered at
-least that many messages (and the nodes are up, linked, and the streams have
-moved since the previous fault).  Thresholds are spread at random over
+Each fault has a threshold: it happens once one of the streams has delivered
+that many messages (and the nodes are up, linked, and the streams have moved
+since the previous fault).  Thresholds are spread at random over
 5 % to 90 % of the stream.  To make sure a fault happens while messages are
 in flight, and before the streams end however fast they run, the senders may
 run only ``lead`` messages past the next fault's threshold until it has
@@ -26,7 +26,7 @@ class Fault:
     """
     One scheduled fault: ``kind`` is :data:`CUT` (abort the link's TCP
     connections) or the name of the node to SIGKILL and restart; ``at`` is
-    the threshold, in messages delivered on each stream.
+    the threshold, in messages delivered on a stream.
     """
 
     kind: str
