@@ -383,9 +383,10 @@ class RecordsTests(SynchronousTestCase):
 
     def test_record_file_across_processes(self) -> None:
         """
-        Each process starts its records with a start record; a record torn
-        by a kill is cut off when the next process opens the file, and a
-        torn one at the very end is left out when reading.
+        Each process starts its records with a start record and learns the
+        highest number its predecessors recorded; a record torn by a kill is
+        cut off when the next process opens the file, and a torn one at the
+        very end is left out when reading.
         """
         path = self.mktemp()
         first = RecordWriter(path, 100, 1)
@@ -395,6 +396,8 @@ class RecordsTests(SynchronousTestCase):
         with open(path, "ab") as f:
             f.write(RECORD.pack(3, 3, 0, 0)[:7])  # a kill in mid-write
         second = RecordWriter(path, 101, 2)
+        self.assertEqual(first.highest, 0)
+        self.assertEqual(second.highest, 1)  # the torn record does not count
         second.delivered(2, 2, 11, 40)
         second.close()
         with open(path, "ab") as f:

@@ -223,6 +223,7 @@ class Demo:
         self._last_progress = time.monotonic()
         self._figures: tuple[int, ...] = ()
         self._at_fault: dict[int, int] = {}
+        self._links_at_fault: dict[int, int] = {1: 0, 2: 0}
         self._rates: dict[int, deque[tuple[float, int]]] = {}
 
     # -- the run ---------------------------------------------------------------
@@ -417,12 +418,27 @@ class Demo:
                 self.inject(fault)
             return
         if all(
-            sender.accepted == self.messages
+            self.linked_again(sender)
+            and sender.accepted == self.messages
             and sender.pending == 0
             and receiver.delivered >= self.messages
             for sender, receiver in self.streams()
         ):
             self.finish(None)
+
+    def linked_again(self, node: _Node) -> bool:
+        """
+        Whether ``node`` runs and is linked, by a link made since the
+        previous fault (a status report made before the node noticed a cut
+        may still say linked, but not with a new link counted).
+        """
+        return (
+            node.process is not None
+            and not node.killing
+            and node.ready
+            and node.linked
+            and node.total_links > self._links_at_fault[node.id]
+        )
 
     def fault_due(self, fault: Fault) -> bool:
         """
@@ -434,11 +450,8 @@ class Demo:
         with messages in flight: the other has not got there yet, and this
         one may still run ``lead`` messages further.
         """
-        for node in self.nodes:
-            if node.process is None or node.killing or not node.ready:
-                return False
-            if not node.linked:
-                return False
+        if not all(self.linked_again(node) for node in self.nodes):
+            return False
         if not any(relay.linked() for relay in self.relays):
             return False
         receivers = [receiver for _, receiver in self.streams()]
@@ -455,6 +468,7 @@ class Demo:
         self.pending_faults.pop(0)
         for node in self.nodes:
             self._at_fault[node.id] = node.delivered
+            self._links_at_fault[node.id] = node.total_links
             # Seen linked again only in a report made after the fault.
             node.linked = False
         delivered = ", ".join(

@@ -170,8 +170,9 @@ class DeliveryRecorder:
     appends a record of it to the record file before returning, so that what
     the file says was received is what ILM saw delivered.
 
-    ``delivered`` is the highest number delivered in this process;
-    ``deliveries`` counts every delivery.
+    ``delivered`` is the highest number delivered (by this process or, as
+    its record file says, an earlier one); ``deliveries`` counts this
+    process's deliveries.
     """
 
     def __init__(
@@ -183,7 +184,7 @@ class DeliveryRecorder:
         self._records = records
         self._peer = peer
         self._now_ns = now_ns
-        self.delivered = 0
+        self.delivered = records.highest
         self.deliveries = 0
 
     def __call__(self, message: Message) -> None:

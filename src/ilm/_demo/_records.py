@@ -67,11 +67,18 @@ class RecordWriter:
     """
 
     def __init__(self, path: str, pid: int, now_ns: int) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         size = os.fstat(self._fd).st_size
         torn = size % RECORD.size
         if torn:
             os.ftruncate(self._fd, size - torn)
+        #: The highest number recorded by earlier processes (0 if none).
+        self.highest = 0
+        with open(self._fd, "rb", closefd=False) as f:
+            data = f.read(size - torn)
+        for position, number, _, _ in RECORD.iter_unpack(data):
+            if position != START and number != CORRUPT and number > self.highest:
+                self.highest = number
         os.write(self._fd, RECORD.pack(START, pid, torn, now_ns))
 
     def delivered(
