@@ -13,6 +13,12 @@ accepted.
 - :mod:`ilm._demo._relay`: the TCP relay that cuts the link.
 - :mod:`ilm._demo._progress`: the live progress lines.
 
+The verifier knows nothing of how a stream travelled: it takes, per stream,
+what the sender's store accepted and what the receiving application
+recorded.  A later stream that enters over HTTP and leaves through a
+webhook needs only a sender that posts the numbered messages and a receiver
+that records them the same way.
+
 This module imports nothing heavy: ``ilm --help`` stays fast.
 """
 

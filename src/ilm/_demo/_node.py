@@ -372,8 +372,11 @@ class NodeProcess:
 
     def command(self, line: str) -> None:
         words = line.split()
-        if len(words) == 2 and words[0] == "credit" and self.sender is not None:
-            self.sender.set_credit(int(words[1]))
+        if len(words) == 2 and words[0] == "credit" and words[1].isdigit():
+            if self.sender is not None:
+                self.sender.set_credit(int(words[1]))
+        else:
+            sys.stderr.write(f"ignored a command from the driver: {line!r}\n")
 
     def driver_gone(self) -> None:
         if not self._stopping:
