@@ -2,14 +2,16 @@
 The demo's live progress, Twisted-native: a ``LoopingCall`` on the reactor
 redraws a few lines; nothing else runs.
 
-Why no progress library: the maintained ones (rich, tqdm, enlighten) each
-refresh from a thread of their own or take over the terminal and its signal
-handling, while the demo is a single-threaded Twisted program whose reactor
-already owns SIGINT and SIGTERM (to clean up its node processes).  What the
-demo needs is small: a handful of lines redrawn a few times a second with
-two ANSI escapes (cursor up, clear line), and plain lines when the output is
-not a terminal.  A ``LoopingCall`` does that in the reactor's own turn, adds
-no dependency to ILM, and runs in tests on a ``Clock``.
+Why no progress library: the demo ships inside ``ilm`` itself, so a
+progress library would become an install requirement of ILM for everyone,
+for a few lines of output.  And none fits a single-threaded Twisted program
+without care: rich's live display refreshes from a thread of its own by
+default (and redirects stdout while it is live), tqdm starts a monitor
+thread, and enlighten installs a process-wide SIGWINCH handler.  What the demo
+needs is small: a handful of lines redrawn a few times a second with two
+ANSI escapes (cursor up, clear to the end), and plain lines when the output
+is not a terminal.  A ``LoopingCall`` does that in the reactor's own turn,
+with no thread and no dependency, and runs in tests on a ``Clock``.
 
 - On a terminal: one line per stream (a bar, delivered of total, rate,
   pending), one line of faults (link cuts, kills, reconnects, elapsed),
