@@ -1,7 +1,8 @@
 """
 The ``ilm`` command (also ``python -m ilm``).
 
-- ``ilm demo``: the two-node demo.
+- ``ilm demo``: two node processes stream to each other through link cuts
+  and SIGKILLs, and the result is verified (see :mod:`ilm._demo`).
 - ``ilm inspect PATH [--json]``: what an SQLite store holds, read-only and
   without taking its lock (so it works on the store of a running node).
 """
@@ -15,17 +16,13 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from twisted.internet import defer, task
+from ilm._demo import add_arguments as add_demo_arguments
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ilm._demo import main
+    from ilm._demo import run
 
-    def run(reactor: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(main(reactor))
-
-    task.react(run)
-    return 0  # pragma: no cover (react exits)
+    return run(args)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -125,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    demo = commands.add_parser("demo", help="run the two-node demo")
+    demo = commands.add_parser(
+        "demo",
+        help="two node processes stream to each other through link cuts and "
+        "kill -9; the result is verified",
+    )
+    add_demo_arguments(demo)
     demo.set_defaults(run=_demo)
     inspect = commands.add_parser(
         "inspect",
