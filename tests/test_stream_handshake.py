@@ -8,17 +8,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm import PeerId
 from ilm.errors import (
     AuthenticationFailed,
+    ConfigurationError,
     MalformedFrame,
     SpoofedPeer,
     UnexpectedFrame,
     UnsupportedVersion,
 )
-from ilm.network import PreSharedKeys, _wire
+from ilm.network import PreSharedKeys, StreamNetwork, _wire
 from ilm.network._handshake import LinkHandshake
 
 AB = b"a" * 16 + b"b" * 16
@@ -296,6 +298,23 @@ class PreSharedKeyTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, LinkHandshake, 1, 2, keys=None, certificates=False
         )
+
+    def test_same_key_for_two_peers_refused(self) -> None:
+        """
+        One key value configured for two peers is a ConfigurationError that
+        names both peers and not the key (one of them could otherwise be
+        authenticated as the other); the same key under one peer is fine.
+        """
+        key = b"shared by mistake, 32 bytes long"
+        with self.assertRaises(ConfigurationError) as caught:
+            PreSharedKeys({2: key, 5: b"another key of 32 bytes, unique!", 3: key})
+        message = str(caught.exception)
+        self.assertIn("peers 2 and 3", message)
+        self.assertNotIn(key.decode(), message)
+        self.assertNotIn(key.hex(), message)
+        self.assertEqual(PreSharedKeys({2: key}).peers(), frozenset({2}))
+        with self.assertRaises(ConfigurationError):
+            StreamNetwork(1, keys={"a": key, "b": key}, reactor=Clock())
 
 
 class CertificateTests(SynchronousTestCase):

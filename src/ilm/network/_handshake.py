@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from ilm._message import PeerId, check_peer_id
 from ilm.errors import (
     AuthenticationFailed,
+    ConfigurationError,
     ProtocolViolation,
     SpoofedPeer,
     UnexpectedFrame,
@@ -50,19 +51,34 @@ class PreSharedKeys:
     Pairwise pre-shared keys: ``keys[peer_id]`` is the secret this node
     shares with that peer (the peer holds the same secret under this node's
     id).  Keys are ``bytes`` of at least 16 bytes; use 32 random bytes.
+
+    Each peer needs its own key: a key is what proves a peer's id, so one
+    key configured for two peers would let either be taken for the other.
+    The same key value for two peers raises
+    :class:`ilm.errors.ConfigurationError` naming both peers (never the
+    key).
     """
 
     __slots__ = ("_keys",)
 
     def __init__(self, keys: Mapping[PeerId, bytes]) -> None:
         checked: dict[PeerId, bytes] = {}
+        owners: dict[bytes, PeerId] = {}
         for peer_id, key in keys.items():
             peer_id = check_peer_id(peer_id)
             if not isinstance(key, bytes) or len(key) < MIN_KEY_SIZE:
-                raise ValueError(
+                raise ConfigurationError(
                     f"the key for peer {peer_id!r} must be bytes of at least "
                     f"{MIN_KEY_SIZE} bytes"
                 )
+            other = owners.get(key)
+            if other is not None:
+                raise ConfigurationError(
+                    f"peers {other!r} and {peer_id!r} are configured with the "
+                    f"same key: each peer needs its own key, or either could "
+                    f"be taken for the other"
+                )
+            owners[key] = peer_id
             checked[peer_id] = key
         self._keys = checked
 
