@@ -69,6 +69,17 @@ class EventLimiterTests(SynchronousTestCase):
         self.assertTrue(limiter.emit("k", LogLevel.warn, "again"))
         self.assertEqual(len(events), before + 1)
 
+    def test_event_without_failure_has_no_failure_key(self) -> None:
+        """
+        An event logged in full without a failure carries no
+        ``log_failure`` key at all (observers such as trial's take any
+        event with that key for an error, even when it is ``None``).
+        """
+        limiter, _clock, events = _limiter()
+        limiter.emit("k", LogLevel.error, "refused {n}", n=1)
+        self.assertEqual(len(events), 1)
+        self.assertNotIn("log_failure", events[0])
+
     def test_keys_are_independent(self) -> None:
         """
         Each key gets its own first event in full.

@@ -109,7 +109,11 @@ class EventLimiter:
         if tally is None:
             self._keys[key] = _Tally()
             self._schedule()
-            self._log.emit(level, format, log_failure=failure, **fields)
+            if failure is not None:
+                # Only events with a failure may carry the key: observers
+                # (trial's among them) take any log_failure for an error.
+                fields["log_failure"] = failure
+            self._log.emit(level, format, **fields)
             return True
         now = self._clock.seconds()
         if not tally.count:
