@@ -21,6 +21,7 @@ import ilm.errors
 import ilm.network._stream
 from ilm import PeerId
 from ilm.errors import (
+    FrameAuthenticationFailed,
     FrameTooLarge,
     ILMError,
     LinkTimeout,
@@ -35,7 +36,7 @@ from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wi
 from ilm.network._handshake import LinkHandshake
 from ilm.testing import settle
 
-from .stream_support import RawPeer, RecordingReceiver, Switchboard
+from .stream_support import RawLink, RawPeer, RecordingReceiver, Switchboard
 
 
 class LinkTimeoutErrorTests(SynchronousTestCase):
@@ -115,13 +116,13 @@ class Nodes:
         settle(self.clock, seconds)
 
 
-def raw_connect(nodes: Nodes, address: str) -> RawPeer:
+def raw_connect(nodes: Nodes, address: str, peer: RawPeer | None = None) -> RawPeer:
     holder: list[RawPeer] = []
 
     def build() -> RawPeer:
-        peer = RawPeer()
-        holder.append(peer)
-        return peer
+        built = peer if peer is not None else RawPeer()
+        holder.append(built)
+        return built
 
     nodes.board.client(address).connect(Factory.forProtocol(build))
     settle(nodes.clock, 0.01)
@@ -137,32 +138,20 @@ def frames(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def authenticate(nodes: Nodes, local: PeerId, remote: PeerId, key: bytes) -> RawPeer:
+def authenticate(
+    nodes: Nodes, local: PeerId, remote: PeerId, key: bytes, **options: Any
+) -> RawLink:
     """
     Connect a raw peer to ``remote`` and run a valid handshake as ``local``;
     return it once it holds the link (LINK_UP sent or received).
     """
-    raw = raw_connect(nodes, str(remote))
-    handshake = LinkHandshake(
-        local, remote, keys=PreSharedKeys({remote: key}), certificates=False
-    )
-    assert raw.transport is not None
-    for frame in handshake.start():
-        raw.transport.write(frame)
-    seen = 0
+    raw = raw_connect(nodes, str(remote), RawLink(local, remote, key, **options))
+    assert isinstance(raw, RawLink)
     for _ in range(10):
-        nodes.settle(0.01)
-        for kind, body in frames(raw.received)[seen:]:
-            seen += 1
-            if kind == _wire.LINK_UP:
-                continue
-            for reply in handshake.receive(kind, body, lambda: remote):
-                raw.transport.write(reply)
-        if handshake.done:
+        if raw.handshake.done:
             break
-    assert handshake.done
-    if _wire.id_order_key(local) < _wire.id_order_key(remote):
-        raw.transport.write(_wire.encode_frame(_wire.LINK_UP))
+        nodes.settle(0.01)
+    assert raw.handshake.done
     nodes.settle(0.01)
     return raw
 
@@ -668,13 +657,24 @@ class AuthenticationTests(SynchronousTestCase):
         """
         The dialler's handshake failing (a node answering with the wrong
         key) counts as a failed attempt: it backs off and keeps trying.
+        Each side logs the refusal once (the listener rate-limits its
+        refusals per source address; the dialler logs the reason once per
+        change, with link_error saying how many attempts failed since when).
         """
         logs = LogCapture(self)
         nodes = Nodes(reconnect=Backoff(initial=0.05, maximum=0.4, jitter=0.0))
         nodes.start(2, keys={1: b"x" * 32})
-        nodes.start(1, dial=(2,))
+        dialler = nodes.start(1, dial=(2,))
         nodes.settle(3.0)
-        self.assertGreaterEqual(len(logs.named("authentication_failed")), 8)
+        self.assertGreaterEqual(nodes.board.attempts["2"], 8)
+        self.assertEqual(len(logs.named("authentication_failed")), 1)
+        [dial_failed] = logs.named("dial_failed")
+        self.assertIn("refused our key proof", dial_failed["reason"])
+        error = dialler.link_error(2)
+        assert error is not None
+        self.assertEqual(error.reason, dial_failed["reason"])
+        self.assertEqual(error.attempts, nodes.board.attempts["2"])
+        self.assertLess(error.since, 0.1)
         self.assertEqual(nodes.receivers[1].events, [])
         self.assertEqual(nodes.receivers[2].events, [])
 
@@ -687,13 +687,20 @@ class HostileInputTests(SynchronousTestCase):
         self.nodes.start(3, dial=(2,))
         self.nodes.settle()
 
-    def send_raw(self, data: bytes, authenticated: bool = False) -> RawPeer:
-        if authenticated:
-            raw = authenticate(self.nodes, 1, 2, pair_key(1, 2))
-        else:
-            raw = raw_connect(self.nodes, "2")
+    def send_raw(self, data: bytes) -> RawPeer:
+        raw = raw_connect(self.nodes, "2")
         assert raw.transport is not None
         raw.transport.write(data)
+        self.nodes.settle(0.1)
+        return raw
+
+    def send_linked(self, make: Callable[[RawLink], bytes], **options: Any) -> RawLink:
+        """
+        Authenticate as node 1, then write what ``make`` builds with the
+        link (tagged frames, or raw bytes).
+        """
+        raw = authenticate(self.nodes, 1, 2, pair_key(1, 2), **options)
+        raw.send(make(raw))
         self.nodes.settle(0.1)
         return raw
 
@@ -703,7 +710,13 @@ class HostileInputTests(SynchronousTestCase):
             e
             for e in self.logs.events
             if e["ilm_event"]
-            in ("link_protocol_violation", "authentication_failed", "spoofed_peer")
+            in (
+                "link_protocol_violation",
+                "authentication_failed",
+                "spoofed_peer",
+                "frame_authentication_failed",
+                "frame_integrity_mismatch",
+            )
         ]
         self.assertEqual([e["kind"] for e in events], [error.__name__])
         # The other link is unaffected.
@@ -746,7 +759,7 @@ class HostileInputTests(SynchronousTestCase):
         After authentication, a frame over max_frame_size is refused on its
         length prefix; ILM is told the link was lost.
         """
-        raw = self.send_raw(_wire.data_header(2**21), authenticated=True)
+        raw = self.send_linked(lambda raw: _wire.data_header(2**21))
         self.assert_closed(raw, FrameTooLarge)
         self.assertEqual(self.nodes.receivers[2].kinds(1), ["established", "lost"])
 
@@ -771,14 +784,13 @@ class HostileInputTests(SynchronousTestCase):
         A handshake frame on a link that is up is UnexpectedFrame; the frames
         before it were delivered.
         """
-        data = (
-            _wire.data_header(2)
-            + b"ok"
-            + _wire.encode_challenge(b"c" * 32)
-            + _wire.data_header(4)
-            + b"late"
+        raw = self.send_linked(
+            lambda raw: (
+                raw.data(b"ok")
+                + raw.frame(_wire.CHALLENGE, b"c" * 33)
+                + raw.data(b"late")
+            )
         )
-        raw = self.send_raw(data, authenticated=True)
         self.assert_closed(raw, UnexpectedFrame)
         self.assertEqual(self.nodes.receivers[2].frames[1], [b"ok"])
 
@@ -787,7 +799,7 @@ class HostileInputTests(SynchronousTestCase):
         A connection that ends in the middle of a frame delivers nothing of
         it; the link is reported lost.
         """
-        raw = self.send_raw(_wire.data_header(10) + b"12345", authenticated=True)
+        raw = self.send_linked(lambda raw: raw.data(b"1234567890")[:10])
         assert raw.transport is not None
         raw.transport.loseConnection()
         self.nodes.settle(0.1)
@@ -798,14 +810,14 @@ class HostileInputTests(SynchronousTestCase):
         """
         A PING of the wrong size is MalformedFrame.
         """
-        raw = self.send_raw(_wire.encode_frame(_wire.PING, b"xyz"), authenticated=True)
+        raw = self.send_linked(lambda raw: raw.frame(_wire.PING, b"xyz"))
         self.assert_closed(raw, MalformedFrame)
 
     def test_empty_data(self) -> None:
         """
         A DATA link frame without a session frame is MalformedFrame.
         """
-        raw = self.send_raw(_wire.encode_frame(_wire.DATA), authenticated=True)
+        raw = self.send_linked(lambda raw: raw.frame(_wire.DATA))
         self.assert_closed(raw, MalformedFrame)
 
     def test_link_up_from_larger_id(self) -> None:
@@ -813,23 +825,79 @@ class HostileInputTests(SynchronousTestCase):
         A LINK_UP from the node that does not decide (the larger id) is
         UnexpectedFrame.
         """
-        nodes = self.nodes
-        raw = raw_connect(nodes, "2")
-        handshake = LinkHandshake(
-            3, 2, keys=PreSharedKeys({2: pair_key(2, 3)}), certificates=False
-        )
-        assert raw.transport is not None
-        for frame in handshake.start():
-            raw.transport.write(frame)
-        nodes.settle(0.01)
-        for reply in handshake.receive(*frames(raw.received)[0], lambda: 2):
-            raw.transport.write(reply)
-        nodes.settle(0.01)
-        raw.transport.write(_wire.encode_frame(_wire.LINK_UP))
-        nodes.settle(0.01)
+        raw = authenticate(self.nodes, 3, 2, pair_key(2, 3))
+        self.assertEqual(raw.kinds(), [_wire.LINK_UP])
+        raw.send(raw.frame(_wire.LINK_UP))
+        self.nodes.settle(0.01)
         self.assertIsNotNone(raw.lost)
         [event] = self.logs.named("link_protocol_violation")
         self.assertEqual(event["kind"], "UnexpectedFrame")
+
+    def test_frame_with_a_wrong_tag(self) -> None:
+        """
+        On a tagged link, a DATA frame whose body was altered after tagging
+        closes the link with FrameAuthenticationFailed and reaches nobody;
+        the frames before it were delivered.
+        """
+
+        def altered(raw: RawLink) -> bytes:
+            good = raw.data(b"ok")
+            bad = bytearray(raw.data(b"altered"))
+            bad[6] ^= 0x01
+            return good + bytes(bad)
+
+        raw = self.send_linked(altered)
+        self.assert_closed(raw, FrameAuthenticationFailed)
+        self.assertEqual(self.nodes.receivers[2].frames[1], [b"ok"])
+
+    def test_replayed_dropped_and_untagged_frames(self) -> None:
+        """
+        A frame sent twice (replayed), a frame skipped (the next one carries
+        a later counter: one was dropped), and an untagged frame each close
+        a tagged link with FrameAuthenticationFailed; only the frames before
+        the bad one are delivered.
+        """
+        cases: dict[str, Callable[[RawLink], bytes]] = {
+            "replayed": lambda raw: (lambda f: f + f)(raw.data(b"once")),
+            "dropped": lambda raw: (raw.data(b"lost"), raw.data(b"after"))[1],
+            "untagged": lambda raw: _wire.data_header(4) + b"bare",
+        }
+        receiver = self.nodes.receivers[2]
+        for name, make in cases.items():
+            before = len(receiver.frames.get(1, []))
+            raw = self.send_linked(make)
+            self.assertIsNotNone(raw.lost, name)
+            lost = [e[2] for e in receiver.events if e[:2] == ("lost", 1)]
+            self.assertTrue(lost[-1].check(FrameAuthenticationFailed), name)
+            delivered = receiver.frames.get(1, [])[before:]
+            self.assertEqual(delivered, [b"once"] if name == "replayed" else [], name)
+        # The first is logged in full; the repeats from the same address are
+        # counted for the summary.
+        self.assertEqual(len(self.logs.named("frame_authentication_failed")), 1)
+
+    def test_frame_integrity_setting_must_match(self) -> None:
+        """
+        A peer whose frame_integrity setting differs is refused once its
+        proof checked out (FrameIntegrityMismatch, naming it), never linked
+        without tags; with the setting off on both sides, untagged frames
+        flow.
+        """
+        raw = raw_connect(
+            self.nodes, "2", RawLink(1, 2, pair_key(1, 2), frame_integrity=False)
+        )
+        self.nodes.settle(0.1)
+        self.assertIsNotNone(raw.lost)
+        [event] = self.logs.named("frame_integrity_mismatch")
+        self.assertEqual(event["kind"], "FrameIntegrityMismatch")
+        self.assertIn("peer 1 does not tag frames", event["reason"])
+        self.assertEqual(self.nodes.receivers[2].kinds(1), [])
+
+        nodes = Nodes(frame_integrity=False)
+        nodes.start(2, known=(1,))
+        raw = authenticate(nodes, 1, 2, pair_key(1, 2), frame_integrity=False)
+        raw.send(_wire.data_header(5) + b"plain")
+        nodes.settle(0.1)
+        self.assertEqual(nodes.receivers[2].frames[1], [b"plain"])
 
 
 def record_loss(log: list[PeerId], peer: PeerId) -> Callable[[PeerId, Any], None]:

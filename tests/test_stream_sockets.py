@@ -316,14 +316,19 @@ class RealAuthenticationTests(TestCase):
     async def test_tls_server_impostor(self) -> None:
         """
         A server whose certificate proves another node than the one dialled
-        is refused by the dialler (spoofed_peer), before it proves anything.
+        is refused by the dialler (SpoofedPeer, in its dial_failed event and
+        link_error), before it proves anything.
         """
         await self.server(tls=self.tls(issue(self.ca, 4), ca_certificates=[self.ca[0]]))
-        await self.dial(
+        client = await self.dial(
             1, tls=self.tls(issue(self.ca, 1), ca_certificates=[self.ca[0]])
         )
-        event = await self.waiter.wait("spoofed_peer")
+        event = await self.waiter.wait("dial_failed")
+        self.assertEqual(event["kind"], "SpoofedPeer")
         self.assertIn("dialled node 2", event["reason"])
+        error = client.link_error(2)
+        assert error is not None
+        self.assertEqual(error.kind, "SpoofedPeer")
 
     async def test_tcp_link_without_nagle(self) -> None:
         """
