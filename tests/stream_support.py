@@ -107,6 +107,7 @@ class RawLink(RawPeer):
 
     :ivar authenticated: fires once the handshake is done (and LINK_UP
         sent when this side decides).
+    :ivar answer_pings: whether PINGs are answered (as a live peer does).
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class RawLink(RawPeer):
         self._sealer: _wire.FrameSealer | None = None
         self.frames: list[tuple[int, bytes]] = []
         self.authenticated: Deferred[RawLink] = Deferred()
-        self.reading = True
+        self.answer_pings = True
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -145,6 +146,9 @@ class RawLink(RawPeer):
             kind, body = frame
             if self.handshake.done:
                 self.frames.append((kind, body))
+                if kind == _wire.PING and self.answer_pings:
+                    assert self.transport is not None
+                    self.transport.write(self.frame(_wire.PONG, body))
                 continue
             assert self.transport is not None
             for reply in self.handshake.receive(kind, body, lambda: self.remote):

@@ -36,7 +36,7 @@ from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wi
 from ilm.network._handshake import LinkHandshake
 from ilm.testing import settle
 
-from .stream_support import RawLink, RawPeer, RecordingReceiver, Switchboard
+from .stream_support import Pipe, RawLink, RawPeer, RecordingReceiver, Switchboard
 
 
 class LinkTimeoutErrorTests(SynchronousTestCase):
@@ -578,6 +578,96 @@ class BackpressureTests(SynchronousTestCase):
         nodes.settle(0.1)
         self.assertEqual(nodes.receivers[1].kinds(2)[-1], "resumed")
         self.assertEqual(len(nodes.receivers[2].frames[1]), 40)
+
+
+class NeverReadingPeerTests(SynchronousTestCase):
+    """
+    A peer that sends but does not read: while its link is paused the node
+    owes it at most one PONG, and once it has written or received
+    ``max_unsent_bytes`` it stops reading from it and drops the link after
+    ``idle_timeout`` if the peer still reads nothing.
+    """
+
+    def paused_link(self, **settings: Any) -> tuple[Nodes, RawLink, Pipe, list[str]]:
+        """
+        Node 2 with a raw peer 1 that stopped reading; node 2's link to it
+        is paused (its transport's pause/resume of reading recorded).
+        """
+        nodes = Nodes(keepalive_interval=1.0, idle_timeout=3.0, **settings)
+        nodes.start(2, known=(1, 3))
+        raw = authenticate(nodes, 1, 2, pair_key(1, 2))
+        [pipe] = [p for p in nodes.board.pipes if p.ends[0].protocol is raw]
+        reading: list[str] = []
+        node_end = pipe.ends[1]
+        node_end.pauseProducing = lambda: reading.append("paused")  # type: ignore[method-assign]
+        node_end.resumeProducing = lambda: reading.append("resumed")  # type: ignore[method-assign]
+        pipe.stall(0)
+        nodes.networks[2].send_frames(1, [b"x" * 300_000])
+        self.assertEqual(nodes.receivers[2].kinds(1), ["established", "paused"])
+        return nodes, raw, pipe, reading
+
+    def test_one_pong_owed_while_paused(self) -> None:
+        """
+        1,000 PINGs to a paused link draw no PONG while it is paused and
+        exactly one (the latest token) when it resumes; nothing else
+        accumulates for the peer.
+        """
+        nodes, raw, pipe, reading = self.paused_link()
+        waiting = pipe.in_flight(0)
+        raw.send(*(raw.frame(_wire.PING, _wire.encode_token(n)) for n in range(1000)))
+        nodes.settle(0.1)
+        self.assertEqual(pipe.in_flight(0), waiting)
+        pipe.stall(0, False)
+        nodes.settle(0.1)
+        self.assertEqual(nodes.receivers[2].kinds(1)[-1], "resumed")
+        pongs = [body for kind, body in raw.frames if kind == _wire.PONG]
+        self.assertEqual(pongs, [_wire.encode_token(999)])
+        self.assertEqual(reading, [])
+
+    def test_stops_reading_then_drops_the_link(self) -> None:
+        """
+        A paused peer that keeps sending: once it has sent max_unsent_bytes
+        the node stops reading from it (logged once), and since the peer
+        still reads nothing, the link is dropped with LinkTimeout after
+        idle_timeout, although the peer never stopped sending.  Another
+        peer's link is untouched.
+        """
+        logs = LogCapture(self)
+        nodes, raw, _pipe, reading = self.paused_link(max_unsent_bytes=10_000)
+        nodes.start(3, dial=(2,))
+        nodes.settle(0.1)
+        for _ in range(40):
+            raw.send(*(raw.frame(_wire.PING, _wire.encode_token(1)) for _ in range(50)))
+            nodes.settle(0.1)
+            if raw.lost is not None:
+                break
+        self.assertEqual(reading, ["paused"])
+        [stopped] = logs.named("link_reading_stopped")
+        self.assertGreater(stopped["unread"], 10_000)
+        self.assertEqual(nodes.receivers[2].kinds(1)[-1], "lost")
+        reason = nodes.receivers[2].lost_reasons()[-1]
+        self.assertTrue(reason.check(LinkTimeout), reason)
+        self.assertIn("read nothing", reason.getErrorMessage())
+        self.assertEqual(nodes.receivers[2].kinds(3), ["established"])
+
+    def test_reading_resumes_when_the_peer_reads(self) -> None:
+        """
+        Past max_unsent_bytes written to a paused link the node stops
+        reading; when the peer reads again (the buffer drains) before
+        idle_timeout, reading resumes and the link stays up.
+        """
+        nodes, raw, pipe, reading = self.paused_link(max_unsent_bytes=1000)
+        nodes.networks[2].send_frames(1, [b"y" * 2000])
+        self.assertEqual(reading, ["paused"])
+        nodes.settle(1.5)
+        pipe.stall(0, False)
+        nodes.settle(0.5)
+        self.assertEqual(reading, ["paused", "resumed"])
+        nodes.settle(5.0)
+        self.assertEqual(
+            nodes.receivers[2].kinds(1), ["established", "paused", "resumed"]
+        )
+        self.assertIsNone(raw.lost)
 
 
 class AuthenticationTests(SynchronousTestCase):

@@ -54,10 +54,11 @@ Strangers
 
 A peer that never reads
     Once a link is paused (its transport's buffer is full), a PONG is not
-    written but kept (only the latest); the bytes written while paused are
-    counted, and past ``LinkSettings.max_unsent_bytes`` the link stops
-    reading from the peer until it drains.  A link that stays so for
-    ``idle_timeout`` is dropped (:class:`ilm.errors.LinkTimeout`).
+    written but kept (only the latest); the bytes written to the peer and
+    received from it while paused are counted, and once either passes
+    ``LinkSettings.max_unsent_bytes`` the link stops reading from the peer
+    until its buffer drains.  A link that stays so for ``idle_timeout`` is
+    dropped (:class:`ilm.errors.LinkTimeout`).
 """
 
 from __future__ import annotations
@@ -197,12 +198,16 @@ class LinkSettings:
       is refused (:class:`ilm.errors.FrameIntegrityMismatch`), never
       downgraded.  TLS links ignore it (TLS protects its frames).
     - ``max_unsent_bytes``: once a link is paused (its transport's buffer
-      is full: the peer is not reading), what this node writes to it is
-      counted; past this many bytes the node stops reading from the peer
-      (so it cannot provoke more replies) until the buffer drains, and
-      drops the link if that takes ``idle_timeout``
-      (:class:`ilm.errors.LinkTimeout`).  While paused, PONGs are not
-      written: only the latest is kept, and sent when the link resumes.
+      is full: the peer is not reading), what this node writes to the peer
+      and what it receives from it are counted; once either passes this
+      many bytes the node stops reading from the peer (so that it can
+      neither provoke more replies nor keep the link alive by sending)
+      until the buffer drains, and drops the link if that takes
+      ``idle_timeout`` (:class:`ilm.errors.LinkTimeout`).  While paused,
+      PONGs are not written: only the latest is kept, and sent when the
+      link resumes.  What a paused link holds is thus at most the
+      transport's buffer when it paused (64 KiB for TCP, plus the write
+      that filled it) and ``max_unsent_bytes`` more.
     - ``max_unauthenticated``, ``max_unauthenticated_per_host``: at most
       this many incoming connections may be in their handshake at once, in
       total and from one source address (host); a connection beyond either
@@ -530,6 +535,7 @@ class ILMProtocol(Protocol):
         # since the pause, and whether reading from the peer is stopped.
         self._pending_pong: int | None = None
         self._unsent = 0
+        self._unread = 0
         self._reading_stopped = False
         self._close_reason: BaseException | None = None
         self._host = "?"
@@ -580,6 +586,8 @@ class ILMProtocol(Protocol):
         if self.state == _CLOSED:
             return
         self._received = True
+        if self._paused:
+            self._count_unread(len(data))
         parser = self._parser
         parser.feed(data)
         next_frame = parser.next_frame
@@ -895,22 +903,38 @@ class ILMProtocol(Protocol):
         ``max_unsent_bytes``, stop reading from the peer.
         """
         self._unsent += size
-        if self._unsent > self._settings.max_unsent_bytes and not self._reading_stopped:
-            self._reading_stopped = True
-            pause = getattr(self.transport, "pauseProducing", None)
-            if pause is not None:
-                pause()
-            self._network._limiter.emit(
-                ("link_reading_stopped", self.peer_id),
-                LogLevel.warn,
-                "peer {peer_id!r} is not reading: {unsent} bytes written to it "
-                "wait unsent; this node stops reading from it until they are "
-                "sent (at most {timeout} s)",
-                peer_id=self.peer_id,
-                unsent=self._unsent,
-                timeout=self._settings.idle_timeout,
-                ilm_event="link_reading_stopped",
-            )
+        if self._unsent > self._settings.max_unsent_bytes:
+            self._stop_reading()
+
+    def _count_unread(self, size: int) -> None:
+        """
+        ``size`` more bytes arrived while the link is paused (the peer sends
+        but does not read): past ``max_unsent_bytes``, stop reading from it,
+        whatever the layer above writes in reply.
+        """
+        self._unread += size
+        if self._unread > self._settings.max_unsent_bytes:
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading_stopped or self.state != _OPEN:
+            return
+        self._reading_stopped = True
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+        self._network._limiter.emit(
+            ("link_reading_stopped", self.peer_id),
+            LogLevel.warn,
+            "peer {peer_id!r} is not reading ({unsent} bytes written to it and "
+            "{unread} received from it since its link paused): this node stops "
+            "reading from it until it reads, for at most {timeout} s",
+            peer_id=self.peer_id,
+            unsent=self._unsent,
+            unread=self._unread,
+            timeout=self._settings.idle_timeout,
+            ilm_event="link_reading_stopped",
+        )
 
     # -- closing -----------------------------------------------------------
 
@@ -1043,13 +1067,13 @@ class ILMProtocol(Protocol):
     def pauseProducing(self) -> None:
         if self.state == _OPEN and not self._paused:
             self._paused = True
-            self._unsent = 0
+            self._unsent = self._unread = 0
             self._network._report("link_paused", self.peer_id)
 
     def resumeProducing(self) -> None:
         if self.state == _OPEN and self._paused:
             self._paused = False
-            self._unsent = 0
+            self._unsent = self._unread = 0
             if self._reading_stopped:
                 self._resume_reading()
             token, self._pending_pong = self._pending_pong, None
