@@ -14,10 +14,13 @@ accepted is lost.
 from __future__ import annotations
 
 import itertools
+import random
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import (
@@ -85,9 +88,10 @@ class Exchange:
         self.sent = 0
         self._loop = task.LoopingCall(self._send)
 
-    def start(self) -> None:
+    def start(self, case: TestCase) -> None:
         self.started = reactor.seconds()
         self._loop.start(self.interval)
+        case.addCleanup(lambda: self._loop.running and self._loop.stop())
 
     def _send(self) -> None:
         self.sent += 1
@@ -230,7 +234,7 @@ class NeverReadingPeerTests(TestCase):
         while 3 not in node.network.connected_peers():
             await sleep(0.01)
         exchange = Exchange(node, friend)
-        exchange.start()
+        exchange.start(self)
 
         attacker = RawLink(1, 2, pair_key(1, 2))
         await connect_raw(node.port, attacker)
@@ -277,3 +281,375 @@ class NeverReadingPeerTests(TestCase):
             f"{exchange.largest_gap(after_attack) * 1000:.0f} ms, "
             f"{logs.lines()} log lines"
         )
+
+
+class Closed(Protocol):
+    """
+    A stranger's connection: writes ``data`` when connected, reads and
+    ignores what comes back, and fires ``closed`` when the connection ends.
+    """
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self.data:
+            self.transport.write(self.data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(None)
+
+
+class ClosedLink(RawLink):
+    """
+    A stranger running the link handshake with a key the node will not
+    accept; ``closed`` fires when the node ends it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.closed.callback(None)
+
+
+REFUSALS: dict[str, Callable[[], Closed | ClosedLink]] = {
+    "garbage": lambda: Closed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    "wrong key": lambda: ClosedLink(1, 2, b"a key node 2 does not hold, 32 b"),
+    "unknown id": lambda: ClosedLink(99, 2, b"a key node 2 does not hold, 32 b"),
+    "spoofed id": lambda: ClosedLink(1, 2, pair_key(2, 3)),
+    "silent": lambda: Closed(),
+}
+"""What a flooding stranger does on each connection, and what the node
+logs for it: link_protocol_violation (FrameTooLarge), authentication_failed
+twice, spoofed_peer, link_timeout."""
+
+
+class Stranger:
+    """
+    Floods a node with connections that it must refuse: from each source
+    address, ``parallel`` loops per kind of refusal, each connecting again
+    as soon as the node ended its last connection, for ``seconds``.
+    """
+
+    def __init__(
+        self, port: int, sources: list[str], parallel: int, seconds: float
+    ) -> None:
+        self.port = port
+        self.sources = sources
+        self.parallel = parallel
+        self.seconds = seconds
+        self.connections = 0
+        self.ended = 0
+        self.kinds = REFUSALS
+
+    async def _loop(self, source: str, make: Callable[[], Closed | ClosedLink]) -> None:
+        deadline = reactor.seconds() + self.seconds
+        while reactor.seconds() < deadline:
+            peer = make()
+            try:
+                await connect_raw(self.port, peer, source)
+            except Exception:
+                await sleep(0.01)
+                continue
+            self.connections += 1
+            await peer.closed
+            self.ended += 1
+
+    async def run(self) -> None:
+        loops = [
+            Deferred.fromCoroutine(self._loop(source, make))
+            for source in self.sources
+            for make in self.kinds.values()
+            for _ in range(self.parallel)
+        ]
+        await DeferredList(loops, fireOnOneErrback=True, consumeErrors=True)
+
+
+REFUSAL_EVENTS = (
+    "authentication_failed",
+    "spoofed_peer",
+    "link_protocol_violation",
+    "link_timeout",
+    "connection_limit",
+    "tls_handshake_failed",
+)
+
+
+class StrangerFloodTests(TestCase):
+    timeout = 30
+
+    async def test_log_flood_from_strangers(self) -> None:
+        """
+        Strangers on 4 source addresses make the node refuse connections as
+        fast as it can for 2 s (garbage, wrong keys, unknown ids, a spoofed
+        id, silence until the handshake timeout, and connections beyond the
+        per-address cap): thousands of refusals, yet the node logs each
+        (event, source address) once in full, and when it stops one summary
+        each whose counts add up to every refusal: at most 2 lines per key,
+        far under the stated 66 lines a minute.  Another peer exchanges
+        messages with the node throughout, all delivered exactly once and
+        in order.
+        """
+        logs = LogVolume(self)
+        settings = LinkSettings(handshake_timeout=0.5, reconnect=FAST)
+        node = await start_node(
+            self,
+            StreamNetwork(
+                2,
+                listen=["tcp:0:interface=127.0.0.1"],
+                keys={1: pair_key(1, 2), 3: pair_key(2, 3)},
+                settings=settings,
+            ),
+        )
+        friend = await start_node(
+            self,
+            StreamNetwork(
+                3,
+                peers={2: f"tcp:host=127.0.0.1:port={node.port}"},
+                keys={2: pair_key(2, 3)},
+                settings=settings,
+            ),
+        )
+        while 3 not in node.network.connected_peers():
+            await sleep(0.01)
+        exchange = Exchange(node, friend)
+        exchange.start(self)
+        sources = [f"127.0.0.{n}" for n in range(10, 14)]
+        stranger = Stranger(node.port, sources, parallel=2, seconds=2.0)
+        started = reactor.seconds()
+        await stranger.run()
+        flood = reactor.seconds() - started
+        during = logs.lines()
+        await exchange.finish(self)
+        await node.ilm.shutdown()  # type: ignore[union-attr]
+
+        refusals = [e for e in logs.events if e.get("ilm_event") in REFUSAL_EVENTS]
+        full = [e for e in refusals if "suppressed" not in e]
+        summaries = [e for e in refusals if "suppressed" in e]
+        counted = len(full) + sum(e["suppressed"] for e in summaries)
+        keys = {(e["ilm_event"], e["host"]) for e in refusals}
+        self.assertGreater(stranger.ended, 1000)
+        self.assertEqual(counted, stranger.ended)
+        self.assertEqual(len(full), len(keys))
+        self.assertLessEqual(len(summaries), len(keys))
+        self.assertEqual(
+            {e for e, _ in keys},
+            {
+                "authentication_failed",
+                "spoofed_peer",
+                "link_protocol_violation",
+                "link_timeout",
+                "connection_limit",
+            },
+        )
+        self.assertEqual({h for _, h in keys}, set(sources))
+        self.assertLessEqual(during, len(keys) + 10)
+        bytes_json = logs.json_bytes()
+        self.assertLessEqual(bytes_json, logs.lines() * 4096)
+        print(
+            f"\n  stranger flood: {stranger.ended:,} refusals in {flood:.1f} s "
+            f"from {len(sources)} addresses; {len(full)} full lines and "
+            f"{len(summaries)} summaries ({logs.lines()} network log lines, "
+            f"{bytes_json:,} bytes as JSON, {logs.text_bytes():,} as text); "
+            f"{exchange.sent} messages each way exchanged meanwhile, largest "
+            f"gap {exchange.largest_gap(started + flood) * 1000:.0f} ms"
+        )
+        self.assertLess(exchange.largest_gap(started + flood), 1.0)
+
+
+def tls11_client_hello() -> bytes:
+    """
+    A TLS ClientHello offering TLS 1.1 only (no supported_versions
+    extension), as an old client sends it.
+    """
+    ciphers = b"\x00\x2f\x00\x35"  # TLS_RSA_WITH_AES_{128,256}_CBC_SHA
+    body = (
+        b"\x03\x02"
+        + bytes(range(32))
+        + b"\x00"
+        + len(ciphers).to_bytes(2, "big")
+        + ciphers
+        + b"\x01\x00"
+    )
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
+
+
+class TLSRefusalTests(TestCase):
+    timeout = 30
+
+    async def test_tls_refusals_are_logged(self) -> None:
+        """
+        A TLS client without a certificate, a TLS 1.1 ClientHello, a
+        plaintext ILM HELLO and random bytes sent to a TLS listener (ten
+        times each, each kind from its own address) are each logged once in
+        full as tls_handshake_failed (TLSHandshakeFailed) with what it
+        means, the other nine counted in one summary; a TLS peer exchanges
+        messages with the node throughout.
+        """
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import CertificateOptions
+
+        from ilm.network import TLSCredentials
+
+        from .tls_support import issue, make_ca
+
+        ca = make_ca()
+        logs = LogVolume(self)
+
+        def credentials(node_id: int) -> TLSCredentials:
+            certificate, key = issue(ca, node_id)
+            return TLSCredentials(certificate, key, ca_certificates=[ca[0]])
+
+        settings = LinkSettings(handshake_timeout=2.0, reconnect=FAST)
+        node = await start_node(
+            self,
+            StreamNetwork(
+                2,
+                listen=["tcp:0:interface=127.0.0.1"],
+                tls=credentials(2),
+                settings=settings,
+            ),
+        )
+        friend = await start_node(
+            self,
+            StreamNetwork(
+                3,
+                peers={2: f"tcp:host=127.0.0.1:port={node.port}"},
+                tls=credentials(3),
+                settings=settings,
+            ),
+        )
+        while 3 not in node.network.connected_peers():
+            await sleep(0.01)
+        exchange = Exchange(node, friend)
+        exchange.start(self)
+        hello = _wire.encode_hello(_wire.LinkHello(_wire.LINK_VERSION, bytes(32), 1, 2))
+        noise = random.Random(20261204).randbytes(200)
+        clients: dict[str, tuple[str, Callable[[], Any]]] = {
+            "the peer presented no certificate": (
+                "127.0.0.20",
+                lambda: wrapClientTLS(
+                    CertificateOptions(),
+                    TCP4ClientEndpoint(
+                        reactor, "127.0.0.1", node.port, bindAddress=("127.0.0.20", 0)
+                    ),
+                ).connect(Factory.forProtocol(lambda: Closed(hello))),
+            ),
+            "older than 1.2": ("127.0.0.21", lambda: tls11_client_hello()),
+            "does not speak TLS": ("127.0.0.22", lambda: hello),
+            "does not speak TLS ": ("127.0.0.23", lambda: noise),
+        }
+        for source, make in clients.values():
+            for _ in range(10):
+                made = make()
+                if isinstance(made, bytes):
+                    peer = Closed(made)
+                    await connect_raw(node.port, peer, source)
+                else:
+                    peer = await made
+                await peer.closed
+        await sleep(0.1)
+        node.network._limiter.flush()
+        failures = logs.named("tls_handshake_failed")
+        by_host: dict[str, list[LogEvent]] = {}
+        for event in failures:
+            by_host.setdefault(event["host"], []).append(event)
+        for hint, (source, _make) in clients.items():
+            full, summary = by_host[source]
+            self.assertEqual(full["kind"], "TLSHandshakeFailed")
+            self.assertIn(hint.strip(), full["reason"])
+            self.assertIn("OpenSSL", full["reason"])
+            self.assertEqual(summary["suppressed"], 9)
+        self.assertEqual(len(failures), 8)
+        await exchange.finish(self)
+        self.assertEqual(node.network.connected_peers(), frozenset({3}))
+        self.assertLess(exchange.largest_gap(reactor.seconds()), 1.0)
+
+
+class KeySearchTests(TestCase):
+    timeout = 30
+
+    async def test_failed_proofs_cost_a_bounded_key_search(self) -> None:
+        """
+        A node with 256 keys, flooded for 2 s by strangers whose proofs fail
+        (each failed proof could be tried against all 256 keys to name its
+        author): the node spends at most key_search_rate (1,024) key trials
+        a second plus one bucket (1,024) on those searches, skips the rest,
+        refuses every attempt, and another peer exchanges messages with it
+        throughout.
+        """
+        keys = {n: pair_key(2, n) for n in range(1000, 1254)}
+        keys[3] = pair_key(2, 3)
+        keys[1] = pair_key(1, 2)
+        settings = LinkSettings(reconnect=FAST)
+        node = await start_node(
+            self,
+            StreamNetwork(
+                2,
+                listen=["tcp:0:interface=127.0.0.1"],
+                keys=keys,
+                settings=settings,
+            ),
+        )
+        friend = await start_node(
+            self,
+            StreamNetwork(
+                3,
+                peers={2: f"tcp:host=127.0.0.1:port={node.port}"},
+                keys={2: pair_key(2, 3)},
+                settings=settings,
+            ),
+        )
+        while 3 not in node.network.connected_peers():
+            await sleep(0.01)
+        exchange = Exchange(node, friend)
+        exchange.start(self)
+        budget = node.network._key_budget
+        self.assertEqual(len(keys), 256)
+        stranger = Stranger(node.port, [f"127.0.0.{n}" for n in (30, 31)], 4, 2.0)
+        wrong = b"a key node 2 does not hold, 32 b"
+        stranger.kinds = {"failed proof": lambda: ClosedLink(1000, 2, wrong)}
+        started = reactor.seconds()
+        await stranger.run()
+        elapsed = reactor.seconds() - started
+        await exchange.finish(self)
+
+        searches = budget.spent // len(keys)
+        self.assertGreater(stranger.ended, 200)
+        self.assertLessEqual(budget.spent, budget.capacity + budget.rate * elapsed)
+        self.assertEqual(searches + budget.skipped, stranger.ended)
+        self.assertGreater(budget.skipped, searches)
+        self.assertLess(exchange.largest_gap(started + elapsed), 1.0)
+        cost = timeit_link_mac()
+        print(
+            f"\n  key search: {stranger.ended:,} failed proofs in {elapsed:.1f} s "
+            f"against 256 keys: {searches} searched ({budget.spent:,} key trials, "
+            f"{budget.spent / elapsed:,.0f} a second, about "
+            f"{budget.spent * cost / elapsed * 1000:.1f} ms of CPU a second at "
+            f"{cost * 1e6:.1f} us each), {budget.skipped:,} not searched"
+        )
+
+
+def timeit_link_mac() -> float:
+    """
+    Seconds one key trial (one ``link_mac``) takes here.
+    """
+    import timeit
+
+    transcript = _wire.Transcript(2, 1, 1, bytes(32), bytes(32), 1000, 2)
+    key = pair_key(2, 1000)
+    runs = 2000
+    seconds = min(
+        timeit.repeat(
+            lambda: _wire.link_mac(key, _wire.INITIATOR_ROLE, transcript),
+            number=runs,
+            repeat=3,
+        )
+    )
+    return seconds / runs

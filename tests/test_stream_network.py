@@ -730,6 +730,27 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(event["kind"], "SpoofedPeer")
         self.assertIn("key of 3", event["reason"])
 
+    def test_refusal_log_lines_are_bounded(self) -> None:
+        """
+        A stranger claiming the longest, most escaped id there is (255
+        control characters) gets refusal lines of at most 4 KiB as JSON
+        (the documented worst case per line): the id appears cut to 40
+        characters in the text, whole only in the claimed_id field.  A
+        second refusal from the same address is a summary, no longer.
+        """
+        from twisted.logger import eventAsJSON
+
+        claimed = "\x01" * 255
+        nodes, _raw, logs = self.attempt(claimed, b"u" * 32)
+        self.attempt(claimed, b"u" * 32, nodes)
+        nodes.networks[2]._limiter.flush()
+        full, summary = logs.named("authentication_failed")
+        self.assertEqual(full["claimed_id"], claimed)
+        self.assertEqual(summary["suppressed"], 1)
+        for event in (full, summary):
+            self.assertLessEqual(len(event["reason"]), 120)
+            self.assertLessEqual(len(eventAsJSON(event)), 4 * 1024)
+
     def test_refused_peer_does_not_disturb_links(self) -> None:
         """
         A failed authentication leaves the node's existing links alone.

@@ -59,6 +59,18 @@ each key to name the node that really made it (:class:`SpoofedPeer`)."""
 
 MIN_KEY_SIZE = 16
 
+_SHOWN = 40
+
+
+def shown(peer_id: PeerId | None) -> str:
+    """
+    ``repr(peer_id)``, cut to at most 40 characters: how an id that a
+    stranger chose (up to 255 bytes of anything) appears in a refusal, so
+    that a log line stays short.
+    """
+    text = repr(peer_id)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 4] + "...'"
+
 
 class PreSharedKeys:
     """
@@ -336,7 +348,7 @@ class LinkHandshake:
         # right.  Every well-formed HELLO gets a CHALLENGE.
         if hello.destination != self.local_id:
             self._deferred_refusal = AuthenticationFailed(
-                f"link addressed to node {hello.destination!r}; this is node "
+                f"link addressed to node {shown(hello.destination)}; this is node "
                 f"{self.local_id!r}"
             )
         elif hello.source == self.local_id:
@@ -347,7 +359,7 @@ class LinkHandshake:
             proven = certificate_identity()
             if proven != hello.source:
                 raise SpoofedPeer(
-                    f"peer claims to be {hello.source!r} but its certificate "
+                    f"peer claims to be {shown(hello.source)} but its certificate "
                     f"proves {proven!r}"
                 )
         self._claimed = hello.source
@@ -371,13 +383,15 @@ class LinkHandshake:
                 holder = self._search_holder(keys, mac)
                 if holder is not None and holder != claimed:
                     raise SpoofedPeer(
-                        f"peer claims to be {claimed!r} but proved the key of "
+                        f"peer claims to be {shown(claimed)} but proved the key of "
                         f"{holder!r}"
                     )
                 if key is None:
-                    raise AuthenticationFailed(f"peer {claimed!r} is not configured")
+                    raise AuthenticationFailed(
+                        f"peer {shown(claimed)} is not configured"
+                    )
                 raise AuthenticationFailed(
-                    f"peer claiming to be {claimed!r} failed the key proof"
+                    f"peer claiming to be {shown(claimed)} failed the key proof"
                 )
             self._key = key
             reply = self._mac(key, _wire.RESPONDER_ROLE)

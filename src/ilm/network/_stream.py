@@ -122,7 +122,12 @@ from ilm.errors import (
 )
 from ilm.interfaces import IFrameReceiver, INetwork
 from ilm.network import _wire
-from ilm.network._handshake import KeySearchBudget, LinkHandshake, PreSharedKeys
+from ilm.network._handshake import (
+    KeySearchBudget,
+    LinkHandshake,
+    PreSharedKeys,
+    shown,
+)
 from ilm.network._tls import TLSCredentials, certificate_identity, tls_error_text
 
 log = Logger(namespace="ilm.network.stream")
@@ -1097,7 +1102,7 @@ class ILMProtocol(Protocol):
             return f"peer {self.peer_id!r}"
         claimed = self._handshake.claimed_id
         if claimed is not None:
-            return f"claiming to be {claimed!r}, not authenticated"
+            return f"claiming to be {shown(claimed)}, not authenticated"
         return "not authenticated"
 
     def __repr__(self) -> str:
