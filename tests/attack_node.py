@@ -13,15 +13,28 @@ to ``N`` before anything is opened.
 The process prints ``READY <port>`` once it listens, and stops cleanly on
 SIGTERM.
 
+``--stranger`` runs a stranger instead: for ``--seconds`` it opens TCP
+connections to ``--port`` from ``--source`` as fast as it can (in
+``--threads`` threads, so that a connection attempt whose SYN was dropped
+does not hold the others up) and keeps up to ``--hold`` of them open
+(closing the oldest to open more), sending nothing; then it prints
+``STRANGER <connections made> <failed attempts>``.
+
 Usage: python tests/attack_node.py --port PORT --log PATH [--nofile N]
        [--handshake-timeout S]
+       python tests/attack_node.py --stranger --port PORT --source ADDRESS
+       [--seconds S] [--hold N] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import resource
+import socket
 import sys
+import threading
+import time
 from typing import Any
 
 NODE = 2
@@ -34,10 +47,50 @@ KEYS = {
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--log", required=True)
+    parser.add_argument("--log")
     parser.add_argument("--nofile", type=int, default=None)
     parser.add_argument("--handshake-timeout", type=float, default=10.0)
+    parser.add_argument("--stranger", action="store_true")
+    parser.add_argument("--source", default="127.0.0.1")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--hold", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=16)
     return parser.parse_args(argv)
+
+
+def stranger(options: argparse.Namespace) -> None:
+    held: collections.deque[socket.socket] = collections.deque()
+    counts = {"made": 0, "failed": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + options.seconds
+
+    def connect() -> None:
+        while time.monotonic() < deadline:
+            s = socket.socket()
+            try:
+                s.settimeout(1.0)
+                s.bind((options.source, 0))
+                s.connect(("127.0.0.1", options.port))
+            except OSError:
+                s.close()
+                with lock:
+                    counts["failed"] += 1
+                continue
+            with lock:
+                counts["made"] += 1
+                held.append(s)
+                oldest = held.popleft() if len(held) > options.hold else None
+            if oldest is not None:
+                oldest.close()
+
+    threads = [threading.Thread(target=connect) for _ in range(options.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for s in held:
+        s.close()
+    print(f"STRANGER {counts['made']} {counts['failed']}", flush=True)
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> None:
@@ -70,6 +123,9 @@ async def run(reactor: Any, options: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> None:
     options = parse(argv)
+    if options.stranger:
+        stranger(options)
+        return
     if options.nofile is not None:
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (options.nofile, hard))

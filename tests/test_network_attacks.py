@@ -14,15 +14,18 @@ accepted is lost.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import (
     LogEvent,
     LogLevel,
@@ -30,14 +33,16 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     globalLogPublisher,
 )
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from ilm import ILM, Message, PeerId
 from ilm.network import Backoff, LinkSettings, StreamNetwork, _wire
 from ilm.testing import InMemoryBackend
 
+from . import attack_node
 from .stream_support import RawLink
 from .test_stream_network import pair_key
+from .test_stream_sockets import free_port
 
 FAST = Backoff(initial=0.01, maximum=0.2)
 
@@ -653,3 +658,204 @@ def timeit_link_mac() -> float:
         )
     )
     return seconds / runs
+
+
+class LineProcess(ProcessProtocol):
+    """
+    A child process whose stdout lines are collected; ``line(prefix)``
+    waits for the first line starting with ``prefix``.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._buffer = b""
+        self._waiting: list[tuple[str, Deferred[str]]] = []
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for raw in lines:
+            line = raw.decode()
+            self.lines.append(line)
+            for entry in list(self._waiting):
+                if line.startswith(entry[0]):
+                    self._waiting.remove(entry)
+                    entry[1].callback(line[len(entry[0]) :])
+
+    def errReceived(self, data: bytes) -> None:
+        sys.stderr.write(data.decode(errors="replace"))
+
+    def processEnded(self, reason: object) -> None:
+        for _prefix, d in self._waiting:
+            d.errback(RuntimeError(f"process ended: {self.lines}"))
+        self._waiting = []
+        self.ended.callback(None)
+
+    def line(self, prefix: str, timeout: float = 20.0) -> Deferred[str]:
+        for line in self.lines:
+            if line.startswith(prefix):
+                return succeed(line[len(prefix) :])
+        d: Deferred[str] = Deferred()
+        self._waiting.append((prefix, d))
+        d.addTimeout(timeout, reactor)
+        return d
+
+
+def spawn(case: TestCase, *arguments: str) -> tuple[LineProcess, Any]:
+    process = LineProcess()
+    script = os.path.join(os.path.dirname(__file__), "attack_node.py")
+    transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+        process,
+        sys.executable,
+        [sys.executable, script, *arguments],
+        env=os.environ.copy(),
+    )
+
+    async def stop() -> None:
+        if process.ended.called:
+            return
+        transport.signalProcess("TERM")
+        stopped = Deferred.fromCoroutine(_wait(process.ended, 5.0))
+        try:
+            await stopped
+        except Exception:
+            transport.signalProcess("KILL")
+            await process.ended
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+    return process, transport
+
+
+async def _wait(d: Deferred[None], timeout: float) -> None:
+    d.addTimeout(timeout, reactor)
+    await d
+
+
+def rss(pid: int) -> int:
+    """
+    The resident set size of process ``pid`` in bytes.
+    """
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class DescriptorExhaustionTests(TestCase):
+    timeout = 60
+
+    async def test_stranger_cannot_take_every_descriptor(self) -> None:
+        """
+        A node process limited to 256 descriptors, a stranger opening TCP
+        connections to it as fast as it can for 4 s (keeping up to 1,000
+        open): the node never runs out of descriptors (it holds at most
+        max_unauthenticated_per_host, 8, of them and aborts the rest at
+        once), a peer that dials it in the middle of the attack gets its
+        link within 3 s, a peer linked before exchanges messages with it
+        (echoed back) throughout, and its log and memory stay small.
+        """
+        if sys.platform != "linux":
+            raise SkipTest("needs /proc and loopback addresses beyond 127.0.0.1")
+        directory = self.mktemp()
+        os.makedirs(directory)
+        log_path = os.path.join(directory, "node.log")
+        port = free_port()
+        node, node_transport = spawn(
+            self, "--port", str(port), "--log", log_path, "--nofile", "256"
+        )
+        await node.line("READY ")
+        keys = attack_node.KEYS
+        settings = LinkSettings(reconnect=FAST)
+
+        def peer_network(node_id: int, source: str) -> StreamNetwork:
+            return StreamNetwork(
+                node_id,
+                peers={
+                    2: TCP4ClientEndpoint(
+                        reactor, "127.0.0.1", port, bindAddress=(source, 0)
+                    )
+                },
+                keys={2: keys[node_id]},
+                settings=settings,
+            )
+
+        friend = await start_node(self, peer_network(1, "127.0.0.2"))
+        while 2 not in friend.network.connected_peers():
+            await sleep(0.01)
+        sent = 0
+
+        def send() -> None:
+            nonlocal sent
+            sent += 1
+            assert friend.ilm is not None
+            friend.ilm.send_to(2, b"%d" % sent)
+
+        loop = task.LoopingCall(send)
+        loop.start(0.01)
+        self.addCleanup(lambda: loop.running and loop.stop())
+        rss_before = rss(node_transport.pid)
+        started = reactor.seconds()
+        stranger, _ = spawn(
+            self,
+            "--stranger",
+            "--port", str(port),
+            "--source", "127.0.0.9",
+            "--seconds", "4",
+            "--hold", "1000",
+        )  # fmt: skip
+        await sleep(1.0)
+        dialled = reactor.seconds()
+        late = await start_node(self, peer_network(3, "127.0.0.3"))
+        while 2 not in late.network.connected_peers():
+            self.assertLess(reactor.seconds() - dialled, 10.0, "no link")
+            await sleep(0.01)
+        link_time = reactor.seconds() - dialled
+        assert late.ilm is not None
+        late_receipts = [late.ilm.send_to(2, b"late %d" % n) for n in range(20)]
+        made, failed = map(int, (await stranger.line("STRANGER ")).split())
+        attack_end = reactor.seconds()
+        rss_after = rss(node_transport.pid)
+        await sleep(1.0)
+        loop.stop()
+        expected = [b"%d" % n for n in range(1, sent + 1)]
+        while len(friend.received.get(2, [])) < len(expected):
+            self.assertLess(reactor.seconds() - attack_end, 10.0, "echoes missing")
+            await sleep(0.02)
+        self.assertEqual(friend.received[2], expected)
+        for receipt in late_receipts:
+            await receipt
+        while len(late.received.get(2, [])) < 20:
+            await sleep(0.02)
+        self.assertEqual(late.received[2], [b"late %d" % n for n in range(20)])
+
+        with open(log_path, encoding="utf-8") as f:
+            # jsonFileLogObserver: one record a line, each after a \x1e.
+            lines = [json.loads(r) for r in f.read().split("\x1e") if r.strip()]
+        log_bytes = os.path.getsize(log_path)
+        exhausted = [
+            e for e in lines if "EMFILE" in str(e.get("log_format", "")) + str(e)
+        ]
+        limits = [e for e in lines if e.get("ilm_event") == "connection_limit"]
+        self.assertEqual(exhausted, [])
+        self.assertEqual(len(limits), 1)
+        self.assertGreater(made, 500)
+        self.assertLess(link_time, 3.0)
+        self.assertLess(len(lines), 40)
+        self.assertLess(rss_after - rss_before, 30 * 1024 * 1024)
+        gap = friend_gap(friend.arrivals, started, attack_end)
+        print(
+            f"\n  descriptor exhaustion (RLIMIT_NOFILE 256): the stranger made "
+            f"{made:,} connections ({failed} failed) in 4 s; a peer dialling "
+            f"during the attack linked in {link_time:.2f} s; {sent} messages "
+            f"echoed to a linked peer, largest gap {gap * 1000:.0f} ms; node "
+            f"log {len(lines)} lines, {log_bytes:,} bytes; node RSS "
+            f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
+        )
+        self.assertLess(gap, 1.0)
+
+
+def friend_gap(arrivals: list[float], start: float, end: float) -> float:
+    times = [start, *(t for t in arrivals if start <= t <= end), end]
+    return max(b - a for a, b in itertools.pairwise(times))
