@@ -859,3 +859,216 @@ class DescriptorExhaustionTests(TestCase):
 def friend_gap(arrivals: list[float], start: float, end: float) -> float:
     times = [start, *(t for t in arrivals if start <= t <= end), end]
     return max(b - a for a, b in itertools.pairwise(times))
+
+
+class RelayServer(Protocol):
+    """
+    One connection through :class:`Relay`: what the dialler sends is split
+    into link frames and passed to ``relay.tamper`` (which returns what to
+    forward); what the listener sends comes back unchanged.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.buffer = b""
+        self.pending: list[bytes] = []
+        self.upstream: Protocol | None = None
+
+    def connectionMade(self) -> None:
+        relay = self.relay
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay.target)
+        connecting = endpoint.connect(Factory.forProtocol(lambda: RelayClient(self)))
+        connecting.addErrback(lambda _: self.transport.abortConnection())  # type: ignore[union-attr]
+
+    def upstream_made(self, upstream: Protocol) -> None:
+        self.upstream = upstream
+        assert upstream.transport is not None
+        for data in self.pending:
+            upstream.transport.write(data)
+        self.pending = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= 4:
+            length = int.from_bytes(self.buffer[:4], "big")
+            if len(self.buffer) < 4 + length:
+                break
+            frame, self.buffer = self.buffer[: 4 + length], self.buffer[4 + length :]
+            out.extend(self.relay.tamper(frame))
+        if not out:
+            return
+        if self.upstream is None:
+            self.pending.extend(out)
+        else:
+            assert self.upstream.transport is not None
+            self.upstream.transport.writeSequence(out)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class RelayClient(Protocol):
+    def __init__(self, server: RelayServer) -> None:
+        self.server = server
+
+    def connectionMade(self) -> None:
+        self.server.upstream_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.server.transport is not None
+        self.server.transport.write(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.server.transport is not None:
+            self.server.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class Relay:
+    """
+    An on-path relay between a dialler and a listener, over real TCP, that
+    does one thing to the first DATA frame carrying ``marker`` (on the
+    first connection that carries it) and is transparent otherwise:
+    ``alter`` flips one byte of the marker, ``drop`` leaves the frame out,
+    ``replay`` sends it twice, ``reorder`` sends it after the next frame.
+    """
+
+    def __init__(self, target: int, fault: str, marker: bytes) -> None:
+        self.target = target
+        self.fault = fault
+        self.marker = marker
+        self.done = False
+        self.held: bytes | None = None
+
+    def tamper(self, frame: bytes) -> list[bytes]:
+        if self.held is not None:
+            held, self.held = self.held, None
+            return [frame, held]
+        if self.done or frame[4] != _wire.DATA or self.marker not in frame:
+            return [frame]
+        self.done = True
+        if self.fault == "alter":
+            at = frame.index(self.marker) + len(self.marker) - 1
+            return [frame[:at] + bytes([frame[at] ^ 0x01]) + frame[at + 1 :]]
+        if self.fault == "drop":
+            return []
+        if self.fault == "replay":
+            return [frame, frame]
+        self.held = frame
+        return []
+
+    async def listen(self) -> int:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: RelayServer(self))
+        )
+        self.port = port
+        return port.getHost().port  # type: ignore[no-any-return]
+
+
+class OnPathRelayTests(TestCase):
+    """
+    A relay on the path of a pre-shared-key link, over real TCP: whatever it
+    does to one frame, the link is closed (FrameAuthenticationFailed),
+    nothing it altered is delivered, and once the dialler has reconnected
+    every message arrives exactly once and in order.
+    """
+
+    timeout = 30
+
+    async def through_relay(self, fault: str) -> tuple[float, float]:
+        """
+        Send 30 messages through a relay doing ``fault`` to message 10;
+        check that the link closed with FrameAuthenticationFailed and that
+        all 30 arrived exactly once and in order.
+
+        :return: when the receiver closed the link, and when the sender got
+            the acknowledgement of message 10.
+        """
+        logs = LogVolume(self)
+        closed_at: list[float] = []
+
+        def watch(event: LogEvent) -> None:
+            if event.get("ilm_event") == "frame_authentication_failed":
+                closed_at.append(reactor.seconds())
+
+        globalLogPublisher.addObserver(watch)
+        self.addCleanup(globalLogPublisher.removeObserver, watch)
+        settings = LinkSettings(reconnect=FAST)
+        receiver = await start_node(
+            self,
+            StreamNetwork(
+                2,
+                listen=["tcp:0:interface=127.0.0.1"],
+                keys={1: pair_key(1, 2)},
+                settings=settings,
+            ),
+        )
+        relay = Relay(receiver.port, fault, b"message 0010")
+        relay_port = await relay.listen()
+        self.addCleanup(relay.port.stopListening)
+        sender = await start_node(
+            self,
+            StreamNetwork(
+                1,
+                peers={2: f"tcp:host=127.0.0.1:port={relay_port}"},
+                keys={2: pair_key(1, 2)},
+                settings=settings,
+            ),
+        )
+        while 2 not in sender.network.connected_peers():
+            await sleep(0.01)
+        assert sender.ilm is not None
+        receipts = []
+        acked_at: list[float] = []
+        for n in range(1, 31):
+            receipt = await sender.ilm.send_to(2, b"message %04d" % n)
+            receipts.append(receipt)
+            if n == 10:
+                receipt.acknowledged.addCallback(
+                    lambda _: acked_at.append(reactor.seconds())
+                )
+            await sleep(0.005)
+        for receipt in receipts:
+            await receipt.acknowledged
+        self.assertTrue(relay.done)
+        expected = [b"message %04d" % n for n in range(1, 31)]
+        self.assertEqual(receiver.received[1], expected)
+        [closed] = logs.named("frame_authentication_failed")
+        self.assertEqual(closed["kind"], "FrameAuthenticationFailed")
+        self.assertEqual(closed["peer_id"], 1)
+        self.assertEqual(len(closed_at), 1)
+        return closed_at[0], acked_at[0]
+
+    async def test_altered_frame(self) -> None:
+        """
+        One byte of message 10 altered on the way: the link closes before
+        anything of that frame is delivered, and the sender gets no
+        acknowledgement for it: message 10 is acknowledged only after the
+        reconnection, once its intact copy arrived.
+        """
+        closed, acknowledged = await self.through_relay("alter")
+        self.assertGreater(acknowledged, closed)
+
+    async def test_dropped_frame(self) -> None:
+        """
+        The frame of message 10 dropped: the next frame's counter does not
+        match, the link closes, and message 10 is sent again.
+        """
+        await self.through_relay("drop")
+
+    async def test_replayed_frame(self) -> None:
+        """
+        The frame of message 10 sent twice: the copy closes the link and is
+        not delivered a second time.
+        """
+        await self.through_relay("replay")
+
+    async def test_reordered_frames(self) -> None:
+        """
+        The frame of message 10 sent after the next frame: the link closes
+        and no message is delivered out of order.
+        """
+        await self.through_relay("reorder")
