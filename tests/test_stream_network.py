@@ -790,6 +790,60 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(nodes.receivers[2].events, [])
 
 
+class UnauthenticatedCapTests(SynchronousTestCase):
+    def test_caps_per_host_and_in_total(self) -> None:
+        """
+        Incoming connections in their handshake are capped per source
+        address and in total: one beyond either cap is aborted at once
+        (logged once as connection_limit), and the count goes back to zero
+        as connections authenticate or end, so a legitimate peer links.
+        """
+        for total, per_host, admitted in ((5, 3, 3), (2, 8, 2)):
+            logs = LogCapture(self)
+            nodes = Nodes(
+                max_unauthenticated=total, max_unauthenticated_per_host=per_host
+            )
+            network = nodes.start(2, known=(1,))
+            raws = [raw_connect(nodes, "2") for _ in range(6)]
+            alive = [raw for raw in raws if raw.lost is None]
+            self.assertEqual(len(alive), admitted)
+            self.assertEqual(len(network._unauthenticated), admitted)
+            self.assertEqual(
+                dict(network._unauthenticated_hosts), {"127.0.0.1": admitted}
+            )
+            [limited] = logs.named("connection_limit")
+            self.assertEqual(limited["kind"], "ConnectionLimitReached")
+            self.assertIn("refused at once", limited["reason"])
+            nodes.settle(11.0)  # the handshake timeout ends the others
+            self.assertEqual(network._unauthenticated, {})
+            self.assertEqual(dict(network._unauthenticated_hosts), {})
+            nodes.start(1, dial=(2,))
+            nodes.settle(0.5)
+            self.assertEqual(network.connected_peers(), frozenset({1}))
+            self.assertEqual(network._unauthenticated, {})
+
+
+class LogFieldTests(SynchronousTestCase):
+    def test_fields_hold_plain_values(self) -> None:
+        """
+        network_started lists the dialled peers as ids and the listening
+        addresses as "host:port" strings; a refusal's address is a
+        "host:port" string and its host a string: no reprs of Python
+        objects.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes()
+        nodes.start(2, dial=("b", 1), keys={1: pair_key(1, 2), "b": pair_key(2, "b")})
+        raw_connect(nodes, "2").transport.write(b"garbage!")  # type: ignore[union-attr]
+        nodes.settle(0.1)
+        [started] = logs.named("network_started")
+        self.assertEqual(started["peers"], [1, "b"])
+        self.assertEqual(started["addresses"], ["127.0.0.1:40000"])
+        [refused] = logs.named("link_protocol_violation")
+        self.assertRegex(refused["address"], r"^127\.0\.0\.1:\d+$")
+        self.assertEqual(refused["host"], "127.0.0.1")
+
+
 class HostileInputTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.logs = LogCapture(self)

@@ -264,6 +264,26 @@ class RealAuthenticationTests(TestCase):
         client.send_frames(2, [b"over TLS"])
         self.assertEqual(await arrived, (1, b"over TLS"))
 
+    async def test_tls_link_with_expired_pinned_certificates(self) -> None:
+        """
+        Over real TLS, self-signed certificates that expired two days ago
+        still link when pinned: pins ignore validity dates.
+        """
+        server_cert = self_signed("server", expired=True)
+        client_cert = self_signed("client", expired=True)
+        await self.server(
+            tls=self.tls(
+                server_cert, peer_fingerprints={1: fingerprint(client_cert[0])}
+            )
+        )
+        await self.dial(
+            1,
+            tls=self.tls(
+                client_cert, peer_fingerprints={2: fingerprint(server_cert[0])}
+            ),
+        )
+        await self.waiter.wait("link_established", count=2)
+
     async def test_tls_unpinned_certificate(self) -> None:
         """
         A client whose certificate is neither pinned nor CA-issued is refused
@@ -278,8 +298,8 @@ class RealAuthenticationTests(TestCase):
     async def test_tls_client_without_certificate(self) -> None:
         """
         A TLS client that presents no certificate fails the TLS handshake
-        (the listener requires one): it receives nothing and nothing reaches
-        ILM.
+        (the listener requires one): it receives nothing, nothing reaches
+        ILM, and the listener logs why (tls_handshake_failed).
         """
         from twisted.internet.endpoints import wrapClientTLS
         from twisted.internet.ssl import CertificateOptions
@@ -299,6 +319,9 @@ class RealAuthenticationTests(TestCase):
         await lost
         self.assertEqual(raw.received, b"")
         self.assertEqual(self.receiver.events, [])
+        event = await self.waiter.wait("tls_handshake_failed")
+        self.assertEqual(event["kind"], "TLSHandshakeFailed")
+        self.assertIn("presented no certificate", event["reason"])
 
     async def test_tls_spoofed_identity(self) -> None:
         """
