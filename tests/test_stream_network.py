@@ -1118,6 +1118,7 @@ class PublicNamesTests(SynchronousTestCase):
             ("ILMFactory", _stream),
             ("LinkSettings", _stream),
             ("Backoff", _stream),
+            ("DialFailure", _stream),
             ("PreSharedKeys", _handshake),
             ("TLSCredentials", _tls),
             ("fingerprint", _tls),

@@ -1874,6 +1874,7 @@ class StreamNetwork:
 
 __all__ = [
     "Backoff",
+    "DialFailure",
     "ILMFactory",
     "ILMProtocol",
     "LinkSettings",
