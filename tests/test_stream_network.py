@@ -790,6 +790,41 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(nodes.receivers[2].events, [])
 
 
+class FrameIntegritySettingTests(SynchronousTestCase):
+    def test_nodes_that_disagree_never_link(self) -> None:
+        """
+        A node with frame_integrity off dialling one with it on (and the
+        other way round): no link, ever; the listener logs
+        frame_integrity_mismatch for the peer whose proof it checked, and
+        the dialler's link_error says the setting differs.
+        """
+        for dialler_tags in (False, True):
+            logs = LogCapture(self)
+            nodes = Nodes()
+            networks = {}
+            for node_id, tags in ((1, dialler_tags), (2, not dialler_tags)):
+                networks[node_id] = StreamNetwork(
+                    node_id,
+                    listen=[nodes.board.server(str(node_id))],
+                    peers={2: nodes.board.client("2")} if node_id == 1 else {},
+                    keys={3 - node_id: pair_key(1, 2)},
+                    settings=LinkSettings(frame_integrity=tags),
+                    reactor=nodes.clock,
+                )
+                networks[node_id].start(RecordingReceiver())
+            nodes.settle(2.0)
+            self.assertEqual(networks[1].connected_peers(), frozenset())
+            self.assertEqual(networks[2].connected_peers(), frozenset())
+            [refused] = logs.named("frame_integrity_mismatch")
+            self.assertEqual(refused["peer_id"], None)
+            self.assertEqual(refused["claimed_id"], 1)
+            self.assertIn("must be the same on both nodes", refused["reason"])
+            error = networks[1].link_error(2)
+            assert error is not None
+            self.assertEqual(error.kind, "FrameIntegrityMismatch")
+            self.assertGreater(error.attempts, 3)
+
+
 class UnauthenticatedCapTests(SynchronousTestCase):
     def test_caps_per_host_and_in_total(self) -> None:
         """
