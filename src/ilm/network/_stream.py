@@ -218,7 +218,8 @@ class LinkSettings:
       total and from one source address (host); a connection beyond either
       is aborted as soon as it is accepted
       (:class:`ilm.errors.ConnectionLimitReached`, logged rate-limited),
-      so that strangers cannot take every file descriptor.
+      so that strangers cannot take every file descriptor.  Connections
+      over a UNIX socket all count as one source.
     - ``key_search_rate``: key trials per second (one HMAC each) that the
       node may spend trying a stranger's failed proof against every
       configured key to name the node that made it
