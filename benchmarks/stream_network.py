@@ -22,11 +22,13 @@ cost.  No storage, no acknowledgement, no authentication.
 ILM runs with pre-shared-key authentication and the backend of
 ``--backend``: ``memory`` (``InMemoryBackend``) or ``sqlite``
 (``ilm.backends.SQLiteBackend(path)``, in a temporary directory, when that
-backend is installed).
+backend is installed).  Its link frames carry integrity tags
+(``LinkSettings.frame_integrity``) unless ``--frame-integrity off``, which
+turns them off on both nodes.
 
 Usage: python benchmarks/stream_network.py [--mode throughput|latency|both]
        [--backend memory|sqlite] [--runs 3] [--messages 200000] [--size 64]
-       [--rate 1000] [--seconds 5]
+       [--rate 1000] [--seconds 5] [--frame-integrity on|off]
 """
 
 from __future__ import annotations
@@ -142,6 +144,12 @@ class _Arrivals:
             self.done.callback(None)
 
 
+def _settings(options: argparse.Namespace) -> Any:
+    from ilm.network import LinkSettings
+
+    return LinkSettings(frame_integrity=options.frame_integrity == "on")
+
+
 async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
     from twisted.internet import defer
 
@@ -155,7 +163,11 @@ async def ilm_receiver(reactor: Any, options: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         network = StreamNetwork(
-            2, listen=["tcp:0:interface=127.0.0.1"], keys={1: KEY}, reactor=reactor
+            2,
+            listen=["tcp:0:interface=127.0.0.1"],
+            keys={1: KEY},
+            settings=_settings(options),
+            reactor=reactor,
         )
         node = await ILM.create(_backend(options.backend, directory), deliver, network)
         print(f"READY {network.listening_addresses()[0].port}", flush=True)
@@ -176,6 +188,7 @@ async def ilm_sender(reactor: Any, options: argparse.Namespace) -> None:
             1,
             peers={2: f"tcp:host=127.0.0.1:port={options.port}"},
             keys={2: KEY},
+            settings=_settings(options),
             reactor=reactor,
         )
         node = await ILM.create(_backend(options.backend, directory), print, network)
@@ -303,6 +316,8 @@ def _spawn(
         str(options.burst),
         "--rate",
         str(options.rate),
+        "--frame-integrity",
+        options.frame_integrity,
     ]
     if port is not None:
         arguments += ["--port", str(port)]
@@ -367,7 +382,8 @@ def throughput(options: argparse.Namespace) -> None:
     print(
         f"throughput, median of {options.runs}: {options.messages:,} x "
         f"{options.size} B one way, two processes, TCP loopback, {options.backend} "
-        f"backend: ILM {delivered:,.0f} msg/s delivered, {acknowledged:,.0f} msg/s "
+        f"backend, frame integrity {options.frame_integrity}: ILM "
+        f"{delivered:,.0f} msg/s delivered, {acknowledged:,.0f} msg/s "
         f"acknowledged; baseline {raw_rate:,.0f} msg/s; ILM/baseline "
         f"{delivered / raw_rate:.2f}; target {target:,} msg/s: "
         f"{'met' if delivered >= target else 'NOT met'}"
@@ -450,6 +466,7 @@ def latency(options: argparse.Namespace) -> None:
     print(
         f"latency, median of {options.runs}: {options.count_now:,} x "
         f"{options.size} B at {options.rate:,.0f} msg/s, {options.backend} backend, "
+        f"frame integrity {options.frame_integrity}, "
         f"send_to to delivery: ILM p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms; "
         f"baseline p50 {raw50 * 1e3:.3f} ms, p99 {raw99 * 1e3:.3f} ms; ILM/baseline "
         f"p50 {p50 / raw50:.1f}x, p99 {p99 / raw99:.1f}x; {targets}: "
@@ -469,6 +486,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--burst", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--frame-integrity", choices=["on", "off"], default="on")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)

@@ -8,18 +8,23 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import attr
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm import PeerId
 from ilm.errors import (
     AuthenticationFailed,
+    ConfigurationError,
+    FrameIntegrityMismatch,
     MalformedFrame,
+    ProtocolViolation,
     SpoofedPeer,
     UnexpectedFrame,
     UnsupportedVersion,
 )
-from ilm.network import PreSharedKeys, _wire
-from ilm.network._handshake import LinkHandshake
+from ilm.network import PreSharedKeys, StreamNetwork, _wire
+from ilm.network._handshake import KeySearchBudget, LinkHandshake
 
 AB = b"a" * 16 + b"b" * 16
 AC = b"a" * 16 + b"c" * 16
@@ -74,12 +79,14 @@ def node(
     destination: PeerId | None,
     keys: dict[PeerId, bytes] | None,
     certificates: bool = False,
+    frame_integrity: bool = True,
 ) -> LinkHandshake:
     return LinkHandshake(
         local,
         destination,
         keys=PreSharedKeys(keys) if keys is not None else None,
         certificates=certificates,
+        frame_integrity=frame_integrity,
         random_bytes=counter_bytes(),
     )
 
@@ -235,7 +242,7 @@ class PreSharedKeyTests(SynchronousTestCase):
             b = node(2, None, {1: AB})
             b.start()
             hello = _wire.encode_hello(
-                _wire.LinkHello(1, b"n" * 32, source, destination)
+                _wire.LinkHello(_wire.LINK_VERSION, b"n" * 32, source, destination)
             )
             [(kind, body)] = frames_of([hello])
             [reply] = frames_of(b.receive(kind, body, no_certificate))
@@ -254,9 +261,9 @@ class PreSharedKeyTests(SynchronousTestCase):
         """
         b = node(2, None, {1: AB})
         b.start()
-        hello = frames_of([_wire.encode_hello(_wire.LinkHello(1, b"n" * 32, 1, 2))])[0][
-            1
-        ]
+        hello = frames_of(
+            [_wire.encode_hello(_wire.LinkHello(_wire.LINK_VERSION, b"n" * 32, 1, 2))]
+        )[0][1]
         bad = hello[:4] + b"\x00\x07" + hello[6:]
         self.assertRaises(
             UnsupportedVersion, b.receive, _wire.HELLO, bad, no_certificate
@@ -278,6 +285,112 @@ class PreSharedKeyTests(SynchronousTestCase):
             MalformedFrame, a.receive, _wire.CHALLENGE, b"x", no_certificate
         )
 
+    def test_frame_keys(self) -> None:
+        """
+        After a pre-shared-key handshake both sides hold the same two frame
+        keys, each side sending under the key the other receives under;
+        with frame integrity off on both sides there are none.
+        """
+        a, b = node(1, 2, {2: AB}), node(2, None, {1: AB})
+        self.assertIsNone(a.frame_keys)
+        exchange(a, b)
+        a_keys, b_keys = a.frame_keys, b.frame_keys
+        assert a_keys is not None and b_keys is not None
+        self.assertEqual(a_keys, (b_keys[1], b_keys[0]))
+        self.assertNotEqual(a_keys[0], a_keys[1])
+        a = node(1, 2, {2: AB}, frame_integrity=False)
+        b = node(2, None, {1: AB}, frame_integrity=False)
+        exchange(a, b)
+        self.assertTrue(a.done and b.done)
+        self.assertEqual((a.frame_keys, b.frame_keys), (None, None))
+
+    def test_frame_integrity_mismatch(self) -> None:
+        """
+        When one side tags frames and the other does not, neither links:
+        the initiator still sends its proof and then refuses
+        (``refusal``), and the responder, having checked that proof,
+        refuses with FrameIntegrityMismatch naming the peer.  Either way
+        round.
+        """
+        for initiator_tags in (True, False):
+            a = node(1, 2, {2: AB}, frame_integrity=initiator_tags)
+            b = node(2, None, {1: AB}, frame_integrity=not initiator_tags)
+            b.start()
+            [(kind, body)] = frames_of(a.start())
+            [(kind, body)] = frames_of(b.receive(kind, body, no_certificate))
+            [(kind, body)] = frames_of(a.receive(kind, body, no_certificate))
+            self.assertEqual(kind, _wire.PROOF)
+            self.assertIsInstance(a.refusal, FrameIntegrityMismatch)
+            error = self.assertRaises(
+                FrameIntegrityMismatch, b.receive, kind, body, no_certificate
+            )
+            self.assertIn("peer 1", str(error))
+            self.assertFalse(a.done or b.done)
+
+    def test_flags_changed_on_the_way(self) -> None:
+        """
+        Flags changed on the way (to make a side believe the other does not
+        tag frames) break the proofs: the responder refuses with
+        AuthenticationFailed, whichever flags it then saw.
+        """
+        a, b = node(1, 2, {2: AB}), node(2, None, {1: AB})
+        b.start()
+        [(kind, body)] = frames_of(a.start())
+        hello = _wire.decode_hello(body)
+        altered = attr.evolve(hello, flags=0)
+        [(kind, body)] = frames_of([_wire.encode_hello(altered)])
+        [(kind, body)] = frames_of(b.receive(kind, body, no_certificate))
+        nonce, _flags = _wire.decode_challenge(body)
+        [(kind, body)] = frames_of(
+            a.receive(
+                _wire.CHALLENGE, nonce + bytes([_wire.FLAG_FRAME_TAGS]), no_certificate
+            )
+        )
+        self.assertIsNone(a.refusal)
+        self.assertRaises(AuthenticationFailed, b.receive, kind, body, no_certificate)
+
+    def test_spoofer_search_is_budgeted(self) -> None:
+        """
+        Naming the real author of a failed proof costs one HMAC per key: a
+        node with 256 keys spends at most its budget (512 trials a second
+        here) on it, and past that reports AuthenticationFailed without
+        searching; the budget refills with time.  With more than 256 keys
+        there is no search at all.
+        """
+        now = [0.0]
+        budget = KeySearchBudget(512, lambda: now[0])
+        keys = {n: n.to_bytes(2, "big") * 16 for n in range(1, 257)}
+
+        def attempt(keys: dict[PeerId, bytes]) -> ProtocolViolation:
+            b = LinkHandshake(
+                1000,
+                None,
+                keys=PreSharedKeys(keys),
+                certificates=False,
+                key_search=budget.take,
+            )
+            b.start()
+            liar = LinkHandshake(
+                1, 1000, keys=PreSharedKeys({1000: keys[3]}), certificates=False
+            )
+            [(kind, body)] = frames_of(liar.start())
+            [(kind, body)] = frames_of(b.receive(kind, body, no_certificate))
+            [(kind, body)] = frames_of(liar.receive(kind, body, no_certificate))
+            return self.assertRaises(
+                ProtocolViolation, b.receive, kind, body, no_certificate
+            )
+
+        outcomes = [type(attempt(keys)) for _ in range(5)]
+        self.assertEqual(outcomes, [SpoofedPeer] * 2 + [AuthenticationFailed] * 3)
+        self.assertEqual((budget.spent, budget.skipped), (512, 3))
+        now[0] = 0.5
+        self.assertIsInstance(attempt(keys), SpoofedPeer)
+        self.assertEqual(budget.spent, 768)
+        now[0] = 10.0
+        many = {**keys, 257: b"\x01\x02" * 16}
+        self.assertIs(type(attempt(many)), AuthenticationFailed)
+        self.assertEqual(budget.spent, 768)
+
     def test_initiator_without_key(self) -> None:
         """
         Dialling a peer for which no key is configured fails at once.
@@ -296,6 +409,23 @@ class PreSharedKeyTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, LinkHandshake, 1, 2, keys=None, certificates=False
         )
+
+    def test_same_key_for_two_peers_refused(self) -> None:
+        """
+        One key value configured for two peers is a ConfigurationError that
+        names both peers and not the key (one of them could otherwise be
+        authenticated as the other); the same key under one peer is fine.
+        """
+        key = b"shared by mistake, 32 bytes long"
+        with self.assertRaises(ConfigurationError) as caught:
+            PreSharedKeys({2: key, 5: b"another key of 32 bytes, unique!", 3: key})
+        message = str(caught.exception)
+        self.assertIn("peers 2 and 3", message)
+        self.assertNotIn(key.decode(), message)
+        self.assertNotIn(key.hex(), message)
+        self.assertEqual(PreSharedKeys({2: key}).peers(), frozenset({2}))
+        with self.assertRaises(ConfigurationError):
+            StreamNetwork(1, keys={"a": key, "b": key}, reactor=Clock())
 
 
 class CertificateTests(SynchronousTestCase):

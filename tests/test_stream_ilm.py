@@ -107,7 +107,6 @@ class HostileSessionTests(SynchronousTestCase):
     def attack(self, *session_frames: bytes) -> None:
         from ilm import _frames
         from ilm._session import Hello
-        from ilm.network import _wire
 
         raw = authenticate(self.nodes, 1, 2, pair_key(1, 2))
         hello = _frames.encode_hello(
@@ -122,9 +121,7 @@ class HostileSessionTests(SynchronousTestCase):
                 delivered=0,
             )
         )
-        assert raw.transport is not None
-        for frame in (hello, *session_frames):
-            raw.transport.write(_wire.data_header(len(frame)) + frame)
+        raw.send(*(raw.data(frame) for frame in (hello, *session_frames)))
         sends = [self.ilms[3].send_to(2, b"m%d" % i) for i in range(100)]
         self.nodes.settle(2.0)
         self.assertIsNotNone(raw.lost)

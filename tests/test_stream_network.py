@@ -21,6 +21,7 @@ import ilm.errors
 import ilm.network._stream
 from ilm import PeerId
 from ilm.errors import (
+    FrameAuthenticationFailed,
     FrameTooLarge,
     ILMError,
     LinkTimeout,
@@ -35,7 +36,7 @@ from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wi
 from ilm.network._handshake import LinkHandshake
 from ilm.testing import settle
 
-from .stream_support import RawPeer, RecordingReceiver, Switchboard
+from .stream_support import Pipe, RawLink, RawPeer, RecordingReceiver, Switchboard
 
 
 class LinkTimeoutErrorTests(SynchronousTestCase):
@@ -115,13 +116,13 @@ class Nodes:
         settle(self.clock, seconds)
 
 
-def raw_connect(nodes: Nodes, address: str) -> RawPeer:
+def raw_connect(nodes: Nodes, address: str, peer: RawPeer | None = None) -> RawPeer:
     holder: list[RawPeer] = []
 
     def build() -> RawPeer:
-        peer = RawPeer()
-        holder.append(peer)
-        return peer
+        built = peer if peer is not None else RawPeer()
+        holder.append(built)
+        return built
 
     nodes.board.client(address).connect(Factory.forProtocol(build))
     settle(nodes.clock, 0.01)
@@ -137,32 +138,20 @@ def frames(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def authenticate(nodes: Nodes, local: PeerId, remote: PeerId, key: bytes) -> RawPeer:
+def authenticate(
+    nodes: Nodes, local: PeerId, remote: PeerId, key: bytes, **options: Any
+) -> RawLink:
     """
     Connect a raw peer to ``remote`` and run a valid handshake as ``local``;
     return it once it holds the link (LINK_UP sent or received).
     """
-    raw = raw_connect(nodes, str(remote))
-    handshake = LinkHandshake(
-        local, remote, keys=PreSharedKeys({remote: key}), certificates=False
-    )
-    assert raw.transport is not None
-    for frame in handshake.start():
-        raw.transport.write(frame)
-    seen = 0
+    raw = raw_connect(nodes, str(remote), RawLink(local, remote, key, **options))
+    assert isinstance(raw, RawLink)
     for _ in range(10):
-        nodes.settle(0.01)
-        for kind, body in frames(raw.received)[seen:]:
-            seen += 1
-            if kind == _wire.LINK_UP:
-                continue
-            for reply in handshake.receive(kind, body, lambda: remote):
-                raw.transport.write(reply)
-        if handshake.done:
+        if raw.handshake.done:
             break
-    assert handshake.done
-    if _wire.id_order_key(local) < _wire.id_order_key(remote):
-        raw.transport.write(_wire.encode_frame(_wire.LINK_UP))
+        nodes.settle(0.01)
+    assert raw.handshake.done
     nodes.settle(0.01)
     return raw
 
@@ -591,6 +580,96 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(len(nodes.receivers[2].frames[1]), 40)
 
 
+class NeverReadingPeerTests(SynchronousTestCase):
+    """
+    A peer that sends but does not read: while its link is paused the node
+    owes it at most one PONG, and once it has written or received
+    ``max_unsent_bytes`` it stops reading from it and drops the link after
+    ``idle_timeout`` if the peer still reads nothing.
+    """
+
+    def paused_link(self, **settings: Any) -> tuple[Nodes, RawLink, Pipe, list[str]]:
+        """
+        Node 2 with a raw peer 1 that stopped reading; node 2's link to it
+        is paused (its transport's pause/resume of reading recorded).
+        """
+        nodes = Nodes(keepalive_interval=1.0, idle_timeout=3.0, **settings)
+        nodes.start(2, known=(1, 3))
+        raw = authenticate(nodes, 1, 2, pair_key(1, 2))
+        [pipe] = [p for p in nodes.board.pipes if p.ends[0].protocol is raw]
+        reading: list[str] = []
+        node_end = pipe.ends[1]
+        node_end.pauseProducing = lambda: reading.append("paused")  # type: ignore[method-assign]
+        node_end.resumeProducing = lambda: reading.append("resumed")  # type: ignore[method-assign]
+        pipe.stall(0)
+        nodes.networks[2].send_frames(1, [b"x" * 300_000])
+        self.assertEqual(nodes.receivers[2].kinds(1), ["established", "paused"])
+        return nodes, raw, pipe, reading
+
+    def test_one_pong_owed_while_paused(self) -> None:
+        """
+        1,000 PINGs to a paused link draw no PONG while it is paused and
+        exactly one (the latest token) when it resumes; nothing else
+        accumulates for the peer.
+        """
+        nodes, raw, pipe, reading = self.paused_link()
+        waiting = pipe.in_flight(0)
+        raw.send(*(raw.frame(_wire.PING, _wire.encode_token(n)) for n in range(1000)))
+        nodes.settle(0.1)
+        self.assertEqual(pipe.in_flight(0), waiting)
+        pipe.stall(0, False)
+        nodes.settle(0.1)
+        self.assertEqual(nodes.receivers[2].kinds(1)[-1], "resumed")
+        pongs = [body for kind, body in raw.frames if kind == _wire.PONG]
+        self.assertEqual(pongs, [_wire.encode_token(999)])
+        self.assertEqual(reading, [])
+
+    def test_stops_reading_then_drops_the_link(self) -> None:
+        """
+        A paused peer that keeps sending: once it has sent max_unsent_bytes
+        the node stops reading from it (logged once), and since the peer
+        still reads nothing, the link is dropped with LinkTimeout after
+        idle_timeout, although the peer never stopped sending.  Another
+        peer's link is untouched.
+        """
+        logs = LogCapture(self)
+        nodes, raw, _pipe, reading = self.paused_link(max_unsent_bytes=10_000)
+        nodes.start(3, dial=(2,))
+        nodes.settle(0.1)
+        for _ in range(40):
+            raw.send(*(raw.frame(_wire.PING, _wire.encode_token(1)) for _ in range(50)))
+            nodes.settle(0.1)
+            if raw.lost is not None:
+                break
+        self.assertEqual(reading, ["paused"])
+        [stopped] = logs.named("link_reading_stopped")
+        self.assertGreater(stopped["unread"], 10_000)
+        self.assertEqual(nodes.receivers[2].kinds(1)[-1], "lost")
+        reason = nodes.receivers[2].lost_reasons()[-1]
+        self.assertTrue(reason.check(LinkTimeout), reason)
+        self.assertIn("read nothing", reason.getErrorMessage())
+        self.assertEqual(nodes.receivers[2].kinds(3), ["established"])
+
+    def test_reading_resumes_when_the_peer_reads(self) -> None:
+        """
+        Past max_unsent_bytes written to a paused link the node stops
+        reading; when the peer reads again (the buffer drains) before
+        idle_timeout, reading resumes and the link stays up.
+        """
+        nodes, raw, pipe, reading = self.paused_link(max_unsent_bytes=1000)
+        nodes.networks[2].send_frames(1, [b"y" * 2000])
+        self.assertEqual(reading, ["paused"])
+        nodes.settle(1.5)
+        pipe.stall(0, False)
+        nodes.settle(0.5)
+        self.assertEqual(reading, ["paused", "resumed"])
+        nodes.settle(5.0)
+        self.assertEqual(
+            nodes.receivers[2].kinds(1), ["established", "paused", "resumed"]
+        )
+        self.assertIsNone(raw.lost)
+
+
 class AuthenticationTests(SynchronousTestCase):
     def attempt(
         self, claimed: PeerId, key: bytes, nodes: Nodes | None = None
@@ -651,6 +730,27 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(event["kind"], "SpoofedPeer")
         self.assertIn("key of 3", event["reason"])
 
+    def test_refusal_log_lines_are_bounded(self) -> None:
+        """
+        A stranger claiming the longest, most escaped id there is (255
+        control characters) gets refusal lines of at most 4 KiB as JSON
+        (the documented worst case per line): the id appears cut to 40
+        characters in the text, whole only in the claimed_id field.  A
+        second refusal from the same address is a summary, no longer.
+        """
+        from twisted.logger import eventAsJSON
+
+        claimed = "\x01" * 255
+        nodes, _raw, logs = self.attempt(claimed, b"u" * 32)
+        self.attempt(claimed, b"u" * 32, nodes)
+        nodes.networks[2]._limiter.flush()
+        full, summary = logs.named("authentication_failed")
+        self.assertEqual(full["claimed_id"], claimed)
+        self.assertEqual(summary["suppressed"], 1)
+        for event in (full, summary):
+            self.assertLessEqual(len(event["reason"]), 120)
+            self.assertLessEqual(len(eventAsJSON(event)), 4 * 1024)
+
     def test_refused_peer_does_not_disturb_links(self) -> None:
         """
         A failed authentication leaves the node's existing links alone.
@@ -668,15 +768,115 @@ class AuthenticationTests(SynchronousTestCase):
         """
         The dialler's handshake failing (a node answering with the wrong
         key) counts as a failed attempt: it backs off and keeps trying.
+        Each side logs the refusal once (the listener rate-limits its
+        refusals per source address; the dialler logs the reason once per
+        change, with link_error saying how many attempts failed since when).
         """
         logs = LogCapture(self)
         nodes = Nodes(reconnect=Backoff(initial=0.05, maximum=0.4, jitter=0.0))
         nodes.start(2, keys={1: b"x" * 32})
-        nodes.start(1, dial=(2,))
+        dialler = nodes.start(1, dial=(2,))
         nodes.settle(3.0)
-        self.assertGreaterEqual(len(logs.named("authentication_failed")), 8)
+        self.assertGreaterEqual(nodes.board.attempts["2"], 8)
+        self.assertEqual(len(logs.named("authentication_failed")), 1)
+        [dial_failed] = logs.named("dial_failed")
+        self.assertIn("refused our key proof", dial_failed["reason"])
+        error = dialler.link_error(2)
+        assert error is not None
+        self.assertEqual(error.reason, dial_failed["reason"])
+        self.assertEqual(error.attempts, nodes.board.attempts["2"])
+        self.assertLess(error.since, 0.1)
         self.assertEqual(nodes.receivers[1].events, [])
         self.assertEqual(nodes.receivers[2].events, [])
+
+
+class FrameIntegritySettingTests(SynchronousTestCase):
+    def test_nodes_that_disagree_never_link(self) -> None:
+        """
+        A node with frame_integrity off dialling one with it on (and the
+        other way round): no link, ever; the listener logs
+        frame_integrity_mismatch for the peer whose proof it checked, and
+        the dialler's link_error says the setting differs.
+        """
+        for dialler_tags in (False, True):
+            logs = LogCapture(self)
+            nodes = Nodes()
+            networks = {}
+            for node_id, tags in ((1, dialler_tags), (2, not dialler_tags)):
+                networks[node_id] = StreamNetwork(
+                    node_id,
+                    listen=[nodes.board.server(str(node_id))],
+                    peers={2: nodes.board.client("2")} if node_id == 1 else {},
+                    keys={3 - node_id: pair_key(1, 2)},
+                    settings=LinkSettings(frame_integrity=tags),
+                    reactor=nodes.clock,
+                )
+                networks[node_id].start(RecordingReceiver())
+            nodes.settle(2.0)
+            self.assertEqual(networks[1].connected_peers(), frozenset())
+            self.assertEqual(networks[2].connected_peers(), frozenset())
+            [refused] = logs.named("frame_integrity_mismatch")
+            self.assertEqual(refused["peer_id"], None)
+            self.assertEqual(refused["claimed_id"], 1)
+            self.assertIn("must be the same on both nodes", refused["reason"])
+            error = networks[1].link_error(2)
+            assert error is not None
+            self.assertEqual(error.kind, "FrameIntegrityMismatch")
+            self.assertGreater(error.attempts, 3)
+
+
+class UnauthenticatedCapTests(SynchronousTestCase):
+    def test_caps_per_host_and_in_total(self) -> None:
+        """
+        Incoming connections in their handshake are capped per source
+        address and in total: one beyond either cap is aborted at once
+        (logged once as connection_limit), and the count goes back to zero
+        as connections authenticate or end, so a legitimate peer links.
+        """
+        for total, per_host, admitted in ((5, 3, 3), (2, 8, 2)):
+            logs = LogCapture(self)
+            nodes = Nodes(
+                max_unauthenticated=total, max_unauthenticated_per_host=per_host
+            )
+            network = nodes.start(2, known=(1,))
+            raws = [raw_connect(nodes, "2") for _ in range(6)]
+            alive = [raw for raw in raws if raw.lost is None]
+            self.assertEqual(len(alive), admitted)
+            self.assertEqual(len(network._unauthenticated), admitted)
+            self.assertEqual(
+                dict(network._unauthenticated_hosts), {"127.0.0.1": admitted}
+            )
+            [limited] = logs.named("connection_limit")
+            self.assertEqual(limited["kind"], "ConnectionLimitReached")
+            self.assertIn("refused at once", limited["reason"])
+            nodes.settle(11.0)  # the handshake timeout ends the others
+            self.assertEqual(network._unauthenticated, {})
+            self.assertEqual(dict(network._unauthenticated_hosts), {})
+            nodes.start(1, dial=(2,))
+            nodes.settle(0.5)
+            self.assertEqual(network.connected_peers(), frozenset({1}))
+            self.assertEqual(network._unauthenticated, {})
+
+
+class LogFieldTests(SynchronousTestCase):
+    def test_fields_hold_plain_values(self) -> None:
+        """
+        network_started lists the dialled peers as ids and the listening
+        addresses as "host:port" strings; a refusal's address is a
+        "host:port" string and its host a string: no reprs of Python
+        objects.
+        """
+        logs = LogCapture(self)
+        nodes = Nodes()
+        nodes.start(2, dial=("b", 1), keys={1: pair_key(1, 2), "b": pair_key(2, "b")})
+        raw_connect(nodes, "2").transport.write(b"garbage!")  # type: ignore[union-attr]
+        nodes.settle(0.1)
+        [started] = logs.named("network_started")
+        self.assertEqual(started["peers"], [1, "b"])
+        self.assertEqual(started["addresses"], ["127.0.0.1:40000"])
+        [refused] = logs.named("link_protocol_violation")
+        self.assertRegex(refused["address"], r"^127\.0\.0\.1:\d+$")
+        self.assertEqual(refused["host"], "127.0.0.1")
 
 
 class HostileInputTests(SynchronousTestCase):
@@ -687,13 +887,20 @@ class HostileInputTests(SynchronousTestCase):
         self.nodes.start(3, dial=(2,))
         self.nodes.settle()
 
-    def send_raw(self, data: bytes, authenticated: bool = False) -> RawPeer:
-        if authenticated:
-            raw = authenticate(self.nodes, 1, 2, pair_key(1, 2))
-        else:
-            raw = raw_connect(self.nodes, "2")
+    def send_raw(self, data: bytes) -> RawPeer:
+        raw = raw_connect(self.nodes, "2")
         assert raw.transport is not None
         raw.transport.write(data)
+        self.nodes.settle(0.1)
+        return raw
+
+    def send_linked(self, make: Callable[[RawLink], bytes], **options: Any) -> RawLink:
+        """
+        Authenticate as node 1, then write what ``make`` builds with the
+        link (tagged frames, or raw bytes).
+        """
+        raw = authenticate(self.nodes, 1, 2, pair_key(1, 2), **options)
+        raw.send(make(raw))
         self.nodes.settle(0.1)
         return raw
 
@@ -703,7 +910,13 @@ class HostileInputTests(SynchronousTestCase):
             e
             for e in self.logs.events
             if e["ilm_event"]
-            in ("link_protocol_violation", "authentication_failed", "spoofed_peer")
+            in (
+                "link_protocol_violation",
+                "authentication_failed",
+                "spoofed_peer",
+                "frame_authentication_failed",
+                "frame_integrity_mismatch",
+            )
         ]
         self.assertEqual([e["kind"] for e in events], [error.__name__])
         # The other link is unaffected.
@@ -746,7 +959,7 @@ class HostileInputTests(SynchronousTestCase):
         After authentication, a frame over max_frame_size is refused on its
         length prefix; ILM is told the link was lost.
         """
-        raw = self.send_raw(_wire.data_header(2**21), authenticated=True)
+        raw = self.send_linked(lambda raw: _wire.data_header(2**21))
         self.assert_closed(raw, FrameTooLarge)
         self.assertEqual(self.nodes.receivers[2].kinds(1), ["established", "lost"])
 
@@ -771,14 +984,13 @@ class HostileInputTests(SynchronousTestCase):
         A handshake frame on a link that is up is UnexpectedFrame; the frames
         before it were delivered.
         """
-        data = (
-            _wire.data_header(2)
-            + b"ok"
-            + _wire.encode_challenge(b"c" * 32)
-            + _wire.data_header(4)
-            + b"late"
+        raw = self.send_linked(
+            lambda raw: (
+                raw.data(b"ok")
+                + raw.frame(_wire.CHALLENGE, b"c" * 33)
+                + raw.data(b"late")
+            )
         )
-        raw = self.send_raw(data, authenticated=True)
         self.assert_closed(raw, UnexpectedFrame)
         self.assertEqual(self.nodes.receivers[2].frames[1], [b"ok"])
 
@@ -787,7 +999,7 @@ class HostileInputTests(SynchronousTestCase):
         A connection that ends in the middle of a frame delivers nothing of
         it; the link is reported lost.
         """
-        raw = self.send_raw(_wire.data_header(10) + b"12345", authenticated=True)
+        raw = self.send_linked(lambda raw: raw.data(b"1234567890")[:10])
         assert raw.transport is not None
         raw.transport.loseConnection()
         self.nodes.settle(0.1)
@@ -798,14 +1010,14 @@ class HostileInputTests(SynchronousTestCase):
         """
         A PING of the wrong size is MalformedFrame.
         """
-        raw = self.send_raw(_wire.encode_frame(_wire.PING, b"xyz"), authenticated=True)
+        raw = self.send_linked(lambda raw: raw.frame(_wire.PING, b"xyz"))
         self.assert_closed(raw, MalformedFrame)
 
     def test_empty_data(self) -> None:
         """
         A DATA link frame without a session frame is MalformedFrame.
         """
-        raw = self.send_raw(_wire.encode_frame(_wire.DATA), authenticated=True)
+        raw = self.send_linked(lambda raw: raw.frame(_wire.DATA))
         self.assert_closed(raw, MalformedFrame)
 
     def test_link_up_from_larger_id(self) -> None:
@@ -813,23 +1025,79 @@ class HostileInputTests(SynchronousTestCase):
         A LINK_UP from the node that does not decide (the larger id) is
         UnexpectedFrame.
         """
-        nodes = self.nodes
-        raw = raw_connect(nodes, "2")
-        handshake = LinkHandshake(
-            3, 2, keys=PreSharedKeys({2: pair_key(2, 3)}), certificates=False
-        )
-        assert raw.transport is not None
-        for frame in handshake.start():
-            raw.transport.write(frame)
-        nodes.settle(0.01)
-        for reply in handshake.receive(*frames(raw.received)[0], lambda: 2):
-            raw.transport.write(reply)
-        nodes.settle(0.01)
-        raw.transport.write(_wire.encode_frame(_wire.LINK_UP))
-        nodes.settle(0.01)
+        raw = authenticate(self.nodes, 3, 2, pair_key(2, 3))
+        self.assertEqual(raw.kinds(), [_wire.LINK_UP])
+        raw.send(raw.frame(_wire.LINK_UP))
+        self.nodes.settle(0.01)
         self.assertIsNotNone(raw.lost)
         [event] = self.logs.named("link_protocol_violation")
         self.assertEqual(event["kind"], "UnexpectedFrame")
+
+    def test_frame_with_a_wrong_tag(self) -> None:
+        """
+        On a tagged link, a DATA frame whose body was altered after tagging
+        closes the link with FrameAuthenticationFailed and reaches nobody;
+        the frames before it were delivered.
+        """
+
+        def altered(raw: RawLink) -> bytes:
+            good = raw.data(b"ok")
+            bad = bytearray(raw.data(b"altered"))
+            bad[6] ^= 0x01
+            return good + bytes(bad)
+
+        raw = self.send_linked(altered)
+        self.assert_closed(raw, FrameAuthenticationFailed)
+        self.assertEqual(self.nodes.receivers[2].frames[1], [b"ok"])
+
+    def test_replayed_dropped_and_untagged_frames(self) -> None:
+        """
+        A frame sent twice (replayed), a frame skipped (the next one carries
+        a later counter: one was dropped), and an untagged frame each close
+        a tagged link with FrameAuthenticationFailed; only the frames before
+        the bad one are delivered.
+        """
+        cases: dict[str, Callable[[RawLink], bytes]] = {
+            "replayed": lambda raw: (lambda f: f + f)(raw.data(b"once")),
+            "dropped": lambda raw: (raw.data(b"lost"), raw.data(b"after"))[1],
+            "untagged": lambda raw: _wire.data_header(4) + b"bare",
+        }
+        receiver = self.nodes.receivers[2]
+        for name, make in cases.items():
+            before = len(receiver.frames.get(1, []))
+            raw = self.send_linked(make)
+            self.assertIsNotNone(raw.lost, name)
+            lost = [e[2] for e in receiver.events if e[:2] == ("lost", 1)]
+            self.assertTrue(lost[-1].check(FrameAuthenticationFailed), name)
+            delivered = receiver.frames.get(1, [])[before:]
+            self.assertEqual(delivered, [b"once"] if name == "replayed" else [], name)
+        # The first is logged in full; the repeats from the same address are
+        # counted for the summary.
+        self.assertEqual(len(self.logs.named("frame_authentication_failed")), 1)
+
+    def test_frame_integrity_setting_must_match(self) -> None:
+        """
+        A peer whose frame_integrity setting differs is refused once its
+        proof checked out (FrameIntegrityMismatch, naming it), never linked
+        without tags; with the setting off on both sides, untagged frames
+        flow.
+        """
+        raw = raw_connect(
+            self.nodes, "2", RawLink(1, 2, pair_key(1, 2), frame_integrity=False)
+        )
+        self.nodes.settle(0.1)
+        self.assertIsNotNone(raw.lost)
+        [event] = self.logs.named("frame_integrity_mismatch")
+        self.assertEqual(event["kind"], "FrameIntegrityMismatch")
+        self.assertIn("peer 1 does not tag frames", event["reason"])
+        self.assertEqual(self.nodes.receivers[2].kinds(1), [])
+
+        nodes = Nodes(frame_integrity=False)
+        nodes.start(2, known=(1,))
+        raw = authenticate(nodes, 1, 2, pair_key(1, 2), frame_integrity=False)
+        raw.send(_wire.data_header(5) + b"plain")
+        nodes.settle(0.1)
+        self.assertEqual(nodes.receivers[2].frames[1], [b"plain"])
 
 
 def record_loss(log: list[PeerId], peer: PeerId) -> Callable[[PeerId, Any], None]:
@@ -885,6 +1153,7 @@ class PublicNamesTests(SynchronousTestCase):
             ("ILMFactory", _stream),
             ("LinkSettings", _stream),
             ("Backoff", _stream),
+            ("DialFailure", _stream),
             ("PreSharedKeys", _handshake),
             ("TLSCredentials", _tls),
             ("fingerprint", _tls),

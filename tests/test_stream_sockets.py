@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from ilm import PeerId
@@ -264,6 +264,26 @@ class RealAuthenticationTests(TestCase):
         client.send_frames(2, [b"over TLS"])
         self.assertEqual(await arrived, (1, b"over TLS"))
 
+    async def test_tls_link_with_expired_pinned_certificates(self) -> None:
+        """
+        Over real TLS, self-signed certificates that expired two days ago
+        still link when pinned: pins ignore validity dates.
+        """
+        server_cert = self_signed("server", expired=True)
+        client_cert = self_signed("client", expired=True)
+        await self.server(
+            tls=self.tls(
+                server_cert, peer_fingerprints={1: fingerprint(client_cert[0])}
+            )
+        )
+        await self.dial(
+            1,
+            tls=self.tls(
+                client_cert, peer_fingerprints={2: fingerprint(server_cert[0])}
+            ),
+        )
+        await self.waiter.wait("link_established", count=2)
+
     async def test_tls_unpinned_certificate(self) -> None:
         """
         A client whose certificate is neither pinned nor CA-issued is refused
@@ -278,8 +298,8 @@ class RealAuthenticationTests(TestCase):
     async def test_tls_client_without_certificate(self) -> None:
         """
         A TLS client that presents no certificate fails the TLS handshake
-        (the listener requires one): it receives nothing and nothing reaches
-        ILM.
+        (the listener requires one): it receives nothing, nothing reaches
+        ILM, and the listener logs why (tls_handshake_failed).
         """
         from twisted.internet.endpoints import wrapClientTLS
         from twisted.internet.ssl import CertificateOptions
@@ -299,6 +319,9 @@ class RealAuthenticationTests(TestCase):
         await lost
         self.assertEqual(raw.received, b"")
         self.assertEqual(self.receiver.events, [])
+        event = await self.waiter.wait("tls_handshake_failed")
+        self.assertEqual(event["kind"], "TLSHandshakeFailed")
+        self.assertIn("presented no certificate", event["reason"])
 
     async def test_tls_spoofed_identity(self) -> None:
         """
@@ -316,14 +339,19 @@ class RealAuthenticationTests(TestCase):
     async def test_tls_server_impostor(self) -> None:
         """
         A server whose certificate proves another node than the one dialled
-        is refused by the dialler (spoofed_peer), before it proves anything.
+        is refused by the dialler (SpoofedPeer, in its dial_failed event and
+        link_error), before it proves anything.
         """
         await self.server(tls=self.tls(issue(self.ca, 4), ca_certificates=[self.ca[0]]))
-        await self.dial(
+        client = await self.dial(
             1, tls=self.tls(issue(self.ca, 1), ca_certificates=[self.ca[0]])
         )
-        event = await self.waiter.wait("spoofed_peer")
+        event = await self.waiter.wait("dial_failed")
+        self.assertEqual(event["kind"], "SpoofedPeer")
         self.assertIn("dialled node 2", event["reason"])
+        error = client.link_error(2)
+        assert error is not None
+        self.assertEqual(error.kind, "SpoofedPeer")
 
     async def test_tcp_link_without_nagle(self) -> None:
         """
@@ -364,3 +392,162 @@ class RealAuthenticationTests(TestCase):
         await lost
         self.assertEqual(raw.received, b"")
         self.assertEqual(self.receiver.events, [])
+
+
+class AllEvents:
+    """
+    Every log event published while a test runs.
+    """
+
+    def __init__(self, case: TestCase) -> None:
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def named(self, name: str) -> list[LogEvent]:
+        return [e for e in self.events if e.get("ilm_event") == name]
+
+
+class DialReasonTests(TestCase):
+    """
+    Over real sockets, the dialling side says why it cannot link: once per
+    change of reason at warn level (dial_failed), with the retries at debug
+    level, and in ``link_error``; ClientService's own retry lines never
+    reach the log at info level.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.waiter = EventWaiter(self)
+        self.all = AllEvents(self)
+        self.port = free_port()
+
+    async def dialler(
+        self, node_id: PeerId, endpoint: str | None = None, **credentials: Any
+    ) -> StreamNetwork:
+        network = StreamNetwork(
+            node_id,
+            peers={2: endpoint or f"tcp:host=127.0.0.1:port={self.port}"},
+            settings=FAST,
+            **credentials,
+        )
+        await network.start(RecordingReceiver())
+        self.addCleanup(network.stop)
+        return network
+
+    async def listener(self, **credentials: Any) -> StreamNetwork:
+        network = StreamNetwork(
+            2,
+            listen=[f"tcp:{self.port}:interface=127.0.0.1"],
+            settings=FAST,
+            **credentials,
+        )
+        await network.start(RecordingReceiver())
+        self.addCleanup(network.stop)
+        return network
+
+    async def failing(
+        self, network: StreamNetwork, attempts: int = 4
+    ) -> tuple[LogEvent, Any]:
+        """
+        Wait until ``attempts`` attempts to reach node 2 failed; return the
+        one dial_failed event and ``link_error(2)``, having checked that
+        the repeats were logged at debug level only.
+        """
+        while True:
+            error = network.link_error(2)
+            if error is not None and error.attempts >= attempts:
+                break
+            await self.waiter.wait("dial_failed_again", count=attempts - 1)
+        [event] = self.waiter.named("dial_failed")
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["reason"], error.reason)
+        self.assertEqual(event["kind"], error.kind)
+        self.assertEqual(event["peer_id"], 2)
+        for repeat in self.waiter.named("dial_failed_again") + self.waiter.named(
+            "dial_retry"
+        ):
+            self.assertEqual(repeat["log_level"], LogLevel.debug)
+        retries = self.waiter.named("dial_retry")
+        self.assertGreaterEqual(len(retries), attempts - 1)
+        self.assertEqual({r["peer_id"] for r in retries}, {2})
+        self.assertNotIn("endpoint", retries[0])
+        leaked = [
+            e
+            for e in self.all.events
+            if str(e.get("log_format", "")).startswith("Scheduling retry")
+        ]
+        self.assertEqual(leaked, [])
+        return event, error
+
+    async def test_connection_refused_then_linked(self) -> None:
+        """
+        Nothing listening: "connection refused", logged once over several
+        attempts; once the peer listens the link comes up and link_error
+        is None again.
+        """
+        network = await self.dialler(1, keys={2: pair_key(1, 2)})
+        event, error = await self.failing(network)
+        self.assertEqual(event["kind"], "ConnectionRefusedError")
+        self.assertIn("connection refused", event["reason"])
+        self.assertEqual(event["endpoint"], f"tcp:host=127.0.0.1:port={self.port}")
+        self.assertLessEqual(error.since, reactor.seconds())
+        await self.listener(keys={1: pair_key(1, 2)})
+        await self.waiter.wait("link_established", count=2)
+        self.assertIsNone(network.link_error(2))
+
+    async def test_wrong_key(self) -> None:
+        """
+        A dialler whose key the listener does not accept is told, in its
+        own log, that the peer refused its key proof.
+        """
+        await self.listener(keys={1: pair_key(1, 2)})
+        network = await self.dialler(1, keys={2: b"not the key node 2 holds for 1"})
+        event, error = await self.failing(network)
+        self.assertEqual(event["kind"], "AuthenticationFailed")
+        self.assertIn("the peer refused our key proof", error.reason)
+
+    async def test_unknown_id(self) -> None:
+        """
+        Dialling as an id the listener does not know (9, or "1" where it
+        knows 1) reads, on the dialler, as the same refusal of its proof
+        (the listener tells an unauthenticated dialler nothing more).
+        """
+        await self.listener(keys={1: pair_key(1, 2)})
+        for node_id in (9, "1"):
+            network = await self.dialler(node_id, keys={2: pair_key(1, 2)})
+            _event, error = await self.failing(network, attempts=2)
+            self.assertIn("the peer refused our key proof", error.reason)
+            self.assertIn(repr(node_id), error.reason)
+            await network.stop()
+            self.waiter.events.clear()
+
+    async def test_unresolvable_host(self) -> None:
+        """
+        A host name that does not resolve (under .invalid) is reported as a
+        DNS failure.
+        """
+        network = await self.dialler(
+            1, "tcp:host=ilm-test.invalid:port=9", keys={2: pair_key(1, 2)}
+        )
+        event, _error = await self.failing(network, attempts=2)
+        self.assertEqual(event["kind"], "DNSLookupError")
+        self.assertIn("cannot be resolved (DNS)", event["reason"])
+
+    async def test_one_line_per_change_of_reason(self) -> None:
+        """
+        Refused, then listening with the wrong key: two dial_failed lines,
+        one per reason, however many attempts each took.
+        """
+        network = await self.dialler(1, keys={2: pair_key(1, 2)})
+        await self.failing(network, attempts=3)
+        await self.listener(keys={1: b"a key node 1 does not hold, 32 b"})
+        await self.waiter.wait("dial_failed", count=2)
+        while (error := network.link_error(2)) is None or error.attempts < 3:
+            await self.waiter.wait(
+                "dial_failed_again",
+                count=len(self.waiter.named("dial_failed_again")) + 1,
+            )
+        reasons = [e["kind"] for e in self.waiter.named("dial_failed")]
+        self.assertEqual(reasons, ["ConnectionRefusedError", "AuthenticationFailed"])

@@ -5,6 +5,8 @@ certificates with a node URI in their subjectAltName.
 
 from __future__ import annotations
 
+import datetime
+
 from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -57,6 +59,21 @@ class IdentifyTests(SynchronousTestCase):
         A pinned certificate proves its node, CA or not.
         """
         self.assertEqual(self.credentials.identify(self.pinned, []), 5)
+
+    def test_pinned_certificate_dates_are_not_checked(self) -> None:
+        """
+        A pinned certificate proves its node even after it expired: the pin
+        is the whole trust decision (removing the pin revokes it).
+        """
+        expired, _key = self_signed("expired", expired=True)
+        self.assertLess(
+            expired.not_valid_after_utc, datetime.datetime.now(datetime.UTC)
+        )
+        own, own_key = self_signed()
+        credentials = TLSCredentials(
+            own, own_key, peer_fingerprints={6: fingerprint(expired)}
+        )
+        self.assertEqual(credentials.identify(expired, []), 6)
 
     def test_ca_issued(self) -> None:
         """

@@ -8,11 +8,13 @@ from __future__ import annotations
 import re
 import struct
 
+import attr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm.errors import (
+    FrameAuthenticationFailed,
     FrameTooLarge,
     MalformedFrame,
     ProtocolViolation,
@@ -81,30 +83,36 @@ class FrameTests(SynchronousTestCase):
 
     def test_hello_rejections(self) -> None:
         """
-        A wrong magic or flags, a truncated body or trailing bytes are
-        MalformedFrame; another version is UnsupportedVersion.
+        A wrong magic or unknown flags, a truncated body or trailing bytes
+        are MalformedFrame; another version (version 1 among them, which
+        had no frame tags) is UnsupportedVersion.
         """
-        body = parse_all(_wire.encode_hello(LinkHello(1, NONCE, 1, 2)))[0][1]
+        hello = LinkHello(_wire.LINK_VERSION, NONCE, 1, 2, _wire.FLAG_FRAME_TAGS)
+        body = parse_all(_wire.encode_hello(hello))[0][1]
+        self.assertEqual(_wire.decode_hello(body), hello)
         self.assertRaises(MalformedFrame, _wire.decode_hello, b"XXXX" + body[4:])
         self.assertRaises(MalformedFrame, _wire.decode_hello, body[:20])
         self.assertRaises(MalformedFrame, _wire.decode_hello, body + b"\x00")
         self.assertRaises(
-            MalformedFrame, _wire.decode_hello, body[:6] + b"\x01" + body[7:]
+            MalformedFrame, _wire.decode_hello, body[:6] + b"\x02" + body[7:]
         )
-        error = self.assertRaises(
-            UnsupportedVersion,
-            _wire.decode_hello,
-            body[:4] + struct.pack(">H", 2) + body[6:],
-        )
-        self.assertIn("version 2", str(error))
+        for version in (1, 3):
+            error = self.assertRaises(
+                UnsupportedVersion,
+                _wire.decode_hello,
+                body[:4] + struct.pack(">H", version) + body[6:],
+            )
+            self.assertIn(f"version {version}", str(error))
 
     def test_fixed_bodies(self) -> None:
         """
         CHALLENGE, PROOF/ACCEPT, LINK_UP, PING/PONG and DATA check their
         sizes.
         """
-        self.assertEqual(_wire.decode_challenge(NONCE), NONCE)
-        self.assertRaises(MalformedFrame, _wire.decode_challenge, NONCE[:-1])
+        self.assertEqual(_wire.decode_challenge(NONCE + b"\x01"), (NONCE, 1))
+        self.assertEqual(_wire.decode_challenge(NONCE + b"\x00"), (NONCE, 0))
+        self.assertRaises(MalformedFrame, _wire.decode_challenge, NONCE)
+        self.assertRaises(MalformedFrame, _wire.decode_challenge, NONCE + b"\x04")
         self.assertEqual(_wire.decode_mac(b"", "PROOF"), b"")
         self.assertEqual(_wire.decode_mac(NONCE, "PROOF"), NONCE)
         self.assertRaises(MalformedFrame, _wire.decode_mac, b"x", "PROOF")
@@ -125,22 +133,97 @@ class FrameTests(SynchronousTestCase):
 
     def test_mac_binds_everything(self) -> None:
         """
-        Changing the key, role, version, either nonce or either id changes the
-        MAC.
+        Changing the key, role, version, either side's flags, either nonce
+        or either id changes the MAC.
         """
-        args = (b"k" * 32, _wire.INITIATOR_ROLE, 1, NONCE, NONCE[::-1], 1, 2)
-        base = _wire.link_mac(*args)
-        variants = [
-            (b"j" * 32, *args[1:]),
-            (args[0], _wire.RESPONDER_ROLE, *args[2:]),
-            (*args[:2], 2, *args[3:]),
-            (*args[:3], NONCE[::-1], *args[4:]),
-            (*args[:4], NONCE, *args[5:]),
-            (*args[:5], 2, 1),
-            (*args[:5], "1", 2),
+        transcript = _wire.Transcript(2, 1, 1, NONCE, NONCE[::-1], 1, 2)
+        base = _wire.link_mac(b"k" * 32, _wire.INITIATOR_ROLE, transcript)
+        self.assertNotEqual(
+            _wire.link_mac(b"j" * 32, _wire.INITIATOR_ROLE, transcript), base
+        )
+        self.assertNotEqual(
+            _wire.link_mac(b"k" * 32, _wire.RESPONDER_ROLE, transcript), base
+        )
+        changes: list[dict[str, object]] = [
+            {"version": 3},
+            {"initiator_flags": 0},
+            {"responder_flags": 0},
+            {"initiator_nonce": NONCE[::-1]},
+            {"responder_nonce": NONCE},
+            {"initiator": 2, "responder": 1},
+            {"initiator": "1"},
         ]
-        for variant in variants:
-            self.assertNotEqual(_wire.link_mac(*variant), base, variant)
+        for change in changes:
+            variant = attr.evolve(transcript, **change)  # type: ignore[misc]
+            self.assertNotEqual(
+                _wire.link_mac(b"k" * 32, _wire.INITIATOR_ROLE, variant), base, change
+            )
+
+    def test_frame_keys(self) -> None:
+        """
+        A link's two frame keys differ from each other, from the key and
+        the handshake's proofs, and from one link (nonces) to the next.
+        """
+        transcript = _wire.Transcript(2, 1, 1, NONCE, NONCE[::-1], 1, 2)
+        key = b"k" * 32
+        keys = _wire.frame_keys(key, transcript)
+        proofs = {
+            _wire.link_mac(key, role, transcript)
+            for role in (_wire.INITIATOR_ROLE, _wire.RESPONDER_ROLE)
+        }
+        self.assertEqual(len({*keys, key, *proofs}), 5)
+        other = _wire.frame_keys(key, attr.evolve(transcript, responder_nonce=NONCE))
+        self.assertFalse(set(keys) & set(other))
+
+    def test_tagged_frames(self) -> None:
+        """
+        Tagged frames pass the check in order and lose their tag; a frame
+        with any byte changed is refused (or, its length grown, never
+        completes); one replayed, skipped, swapped with the next, or tagged
+        under the other direction's key fails with
+        FrameAuthenticationFailed; so does a frame too short for a tag.
+        """
+        send, receive = _wire.frame_keys(
+            b"k" * 32, _wire.Transcript(2, 1, 1, NONCE, NONCE[::-1], 1, 2)
+        )
+        sealer = _wire.FrameSealer(send)
+        wire = [
+            sealer.seal(_wire.PING, b"12345678"),
+            b"".join(sealer.data_parts(b"session frame")),
+            sealer.seal(_wire.LINK_UP),
+        ]
+
+        def parse(frames: list[bytes], key: bytes = send) -> list[tuple[int, bytes]]:
+            parser = FrameParser(1 << 16)
+            parser.opener = _wire.FrameOpener(key)
+            parser.feed(b"".join(frames))
+            out = []
+            while (frame := parser.next_frame()) is not None:
+                out.append(frame)
+            return out
+
+        self.assertEqual(
+            parse(wire),
+            [(_wire.PING, b"12345678"), (_wire.DATA, b"session frame"), (5, b"")],
+        )
+        for position in range(len(wire[1])):
+            altered = bytearray(wire[1])
+            altered[position] ^= 0x40
+            try:
+                parsed = parse([wire[0], bytes(altered), wire[2]])
+            except (FrameAuthenticationFailed, FrameTooLarge, MalformedFrame):
+                continue
+            # A longer length prefix: the frame never completes.
+            self.assertEqual(parsed, [(_wire.PING, b"12345678")], position)
+        bad = {
+            "replayed": [wire[0], wire[0]],
+            "skipped": [wire[0], wire[2]],
+            "swapped": [wire[1], wire[0]],
+            "too short": [b"\x00\x00\x00\x02\x07\x00"],
+        }
+        for frames in bad.values():
+            self.assertRaises(FrameAuthenticationFailed, parse, frames)
+        self.assertRaises(FrameAuthenticationFailed, parse, wire, receive)
 
 
 class ParserTests(SynchronousTestCase):
@@ -248,12 +331,16 @@ def decode_body(kind: int, body: bytes) -> None:
 
 valid_frames = st.one_of(
     st.builds(
-        lambda n, s, d: _wire.encode_hello(LinkHello(1, n, s, d)),
+        lambda n, s, d: _wire.encode_hello(LinkHello(_wire.LINK_VERSION, n, s, d)),
         st.binary(min_size=32, max_size=32),
         st.one_of(st.integers(0, 2**63 - 1), st.text(min_size=1, max_size=20)),
         st.one_of(st.integers(0, 2**63 - 1), st.text(min_size=1, max_size=20)),
     ),
-    st.builds(_wire.encode_challenge, st.binary(min_size=32, max_size=32)),
+    st.builds(
+        _wire.encode_challenge,
+        st.binary(min_size=32, max_size=32),
+        st.sampled_from([0, _wire.FLAG_FRAME_TAGS]),
+    ),
     st.builds(_wire.encode_ping, st.integers(0, 2**64 - 1)),
     st.builds(lambda b: _wire.data_header(len(b)) + b, st.binary(min_size=1)),
 )

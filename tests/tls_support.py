@@ -85,6 +85,13 @@ def issue(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def self_signed(name: str = "self-signed node") -> tuple[x509.Certificate, Key]:
+def self_signed(
+    name: str = "self-signed node", expired: bool = False
+) -> tuple[x509.Certificate, Key]:
+    """
+    A self-signed certificate, valid now or (``expired``) until two days
+    ago.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    return _builder(name, name, key).sign(key, hashes.SHA256()), key
+    builder = _builder(name, name, key, age=3 if expired else 0)
+    return builder.sign(key, hashes.SHA256()), key

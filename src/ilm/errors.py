@@ -21,7 +21,11 @@ wrong and what the caller can do about it:
   something that breaks the protocol.  ILM logs the reason and closes the link;
   other links are unaffected and nothing already accepted is lost.
 - :class:`LinkTimeout` ends one link of a stream network (handshake not
-  completed in time, or a silent, half-open connection); it is reconnected.
+  completed in time, a silent, half-open connection, or a peer that stopped
+  reading); it is reconnected.
+- :class:`ConnectionLimitReached` is why a stream network aborted an
+  incoming connection as soon as it was accepted (too many unauthenticated
+  connections); it appears only in the log.
 - :class:`ShutdownTimeout` fails the Deferred returned by
   :meth:`ilm.ILM.shutdown` when pending messages could not be drained in time;
   they stay in the store and are sent after the next start.
@@ -277,15 +281,47 @@ class SpoofedPeer(ProtocolViolation):
     """
 
 
+class TLSHandshakeFailed(AuthenticationFailed):
+    """
+    A stream connection's TLS handshake failed: the peer presented no
+    client certificate, offered only a TLS version older than 1.2, or sent
+    bytes that are not TLS at all.
+    """
+
+
+class FrameAuthenticationFailed(ProtocolViolation):
+    """
+    A link frame of a pre-shared-key link failed its integrity check: it
+    was altered, dropped, replayed, reordered or injected on the way.
+    """
+
+
+class FrameIntegrityMismatch(ProtocolViolation):
+    """
+    The two ends of a link disagree on whether link frames carry an
+    integrity tag (``LinkSettings.frame_integrity``): both must use the
+    same setting, and the link is refused rather than downgraded.
+    """
+
+
 # --- links ---------------------------------------------------------------------
 
 
 class LinkTimeout(ILMError):
     """
     A network closed a link because time ran out: the peer did not complete
-    the link handshake in time, or nothing at all arrived from it for the
-    idle timeout (a half-open connection).  The link is reconnected as
-    usual; nothing already accepted is lost.
+    the link handshake in time, nothing at all arrived from it for the
+    idle timeout (a half-open connection), or it read nothing of what this
+    node sent while this node had stopped reading from it.  The link is
+    reconnected as usual; nothing already accepted is lost.
+    """
+
+
+class ConnectionLimitReached(ILMError):
+    """
+    A stream network refused an incoming connection at once because too
+    many unauthenticated connections are open already (in total, or from
+    the same source address): see ``LinkSettings.max_unauthenticated``.
     """
 
 
@@ -313,6 +349,9 @@ __all__ = [
     "AckOutOfRange",
     "AuthenticationFailed",
     "ConfigurationError",
+    "ConnectionLimitReached",
+    "FrameAuthenticationFailed",
+    "FrameIntegrityMismatch",
     "FrameTooLarge",
     "ILMError",
     "InvalidPeerId",
@@ -337,6 +376,7 @@ __all__ = [
     "StoreLocked",
     "StoreReadOnly",
     "StoreSchemaTooNew",
+    "TLSHandshakeFailed",
     "UnexpectedFrame",
     "UnknownFrameType",
     "UnknownPeer",

@@ -5,7 +5,9 @@ Networks: how ILM frames travel between nodes.
 - :class:`StreamNetwork`: over Twisted stream endpoints (TCP, TLS, UNIX
   sockets, endpoint plugins), with authenticated links
   (:class:`PreSharedKeys`, :class:`TLSCredentials`), reconnection
-  (:class:`Backoff`), keepalives and limits (:class:`LinkSettings`).
+  (:class:`Backoff`), keepalives and limits (:class:`LinkSettings`); why a
+  peer cannot be reached (:meth:`StreamNetwork.link_error`, a
+  :class:`DialFailure`).
   :class:`ILMProtocol` and :class:`ILMFactory` are its Twisted protocol and
   factory.
 """
@@ -14,6 +16,7 @@ from ilm.network._handshake import PreSharedKeys
 from ilm.network._memory import FaultPolicy, InMemoryNetwork, InMemoryPeerNetwork
 from ilm.network._stream import (
     Backoff,
+    DialFailure,
     ILMFactory,
     ILMProtocol,
     LinkSettings,
@@ -23,6 +26,7 @@ from ilm.network._tls import TLSCredentials, fingerprint, node_uri
 
 __all__ = [
     "Backoff",
+    "DialFailure",
     "FaultPolicy",
     "ILMFactory",
     "ILMProtocol",

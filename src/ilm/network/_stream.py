@@ -29,25 +29,59 @@ Why not ``prepareConnection``
     the client endpoint (:class:`_LinkEndpoint`): ``ClientService`` is handed
     a connection only once its link is up, with its own timeout, and a
     failed handshake aborts the transport and counts as a failed attempt.
+
+Why a dial failed
+    Each failed attempt is classified (connection refused, host unreachable,
+    DNS failure, TLS failure, the peer refused our key proof, handshake
+    timeout, ...).  The reason is logged once per change of reason
+    (``dial_failed``, at warn level) and kept for
+    :meth:`StreamNetwork.link_error`; repeats are logged at debug level.
+    ``ClientService`` logs every retry at info level ("Scheduling retry N
+    to connect <endpoint object>") through its class attribute ``_log``;
+    the dialers use :class:`_DialService`, whose ``_log`` is a ``Logger``
+    with its own observer that turns exactly those events into debug-level
+    ``dial_retry`` events with plain fields (and passes anything else on
+    unchanged), so no global log filter is needed.
+
+Strangers
+    Refusals of connections that have not authenticated (and of links that
+    break the rules) go through an :class:`ilm._logging.EventLimiter` keyed
+    by the event and the source address: the first in full, then one
+    summary per ``LinkSettings.refusal_log_interval``.  Unauthenticated
+    connections are capped in total and per source address
+    (``LinkSettings.max_unauthenticated``, ``max_unauthenticated_per_host``);
+    a connection beyond the caps is aborted as soon as it is accepted.
+
+A peer that never reads
+    Once a link is paused (its transport's buffer is full), a PONG is not
+    written but kept (only the latest); the bytes written to the peer and
+    received from it while paused are counted, and once either passes
+    ``LinkSettings.max_unsent_bytes`` the link stops reading from the peer
+    until its buffer drains.  A link that stays so for ``idle_timeout`` is
+    dropped (:class:`ilm.errors.LinkTimeout`).
 """
 
 from __future__ import annotations
 
 import itertools
 import random as _random
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attr
 from twisted.application.internet import ClientService
+from twisted.internet import error as _error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import (
+    CancelledError,
     Deferred,
     DeferredList,
     maybeDeferred,
     succeed,
 )
 from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -61,24 +95,40 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    globalLogPublisher,
+)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
+from ilm._logging import EventLimiter
 from ilm._message import PeerId, check_peer_id
 from ilm.errors import (
     AuthenticationFailed,
     ConfigurationError,
+    ConnectionLimitReached,
+    FrameAuthenticationFailed,
+    FrameIntegrityMismatch,
     LinkTimeout,
     ProtocolViolation,
     SpoofedPeer,
+    TLSHandshakeFailed,
     UnexpectedFrame,
 )
 from ilm.interfaces import IFrameReceiver, INetwork
 from ilm.network import _wire
-from ilm.network._handshake import LinkHandshake, PreSharedKeys
-from ilm.network._tls import TLSCredentials, certificate_identity
+from ilm.network._handshake import (
+    KeySearchBudget,
+    LinkHandshake,
+    PreSharedKeys,
+    shown,
+)
+from ilm.network._tls import TLSCredentials, certificate_identity, tls_error_text
 
 log = Logger(namespace="ilm.network.stream")
 
@@ -144,6 +194,45 @@ class LinkSettings:
       (:class:`ilm.errors.LinkTimeout`).
     - ``close_grace``: how long a clean close may take before the
       connection is aborted.
+    - ``frame_integrity``: on links authenticated by pre-shared keys
+      without TLS, every frame after the handshake carries a 16-byte tag
+      (keyed BLAKE2b over a frame counter, the type and the body) so that
+      a frame altered, dropped, replayed, reordered or injected on the way
+      closes the link (:class:`ilm.errors.FrameAuthenticationFailed`).
+      Both nodes must use the same value: a link between nodes that differ
+      is refused (:class:`ilm.errors.FrameIntegrityMismatch`), never
+      downgraded.  TLS links ignore it (TLS protects its frames).
+    - ``max_unsent_bytes``: once a link is paused (its transport's buffer
+      is full: the peer is not reading), what this node writes to the peer
+      and what it receives from it are counted; once either passes this
+      many bytes the node stops reading from the peer (so that it can
+      neither provoke more replies nor keep the link alive by sending)
+      until the buffer drains, and drops the link if that takes
+      ``idle_timeout`` (:class:`ilm.errors.LinkTimeout`).  While paused,
+      PONGs are not written: only the latest is kept, and sent when the
+      link resumes.  What a paused link holds is thus at most the
+      transport's buffer when it paused (64 KiB for TCP, plus the write
+      that filled it) and ``max_unsent_bytes`` more.
+    - ``max_unauthenticated``, ``max_unauthenticated_per_host``: at most
+      this many incoming connections may be in their handshake at once, in
+      total and from one source address (host); a connection beyond either
+      is aborted as soon as it is accepted
+      (:class:`ilm.errors.ConnectionLimitReached`, logged rate-limited),
+      so that strangers cannot take every file descriptor.  Connections
+      over a UNIX socket all count as one source.
+    - ``key_search_rate``: key trials per second (one HMAC each) that the
+      node may spend trying a stranger's failed proof against every
+      configured key to name the node that made it
+      (:class:`ilm.errors.SpoofedPeer`); beyond it the refusal is reported
+      as :class:`ilm.errors.AuthenticationFailed` without the search.
+      Searches happen only with at most 256 keys.  0 turns them off.
+    - ``refusal_log_interval``, ``refusal_log_sources``: refusals of
+      connections (failed authentication, spoofed ids, handshake timeouts,
+      TLS failures, connection caps, violations) are logged in full the
+      first time for each (event, source address), then summarised once
+      per interval; at most ``refusal_log_sources`` keys are tracked (the
+      rest share one), so they produce at most ``2 * (refusal_log_sources
+      + 1)`` lines per interval.
     - ``reconnect``: the :class:`Backoff` between connection attempts.
     - ``refusal``: the :class:`Backoff` after ILM closed a link to a peer
       for a protocol violation: for that long, this node neither dials the
@@ -161,8 +250,19 @@ class LinkSettings:
     reconnect: Backoff = attr.ib(factory=Backoff)
     refusal: Backoff = attr.ib(factory=lambda: Backoff(initial=0.5, maximum=60.0))
     refusal_reset: float = attr.ib(default=60.0, validator=_positive)
+    frame_integrity: bool = True
+    max_unsent_bytes: int = attr.ib(default=1024 * 1024, validator=_positive)
+    max_unauthenticated: int = attr.ib(default=64, validator=_positive)
+    max_unauthenticated_per_host: int = attr.ib(default=8, validator=_positive)
+    key_search_rate: float = 1024.0
+    refusal_log_interval: float = attr.ib(default=60.0, validator=_positive)
+    refusal_log_sources: int = attr.ib(default=32, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
+        if self.key_search_rate < 0:
+            raise ValueError(
+                f"key_search_rate must not be negative, not {self.key_search_rate!r}"
+            )
         if self.idle_timeout < 2 * self.keepalive_interval:
             raise ValueError(
                 "idle_timeout must be at least twice keepalive_interval, or a "
@@ -234,6 +334,127 @@ def _reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+def _address_text(address: object) -> tuple[str, str]:
+    """
+    :return: ``(host, "host:port")`` of a peer address as plain strings
+        (``host`` keys the per-source caps and log limits; a UNIX socket's
+        peers are all one source, ``"unix"``).
+    """
+    if isinstance(address, IPv4Address):
+        return address.host, f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return address.host, f"[{address.host}]:{address.port}"
+    if isinstance(address, UNIXAddress):
+        raw = address.name
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        return "unix", f"unix:{name}" if name else "unix"
+    text = str(address)
+    return text, text
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class DialFailure:
+    """
+    Why this node's attempts to reach a peer have been failing
+    (:meth:`StreamNetwork.link_error`).
+
+    :ivar reason: what went wrong, in words (``"connection refused: ..."``,
+        ``"the peer refused our key proof: ..."``).
+    :ivar kind: the error's type name (``"ConnectionRefusedError"``,
+        ``"AuthenticationFailed"``, ...).
+    :ivar since: when the first attempt that failed for this reason (in a
+        row) failed, in seconds on the network's clock (the reactor's: Unix
+        time).
+    :ivar attempts: how many attempts in a row failed for this reason.
+    """
+
+    reason: str
+    kind: str
+    since: float
+    attempts: int
+
+
+def _dial_reason(error: BaseException) -> tuple[str, str]:
+    """
+    :return: ``(kind, reason)`` for an attempt to reach a peer that failed
+        with ``error``.
+    """
+    kind = type(error).__name__
+    detail = str(error).strip().rstrip(".")
+    if isinstance(error, _error.ConnectionRefusedError):
+        return kind, "connection refused: nothing listens at the peer's address"
+    if isinstance(error, _error.DNSLookupError):
+        return kind, f"the peer's host name cannot be resolved (DNS): {detail}"
+    if isinstance(error, _error.NoRouteError):
+        return kind, "the peer's host is unreachable (no route)"
+    if isinstance(error, _error.TCPTimedOutError | _error.TimeoutError):
+        return kind, (
+            "the connection attempt timed out: the peer's host is unreachable "
+            "or drops connections"
+        )
+    if isinstance(error, _error.ConnectError):
+        return kind, f"cannot connect to the peer: {detail or kind}"
+    if isinstance(error, TLSHandshakeFailed):
+        return kind, f"TLS handshake failed: {detail}"
+    if isinstance(error, _PeerClosedHandshake):
+        return error.kind, str(error)
+    if isinstance(error, LinkTimeout):
+        return kind, detail
+    if isinstance(error, ProtocolViolation):
+        return kind, f"this node refused the peer: {detail}"
+    return kind, detail or kind
+
+
+class _PeerClosedHandshake(ConnectionLost):
+    """
+    The peer closed a connection this node dialled before it became the
+    link; the message says what that most likely means at that stage.
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@provider(ILogObserver)
+def _demote_retries(event: LogEvent) -> None:
+    """
+    The observer of the dialers' ``ClientService`` logger: its "Scheduling
+    retry" event becomes a debug-level ``dial_retry`` event with plain
+    fields (the reason of each failure is logged by the network, once per
+    change); any other event passes unchanged.
+    """
+    if str(event.get("log_format", "")).startswith("Scheduling retry"):
+        endpoint = event.get("endpoint")
+        event = {
+            key: value
+            for key, value in event.items()
+            if key not in ("endpoint", "log_source", "log_logger")
+        }
+        event.update(
+            log_format="retry {attempt} to reach peer {peer_id!r} in {delay:.3f} s",
+            log_level=LogLevel.debug,
+            log_namespace=log.namespace,
+            peer_id=getattr(endpoint, "peer_id", None),
+            ilm_event="dial_retry",
+        )
+    globalLogPublisher(event)
+
+
+class _DialService(ClientService):
+    """
+    ``ClientService`` whose own log events go through
+    :func:`_demote_retries`: with a peer down, its "Scheduling retry N to
+    connect <object at 0x...>" line would otherwise reach the log at info
+    level on every attempt.
+    """
+
+    _log = Logger(observer=_demote_retries)
+
+
 _CONNECTION_DONE = Failure(ConnectionDone())
 
 # Protocol states.
@@ -246,10 +467,18 @@ _CLOSED = "closed"
 def _violation_event(violation: Exception) -> str:
     if isinstance(violation, SpoofedPeer):
         return "spoofed_peer"
+    if isinstance(violation, TLSHandshakeFailed):
+        return "tls_handshake_failed"
     if isinstance(violation, AuthenticationFailed):
         return "authentication_failed"
     if isinstance(violation, LinkTimeout):
         return "link_timeout"
+    if isinstance(violation, FrameAuthenticationFailed):
+        return "frame_authentication_failed"
+    if isinstance(violation, FrameIntegrityMismatch):
+        return "frame_integrity_mismatch"
+    if isinstance(violation, ConnectionLimitReached):
+        return "connection_limit"
     return "link_protocol_violation"
 
 
@@ -287,9 +516,12 @@ class ILMProtocol(Protocol):
             destination,
             keys=network._keys,
             certificates=network._tls is not None,
+            frame_integrity=network.settings.frame_integrity,
+            key_search=network._key_budget.take,
             random_bytes=network._random_bytes,
         )
         self._parser = _wire.FrameParser()
+        self._sealer: _wire.FrameSealer | None = None
         self._clock = network._clock
         self._settings = network.settings
         self._handshake_call: IDelayedCall | None = None
@@ -305,6 +537,15 @@ class ILMProtocol(Protocol):
         self._watchers: list[IProtocol] = []
         self._producing = False
         self._paused = False
+        # While paused: the PONG owed (only the latest), the bytes written
+        # since the pause, and whether reading from the peer is stopped.
+        self._pending_pong: int | None = None
+        self._unsent = 0
+        self._unread = 0
+        self._reading_stopped = False
+        self._close_reason: BaseException | None = None
+        self._host = "?"
+        self._address = "?"
 
     # -- connection --------------------------------------------------------
 
@@ -314,6 +555,20 @@ class ILMProtocol(Protocol):
     def _connection_made(self) -> None:
         network = self._network
         network._protocols[self] = None
+        try:
+            self._host, self._address = _address_text(
+                self.transport.getPeer()  # type: ignore[union-attr]
+            )
+        except Exception:
+            pass
+        if not network._running:
+            self.state = _CLOSED
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if not self.initiated and not network._admit(self):
+            self.state = _CLOSED
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         # ILM coalesces its writes itself and waits on small ACK frames:
         # Nagle's algorithm would hold those back for a delayed ACK (40 ms).
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -322,10 +577,6 @@ class ILMProtocol(Protocol):
                 set_no_delay(True)
             except Exception:
                 pass
-        if not network._running:
-            self.state = _CLOSED
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
         self._handshake_call = self._later(
             self._settings.handshake_timeout, self._handshake_expired
         )
@@ -341,6 +592,8 @@ class ILMProtocol(Protocol):
         if self.state == _CLOSED:
             return
         self._received = True
+        if self._paused:
+            self._count_unread(len(data))
         parser = self._parser
         parser.feed(data)
         next_frame = parser.next_frame
@@ -411,7 +664,12 @@ class ILMProtocol(Protocol):
     def _open_frame(self, kind: int, body: bytes) -> None:
         if kind == _wire.PING:
             token = _wire.decode_token(body, "PING")
-            self._write([_wire.encode_pong(token)])
+            if self._paused:
+                # The peer is not reading: owe it one PONG (the latest),
+                # written when the link resumes, instead of one per PING.
+                self._pending_pong = token
+            else:
+                self._send(_wire.PONG, _wire.encode_token(token))
         elif kind == _wire.PONG:
             _wire.decode_token(body, "PONG")
         elif kind == _wire.DATA:
@@ -423,12 +681,22 @@ class ILMProtocol(Protocol):
 
     def _frame(self, kind: int, body: bytes) -> None:
         if self.state == _HANDSHAKING:
-            replies = self._handshake.receive(kind, body, self._certificate_identity)
+            handshake = self._handshake
+            replies = handshake.receive(kind, body, self._certificate_identity)
             if replies:
                 self._write(replies)
-            if self._handshake.done:
+            if handshake.refusal is not None:
+                # Refused after replying (our proof must reach the peer).
+                self.fail(handshake.refusal, flush=True)
+                return
+            if handshake.done:
+                keys = handshake.frame_keys
+                if keys is not None:
+                    self._sealer = _wire.FrameSealer(keys[0])
+                    self._parser.opener = _wire.FrameOpener(keys[1])
                 self.state = _AUTHENTICATED
-                self.peer_id = self._handshake.peer_id
+                self.peer_id = handshake.peer_id
+                self._network._release(self)
                 self._network._authenticated(self)
             return
         # _AUTHENTICATED: only the decider's LINK_UP may come now.
@@ -453,17 +721,78 @@ class ILMProtocol(Protocol):
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self._grace_call = None
-        self._network._connection_lost(self, was, reason)
+        network = self._network
+        network._release(self)
+        if was == _HANDSHAKING and not self.initiated:
+            self._tls_refused(reason)
+        network._connection_lost(self, was, reason)
         opened, self._opened = self._opened, []
-        for d in opened:
-            if not d.called:
-                d.errback(reason)
+        if opened:
+            failure = Failure(self._open_failure(was, reason))
+            for d in opened:
+                if not d.called:
+                    d.errback(failure)
         watchers, self._watchers = self._watchers, []
         for watcher in watchers:
             watcher.connectionLost(reason)
         waiters, self._lost = self._lost, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def _tls_refused(self, reason: Failure) -> None:
+        """
+        An incoming connection lost in its handshake: if TLS failed, log why
+        (rate-limited), as for any other refusal.
+        """
+        text = tls_error_text(reason.value)
+        if text is not None:
+            self._log_refusal(TLSHandshakeFailed(text))
+
+    def _open_failure(self, was: str, reason: Failure) -> BaseException:
+        """
+        Why this dialled connection never became the link, for the dialer.
+        """
+        if self._close_reason is not None:
+            return self._close_reason
+        tls = tls_error_text(reason.value)
+        if tls is not None:
+            return TLSHandshakeFailed(tls)
+        if was == _HANDSHAKING:
+            stage = self._handshake.state
+            if stage == "await ACCEPT":
+                if self._network._keys is not None:
+                    return _PeerClosedHandshake(
+                        f"the peer refused our key proof: it holds another key "
+                        f"for node {self._network.local_id!r}, or does not "
+                        f"know that id",
+                        "AuthenticationFailed",
+                    )
+                return _PeerClosedHandshake(
+                    "the peer refused the link after the TLS handshake",
+                    "AuthenticationFailed",
+                )
+            if stage == "await CHALLENGE":
+                refusing = (
+                    "did not accept this node's certificate"
+                    if self._network._tls is not None
+                    else "refuses connections"
+                )
+                return _PeerClosedHandshake(
+                    f"the peer closed the connection without answering our "
+                    f"HELLO: it {refusing}, speaks another version of the "
+                    f"stream transport, has too many connections in their "
+                    f"handshake, or is not an ILM node",
+                    "ConnectionLost",
+                )
+        if was == _AUTHENTICATED:
+            return _PeerClosedHandshake(
+                "the peer closed the connection after both sides authenticated: "
+                "it chose another connection as the link, or refuses links from "
+                "this node for a while after a protocol violation",
+                "ConnectionLost",
+            )
+        value = reason.value
+        return value if isinstance(value, BaseException) else ConnectionLost()
 
     # -- link life ---------------------------------------------------------
 
@@ -474,9 +803,11 @@ class ILMProtocol(Protocol):
         """
         self.state = _OPEN
         self._cancel_timers()
-        self._parser.limit = _wire.frame_limit(self._settings.max_frame_size)
+        self._parser.limit = _wire.frame_limit(
+            self._settings.max_frame_size, tagged=self._sealer is not None
+        )
         if announce:
-            self._write([_wire.encode_frame(_wire.LINK_UP)])
+            self._send(_wire.LINK_UP)
         self._keepalive_call = self._later(
             self._settings.keepalive_interval, self._keepalive
         )
@@ -495,8 +826,9 @@ class ILMProtocol(Protocol):
     def when_open(self) -> Deferred[ILMProtocol]:
         """
         :return: a ``Deferred`` firing with this protocol once it is the
-            link, or failing when the connection is lost first.  Cancelling
-            it aborts the connection.
+            link, or failing when the connection is lost first (with why:
+            this node's refusal, a TLS failure, or what the peer's closing
+            it at that stage means).  Cancelling it aborts the connection.
         """
         if self.state == _OPEN:
             return succeed(self)
@@ -529,49 +861,125 @@ class ILMProtocol(Protocol):
         """
         if self.state != _OPEN:
             return
-        header = _wire.data_header
         parts: list[bytes] = []
-        append = parts.append
-        for frame in frames:
-            append(header(len(frame)))
-            append(frame)
+        sealer = self._sealer
+        if sealer is not None:
+            extend = parts.extend
+            data_parts = sealer.data_parts
+            for frame in frames:
+                extend(data_parts(frame))
+        else:
+            header = _wire.data_header
+            append = parts.append
+            for frame in frames:
+                append(header(len(frame)))
+                append(frame)
         if parts:
             self._sent = True
+            if self._paused:
+                self._count_unsent(sum(map(len, parts)))
             self.transport.writeSequence(parts)  # type: ignore[union-attr]
+
+    def _send(self, kind: int, body: bytes = b"") -> None:
+        """
+        Send one link frame once authenticated (tagged if the link is).
+        """
+        sealer = self._sealer
+        frame = (
+            sealer.seal(kind, body)
+            if sealer is not None
+            else _wire.encode_frame(kind, body)
+        )
+        self._write([frame])
 
     def _write(self, frames: list[bytes]) -> None:
         self._sent = True
         transport = self.transport
         if transport is not None:
+            if self._paused:
+                self._count_unsent(sum(map(len, frames)))
             if len(frames) == 1:
                 transport.write(frames[0])
             else:
                 transport.writeSequence(frames)
 
+    def _count_unsent(self, size: int) -> None:
+        """
+        ``size`` more bytes are written while the link is paused: past
+        ``max_unsent_bytes``, stop reading from the peer.
+        """
+        self._unsent += size
+        if self._unsent > self._settings.max_unsent_bytes:
+            self._stop_reading()
+
+    def _count_unread(self, size: int) -> None:
+        """
+        ``size`` more bytes arrived while the link is paused (the peer sends
+        but does not read): past ``max_unsent_bytes``, stop reading from it,
+        whatever the layer above writes in reply.
+        """
+        self._unread += size
+        if self._unread > self._settings.max_unsent_bytes:
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading_stopped or self.state != _OPEN:
+            return
+        self._reading_stopped = True
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+        self._network._limiter.emit(
+            ("link_reading_stopped", self.peer_id),
+            LogLevel.warn,
+            "peer {peer_id!r} is not reading ({unsent} bytes written to it and "
+            "{unread} received from it since its link paused): this node stops "
+            "reading from it until it reads, for at most {timeout} s",
+            peer_id=self.peer_id,
+            unsent=self._unsent,
+            unread=self._unread,
+            timeout=self._settings.idle_timeout,
+            ilm_event="link_reading_stopped",
+        )
+
     # -- closing -----------------------------------------------------------
 
-    def fail(self, violation: Exception, logged: bool = False) -> None:
+    def fail(
+        self, violation: Exception, logged: bool = False, flush: bool = False
+    ) -> None:
         """
         Close this connection because of ``violation``, logged as a
-        structured event; the peer is told nothing.
+        structured event (rate-limited per source address); the peer is
+        told nothing.  A connection this node dialled that never became the
+        link is reported by its dialer instead (once per change of reason).
+
+        :param flush: close cleanly (what was written is sent first)
+            instead of aborting.
         """
         if self.state == _CLOSED:
             return
-        if not logged:
-            event = _violation_event(violation)
-            log.error(
-                "closing {direction} connection from {address} ({who}): "
-                "{kind}: {reason}",
-                direction="outgoing" if self.initiated else "incoming",
-                address=self._address(),
-                who=self._who(),
-                kind=type(violation).__name__,
-                reason=str(violation),
-                peer_id=self.peer_id,
-                claimed_id=self._handshake.claimed_id,
-                ilm_event=event,
-            )
-        self.close(violation, abort=True)
+        dialling = self.initiated and self.state != _OPEN
+        if not logged and not dialling:
+            self._log_refusal(violation)
+        self._close_reason = violation
+        self.close(violation, abort=not flush)
+
+    def _log_refusal(self, violation: BaseException) -> None:
+        event = _violation_event(violation)  # type: ignore[arg-type]
+        self._network._limiter.emit(
+            (event, self._host),
+            LogLevel.error,
+            "closing {direction} connection from {address} ({who}): {kind}: {reason}",
+            direction="outgoing" if self.initiated else "incoming",
+            address=self._address,
+            host=self._host,
+            who=self._who(),
+            kind=type(violation).__name__,
+            reason=str(violation),
+            peer_id=self.peer_id,
+            claimed_id=self._handshake.claimed_id,
+            ilm_event=event,
+        )
 
     def close(self, reason: Exception, abort: bool) -> None:
         """
@@ -583,6 +991,7 @@ class ILMProtocol(Protocol):
         was = self.state
         self.state = _CLOSED
         self._cancel_timers()
+        self._network._release(self)
         self._network._detached(self, was, reason)
         transport = self.transport
         if transport is None or self._connection_lost:
@@ -593,6 +1002,8 @@ class ILMProtocol(Protocol):
         if self._producing:
             self._producing = False
             transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self._reading_stopped:
+            self._resume_reading()
         transport.loseConnection()
         self._grace_call = self._later(self._settings.close_grace, self._abort_quietly)
 
@@ -630,22 +1041,30 @@ class ILMProtocol(Protocol):
         if self.state != _OPEN:
             return
         settings = self._settings
-        if self._received:
+        if self._received and not self._reading_stopped:
             self._received = False
             self._silent_ticks = 0
         else:
+            self._received = False
             self._silent_ticks += 1
             silent = self._silent_ticks * settings.keepalive_interval
             if silent >= settings.idle_timeout:
-                self.fail(
-                    LinkTimeout(
+                if self._reading_stopped:
+                    reason = (
+                        f"peer {self.peer_id!r} read nothing of the "
+                        f"{self._unsent} bytes waiting for it for "
+                        f"{settings.idle_timeout} s while this node had stopped "
+                        f"reading from it"
+                    )
+                else:
+                    reason = (
                         f"nothing received from {self.peer_id!r} for "
                         f"{settings.idle_timeout} s: the link is dead (half-open)"
                     )
-                )
+                self.fail(LinkTimeout(reason))
                 return
-        if not self._sent:
-            self._write([_wire.encode_ping(next(self._tokens))])
+        if not self._sent and not self._paused:
+            self._send(_wire.PING, _wire.encode_token(next(self._tokens)))
         self._sent = False
         self._keepalive_call = self._later(settings.keepalive_interval, self._keepalive)
 
@@ -654,30 +1073,37 @@ class ILMProtocol(Protocol):
     def pauseProducing(self) -> None:
         if self.state == _OPEN and not self._paused:
             self._paused = True
+            self._unsent = self._unread = 0
             self._network._report("link_paused", self.peer_id)
 
     def resumeProducing(self) -> None:
         if self.state == _OPEN and self._paused:
             self._paused = False
+            self._unsent = self._unread = 0
+            if self._reading_stopped:
+                self._resume_reading()
+            token, self._pending_pong = self._pending_pong, None
+            if token is not None:
+                self._send(_wire.PONG, _wire.encode_token(token))
             self._network._report("link_resumed", self.peer_id)
 
     def stopProducing(self) -> None:
         self._producing = False
 
-    # -- logging helpers ---------------------------------------------------
+    def _resume_reading(self) -> None:
+        self._reading_stopped = False
+        resume = getattr(self.transport, "resumeProducing", None)
+        if resume is not None:
+            resume()
 
-    def _address(self) -> str:
-        try:
-            return str(self.transport.getPeer())  # type: ignore[union-attr]
-        except Exception:
-            return "?"
+    # -- logging helpers ---------------------------------------------------
 
     def _who(self) -> str:
         if self.peer_id is not None:
             return f"peer {self.peer_id!r}"
         claimed = self._handshake.claimed_id
         if claimed is not None:
-            return f"claiming to be {claimed!r}, not authenticated"
+            return f"claiming to be {shown(claimed)}, not authenticated"
         return "not authenticated"
 
     def __repr__(self) -> str:
@@ -751,18 +1177,24 @@ class _LinkEndpoint:
     A client endpoint whose connections are links: ``connect`` fires only
     once the connection is authenticated and chosen as the link, fails (the
     transport aborted) if the handshake fails or times out, and aborts the
-    connection if cancelled.
+    connection if cancelled.  Each failure is reported to the network
+    (:meth:`StreamNetwork._dial_failed`) with why it failed.
     """
 
     def __init__(
-        self, network: StreamNetwork, peer_id: PeerId, endpoint: IStreamClientEndpoint
+        self,
+        network: StreamNetwork,
+        peer_id: PeerId,
+        endpoint: IStreamClientEndpoint,
+        description: str,
     ) -> None:
         self._network = network
-        self._peer_id = peer_id
+        self.peer_id = peer_id
         self._endpoint = endpoint
+        self.description = description
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        wait = self._network._refused_for(self._peer_id)
+        wait = self._network._refused_for(self.peer_id)
         if wait:
             # A protocol violation closed the last link: dial again only once
             # the refusal has passed (cancelling the wait cancels the dial).
@@ -771,11 +1203,11 @@ class _LinkEndpoint:
             )
             attempt.addCallback(
                 lambda _: self._endpoint.connect(
-                    ILMFactory(self._network, self._peer_id)
+                    ILMFactory(self._network, self.peer_id)
                 )
             )
         else:
-            attempt = self._endpoint.connect(ILMFactory(self._network, self._peer_id))
+            attempt = self._endpoint.connect(ILMFactory(self._network, self.peer_id))
 
         def connected(protocol: ILMProtocol) -> Deferred[ILMProtocol]:
             return protocol.when_open()
@@ -790,12 +1222,18 @@ class _LinkEndpoint:
             protocol.watch(watcher)
             return watcher
 
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(CancelledError) and failure.value is not None:
+                self._network._dial_failed(self.peer_id, failure.value, self)
+            return failure
+
         attempt.addCallback(connected)
         attempt.addCallback(opened)
+        attempt.addErrback(failed)
         return attempt
 
     def __repr__(self) -> str:
-        return f"<link endpoint to {self._peer_id!r} via {self._endpoint!r}>"
+        return f"<link endpoint to {self.peer_id!r} via {self.description}>"
 
 
 class _Dialer:
@@ -874,6 +1312,7 @@ class StreamNetwork:
             _server_endpoint(reactor, description) for description in listen
         ]
         self._peer_endpoints: dict[PeerId, IStreamClientEndpoint] = {}
+        self._peer_descriptions: dict[PeerId, str] = {}
         for peer_id, endpoint in (peers or {}).items():
             peer_id = check_peer_id(peer_id)
             if peer_id == self.local_id:
@@ -881,6 +1320,9 @@ class StreamNetwork:
             if keys is not None and keys.key_for(peer_id) is None:
                 raise ConfigurationError(f"peer {peer_id!r} is dialled but has no key")
             self._peer_endpoints[peer_id] = _client_endpoint(reactor, peer_id, endpoint)
+            self._peer_descriptions[peer_id] = (
+                endpoint if isinstance(endpoint, str) else type(endpoint).__name__
+            )
         self._receiver: IFrameReceiver | None = None
         self._running = False
         self._stopping: Deferred[None] | None = None
@@ -898,6 +1340,19 @@ class StreamNetwork:
         self._refused_until: dict[PeerId, float] = {}
         self._linked_at: dict[PeerId, float] = {}
         self._local_key = _wire.id_order_key(self.local_id)
+        settings = self.settings
+        # Refusals and other events strangers and peers can repeat at will.
+        self._limiter = EventLimiter(
+            log,
+            reactor,
+            interval=settings.refusal_log_interval,
+            max_keys=settings.refusal_log_sources,
+        )
+        self._key_budget = KeySearchBudget(settings.key_search_rate, reactor.seconds)
+        # Incoming connections still in their handshake, and their source.
+        self._unauthenticated: dict[ILMProtocol, str] = {}
+        self._unauthenticated_hosts: Counter[str] = Counter()
+        self._dial_errors: dict[PeerId, DialFailure] = {}
 
     # -- INetwork ------------------------------------------------------------
 
@@ -936,8 +1391,8 @@ class StreamNetwork:
             log.info(
                 "node {local_id!r} listening on {addresses}, dialling {peers}",
                 local_id=self.local_id,
-                addresses=[str(a) for a in self.listening_addresses()],
-                peers=sorted(map(repr, self._peer_endpoints)),
+                addresses=[_address_text(a)[1] for a in self.listening_addresses()],
+                peers=sorted(self._peer_endpoints, key=_wire.id_order_key),
                 ilm_event="network_started",
             )
             done.callback(None)
@@ -971,6 +1426,7 @@ class StreamNetwork:
 
         def finished(_: object) -> None:
             self._receiver = None
+            self._limiter.stop()
             log.info(
                 "node {local_id!r} network stopped",
                 local_id=self.local_id,
@@ -1001,6 +1457,16 @@ class StreamNetwork:
         if self._keys is not None and self._keys.key_for(peer_id) is None:
             return False
         return self._tls is None or self._tls.can_identify(peer_id)
+
+    def link_error(self, peer_id: PeerId) -> DialFailure | None:
+        """
+        Why this node's attempts to reach ``peer_id`` have been failing:
+        the reason of the last failed attempt, since when attempts fail for
+        that reason and how many did; ``None`` while a link to the peer is
+        up, before any attempt failed, and for peers this node does not
+        dial.
+        """
+        return self._dial_errors.get(peer_id)
 
     def send_frames(self, peer_id: PeerId, frames: Sequence[bytes]) -> None:
         protocol = self._links.get(peer_id)
@@ -1069,6 +1535,7 @@ class StreamNetwork:
         self._running = False
         self._receiver = None
         self._stopping = succeed(None)
+        self._limiter.stop()
         closing = [maybeDeferred(port.stopListening) for port in self._ports]
         for dialer in self._dialers.values():
             if dialer.service.running:
@@ -1087,10 +1554,12 @@ class StreamNetwork:
         endpoint = self._peer_endpoints[peer_id]
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls.creator(), endpoint, clock=self._clock)
-        link_endpoint = _LinkEndpoint(self, peer_id, endpoint)
+        link_endpoint = _LinkEndpoint(
+            self, peer_id, endpoint, self._peer_descriptions[peer_id]
+        )
         backoff = self.settings.reconnect
         uniform = self._uniform
-        service = ClientService(
+        service = _DialService(
             link_endpoint,
             _WatcherFactory(),
             retryPolicy=lambda attempt: backoff.delay(attempt, uniform()),
@@ -1134,6 +1603,89 @@ class StreamNetwork:
                 self._schedule_sync(peer_id)
 
             stopping.addBoth(stopped)
+
+    def _dial_failed(
+        self, peer_id: PeerId, error: BaseException, endpoint: _LinkEndpoint
+    ) -> None:
+        """
+        An attempt to reach ``peer_id`` failed with ``error``: log why once
+        per change of reason (repeats at debug level), and keep it for
+        :meth:`link_error`.
+        """
+        kind, reason = _dial_reason(error)
+        fields = dict(
+            peer_id=peer_id,
+            kind=kind,
+            reason=reason,
+            endpoint=endpoint.description,
+        )
+        if peer_id in self._links or not self._running:
+            # Another connection is the link (a simultaneous dial), or the
+            # node is stopping: nothing is wrong.
+            log.debug(
+                "an attempt to reach {peer_id!r} ended: {reason}",
+                ilm_event="dial_ended",
+                **fields,
+            )
+            return
+        current = self._dial_errors.get(peer_id)
+        if current is not None and current.reason == reason:
+            self._dial_errors[peer_id] = attr.evolve(
+                current, attempts=current.attempts + 1
+            )
+            log.debug(
+                "still cannot reach {peer_id!r} ({attempts} attempts): {reason}",
+                attempts=current.attempts + 1,
+                ilm_event="dial_failed_again",
+                **fields,
+            )
+            return
+        self._dial_errors[peer_id] = DialFailure(reason, kind, self._clock.seconds(), 1)
+        level = LogLevel.info if kind == "ConnectionLost" else LogLevel.warn
+        log.emit(
+            level,
+            "cannot link to peer {peer_id!r} at {endpoint}: {reason}; retrying "
+            "(logged again when the reason changes)",
+            ilm_event="dial_failed",
+            **fields,
+        )
+
+    # -- unauthenticated connections -----------------------------------------
+
+    def _admit(self, protocol: ILMProtocol) -> bool:
+        """
+        Count a new incoming connection as unauthenticated, or refuse it
+        (logged, rate-limited) if that would pass the caps.
+        """
+        host = protocol._host
+        settings = self.settings
+        total = len(self._unauthenticated)
+        from_host = self._unauthenticated_hosts[host]
+        if total >= settings.max_unauthenticated:
+            limit = f"{total} unauthenticated connections are open (the limit)"
+        elif from_host >= settings.max_unauthenticated_per_host:
+            limit = (
+                f"{from_host} unauthenticated connections from {host} are open "
+                f"(the limit per source address)"
+            )
+        else:
+            self._unauthenticated[protocol] = host
+            self._unauthenticated_hosts[host] += 1
+            return True
+        protocol._log_refusal(ConnectionLimitReached(f"refused at once: {limit}"))
+        return False
+
+    def _release(self, protocol: ILMProtocol) -> None:
+        """
+        ``protocol`` is no longer an unauthenticated incoming connection.
+        """
+        host = self._unauthenticated.pop(protocol, None)
+        if host is not None:
+            left = self._unauthenticated_hosts[host] - 1
+            if left > 0:
+                self._unauthenticated_hosts[host] = left
+            else:
+                del self._unauthenticated_hosts[host]
 
     # -- link choice ---------------------------------------------------------
 
@@ -1233,6 +1785,7 @@ class StreamNetwork:
         assert peer_id is not None
         self._links[peer_id] = protocol
         self._linked_at[peer_id] = self._clock.seconds()
+        self._dial_errors.pop(peer_id, None)
         protocol.open(announce)
         log.info(
             "link with {peer_id!r} established ({direction})",
@@ -1322,6 +1875,7 @@ class StreamNetwork:
 
 __all__ = [
     "Backoff",
+    "DialFailure",
     "ILMFactory",
     "ILMProtocol",
     "LinkSettings",

@@ -7,7 +7,10 @@ completes; the node id is then decided in code, after the TLS handshake
 (:func:`certificate_identity`), from one of:
 
 - a pin: ``peer_fingerprints[id]`` is the SHA-256 fingerprint of the peer's
-  certificate (self-signed certificates are fine);
+  certificate (self-signed certificates are fine).  The pin is the whole
+  trust decision: the certificate's validity dates are not checked, so a
+  pinned certificate keeps working after it expires (remove the pin to
+  revoke it);
 - a CA: the certificate chains to one of ``ca_certificates`` (checked with
   OpenSSL, validity dates included) and carries exactly one node URI
   (:func:`node_uri`) in its subjectAltName.
@@ -275,3 +278,38 @@ def certificate_identity(transport: object, credentials: TLSCredentials) -> Peer
         raise AuthenticationFailed("peer presented no TLS certificate")
     chain = connection.get_peer_cert_chain(as_cryptography=True) or []
     return credentials.identify(leaf, chain)
+
+
+_TLS_HINTS = (
+    ("did not return a certificate", "the peer presented no certificate"),
+    ("certificate required", "the peer required a certificate"),
+    ("unsupported protocol", "the peer offers only TLS versions older than 1.2"),
+    ("version too low", "the peer offers only TLS versions older than 1.2"),
+    ("no protocols available", "the peer offers only TLS versions older than 1.2"),
+    ("wrong version number", "the peer does not speak TLS (plaintext or garbage)"),
+    ("http request", "the peer does not speak TLS (plaintext or garbage)"),
+    ("packet length too long", "the peer does not speak TLS (plaintext or garbage)"),
+    ("record layer failure", "the peer does not speak TLS (plaintext or garbage)"),
+)
+
+
+def tls_error_text(error: BaseException | None) -> str | None:
+    """
+    :return: for an OpenSSL error (a failed TLS handshake), what it most
+        likely means followed by OpenSSL's own reasons; ``None`` for any
+        other error.
+    """
+    if not isinstance(error, SSL.Error):
+        return None
+    reasons: list[str] = []
+    details = error.args[0] if error.args else None
+    if isinstance(details, list):
+        for item in details:
+            if isinstance(item, tuple) and item and item[-1]:
+                reasons.append(str(item[-1]))
+    text = "; ".join(reasons) or str(error) or type(error).__name__
+    lowered = text.lower()
+    for needle, hint in _TLS_HINTS:
+        if needle in lowered:
+            return f"{hint} (OpenSSL: {text})"
+    return f"TLS handshake failed (OpenSSL: {text})"

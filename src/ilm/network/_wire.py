@@ -3,16 +3,18 @@ The stream transport's wire format: pure encoding and decoding, no I/O.
 
 A stream link (TCP, TLS, UNIX socket, any stream endpoint) carries *link
 frames*.  Each is a 4-byte big-endian length, then that many bytes: a type
-byte and a body.  The length is checked against the limit in force before
-anything is buffered, and :class:`FrameParser` parses from one ``bytearray``
-so a large frame arriving in many small chunks costs linear time.
+byte, a body and, once a pre-shared-key link is authenticated, a 16-byte
+integrity tag.  The length is checked against the limit in force before
+anything is buffered, and :class:`FrameParser` parses from one
+``bytearray`` so a large frame arriving in many small chunks costs linear
+time.
 
 ==== ========= ============================================================
 type name      body
 ==== ========= ============================================================
-0x01 HELLO     magic ``b"ILMs"``, version u16, flags u8 (0), nonce 32 B,
+0x01 HELLO     magic ``b"ILMs"``, version u16, flags u8, nonce 32 B,
                source id, destination id (initiator to responder)
-0x02 CHALLENGE nonce 32 B (responder to initiator)
+0x02 CHALLENGE nonce 32 B, flags u8 (responder to initiator)
 0x03 PROOF     MAC: 0 or 32 B (initiator to responder)
 0x04 ACCEPT    MAC: 0 or 32 B (responder to initiator)
 0x05 LINK_UP   empty: "this connection is the link" (from the node whose
@@ -21,6 +23,12 @@ type name      body
 0x07 PING      token u64
 0x08 PONG      token u64 (the PING's)
 ==== ========= ============================================================
+
+The flags byte of HELLO and CHALLENGE says whether its sender tags every
+frame after the handshake (:data:`FLAG_FRAME_TAGS`); both ends must agree.
+The tags are keyed BLAKE2b-128 over an implicit per-direction frame counter,
+the type byte and the body, under keys derived from the pre-shared key and
+the handshake transcript (:func:`frame_keys`, :class:`FrameSealer`).
 
 A node id is encoded as a kind byte then the value: ``0x01`` and a u64 for
 an ``int`` (below 2**63), ``0x02``, a u8 length (1 to 255) and UTF-8 bytes
@@ -41,18 +49,26 @@ import attr
 
 from ilm._message import PeerId
 from ilm.errors import (
+    FrameAuthenticationFailed,
     FrameTooLarge,
     MalformedFrame,
     UnknownFrameType,
     UnsupportedVersion,
 )
 
-LINK_VERSION = 1
-"""The stream transport's protocol version."""
+LINK_VERSION = 2
+"""The stream transport's protocol version (2: flags in CHALLENGE, frame
+integrity tags)."""
 
 MAGIC = b"ILMs"
 NONCE_SIZE = 32
 MAC_SIZE = 32
+TAG_SIZE = 16
+"""Bytes of the integrity tag at the end of every frame of a tagged link."""
+
+FLAG_FRAME_TAGS = 0x01
+"""HELLO/CHALLENGE flag: the sender tags every frame after the handshake."""
+_KNOWN_FLAGS = FLAG_FRAME_TAGS
 
 HELLO = 0x01
 CHALLENGE = 0x02
@@ -81,6 +97,7 @@ _PREFIX = struct.Struct(">I")
 _HEADER = struct.Struct(">IB")
 _HELLO_HEAD = struct.Struct(">4sHB32s")
 _TOKEN = struct.Struct(">Q")
+_TAGGED = struct.Struct(">QB")
 _ID_INT = struct.Struct(">BQ")
 _ID_INT_KIND = 0x01
 _ID_STR_KIND = 0x02
@@ -90,12 +107,12 @@ HEADER_SIZE = _HEADER.size
 """Bytes before a link frame's body: the length prefix and the type byte."""
 
 
-def frame_limit(max_session_frame: int) -> int:
+def frame_limit(max_session_frame: int, tagged: bool = False) -> int:
     """
-    :return: the largest link-frame length (type byte included) that carries
-        a session frame of ``max_session_frame`` bytes.
+    :return: the largest link-frame length (type byte and tag included)
+        that carries a session frame of ``max_session_frame`` bytes.
     """
-    return max_session_frame + 1
+    return max_session_frame + 1 + (TAG_SIZE if tagged else 0)
 
 
 # -- node ids ---------------------------------------------------------------
@@ -160,13 +177,14 @@ def id_order_key(peer_id: PeerId) -> tuple[int, int | bytes]:
 class LinkHello:
     """
     The initiator's first frame: who it claims to be and whom it means to
-    reach.
+    reach, and whether it tags its frames (``flags``).
     """
 
     version: int
     nonce: bytes
     source: PeerId
     destination: PeerId
+    flags: int = 0
 
 
 def encode_frame(kind: int, body: bytes = b"") -> bytes:
@@ -188,7 +206,7 @@ def data_header(session_frame_size: int) -> bytes:
 def encode_hello(hello: LinkHello) -> bytes:
     return encode_frame(
         HELLO,
-        _HELLO_HEAD.pack(MAGIC, hello.version, 0, hello.nonce)
+        _HELLO_HEAD.pack(MAGIC, hello.version, hello.flags, hello.nonce)
         + encode_id(hello.source)
         + encode_id(hello.destination),
     )
@@ -209,23 +227,34 @@ def decode_hello(body: bytes) -> LinkHello:
             f"peer speaks stream transport version {version}; this node speaks "
             f"{LINK_VERSION}"
         )
-    if flags:
-        raise MalformedFrame(f"HELLO has unknown flags 0x{flags:02x}")
+    _check_flags(flags, "HELLO")
     source, offset = decode_id(body, _HELLO_HEAD.size)
     destination, offset = decode_id(body, offset)
     if offset != len(body):
         raise MalformedFrame(f"{len(body) - offset} trailing bytes after HELLO")
-    return LinkHello(version, bytes(nonce), source, destination)
+    return LinkHello(version, bytes(nonce), source, destination, flags)
 
 
-def encode_challenge(nonce: bytes) -> bytes:
-    return encode_frame(CHALLENGE, nonce)
+def _check_flags(flags: int, name: str) -> None:
+    if flags & ~_KNOWN_FLAGS:
+        raise MalformedFrame(f"{name} has unknown flags 0x{flags:02x}")
 
 
-def decode_challenge(body: bytes) -> bytes:
-    if len(body) != NONCE_SIZE:
-        raise MalformedFrame(f"CHALLENGE of {len(body)} bytes, expected {NONCE_SIZE}")
-    return bytes(body)
+def encode_challenge(nonce: bytes, flags: int = 0) -> bytes:
+    return encode_frame(CHALLENGE, nonce + bytes((flags,)))
+
+
+def decode_challenge(body: bytes) -> tuple[bytes, int]:
+    """
+    :return: ``(nonce, flags)``.
+    """
+    if len(body) != NONCE_SIZE + 1:
+        raise MalformedFrame(
+            f"CHALLENGE of {len(body)} bytes, expected {NONCE_SIZE + 1}"
+        )
+    flags = body[NONCE_SIZE]
+    _check_flags(flags, "CHALLENGE")
+    return bytes(body[:NONCE_SIZE]), flags
 
 
 def decode_mac(body: bytes, name: str) -> bytes:
@@ -240,6 +269,13 @@ def decode_mac(body: bytes, name: str) -> bytes:
 def check_empty(body: bytes, name: str) -> None:
     if body:
         raise MalformedFrame(f"{name} carries {len(body)} unexpected bytes")
+
+
+def encode_token(token: int) -> bytes:
+    """
+    The body of a PING or PONG.
+    """
+    return _TOKEN.pack(token)
 
 
 def encode_ping(token: int) -> bytes:
@@ -269,35 +305,154 @@ INITIATOR_ROLE = b"initiator"
 RESPONDER_ROLE = b"responder"
 
 
-def link_mac(
-    key: bytes,
-    role: bytes,
-    version: int,
-    initiator_nonce: bytes,
-    responder_nonce: bytes,
-    initiator: PeerId,
-    responder: PeerId,
-) -> bytes:
+_FRAME_KEY_LABEL = b"ILM stream frame key\x00"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Transcript:
+    """
+    What one link handshake agreed on, in the open: the version, each
+    side's flags and fresh nonce, and both ids.  Key proofs and frame keys
+    are computed over it.
+    """
+
+    version: int
+    initiator_flags: int
+    responder_flags: int
+    initiator_nonce: bytes
+    responder_nonce: bytes
+    initiator: PeerId
+    responder: PeerId
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                struct.pack(
+                    ">HBB", self.version, self.initiator_flags, self.responder_flags
+                ),
+                self.initiator_nonce,
+                self.responder_nonce,
+                encode_id(self.initiator),
+                encode_id(self.responder),
+            )
+        )
+
+
+def link_mac(key: bytes, role: bytes, transcript: Transcript) -> bytes:
     """
     HMAC-SHA256 proof of holding ``key`` for one link handshake.
 
-    It covers the role (so a proof cannot be reflected back), the version,
-    both fresh nonces (so it cannot be replayed on another link) and both ids
+    It covers the role (so a proof cannot be reflected back), the version
+    and both sides' flags (so neither can be changed on the way), both
+    fresh nonces (so it cannot be replayed on another link) and both ids
     (so it cannot be presented for another pair of nodes).
     """
-    message = b"".join(
-        (
-            _MAC_LABEL,
-            role,
-            b"\x00",
-            struct.pack(">H", version),
-            initiator_nonce,
-            responder_nonce,
-            encode_id(initiator),
-            encode_id(responder),
-        )
-    )
+    message = _MAC_LABEL + role + b"\x00" + transcript.encode()
     return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def frame_keys(key: bytes, transcript: Transcript) -> tuple[bytes, bytes]:
+    """
+    The two keys of a tagged link's frames, derived from the pre-shared
+    ``key`` and the handshake: ``HMAC-SHA256(key, "ILM stream frame key\\0"
+    || role || "\\0" || transcript)`` for each role.  They differ from the
+    handshake's proofs (another label), from one link to the next (fresh
+    nonces) and between the two directions (the role).
+
+    :return: ``(key of the initiator's frames, key of the responder's)``.
+    """
+    encoded = transcript.encode()
+    return (
+        hmac.digest(
+            key, _FRAME_KEY_LABEL + INITIATOR_ROLE + b"\x00" + encoded, "sha256"
+        ),
+        hmac.digest(
+            key, _FRAME_KEY_LABEL + RESPONDER_ROLE + b"\x00" + encoded, "sha256"
+        ),
+    )
+
+
+class FrameSealer:
+    """
+    Tags the frames one side of a link sends: each frame's tag is keyed
+    BLAKE2b (16 bytes) over the frame's number in this direction (a u64
+    counting from 0, never sent), its type byte and its body.  A frame
+    altered, dropped, replayed, reordered or injected on the way therefore
+    fails its check at :class:`FrameOpener`.
+    """
+
+    __slots__ = ("_base", "_counter")
+
+    def __init__(self, key: bytes) -> None:
+        self._base = hashlib.blake2b(key=key, digest_size=TAG_SIZE)
+        self._counter = 0
+
+    def tag(self, kind: int, body: bytes) -> bytes:
+        """
+        :return: the tag of the next frame, which must be sent next.
+        """
+        counter = self._counter
+        self._counter = counter + 1
+        h = self._base.copy()
+        h.update(_TAGGED.pack(counter, kind))
+        h.update(body)
+        return h.digest()
+
+    def seal(self, kind: int, body: bytes = b"") -> bytes:
+        """
+        :return: the whole link frame, tagged.
+        """
+        return (
+            _HEADER.pack(len(body) + 1 + TAG_SIZE, kind) + body + self.tag(kind, body)
+        )
+
+    def data_parts(self, session_frame: bytes) -> tuple[bytes, bytes, bytes]:
+        """
+        :return: a tagged DATA link frame in three parts (header, the
+            session frame unchanged, tag) for ``writeSequence``.
+        """
+        return (
+            _HEADER.pack(len(session_frame) + 1 + TAG_SIZE, DATA),
+            session_frame,
+            self.tag(DATA, session_frame),
+        )
+
+
+class FrameOpener:
+    """
+    Checks the tags of the frames one side of a link receives (the
+    counterpart of the peer's :class:`FrameSealer`).
+    """
+
+    __slots__ = ("_base", "_counter")
+
+    def __init__(self, key: bytes) -> None:
+        self._base = hashlib.blake2b(key=key, digest_size=TAG_SIZE)
+        self._counter = 0
+
+    @property
+    def frames(self) -> int:
+        """How many frames have passed the check."""
+        return self._counter
+
+    def check(
+        self, kind: int, body: bytes | memoryview, tag: bytes | memoryview
+    ) -> None:
+        """
+        :raises FrameAuthenticationFailed: ``tag`` is not the tag of the
+            next frame with this type and body.
+        """
+        counter = self._counter
+        h = self._base.copy()
+        h.update(_TAGGED.pack(counter, kind))
+        h.update(body)
+        if not hmac.compare_digest(h.digest(), tag):
+            raise FrameAuthenticationFailed(
+                f"{FRAME_NAMES.get(kind, hex(kind))} frame number {counter} from the "
+                f"peer failed its integrity check: it was altered, dropped, "
+                f"replayed, reordered or injected on the way"
+            )
+        self._counter = counter + 1
 
 
 # -- parsing ----------------------------------------------------------------
@@ -309,17 +464,22 @@ class FrameParser:
 
     Feed bytes with :meth:`feed`, then call :meth:`next_frame` until it
     returns ``None``.  ``limit`` is the largest frame length accepted (type
-    byte included); it may be raised once the link is authenticated.  A
-    length over it raises :class:`FrameTooLarge` as soon as the 4-byte prefix
-    is seen, before any of the body is buffered.
+    byte and tag included); it may be raised once the link is
+    authenticated.  A length over it raises :class:`FrameTooLarge` as soon
+    as the 4-byte prefix is seen, before any of the body is buffered.
+
+    Once :attr:`opener` is set (a :class:`FrameOpener`), every frame must
+    end with its tag, which is checked (and removed) before the frame's
+    type is even looked at.
     """
 
-    __slots__ = ("_buffer", "_offset", "limit")
+    __slots__ = ("_buffer", "_offset", "limit", "opener")
 
     def __init__(self, limit: int = HANDSHAKE_FRAME_LIMIT) -> None:
         self._buffer = bytearray()
         self._offset = 0
         self.limit = limit
+        self.opener: FrameOpener | None = None
 
     def feed(self, data: bytes) -> None:
         buffer = self._buffer
@@ -341,6 +501,7 @@ class FrameParser:
             until more bytes arrive.
         :raises FrameTooLarge: the length prefix exceeds :attr:`limit`.
         :raises MalformedFrame: a zero length.
+        :raises FrameAuthenticationFailed: a tagged frame failed its check.
         :raises UnknownFrameType: a type this version does not know.
         """
         buffer = self._buffer
@@ -356,9 +517,19 @@ class FrameParser:
         if available < 4 + length:
             return None
         kind = buffer[offset + 4]
+        end = offset + 4 + length
+        opener = self.opener
+        if opener is not None:
+            if length < 1 + TAG_SIZE:
+                raise FrameAuthenticationFailed(
+                    f"link frame of length {length} is too short for its tag"
+                )
+            end -= TAG_SIZE
+            # The view is released before the buffer can be resized.
+            with memoryview(buffer) as view:
+                opener.check(kind, view[offset + 5 : end], view[end : end + TAG_SIZE])
         if kind not in FRAME_NAMES:
             raise UnknownFrameType(f"unknown link frame type 0x{kind:02x}")
-        end = offset + 4 + length
         body = bytes(buffer[offset + 5 : end])
-        self._offset = end
+        self._offset = offset + 4 + length
         return kind, body
