@@ -7,14 +7,17 @@ shared by every gateway process of that node, with leases and fencing
   writer thread and connection (commits, leases), one reader thread and
   connection (outbox reads), and, if :meth:`PostgresBackend.watch` is used,
   one listening connection read by the reactor (``LISTEN``, hints only).
-- Every write runs as one ``READ COMMITTED`` transaction with explicit row
-  locks, in a few pipelined round trips: lock and read the stream rows;
-  write (each peer's new messages are one ``INSERT ... SELECT FROM
-  unnest(bytea[])``, whatever their number); ``COMMIT``.  Serialization
-  failures and deadlocks (SQLSTATE 40001, 40P01) before ``COMMIT`` are
-  retried a bounded number of times.  A failure *of* ``COMMIT`` (a lost
-  connection, an error) is :class:`ilm.errors.StoreInDoubt`: the backend
-  then refuses commits until it is opened again.
+- Every commit is one ``READ COMMITTED`` transaction in two round trips:
+  one pipeline holding every statement (the lease checks under ``FOR
+  SHARE``; per peer, one statement that locks the stream's row, moves its
+  end and inserts all its new messages from one ``bytea`` array; one per
+  acknowledgement; the marks), whose results are checked before the
+  second, ``COMMIT``.  The server assigns positions under the row lock, so
+  nothing is read before it is written.  Serialization failures and
+  deadlocks (SQLSTATE 40001, 40P01) before ``COMMIT`` are retried a
+  bounded number of times.  A failure *of* ``COMMIT`` (a lost connection,
+  an error) is :class:`ilm.errors.StoreInDoubt`: the backend then refuses
+  commits until it is opened again.
 - Schema: a PostgreSQL schema (``ilm`` by default) holding versioned
   tables, migrated in one transaction under a transaction-level advisory
   lock.  Several logical nodes may share it: every table is keyed by the
@@ -460,16 +463,6 @@ class _Held:
 
 
 @attr.s(slots=True, auto_attribs=True)
-class _Stream:
-    """An ``outbound`` row as locked by a transaction."""
-
-    recorded: bool
-    acked: int
-    last: int
-    pending: int
-
-
-@attr.s(slots=True, auto_attribs=True)
 class _Loaded:
     state: StoredState
     keys: dict[PeerId, int]
@@ -527,30 +520,46 @@ class _Sql:
             f"WHERE node_key = %s AND peer_key = ANY(%s::bigint[]) "
             f"ORDER BY peer_key FOR SHARE"
         ).encode()
-        self.lock_outbound = (
-            f"SELECT peer_key, recorded, acked, last_position, pending_bytes "
-            f"FROM {s}.outbound WHERE node_key = %s AND peer_key = ANY(%s::bigint[]) "
-            f"ORDER BY peer_key FOR UPDATE"
-        ).encode()
-        self.insert_outbox = (
-            f"INSERT INTO {s}.outbox (node_key, peer_key, position, contents) "
-            f"SELECT %s, %s, %s::bigint + t.o, t.c "
-            f"FROM unnest(%b::bytea[]) WITH ORDINALITY AS t(c, o)"
-        ).encode()
-        self.acknowledge = (
-            f"WITH freed AS (DELETE FROM {s}.outbox WHERE node_key = %(n)s "
-            f"AND peer_key = %(k)s AND position > %(old)s AND position <= %(new)s "
-            f"RETURNING octet_length(contents) AS size) "
-            f"UPDATE {s}.outbound SET recorded = true, acked = %(new)s, "
-            f"last_position = %(last)s, "
-            f"pending_bytes = %(pending)s - (SELECT coalesce(sum(size), 0) FROM freed) "
+        self.append = (
+            f"WITH grown AS (UPDATE {s}.outbound SET recorded = true, "
+            f"last_position = last_position + %(count)s, "
+            f"pending_bytes = pending_bytes + %(bytes)s "
             f"WHERE node_key = %(n)s AND peer_key = %(k)s "
-            f"RETURNING %(pending)s - pending_bytes"
+            f"RETURNING last_position - %(count)s AS base), "
+            f"stored AS (INSERT INTO {s}.outbox "
+            f"(node_key, peer_key, position, contents) "
+            f"SELECT %(n)s, %(k)s, grown.base + t.o, t.c FROM grown, "
+            f"unnest(%(contents)b::bytea[]) WITH ORDINALITY AS t(c, o)) "
+            f"SELECT base FROM grown"
         ).encode()
-        self.save_outbound = (
-            f"UPDATE {s}.outbound SET recorded = true, last_position = %s, "
-            f"pending_bytes = %s WHERE node_key = %s AND peer_key = %s"
+        """
+        Appends a run of messages to a peer's outbox where it ends: the
+        ``UPDATE`` locks the stream's row (so appends from every gateway
+        queue up), moves its end and returns where it was, which the
+        ``INSERT`` uses; one statement, whatever the number of messages.
+        """
+        self.acknowledge = (
+            f"WITH prev AS (SELECT acked, last_position FROM {s}.outbound "
+            f"WHERE node_key = %(n)s AND peer_key = %(k)s FOR UPDATE), "
+            f"freed AS (DELETE FROM {s}.outbox b USING prev "
+            f"WHERE b.node_key = %(n)s AND b.peer_key = %(k)s "
+            f"AND b.position > prev.acked AND b.position <= %(new)s "
+            f"RETURNING octet_length(b.contents) AS size), "
+            f"total AS (SELECT coalesce(sum(size), 0)::bigint AS bytes FROM freed), "
+            f"saved AS (UPDATE {s}.outbound o SET recorded = true, "
+            f"acked = greatest(o.acked, %(new)s), "
+            f"pending_bytes = o.pending_bytes - total.bytes FROM total "
+            f"WHERE o.node_key = %(n)s AND o.peer_key = %(k)s "
+            f"AND (NOT o.recorded OR o.acked < %(new)s)) "
+            f"SELECT prev.acked, prev.last_position, total.bytes FROM prev, total"
         ).encode()
+        """
+        Records an acknowledgement: deletes the messages it covers (from the
+        old acknowledged point on, so the scan skips what earlier deletions
+        left for vacuum) and returns the stream's previous ``acked`` and
+        ``last_position`` (to check the acknowledgement against) and the
+        bytes freed.
+        """
         self.mark = (
             f"INSERT INTO {s}.inbound AS i (node_key, peer_key, incarnation, "
             f"delivered, retired) VALUES (%s, %s, %s, %s, false) "
@@ -1326,40 +1335,62 @@ class PostgresBackend:
             return {}, {}
         keys = self._ensure_keys(peers)
         held = self._held
-        fenced = sorted(
-            {keys[p] for p in batch.acked}
-            | {keys[p] for p, _ in batch.delivered}
-            | {keys[p] for p, _ in batch.retired}
-        )
-        expected = {
-            keys[p]: (p, held[p].epoch if p in held else 0)
-            for p in (
-                *batch.acked,
-                *(p for p, _ in batch.delivered),
-                *(p for p, _ in batch.retired),
-            )
-        }
-        outbound = sorted(
-            {keys[p] for p in batch.messages} | {keys[p] for p in batch.acked}
-        )
+        expected: dict[int, tuple[PeerId, int]] = {}
+        for peer_id in (
+            *batch.acked,
+            *(p for p, _ in batch.delivered),
+            *(p for p, _ in batch.retired),
+        ):
+            mine = held.get(peer_id)
+            expected[keys[peer_id]] = (peer_id, 0 if mine is None else mine.epoch)
+        fenced = sorted(expected)
+        outbound = sorted({keys[p]: p for p in (*batch.messages, *batch.acked)}.items())
         sql = self._sql
         node = self._node_key
 
         def body(
             conn: _Conn,
         ) -> tuple[dict[PeerId, int], dict[PeerId, tuple[int, int]]]:
+            appended: list[tuple[PeerId, int, int, Any]] = []
+            acknowledged: list[tuple[PeerId, int, Any]] = []
             with conn.pipeline():
                 self._begin(conn)
                 leases = (
                     conn.execute(sql.lock_leases, (node, fenced)) if fenced else None
                 )
-                rows = (
-                    conn.execute(sql.lock_outbound, (node, outbound))
-                    if outbound
-                    else None
-                )
+                # Stream rows are locked in key order, by every gateway.
+                for key, peer_id in outbound:
+                    if peer_id in batch.messages:
+                        first, contents = batch.messages[peer_id]
+                        for chunk in _chunks(contents) if contents else [contents]:
+                            values = {
+                                "n": node,
+                                "k": key,
+                                "count": len(chunk),
+                                "bytes": sum(map(len, chunk)),
+                                "contents": chunk,
+                            }
+                            cursor = conn.execute(sql.append, values)
+                            appended.append((peer_id, first, len(chunk), cursor))
+                    if peer_id in batch.acked:
+                        values = {"n": node, "k": key, "new": batch.acked[peer_id]}
+                        cursor = conn.execute(sql.acknowledge, values)
+                        acknowledged.append((peer_id, batch.acked[peer_id], cursor))
+                self._bookkeeping(conn, batch, keys)
+                if batch.messages:
+                    with conn.cursor() as cursor:
+                        cursor.executemany(
+                            sql.hint,
+                            [
+                                (self._channel, self._hint(p), node, k, self.gateway)
+                                for k, p in outbound
+                                if batch.messages.get(p, (0, []))[1]
+                            ],
+                        )
                 lease_rows = leases.fetchall() if leases is not None else []
-                stream_rows = rows.fetchall() if rows is not None else []
+                bases = [(p, f, n, c.fetchone()) for p, f, n, c in appended]
+                acks = [(p, a, c.fetchone()) for p, a, c in acknowledged]
+            # Everything is written but not committed: check it.
             lost: dict[PeerId, tuple[int, str | None]] = {}
             for key, epoch, owner in lease_rows:
                 peer_id, want = expected[key]
@@ -1367,13 +1398,9 @@ class PostgresBackend:
                     lost[peer_id] = (epoch, owner)
             if lost:
                 raise Fenced(lost)
-            streams = {
-                key: _Stream(recorded, acked, last, pending)
-                for key, recorded, acked, last, pending in stream_rows
-            }
-            if len(streams) != len(outbound) or len(lease_rows) != len(fenced):
-                raise StoreCorrupt("a stream's lease or outbound row is missing")
-            return self._write(conn, batch, keys, streams, shared)
+            if len(lease_rows) != len(fenced):
+                raise StoreCorrupt("a stream's lease row is missing")
+            return self._check_writes(bases, acks, shared)
 
         def doubt(error: StoreError, exc: BaseException) -> StoreError:
             return self._in_doubt(error)
@@ -1384,120 +1411,70 @@ class PostgresBackend:
             self._drop(e.streams)
             raise
 
-    def _write(
-        self,
-        conn: _Conn,
-        batch: StoreBatch,
-        keys: Mapping[PeerId, int],
-        streams: dict[int, _Stream],
+    def _bookkeeping(
+        self, conn: _Conn, batch: StoreBatch, keys: Mapping[PeerId, int]
+    ) -> None:
+        """Queue the delivery marks and retirements of ``batch``."""
+        sql = self._sql
+        node = self._node_key
+        if batch.delivered:
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    sql.mark,
+                    sorted(
+                        (node, keys[peer_id], incarnation, position)
+                        for (peer_id, incarnation), position in batch.delivered.items()
+                    ),
+                )
+        if batch.retired:
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    sql.retire,
+                    sorted(
+                        (node, keys[peer_id], incarnation)
+                        for peer_id, incarnation in batch.retired
+                    ),
+                )
+
+    @staticmethod
+    def _check_writes(
+        bases: list[tuple[PeerId, int, int, Any]],
+        acks: list[tuple[PeerId, int, Any]],
         shared: bool,
     ) -> tuple[dict[PeerId, int], dict[PeerId, tuple[int, int]]]:
         """
-        The writes of a commit whose rows are locked and epochs checked:
-        check positions against the locked rows, then send every write in
-        one pipeline.  :return: bytes released and positions given, per peer.
+        Check what the server reported of a commit's writes, before
+        ``COMMIT``: each peer's messages went right after its last position
+        (unless ``shared``), no acknowledgement goes beyond what is stored.
+        :return: the bytes released and the positions given, per peer.
         """
-        sql = self._sql
-        node = self._node_key
         positions: dict[PeerId, tuple[int, int]] = {}
-        for peer_id, (first, contents) in batch.messages.items():
-            stream = streams[keys[peer_id]]
-            if not shared and first != stream.last + 1:
+        for peer_id, first, count, row in bases:
+            if row is None:
+                raise StoreCorrupt(f"the outbound row of {peer_id!r} is missing")
+            (base,) = row
+            if peer_id in positions:  # a further chunk
+                start, _ = positions[peer_id]
+                positions[peer_id] = (start, base + count)
+                continue
+            if not shared and first != base + 1:
                 raise StoreError(
                     f"outbox to {peer_id!r}: batch starts at {first}, "
-                    f"store ends at {stream.last}"
+                    f"store ends at {base}"
                 )
-            if stream.last + len(contents) > MAX_POSITION:
-                raise StoreError(f"outbox to {peer_id!r}: positions exhausted")
-            if contents:
-                positions[peer_id] = (stream.last + 1, stream.last + len(contents))
-        for peer_id, position in batch.acked.items():
-            stream = streams[keys[peer_id]]
-            added = len(batch.messages.get(peer_id, (0, []))[1])
-            if position > stream.last + added:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: acknowledgement {position} beyond "
-                    f"{stream.last}"
-                )
+            positions[peer_id] = (base + 1, base + count)
         released: dict[PeerId, int] = {}
-        acks = []
-        with conn.pipeline():
-            saves = []
-            for peer_id, (_first, contents) in batch.messages.items():
-                key = keys[peer_id]
-                stream = streams[key]
-                start = stream.last
-                for chunk in _chunks(contents):
-                    conn.execute(sql.insert_outbox, (node, key, start, chunk))
-                    start += len(chunk)
-                stream.last = start
-                stream.pending += sum(map(len, contents))
-                stream.recorded = True
-                if peer_id not in batch.acked or batch.acked[peer_id] <= stream.acked:
-                    saves.append((stream.last, stream.pending, node, key))
-            for peer_id, position in batch.acked.items():
-                key = keys[peer_id]
-                stream = streams[key]
-                if position <= stream.acked:
-                    if not stream.recorded:
-                        saves.append((stream.last, stream.pending, node, key))
-                    continue
-                values = {
-                    "n": node,
-                    "k": key,
-                    "old": stream.acked,
-                    "new": position,
-                    "last": stream.last,
-                    "pending": stream.pending,
-                }
-                acks.append((peer_id, conn.execute(sql.acknowledge, values)))
-            if saves:
-                with conn.cursor() as cursor:
-                    cursor.executemany(sql.save_outbound, saves)
-            if batch.delivered:
-                with conn.cursor() as cursor:
-                    cursor.executemany(
-                        sql.mark,
-                        [
-                            (node, keys[peer_id], incarnation, position)
-                            for (
-                                peer_id,
-                                incarnation,
-                            ), position in batch.delivered.items()
-                        ],
-                    )
-            if batch.retired:
-                with conn.cursor() as cursor:
-                    cursor.executemany(
-                        sql.retire,
-                        [
-                            (node, keys[peer_id], incarnation)
-                            for peer_id, incarnation in sorted(
-                                batch.retired, key=lambda r: (keys[r[0]], r[1])
-                            )
-                        ],
-                    )
-            if positions:
-                with conn.cursor() as cursor:
-                    cursor.executemany(
-                        sql.hint,
-                        [
-                            (
-                                self._channel,
-                                self._hint(peer_id),
-                                node,
-                                keys[peer_id],
-                                self.gateway,
-                            )
-                            for peer_id in positions
-                        ],
-                    )
-            for peer_id, cursor in acks:
-                row = cursor.fetchone()
-                if row is None:
-                    raise StoreCorrupt(f"the outbound row of {peer_id!r} vanished")
-                released[peer_id] = int(row[0])
-        return released, positions
+        for peer_id, position, row in acks:
+            if row is None:
+                raise StoreCorrupt(f"the outbound row of {peer_id!r} is missing")
+            acked, last, freed = row
+            if position > last:
+                raise StoreError(
+                    f"outbox to {peer_id!r}: acknowledgement {position} beyond {last}"
+                )
+            if position > acked:
+                released[peer_id] = int(freed)
+        return released, {p: r for p, r in positions.items() if r[1] >= r[0]}
 
     def _hint(self, peer_id: PeerId) -> str:
         return f"{self._node_key}:{_encode_hint(peer_id)}"
