@@ -891,6 +891,10 @@ class OwnershipTests(PostgresCase):
         )
         self.assertGreater(taken.deliver_after, 0)
         self.assertLessEqual(taken.deliver_after, a.lease_duration)
+        # b delivers only once a's lease would have run out.
+        self.assertFalse(b.holds(5))
+        self.now += taken.deliver_after
+        self.assertTrue(b.holds(5))
         self.assertEqual((taken.outbound.acked, taken.outbound.last_position), (0, 3))
         self.assertEqual(
             [(r.incarnation, r.delivered) for r in taken.inbound], [(INCARNATION, 4)]
@@ -917,6 +921,28 @@ class OwnershipTests(PostgresCase):
             StoreBatch(acked={5: 2}, delivered={(5, INCARNATION): 9})
         )
         self.assertEqual(result.released_bytes, {5: 2})
+
+    async def test_delivery_windows_do_not_overlap(self) -> None:
+        """
+        On a real monotonic clock, a take-over's delivery window opens no
+        earlier than the deposed gateway's closes, as that gateway counts
+        it without having heard of the take-over; a take-over of a released
+        stream may deliver at once.
+        """
+        a = self.backend(self.schema, 1, "a")
+        b = self.backend(self.schema, 1, "b")
+        await defer.gatherResults([a.open(), b.open()])
+        await a.acquire(5)
+        await b.acquire(5)
+        a_window, b_window = a.delivery_window(5), b.delivery_window(5)
+        assert a_window is not None and b_window is not None
+        self.assertGreaterEqual(b_window[0], a_window[1])
+        self.assertTrue(a.holds(5))
+        self.assertFalse(b.holds(5))
+        await b.release(5)
+        self.assertIsNone(b.delivery_window(5))
+        await a.acquire(5, take_over=False)
+        self.assertTrue(a.holds(5))
 
     async def test_appends_from_every_gateway_stay_dense(self) -> None:
         """

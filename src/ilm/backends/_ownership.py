@@ -117,6 +117,8 @@ class StreamTaken:
       before that lease expires; waiting this long keeps two gateways from
       delivering for one stream at the same time.  Transmitting, receiving
       and storing need no wait (fencing protects the store).
+      :meth:`IStreamOwnership.holds` stays false until the wait is over
+      (counted from when the answer arrived, so it can only err late).
     - ``valid_until``: the local deadline of this grant (on the backend's
       monotonic clock): the lease as this process may count on it, measured
       from before the request was sent, so never later than the expiry the
@@ -187,9 +189,9 @@ class IStreamOwnership(Interface):
       written.
     - Appending messages (``messages`` entries) is open to every gateway
       and is not fenced.
-    - Only the owner transmits and delivers; it delivers only before its
-      local deadline (:meth:`holds`) and, after a take-over, not before
-      ``deliver_after``.
+    - Only the owner transmits and delivers; it delivers only while
+      :meth:`holds` is true (after a take-over's ``deliver_after`` wait,
+      before its local deadline).
     - Leases last :attr:`lease_duration` seconds of the store's time from
       the transaction that granted or renewed them; :meth:`renew` extends
       every lease this backend holds (call it every third of the duration).
@@ -236,9 +238,18 @@ class IStreamOwnership(Interface):
 
     def holds(peer_id: PeerId) -> bool:
         """
-        :return: whether this backend holds the stream of ``peer_id`` and its
-            local deadline has not passed: the condition for delivering.
-            (It may still have been deposed: the next fenced write says so.)
+        :return: whether this backend holds the stream of ``peer_id``, its
+            ``deliver_after`` wait is over and its local deadline has not
+            passed: the condition for delivering.  (It may still have been
+            deposed: the next fenced write says so.)
+        """
+
+    def delivery_window(peer_id: PeerId) -> tuple[float, float] | None:
+        """
+        :return: ``(deliver_from, valid_until)`` on the backend's monotonic
+            clock: when :meth:`holds` turns true (after a take-over's
+            ``deliver_after``) and when it turns false unless renewed; or
+            ``None`` if this backend does not hold the stream.
         """
 
     def owned() -> frozenset[PeerId]:

@@ -458,8 +458,11 @@ def store_error(exc: BaseException, where: str, doing: str) -> StoreError:
 
 @attr.s(slots=True, auto_attribs=True)
 class _Held:
+    """A lease this backend holds, with its local delivery window."""
+
     epoch: int
     valid_until: float
+    deliver_from: float = 0.0
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -529,14 +532,18 @@ class _Sql:
             f"stored AS (INSERT INTO {s}.outbox "
             f"(node_key, peer_key, position, contents) "
             f"SELECT %(n)s, %(k)s, grown.base + t.o, t.c FROM grown, "
-            f"unnest(%(contents)b::bytea[]) WITH ORDINALITY AS t(c, o)) "
-            f"SELECT base FROM grown"
+            f"unnest(%(contents)b::bytea[]) WITH ORDINALITY AS t(c, o)), "
+            f"hint AS (SELECT pg_notify(%(channel)s, %(hint)s) FROM {s}.lease "
+            f"WHERE node_key = %(n)s AND peer_key = %(k)s AND owner IS NOT NULL "
+            f"AND owner <> %(gateway)s AND expires_at > now()) "
+            f"SELECT base, (SELECT count(*) FROM hint) FROM grown"
         ).encode()
         """
         Appends a run of messages to a peer's outbox where it ends: the
         ``UPDATE`` locks the stream's row (so appends from every gateway
         queue up), moves its end and returns where it was, which the
         ``INSERT`` uses; one statement, whatever the number of messages.
+        If another gateway owns the stream, it is notified (at commit).
         """
         self.acknowledge = (
             f"WITH prev AS (SELECT acked, last_position FROM {s}.outbound "
@@ -571,11 +578,6 @@ class _Sql:
             f"delivered, retired) VALUES (%s, %s, %s, 0, true) "
             f"ON CONFLICT (node_key, peer_key, incarnation) DO UPDATE "
             f"SET retired = true WHERE NOT i.retired"
-        ).encode()
-        self.hint = (
-            f"SELECT pg_notify(%s, %s) FROM {s}.lease WHERE node_key = %s "
-            f"AND peer_key = %s AND owner IS NOT NULL AND owner <> %s "
-            f"AND expires_at > now()"
         ).encode()
         self.lock_lease = (
             f"SELECT owner, epoch, "
@@ -1116,7 +1118,17 @@ class PostgresBackend:
         deadline; see :meth:`ilm.backends.IStreamOwnership.holds`.
         """
         held = self._held.get(peer_id)
-        return held is not None and self._monotonic() < held.valid_until
+        if held is None:
+            return False
+        return held.deliver_from <= self._monotonic() < held.valid_until
+
+    def delivery_window(self, peer_id: PeerId) -> tuple[float, float] | None:
+        """
+        When this backend may deliver for ``peer_id``; see
+        :meth:`ilm.backends.IStreamOwnership.delivery_window`.
+        """
+        held = self._held.get(peer_id)
+        return None if held is None else (held.deliver_from, held.valid_until)
 
     def owned(self) -> frozenset[PeerId]:
         """
@@ -1167,7 +1179,13 @@ class PostgresBackend:
             self._listener.callback = callback
             return succeed(None)
         listener = self._listener = _Listener(self, callback)
-        return listener.start()
+
+        def failed(reason: Failure) -> Failure:
+            if self._listener is listener:
+                self._listener = None
+            return reason
+
+        return listener.start().addErrback(failed)
 
     def _stop_listener(self) -> None:
         listener, self._listener = self._listener, None
@@ -1369,6 +1387,9 @@ class PostgresBackend:
                                 "count": len(chunk),
                                 "bytes": sum(map(len, chunk)),
                                 "contents": chunk,
+                                "channel": self._channel,
+                                "hint": self._hint(peer_id) if chunk else "",
+                                "gateway": self.gateway,
                             }
                             cursor = conn.execute(sql.append, values)
                             appended.append((peer_id, first, len(chunk), cursor))
@@ -1377,16 +1398,6 @@ class PostgresBackend:
                         cursor = conn.execute(sql.acknowledge, values)
                         acknowledged.append((peer_id, batch.acked[peer_id], cursor))
                 self._bookkeeping(conn, batch, keys)
-                if batch.messages:
-                    with conn.cursor() as cursor:
-                        cursor.executemany(
-                            sql.hint,
-                            [
-                                (self._channel, self._hint(p), node, k, self.gateway)
-                                for k, p in outbound
-                                if batch.messages.get(p, (0, []))[1]
-                            ],
-                        )
                 lease_rows = leases.fetchall() if leases is not None else []
                 bases = [(p, f, n, c.fetchone()) for p, f, n, c in appended]
                 acks = [(p, a, c.fetchone()) for p, a, c in acknowledged]
@@ -1452,7 +1463,7 @@ class PostgresBackend:
         for peer_id, first, count, row in bases:
             if row is None:
                 raise StoreCorrupt(f"the outbound row of {peer_id!r} is missing")
-            (base,) = row
+            base = row[0]
             if peer_id in positions:  # a further chunk
                 start, _ = positions[peer_id]
                 positions[peer_id] = (start, base + count)
@@ -1561,7 +1572,11 @@ class PostgresBackend:
         except StoreError:
             self._drop([peer_id])
             raise
-        self._held = {**self._held, peer_id: _Held(taken.epoch, taken.valid_until)}
+        # Measured after the answer arrived, so never before the previous
+        # lease's expiry (which was ``deliver_after`` after the grant began).
+        deliver_from = self._monotonic() + taken.deliver_after
+        held = _Held(taken.epoch, taken.valid_until, deliver_from)
+        self._held = {**self._held, peer_id: held}
         return taken
 
     def _renew(self) -> Renewal:
@@ -1598,8 +1613,9 @@ class PostgresBackend:
         renewed, lost = set(), set()
         for key, peer_id in by_key.items():
             if key in renewed_keys:
-                if peer_id in now and now[peer_id].epoch == held[peer_id].epoch:
-                    now[peer_id] = _Held(held[peer_id].epoch, valid_until)
+                mine = now.get(peer_id)
+                if mine is not None and mine.epoch == held[peer_id].epoch:
+                    now[peer_id] = _Held(mine.epoch, valid_until, mine.deliver_from)
                 renewed.add(peer_id)
             else:
                 now.pop(peer_id, None)
