@@ -545,9 +545,10 @@ class FaultTests(PostgresCase):
         the commit's transaction with 40P01; the backend runs it again once
         the other session is done, and it applies once.
         """
-        if self.sql("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") != [
-            (True,)
-        ]:
+        [(superuser,)] = self.sql(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+        if not superuser:
             raise SkipTest("setting deadlock_timeout needs a superuser")
         schema = self.new_schema()
         slow = psycopg.conninfo.make_conninfo(DSN, options="-c deadlock_timeout=500")
