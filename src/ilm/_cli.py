@@ -4,6 +4,8 @@ The ``ilm`` command (also ``python -m ilm``).
 - ``ilm demo``: the two-node demo.
 - ``ilm inspect PATH [--json]``: what an SQLite store holds, read-only and
   without taking its lock (so it works on the store of a running node).
+- ``ilm --version``: ILM's version (``twistd ilm --version`` prints the
+  same line).
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from twisted.internet import defer, task
+
+
+def version_text() -> str:
+    """
+    The version line of ``ilm --version`` and ``twistd ilm --version``:
+    ILM's version, then Twisted's and Python's.
+    """
+    import platform
+
+    import twisted
+    from ilm import __version__
+
+    return (
+        f"ilm {__version__} (Twisted {twisted.__version__}, "
+        f"Python {platform.python_version()})"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -122,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ilm",
         description="Intersession Layer Messaging for Twisted.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_text(),
+        help="print ILM's version and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
