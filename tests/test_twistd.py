@@ -400,6 +400,38 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(["--id", "2", "--keys", "keys.txt", "--listen", "tcp:0"])
         self.assertEqual(options["keys"], {1: bytes.fromhex(KEY_HEX)})
 
+    def test_log_format(self) -> None:
+        """
+        ``--log-format json`` under twistd makes twistd's logger the JSON
+        observer, unless twistd's own --logger or --syslog is given, or a
+        daemon would log to standard output; anything but text or json is
+        refused.
+        """
+        base = ["--id", "2", "--keys", self.keys, "--listen", "tcp:0"]
+        [problem] = self.problems(*base, "--log-format", "xml")
+        self.assertIn("--log-format 'xml': expected text or json", problem)
+        for settings, expected in [
+            ({"logger": "x.y"}, "leave out twistd's --logger and --syslog"),
+            ({"syslog": 1}, "leave out twistd's --logger and --syslog"),
+            ({"logfile": "-", "nodaemon": 0}, "a daemon cannot log to standard"),
+            ({"logfile": "-", "nodaemon": 1}, None),
+        ]:
+            parent = usage.Options()
+            parent.update(settings)
+            options = Options()
+            options.parent = parent
+            if expected is None:
+                options.parseOptions([*base, "--log-format", "json"])
+                self.assertEqual(parent["logger"], "ilm._twistd.json_log_observer")
+            else:
+                error = self.assertRaises(
+                    usage.UsageError,
+                    usage.Options.parseOptions,
+                    options,
+                    [*base, "--log-format", "json"],
+                )
+                self.assertIn(expected, str(error))
+
     def test_read_keys_raises(self) -> None:
         """
         Without a list to collect problems in, read_keys raises the first.
@@ -757,6 +789,32 @@ class DaemonTests(_DaemonCase):
         )
         self.assertIn("ILM node 2 stopped", self.log_text())
         self.assertIn("Server Shut Down", self.log_text())
+
+    async def test_json_log(self) -> None:
+        """
+        With ``--log-format json`` every line the daemon logs is one JSON
+        object; ILM's events carry an ``ilm_event`` and plain values (an
+        int id stays an int, a flag a bool, no ``repr()`` strings).
+        """
+        process = self.spawn("--log-format", "json")
+        await self.wait_for(
+            lambda: '"ilm_event": "started"' in self.log_text(), "the start"
+        )
+        process.send_signal(signal.SIGTERM)
+        await self.exit_status(process)
+        events = [json.loads(line) for line in self.log_text().splitlines()]
+        ours = {e["ilm_event"]: e for e in events if "ilm_event" in e}
+        self.assertLessEqual({"daemon_starting", "started", "stopped"}, set(ours))
+        starting = ours["daemon_starting"]
+        self.assertEqual(
+            (starting["node_id"], starting["fsync"], starting["inbox"]),
+            (2, False, self.inbox),
+        )
+        self.assertEqual(ours["started"]["local_id"], 2)
+        for event in ours.values():
+            for name, value in event.items():
+                if isinstance(value, str) and not name.startswith("log_"):
+                    self.assertNotRegex(value, r"^['<]", (name, event))
 
     async def test_partial_line_cut_on_restart(self) -> None:
         """

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_UMASK",
     "FileDelivery",
     "Options",
+    "json_log_observer",
     "makeService",
     "parse_peer_id",
     "read_keys",
@@ -368,6 +369,13 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key of this node (chmod 600)."],
         ["tls-ca", None, None, "PEM CA certificate(s) that issue peer certificates."],
         ["window", None, None, "Messages in flight per peer (default 4096)."],
+        [
+            "log-format",
+            None,
+            "text",
+            "text, or json: one JSON object per line, where twistd logs "
+            "(--logfile; standard output with -n).",
+        ],
     ]
     optFlags = [
         ["fsync", None, "fsync the inbox after each message (survives power loss)."],
@@ -478,6 +486,7 @@ class Options(usage.Options):
         self._check_endpoints(problems, local_id, keys if keys_read else None, tls)
         self._check_window(problems)
         self._check_files(problems)
+        self._check_log_format(problems)
         if problems:
             raise usage.UsageError("\n".join(problems))
 
@@ -635,6 +644,34 @@ class Options(usage.Options):
             return
         self["window"] = value
 
+    def _check_log_format(self, problems: list[str]) -> None:
+        """
+        ``--log-format json`` fills in twistd's ``--logger`` with
+        :func:`json_log_observer`, which writes where twistd would.
+        """
+        log_format = self["log-format"]
+        if log_format not in ("text", "json"):
+            problems.append(f"--log-format {log_format!r}: expected text or json")
+            return
+        parent = self.parent
+        if log_format == "text" or parent is None:
+            return
+        if parent.get("logger") is not None or parent.get("syslog"):
+            problems.append(
+                "--log-format json chooses twistd's logger: leave out twistd's "
+                "--logger and --syslog"
+            )
+            return
+        logfile, nodaemon = parent.get("logfile"), bool(parent.get("nodaemon"))
+        if logfile == "-" and not nodaemon:
+            problems.append(
+                "--log-format json: a daemon cannot log to standard output "
+                "(give -n, or --logfile FILE)"
+            )
+            return
+        _json_log_settings[:] = [logfile, nodaemon]
+        parent["logger"] = f"{__name__}.json_log_observer"
+
     def _check_files(self, problems: list[str]) -> None:
         parent = self.parent
         if parent is not None and parent.get("chroot"):
@@ -650,6 +687,39 @@ class Options(usage.Options):
             problem = _writable_problem(path, directory_needed)
             if problem is not None:
                 problems.append(f"--{option} {self[option]}: {problem}")
+
+
+# twistd's --logfile and -n, for json_log_observer (twistd calls a logger
+# factory without arguments).
+_json_log_settings: list[Any] = [None, False]
+
+
+def json_log_observer() -> Any:
+    """
+    The log observer of ``twistd ilm --log-format json`` (twistd's
+    ``--logger``): every event as one JSON object per line, written where
+    twistd writes its text log: standard output with ``-n`` (or
+    ``--logfile -``), else ``--logfile`` (default ``twistd.log``), rotated
+    as twistd rotates its own (at 1,000,000 bytes, and on SIGUSR1).
+    """
+    import signal
+
+    from twisted.logger import jsonFileLogObserver
+    from twisted.python.logfile import LogFile
+
+    logfile, nodaemon = _json_log_settings
+    if logfile == "-" or (not logfile and nodaemon):
+        return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    output = LogFile.fromFullPath(logfile or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: object) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(output.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return jsonFileLogObserver(output, recordSeparator="")  # type: ignore[arg-type]
 
 
 def _writable_problem(path: str, directory_needed: bool) -> str | None:
@@ -849,7 +919,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
         tls=options["tls"],
         reactor=reactor,
     )
-    inbox = FileDelivery(options["inbox"], fsync=options["fsync"])
+    inbox = FileDelivery(options["inbox"], fsync=bool(options["fsync"]))
     config = Config() if options["window"] is None else Config(window=options["window"])
     node = ILM(
         SQLiteBackend(options["store"], reactor=reactor),
