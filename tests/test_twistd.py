@@ -1103,6 +1103,57 @@ class ConfigurationErrorTests(SynchronousTestCase):
         self.assertEqual(os.listdir(directory), [])
 
 
+def mount_tmpfs(case: SynchronousTestCase, path: str, options: str) -> None:
+    """
+    Mount a tmpfs at ``path`` for the test (unmounted when it ends), or
+    skip the test where that cannot be done.
+    """
+    if os.geteuid() != 0:
+        raise SkipTest("mounting a tmpfs needs root")
+    os.makedirs(path)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise SkipTest(f"cannot mount a tmpfs: {result.stderr.strip()}")
+
+    def unmount() -> None:
+        if subprocess.run(["umount", path]).returncode != 0:
+            subprocess.run(["umount", "-l", path])
+
+    case.addCleanup(unmount)
+
+
+class ReadOnlyFilesystemTests(SynchronousTestCase):
+    def test_store_and_inbox_on_a_read_only_filesystem(self) -> None:
+        """
+        A store or an inbox on a read-only filesystem is a configuration
+        problem: one line each, exit status 1, no traceback.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        write(os.path.join(directory, "keys"), f"1 {KEY_HEX}\n")
+        mount = os.path.join(directory, "ro")
+        mount_tmpfs(self, mount, "size=64k,ro")
+        result = subprocess.run(
+            [
+                *TWISTD, "-n", "--pidfile=", "ilm", "--id", "2", "--keys", "keys",
+                "--listen", "tcp:0", "--store", f"{mount}/node.sqlite",
+                "--inbox", f"{mount}/inbox.jsonl",
+            ],
+            cwd=directory, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 1, result.stderr)
+        store, inbox, _ = result.stderr.splitlines()
+        self.assertEqual(
+            store, f"twistd ilm: --store {mount}/node.sqlite: the directory {mount} "
+            "is not writable",
+        )  # fmt: skip
+        self.assertIn(f"--inbox {mount}/inbox.jsonl: the directory", inbox)
+
+
 class FullDiskTests(_DaemonCase):
     """
     A real daemon whose inbox is on a small tmpfs that fills up.
@@ -1112,24 +1163,11 @@ class FullDiskTests(_DaemonCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if os.geteuid() != 0:
-            raise SkipTest("mounting a small tmpfs for a full disk needs root")
         self.mount = os.path.join(self.directory, "small")
-        os.makedirs(self.mount)
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", self.mount],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            raise SkipTest(f"cannot mount a tmpfs: {result.stderr.strip()}")
-        # Cleanups run last-in first-out: the daemon is killed before this.
-        self.addCleanup(self._unmount)
+        # Cleanups run last-in first-out: the daemon is killed before the
+        # tmpfs is unmounted.
+        mount_tmpfs(self, self.mount, "size=256k,mode=0700")
         self.inbox = os.path.join(self.mount, "inbox.jsonl")
-
-    def _unmount(self) -> None:
-        if subprocess.run(["umount", self.mount]).returncode != 0:
-            subprocess.run(["umount", "-l", self.mount])
 
     def fill(self, leave: int) -> str:
         """
