@@ -449,12 +449,17 @@ class FileDeliveryTests(SynchronousTestCase):
 
     def test_lines(self) -> None:
         """
-        Each message is one JSON line with its contents in base64, in a
-        file only its owner can read.
+        FileDelivery provides ILocalDelivery; each message is one JSON line
+        with its contents in base64, in a file only its owner can read.
         """
+        from zope.interface.verify import verifyObject
+
+        from ilm.interfaces import ILocalDelivery
+
         path = self.mktemp()
         inbox = FileDelivery(path)
         self.addCleanup(inbox.close)
+        verifyObject(ILocalDelivery, inbox)
         for n in (1, 2):
             inbox.deliver(Message(1, 2, n, b"\x00payload %d" % n, "ab" * 16))
         lines = whole_lines(self, path)
