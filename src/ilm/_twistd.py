@@ -388,6 +388,7 @@ class Options(usage.Options):
         self["pins"] = {}
         self["tls"] = None
         self.warnings: list[str] = []
+        self.keys_path: str | None = None
         self._problems: list[str] = []
 
     def opt_version(self) -> None:
@@ -465,7 +466,7 @@ class Options(usage.Options):
         local_id = self._check_id(problems)
         keys = None
         keys_read = False
-        self.keys_path: str | None = self["keys"]
+        self.keys_path = self["keys"]
         if self.keys_path is not None:
             before = len(problems)
             keys = read_keys(self._path(self.keys_path), local_id, problems)
