@@ -6,6 +6,7 @@ with an SQLite store it drives besides the in-memory one.
 
 from __future__ import annotations
 
+import inspect
 import io
 import re
 import sys
@@ -95,7 +96,12 @@ class CommandTests(SynchronousTestCase):
         state = self.successResultOf(backend.open())
         self.assertEqual((state.outbound, len(state.incarnation)), ((), 32))
         self.successResultOf(backend.commit(StoreBatch(messages={2: (1, [b"x"])})))
-        self.assertEqual(self.successResultOf(backend.read_outbound(2, 0, 5)), [b"x"])
+        # Reads bounded in bytes too, where the backend takes the bound.
+        parameters = inspect.signature(SQLiteBackend.read_outbound).parameters
+        bound = (1 << 20,) if "max_bytes" in parameters else ()
+        self.assertEqual(
+            self.successResultOf(backend.read_outbound(2, 0, 5, *bound)), [b"x"]
+        )
 
     def test_store_failure_fails_the_run(self) -> None:
         """
