@@ -1,7 +1,8 @@
 """
-``ilm inspect``: what an SQLite store holds, for people and for machines,
-read-only and lock-free (it works on the store of a running node), with a
-clear error and a non-zero exit for anything that is not a usable store.
+``ilm --version``; ``ilm inspect``: what an SQLite store holds, for people
+and for machines, read-only and lock-free (it works on the store of a
+running node), with a clear error and a non-zero exit for anything that is
+not a usable store.
 """
 
 from __future__ import annotations
@@ -178,3 +179,21 @@ class InspectTests(TestCase):
             self.assertTrue(err.startswith(f"ilm inspect: {error}"), err)
             self.assertEqual(err.count("\n"), 1, err)
         self.assertFalse(os.path.exists(missing))
+
+
+class VersionTests(TestCase):
+    def test_version(self) -> None:
+        """
+        ``ilm --version`` prints ILM's version (then Twisted's and
+        Python's) and exits 0; the package's metadata takes its version from
+        ``ilm.__version__``, so the two cannot drift apart.
+        """
+        import ilm
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        error = self.assertRaises(SystemExit, main, ["--version"])
+        self.assertEqual(error.code, 0)
+        self.assertTrue(out.getvalue().startswith(f"ilm {ilm.__version__} (Twisted "))
+        setup = (ROOT / "setup.cfg").read_text()
+        self.assertIn("\nversion = attr: ilm.__version__\n", setup)

@@ -403,7 +403,7 @@ class FuzzCommandTests(SynchronousTestCase):
         """
         status, output = self.fuzz(
             "--inputs", "3000", "--seed", "7", "--protocol-share", "0.5",
-            "--session-share", "0.5",
+            "--session-share", "0.5", "--store", "memory",
         )  # fmt: skip
         self.assertEqual(status, 0, output)
         self.assertIn("3,000 inputs fuzzed (seed 7)", output)

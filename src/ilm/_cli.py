@@ -5,6 +5,8 @@ The ``ilm`` command (also ``python -m ilm``).
   and SIGKILLs, and the result is verified (see :mod:`ilm._demo`).
 - ``ilm inspect PATH [--json]``: what an SQLite store holds, read-only and
   without taking its lock (so it works on the store of a running node).
+- ``ilm --version``: ILM's version (``twistd ilm --version`` prints the
+  same line).
 """
 
 from __future__ import annotations
@@ -17,6 +19,22 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ilm._demo import add_arguments as add_demo_arguments
+
+
+def version_text() -> str:
+    """
+    The version line of ``ilm --version`` and ``twistd ilm --version``:
+    ILM's version, then Twisted's and Python's.
+    """
+    import platform
+
+    import twisted
+    from ilm import __version__
+
+    return (
+        f"ilm {__version__} (Twisted {twisted.__version__}, "
+        f"Python {platform.python_version()})"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -119,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ilm",
         description="Intersession Layer Messaging for Twisted.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_text(),
+        help="print ILM's version and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

@@ -25,6 +25,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -1388,7 +1389,19 @@ class ILM(Service):
             self._state = _FAILED
         self._start_failure = reason
         self.running = 0
-        if not self._start_abandoned:
+        if self._start_abandoned:
+            pass
+        elif reason.check(StoreError, CannotListenError):
+            # Expected (a store locked or unreadable, an address taken):
+            # the reason says it all, a traceback would only hide it.
+            log.critical(
+                "ILM node {local_id!r} failed to start: {error}",
+                local_id=self._local_id,
+                error=reason.getErrorMessage(),
+                error_type=type(reason.value).__name__,
+                ilm_event="start_failed",
+            )
+        else:
             log.failure(
                 "ILM node {local_id!r} failed to start",
                 reason,

@@ -8,6 +8,13 @@ and in order per sender (see :class:`FileDelivery` for the one at-least-once
 window).  Sending from the daemon itself is not offered yet: an application
 that sends embeds :class:`ilm.ILM`.
 
+The whole configuration is checked when the options are parsed, before
+twistd creates anything (pid file, log file, store, inbox): every problem is
+one line on standard error, and the process exits with status 1.  A node
+that then cannot start (its store locked, its port taken) logs one line
+saying why, removes its pid file and exits with status 1.  See
+``docs/daemon.md``.
+
 Example::
 
     twistd -n ilm --id 2 --listen tcp:9000 --keys keys.txt \\
@@ -19,8 +26,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import stat
+import sys
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
@@ -37,14 +47,40 @@ from ilm.interfaces import ILocalDelivery, IMessage
 
 log = Logger(namespace="ilm.twistd")
 
-__all__ = ["FileDelivery", "Options", "makeService", "parse_peer_id"]
+__all__ = [
+    "DEFAULT_UMASK",
+    "FileDelivery",
+    "Options",
+    "json_log_observer",
+    "makeService",
+    "parse_peer_id",
+    "read_keys",
+]
+
+DEFAULT_UMASK = 0o077
+"""
+The file creation mask the daemon uses unless twistd's ``--umask`` gives
+one: the inbox, the log, the pid file and the store are readable by their
+owner only.
+"""
+
+_MIN_KEY_SIZE = 16
+
+_SIGNED_NUMBER = re.compile(r"[+-][0-9]+")
+
+# Bits that make a secret readable or writable by users other than its
+# owner: any write by the group or the world, and read by the world.  A
+# group read is allowed: giving a dedicated group (Debian's ssl-cert, say)
+# read access to a key is a deliberate choice.
+_EXPOSED_SECRET = stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
 
 
 def parse_peer_id(text: str) -> PeerId:
     """
     A peer id from the command line: decimal digits are an ``int`` id,
     anything else a ``str`` id (``str:`` forces a string, for ids made of
-    digits).
+    digits).  A signed number (``-5``) and an id with spaces around it are
+    refused: they are almost always a mistake (``str:-5`` is the text id).
 
     :raises usage.UsageError: if it is not a valid peer id.
     """
@@ -53,6 +89,13 @@ def parse_peer_id(text: str) -> PeerId:
         value = text[4:]
     elif text.isascii() and text.isdigit():
         value = int(text)
+    elif _SIGNED_NUMBER.fullmatch(text):
+        raise usage.UsageError(
+            f"invalid peer id {text!r}: integer ids are 0 to 2**63-1 (write "
+            f"'str:{text}' for the text id {text!r})"
+        )
+    elif text != text.strip():
+        raise usage.UsageError(f"invalid peer id {text!r}: spaces around it")
     else:
         value = text
     try:
@@ -61,42 +104,104 @@ def parse_peer_id(text: str) -> PeerId:
         raise usage.UsageError(f"invalid peer id {text!r}: {e}") from None
 
 
-def read_keys(path: str) -> dict[PeerId, bytes]:
+def _exposed(path: str, what: str) -> str | None:
+    """
+    :return: why the secret file at ``path`` is refused (others can read or
+        write it), or ``None``.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None  # reading it reports the problem
+    if mode & _EXPOSED_SECRET:
+        return (
+            f"the {what} {path} can be read or written by other users (mode "
+            f"{mode:04o}): run 'chmod 600 {path}'"
+        )
+    return None
+
+
+def read_keys(
+    path: str, local_id: PeerId | None = None, problems: list[str] | None = None
+) -> dict[PeerId, bytes]:
     """
     Read pre-shared keys: one ``PEER_ID HEX_KEY`` per line; blank lines and
     lines starting with ``#`` are ignored.
 
-    :raises usage.UsageError: if the file cannot be read or a line is wrong.
+    The file must not be readable or writable by other users, no key may
+    be for ``local_id`` (a key is shared with a peer: this node's id is in
+    the *peer's* file), and no key may be given to two peers.
+
+    :param problems: if given, every problem is appended to it (one line
+        each) and the keys of the good lines are returned; otherwise the
+        first problem raises.
+    :raises usage.UsageError: on the first problem, if ``problems`` is not
+        given.
     """
+    found: list[str] = []
+    keys: dict[PeerId, bytes] = {}
+    exposed = _exposed(path, "keys file")
+    if exposed is not None:
+        found.append(exposed)
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except OSError as e:
-        raise usage.UsageError(f"cannot read the keys file {path!r}: {e}") from None
-    keys: dict[PeerId, bytes] = {}
+    except (OSError, UnicodeDecodeError) as e:
+        found.append(f"cannot read the keys file {path}: {_os_reason(e)}")
+        lines = []
+    owners: dict[bytes, PeerId] = {}
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        where = f"{path}:{number}"
         parts = line.split()
         if len(parts) != 2:
-            raise usage.UsageError(
-                f"{path}:{number}: expected 'PEER_ID HEX_KEY', got {len(parts)} fields"
+            found.append(
+                f"{where}: expected 'PEER_ID HEX_KEY', got {len(parts)} fields"
             )
-        peer_id = parse_peer_id(parts[0])
+            continue
+        try:
+            peer_id = parse_peer_id(parts[0])
+        except usage.UsageError as e:
+            found.append(f"{where}: {e}")
+            continue
         try:
             key = bytes.fromhex(parts[1])
         except ValueError:
-            raise usage.UsageError(f"{path}:{number}: the key is not hex") from None
-        if len(key) < 16:
-            raise usage.UsageError(
-                f"{path}:{number}: the key is {len(key)} bytes; at least 16 are "
-                f"required (32 random bytes are recommended)"
+            found.append(f"{where}: the key is not hex")
+            continue
+        if len(key) < _MIN_KEY_SIZE:
+            found.append(
+                f"{where}: the key is {len(key)} bytes; at least {_MIN_KEY_SIZE} "
+                f"are required (32 random bytes are recommended)"
             )
-        if peer_id in keys:
-            raise usage.UsageError(f"{path}:{number}: a second key for {peer_id!r}")
-        keys[peer_id] = key
+        elif peer_id == local_id:
+            found.append(
+                f"{where}: a key for this node's own id {peer_id!r}; a key is "
+                f"listed under the id of the peer it is shared with"
+            )
+        elif peer_id in keys:
+            found.append(f"{where}: a second key for {peer_id!r}")
+        elif key in owners:
+            found.append(
+                f"{where}: the key of {peer_id!r} is also the key of "
+                f"{owners[key]!r}; each peer needs its own key"
+            )
+        else:
+            keys[peer_id] = key
+            owners[key] = peer_id
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise usage.UsageError(found[0])
     return keys
+
+
+def _os_reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
 
 
 @implementer(ILocalDelivery)
@@ -107,35 +212,92 @@ class FileDelivery:
         {"source": 1, "destination": 2, "message_id": 7,
          "incarnation": "…", "contents": "<base64>"}
 
-    The line is written and flushed before :meth:`deliver` returns (and,
-    with ``fsync=True``, synced to disk), so a message is in the file before
-    ILM records its delivery.  A process killed between the two finds the
-    message again after the restart: the same ``incarnation`` and
-    ``message_id`` then appear twice (the at-least-once window of
-    ``docs/protocol.md``); a reader that skips lines whose ``(source,
-    incarnation, message_id)`` it has seen gets exactly once.
+    The line is written (and, with ``fsync=True``, synced to disk) before
+    :meth:`deliver` returns, so a message is in the file before ILM records
+    its delivery.  A process killed between the two finds the message again
+    after the restart: the same ``incarnation`` and ``message_id`` then
+    appear twice (the at-least-once window of ``docs/protocol.md``); a
+    reader that skips lines whose ``(source, incarnation, message_id)`` it
+    has seen gets exactly once.
 
-    A failed write (a full disk, say) raises: ILM holds that sender's stream
-    and retries with backoff, losing nothing.
+    Every line in the file is whole JSON:
+
+    - a write that fails (a full disk, say) is undone: the file is cut back
+      to its length before it, and :meth:`deliver` raises, so ILM holds that
+      sender's stream and retries with backoff.  The file stays open, so the
+      retry after space comes back succeeds;
+    - :meth:`open` cuts off a trailing partial line (left by a process killed
+      in the middle of a write) before anything is appended.  Its message's
+      delivery was never recorded, so ILM delivers it again.
+
+    The file is created with mode ``0600`` (readable by its owner only).
+
+    :param path: the file to append to.
+    :param fsync: sync the file after each line (survives power loss).
     """
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path = path
         self.fsync = fsync
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None
 
     def open(self) -> None:
-        if self._file is None:
-            self._file = open(self.path, "ab")
+        """
+        Open the file (creating it ``0600``) and cut off a trailing partial
+        line.  Nothing happens if it is open already.
+
+        :raises OSError: if the file cannot be opened or repaired.
+        """
+        if self._fd is not None:
+            return
+        fd = os.open(
+            self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            self._cut_partial_line(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """
+        Close the file (it is opened again by the next delivery).
+        """
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _cut_partial_line(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        end = size
+        keep = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            chunk = os.pread(fd, end - start, start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        os.ftruncate(fd, keep)
+        if self.fsync:
+            os.fsync(fd)
+        log.warn(
+            "inbox {path}: cut off a partial last line of {removed} bytes (left "
+            "by a process stopped in the middle of a write; its message is "
+            "delivered again)",
+            path=self.path,
+            removed=size - keep,
+            ilm_event="inbox_partial_line_removed",
+        )
 
     def deliver(self, message: IMessage) -> None:
         self.open()
-        assert self._file is not None
+        fd = self._fd
+        assert fd is not None
         record = {
             "source": message.source_id,
             "destination": message.destination_id,
@@ -144,21 +306,42 @@ class FileDelivery:
             "contents": base64.b64encode(message.contents).decode("ascii"),
         }
         line = json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n"
+        before = os.fstat(fd).st_size
         try:
-            self._file.write(line)
-            self._file.flush()
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
             if self.fsync:
-                os.fsync(self._file.fileno())
+                os.fsync(fd)
         except OSError:
-            # What was half written stays half written: reopen, so the next
-            # attempt starts a fresh line after it.
-            self.close()
+            self._undo(fd, before)
             raise
+
+    def _undo(self, fd: int, size: int) -> None:
+        """
+        Cut the file back to ``size`` after a failed write.  If even that
+        fails, close it: :meth:`open` cuts the partial line off before the
+        next attempt appends anything.
+        """
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            self.close()
 
 
 class Options(usage.Options):
     """
     Options of ``twistd ilm``.
+
+    Parsing checks the whole configuration: every problem found is one line
+    of the :class:`usage.UsageError` raised.  Under twistd the lines go to
+    standard error and the process exits with status 1 (twistd would print
+    its whole usage text first); ``--help`` shows the usage.
+
+    After parsing, ``options["keys"]`` holds the keys read from the file (or
+    ``None``), ``options["tls"]`` the :class:`ilm.network.TLSCredentials`
+    (or ``None``) and ``options.warnings`` what the node should say when
+    it starts.
     """
 
     synopsis = "--id ID [--listen ENDPOINT ...] [--peer ID=ENDPOINT ...] [options]"
@@ -166,18 +349,33 @@ class Options(usage.Options):
         "Run an ILM node: durable, exactly-once, ordered messaging with its "
         "peers. Messages received are appended to the inbox file as JSON "
         "lines. Peer ids made of digits are integers (prefix str: for a "
-        "string id of digits)."
+        "string id of digits). Relative paths are relative to twistd's "
+        "--rundir. Files are created readable by their owner only (umask 077 "
+        "unless twistd's --umask gives another). See docs/daemon.md."
     )
 
     optParameters = [
         ["id", None, None, "This node's id (required)."],
         ["store", None, "ilm.sqlite", "The SQLite store of this node."],
         ["inbox", None, "ilm-inbox.jsonl", "Append received messages here."],
-        ["keys", None, None, "Pre-shared keys file: 'PEER_ID HEX_KEY' per line."],
+        [
+            "keys",
+            None,
+            None,
+            "Pre-shared keys file: 'PEER_ID HEX_KEY' per line, one key per "
+            "peer; not readable by other users (chmod 600).",
+        ],
         ["tls-certificate", None, None, "PEM certificate of this node (mutual TLS)."],
-        ["tls-key", None, None, "PEM private key of this node."],
+        ["tls-key", None, None, "PEM private key of this node (chmod 600)."],
         ["tls-ca", None, None, "PEM CA certificate(s) that issue peer certificates."],
-        ["window", None, None, "Messages in flight per peer (default 4096).", int],
+        ["window", None, None, "Messages in flight per peer (default 4096)."],
+        [
+            "log-format",
+            None,
+            "text",
+            "text, or json: one JSON object per line, where twistd logs "
+            "(--logfile; standard output with -n).",
+        ],
     ]
     optFlags = [
         ["fsync", None, "fsync the inbox after each message (survives power loss)."],
@@ -188,6 +386,17 @@ class Options(usage.Options):
         self["listen"] = []
         self["peers"] = {}
         self["pins"] = {}
+        self["tls"] = None
+        self.warnings: list[str] = []
+        self.keys_path: str | None = None
+        self._problems: list[str] = []
+
+    def opt_version(self) -> None:
+        """Display ILM's version and exit."""
+        from ilm._cli import version_text
+
+        print(version_text())
+        sys.exit(0)
 
     def opt_listen(self, endpoint: str) -> None:
         """Accept links on ENDPOINT (serverFromString syntax); repeatable."""
@@ -197,91 +406,409 @@ class Options(usage.Options):
         """Keep a link to peer ID at ENDPOINT: ID=ENDPOINT; repeatable."""
         peer, sep, endpoint = value.partition("=")
         if not sep or not endpoint:
-            raise usage.UsageError(f"--peer wants ID=ENDPOINT, not {value!r}")
-        peer_id = parse_peer_id(peer)
+            self._problems.append(
+                f"--peer {value!r}: expected ID=ENDPOINT, such as "
+                f"'1=tcp:host=10.0.0.1:port=9001'"
+            )
+            return
+        try:
+            peer_id = parse_peer_id(peer)
+        except usage.UsageError as e:
+            self._problems.append(f"--peer {value!r}: {e}")
+            return
         if peer_id in self["peers"]:
-            raise usage.UsageError(f"peer {peer_id!r} is given twice")
+            self._problems.append(f"--peer: peer {peer_id!r} is given twice")
+            return
         self["peers"][peer_id] = endpoint
 
     def opt_pin(self, value: str) -> None:
         """Pin peer ID's TLS certificate: ID=SHA256_FINGERPRINT; repeatable."""
         peer, sep, fingerprint = value.partition("=")
         if not sep or not fingerprint:
-            raise usage.UsageError(f"--pin wants ID=FINGERPRINT, not {value!r}")
-        self["pins"][parse_peer_id(peer)] = fingerprint
+            self._problems.append(f"--pin {value!r}: expected ID=FINGERPRINT")
+            return
+        try:
+            self["pins"][parse_peer_id(peer)] = fingerprint
+        except usage.UsageError as e:
+            self._problems.append(f"--pin {value!r}: {e}")
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse and check the options.  Under twistd (``self.parent`` set), a
+        problem is printed as one line per problem on standard error and the
+        process exits with status 1.
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            for line in str(e).splitlines():
+                sys.stderr.write(f"twistd ilm: {line}\n")
+            sys.stderr.write("twistd ilm: 'twistd ilm --help' lists the options\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+
+    # -- checks ----------------------------------------------------------------
+
+    def _path(self, path: str) -> str:
+        """
+        ``path`` as the node will see it: relative to twistd's ``--rundir``.
+        """
+        parent = self.parent
+        rundir = parent.get("rundir") if parent is not None else None
+        if rundir and not os.path.isabs(path):
+            return os.path.join(os.path.abspath(rundir), path)
+        return path
 
     def postOptions(self) -> None:
-        if self["id"] is None:
-            raise usage.UsageError("--id is required")
-        self["id"] = parse_peer_id(self["id"])
-        if self["id"] in self["peers"]:
-            raise usage.UsageError("a node does not dial itself")
-        self["keys"] = read_keys(self["keys"]) if self["keys"] is not None else None
-        tls_given = [self[name] is not None for name in ("tls-certificate", "tls-key")]
-        if any(tls_given) and not all(tls_given):
-            raise usage.UsageError("--tls-certificate and --tls-key go together")
-        if not all(tls_given) and (self["tls-ca"] is not None or self["pins"]):
-            raise usage.UsageError(
-                "--tls-ca and --pin need --tls-certificate and --tls-key"
-            )
-        if self["keys"] is None and not all(tls_given):
-            raise usage.UsageError(
+        problems = self._problems
+        local_id = self._check_id(problems)
+        keys = None
+        keys_read = False
+        self.keys_path = self["keys"]
+        if self.keys_path is not None:
+            before = len(problems)
+            keys = read_keys(self._path(self.keys_path), local_id, problems)
+            keys_read = len(problems) == before
+        self["keys"] = keys
+        tls = self._check_tls(problems)
+        self["tls"] = tls
+        if keys is None and self["tls-certificate"] is None:
+            problems.append(
                 "links are always authenticated: give --keys, or "
                 "--tls-certificate and --tls-key"
             )
-        if self["window"] is not None and self["window"] < 1:
-            raise usage.UsageError("--window must be at least 1")
+        if keys_read and not keys and self["tls-certificate"] is None:
+            problems.append(
+                f"the keys file {self.keys_path} holds no key and TLS is not "
+                f"used: no peer could ever be authenticated"
+            )
+        self._check_endpoints(problems, local_id, keys if keys_read else None, tls)
+        self._check_window(problems)
+        self._check_files(problems)
+        self._check_log_format(problems)
+        if problems:
+            raise usage.UsageError("\n".join(problems))
+
+    def _check_id(self, problems: list[str]) -> PeerId | None:
+        if self["id"] is None:
+            problems.append("--id is required")
+            return None
+        try:
+            self["id"] = parse_peer_id(self["id"])
+        except usage.UsageError as e:
+            problems.append(f"--id: {e}")
+            return None
+        local_id: PeerId = self["id"]
+        if local_id in self["peers"]:
+            problems.append(f"--peer {local_id!r}: a node does not dial itself")
+        return local_id
+
+    def _check_tls(self, problems: list[str]) -> Any:
+        certificate, key = self["tls-certificate"], self["tls-key"]
+        if (certificate is None) != (key is None):
+            problems.append("--tls-certificate and --tls-key go together")
+            return None
+        if certificate is None:
+            if self["tls-ca"] is not None or self["pins"]:
+                problems.append(
+                    "--tls-ca and --pin need --tls-certificate and --tls-key"
+                )
+            return None
+        if not self["pins"] and self["tls-ca"] is None:
+            problems.append(
+                "--tls-certificate needs --pin ID=FINGERPRINT or --tls-ca to "
+                "identify peers"
+            )
+            return None
+        exposed = _exposed(self._path(key), "TLS private key")
+        if exposed is not None:
+            problems.append(exposed)
+        pem: dict[str, bytes] = {}
+        for option in ("tls-certificate", "tls-key", "tls-ca"):
+            if self[option] is None:
+                continue
+            try:
+                with open(self._path(self[option]), "rb") as f:
+                    pem[option] = f.read()
+            except OSError as e:
+                problems.append(
+                    f"--{option}: cannot read {self[option]}: {_os_reason(e)}"
+                )
+        if len(pem) < 2 + (self["tls-ca"] is not None) or exposed is not None:
+            return None
+        from ilm.network import TLSCredentials
+
+        try:
+            return TLSCredentials.from_pem(
+                pem["tls-certificate"],
+                pem["tls-key"],
+                peer_fingerprints=self["pins"],
+                ca_certificates=pem.get("tls-ca"),
+            )
+        except (ValueError, TypeError) as e:
+            problems.append(f"bad TLS material: {e}")
+            return None
+
+    def _check_endpoints(
+        self,
+        problems: list[str],
+        local_id: PeerId | None,
+        keys: dict[PeerId, bytes] | None,
+        tls: Any,
+    ) -> None:
+        """
+        Every endpoint string parses, every dialled peer could be
+        authenticated, and the node could have a link at all.
+        """
+        from twisted.internet import reactor
+
+        from ilm.network import StreamNetwork
+
+        # Each endpoint alone, so that every bad one is reported; the
+        # network parses them exactly as it will when the node runs.
+        probe_id: PeerId = local_id if local_id is not None else "probe"
+        for endpoint in self["listen"]:
+            try:
+                StreamNetwork(probe_id, listen=[endpoint], keys={}, reactor=reactor)
+            except ILMError as e:
+                problems.append(f"--listen: {e}")
+        for peer_id, endpoint in self["peers"].items():
+            if peer_id == local_id:
+                continue
+            try:
+                StreamNetwork(
+                    probe_id,
+                    peers={peer_id: endpoint},
+                    keys={peer_id: b"\0" * _MIN_KEY_SIZE},
+                    reactor=reactor,
+                )
+            except ILMError as e:
+                problems.append(f"--peer: {e}")
+            if keys is not None and peer_id not in keys:
+                problems.append(
+                    f"--peer {peer_id!r}: the keys file has no key for peer "
+                    f"{peer_id!r}; add a line '{peer_id} HEX_KEY' with the key "
+                    f"peer {peer_id!r} lists under this node's id"
+                )
+            if tls is not None and not tls.can_identify(peer_id):
+                problems.append(
+                    f"--peer {peer_id!r}: TLS cannot identify peer {peer_id!r}: "
+                    f"give --pin {peer_id}=FINGERPRINT or --tls-ca"
+                )
+        if not self["listen"] and not self["peers"]:
+            problems.append(
+                "the node neither listens (--listen) nor dials a peer (--peer): "
+                "it could never have a link; give at least one"
+            )
+        if problems or local_id is None:
+            return
+        try:
+            StreamNetwork(
+                local_id,
+                listen=self["listen"],
+                peers=self["peers"],
+                keys=keys,
+                tls=tls,
+                reactor=reactor,
+            )
+        except (ILMError, ValueError) as e:
+            problems.append(str(e))
+            return
+        if keys is not None and not self["listen"]:
+            unused = sorted(
+                (repr(p) for p in keys if p not in self["peers"]),
+            )
+            if unused:
+                self.warnings.append(
+                    f"the keys of {', '.join(unused)} are never used: the node "
+                    f"does not listen (--listen) and does not dial them (--peer)"
+                )
+
+    def _check_window(self, problems: list[str]) -> None:
+        window = self["window"]
+        if window is None:
+            return
+        try:
+            value = int(window)
+        except ValueError:
+            problems.append(f"--window {window!r}: expected a whole number of messages")
+            return
+        if value < 1:
+            problems.append(f"--window {window}: must be at least 1")
+            return
+        try:
+            Config(window=value)
+        except (ValueError, TypeError) as e:
+            problems.append(f"--window {window}: {e}")
+            return
+        self["window"] = value
+
+    def _check_log_format(self, problems: list[str]) -> None:
+        """
+        ``--log-format json`` fills in twistd's ``--logger`` with
+        :func:`json_log_observer`, which writes where twistd would.
+        """
+        log_format = self["log-format"]
+        if log_format not in ("text", "json"):
+            problems.append(f"--log-format {log_format!r}: expected text or json")
+            return
+        parent = self.parent
+        if log_format == "text" or parent is None:
+            return
+        if parent.get("logger") is not None or parent.get("syslog"):
+            problems.append(
+                "--log-format json chooses twistd's logger: leave out twistd's "
+                "--logger and --syslog"
+            )
+            return
+        logfile, nodaemon = parent.get("logfile"), bool(parent.get("nodaemon"))
+        if logfile == "-" and not nodaemon:
+            problems.append(
+                "--log-format json: a daemon cannot log to standard output "
+                "(give -n, or --logfile FILE)"
+            )
+            return
+        _json_log_settings[:] = [logfile, nodaemon]
+        parent["logger"] = f"{__name__}.json_log_observer"
+
+    def _check_files(self, problems: list[str]) -> None:
+        parent = self.parent
+        if parent is not None and parent.get("chroot"):
+            return  # the paths are inside the chroot: checked when opened
+        store, inbox = self._path(self["store"]), self._path(self["inbox"])
+        if os.path.abspath(store) == os.path.abspath(inbox):
+            problems.append("--store and --inbox are the same file")
+            return
+        for option, path, directory_needed in (
+            ("store", store, True),
+            ("inbox", inbox, False),
+        ):
+            problem = _writable_problem(path, directory_needed)
+            if problem is not None:
+                problems.append(f"--{option} {self[option]}: {problem}")
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise usage.UsageError(f"cannot read the {what} {path!r}: {e}") from None
+# twistd's --logfile and -n, for json_log_observer (twistd calls a logger
+# factory without arguments).
+_json_log_settings: list[Any] = [None, False]
 
 
-def _tls(options: Mapping[str, Any]) -> Any:
-    if options["tls-certificate"] is None:
-        return None
-    from ilm.network import TLSCredentials
+def json_log_observer() -> Any:
+    """
+    The log observer of ``twistd ilm --log-format json`` (twistd's
+    ``--logger``): every event as one JSON object per line, written where
+    twistd writes its text log: standard output with ``-n`` (or
+    ``--logfile -``), else ``--logfile`` (default ``twistd.log``), rotated
+    as twistd rotates its own (at 1,000,000 bytes, and on SIGUSR1).
+    """
+    import signal
 
-    ca = options["tls-ca"]
-    try:
-        return TLSCredentials.from_pem(
-            _read(options["tls-certificate"], "TLS certificate"),
-            _read(options["tls-key"], "TLS key"),
-            peer_fingerprints=options["pins"],
-            ca_certificates=_read(ca, "CA certificates") if ca is not None else None,
-        )
-    except (ValueError, TypeError) as e:
-        raise usage.UsageError(f"bad TLS material: {e}") from None
+    from twisted.logger import jsonFileLogObserver
+    from twisted.python.logfile import LogFile
+
+    logfile, nodaemon = _json_log_settings
+    if logfile == "-" or (not logfile and nodaemon):
+        return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    output = LogFile.fromFullPath(logfile or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: object) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(output.rotate)  # type: ignore[attr-defined]
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return jsonFileLogObserver(output, recordSeparator="")  # type: ignore[arg-type]
+
+
+def _writable_problem(path: str, directory_needed: bool) -> str | None:
+    """
+    :return: why ``path`` could not be created or written, or ``None``.
+
+    :param directory_needed: the directory itself must be writable (SQLite
+        creates its ``-wal``, ``-shm`` and ``-lock`` files next to the
+        store).
+    """
+    if os.path.isdir(path):
+        return "is a directory"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"the directory {directory} does not exist"
+    exists = os.path.exists(path)
+    if (directory_needed or not exists) and not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {directory} is not writable"
+    if exists and not os.access(path, os.W_OK):
+        return "is not writable"
+    return None
 
 
 class NodeService(MultiService):
     """
-    The daemon's service: the ILM node and its inbox.  If the node cannot
-    start (its store locked or unreadable, an address taken, the inbox not
-    writable), the failure is logged and the process stops with exit
-    status 1.
+    The daemon's service: the ILM node and its inbox.
+
+    If the node cannot start (its store locked or unreadable, an address
+    taken, the inbox not writable), one line says why, the pid file is
+    removed and the process exits with status 1.  When twistd daemonizes,
+    the process that launched it waits until the node runs (or fails), so
+    ``twistd ilm`` itself exits with status 1 on a failed start.
+
+    :param twistd: twistd's own options (``ServerOptions``) when run by
+        twistd: where its pid file and its start-status pipe are.
     """
 
-    def __init__(self, node: ILM, inbox: FileDelivery, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        node: ILM,
+        inbox: FileDelivery,
+        reactor: Any = None,
+        *,
+        twistd: Any = None,
+        warnings: tuple[str, ...] = (),
+        store: str = "",
+    ) -> None:
         MultiService.__init__(self)
         self.node = node
         self.inbox = inbox
         MultiService.addService(self, node)
         self._reactor = reactor
+        self._twistd = twistd
+        self._warnings = warnings
+        self._store = store
+        self._status_pipe: int | None = None
         self.failed: Failure | None = None
 
     def startService(self) -> None:
+        from ilm import __version__
+
+        twistd = self._twistd
+        if twistd is not None and twistd.get("statusPipe") is not None:
+            # twistd tells the process that launched it "started" as soon as
+            # startService returns; take the pipe over and say so only once
+            # the node runs (or say why it did not).
+            self._status_pipe = twistd["statusPipe"]
+            twistd["statusPipe"] = None
+        log.info(
+            "twistd ilm {version}: node {node_id!r}, store {store}, inbox {inbox} "
+            "(fsync {fsync})",
+            version=__version__,
+            node_id=self.node.local_id,
+            store=self._store,
+            inbox=self.inbox.path,
+            fsync=self.inbox.fsync,
+            ilm_event="daemon_starting",
+        )
+        for warning in self._warnings:
+            log.warn("{warning}", warning=warning, ilm_event="daemon_config_warning")
         try:
             self.inbox.open()
-        except OSError:
-            self._start_failed(Failure())
+        except OSError as e:
+            self._start_failed(Failure(), f"the inbox {self.inbox.path}: {e.strerror}")
             return
+        _warn_if_exposed(self.inbox.path)
         MultiService.startService(self)
-        self.node.when_started().addErrback(self._start_failed)
+        self.node.when_started().addCallbacks(self._started, self._start_failed)
 
     def stopService(self) -> Any:
         d: Deferred[None] = MultiService.stopService(self)
@@ -292,36 +819,108 @@ class NodeService(MultiService):
         self.inbox.close()
         return result
 
-    def _start_failed(self, reason: Failure) -> None:
+    def _started(self, result: object) -> None:
+        self._report_status(b"0")
+
+    def _start_failed(self, reason: Failure, error: str | None = None) -> None:
         self.failed = reason
+        if error is None:
+            error = reason.getErrorMessage()
         log.critical(
-            "the ILM node could not start ({error}); stopping",
-            error=reason.getErrorMessage(),
+            "the ILM node could not start ({error}); exiting with status 1",
+            error=error,
+            error_type=type(reason.value).__name__,
             ilm_event="daemon_start_failed",
         )
+        # The pid file goes before the launcher (when twistd daemonized)
+        # hears of the failure: it is stale from now on.
+        self._remove_pid_file()
+        self._report_status(b"1 " + error.encode("ascii", "backslashreplace"))
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        reactor.addSystemEventTrigger("after", "shutdown", self._exit_failed)
         reactor.callLater(0, reactor.stop)
+
+    def _report_status(self, status: bytes) -> None:
+        pipe, self._status_pipe = self._status_pipe, None
+        if pipe is None:
+            return
+        try:
+            # The launcher reads at most 100 bytes.
+            os.write(pipe, status[:100])
+            os.close(pipe)
+        except OSError:
+            pass
+
+    def _remove_pid_file(self) -> None:
+        """
+        Remove twistd's pid file (twistd itself would only after a clean
+        stop), if it names this process.
+        """
+        pidfile = self._twistd.get("pidfile") if self._twistd is not None else None
+        if not pidfile:
+            return
+        try:
+            with open(pidfile) as f:
+                ours = int(f.read().strip() or 0) == os.getpid()
+            if ours:
+                os.remove(pidfile)
+        except (OSError, ValueError):
+            pass
+
+    def _exit_failed(self) -> None:
+        """
+        After a failed start, once the reactor has stopped: exit with
+        status 1.
+        """
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
+
+
+def _warn_if_exposed(path: str) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warn(
+            "the inbox {path} can be read by other users (mode {mode}); run "
+            "'chmod 600 {path}'",
+            path=path,
+            mode=f"{mode:04o}",
+            ilm_event="inbox_exposed",
+        )
 
 
 def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
     """
     Build the ``twistd ilm`` service from parsed :class:`Options`.
+
+    Under twistd, this also sets the file creation mask (twistd's
+    ``--umask``, else :data:`DEFAULT_UMASK`) before twistd opens its log
+    and pid files.
     """
     from ilm.backends import SQLiteBackend
     from ilm.network import StreamNetwork
 
+    twistd = getattr(options, "parent", None)
+    if twistd is not None:
+        umask = twistd.get("umask")
+        os.umask(DEFAULT_UMASK if umask is None else umask)
     network = StreamNetwork(
         options["id"],
         listen=options["listen"],
         peers=options["peers"],
         keys=options["keys"],
-        tls=_tls(options),
+        tls=options["tls"],
         reactor=reactor,
     )
-    inbox = FileDelivery(options["inbox"], fsync=options["fsync"])
+    inbox = FileDelivery(options["inbox"], fsync=bool(options["fsync"]))
     config = Config() if options["window"] is None else Config(window=options["window"])
     node = ILM(
         SQLiteBackend(options["store"], reactor=reactor),
@@ -330,4 +929,11 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
         config=config,
         clock=reactor,
     )
-    return NodeService(node, inbox, reactor)
+    return NodeService(
+        node,
+        inbox,
+        reactor,
+        twistd=twistd,
+        warnings=tuple(getattr(options, "warnings", ())),
+        store=options["store"],
+    )

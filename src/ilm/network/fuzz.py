@@ -6,6 +6,7 @@ Usage::
 
     python -m ilm.network.fuzz [--inputs 1000000] [--seed N]
         [--protocol-share 0.1] [--session-share 0.1]
+        [--store {memory,sqlite,both}]
 
 Each input is one of:
 
@@ -27,34 +28,47 @@ may receive nothing but a CHALLENGE and deliver nothing to ILM.
 
 Another share (``--session-share``) is sent by a peer that first
 authenticates properly: through a real link into a running ILM node (with
-messages of its own for that peer in its outbox).  No exception may escape,
-no internal error may be logged, and what the node delivers from each of
-the peer's incarnations must be consecutive positions, none twice, however
-damaged the frames.
+messages of its own for that peer in its outbox).  With ``--store both``
+(the default) each such input goes to one of two nodes, one with an
+in-memory store and one with a real SQLite file (``--store memory`` or
+``--store sqlite`` picks one).  No exception may escape, no internal error
+may be logged, the store may never fail a commit (nothing a peer sends may
+break the store), and what the node delivers from each of the peer's
+incarnations must be consecutive positions, none twice, however damaged the
+frames.
 
-Prints the number of inputs run; exits 1 with the offending input (hex) on
-the first failure.
+Progress goes to standard error (a bar on a terminal, a line per tenth
+otherwise); the closing line, with the counts, to standard output.  Exits 1
+with the seed and the offending input (hex) on the first failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from typing import IO, Any
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
 from ilm._message import PeerId
 from ilm._session import PROTOCOL_VERSION, Hello
-from ilm.errors import ProtocolViolation
-from ilm.interfaces import IFrameReceiver, IMessage
+from ilm._store import CommitResult, StoreBatch, StoredState
+from ilm.errors import ProtocolViolation, ShutdownTimeout
+from ilm.interfaces import IBackend, IFrameReceiver, IMessage
 from ilm.network import _wire
 
 _DECODERS: dict[int, Callable[[bytes], object]] = {
@@ -297,6 +311,13 @@ class _NothingExpected:
         self.events += 1
 
 
+# Events that no input may cause: a bug, or a store broken by what a peer
+# sent.
+_FORBIDDEN_EVENTS = frozenset(
+    {"internal_error", "store_commit_failed", "store_broken", "outbox_read_failed"}
+)
+
+
 @implementer(ILogObserver)
 class _InternalErrors:
     def __init__(self, found: list[LogEvent], lost: list[LogEvent] | None = None):
@@ -305,10 +326,62 @@ class _InternalErrors:
 
     def __call__(self, event: LogEvent) -> None:
         kind = event.get("ilm_event")
-        if kind == "internal_error":
+        if kind in _FORBIDDEN_EVENTS:
             self._found.append(event)
         elif kind == "messages_lost" and self._lost is not None:
             self._lost.append(event)
+
+
+def _describe(event: LogEvent) -> str:
+    failure = event.get("log_failure")
+    what = event.get("ilm_event")
+    if failure is not None:
+        return f"{what}: {failure.getTraceback()}"
+    return f"{what}: {event.get('log_format')} {event.get('error', '')}"
+
+
+@implementer(IBackend)
+class SynchronousSQLite:
+    """
+    A real :class:`ilm.backends.SQLiteBackend` file whose operations finish
+    before they return (through a :class:`ilm.simulation.Gate`), so that a
+    node on a ``Clock`` can use it input after input.
+    """
+
+    def __init__(self, path: str) -> None:
+        from ilm.backends._sqlite import SQLiteBackend
+        from ilm.simulation._gate import Gate
+
+        self.gate = Gate()
+        self.inner = SQLiteBackend(path, synchronous="NORMAL", reactor=self.gate)
+
+    def _now(self, d: Deferred[Any]) -> Deferred[Any]:
+        result = self.gate.wait(d)
+        return fail(result) if isinstance(result, Failure) else succeed(result)
+
+    def open(self) -> Deferred[StoredState]:
+        return self._now(self.inner.open())
+
+    def commit(
+        self, batch: StoreBatch, *args: Any, **kwargs: Any
+    ) -> Deferred[CommitResult]:
+        return self._now(self.inner.commit(batch, *args, **kwargs))
+
+    def read_outbound(
+        self, peer_id: PeerId, after: int, limit: int, *args: Any, **kwargs: Any
+    ) -> Deferred[list[bytes]]:
+        return self._now(
+            self.inner.read_outbound(peer_id, after, limit, *args, **kwargs)
+        )
+
+    def close(self) -> Deferred[None]:
+        return self._now(self.inner.close())
+
+    def release(self) -> None:
+        """
+        Close the file and stop SQLite's threads, whatever the node did.
+        """
+        self.gate.wait(self.inner.close())
 
 
 class _ProtocolFuzzer:
@@ -364,12 +437,13 @@ class _SessionFuzzer:
     (node 2) over a real link, one link per input.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store: str = "memory") -> None:
         from ilm import ILM
         from ilm.network._handshake import PreSharedKeys
         from ilm.network._stream import Backoff, ILMFactory, LinkSettings, StreamNetwork
         from ilm.testing import InMemoryBackend
 
+        self.store = store
         self.clock = Clock()
         # Violations close links; keep the refusal that follows one short so
         # that the next input's link is accepted.  The inputs are untagged
@@ -394,9 +468,21 @@ class _SessionFuzzer:
         self.lost: list[LogEvent] = []
         self._lost_seen = 0
         self._generation = 1
-        self.node = ILM(
-            InMemoryBackend(), self._deliver, self.network, clock=self.clock
-        )
+        self.runs = 0
+        self.internal_errors: list[LogEvent] = []
+        self._observer = _InternalErrors(self.internal_errors, self.lost)
+        globalLogPublisher.addObserver(self._observer)
+        self._directory: str | None = None
+        self._sqlite: SynchronousSQLite | None = None
+        backend: IBackend
+        if store == "sqlite":
+            self._directory = tempfile.mkdtemp(prefix="ilm-fuzz-")
+            backend = self._sqlite = SynchronousSQLite(
+                os.path.join(self._directory, "node.sqlite")
+            )
+        else:
+            backend = InMemoryBackend()
+        self.node = ILM(backend, self._deliver, self.network, clock=self.clock)
         self.node.startService()
         self.clock.advance(0)
         for n in range(50):
@@ -405,9 +491,6 @@ class _SessionFuzzer:
         self.factory = ILMFactory(self.network, None)
         self._keys = PreSharedKeys({2: _FUZZ_KEY})
         self.links = 0
-        self.internal_errors: list[LogEvent] = []
-        self._observer = _InternalErrors(self.internal_errors, self.lost)
-        globalLogPublisher.addObserver(self._observer)
 
     def make_input(self, rng: random.Random) -> bytes:
         """
@@ -424,7 +507,22 @@ class _SessionFuzzer:
         return session_input(rng, incarnation, self.node.incarnation, expected)
 
     def close(self) -> None:
-        globalLogPublisher.removeObserver(self._observer)
+        """
+        Stop the node (closing its store) and delete the store's files.
+        """
+        try:
+            # Its messages to the fuzzing peer are never all acknowledged:
+            # the shutdown times out at once, as it should.
+            self.node.shutdown(0).addErrback(
+                lambda failure: failure.trap(ShutdownTimeout)
+            )
+            self.clock.advance(1)
+        finally:
+            globalLogPublisher.removeObserver(self._observer)
+            if self._sqlite is not None:
+                self._sqlite.release()
+            if self._directory is not None:
+                shutil.rmtree(self._directory, ignore_errors=True)
 
     def _deliver(self, message: IMessage) -> None:
         incarnation = message.source_incarnation  # type: ignore[attr-defined]
@@ -473,6 +571,7 @@ class _SessionFuzzer:
         """
         :return: a description of what went wrong, or ``None``.
         """
+        self.runs += 1
         protocol = self.factory.buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
@@ -486,9 +585,9 @@ class _SessionFuzzer:
         protocol.connectionLost()
         self.clock.advance(1)
         if self.internal_errors:
-            return f"internal error: {self.internal_errors[0].get('log_failure')}"
+            return f"{self.store} store node: {_describe(self.internal_errors[0])}"
         if self.problems:
-            return self.problems[0]
+            return f"{self.store} store node: {self.problems[0]}"
         return None
 
 
@@ -501,30 +600,141 @@ def frames_of(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", type=int, default=1_000_000)
-    parser.add_argument("--seed", type=int, default=None)
+STORES = ("memory", "sqlite", "both")
+"""What ``--store`` accepts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    The command line of ``python -m ilm.network.fuzz``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m ilm.network.fuzz",
+        description="Fuzz the stream transport's frame decoders, the link "
+        "handshake (an unauthenticated listener) and ILM's session layer "
+        "behind an authenticated link (a running node with an in-memory and "
+        "one with an SQLite store), and check that bad input only ever gives "
+        "a typed protocol violation: no internal error, no store failure, no "
+        "message delivered twice or out of order. See docs/security.md.",
+        epilog="Progress goes to standard error, the closing counts to "
+        "standard output. On the first failure the command prints the seed "
+        "and the input (hex) and exits with status 1.",
+    )
+    parser.add_argument(
+        "--inputs",
+        type=int,
+        default=1_000_000,
+        help="how many inputs to run (default 1,000,000: about a minute)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the seed of the inputs (default: a random one, printed at the end)",
+    )
     parser.add_argument(
         "--protocol-share",
         type=float,
         default=0.1,
-        help="share of inputs also fed to a responder protocol (default 0.1)",
+        help="share of inputs also fed to an unauthenticated responder protocol "
+        "(default 0.1)",
     )
     parser.add_argument(
         "--session-share",
         type=float,
         default=0.1,
-        help="share of session inputs also sent by an authenticated peer into a "
-        "running ILM node (default 0.1)",
+        help="share of inputs for which session frames are also sent by an "
+        "authenticated peer into a running ILM node (default 0.1)",
     )
-    options = parser.parse_args(argv)
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default="both",
+        help="the store of the node the session inputs go to: in memory, a "
+        "real SQLite file, or both (default: each input goes to one of them)",
+    )
+    return parser
+
+
+class _Progress:
+    """
+    Progress on a text stream: a bar redrawn on a terminal, a line per
+    tenth otherwise.
+    """
+
+    def __init__(self, stream: IO[str], total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.started = time.perf_counter()
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.next_tenth = 1
+
+    def update(self, done: int) -> None:
+        if self.tty:
+            now = time.perf_counter()
+            if now - self.last < 0.2 and done < self.total:
+                return
+            self.last = now
+            self.stream.write("\r" + self._bar(done, now))
+            if done == self.total:
+                self.stream.write("\n")
+        else:
+            if done * 10 < self.next_tenth * self.total:
+                return
+            while done * 10 >= self.next_tenth * self.total:
+                self.next_tenth += 1
+            self.stream.write(self._bar(done, time.perf_counter()) + "\n")
+        self.stream.flush()
+
+    def interrupt(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _bar(self, done: int, now: float) -> str:
+        width = 30
+        filled = width * done // self.total
+        elapsed = now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate else 0.0
+        return (
+            f"[{'#' * filled}{'.' * (width - filled)}] {done:,}/{self.total:,} "
+            f"inputs, {rate:,.0f}/s, {elapsed:.0f}s elapsed, ~{left:.0f}s left"
+        )
+
+
+def main(
+    argv: list[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """
+    ``python -m ilm.network.fuzz``.
+
+    :return: the exit status: 0 when no input found a problem, 1 otherwise.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    parser = build_parser()
+    # argparse writes help and usage errors to sys.stdout and sys.stderr:
+    # send them where this run's output goes.
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        options = parser.parse_args(argv)
+        if options.inputs < 1:
+            parser.error("--inputs must be at least 1")
+        for name in ("protocol_share", "session_share"):
+            if not 0 <= getattr(options, name) <= 1:
+                parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
     seed = options.seed if options.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
+    stores = ["memory", "sqlite"] if options.store == "both" else [options.store]
     fuzzer = _ProtocolFuzzer()
-    session = _SessionFuzzer()
+    sessions = {store: _SessionFuzzer(store) for store in stores}
+    progress = _Progress(err, options.inputs)
     started = time.perf_counter()
-    frames = protocol_runs = session_runs = 0
+    frames = protocol_runs = 0
+    count = 0
     try:
         for count in range(1, options.inputs + 1):
             data = make_input(rng)
@@ -536,32 +746,45 @@ def main(argv: list[str] | None = None) -> int:
                     if problem is not None:
                         raise AssertionError(problem)
                 if rng.random() < options.session_share:
-                    session_runs += 1
+                    session = sessions[rng.choice(stores)]
                     data = session.make_input(rng)
                     problem = session.run(rng, data)
                     if problem is not None:
                         raise AssertionError(problem)
             except Exception as error:
+                progress.interrupt()
                 if not isinstance(error, AssertionError):
-                    traceback.print_exc()
-                print(
+                    traceback.print_exc(file=err)
+                out.write(
                     f"FAILED on input {count} (seed {seed}): "
-                    f"{type(error).__name__}: {error}\ninput: {data.hex()}"
+                    f"{type(error).__name__}: {error}\ninput: {data.hex()}\n"
                 )
                 return 1
-            if count % 200_000 == 0:
-                print(f"  {count:,} inputs...", flush=True)
+            progress.update(count)
+    except KeyboardInterrupt:
+        progress.interrupt()
+        out.write(f"interrupted after {count - 1:,} inputs (seed {seed})\n")
+        return 1
     finally:
         fuzzer.close()
-        session.close()
+        for session in sessions.values():
+            session.close()
     elapsed = time.perf_counter() - started
-    print(
+    runs = sum(s.runs for s in sessions.values())
+    links = sum(s.links for s in sessions.values())
+    delivered = sum(s.deliveries for s in sessions.values())
+    gaps = sum(len(s.lost) for s in sessions.values())
+    per_store = ", ".join(
+        f"{s.runs:,} into the node with the {name} store"
+        for name, s in sessions.items()
+    )
+    out.write(
         f"{options.inputs:,} inputs fuzzed (seed {seed}) in {elapsed:.1f} s: "
         f"{frames:,} frames decoded, {protocol_runs:,} inputs also run through "
-        f"a responder protocol, {session_runs:,} session inputs sent by an "
-        f"authenticated peer into a running ILM node ({session.links:,} links, "
-        f"{session.deliveries:,} messages delivered, {len(session.lost):,} "
-        f"announced gaps); no failure"
+        f"a responder protocol, {runs:,} session inputs sent by an "
+        f"authenticated peer into a running ILM node ({links:,} links, "
+        f"{delivered:,} messages delivered, {gaps:,} announced gaps; "
+        f"{per_store}); no failure\n"
     )
     return 0
 

@@ -6,6 +6,7 @@ command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import attr
 
 from ilm.simulation._sqlite import SQLiteStoreModel
 from ilm.simulation._store import MemoryStoreModel, StoreModel
-from ilm.simulation._stream import stream_network
+from ilm.simulation._stream import StreamSimulation, stream_network
 from ilm.simulation._world import Scenario, SimulatedNetwork, World, memory_network
 
 STORES: dict[str, Callable[[], StoreModel]] = {
@@ -189,13 +190,30 @@ def format_failure(result: SeedResult, tail: int = 60) -> str:
     return "\n".join(lines)
 
 
+def frame_faults(scenario: Scenario) -> bool:
+    """
+    Whether ``scenario``'s network has the per-frame faults (drop,
+    duplicate, delay): a stream network has not (a stream loses, repeats or
+    reorders no single frame).
+    """
+    network: object = StreamSimulation if scenario.network is stream_network else None
+    return bool(getattr(network, "frame_faults", True))
+
+
 def format_summary(
-    summary: Summary, first_seed: int, nodes: int, options: Sequence[str] = ()
+    summary: Summary,
+    first_seed: int,
+    nodes: int,
+    options: Sequence[str] = (),
+    *,
+    frame_faults: bool = True,
 ) -> str:
     """
     The summary printed at the end of a run of seeds.
 
     :param options: the store and network options of the run, if any.
+    :param frame_faults: whether the network had per-frame faults (drop,
+        duplicate, delay); the summary leaves them out otherwise.
     """
     s = summary.stats
     duplicates = s["duplicates_receiver_crash"] + s["duplicates_receiver_store_loss"]
@@ -221,10 +239,17 @@ def format_summary(
             f"(receiver crash "
             f"{s['duplicates_receiver_crash']}, receiver store loss "
             f"{s['duplicates_receiver_store_loss']})",
-            f"lost        {s['lost_with_sender_store']} with their sender's store "
-            f"({s['lost_with_sender_store_accepted']} of them accepted)",
-            f"faults      cut {s['fault_cut']}, drop {s['fault_drop']}, duplicate "
-            f"{s['fault_duplicate']}, delay {s['fault_delay']}, crash "
+            f"lost        {s['lost_with_sender_store']} by design, with their "
+            f"sender's deleted store ({s['lost_with_sender_store_accepted']} of "
+            f"them accepted)",
+            f"faults      cut {s['fault_cut']}, "
+            + (
+                f"drop {s['fault_drop']}, duplicate {s['fault_duplicate']}, delay "
+                f"{s['fault_delay']}, "
+                if frame_faults
+                else ""
+            )
+            + "crash "
             f"{s['fault_crash']} (at random {s['fault_crash_at_random']}, in commit "
             f"{s['fault_crash_in_commit']}, after commit "
             f"{s['fault_crash_after_commit']}, after delivery "
@@ -380,13 +405,16 @@ def main(
         action="store_true",
         help="write every event of each seed (use it to replay one seed)",
     )
-    args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
-    try:
-        scenario = scenario_for(args.nodes, args.store, args.network)
-    except ValueError as error:
-        parser.error(str(error))
+    # argparse writes help and usage errors to sys.stdout and sys.stderr:
+    # send them where this run's output goes.
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        args = parser.parse_args(argv)
+        if args.seeds < 1:
+            parser.error("--seeds must be at least 1")
+        try:
+            scenario = scenario_for(args.nodes, args.store, args.network)
+        except ValueError as error:
+            parser.error(str(error))
     progress = None if args.verbose else _Progress(err, args.seeds)
     summary = Summary()
     started = time.perf_counter()
@@ -410,7 +438,16 @@ def main(
         out.write("interrupted\n")
     summary.wall_seconds = time.perf_counter() - started
     options = scenario_options(scenario)
-    out.write(format_summary(summary, args.start, args.nodes, options) + "\n")
+    out.write(
+        format_summary(
+            summary,
+            args.start,
+            args.nodes,
+            options,
+            frame_faults=frame_faults(scenario),
+        )
+        + "\n"
+    )
     if summary.failures:
         out.write("failed seeds: " + " ".join(str(f.seed) for f in summary.failures))
         out.write("\n")
