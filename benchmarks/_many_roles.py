@@ -1,0 +1,211 @@
+"""
+The many-peers scenario's processes: one ILM node under test (an
+unmodified ``ILM`` with an ``SQLiteBackend``, ``synchronous=FULL``, on a
+``StreamNetwork`` with one pre-shared key per peer), and client processes
+each hosting many peers: real ILM nodes (in-memory stores), each with its
+own ``StreamNetwork`` and authenticated TCP link, all on one reactor.
+
+The orchestrator tells the clients (on standard input) when to offer load
+and the node over which window to measure: ``GO <start> <end>`` and
+``WINDOW <start> <end>`` in ``CLOCK_MONOTONIC`` seconds.  Each peer offers
+``rate`` messages per second (one timer per client process, every
+``tick`` seconds, sends each peer's due messages).  The node checks that
+every peer's messages arrive exactly once and in order (message ids
+consecutive per peer, payload index matching) and measures, over the
+window: messages delivered per second, latency (send time to delivery),
+its CPU time, and its RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from typing import Any
+
+from benchmarks._harness import (
+    cpu_seconds,
+    latency_summary,
+    now,
+    peak_rss_mb,
+    read_stamp,
+    ready,
+    result,
+    stamped,
+)
+
+NODE = 0
+
+
+def key(peer_id: int) -> bytes:
+    return hashlib.sha256(b"ilm benchmark peer %d" % peer_id).digest()
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _commands(reactor: Any, handle: Any) -> None:
+    """Read command lines from stdin in a thread; run ``handle`` on each."""
+
+    def read() -> None:
+        for line in sys.stdin:
+            reactor.callFromThread(handle, line.split())
+
+    threading.Thread(target=read, daemon=True).start()
+
+
+async def many_node(reactor: Any, options: dict[str, Any]) -> None:
+    from twisted.internet import defer
+
+    from ilm import ILM, Message, SQLiteBackend
+    from ilm.network import StreamNetwork
+
+    peers = options["peers"]
+    expected: dict[Any, int] = {}
+    window: list[float] = []
+    latencies: list[float] = []
+    state: dict[str, Any] = {"in_window": 0, "total": 0, "error": None}
+    finished: defer.Deferred[None] = defer.Deferred()
+
+    def deliver(message: Message) -> None:
+        at = now()
+        source = message.source_id
+        index, sent = read_stamp(message.contents)
+        position = expected.get(source, 0)
+        if message.message_id != position + 1 or index != position:
+            if state["error"] is None:
+                state["error"] = (
+                    f"peer {source}: message {message.message_id} (index {index}) "
+                    f"after {position}: out of order, repeated or lost"
+                )
+            return
+        expected[source] = position + 1
+        state["total"] += 1
+        if window and window[0] <= at <= window[1]:
+            state["in_window"] += 1
+            latencies.append(at - sent)
+
+    network = StreamNetwork(
+        NODE,
+        listen=["tcp:0:interface=127.0.0.1"],
+        keys={i: key(i) for i in range(1, peers + 1)},
+        reactor=reactor,
+    )
+    node = await ILM.create(
+        SQLiteBackend(
+            os.path.join(options["dir"], "node.sqlite"),
+            synchronous="FULL",
+            reactor=reactor,
+        ),
+        deliver,
+        network,
+    )
+    marks: dict[str, float] = {}
+
+    def mark_start() -> None:
+        marks["cpu0"] = cpu_seconds()
+        marks["links0"] = len(node.connected_peers())
+
+    def mark_end() -> None:
+        marks["cpu1"] = cpu_seconds()
+        marks["rss"] = current_rss_mb()
+        marks["links1"] = len(node.connected_peers())
+        finished.callback(None)
+
+    def command(words: list[str]) -> None:
+        if words and words[0] == "WINDOW":
+            start, end = float(words[1]), float(words[2])
+            window[:] = [start, end]
+            reactor.callLater(max(0, start - now()), mark_start)
+            reactor.callLater(max(0, end - now()), mark_end)
+
+    _commands(reactor, command)
+    ready(network.listening_addresses()[0].port)
+    await finished
+    seconds = window[1] - window[0]
+    figures: dict[str, Any] = {
+        "peers": peers,
+        "links_at_start": marks["links0"],
+        "links_at_end": marks["links1"],
+        "delivered_per_s": state["in_window"] / seconds,
+        "delivered_total": state["total"],
+        "cpu_s": marks["cpu1"] - marks["cpu0"],
+        "cpu_fraction": (marks["cpu1"] - marks["cpu0"]) / seconds,
+        "rss_mb": marks["rss"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if latencies:
+        figures.update(latency_summary(latencies))
+    if state["error"]:
+        figures["error"] = state["error"]
+    result(figures)
+    await defer.Deferred()  # until SIGTERM
+
+
+async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
+    from twisted.internet import defer, task
+
+    from ilm import ILM
+    from ilm.network import StreamNetwork
+    from ilm.testing import InMemoryBackend
+
+    first, count = options["first"], options["count"]
+    rate, tick = options.get("rate", 100.0), options.get("tick", 0.01)
+    endpoint = f"tcp:host=127.0.0.1:port={options['port']}"
+    nodes = []
+    for peer_id in range(first, first + count):
+        network = StreamNetwork(
+            peer_id, peers={NODE: endpoint}, keys={NODE: key(peer_id)}, reactor=reactor
+        )
+        nodes.append(await ILM.create(InMemoryBackend(), lambda m: None, network))
+    deadline = now() + options.get("connect_timeout", 120)
+    while not all(NODE in n.connected_peers() for n in nodes):
+        if now() > deadline:
+            up = sum(NODE in n.connected_peers() for n in nodes)
+            raise SystemExit(f"only {up} of {count} peers linked")
+        await task.deferLater(reactor, 0.05)
+    go: defer.Deferred[tuple[float, float]] = defer.Deferred()
+
+    def command(words: list[str]) -> None:
+        if words and words[0] == "GO" and not go.called:
+            go.callback((float(words[1]), float(words[2])))
+
+    _commands(reactor, command)
+    ready(count)
+    start, end = await go
+    wait = start - now()
+    if wait > 0:
+        await task.deferLater(reactor, wait)
+    sent = [0] * count
+    refused: list[object] = []
+    late = 0
+    cpu = cpu_seconds()
+    while (at := now()) < end:
+        due = int((at - start) * rate) + 1
+        behind = 0
+        for position, node in enumerate(nodes):
+            while sent[position] < due:
+                d = node.send_to(NODE, stamped(sent[position]))
+                d.addErrback(refused.append)
+                sent[position] += 1
+                behind += 1
+        if behind > 2 * count:
+            late += 1
+        wait = at + tick - now()
+        await task.deferLater(reactor, max(0.0, wait))
+    spent = cpu_seconds() - cpu
+    result(
+        {
+            "sent": sum(sent),
+            "offered_per_s": sum(sent) / (end - start),
+            "refused": len(refused),
+            "late_ticks": late,
+            "cpu_s": spent,
+            "rss_mb": current_rss_mb(),
+        }
+    )
+    await defer.Deferred()  # until SIGTERM
