@@ -1,7 +1,8 @@
 """
 The MQTT scenario's processes: a paho-mqtt subscriber and publisher through
-a Mosquitto broker, MQTT 5 persistent sessions (``clean_start=False``, a
-session expiry interval), QoS 1 or 2.
+a Mosquitto broker, persistent sessions (MQTT 5 ``clean_start=False`` with a
+session expiry interval; MQTT 3.1.1 ``clean_session=False`` for the QoS 1
+publisher), QoS 1 or 2.
 
 What MQTT promises, and what is checked: QoS 1 is at-least-once and QoS 2
 exactly-once between each client and the broker; messages published by one
@@ -11,10 +12,19 @@ client on one topic at one QoS reach a subscriber in publication order
 messages: Mosquitto drops QoS 1/2 messages beyond ``max_queued_messages``
 for a subscriber that falls behind), a repeat is counted as a duplicate.
 
-Best configuration for throughput: the subscriber's Receive Maximum is
-65,535 (the broker may have that many messages in flight to it); the
-publisher keeps up to ``inflight`` messages unacknowledged
-(``max_inflight_messages_set``) with an unbounded client queue
+Best configuration for throughput: the subscriber speaks MQTT 5 with a
+Receive Maximum of 65,535 (the broker may have that many messages in flight
+to it; as an MQTT 3.1.1 client it would get Mosquitto's default of 20, and
+messages beyond ``max_queued_messages`` would be dropped).  At QoS 1 the
+publisher speaks MQTT 3.1.1 (``clean_session=False``), which has no Receive
+Maximum, and keeps up to 65,535 messages unacknowledged (Mosquitto
+acknowledges QoS 1 at once); as an MQTT 5 client it would be bound to the
+broker's Receive Maximum (Mosquitto's ``max_inflight_messages``, 20 by
+default).  At QoS 2 that limit holds whatever the protocol version
+(Mosquitto drops QoS 2 publishes beyond it: tried, messages were lost), so
+the publisher speaks MQTT 5, learns the broker's Receive Maximum from a
+first connection (paho does not apply it by itself) and keeps that many in
+flight (``max_inflight_messages_set``) with an unbounded client queue
 (``max_queued_messages_set(0)``) and drives its network loop itself in one
 thread (paho's background thread costs a wake-up per publish).
 """
@@ -38,14 +48,24 @@ from benchmarks._harness import (
 SESSION_EXPIRY = 600
 
 
-def _client(options: dict[str, Any], client_id: str, clean: bool = False) -> Any:
+def _client(
+    options: dict[str, Any], client_id: str, clean: bool = False, v5: bool = True
+) -> Any:
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
+    if v5:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+    else:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean,
+        )
     client.max_inflight_messages_set(options.get("inflight", 65535))
     client.max_queued_messages_set(0)
     properties = Properties(PacketTypes.CONNECT)
@@ -53,21 +73,28 @@ def _client(options: dict[str, Any], client_id: str, clean: bool = False) -> Any
     properties.ReceiveMaximum = 65535
     connected = threading.Event()
     refused: list[str] = []
+    limits: list[int] = []
 
     def on_connect(c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             refused.append(str(reason))
+        limits.append(getattr(props, "ReceiveMaximum", 65535))
         connected.set()
 
     client.on_connect = on_connect
-    client.connect(
-        options["host"], options["port"], clean_start=clean, properties=properties
-    )
+    if v5:
+        client.connect(
+            options["host"], options["port"], clean_start=clean, properties=properties
+        )
+    else:
+        client.connect(options["host"], options["port"])
     deadline = now() + 10
     while not connected.is_set() and now() < deadline:
         client.loop(0.05)
     if refused or not connected.is_set():
         raise SystemExit(f"MQTT connection refused or timed out: {refused}")
+    # MQTT 5: how many unacknowledged publishes the broker takes.
+    client.broker_receive_maximum = limits[0] if limits else 65535
     return client
 
 
@@ -149,7 +176,18 @@ def subscriber(options: dict[str, Any]) -> None:
 def publisher(options: dict[str, Any]) -> None:
     qos, messages, mode = options["qos"], options["messages"], options["mode"]
     size, topic = options.get("size", 64), options["topic"]
-    client = _client(options, options["publisher_id"])
+    inflight = options.get("inflight", 65535)
+    v5 = qos == 2
+    if v5:
+        # MQTT 5: never more unacknowledged publishes than the broker takes
+        # (its Receive Maximum, which paho learns but does not apply by
+        # itself), so ask first: the window cannot change on an open
+        # connection.
+        probe = _client(options, options["publisher_id"] + "-probe", clean=True)
+        inflight = min(inflight, probe.broker_receive_maximum)
+        probe.disconnect()
+    options = {**options, "inflight": inflight}
+    client = _client(options, options["publisher_id"], v5=v5)
     acked = [0]
 
     def on_publish(*args: Any) -> None:
@@ -183,6 +221,7 @@ def publisher(options: dict[str, Any]) -> None:
             "sender_cpu": cpu_seconds() - cpu,
             "sender_rss_mb": peak_rss_mb(),
             "publisher_acks": acked[0],
+            "publisher_inflight": inflight,
         }
     )
     client.disconnect()
@@ -195,8 +234,9 @@ def remove_sessions(host: str, port: int, client_ids: list[str]) -> None:
     """
     for client_id in client_ids:
         try:
-            client = _client({"host": host, "port": port}, client_id, clean=True)
-            client.disconnect()
-            client.loop(0.05)
+            for v5 in (True, False):
+                client = _client({"host": host, "port": port}, client_id, True, v5)
+                client.disconnect()
+                client.loop(0.05)
         except BaseException:
             pass
