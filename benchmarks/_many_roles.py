@@ -9,7 +9,8 @@ The orchestrator tells the clients (on standard input) when to offer load
 and the node over which window to measure: ``GO <start> <end>`` and
 ``WINDOW <start> <end>`` in ``CLOCK_MONOTONIC`` seconds.  Each peer offers
 ``rate`` messages per second (one timer per client process, every
-``tick`` seconds, sends each peer's due messages).  The node checks that
+``tick`` seconds, sends each peer's due messages; the peers are spread over
+ten phases of the send interval).  The node checks that
 every peer's messages arrive exactly once and in order (message ids
 consecutive per peer, payload index matching) and measures, over the
 window: messages delivered per second, latency (send time to delivery),
@@ -154,7 +155,7 @@ async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
     from ilm.testing import InMemoryBackend
 
     first, count = options["first"], options["count"]
-    rate, tick = options.get("rate", 100.0), options.get("tick", 0.01)
+    rate, tick = options.get("rate", 100.0), options.get("tick", 0.001)
     endpoint = f"tcp:host=127.0.0.1:port={options['port']}"
     nodes = []
     for peer_id in range(first, first + count):
@@ -180,28 +181,33 @@ async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
     wait = start - now()
     if wait > 0:
         await task.deferLater(reactor, wait)
-    sent = [0] * count
+    # Peers are spread over ``phases`` groups, each offset by a fraction of
+    # the send interval, so that the load arrives smoothly rather than in
+    # one burst of every peer per interval.
+    phases = options.get("phases", 10)
+    groups = [nodes[g::phases] for g in range(phases)]
+    sent = [0] * phases
     refused: list[object] = []
     late = 0
     cpu = cpu_seconds()
     while (at := now()) < end:
-        due = int((at - start) * rate) + 1
-        behind = 0
-        for position, node in enumerate(nodes):
-            while sent[position] < due:
-                d = node.send_to(NODE, stamped(sent[position]))
-                d.addErrback(refused.append)
-                sent[position] += 1
-                behind += 1
-        if behind > 2 * count:
-            late += 1
+        for group, members in enumerate(groups):
+            due = int((at - start) * rate - group / phases) + 1
+            if due - sent[group] > 2:
+                late += 1
+            while sent[group] < due:
+                contents = stamped(sent[group])
+                for node in members:
+                    node.send_to(NODE, contents).addErrback(refused.append)
+                sent[group] += 1
         wait = at + tick - now()
         await task.deferLater(reactor, max(0.0, wait))
     spent = cpu_seconds() - cpu
     result(
         {
-            "sent": sum(sent),
-            "offered_per_s": sum(sent) / (end - start),
+            "sent": sum(n * len(m) for n, m in zip(sent, groups, strict=True)),
+            "offered_per_s": sum(n * len(m) for n, m in zip(sent, groups, strict=True))
+            / (end - start),
             "refused": len(refused),
             "late_ticks": late,
             "cpu_s": spent,

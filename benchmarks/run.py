@@ -66,7 +66,7 @@ class Failed(Exception):
     """The scenario ran and something was wrong; the message says what."""
 
 
-# -- plan ------------------------------------------------------------------------
+# -- plan ---------------------------------------------------------------------
 
 
 class Plan:
@@ -83,8 +83,10 @@ class Plan:
         self.latency_seconds = args.latency_seconds or (3.0 if args.quick else 10.0)
         self.backlog = args.backlog or (100_000 if args.quick else 1_000_000)
         self.cuts = 2 if args.quick else 5
-        self.peer_steps = [int(p) for p in args.peers.split(",")] if args.peers else (
-            [10, 100] if args.quick else [10, 100, 1000]
+        self.peer_steps = (
+            [int(p) for p in args.peers.split(",")]
+            if args.peers
+            else ([10, 100] if args.quick else [10, 100, 1000])
         )
         self.peer_seconds = args.peer_seconds or (3.0 if args.quick else 10.0)
         self.verbose = args.verbose
@@ -102,7 +104,7 @@ class Plan:
         )
 
 
-# -- shared runs ----------------------------------------------------------------------
+# -- shared runs --------------------------------------------------------------
 
 
 def _pair(
@@ -208,7 +210,10 @@ def _measure(
             timeout=plan.latency_seconds + 120,
             broker_pid=broker_pid,
         )
-        delays = [d - s for s, d in zip(figures["sent_at"], figures["delivered_at"])]
+        delays = [
+            d - s
+            for s, d in zip(figures["sent_at"], figures["delivered_at"], strict=True)
+        ]
         summary = latency_summary(delays)
         record.update(
             {
@@ -242,7 +247,7 @@ def _resume(plan: Plan, options: dict[str, Any]) -> dict[str, Any]:
     for cut in figures["cuts"]:
         after = [
             d
-            for s, d in zip(figures["sent_at"], figures["delivered_at"])
+            for s, d in zip(figures["sent_at"], figures["delivered_at"], strict=True)
             if s > cut
         ]
         if after:
@@ -255,7 +260,7 @@ def _resume(plan: Plan, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# -- scenarios --------------------------------------------------------------------------
+# -- scenarios ----------------------------------------------------------------
 
 
 def _store_dir(plan: Plan) -> str:
@@ -263,9 +268,7 @@ def _store_dir(plan: Plan) -> str:
 
 
 def scenario_raw(plan: Plan) -> dict[str, Any]:
-    record = _measure(
-        plan, "raw-receiver", "raw-sender", {"size": SIZE}, plan.messages
-    )
+    record = _measure(plan, "raw-receiver", "raw-sender", {"size": SIZE}, plan.messages)
     record["checked"] = "every message exactly once, in order (TCP's promise)"
     return record
 
@@ -302,7 +305,9 @@ def _inproc(plan: Plan, style: str) -> dict[str, Any]:
             size=SIZE,
         )
         figures = child.result(plan.latency_seconds + 60)
-    delays = [d - s for s, d in zip(figures["sent_at"], figures["delivered_at"])]
+    delays = [
+        d - s for s, d in zip(figures["sent_at"], figures["delivered_at"], strict=True)
+    ]
     summary = latency_summary(delays)
     cpu = median["sender_cpu"] * 100_000 / plan.messages
     record = {
@@ -593,6 +598,8 @@ def _many_step(plan: Plan, peers: int) -> dict[str, Any]:
         "clients_cpu_fraction": sum(s["cpu_s"] for s in sent)
         / (plan.peer_seconds + warmup),
         "refused": sum(s["refused"] for s in sent),
+        "clients_late_ticks": sum(s["late_ticks"] for s in sent),
+        "clients_cpu_s": [round(s["cpu_s"], 2) for s in sent],
     }
 
 
@@ -614,7 +621,7 @@ SCENARIOS: list[tuple[str, str, Callable[[Plan], dict[str, Any]]]] = [
 ]
 
 
-# -- ratios and targets ----------------------------------------------------------------
+# -- ratios and targets -------------------------------------------------------
 
 
 def compute_ratios(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -673,7 +680,7 @@ def compute_ratios(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return targets
 
 
-# -- report --------------------------------------------------------------------------------
+# -- report -------------------------------------------------------------------
 
 
 def machine(plan: Plan) -> dict[str, Any]:
@@ -698,10 +705,12 @@ def machine(plan: Plan) -> dict[str, Any]:
     except (OSError, IndexError, subprocess.TimeoutExpired):
         pass
     nats_version = None
+    host, _, port = plan.nats.rpartition("//")[2].rpartition(":")
     try:
         from benchmarks._jetstream_roles import server_version
 
-        nats_version = server_version(plan.nats)
+        if reachable(host, int(port)) is None:
+            nats_version = server_version(plan.nats)
     except ImportError:
         pass
     return {
@@ -745,8 +754,7 @@ def markdown(report: dict[str, Any]) -> str:
         title = f"{record['title']} (`{record['name']}`)"
         if record["status"] != "ok":
             lines.append(
-                f"| {title} | {record['status']}: {record['reason']} "
-                "| | | | | | |"
+                f"| {title} | {record['status']}: {record['reason']} | | | | | | |"
             )
             continue
         cpu = ", ".join(
@@ -783,9 +791,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| `{r['name']}` | {r['resume_ms']:.1f} ms (median of "
                 f"{len(r['resume_ms_each'])}) | {restart} | {rss} |"
             )
-    many = next(
-        (r for r in report["scenarios"] if r["name"] == "many-peers"), None
-    )
+    many = next((r for r in report["scenarios"] if r["name"] == "many-peers"), None)
     if many and many["status"] == "ok":
         lines += [
             "",
@@ -826,7 +832,7 @@ def write_docs(table: str, path: str = DOCS) -> None:
         f.write(text)
 
 
-# -- main ------------------------------------------------------------------------------------
+# -- main ---------------------------------------------------------------------
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -867,7 +873,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = parse(arguments)
     plan = Plan(args)
     chosen = args.only.split(",") if args.only else None
     load_start = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -896,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = compute_ratios(records)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m benchmarks", *arguments]),
         "plan": plan.describe(),
         "machine": machine(plan),
         "load_start": load_start,
