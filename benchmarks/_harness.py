@@ -237,18 +237,21 @@ class Children:
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """
-    While active, SIGTERM to the orchestrator raises ``KeyboardInterrupt``,
-    so that every ``finally`` runs and no child or stream is left behind.
+    While active, SIGTERM and SIGINT to the orchestrator raise
+    ``KeyboardInterrupt`` (also when started with SIGINT ignored, as a
+    background job is), so that every ``finally`` runs and no child, store,
+    stream or session is left behind.
     """
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 def process_cpu(pid: int | None) -> float | None:

@@ -881,25 +881,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python -m benchmarks: {plan.describe()}", flush=True)
     print(f"load average at start: {load_start}", flush=True)
     records: dict[str, dict[str, Any]] = {}
-    with terminate_as_interrupt():
-        for name, title, function in SCENARIOS:
-            if chosen is not None and name not in chosen:
-                continue
-            began = time.monotonic()
-            print(f"{title} ({name}) ...", flush=True)
-            record: dict[str, Any] = {"name": name, "title": title}
-            try:
-                record.update(function(plan))
-                record["status"] = "ok"
-            except Skipped as e:
-                record.update(status="skipped", reason=str(e))
-            except (Failed, ChildFailed) as e:
-                record.update(status="failed", reason=str(e))
-            for key in ("msgs_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_100k"):
-                record.setdefault(key, None)
-            record["seconds"] = round(time.monotonic() - began, 1)
-            records[name] = record
-            print("   " + _summary(record), flush=True)
+    try:
+        with terminate_as_interrupt():
+            for name, title, function in SCENARIOS:
+                if chosen is not None and name not in chosen:
+                    continue
+                began = time.monotonic()
+                print(f"{title} ({name}) ...", flush=True)
+                record: dict[str, Any] = {"name": name, "title": title}
+                try:
+                    record.update(function(plan))
+                    record["status"] = "ok"
+                except Skipped as e:
+                    record.update(status="skipped", reason=str(e))
+                except (Failed, ChildFailed) as e:
+                    record.update(status="failed", reason=str(e))
+                except Exception as e:
+                    record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+                for key in (
+                    "msgs_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "p999_ms",
+                    "cpu_s_per_100k",
+                ):
+                    record.setdefault(key, None)
+                record["seconds"] = round(time.monotonic() - began, 1)
+                records[name] = record
+                print("   " + _summary(record), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: every child stopped, temporary stores removed", flush=True)
+        return 130
     targets = compute_ratios(records)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
