@@ -217,11 +217,16 @@ class Children:
     stopped when the ``with`` block ends, on success, failure or Ctrl-C.
     """
 
+    profile: str | None = None
+    """A directory for the cProfile stats of the ILM processes (--profile)."""
+
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
         self.started: list[Child] = []
 
     def start(self, role: str, **options: Any) -> Child:
+        if Children.profile:
+            options["profile"] = Children.profile
         child = Child(role, options, self.verbose)
         self.started.append(child)
         return child

@@ -50,9 +50,28 @@ ROLES = {
 }
 
 
+PROFILED = ("ilm-sender", "ilm-receiver", "ilm-inproc", "many-node")
+
+
 def main(argv: list[str]) -> None:
     role, options = argv[0], json.loads(argv[1])
-    ROLES[role](options)
+    directory = options.get("profile")
+    if not directory or role not in PROFILED:
+        ROLES[role](options)
+        return
+    # --profile: the ILM processes run under cProfile, stats written on exit
+    # (also when stopped with SIGTERM, which ends the reactor).
+    import cProfile
+    import os
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        ROLES[role](options)
+    finally:
+        profile.disable()
+        name = f"{role}-{options.get('mode', 'run')}-{os.getpid()}.prof"
+        profile.dump_stats(os.path.join(directory, name))
 
 
 if __name__ == "__main__":

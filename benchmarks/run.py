@@ -84,11 +84,11 @@ class Plan:
         self.backlog = args.backlog or (100_000 if args.quick else 1_000_000)
         self.cuts = 2 if args.quick else 5
         self.peer_steps = (
-            [int(p) for p in args.peers.split(",")]
-            if args.peers
-            else ([10, 100] if args.quick else [10, 100, 1000])
+            [int(p) for p in args.peers.split(",")] if args.peers else [10, 100, 1000]
         )
-        self.peer_loads = args.peer_load.split(",")
+        self.peer_loads = (
+            args.peer_load or ("lean" if args.quick else "ilm,lean")
+        ).split(",")
         self.peer_seconds = args.peer_seconds or (3.0 if args.quick else 10.0)
         self.verbose = args.verbose
         mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
@@ -101,7 +101,8 @@ class Plan:
             f"{'--quick: ' if self.quick else ''}{self.runs} throughput run(s) of "
             f"{self.messages:,} messages (brokers {self.broker_messages:,}), latency "
             f"at {self.rate:,.0f} msg/s for {self.latency_seconds:g} s, backlog "
-            f"{self.backlog:,}, peers {self.peer_steps} for {self.peer_seconds:g} s"
+            f"{self.backlog:,}, peers {self.peer_steps} ({','.join(self.peer_loads)}) "
+            f"for {self.peer_seconds:g} s"
         )
 
 
@@ -385,7 +386,9 @@ def _backlog(plan: Plan, directory: str) -> dict[str, Any]:
         children.start("backlog-build", path=path, backlog=plan.backlog, size=SIZE)
         children.started[-1].result(900)
     with Children(plan.verbose) as children:
-        children.start("backlog-reopen", path=path, size=SIZE, drain=10_000)
+        children.start(
+            "backlog-reopen", path=path, size=SIZE, drain=min(10_000, plan.backlog - 1)
+        )
         figures = children.started[-1].result(300)
     if figures["pending_at_start"] != plan.backlog:
         raise Failed(f"the backlog store held {figures['pending_at_start']} messages")
@@ -868,13 +871,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peer-seconds", type=float, help="many-peers window")
     parser.add_argument(
         "--peer-load",
-        default="ilm,lean",
-        help="many-peers load generators: ilm (ILM nodes), lean (protocol only)",
+        help="many-peers load generators: ilm (ILM nodes), lean (protocol "
+        "only); default ilm,lean (lean with --quick)",
     )
     parser.add_argument("--mqtt", default="127.0.0.1:1883", help="broker host:port")
     parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL")
     parser.add_argument("--dir", help="where temporary stores go")
     parser.add_argument("--verbose", action="store_true", help="children's output")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run the ILM processes under cProfile, stats into DIR",
+    )
     args = parser.parse_args(argv)
     if args.only:
         unknown = set(args.only.split(",")) - set(names)
@@ -887,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     args = parse(arguments)
     plan = Plan(args)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        Children.profile = os.path.abspath(args.profile)
     chosen = args.only.split(",") if args.only else None
     load_start = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"python -m benchmarks: {plan.describe()}", flush=True)
