@@ -25,6 +25,8 @@ import sys
 import threading
 from typing import Any
 
+from zope.interface import implementer
+
 from benchmarks._harness import (
     cpu_seconds,
     latency_summary,
@@ -35,10 +37,12 @@ from benchmarks._harness import (
     result,
     stamped,
 )
+from ilm.interfaces import IFrameReceiver
 
 NODE = 0
 
 
+@implementer(IFrameReceiver)
 class LeanPeer:
     """
     A load-generating peer that speaks ILM's session protocol itself over a

@@ -201,3 +201,73 @@ class WriteDocsTests(SynchronousTestCase):
             text = f.read()
         self.assertTrue(text.endswith(f"{END}\n\n## after\n"))
         self.assertIn("third table", text)
+
+
+class LeanPeerTests(SynchronousTestCase):
+    """
+    The many-peers scenario's lean load generator.
+    """
+
+    def test_frame_receiver(self) -> None:
+        """
+        A lean peer is an ``IFrameReceiver``: a ``StreamNetwork`` can carry
+        its frames.
+        """
+        from zope.interface.verify import verifyObject
+
+        from ilm.interfaces import IFrameReceiver
+
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
+        from benchmarks._many_roles import LeanPeer
+
+        self.assertTrue(verifyObject(IFrameReceiver, LeanPeer(object())))
+
+    def test_sends_within_window(self) -> None:
+        """
+        A lean peer sends its HELLO when the link comes up, DATA frames at
+        consecutive positions from 1 once the node's HELLO arrived, and
+        holds messages back (counting them) beyond the node's window until
+        an ACK frees it.
+        """
+        from ilm import _frames
+        from ilm._session import Hello
+
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
+        from benchmarks._many_roles import NODE, LeanPeer
+
+        class Network:
+            def __init__(self) -> None:
+                self.sent: list[bytes] = []
+
+            def send_frames(self, peer_id: object, frames: list[bytes]) -> None:
+                assert peer_id == NODE
+                self.sent.extend(frames)
+
+        network = Network()
+        peer = LeanPeer(network)
+        peer.send(b"early")
+        peer.link_established(NODE)
+        hello = Hello(
+            version=1,
+            incarnation="ab" * 16,
+            window=2,
+            window_bytes=1 << 20,
+            first_unacked=1,
+            last_position=0,
+            known_incarnation=None,
+            delivered=0,
+        )
+        peer.frame_received(NODE, _frames.encode_hello(hello))
+        for contents in (b"one", b"two", b"three"):
+            peer.send(contents)
+        peer.frame_received(NODE, _frames.encode_ack(1, 2))
+        peer.send(b"four")
+        kinds = [_frames.frame_type(f) for f in network.sent]
+        self.assertEqual(
+            kinds, [_frames.HELLO, _frames.DATA, _frames.DATA, _frames.DATA]
+        )
+        data = [_frames.decode_data(f, 1 << 20) for f in network.sent[1:]]
+        self.assertEqual(data, [(1, [b"one"]), (2, [b"two"]), (3, [b"four"])])
+        self.assertEqual(peer.held, 2)
