@@ -523,10 +523,16 @@ def scenario_many_peers(plan: Plan) -> dict[str, Any]:
     steps = []
     for load in plan.peer_loads:
         for peers in plan.peer_steps:
-            steps.append(_many_step(plan, peers, lean=load == "lean"))
+            try:
+                steps.append(_many_step(plan, peers, lean=load == "lean"))
+            except (Failed, ChildFailed) as e:
+                steps.append({"peers": peers, "load": load, "failed": str(e)})
+    measured = [s for s in steps if "failed" not in s]
+    if not measured:
+        raise Failed("; ".join(s["failed"] for s in steps))
     # The headline: the largest step with the last load generator (the
     # lean one, when it ran: it leaves the node the most CPU).
-    last = steps[-1]
+    last = measured[-1]
     return {
         "msgs_per_s": last["delivered_per_s"],
         "p50_ms": last.get("p50_ms"),
@@ -809,6 +815,12 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in many["steps"]:
+            if "failed" in s:
+                lines.append(
+                    f"| {s['peers']:,}, {s['load']} | failed: {s['failed']} "
+                    "| | | | | | |"
+                )
+                continue
             lines.append(
                 f"| {s['peers']:,} ({s['links']:,} linked), {s['load']} | "
                 f"{_num(s['offered_per_s'])} of {s['target_per_s']:,} | "
