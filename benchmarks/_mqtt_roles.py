@@ -46,6 +46,8 @@ from benchmarks._harness import (
 )
 
 SESSION_EXPIRY = 600
+OUTSTANDING = 50_000
+"""At most this many publishes not yet acknowledged (packet ids are 16 bits)."""
 
 
 def _client(
@@ -202,6 +204,11 @@ def publisher(options: dict[str, Any]) -> None:
             client.publish(topic, contents, qos)
             if index % 64 == 63:
                 client.loop(0)
+                # Packet ids are 16 bits: a message queued in paho takes
+                # one until acknowledged, and an id reused while still
+                # queued loses the older message.
+                while index + 1 - acked[0] > OUTSTANDING:
+                    client.loop(0.001)
     else:
         start = now()
         interval = 1.0 / options["rate"]
