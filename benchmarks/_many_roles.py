@@ -132,6 +132,27 @@ def current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def schedstat() -> tuple[float, float]:
+    """
+    Seconds this process has run on a CPU, and has waited runnable for one
+    (``/proc/self/schedstat``; zeros where the kernel does not say).
+    """
+    try:
+        with open("/proc/self/schedstat") as f:
+            ran, waited = f.read().split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def _commands(reactor: Any, handle: Any) -> None:
     """Read command lines from stdin in a thread; run ``handle`` on each."""
 
@@ -192,10 +213,14 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
 
     def mark_start() -> None:
         marks["cpu0"] = cpu_seconds()
+        marks["wait0"] = schedstat()[1]
+        marks["busy0"], marks["ticks0"] = machine_ticks()
         marks["links0"] = len(node.connected_peers())
 
     def mark_end() -> None:
         marks["cpu1"] = cpu_seconds()
+        marks["wait1"] = schedstat()[1]
+        marks["busy1"], marks["ticks1"] = machine_ticks()
         marks["rss"] = current_rss_mb()
         marks["links1"] = len(node.connected_peers())
         finished.callback(None)
@@ -220,6 +245,11 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
         "cpu_s": marks["cpu1"] - marks["cpu0"],
         "cpu_fraction": (marks["cpu1"] - marks["cpu0"]) / seconds,
         "rss_mb": marks["rss"],
+        # Starved or not: how long the node waited, runnable, for a CPU, and
+        # how busy the whole machine was (2 cores = 100 %).
+        "cpu_wait_fraction": (marks["wait1"] - marks["wait0"]) / seconds,
+        "machine_busy": (marks["busy1"] - marks["busy0"])
+        / max(1, marks["ticks1"] - marks["ticks0"]),
         "peak_rss_mb": peak_rss_mb(),
     }
     if latencies:

@@ -608,6 +608,8 @@ def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
         "p999_ms": figures.get("p999_ms"),
         "cpu_s": figures["cpu_s"],
         "cpu_fraction": figures["cpu_fraction"],
+        "cpu_wait_fraction": figures["cpu_wait_fraction"],
+        "machine_busy": figures["machine_busy"],
         "rss_mb": figures["rss_mb"],
         "peak_rss_mb": figures["peak_rss_mb"],
         "clients_cpu_fraction": sum(s["cpu_s"] for s in sent)
@@ -811,14 +813,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             "| peers | offered msg/s | delivered msg/s | p50 ms | p99 ms | node "
-            "CPU | node RSS MB | client processes' CPU |",
-            "|---|---|---|---|---|---|---|---|",
+            "CPU | node waiting for a CPU | node RSS MB | client processes' CPU "
+            "| machine busy |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in many["steps"]:
             if "failed" in s:
                 lines.append(
                     f"| {s['peers']:,}, {s['load']} | failed: {s['failed']} "
-                    "| | | | | | |"
+                    "| | | | | | | | |"
                 )
                 continue
             lines.append(
@@ -826,7 +829,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_num(s['offered_per_s'])} of {s['target_per_s']:,} | "
                 f"{_num(s['delivered_per_s'])} | {_ms(s['p50_ms'])} | "
                 f"{_ms(s['p99_ms'])} | {s['cpu_fraction']:.0%} | "
-                f"{s['rss_mb']:.0f} | {s['clients_cpu_fraction']:.0%} |"
+                f"{s['cpu_wait_fraction']:.0%} | {s['rss_mb']:.0f} | "
+                f"{s['clients_cpu_fraction']:.0%} | {s['machine_busy']:.0%} |"
             )
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for t in report["targets"]:
