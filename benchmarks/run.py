@@ -953,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = compute_ratios(records)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python -m benchmarks", *arguments]),
+        "command": " ".join(["python -m benchmarks", *_shown(arguments)]),
         "plan": plan.describe(),
         "machine": machine(plan),
         "load_start": load_start,
@@ -970,6 +970,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         write_docs(table)
     return 1 if any(r["status"] == "failed" for r in records.values()) else 0
+
+
+def _shown(arguments: list[str]) -> list[str]:
+    """The command line as the report shows it: local paths as names."""
+    shown = list(arguments)
+    for index, argument in enumerate(shown[:-1]):
+        if argument in ("--json", "--dir", "--profile"):
+            shown[index + 1] = argument.lstrip("-").upper()
+    return shown
 
 
 def _summary(record: dict[str, Any]) -> str:
