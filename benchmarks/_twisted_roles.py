@@ -185,13 +185,17 @@ async def raw_sender(reactor: Any, options: dict[str, Any]) -> None:
 def mac_field() -> str | None:
     """
     The ``LinkSettings`` field that turns the per-frame MAC of PSK links on
-    or off, if this ILM has one.
+    or off (``frame_integrity``, or a field whose name speaks of a MAC), if
+    this ILM has one.
     """
     import attr
 
     from ilm.network import LinkSettings
 
-    names = [n for n in attr.fields_dict(LinkSettings) if "mac" in n.lower()]
+    fields = attr.fields_dict(LinkSettings)
+    if "frame_integrity" in fields:
+        return "frame_integrity"
+    names = [n for n in fields if "mac" in n.lower().split("_")]
     return names[0] if names else None
 
 

@@ -415,7 +415,8 @@ def scenario_ilm_tcp_mac(plan: Plan) -> dict[str, Any]:
     with_mac = _ilm_tcp(plan, "memory", mac=True)
     without = _ilm_tcp(plan, "memory", mac=False)
     with_mac["without_mac"] = {
-        k: without[k] for k in ("msgs_per_s", "p50_ms", "p99_ms", "cpu_s_per_100k")
+        k: without[k]
+        for k in ("msgs_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_100k")
     }
     with_mac["mac_cost_ratio"] = with_mac["msgs_per_s"] / without["msgs_per_s"]
     return with_mac
@@ -649,6 +650,8 @@ def compute_ratios(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ok = {n: r for n, r in records.items() if r["status"] == "ok"}
     for name, record in records.items():
         record["ratios"] = {}
+        if "without_mac" in record:
+            record["ratios"]["mac-off"] = record["mac_cost_ratio"]
         if name.startswith("ilm") and name in ok:
             for peer in PEERS:
                 if peer in ok:
@@ -787,6 +790,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_ms(record.get('p999_ms'))} | {record['cpu_s_per_100k']:.2f} "
             f"({cpu}) | {rss} | {ratios or '-'} |"
         )
+        off = record.get("without_mac")
+        if off:
+            lines.append(
+                f"| the same, frame MAC off | {_num(off['msgs_per_s'])} "
+                f"| {_ms(off['p50_ms'])} | {_ms(off['p99_ms'])} "
+                f"| {_ms(off['p999_ms'])} | {off['cpu_s_per_100k']:.2f} | | |"
+            )
     extras = [r for r in report["scenarios"] if r.get("resume_ms") is not None]
     if extras:
         lines += [
