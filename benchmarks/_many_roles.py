@@ -1,0 +1,343 @@
+"""
+The many-peers scenario's processes: one ILM node under test (an
+unmodified ``ILM`` with an ``SQLiteBackend``, ``synchronous=FULL``, on a
+``StreamNetwork`` with one pre-shared key per peer), and client processes
+each hosting many peers: real ILM nodes (in-memory stores), each with its
+own ``StreamNetwork`` and authenticated TCP link, all on one reactor.
+
+The orchestrator tells the clients (on standard input) when to offer load
+and the node over which window to measure: ``GO <start> <end>`` and
+``WINDOW <start> <end>`` in ``CLOCK_MONOTONIC`` seconds.  Each peer offers
+``rate`` messages per second (one timer per client process, every
+``tick`` seconds, sends each peer's due messages; the peers are spread over
+ten phases of the send interval).  The node checks that
+every peer's messages arrive exactly once and in order (message ids
+consecutive per peer, payload index matching) and measures, over the
+window: messages delivered per second, latency (send time to delivery),
+its CPU time, and its RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from typing import Any
+
+from zope.interface import implementer
+
+from benchmarks._harness import (
+    cpu_seconds,
+    latency_summary,
+    now,
+    peak_rss_mb,
+    read_stamp,
+    ready,
+    result,
+    stamped,
+)
+from ilm.interfaces import IFrameReceiver
+
+NODE = 0
+
+
+@implementer(IFrameReceiver)
+class LeanPeer:
+    """
+    A load-generating peer that speaks ILM's session protocol itself over a
+    real :class:`ilm.network.StreamNetwork` link (pre-shared-key
+    authentication, TCP): it sends its HELLO as a fresh incarnation, one
+    DATA frame per message at consecutive positions, and reads the node's
+    ACKs to stay within the node's window.  It stores nothing and keeps no
+    Deferreds or receipts: only what the wire needs, so that one client
+    process can offer far more messages per second than as many full ILM
+    nodes.  The node it talks to cannot tell it from an ILM node.
+
+    The session frames are encoded with ILM's own codec (``ilm._frames``,
+    not a public module).
+    """
+
+    def __init__(self, network: Any) -> None:
+        import uuid
+
+        from ilm import _frames
+        from ilm._session import PROTOCOL_VERSION, Hello
+
+        self.network = network
+        self.frames = _frames
+        self.hello = _frames.encode_hello(
+            Hello(
+                version=PROTOCOL_VERSION,
+                incarnation=uuid.uuid4().hex,
+                window=4096,
+                window_bytes=4 * 1024 * 1024,
+                first_unacked=1,
+                last_position=0,
+                known_incarnation=None,
+                delivered=0,
+            )
+        )
+        self.up = False
+        self.sent = 0
+        self.acked = 0
+        self.window = 0
+        self.held = 0
+
+    def link_established(self, peer_id: Any) -> None:
+        self.network.send_frames(NODE, [self.hello])
+
+    def link_lost(self, peer_id: Any, reason: Any) -> None:
+        self.up = False
+
+    def frame_received(self, peer_id: Any, frame: bytes) -> None:
+        frames = self.frames
+        kind = frames.frame_type(frame)
+        if kind == frames.HELLO:
+            hello = frames.decode_hello(frame)
+            self.window = hello.window
+            self.up = True
+            if hello.reply_requested:
+                self.network.send_frames(NODE, [self.hello])
+        elif kind == frames.ACK:
+            self.acked = max(self.acked, frames.decode_ack(frame)[0])
+        else:
+            raise SystemExit(f"unexpected frame type {kind} from the node")
+
+    def link_paused(self, peer_id: Any) -> None:
+        pass
+
+    def link_resumed(self, peer_id: Any) -> None:
+        pass
+
+    def send(self, contents: bytes) -> None:
+        if not self.up or self.sent - self.acked >= self.window:
+            # Counted apart: the node holds the peer back (never, at 100
+            # msg/s and a 4,096-message window, unless it stops acking).
+            self.held += 1
+            return
+        self.sent += 1
+        self.network.send_frames(
+            NODE, self.frames.encode_data(self.sent, [contents], 1 << 20)
+        )
+
+
+def key(peer_id: int) -> bytes:
+    return hashlib.sha256(b"ilm benchmark peer %d" % peer_id).digest()
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def schedstat() -> tuple[float, float]:
+    """
+    Seconds this process has run on a CPU, and has waited runnable for one
+    (``/proc/self/schedstat``; zeros where the kernel does not say).
+    """
+    try:
+        with open("/proc/self/schedstat") as f:
+            ran, waited = f.read().split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def _commands(reactor: Any, handle: Any) -> None:
+    """Read command lines from stdin in a thread; run ``handle`` on each."""
+
+    def read() -> None:
+        for line in sys.stdin:
+            reactor.callFromThread(handle, line.split())
+
+    threading.Thread(target=read, daemon=True).start()
+
+
+async def many_node(reactor: Any, options: dict[str, Any]) -> None:
+    from twisted.internet import defer
+
+    from ilm import ILM, Message, SQLiteBackend
+    from ilm.network import StreamNetwork
+
+    peers = options["peers"]
+    expected: dict[Any, int] = {}
+    window: list[float] = []
+    latencies: list[float] = []
+    state: dict[str, Any] = {"in_window": 0, "total": 0, "error": None}
+    finished: defer.Deferred[None] = defer.Deferred()
+
+    def deliver(message: Message) -> None:
+        at = now()
+        source = message.source_id
+        index, sent = read_stamp(message.contents)
+        position = expected.get(source, 0)
+        if message.message_id != position + 1 or index != position:
+            if state["error"] is None:
+                state["error"] = (
+                    f"peer {source}: message {message.message_id} (index {index}) "
+                    f"after {position}: out of order, repeated or lost"
+                )
+            return
+        expected[source] = position + 1
+        state["total"] += 1
+        if window and window[0] <= at <= window[1]:
+            state["in_window"] += 1
+            latencies.append(at - sent)
+
+    network = StreamNetwork(
+        NODE,
+        listen=["tcp:0:interface=127.0.0.1"],
+        keys={i: key(i) for i in range(1, peers + 1)},
+        reactor=reactor,
+    )
+    node = await ILM.create(
+        SQLiteBackend(
+            os.path.join(options["dir"], "node.sqlite"),
+            synchronous="FULL",
+            reactor=reactor,
+        ),
+        deliver,
+        network,
+    )
+    marks: dict[str, float] = {}
+
+    def mark_start() -> None:
+        marks["cpu0"] = cpu_seconds()
+        marks["wait0"] = schedstat()[1]
+        marks["busy0"], marks["ticks0"] = machine_ticks()
+        marks["links0"] = len(node.connected_peers())
+
+    def mark_end() -> None:
+        marks["cpu1"] = cpu_seconds()
+        marks["wait1"] = schedstat()[1]
+        marks["busy1"], marks["ticks1"] = machine_ticks()
+        marks["rss"] = current_rss_mb()
+        marks["links1"] = len(node.connected_peers())
+        finished.callback(None)
+
+    def command(words: list[str]) -> None:
+        if words and words[0] == "WINDOW":
+            start, end = float(words[1]), float(words[2])
+            window[:] = [start, end]
+            reactor.callLater(max(0, start - now()), mark_start)
+            reactor.callLater(max(0, end - now()), mark_end)
+
+    _commands(reactor, command)
+    ready(network.listening_addresses()[0].port)
+    await finished
+    seconds = window[1] - window[0]
+    figures: dict[str, Any] = {
+        "peers": peers,
+        "links_at_start": marks["links0"],
+        "links_at_end": marks["links1"],
+        "delivered_per_s": state["in_window"] / seconds,
+        "delivered_total": state["total"],
+        "cpu_s": marks["cpu1"] - marks["cpu0"],
+        "cpu_fraction": (marks["cpu1"] - marks["cpu0"]) / seconds,
+        "rss_mb": marks["rss"],
+        # Starved or not: how long the node waited, runnable, for a CPU, and
+        # how busy the whole machine was (2 cores = 100 %).
+        "cpu_wait_fraction": (marks["wait1"] - marks["wait0"]) / seconds,
+        "machine_busy": (marks["busy1"] - marks["busy0"])
+        / max(1, marks["ticks1"] - marks["ticks0"]),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if latencies:
+        figures.update(latency_summary(latencies))
+    if state["error"]:
+        figures["error"] = state["error"]
+    result(figures)
+    await defer.Deferred()  # until SIGTERM
+
+
+async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
+    from twisted.internet import defer, task
+
+    from ilm import ILM
+    from ilm.network import StreamNetwork
+    from ilm.testing import InMemoryBackend
+
+    first, count = options["first"], options["count"]
+    rate, tick = options.get("rate", 100.0), options.get("tick", 0.001)
+    endpoint = f"tcp:host=127.0.0.1:port={options['port']}"
+    lean = options.get("lean", False)
+    nodes: list[Any] = []
+    for peer_id in range(first, first + count):
+        network = StreamNetwork(
+            peer_id, peers={NODE: endpoint}, keys={NODE: key(peer_id)}, reactor=reactor
+        )
+        if lean:
+            peer = LeanPeer(network)
+            await network.start(peer)
+            nodes.append(peer)
+        else:
+            nodes.append(await ILM.create(InMemoryBackend(), lambda m: None, network))
+
+    def linked(node: Any) -> bool:
+        return bool(node.up) if lean else NODE in node.connected_peers()
+
+    deadline = now() + options.get("connect_timeout", 120)
+    while not all(linked(n) for n in nodes):
+        if now() > deadline:
+            up = sum(linked(n) for n in nodes)
+            raise SystemExit(f"only {up} of {count} peers linked")
+        await task.deferLater(reactor, 0.05)
+    go: defer.Deferred[tuple[float, float]] = defer.Deferred()
+
+    def command(words: list[str]) -> None:
+        if words and words[0] == "GO" and not go.called:
+            go.callback((float(words[1]), float(words[2])))
+
+    _commands(reactor, command)
+    ready(count)
+    start, end = await go
+    wait = start - now()
+    if wait > 0:
+        await task.deferLater(reactor, wait)
+    # Peers are spread over ``phases`` groups, each offset by a fraction of
+    # the send interval, so that the load arrives smoothly rather than in
+    # one burst of every peer per interval.
+    phases = options.get("phases", 10)
+    groups = [nodes[g::phases] for g in range(phases)]
+    sent = [0] * phases
+    refused: list[object] = []
+    late = 0
+    cpu = cpu_seconds()
+    while (at := now()) < end:
+        for group, members in enumerate(groups):
+            due = int((at - start) * rate - group / phases) + 1
+            if due - sent[group] > 2:
+                late += 1
+            while sent[group] < due:
+                contents = stamped(sent[group])
+                for node in members:
+                    if lean:
+                        node.send(contents)
+                    else:
+                        node.send_to(NODE, contents).addErrback(refused.append)
+                sent[group] += 1
+        wait = at + tick - now()
+        await task.deferLater(reactor, max(0.0, wait))
+    spent = cpu_seconds() - cpu
+    result(
+        {
+            "sent": sum(n * len(m) for n, m in zip(sent, groups, strict=True)),
+            "offered_per_s": sum(n * len(m) for n, m in zip(sent, groups, strict=True))
+            / (end - start),
+            "refused": len(refused) + sum(getattr(n, "held", 0) for n in nodes),
+            "late_ticks": late,
+            "cpu_s": spent,
+            "rss_mb": current_rss_mb(),
+        }
+    )
+    await defer.Deferred()  # until SIGTERM

@@ -1,0 +1,274 @@
+"""
+Tests for the side-by-side benchmark command, ``python -m benchmarks``: a
+tiny real run (real child processes) and the generated docs section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ("name", "msgs_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_100k")
+
+
+def _closed_port() -> int:
+    """A local TCP port on which nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_RUN: dict[str, Any] = {}
+
+
+def _quick_run() -> dict[str, Any]:
+    """
+    Run the command once: tiny message counts, and the brokers pointed at
+    a port where nothing listens.
+    """
+    port = _closed_port()
+    directory = tempfile.mkdtemp()
+    path = os.path.join(directory, "figures.json")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "src"), env.get("PYTHONPATH", "")]
+    )
+    try:
+        process = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks",
+                "--quick",
+                "--only",
+                "raw,ilm-memory,ilm-memory-batch,mqtt-qos1,jetstream",
+                "--messages",
+                "2000",
+                "--latency-seconds",
+                "0.2",
+                "--mqtt",
+                f"127.0.0.1:{port}",
+                "--nats",
+                f"nats://127.0.0.1:{port}",
+                "--json",
+                path,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=120,
+        )
+        if not os.path.exists(path):
+            raise AssertionError(f"no JSON written:\n{process.stderr}")
+        with open(path) as f:
+            report = json.load(f)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+        os.rmdir(directory)
+    return {"process": process, "report": report}
+
+
+class QuickRunTests(SynchronousTestCase):
+    """
+    ``python -m benchmarks --quick`` with tiny message counts, brokers
+    pointed at a port where nothing listens (so neither Mosquitto nor NATS
+    is needed, and both are reported as skipped).
+    """
+
+    def setUp(self) -> None:
+        # One run serves every test of the class.
+        if not _RUN:
+            try:
+                _RUN.update(_quick_run())
+            except BaseException as e:
+                _RUN["error"] = e
+        if "error" in _RUN:
+            raise _RUN["error"]
+        self.process = _RUN["process"]
+        self.report = _RUN["report"]
+        self.scenarios = {s["name"]: s for s in self.report["scenarios"]}
+
+    def test_exit_status(self) -> None:
+        """
+        The command succeeds: nothing failed, skipped peers are no failure.
+        """
+        self.assertEqual(self.process.returncode, 0, self.process.stderr)
+
+    def test_json_shape(self) -> None:
+        """
+        ``--json`` writes one object per scenario asked for, each with the
+        documented fields, plus the machine and the targets.
+        """
+        self.assertEqual(
+            list(self.scenarios),
+            ["raw", "ilm-memory", "ilm-memory-batch", "mqtt-qos1", "jetstream"],
+        )
+        for scenario in self.report["scenarios"]:
+            for field in (*FIELDS, "ratios", "status"):
+                self.assertIn(field, scenario, scenario["name"])
+        for field in ("cpu", "cores", "kernel", "python", "twisted"):
+            self.assertIn(field, self.report["machine"])
+        self.assertTrue(self.report["load_start"] and self.report["load_end"])
+        self.assertTrue(self.report["targets"])
+
+    def test_measured(self) -> None:
+        """
+        The scenarios that need no broker ran and report positive figures,
+        with latency percentiles in order and the ratio of ILM to raw
+        Twisted computed in the run.
+        """
+        for name in ("raw", "ilm-memory"):
+            scenario = self.scenarios[name]
+            self.assertEqual(scenario["status"], "ok", scenario.get("reason"))
+            self.assertGreater(scenario["msgs_per_s"], 0)
+            self.assertGreater(scenario["cpu_s_per_100k"], 0)
+            self.assertLessEqual(scenario["p50_ms"], scenario["p99_ms"])
+            self.assertLessEqual(scenario["p99_ms"], scenario["p999_ms"])
+        memory = self.scenarios["ilm-memory"]
+        self.assertAlmostEqual(
+            memory["ratios"]["raw"],
+            memory["msgs_per_s"] / self.scenarios["raw"]["msgs_per_s"],
+        )
+
+    def test_unreachable_peers_skipped(self) -> None:
+        """
+        A peer whose server is not reachable (or whose client library is
+        not installed, as without the ``bench`` extra) is reported as
+        skipped, with the reason, and with no figures (never zero).
+        """
+        for name in ("mqtt-qos1", "jetstream"):
+            scenario = self.scenarios[name]
+            self.assertEqual(scenario["status"], "skipped")
+            self.assertRegex(scenario["reason"], "not reachable|not installed")
+            self.assertIsNone(scenario["msgs_per_s"])
+            self.assertEqual(scenario["ratios"], {})
+        self.assertNotIn("mqtt-qos1", self.scenarios["ilm-memory"]["ratios"])
+
+    def test_batch_style(self) -> None:
+        """
+        The batch-style scenario runs when ILM has ``send_many``, and is
+        reported as skipped, saying so, until then.
+        """
+        from ilm import ILM
+
+        scenario = self.scenarios["ilm-memory-batch"]
+        if hasattr(ILM, "send_many"):
+            self.assertEqual(scenario["status"], "ok", scenario.get("reason"))
+        else:
+            self.assertEqual(scenario["status"], "skipped")
+            self.assertEqual(scenario["reason"], "send_many not available")
+
+
+class WriteDocsTests(SynchronousTestCase):
+    """
+    ``--write-docs`` owns one section of docs/benchmarks.md, between markers.
+    """
+
+    def test_section_replaced(self) -> None:
+        """
+        The section between the markers is replaced on each run; the text
+        around it is kept; a file without markers gets the section appended.
+        """
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
+        from benchmarks.run import BEGIN, END, write_docs
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# Benchmarks\n\nby hand\n")
+        write_docs("first table\n", path)
+        write_docs("second table\n", path)
+        with open(path) as f:
+            text = f.read()
+        self.assertTrue(text.startswith("# Benchmarks\n\nby hand\n"))
+        self.assertEqual(text.count(BEGIN), 1)
+        self.assertEqual(text.count(END), 1)
+        self.assertIn("second table", text)
+        self.assertNotIn("first table", text)
+        with open(path, "a") as f:
+            f.write("\n## after\n")
+        write_docs("third table\n", path)
+        with open(path) as f:
+            text = f.read()
+        self.assertTrue(text.endswith(f"{END}\n\n## after\n"))
+        self.assertIn("third table", text)
+
+
+class LeanPeerTests(SynchronousTestCase):
+    """
+    The many-peers scenario's lean load generator.
+    """
+
+    def test_frame_receiver(self) -> None:
+        """
+        A lean peer is an ``IFrameReceiver``: a ``StreamNetwork`` can carry
+        its frames.
+        """
+        from zope.interface.verify import verifyObject
+
+        from ilm.interfaces import IFrameReceiver
+
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
+        from benchmarks._many_roles import LeanPeer
+
+        self.assertTrue(verifyObject(IFrameReceiver, LeanPeer(object())))
+
+    def test_sends_within_window(self) -> None:
+        """
+        A lean peer sends its HELLO when the link comes up, DATA frames at
+        consecutive positions from 1 once the node's HELLO arrived, and
+        holds messages back (counting them) beyond the node's window until
+        an ACK frees it.
+        """
+        from ilm import _frames
+        from ilm._session import Hello
+
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
+        from benchmarks._many_roles import NODE, LeanPeer
+
+        class Network:
+            def __init__(self) -> None:
+                self.sent: list[bytes] = []
+
+            def send_frames(self, peer_id: object, frames: list[bytes]) -> None:
+                assert peer_id == NODE
+                self.sent.extend(frames)
+
+        network = Network()
+        peer = LeanPeer(network)
+        peer.send(b"early")
+        peer.link_established(NODE)
+        hello = Hello(
+            version=1,
+            incarnation="ab" * 16,
+            window=2,
+            window_bytes=1 << 20,
+            first_unacked=1,
+            last_position=0,
+            known_incarnation=None,
+            delivered=0,
+        )
+        peer.frame_received(NODE, _frames.encode_hello(hello))
+        for contents in (b"one", b"two", b"three"):
+            peer.send(contents)
+        peer.frame_received(NODE, _frames.encode_ack(1, 2))
+        peer.send(b"four")
+        kinds = [_frames.frame_type(f) for f in network.sent]
+        self.assertEqual(
+            kinds, [_frames.HELLO, _frames.DATA, _frames.DATA, _frames.DATA]
+        )
+        data = [_frames.decode_data(f, 1 << 20) for f in network.sent[1:]]
+        self.assertEqual(data, [(1, [b"one"]), (2, [b"two"]), (3, [b"four"])])
+        self.assertEqual(peer.held, 2)
