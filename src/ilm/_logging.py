@@ -109,7 +109,9 @@ class EventLimiter:
         if tally is None:
             self._keys[key] = _Tally()
             self._schedule()
-            self._log.emit(level, format, log_failure=failure, **fields)
+            if failure is not None:
+                fields["log_failure"] = failure
+            self._log.emit(level, format, **fields)
             return True
         now = self._clock.seconds()
         if not tally.count:
