@@ -26,13 +26,14 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
 from ilm._config import Config
 from ilm._delivery import as_delivery
+from ilm._logging import EventLimiter
 from ilm._message import MAX_INT_ID, Message, PeerId, check_peer_id
 from ilm._session import (
     PROTOCOL_VERSION,
@@ -42,10 +43,11 @@ from ilm._session import (
     resume_inbound,
     resume_outbound,
 )
-from ilm._store import CommitResult, StoreBatch, StoredState
+from ilm._store import CommitResult, StoreBatch, StoredState, batch_problems
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
+    MalformedFrame,
     MessageTooLarge,
     NotRunning,
     OutboxFull,
@@ -308,6 +310,9 @@ class ILM(Service):
         self._flush_due = math.inf
         self._flush_now = False
         self._store_delay = config.store_retry
+        # After a failed commit, no commit starts before this moment (the
+        # backoff), whatever asks for one.
+        self._retry_at = 0.0
         self._drain_waiters: list[Deferred[None]] = []
         self._next_commit_waiters: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
@@ -324,6 +329,9 @@ class ILM(Service):
         self._max_outbox_bytes = config.max_outbox_bytes
         self._frame_target = min(config.max_frame_size, _FRAME_TARGET)
         self._waiter_order = itertools.count()
+        # Events a peer, a failing store or a failing delivery target can make
+        # repeat: the first of each kind in full, then summaries.
+        self._limiter: EventLimiter | None = EventLimiter(log, self._clock)
 
     # -- construction and service ----------------------------------------------
 
@@ -592,7 +600,11 @@ class ILM(Service):
         whatever is pending when the earliest deadline comes goes into one
         batch, and while a commit runs, the next waits for it to finish.
         """
-        due = self._clock.seconds() + delay
+        now = self._clock.seconds()
+        due = now + delay
+        if due < self._retry_at:
+            due = self._retry_at
+            delay = due - now
         if due >= self._flush_due:
             return
         self._flush_due = due
@@ -631,6 +643,9 @@ class ILM(Service):
             peer.pending = []
             peer.pending_deferreds = []
         self._send_peers = {}
+        problems = batch_problems(batch)
+        if problems:
+            sends = self._drop_unstorable(batch, sends, problems)
         waiters, self._next_commit_waiters = self._next_commit_waiters, []
         if not batch:
             for waiter in waiters:
@@ -649,6 +664,55 @@ class ILM(Service):
         )
         d.addErrback(self._unexpected, "processing a commit")
 
+    def _drop_unstorable(
+        self,
+        batch: StoreBatch,
+        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+        problems: dict[PeerId, str],
+    ) -> list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]]:
+        """
+        Take out of ``batch`` the entries of every peer that no store could
+        hold (a position beyond ``2**63 - 1``, which the frame decoders
+        already refuse), so that one peer's entries never make the commit
+        fail for the others.  The peer's sends in it are refused and its
+        link is closed.
+
+        :return: the sends that stay in the batch.
+        """
+        kept = []
+        for entry in sends:
+            peer, _first, contents, deferreds = entry
+            if peer.peer_id not in problems:
+                kept.append(entry)
+                continue
+            peer.outbox_count -= len(contents)
+            peer.outbox_bytes -= sum(map(len, contents))
+            refusal = StoreError(
+                f"messages to {peer.peer_id!r} cannot be stored: "
+                f"{problems[peer.peer_id]} is beyond what a store holds"
+            )
+            for d in deferreds:
+                d.errback(refusal)
+        for peer_id, problem in problems.items():
+            batch.drop_peer(peer_id)
+            self._limited(
+                ("store_entry_dropped", peer_id),
+                LogLevel.error,
+                "dropped the store entries of peer {peer_id!r} before they "
+                "reached the store: {problem} cannot be stored",
+                peer_id=peer_id,
+                problem=problem,
+                ilm_event="store_entry_dropped",
+            )
+            peer = self._peers.get(peer_id)  # type: ignore[call-overload]
+            if peer is not None and peer.link in (_HELLO_SENT, _READY):
+                self._violation(
+                    peer,
+                    MalformedFrame(f"{problem}: beyond what a store holds"),
+                    logged=True,
+                )
+        return kept
+
     def _committed(
         self,
         result: CommitResult,
@@ -658,6 +722,7 @@ class ILM(Service):
     ) -> None:
         self._committing = False
         self._store_delay = self._config.store_retry
+        self._retry_at = 0.0
         peers = self._peers
         if result is not None:
             for peer_id, released in result.released_bytes.items():
@@ -714,7 +779,10 @@ class ILM(Service):
                 d.errback(reason)
         delay = self._store_delay
         self._store_delay = min(delay * 2, self._config.max_store_retry)
-        log.failure(
+        self._retry_at = self._clock.seconds() + delay
+        self._limited(
+            ("store_commit_failed", reason.type.__name__),
+            LogLevel.critical,
             "store commit failed: {refused} message(s) refused; acknowledgements "
             "and delivery marks retried in {delay:.2f}s",
             reason,
@@ -752,7 +820,9 @@ class ILM(Service):
         first, chunk = out.take()
         if out.held_at and not peer.hold_reported:
             peer.hold_reported = True
-            log.error(
+            self._limited(
+                ("message_too_large_for_peer", peer.peer_id),
+                LogLevel.error,
                 "message {position} to {peer_id!r} is larger than the {limit} bytes "
                 "that peer accepts: its stream waits there until the peer "
                 "accepts larger messages",
@@ -825,7 +895,9 @@ class ILM(Service):
             return
         delay = peer.read_delay
         peer.read_delay = min(delay * 2, self._config.max_store_retry)
-        log.failure(
+        self._limited(
+            ("outbox_read_failed", peer.peer_id),
+            LogLevel.critical,
             "reading the outbox to {peer_id!r} failed; retrying in {delay:.2f}s",
             reason,
             peer_id=peer.peer_id,
@@ -880,6 +952,32 @@ class ILM(Service):
 
     # -- link events -----------------------------------------------------------
 
+    def _limited(
+        self,
+        key: tuple[object, ...],
+        level: LogLevel,
+        format: str,
+        failure: Failure | None = None,
+        **fields: Any,
+    ) -> None:
+        """
+        Log an event that someone else can make repeat (a peer, the store,
+        the delivery target) through the node's :class:`EventLimiter`: the
+        first of each ``key`` in full, then a summary per minute.
+        """
+        limiter = self._limiter
+        if limiter is None:
+            if failure is not None:
+                fields["log_failure"] = failure
+            log.emit(level, format, **fields)
+        else:
+            limiter.emit(key, level, format, failure=failure, **fields)
+
+    def _stop_limiter(self) -> None:
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter.stop()
+
     def _guard(self, function: Callable[..., object], *args: object) -> None:
         """
         Run ``function``; log anything it raises instead of letting it reach
@@ -888,9 +986,13 @@ class ILM(Service):
         try:
             function(*args)
         except Exception:
-            log.failure(
+            name = str(getattr(function, "__name__", function))
+            self._limited(
+                ("internal_error", name),
+                LogLevel.critical,
                 "internal error in {function}",
-                function=getattr(function, "__name__", function),
+                Failure(),
+                function=name,
                 ilm_event="internal_error",
             )
 
@@ -905,8 +1007,14 @@ class ILM(Service):
         except (TypeError, ILMError):
             pid = None
         if pid is None or pid == self._local_id:
-            log.error(
-                "network reported an invalid peer id {peer_id!r}", peer_id=peer_id
+            self._limited(
+                ("internal_error", "invalid peer id"),
+                LogLevel.error,
+                "network reported a link with an invalid peer id {peer_id} "
+                "(a {peer_type})",
+                peer_id=str(peer_id),
+                peer_type=type(peer_id).__name__,
+                ilm_event="internal_error",
             )
             return None
         peer = self._peers.get(pid)
@@ -997,9 +1105,13 @@ class ILM(Service):
         try:
             peer = self._peers.get(peer_id)  # type: ignore[call-overload]
         except TypeError:
-            log.error(
-                "network reported a frame from an invalid peer id {peer_id!r}",
-                peer_id=peer_id,
+            self._limited(
+                ("internal_error", "invalid peer id"),
+                LogLevel.error,
+                "network reported a frame from an invalid peer id {peer_id} "
+                "(a {peer_type})",
+                peer_id=str(peer_id),
+                peer_type=type(peer_id).__name__,
                 ilm_event="internal_error",
             )
             return
@@ -1026,8 +1138,11 @@ class ILM(Service):
         except ProtocolViolation as violation:
             self._violation(peer, violation)
         except Exception:
-            log.failure(
+            self._limited(
+                ("internal_error", "frame", peer.peer_id),
+                LogLevel.critical,
                 "internal error handling a frame from {peer_id!r}; closing the link",
+                Failure(),
                 peer_id=peer.peer_id,
                 ilm_event="internal_error",
             )
@@ -1037,7 +1152,9 @@ class ILM(Service):
         self, peer: _Peer, violation: ProtocolViolation, logged: bool = False
     ) -> None:
         if not logged:
-            log.error(
+            self._limited(
+                ("protocol_violation", peer.peer_id),
+                LogLevel.error,
                 "closing link to {peer_id!r}: {kind}: {reason}",
                 peer_id=peer.peer_id,
                 kind=type(violation).__name__,
@@ -1103,7 +1220,9 @@ class ILM(Service):
             peer.inbound.remove(stream)
             peer.inbound.append(stream)
         if resume.lost is not None:
-            log.critical(
+            self._limited(
+                ("messages_lost", pid),
+                LogLevel.critical,
                 "peer {peer_id!r} no longer has positions {first}..{last} of its "
                 "stream, which this node's store does not record as delivered: "
                 "this node's store lost committed data; continuing after them",
@@ -1264,7 +1383,9 @@ class ILM(Service):
     def _delivery_failed(self, reason: Failure, peer: _Peer, message: Message) -> None:
         delay = peer.delivery_delay
         peer.delivery_delay = min(delay * 2, self._config.max_delivery_retry)
-        log.failure(
+        self._limited(
+            ("delivery_failed", peer.peer_id),
+            LogLevel.critical,
             "delivery of message {message_id} from {peer_id!r} failed; later "
             "messages from it wait; retrying in {delay:.2f}s",
             reason,
@@ -1388,6 +1509,7 @@ class ILM(Service):
             self._state = _FAILED
         self._start_failure = reason
         self.running = 0
+        self._stop_limiter()
         if not self._start_abandoned:
             log.failure(
                 "ILM node {local_id!r} failed to start",
@@ -1565,6 +1687,7 @@ class ILM(Service):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        self._stop_limiter()
         stopped = NotRunning(f"ILM node {self._local_id!r} stopped")
         for peer in self._peers.values():
             peer.cancel_timers()
@@ -1591,6 +1714,7 @@ class ILM(Service):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        self._stop_limiter()
 
     async def _within(
         self, d: Deferred[Any], deadline: float, quiet: bool = False

@@ -21,6 +21,7 @@ from ilm._store import (
     OutboundRecord,
     StoreBatch,
     StoredState,
+    check_batch,
 )
 from ilm.errors import StoreError
 from ilm.interfaces import IBackend
@@ -75,22 +76,12 @@ class InMemoryStorage:
             (nothing is applied).
         """
         outboxes = self.outboxes
-        for peer_id, (first, _contents) in batch.messages.items():
+
+        def last_position(peer_id: PeerId) -> int:
             box = outboxes.get(peer_id)
-            last = box.last if box is not None else 0
-            if first != last + 1:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: batch starts at {first}, "
-                    f"store ends at {last}"
-                )
-        for peer_id, position in batch.acked.items():
-            box = outboxes.get(peer_id)
-            last = box.last if box is not None else 0
-            added = len(batch.messages.get(peer_id, (0, []))[1])
-            if position > last + added:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: acknowledgement {position} beyond {last}"
-                )
+            return box.last if box is not None else 0
+
+        check_batch(batch, last_position)
         for peer_id, (_first, contents) in batch.messages.items():
             box = outboxes.get(peer_id)
             if box is None:

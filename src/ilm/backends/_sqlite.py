@@ -45,6 +45,7 @@ from ilm._store import (
     OutboundRecord,
     StoreBatch,
     StoredState,
+    check_batch,
 )
 from ilm.errors import (
     StoreCorrupt,
@@ -746,24 +747,14 @@ class SQLiteBackend:
         keys = self._keys
         outbound = self._outbound
         empty = (0, 0, 0)
-        # Check first, as the in-memory backend does: a bad batch applies
-        # nothing and leaves the store usable.
-        for peer_id, (first, _contents) in batch.messages.items():
+        # Check first, as every backend does: a bad batch applies nothing and
+        # leaves the store usable.
+
+        def last_position(peer_id: PeerId) -> int:
             key = keys.get(peer_id)
-            last = outbound.get(key, empty)[1] if key is not None else 0
-            if first != last + 1:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: batch starts at {first}, "
-                    f"store ends at {last}"
-                )
-        for peer_id, position in batch.acked.items():
-            key = keys.get(peer_id)
-            last = outbound.get(key, empty)[1] if key is not None else 0
-            added = len(batch.messages.get(peer_id, (0, []))[1])
-            if position > last + added:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: acknowledgement {position} beyond {last}"
-                )
+            return outbound.get(key, empty)[1] if key is not None else 0
+
+        check_batch(batch, last_position)
         new_keys: dict[PeerId, int] = {}
         changed: dict[int, tuple[int, int, int]] = {}
         released: dict[PeerId, int] = {}

@@ -1,0 +1,228 @@
+"""
+The messenger against a peer, a store or a delivery target that keeps going
+wrong, on a ``Clock``: what reaches the store is checked per peer, failed
+commits back off whatever asks for the next one, and what can repeat is
+logged at a bounded rate.  (The same attacks against a real node over TCP
+with an SQLite store are in ``tests/test_attacks.py``.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm import Config, StoreBatch
+from ilm.backends import InMemoryBackend
+from ilm.errors import StoreError, StoreFull
+from ilm.testing import InMemoryStorage, settle
+
+from .support import Cluster, numbered
+from .test_messenger import Events, WrappedBackend
+
+
+class CountingCommits(WrappedBackend):
+    """
+    A backend wrapper that counts commits and fails them while ``failing``
+    is set (with ``error``).
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        super().__init__(inner)
+        self.commits = 0
+        self.failed = 0
+        self.failing = False
+        self.error: Exception = StoreFull("injected: the disk is full")
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        self.commits += 1
+        if self.failing:
+            self.failed += 1
+            return fail(self.error)
+        return super().commit(batch)
+
+
+class Lines:
+    """
+    Count the log events of ILM's loggers (the ``ilm`` namespaces), as the
+    lines a log file would get.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self)
+        case.addCleanup(globalLogPublisher.removeObserver, self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if str(event.get("log_namespace", "")).startswith("ilm"):
+            self.events.append(event)
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("ilm_event") == name]
+
+    def lines(self) -> int:
+        """Lines in a text log: one per event, plus its traceback's."""
+        total = 0
+        for event in self.events:
+            total += 1
+            failure = event.get("log_failure")
+            if failure is not None:
+                total += failure.getTraceback().count("\n")
+        return total
+
+
+def occurrences(events: list[dict[str, Any]]) -> int:
+    """
+    How many times something happened, from the events logged in full and
+    the rate-limited summaries of the others.
+    """
+    return sum(e["suppressed"] if "suppressed" in e else 1 for e in events)
+
+
+class StoreEntryTests(SynchronousTestCase):
+    def test_unstorable_entry_is_dropped_and_its_link_closed(self) -> None:
+        """
+        A batch entry no store can hold (a delivery mark beyond 2**63 - 1,
+        put there by hand since the frame decoders refuse such positions)
+        is taken out of the batch before it reaches the store: that peer's
+        link is closed with MalformedFrame, the commit goes through for the
+        other peers, no commit fails, and the stream to the closed peer
+        resumes once its link is back.
+        """
+        c = Cluster()
+        events = Events(self)
+        node = c.start(1)
+        c.start(2)
+        c.start(3)
+        c.run_until(lambda: node.connected_peers() == {2, 3})
+        peer2_incarnation = c.nodes[2].incarnation
+        node._bookkeeping.delivered[(2, peer2_incarnation)] = 2**63 + 1
+        sent = [node.send_to(3, p) for p in numbered(5)]
+        c.clock.advance(0)
+        for d in sent:
+            self.successResultOf(d)
+        self.assertEqual(events.named("store_commit_failed"), [])
+        [dropped] = events.named("store_entry_dropped")
+        self.assertEqual(dropped["peer_id"], 2)
+        self.assertNotIn(2, node.connected_peers())
+        marks = {
+            key: record.delivered for key, record in c.storages[1].inbound.items()
+        }
+        self.assertNotIn(2**63 + 1, marks.values())
+        node.send_to(2, b"to two")
+        c.run_until(lambda: not node.pending_outbound())
+        self.assertEqual(c.received(3, 1), numbered(5))
+        self.assertEqual(c.received(2, 1), [b"to two"])
+
+
+class CommitBackoffTests(SynchronousTestCase):
+    def test_failing_store_is_retried_at_the_backoff_rate(self) -> None:
+        """
+        While every commit fails, new work (delivery marks of a peer that
+        keeps sending, acknowledgements, sends of the application) never
+        starts a commit before the backoff has passed: over 60 s, the number
+        of commits attempted is that of the backoff (0.1 s doubling to
+        10 s), not one per new mark.  Sends made meanwhile fail with the
+        store's error; once the store works again, everything goes through.
+        """
+        c = Cluster()
+        backend = CountingCommits(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        node = c.start(1, backend)
+        peer = c.start(2)
+        c.run_until(lambda: node.connected_peers())
+        self.flushLoggedErrors(StoreFull)
+        backend.failing = True
+        backend.commits = 0
+        start = c.clock.seconds()
+        tick = 0
+        while c.clock.seconds() - start < 60:
+            peer.send_to(1, b"in %d" % tick)
+            d = node.send_to(2, b"out %d" % tick)
+            d.addErrback(lambda f: f.trap(StoreFull))
+            tick += 1
+            c.clock.advance(0.05)
+        self.assertGreater(tick, 1000)
+        # 0.1 + 0.2 + ... + 6.4 = 12.7 s, then one every 10 s.
+        self.assertLessEqual(backend.commits, 14)
+        self.assertGreaterEqual(backend.commits, 10)
+        backend.failing = False
+        c.run_until(
+            lambda: not node.pending_outbound() and not peer.pending_outbound(),
+            timeout=120,
+        )
+        delivered = c.received(1, 2)
+        self.assertEqual(delivered, [b"in %d" % i for i in range(tick)])
+        self.flushLoggedErrors(StoreFull)
+
+
+class LogFloodTests(SynchronousTestCase):
+    def test_failing_delivery_target_logs_at_a_bounded_rate(self) -> None:
+        """
+        A delivery target that fails every attempt for ten minutes (retried
+        with backoff up to 30 s, so about 30 attempts, and far more with a
+        short maximum) logs its first failure with a traceback and then one
+        summary a minute: at most 11 delivery_failed events and one
+        traceback.
+        """
+        c = Cluster(Config(delivery_retry=0.01, max_delivery_retry=0.05))
+        lines = Lines(self)
+        sender = c.start(1)
+        c.start(2)
+        c.recorders[2].fail_from[1] = 10**9
+        sender.send_to(2, b"never taken")
+        settle(c.clock, 600)
+        self.assertGreater(c.recorders[2].attempts, 10_000)
+        self.assertLessEqual(len(lines.named("delivery_failed")), 11)
+        c.recorders[2].fail_from[1] = 0
+        settle(c.clock, 61)
+        self.assertEqual(c.received(2, 1), [b"never taken"])
+        failures = lines.named("delivery_failed")
+        self.assertLessEqual(len(failures), 11)
+        self.assertEqual(sum(1 for e in failures if "log_failure" in e), 1)
+        self.assertEqual(
+            occurrences(failures),
+            c.recorders[2].attempts - 1,
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertLess(lines.lines(), 60)
+
+    def test_full_store_logs_at_a_bounded_rate(self) -> None:
+        """
+        A full store with an application that keeps sending (1,980 sends
+        refused with StoreFull over about 100 s): the commits follow the
+        backoff and their failures are logged once in full, then as one
+        summary a minute: a handful of lines, not one traceback per refused
+        send.
+        """
+        c = Cluster()
+        lines = Lines(self)
+        backend = CountingCommits(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        node = c.start(1, backend)
+        c.start(2)
+        c.run_until(lambda: node.connected_peers())
+        backend.failing = True
+        refusals: list[object] = []
+        while len(refusals) < 1980:
+            for _ in range(20):
+                node.send_to(2, b"x").addErrback(refusals.append)
+            c.clock.advance(1.0)
+        for failure in refusals:
+            failure.trap(StoreFull)  # type: ignore[attr-defined]
+        backend.failing = False
+        settle(c.clock, 61)
+        commits = lines.named("store_commit_failed")
+        self.assertEqual(sum(1 for e in commits if "log_failure" in e), 1)
+        self.assertLessEqual(len(commits), 4)
+        self.assertEqual(
+            occurrences(commits),
+            backend.failed,
+        )
+        self.assertLess(lines.lines(), 40)
+        self.assertEqual(len(self.flushLoggedErrors(StoreFull)), 1)
+        self.flushLoggedErrors(StoreError)
