@@ -108,8 +108,8 @@ class BackendContract:
                 },
             ),
         )
-        self.assertEqual(await backend.read_outbound(2, 2, 10), [b"c"])
-        self.assertEqual(await backend.read_outbound(2, 3, 10), [])
+        self.assertEqual(await backend.read_outbound(2, 2, 10, 1 << 30), [b"c"])
+        self.assertEqual(await backend.read_outbound(2, 3, 10, 1 << 30), [])
 
     async def test_bad_batches_apply_nothing(self) -> None:
         """
@@ -130,10 +130,10 @@ class BackendContract:
             backend.commit(StoreBatch(messages={2: (2, [b"dup"])})), StoreError
         )
         await backend.commit(StoreBatch(acked={2: 1}))
-        await self.assertFailure(backend.read_outbound(2, 0, 1), StoreError)
+        await self.assertFailure(backend.read_outbound(2, 0, 1, 1 << 30), StoreError)
         backend, state = await self.reopened(store, backend)
         self.assertEqual(summary(state), ({(int, 2): (1, 2, 1)}, {}))
-        self.assertEqual(await backend.read_outbound(2, 1, 5), [b"y"])
+        self.assertEqual(await backend.read_outbound(2, 1, 5, 1 << 30), [b"y"])
 
     async def test_read_outbound_streams_in_order(self) -> None:
         """
@@ -147,17 +147,44 @@ class BackendContract:
         await backend.commit(StoreBatch(messages={7: (1001, contents[1000:])}))
         read: list[bytes] = []
         while True:
-            chunk = await backend.read_outbound(7, len(read), 256)
+            chunk = await backend.read_outbound(7, len(read), 256, 1 << 30)
             self.assertLessEqual(len(chunk), 256)
             if not chunk:
                 break
             read.extend(chunk)
         self.assertEqual(read, contents)
-        self.assertEqual(await backend.read_outbound(7, 2999, 10), [b"3000"])
-        self.assertEqual(await backend.read_outbound(7, 5000, 10), [])
-        self.assertEqual(await backend.read_outbound(8, 0, 10), [])
+        self.assertEqual(await backend.read_outbound(7, 2999, 10, 1 << 30), [b"3000"])
+        self.assertEqual(await backend.read_outbound(7, 5000, 10, 1 << 30), [])
+        self.assertEqual(await backend.read_outbound(8, 0, 10, 1 << 30), [])
         await backend.commit(StoreBatch(acked={7: 2500}))
-        self.assertEqual(await backend.read_outbound(7, 2500, 2), [b"2501", b"2502"])
+        self.assertEqual(
+            await backend.read_outbound(7, 2500, 2, 1 << 30), [b"2501", b"2502"]
+        )
+
+    async def test_read_outbound_byte_limit(self) -> None:
+        """
+        read_outbound stops before the message that would take the total
+        over ``max_bytes``, but always returns at least one message, however
+        large: reading in byte-limited steps returns every message once.
+        """
+        store = self.new_store()
+        backend, _ = await self.opened(store)
+        sizes = [10, 10, 30, 5, 100, 1, 1, 1, 50]
+        contents = [bytes([i]) * size for i, size in enumerate(sizes)]
+        await backend.commit(StoreBatch(messages={2: (1, contents)}))
+        self.assertEqual(await backend.read_outbound(2, 0, 100, 20), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 0, 100, 49), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 0, 100, 50), contents[:3])
+        self.assertEqual(await backend.read_outbound(2, 0, 2, 1000), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 4, 100, 1), contents[4:5])
+        self.assertEqual(await backend.read_outbound(2, 5, 100, 3), contents[5:8])
+        read: list[bytes] = []
+        steps = 0
+        while len(read) < len(contents):
+            read.extend(await backend.read_outbound(2, len(read), 100, 25))
+            steps += 1
+        self.assertEqual(read, contents)
+        self.assertEqual(steps, 6)
 
     async def test_int_and_str_peer_ids_stay_distinct(self) -> None:
         """
@@ -192,9 +219,9 @@ class BackendContract:
             inbound,
             {(int, 1, "a" * 32): (4, False), (str, "1", "a" * 32): (6, False)},
         )
-        self.assertEqual(await backend.read_outbound(1, 0, 5), [b"to int 1"])
-        self.assertEqual(await backend.read_outbound("1", 1, 5), [b"again"])
-        self.assertEqual(await backend.read_outbound(long_id, 0, 5), [b"long"])
+        self.assertEqual(await backend.read_outbound(1, 0, 5, 1 << 30), [b"to int 1"])
+        self.assertEqual(await backend.read_outbound("1", 1, 5, 1 << 30), [b"again"])
+        self.assertEqual(await backend.read_outbound(long_id, 0, 5, 1 << 30), [b"long"])
 
     async def test_marks_only_rise(self) -> None:
         """
@@ -240,9 +267,9 @@ class BackendContract:
         self.assertEqual(result.released_bytes, {2: 3})
         backend, state = await self.reopened(store, backend)
         self.assertEqual(summary(state)[0], {(int, 2): (3, 3, 0), (int, 9): (0, 0, 0)})
-        self.assertEqual(await backend.read_outbound(2, 3, 5), [])
+        self.assertEqual(await backend.read_outbound(2, 3, 5, 1 << 30), [])
         await backend.commit(StoreBatch(messages={2: (4, [b"dddd"])}))
-        self.assertEqual(await backend.read_outbound(2, 3, 5), [b"dddd"])
+        self.assertEqual(await backend.read_outbound(2, 3, 5, 1 << 30), [b"dddd"])
 
     async def test_closed(self) -> None:
         """
@@ -257,10 +284,10 @@ class BackendContract:
         await self.assertFailure(
             backend.commit(StoreBatch(messages={2: (2, [b"x"])})), StoreError
         )
-        await self.assertFailure(backend.read_outbound(2, 0, 1), StoreError)
+        await self.assertFailure(backend.read_outbound(2, 0, 1, 1 << 30), StoreError)
         state = await backend.open()
         self.assertEqual(summary(state)[0], {(int, 2): (0, 1, 4)})
-        self.assertEqual(await backend.read_outbound(2, 0, 1), [b"kept"])
+        self.assertEqual(await backend.read_outbound(2, 0, 1, 1 << 30), [b"kept"])
 
 
 class InMemoryBackendTests(BackendContract, TestCase):
@@ -352,7 +379,7 @@ class SQLiteBackendTests(BackendContract, TestCase):
                 box = storage.outboxes.get(peer)
                 after = box.acked if box else 0
                 self.assertEqual(
-                    await backend.read_outbound(peer, after, 1000),
+                    await backend.read_outbound(peer, after, 1000, 1 << 30),
                     storage.pending(peer),
                     (step, peer),
                 )

@@ -144,7 +144,7 @@ class InspectTests(TestCase):
         [first, _] = json.loads(result.stdout)["outbound"]
         self.assertEqual((first["pending"], first["last_position"]), (13, 15))
         await backend.commit(StoreBatch(messages={2: (16, [b"after"])}))
-        self.assertEqual(await backend.read_outbound(2, 15, 5), [b"after"])
+        self.assertEqual(await backend.read_outbound(2, 15, 5, 1 << 30), [b"after"])
 
     def test_errors(self) -> None:
         """

@@ -178,7 +178,9 @@ class HostileTests(SynchronousTestCase):
         self.assertEqual(top, 2**63 - 1)
         raw = bytes.fromhex(INC)
         pack = struct.Struct(">BH16sIIQQB16sQI").pack
-        hello = _frames.decode_hello(pack(1, 1, raw, 1, 1, top + 1, top, 1, raw, top, 1))
+        hello = _frames.decode_hello(
+            pack(1, 1, raw, 1, 1, top + 1, top, 1, raw, top, 1)
+        )
         self.assertEqual((hello.first_unacked, hello.delivered), (top + 1, top))
         for fields in (
             (2**63 + 1, 2**63 + 1, 0, bytes(16), 0),  # the HELLO of issue 10.1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,6 +21,38 @@ from ilm.testing import InMemoryStorage, settle
 
 from .support import Cluster, numbered
 from .test_messenger import Events, WrappedBackend
+
+
+class ReadCounting(WrappedBackend):
+    """
+    A backend wrapper counting outbox reads and the bytes they return;
+    while ``empty`` is set, every read returns nothing (as a tampered store
+    would).
+    """
+
+    def __init__(self, inner: InMemoryBackend) -> None:
+        super().__init__(inner)
+        self.reads = 0
+        self.bytes_read = 0
+        self.largest_read = 0
+        self.empty = False
+
+    def read_outbound(
+        self, peer_id: object, after: int, limit: int, max_bytes: int
+    ) -> Deferred[object]:
+        self.reads += 1
+        if self.empty:
+            return succeed([])
+
+        def count(contents: list[bytes]) -> list[bytes]:
+            size = sum(map(len, contents))
+            self.bytes_read += size
+            self.largest_read = max(self.largest_read, size)
+            return contents
+
+        return (
+            super().read_outbound(peer_id, after, limit, max_bytes).addCallback(count)
+        )
 
 
 class CountingCommits(WrappedBackend):
@@ -107,9 +139,7 @@ class StoreEntryTests(SynchronousTestCase):
         [dropped] = events.named("store_entry_dropped")
         self.assertEqual(dropped["peer_id"], 2)
         self.assertNotIn(2, node.connected_peers())
-        marks = {
-            key: record.delivered for key, record in c.storages[1].inbound.items()
-        }
+        marks = {key: record.delivered for key, record in c.storages[1].inbound.items()}
         self.assertNotIn(2**63 + 1, marks.values())
         node.send_to(2, b"to two")
         c.run_until(lambda: not node.pending_outbound())
@@ -225,4 +255,65 @@ class LogFloodTests(SynchronousTestCase):
         )
         self.assertLess(lines.lines(), 40)
         self.assertEqual(len(self.flushLoggedErrors(StoreFull)), 1)
+        self.flushLoggedErrors(StoreError)
+
+
+class OutboxReadTests(SynchronousTestCase):
+    def test_large_backlog_is_read_once(self) -> None:
+        """
+        A backlog of 200 messages of 100 kB (20 MB) drained after a restart,
+        with a 256 kB window: every message is read from the store exactly
+        once (bytes read = bytes delivered), no read returns more than the
+        cache has room for (2 x window_bytes + one message), and the cache
+        never holds more than that.
+        """
+        window_bytes = 256 * 1024
+        c = Cluster(Config(window=4096, window_bytes=window_bytes))
+        node = c.start(1)
+        payloads = [bytes([i % 251]) * 100_000 for i in range(200)]
+        for payload in payloads:
+            node.send_to(2, payload)
+        c.clock.advance(0)
+        c.crash(1)
+        reads = ReadCounting(InMemoryBackend(c.storages[1]))
+        node = c.start(1, reads)
+        c.start(2)
+        peak = [0]
+
+        def drained() -> bool:
+            peak[0] = max(peak[0], node._peers[2].out.cached_bytes)
+            return not node.pending_outbound()
+
+        c.run_until(drained)
+        self.assertEqual(c.received(2, 1), payloads)
+        self.assertEqual(reads.bytes_read, sum(map(len, payloads)))
+        self.assertLessEqual(reads.largest_read, 2 * window_bytes + 100_000)
+        self.assertLessEqual(peak[0], 2 * window_bytes + 100_000)
+
+    def test_empty_reads_keep_backing_off(self) -> None:
+        """
+        An outbox that answers every read with nothing while its state says
+        messages are pending is read again with a doubling delay (0.1 s up
+        to 10 s: about 10 reads in a minute, not hundreds); the failure is
+        logged once in full and then summarised.
+        """
+        c = Cluster()
+        events = Events(self)
+        node = c.start(1)
+        for p in numbered(10):
+            node.send_to(2, p)
+        c.clock.advance(0)
+        c.crash(1)
+        reads = ReadCounting(InMemoryBackend(c.storages[1]))
+        reads.empty = True
+        node = c.start(1, reads)
+        c.start(2)
+        settle(c.clock, 60)
+        self.assertLessEqual(reads.reads, 12)
+        self.assertGreaterEqual(reads.reads, 8)
+        logged = events.named("outbox_read_failed")
+        self.assertEqual(sum(1 for e in logged if "log_failure" in e), 1)
+        reads.empty = False
+        settle(c.clock, 11)
+        self.assertEqual(c.received(2, 1), numbered(10))
         self.flushLoggedErrors(StoreError)

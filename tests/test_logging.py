@@ -58,7 +58,7 @@ class EventLimiterTests(SynchronousTestCase):
         (observers such as trial's and the legacy bridge take the key's
         presence to mean an error with a traceback).
         """
-        limiter, clock, events = _limiter(interval=10.0)
+        limiter, _clock, events = _limiter(interval=10.0)
         limiter.emit("k", LogLevel.warn, "plain {n}", n=1)
         self.assertNotIn("log_failure", events[0])
         self.assertEqual(events[0]["n"], 1)

@@ -1327,9 +1327,9 @@ class WrappedBackend:
         return self._inner.commit(batch)  # type: ignore[return-value]
 
     def read_outbound(
-        self, peer_id: object, after: int, limit: int
+        self, peer_id: object, after: int, limit: int, max_bytes: int
     ) -> Deferred[object]:
-        return self._inner.read_outbound(peer_id, after, limit)  # type: ignore[arg-type, return-value]
+        return self._inner.read_outbound(peer_id, after, limit, max_bytes)  # type: ignore[arg-type, return-value]
 
     def close(self) -> Deferred[None]:
         return self._inner.close()
@@ -1393,10 +1393,10 @@ class CountingBackend(WrappedBackend):
         self.closed = False
 
     def read_outbound(
-        self, peer_id: object, after: int, limit: int
+        self, peer_id: object, after: int, limit: int, max_bytes: int
     ) -> Deferred[object]:
         self.reads += 1
-        return super().read_outbound(peer_id, after, limit)
+        return super().read_outbound(peer_id, after, limit, max_bytes)
 
     def close(self) -> Deferred[None]:
         return succeed(None)
@@ -1413,12 +1413,12 @@ class FailingReads(WrappedBackend):
         self.closed = False
 
     def read_outbound(
-        self, peer_id: object, after: int, limit: int
+        self, peer_id: object, after: int, limit: int, max_bytes: int
     ) -> Deferred[object]:
         if self.failures:
             self.failures -= 1
             return fail(StoreError("injected read failure"))
-        return super().read_outbound(peer_id, after, limit)
+        return super().read_outbound(peer_id, after, limit, max_bytes)
 
 
 class SlowCommits(WrappedBackend):
@@ -1451,21 +1451,21 @@ class LaggingReads(WrappedBackend):
 
     def __init__(self, inner: InMemoryBackend) -> None:
         super().__init__(inner)
-        self._reads: list[tuple[object, int, int, Deferred[object]]] = []
+        self._reads: list[tuple[object, int, int, int, Deferred[object]]] = []
 
     def pending(self) -> list[tuple[object, int]]:
-        return [(peer_id, after) for peer_id, after, _, _ in self._reads]
+        return [(peer_id, after) for peer_id, after, _, _, _ in self._reads]
 
     def release(self) -> None:
         reads, self._reads = self._reads, []
-        for peer_id, after, limit, d in reads:
-            self._inner.read_outbound(peer_id, after, limit).chainDeferred(d)  # type: ignore[arg-type]
+        for peer_id, after, limit, max_bytes, d in reads:
+            self._inner.read_outbound(peer_id, after, limit, max_bytes).chainDeferred(d)  # type: ignore[arg-type]
 
     def read_outbound(
-        self, peer_id: object, after: int, limit: int
+        self, peer_id: object, after: int, limit: int, max_bytes: int
     ) -> Deferred[object]:
         d: Deferred[object] = Deferred()
-        self._reads.append((peer_id, after, limit, d))
+        self._reads.append((peer_id, after, limit, max_bytes, d))
         return d
 
 

@@ -20,6 +20,7 @@ from ilm._session import (
     resume_inbound,
     resume_outbound,
 )
+from ilm._store import within_bytes
 from ilm.errors import (
     AckOutOfRange,
     OutOfWindow,
@@ -145,7 +146,7 @@ class OutboundTests(SynchronousTestCase):
         self.assertIsNone(out.read_request(8))
         out.on_ack(2, 2)
         self.assertEqual(out.take(), (3, [b"2", b"3"]))
-        self.assertEqual(out.read_request(8), (4, 2))
+        self.assertEqual(out.read_request(8), (4, 2, 10_000 - 2))
         self.assertIsNone(out.read_request(8))
         self.assertEqual(out.on_read(4, [b"4", b"5"]), 2)
         out.on_ack(4, 4)
@@ -161,7 +162,7 @@ class OutboundTests(SynchronousTestCase):
         out.on_stored(1, [b"1", b"2", b"3", b"4", b"5"])
         out.take()
         out.on_ack(2, 2)
-        self.assertEqual(out.read_request(8), (2, 2))
+        self.assertEqual(out.read_request(8), (2, 2, 10_000))
         out.on_ack(3, 3)
         self.assertEqual(out.on_read(2, [b"3", b"4"]), 1)
         self.assertEqual(out.take(), (4, [b"4"]))
@@ -473,8 +474,10 @@ class Pair:
         while True:
             request = self.out.read_request(3)
             if request is not None:
-                after, limit = request
-                self.out.on_read(after, self.store[after : after + limit])
+                after, limit, max_bytes = request
+                self.out.on_read(
+                    after, within_bytes(self.store[after : after + limit], max_bytes)
+                )
             first, chunk = self.out.take()
             if not chunk:
                 break

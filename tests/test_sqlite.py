@@ -156,7 +156,9 @@ class StoreCase(TestCase):
         """
         backend, state = await self.opened(path)
         self.assertEqual(summary(state), expected)
-        self.assertEqual(await backend.read_outbound(2, 10, 100), [b"a" * 100] * 20)
+        self.assertEqual(
+            await backend.read_outbound(2, 10, 100, 1 << 30), [b"a" * 100] * 20
+        )
         await backend.close()
 
 
@@ -301,7 +303,7 @@ class FaultTests(StoreCase):
             pass
         else:
             self.addCleanup(backend.close)
-            read = backend.read_outbound(2, 0, 1000)
+            read = backend.read_outbound(2, 0, 1000, 1 << 30)
             await self.assertFailure(read, StoreCorrupt)
             await backend.close()
         # Nothing holds the lock after a failed open or a close: opening
@@ -456,7 +458,7 @@ class FaultTests(StoreCase):
         self.assertGreater(stored, 0)
         backend, state = await self.reopen(backend, path)
         self.assertEqual(summary(state)[0], {(int, 2): (0, stored, stored * 1000)})
-        read = await backend.read_outbound(2, stored - 1, 5)
+        read = await backend.read_outbound(2, stored - 1, 5, 1 << 30)
         self.assertEqual(read, [b"f" * 1000])
 
     async def test_locked_by_this_process(self) -> None:
@@ -582,7 +584,9 @@ class FaultTests(StoreCase):
                 )
             read: list[bytes] = []
             while len(read) < out.last_position - out.acked:
-                chunk = await backend.read_outbound(2, out.acked + len(read), 1000)
+                chunk = await backend.read_outbound(
+                    2, out.acked + len(read), 1000, 1 << 30
+                )
                 self.assertTrue(chunk)
                 read.extend(chunk)
             expected = [
@@ -616,7 +620,7 @@ class OpenTests(StoreCase):
         self.assertTrue(any("FROM outbox" in s for s in statements), statements)
         self.assertFalse([s for s in statements if "contents" in s], statements)
         statements.clear()
-        self.assertEqual(len(await backend.read_outbound(2, 10, 5)), 5)
+        self.assertEqual(len(await backend.read_outbound(2, 10, 5, 1 << 30)), 5)
         self.assertTrue([s for s in statements if "contents" in s])
 
     async def test_store_stays_consistent_after_a_failed_commit_sync(self) -> None:
@@ -657,7 +661,9 @@ class OpenTests(StoreCase):
         self.assertIn("restart", str(again))
         backend, state = await self.reopen(backend, path)
         self.assertEqual(summary(state)[0], {(int, 2): (0, 2, 6)})
-        self.assertEqual(await backend.read_outbound(2, 0, 5), [b"one", b"two"])
+        self.assertEqual(
+            await backend.read_outbound(2, 0, 5, 1 << 30), [b"one", b"two"]
+        )
 
     async def reopen(self, backend: SQLiteBackend, path: str) -> tuple[Any, Any]:
         await backend.close()

@@ -704,10 +704,10 @@ class ILM(Service):
                 problem=problem,
                 ilm_event="store_entry_dropped",
             )
-            peer = self._peers.get(peer_id)  # type: ignore[call-overload]
-            if peer is not None and peer.link in (_HELLO_SENT, _READY):
+            holder = self._peers.get(peer_id)
+            if holder is not None and holder.link in (_HELLO_SENT, _READY):
                 self._violation(
-                    peer,
+                    holder,
                     MalformedFrame(f"{problem}: beyond what a store holds"),
                     logged=True,
                 )
@@ -781,7 +781,7 @@ class ILM(Service):
         self._store_delay = min(delay * 2, self._config.max_store_retry)
         self._retry_at = self._clock.seconds() + delay
         self._limited(
-            ("store_commit_failed", reason.type.__name__),
+            ("store_commit_failed", type(reason.value).__name__),
             LogLevel.critical,
             "store commit failed: {refused} message(s) refused; acknowledgements "
             "and delivery marks retried in {delay:.2f}s",
@@ -842,9 +842,11 @@ class ILM(Service):
         if peer.read_call is None:
             request = out.read_request(self._config.read_batch)
             if request is not None:
-                after, limit = request
+                after, limit, max_bytes = request
                 try:
-                    d = self._backend.read_outbound(peer.peer_id, after, limit)
+                    d = self._backend.read_outbound(
+                        peer.peer_id, after, limit, max_bytes
+                    )
                 except Exception:
                     d = fail()
                 d.addCallbacks(
@@ -858,9 +860,13 @@ class ILM(Service):
     def _read_done(
         self, contents: list[bytes], peer: _Peer, after: int, limit: int
     ) -> None:
-        peer.read_delay = self._config.store_retry
         out = peer.out
         out.on_read(after, contents)
+        if contents:
+            # Only a read that returned something ends the backoff: an
+            # outbox that keeps answering nothing (a damaged or tampered
+            # store) is asked again ever more slowly.
+            peer.read_delay = self._config.store_retry
         if not contents and out.cache_end < out.stored and after >= out.acked:
             self._read_failed(
                 Failure(
@@ -1230,6 +1236,18 @@ class ILM(Service):
                 first=resume.lost[0],
                 last=resume.lost[1],
                 ilm_event="messages_lost",
+            )
+            # The same, unlimited, at debug level: each jump of a stream,
+            # for whoever traces one (the fuzz command checks deliveries
+            # against it).
+            log.debug(
+                "stream from {peer_id!r} (incarnation {incarnation}) jumps from "
+                "{first} to {position}",
+                peer_id=pid,
+                incarnation=incarnation,
+                first=resume.lost[0],
+                position=resume.delivered,
+                ilm_event="stream_jumped",
             )
             stream.jump(resume.delivered)
             self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered

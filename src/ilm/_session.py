@@ -180,12 +180,14 @@ class OutboundStream:
         if self.cache_end == first - 1:
             self._append(contents)
 
-    def read_request(self, batch: int) -> tuple[int, int] | None:
+    def read_request(self, batch: int) -> tuple[int, int, int] | None:
         """
         Whether to read more contents from the store now.
 
-        :return: ``(after, limit)`` for ``IBackend.read_outbound``, or
-            ``None``.  At most one read is outstanding.
+        :return: ``(after, limit, max_bytes)`` for
+            ``IBackend.read_outbound`` (what the cache has room for, in
+            messages and in bytes), or ``None``.  At most one read is
+            outstanding.
         """
         if self.reading or not self.ready:
             return None
@@ -196,11 +198,17 @@ class OutboundStream:
         if room <= 0 or self._cache_bytes >= self._cache_bytes_limit:
             return None
         self.reading = True
-        return end, min(room, batch, self.stored - end)
+        return (
+            end,
+            min(room, batch, self.stored - end),
+            self._cache_bytes_limit - self._cache_bytes,
+        )
 
     def on_read(self, after: int, contents: list[bytes]) -> int:
         """
-        A read requested by :meth:`read_request` returned.
+        A read requested by :meth:`read_request` returned.  Everything it
+        returned fits in the cache (the request said how much room there
+        was), unless acknowledgements overtook the read.
 
         :return: the number of messages added to the cache.
         """

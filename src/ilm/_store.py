@@ -28,6 +28,22 @@ def valid_incarnation(incarnation: object) -> bool:
     return type(incarnation) is str and _INCARNATION.fullmatch(incarnation) is not None
 
 
+def within_bytes(contents: list[bytes], max_bytes: int) -> list[bytes]:
+    """
+    The longest prefix of ``contents`` holding at most ``max_bytes`` bytes,
+    and at least its first item whatever its size: what
+    ``IBackend.read_outbound`` returns of what it found.
+    """
+    total = 0
+    count = 0
+    for item in contents:
+        total += len(item)
+        if total > max_bytes and count:
+            return contents[:count]
+        count += 1
+    return contents
+
+
 def _position(value: object, low: int = 0) -> bool:
     return type(value) is int and low <= value <= MAX_POSITION
 

@@ -108,14 +108,26 @@ class IBackend(Interface):
             refuses further commits until reopened).
         """
 
-    def read_outbound(peer_id: PeerId, after: int, limit: int) -> Deferred[list[bytes]]:
+    def read_outbound(
+        peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> Deferred[list[bytes]]:
         """
         Read stored outbound messages to ``peer_id``.
 
-        :return: a ``Deferred`` firing with a list of at most ``limit``
-            ``bytes``: the contents at positions ``after + 1``, ``after + 2``,
-            ... in order, stopping early at the end of the outbox.  Positions
-            at or below the peer's acknowledged point are not returned.
+        ILM asks for what its cache has room for, and keeps all it gets:
+        a backend should not read (from disk, over a network) contents it
+        will not return, so that what a backlog costs to read is what is
+        sent.
+
+        :return: a ``Deferred`` firing with a list of ``bytes``: the
+            contents at positions ``after + 1``, ``after + 2``, ... in order,
+            at most ``limit`` of them and at most ``max_bytes`` bytes of
+            contents in all, except that the first is returned whatever its
+            size (so a message larger than ``max_bytes`` is read alone);
+            stopping early at the end of the outbox.  Positions at or below
+            the peer's acknowledged point are not returned.
+            (:func:`ilm._store.within_bytes` applies the byte limit to a
+            list.)
         """
 
     def close() -> Deferred[None]:

@@ -22,6 +22,7 @@ from ilm._store import (
     StoreBatch,
     StoredState,
     check_batch,
+    within_bytes,
 )
 from ilm.errors import StoreError
 from ilm.interfaces import IBackend
@@ -125,7 +126,9 @@ class InMemoryStorage:
         self.commits += 1
         return CommitResult(released)
 
-    def read(self, peer_id: PeerId, after: int, limit: int) -> list[bytes]:
+    def read(
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> list[bytes]:
         box = self.outboxes.get(peer_id)
         if box is None:
             return []
@@ -135,7 +138,7 @@ class InMemoryStorage:
                 f"below acknowledged {box.acked}"
             )
         start = box.head + (after - box.acked)
-        return box.buf[start : start + limit]
+        return within_bytes(box.buf[start : start + limit], max_bytes)
 
 
 @implementer(IBackend)
@@ -165,12 +168,12 @@ class InMemoryBackend:
             return fail()
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
         if self.closed:
             return fail(StoreError("the store is closed"))
         try:
-            return succeed(self.storage.read(peer_id, after, limit))
+            return succeed(self.storage.read(peer_id, after, limit, max_bytes))
         except StoreError:
             return fail()
 

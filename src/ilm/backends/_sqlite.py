@@ -294,6 +294,15 @@ _RETIRE = (
     "VALUES (?, ?, 0, 1) ON CONFLICT (peer_key, incarnation) DO UPDATE "
     "SET retired = 1"
 )
+_READ_LENGTHS = (
+    "SELECT length(contents) FROM outbox WHERE peer_key = ? AND position > ? "
+    "ORDER BY position LIMIT ?"
+)
+"""
+The sizes of the next messages, to decide how many to read: ``length()`` of
+a BLOB comes from the record header, without reading the contents (nor the
+overflow pages of a large one).
+"""
 _READ_OUTBOX = (
     "SELECT position, contents FROM outbox WHERE peer_key = ? AND position > ? "
     "ORDER BY position LIMIT ?"
@@ -608,15 +617,16 @@ class SQLiteBackend:
         return self._on_writer(self._commit, batch)
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
         """
         Read stored messages to ``peer_id`` after position ``after``; see
-        :meth:`ilm.interfaces.IBackend.read_outbound`.
+        :meth:`ilm.interfaces.IBackend.read_outbound`.  The sizes are looked
+        up first, so no message is read that is not returned.
         """
         if not self._open or self._closing is not None:
             return fail(StoreError("the store is closed"))
-        return self._on_reader(self._read, peer_id, after, limit)
+        return self._on_reader(self._read, peer_id, after, limit, max_bytes)
 
     def close(self) -> Deferred[None]:
         """
@@ -868,7 +878,9 @@ class SQLiteBackend:
             raise store_error(e, self.path, "cannot open") from e
         return state
 
-    def _read(self, peer_id: PeerId, after: int, limit: int) -> list[bytes]:
+    def _read(
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> list[bytes]:
         conn = self._reader
         assert conn is not None
         try:
@@ -887,7 +899,14 @@ class SQLiteBackend:
                         f"outbox to {peer_id!r}: read after {after}, "
                         f"below acknowledged {acked}"
                     )
-                rows = conn.execute(_READ_OUTBOX, (key, after, limit)).fetchall()
+                count = 0
+                total = 0
+                for (size,) in conn.execute(_READ_LENGTHS, (key, after, limit)):
+                    total += size
+                    if total > max_bytes and count:
+                        break
+                    count += 1
+                rows = conn.execute(_READ_OUTBOX, (key, after, count)).fetchall()
             finally:
                 conn.execute("COMMIT")
         except BaseException as e:
