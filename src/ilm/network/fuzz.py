@@ -307,7 +307,7 @@ class _InternalErrors:
         kind = event.get("ilm_event")
         if kind == "internal_error":
             self._found.append(event)
-        elif kind == "messages_lost" and self._lost is not None:
+        elif kind == "stream_jumped" and self._lost is not None:
             self._lost.append(event)
 
 
