@@ -37,6 +37,17 @@ def summary(state: StoredState) -> tuple[dict[Any, Any], dict[Any, Any]]:
     return outbound, inbound
 
 
+def retired_order(state: StoredState) -> dict[Any, list[str]]:
+    """
+    Per peer, its retired incarnations in the order the state lists them.
+    """
+    order: dict[Any, list[str]] = {}
+    for r in state.inbound:
+        if r.retired:
+            order.setdefault((type(r.peer_id), r.peer_id), []).append(r.incarnation)
+    return order
+
+
 class BackendContract:
     """
     Mixed into a ``TestCase``; subclasses say how to make a store and a
@@ -134,6 +145,68 @@ class BackendContract:
         backend, state = await self.reopened(store, backend)
         self.assertEqual(summary(state), ({(int, 2): (1, 2, 1)}, {}))
         self.assertEqual(await backend.read_outbound(2, 1, 5, 1 << 30), [b"y"])
+
+    async def test_positions_beyond_2_63_apply_nothing(self) -> None:
+        """
+        A batch with a position a store cannot hold (2**63 or more, in a
+        mark, an acknowledgement or messages) or an incarnation that is not
+        32 hex digits fails with StoreError naming the entry, applies
+        nothing, and leaves the store usable for the next batch.
+        """
+        store = self.new_store()
+        backend, _ = await self.opened(store)
+        for bad in (
+            StoreBatch(messages={2: (1, [b"ok"])}, delivered={(3, "a" * 32): 2**63}),
+            StoreBatch(messages={2: (2**63, [b"x"])}),
+            StoreBatch(messages={2: (2**63 - 1, [b"x", b"y"])}),
+            StoreBatch(acked={2: 2**63 + 1}),
+            StoreBatch(delivered={(3, "not hex"): 1}),
+            StoreBatch(retired={(3, "A" * 32)}),
+            StoreBatch(delivered={(-1, "a" * 32): 1}),
+        ):
+            error = await self.assertFailure(backend.commit(bad), StoreError)
+            self.assertIn("cannot be stored", str(error))
+        await backend.commit(
+            StoreBatch(messages={2: (1, [b"ok"])}, delivered={(3, "a" * 32): 5})
+        )
+        backend, state = await self.reopened(store, backend)
+        self.assertEqual(
+            summary(state),
+            ({(int, 2): (0, 1, 2)}, {(int, 3, "a" * 32): (5, False)}),
+        )
+
+    async def test_retirements_keep_their_order(self) -> None:
+        """
+        A reopened store lists a peer's retired incarnations in the order
+        they were retired (within one batch, by incarnation id); retiring
+        one again does not move it; a forgotten record is deleted before
+        the batch's marks apply, so an incarnation forgotten and marked in
+        one batch has a fresh, current record.
+        """
+        store = self.new_store()
+        backend, _ = await self.opened(store)
+        inc = [f"{i:032x}" for i in range(6)]
+        await backend.commit(StoreBatch(delivered={(2, inc[5]): 7}))
+        await backend.commit(StoreBatch(retired={(2, inc[3])}))
+        await backend.commit(StoreBatch(retired={(2, inc[1]), (2, inc[4])}))
+        await backend.commit(StoreBatch(retired={(2, inc[5]), (2, inc[3])}))
+        backend, state = await self.reopened(store, backend)
+        self.assertEqual(
+            retired_order(state), {(int, 2): [inc[3], inc[1], inc[4], inc[5]]}
+        )
+        await backend.commit(
+            StoreBatch(forgotten={(2, inc[1]), (2, inc[4])}, delivered={(2, inc[4]): 2})
+        )
+        backend, state = await self.reopened(store, backend)
+        self.assertEqual(retired_order(state), {(int, 2): [inc[3], inc[5]]})
+        self.assertEqual(
+            summary(state)[1],
+            {
+                (int, 2, inc[3]): (0, True),
+                (int, 2, inc[4]): (2, False),
+                (int, 2, inc[5]): (7, True),
+            },
+        )
 
     async def test_read_outbound_streams_in_order(self) -> None:
         """
@@ -363,6 +436,10 @@ class SQLiteBackendTests(BackendContract, TestCase):
                 batch.delivered[key] = rng.randint(0, 50)
             if rng.random() < 0.1:
                 batch.retired.add((rng.choice(peers), rng.choice(incarnations)))
+            if rng.random() < 0.1:
+                batch.forgotten.add((rng.choice(peers), rng.choice(incarnations)))
+            if rng.random() < 0.02:
+                batch.delivered[(rng.choice(peers), incarnations[0])] = 2**63
             expected = reference.commit(batch)
             actual = backend.commit(batch)
             try:
@@ -375,6 +452,7 @@ class SQLiteBackendTests(BackendContract, TestCase):
                 backend, _ = await self.reopened(store, backend)
             state = await backend.open()
             self.assertEqual(summary(state), summary(storage.state()), step)
+            self.assertEqual(retired_order(state), retired_order(storage.state()), step)
             for peer in peers:
                 box = storage.outboxes.get(peer)
                 after = box.acked if box else 0

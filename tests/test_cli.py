@@ -72,7 +72,7 @@ class InspectTests(TestCase):
             report,
             {
                 "path": path,
-                "schema_version": 1,
+                "schema_version": 2,
                 "incarnation": incarnation,
                 "outbound": [
                     {
@@ -117,7 +117,7 @@ class InspectTests(TestCase):
         code, out, err = self.run_cli(path)
         self.assertEqual((code, err), (0, ""))
         self.assertIn(f"incarnation {incarnation}", out)
-        self.assertIn("schema version 1", out)
+        self.assertIn("schema version 2", out)
         self.assertIn("peer 2: 3 pending (positions 3..5, 30 bytes), oldest", out)
         self.assertIn("peer '2': none pending (all 1 acknowledged)", out)
         a, b = "a" * 32, "b" * 32

@@ -11,16 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ilm import Config, StoreBatch
+from ilm import ILM, Config, StoreBatch, _frames
+from ilm._session import PROTOCOL_VERSION, Hello
 from ilm.backends import InMemoryBackend
 from ilm.errors import StoreError, StoreFull
-from ilm.testing import InMemoryStorage, settle
+from ilm.testing import InMemoryStorage, crash, settle
 
 from .support import Cluster, numbered
-from .test_messenger import Events, WrappedBackend
+from .test_messenger import Events, ScriptedNetwork, WrappedBackend
 
 
 class ReadCounting(WrappedBackend):
@@ -317,3 +321,225 @@ class OutboxReadTests(SynchronousTestCase):
         settle(c.clock, 11)
         self.assertEqual(c.received(2, 1), numbered(10))
         self.flushLoggedErrors(StoreError)
+
+
+class FakePeer:
+    """
+    Drives one peer of a node by hand over a :class:`ScriptedNetwork`: a
+    link per incarnation, HELLO and DATA frames as the peer would send them.
+    """
+
+    def __init__(self, network: ScriptedNetwork, peer_id: object) -> None:
+        self.network = network
+        self.peer_id = peer_id
+
+    def connect(self, incarnation: str, first_unacked: int = 1) -> None:
+        if self.peer_id in self.network.links:
+            self.disconnect()
+        self.network.establish(self.peer_id)
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            incarnation=incarnation,
+            window=4096,
+            window_bytes=1 << 22,
+            first_unacked=first_unacked,
+            last_position=first_unacked + 10_000,
+            known_incarnation=None,
+            delivered=0,
+        )
+        self.network.receive(self.peer_id, _frames.encode_hello(hello))
+
+    def disconnect(self) -> None:
+        assert self.network.receiver is not None
+        self.network.links.discard(self.peer_id)
+        self.network.receiver.link_lost(self.peer_id, Failure(ConnectionDone()))
+
+    def data(self, first: int, contents: list[bytes]) -> None:
+        for frame in _frames.encode_data(first, contents, 256 * 1024):
+            self.network.receive(self.peer_id, frame)
+
+
+def incarnation(n: int) -> str:
+    return "%032x" % (n + 1)
+
+
+class IncarnationTests(SynchronousTestCase):
+    def node(
+        self, config: Config, storage: InMemoryStorage | None = None
+    ) -> tuple[Any, ScriptedNetwork, Clock, InMemoryStorage, list[Any]]:
+        clock = Clock()
+        storage = storage if storage is not None else InMemoryStorage()
+        network = ScriptedNetwork(1)
+        taken: list[Any] = []
+        hold: list[Deferred[None]] = []
+
+        def deliver(message: Any) -> Deferred[None] | None:
+            if message.source_id == 2:
+                # Peer 2's messages are never taken (an asynchronous target
+                # that hangs): everything it sends stays held.
+                d: Deferred[None] = Deferred()
+                hold.append(d)
+                return d
+            taken.append(message)
+            return None
+
+        node = ILM(
+            InMemoryBackend(storage), deliver, network, config=config, clock=clock
+        )
+        node.startService()
+        clock.advance(0)
+        self.addCleanup(lambda: [d.callback(None) for d in hold if not d.called])
+        return node, network, clock, storage, taken
+
+    def test_held_data_bounded_across_incarnations(self) -> None:
+        """
+        A peer flapping through 40 incarnations, each sending a full window
+        (64 messages of 16 kB) to a delivery target that never finishes:
+        what the node holds from that peer stays within one window and one
+        frame in all (not one window per incarnation), and another peer's
+        messages are delivered meanwhile.
+        """
+        config = Config(
+            window=64,
+            window_bytes=1 << 20,
+            max_frame_size=(1 << 20) + 4096,
+            max_message_size=1 << 20,
+            max_new_incarnations=1000,
+        )
+        node, network, clock, _storage, taken = self.node(config)
+        attacker, other = FakePeer(network, 2), FakePeer(network, 3)
+        other.connect(incarnation(999))
+        budget = config.window_bytes + config.max_frame_size
+        for n in range(40):
+            attacker.connect(incarnation(n))
+            attacker.data(1, [bytes([n]) * 16_000 for _ in range(64)])
+            clock.advance(0.01)
+            held = node._peers[2].held
+            self.assertLessEqual(held.bytes, budget)
+            self.assertLessEqual(held.messages, config.window)
+            other.data(n + 1, [b"other %d" % n])
+            clock.advance(0.01)
+        self.assertEqual(
+            [m.contents for m in taken], [b"other %d" % n for n in range(40)]
+        )
+        streams = node._peers[2].inbound
+        self.assertEqual(
+            sum(len(s.queue) for s in streams), node._peers[2].held.messages
+        )
+        self.assertEqual(sum(s.held_bytes for s in streams), node._peers[2].held.bytes)
+
+    def test_new_incarnations_are_rate_limited(self) -> None:
+        """
+        A peer may start at most max_new_incarnations new incarnations per
+        new_incarnation_period: the next one is refused with
+        TooManyIncarnations (its link closed, a protocol_violation logged,
+        no record stored for it); once the period has passed, a new one is
+        accepted again.  A known incarnation reconnecting is not counted.
+        """
+        events = Events(self)
+        config = Config(max_new_incarnations=3, new_incarnation_period=60.0)
+        _node, network, clock, storage, _ = self.node(config)
+        attacker = FakePeer(network, 2)
+        for n in range(3):
+            attacker.connect(incarnation(n))
+            clock.advance(1)
+            self.assertIn(2, network.links)
+        attacker.connect(incarnation(2))
+        clock.advance(1)
+        self.assertIn(2, network.links)
+        attacker.connect(incarnation(3))
+        clock.advance(1)
+        self.assertNotIn(2, network.links)
+        [violation] = events.named("protocol_violation")
+        self.assertEqual(violation["kind"], "TooManyIncarnations")
+        self.assertNotIn((2, incarnation(3)), storage.inbound)
+        clock.advance(60)
+        attacker.connect(incarnation(3))
+        clock.advance(1)
+        self.assertIn(2, network.links)
+        self.assertIn((2, incarnation(3)), storage.inbound)
+
+    def test_retired_records_are_capped(self) -> None:
+        """
+        Beyond max_retired_incarnations, the oldest retired incarnations of
+        a peer are forgotten, in memory and in the store: its records stay
+        at most the cap plus its current one, also after a restart.  The
+        rule's cost: a forgotten incarnation that comes back is accepted as
+        a new one, while one still remembered is refused (StaleIncarnation).
+        """
+        events = Events(self)
+        config = Config(max_new_incarnations=1000, max_retired_incarnations=4)
+        node, network, clock, storage, _ = self.node(config)
+        attacker = FakePeer(network, 2)
+        for n in range(30):
+            attacker.connect(incarnation(n))
+            clock.advance(1)
+            records = [key for key in storage.inbound if key[0] == 2]
+            self.assertLessEqual(len(records), 5)
+        retired = [k[1] for k, r in storage.inbound.items() if k[0] == 2 and r.retired]
+        self.assertEqual(retired, [incarnation(n) for n in range(25, 29)])
+        self.assertEqual(list(node._peers[2].retired), retired)
+        attacker.connect(incarnation(27))
+        clock.advance(1)
+        self.assertNotIn(2, network.links)
+        self.assertEqual(
+            [e["kind"] for e in events.named("protocol_violation")],
+            ["StaleIncarnation"],
+        )
+        attacker.connect(incarnation(3))
+        clock.advance(1)
+        self.assertIn(2, network.links)
+        crash(node)
+        node, network, clock, storage, _ = self.node(config, storage)
+        self.assertEqual(
+            list(node._peers[2].retired),
+            [incarnation(n) for n in (26, 27, 28, 29)],
+        )
+
+    def test_restarted_peer_waits_for_its_old_stream(self) -> None:
+        """
+        A peer that lost its store comes back while its old incarnation's
+        messages still wait for a slow delivery target: the new stream's
+        data that does not fit in what the peer may hold is dropped, and is
+        asked for again (NACK) once the old stream has drained; every
+        message of both incarnations is delivered, the old ones first.
+        """
+        clock = Clock()
+        network = ScriptedNetwork(1)
+        pending: list[Deferred[None]] = []
+        taken: list[bytes] = []
+
+        def deliver(message: Any) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            d.addCallback(lambda _: taken.append(message.contents))
+            pending.append(d)
+            return d
+
+        config = Config(
+            window=8, window_bytes=1000, max_frame_size=2000, max_message_size=1000
+        )
+        node = ILM(InMemoryBackend(), deliver, network, config=config, clock=clock)
+        node.startService()
+        clock.advance(0)
+        peer = FakePeer(network, 2)
+        peer.connect(incarnation(1))
+        old = [b"old %d" % i + b"." * 100 for i in range(8)]
+        peer.data(1, old)
+        clock.advance(0)
+        peer.connect(incarnation(2))
+        new = [b"new %d" % i + b"." * 100 for i in range(8)]
+        network.sent.clear()
+        peer.data(1, new)
+        clock.advance(0)
+        self.assertEqual(node._peers[2].inbound[-1].received, 0)
+        while len(taken) < 8:
+            pending[len(taken)].callback(None)
+            clock.advance(0)
+        nacks = [_frames.decode_nack(f) for f in network.sent if f[0] == _frames.NACK]
+        self.assertEqual(nacks, [1])
+        peer.data(1, new)
+        clock.advance(0)
+        while len(taken) < 16:
+            pending[len(taken)].callback(None)
+            clock.advance(0)
+        self.assertEqual(taken, old + new)

@@ -194,7 +194,7 @@ class SchemaTests(StoreCase):
         path = self.store_path()
         conn = sqlite3.connect(path, isolation_level=None)
         self.addCleanup(conn.close)
-        self.assertEqual(migrate(conn), (0, 1))
+        self.assertEqual(migrate(conn, target=1), (0, 1))
         incarnation = conn.execute("SELECT value FROM ilm_meta").fetchone()
 
         def broken(conn: sqlite3.Connection) -> None:
@@ -219,6 +219,37 @@ class SchemaTests(StoreCase):
             conn.execute("SELECT value FROM ilm_meta").fetchone(), incarnation
         )
         self.assertEqual(migrate(conn, {**MIGRATIONS, 1: add_priority}, 2), (2, 2))
+
+    async def test_version_1_store_is_migrated(self) -> None:
+        """
+        A store written with schema version 1 (before retirements were
+        ordered) opens: it is migrated to the current version in one
+        transaction, keeps all its data, lists its old retirements (their
+        order unknown, by incarnation id) before any made since, and can
+        forget them.
+        """
+        path = self.store_path()
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn, target=1)
+        conn.execute("INSERT INTO peer (peer_key, peer_id) VALUES (1, 3)")
+        conn.execute(
+            "INSERT INTO inbound VALUES (1, ?, 4, 1), (1, ?, 9, 1), (1, ?, 12, 0)",
+            ("e" * 32, "b" * 32, "c" * 32),
+        )
+        conn.close()
+        backend, state = await self.opened(path)
+        self.assertEqual(backend.schema_version, SCHEMA_VERSION)
+        self.assertEqual(
+            [(r.incarnation, r.delivered, r.retired) for r in state.inbound],
+            [("b" * 32, 9, True), ("e" * 32, 4, True), ("c" * 32, 12, False)],
+        )
+        await backend.commit(StoreBatch(retired={(3, "c" * 32)}))
+        await backend.commit(StoreBatch(forgotten={(3, "b" * 32)}))
+        state = await backend.open()
+        self.assertEqual(
+            [r.incarnation for r in state.inbound if r.retired], ["e" * 32, "c" * 32]
+        )
 
     async def test_schema_too_new(self) -> None:
         """

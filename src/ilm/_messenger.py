@@ -37,8 +37,10 @@ from ilm._logging import EventLimiter
 from ilm._message import MAX_INT_ID, Message, PeerId, check_peer_id
 from ilm._session import (
     PROTOCOL_VERSION,
+    HeldTotal,
     Hello,
     InboundStream,
+    NewIncarnations,
     OutboundStream,
     resume_inbound,
     resume_outbound,
@@ -136,9 +138,11 @@ class _Peer:
         "delivery_call",
         "delivery_delay",
         "handshake_call",
+        "held",
         "hold_reported",
         "in_loop",
         "inbound",
+        "incarnations",
         "link",
         "max_message",
         "out",
@@ -161,7 +165,15 @@ class _Peer:
         self.peer_id = peer_id
         self.out = out
         self.inbound: list[InboundStream] = []
-        self.retired: set[str] = set()
+        # Retired incarnations, oldest retirement first.
+        self.retired: dict[str, None] = {}
+        # What the streams of all its incarnations hold together.
+        self.held = HeldTotal(
+            config.window, config.window_bytes + config.max_frame_size
+        )
+        self.incarnations = NewIncarnations(
+            config.max_new_incarnations, config.new_incarnation_period
+        )
         self.link = _DOWN
         self.paused = False
         self.hold_reported = False
@@ -185,6 +197,18 @@ class _Peer:
 
     def current_stream(self) -> InboundStream | None:
         return self.inbound[-1] if self.inbound else None
+
+    def new_stream(
+        self, incarnation: str, delivered: int, config: Config
+    ) -> InboundStream:
+        return InboundStream(
+            incarnation,
+            delivered,
+            window=config.window,
+            window_bytes=config.window_bytes,
+            max_frame_size=config.max_frame_size,
+            held=self.held,
+        )
 
     def cancel_timers(self) -> None:
         for name in (
@@ -1196,21 +1220,19 @@ class ILM(Service):
         )
         out = peer.out
         resume_after = resume_outbound(hello, self._incarnation, out.acked, out.stored)
+        if stream is None:
+            peer.incarnations.admit(self._clock.seconds(), incarnation)
         # Decided; from here on nothing raises.
         pid = peer.peer_id
-        config = self._config
         if stream is None:
-            stream = InboundStream(
-                incarnation,
-                resume.delivered,
-                window=config.window,
-                window_bytes=config.window_bytes,
-                max_frame_size=config.max_frame_size,
-            )
+            stream = peer.new_stream(incarnation, resume.delivered, self._config)
             for old in peer.inbound:
-                peer.retired.add(old.incarnation)
+                peer.retired.pop(old.incarnation, None)
+                peer.retired[old.incarnation] = None
                 self._bookkeeping.retired.add((pid, old.incarnation))
-                log.info(
+                self._limited(
+                    ("peer_new_incarnation", pid),
+                    LogLevel.info,
                     "peer {peer_id!r} came back with a new store (incarnation "
                     "{incarnation}); its old incarnation {old} is retired",
                     peer_id=pid,
@@ -1221,6 +1243,7 @@ class ILM(Service):
             peer.inbound = [old for old in peer.inbound if old.queue]
             peer.inbound.append(stream)
             self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+            self._forget_retired(peer)
             self._schedule_flush()
         elif peer.inbound[-1] is not stream:
             peer.inbound.remove(stream)
@@ -1437,6 +1460,26 @@ class ILM(Service):
             and peer.ack_call is None
         ):
             peer.ack_call = self._later(self._config.ack_delay, self._delayed_ack, peer)
+        if stream_now is not None and stream_now.starved:
+            self._unstarve(peer, stream_now)
+
+    def _unstarve(self, peer: _Peer, stream: InboundStream) -> None:
+        """
+        ``stream`` dropped data that did not fit in what the peer's
+        incarnations hold together: once the older streams have drained, or
+        half the budget is free, ask the peer to send it again.
+        """
+        held = stream.held
+        if len(peer.inbound) > 1 and (
+            held.messages * 2 > held.max_messages or held.bytes * 2 > held.max_bytes
+        ):
+            return
+        if peer.link != _READY or stream.incarnation != peer.peer_incarnation:
+            return
+        stream.starved = False
+        self._network.send_frames(
+            peer.peer_id, [_frames.encode_nack(stream.received + 1)]
+        )
 
     def _drop_drained_streams(self, peer: _Peer) -> None:
         if len(peer.inbound) > 1:
@@ -1446,6 +1489,41 @@ class ILM(Service):
                 for s in peer.inbound
                 if s is current or s.queue or s.delivered > s.marked
             ]
+            if len(peer.retired) > self._config.max_retired_incarnations:
+                self._forget_retired(peer)
+
+    def _forget_retired(self, peer: _Peer) -> None:
+        """
+        Keep at most ``max_retired_incarnations`` retired incarnations of
+        ``peer``: forget the oldest retirements (in memory, and in the store
+        with the next commit), except those whose messages are still being
+        delivered.  A forgotten incarnation that comes back is taken for a
+        new one (docs/protocol.md says what that costs).
+        """
+        excess = len(peer.retired) - self._config.max_retired_incarnations
+        if excess <= 0:
+            return
+        draining = {stream.incarnation for stream in peer.inbound}
+        bookkeeping = self._bookkeeping
+        for incarnation in list(peer.retired):
+            if excess <= 0:
+                break
+            if incarnation in draining:
+                continue
+            del peer.retired[incarnation]
+            key = (peer.peer_id, incarnation)
+            bookkeeping.retired.discard(key)
+            bookkeeping.delivered.pop(key, None)
+            bookkeeping.forgotten.add(key)
+            excess -= 1
+            log.debug(
+                "forgot the retired incarnation {incarnation} of {peer_id!r}",
+                peer_id=peer.peer_id,
+                incarnation=incarnation,
+                ilm_event="incarnation_forgotten",
+            )
+        if bookkeeping.forgotten:
+            self._schedule_flush(self._config.delete_delay)
 
     # -- start and stop --------------------------------------------------------
 
@@ -1475,17 +1553,14 @@ class ILM(Service):
         for inbound in state.inbound:
             peer = self._peers.get(inbound.peer_id) or self._new_peer(inbound.peer_id)
             if inbound.retired:
-                peer.retired.add(inbound.incarnation)
+                peer.retired[inbound.incarnation] = None
             else:
                 peer.inbound.append(
-                    InboundStream(
-                        inbound.incarnation,
-                        inbound.delivered,
-                        window=config.window,
-                        window_bytes=config.window_bytes,
-                        max_frame_size=config.max_frame_size,
-                    )
+                    peer.new_stream(inbound.incarnation, inbound.delivered, config)
                 )
+        for peer in self._peers.values():
+            # A store written with a larger limit (or by an older ILM).
+            self._forget_retired(peer)
         self._state = _RUNNING
         try:
             return self._network.start(self._events)

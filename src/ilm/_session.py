@@ -24,7 +24,13 @@ Receiver side (:class:`InboundStream`)
     only in order; duplicates are re-acknowledged, gaps are reported once
     (NACK) and dropped, data beyond the announced window ends the link.
     Acknowledgements carry ``marked``, so nothing is acknowledged before its
-    delivery mark is durable.
+    delivery mark is durable.  The streams from all incarnations of one peer
+    share one budget (:class:`HeldTotal`): what does not fit is dropped, as
+    if lost, and sent again by the peer.
+
+Incarnations (:class:`NewIncarnations`)
+    A peer may start only so many new streams (new incarnations) in a given
+    period; one more is refused.
 
 Resume (:func:`resume_inbound`, :func:`resume_outbound`)
     Whenever a link comes up, each side sends a :class:`Hello` and continues
@@ -47,6 +53,7 @@ from ilm.errors import (
     PeerStoreRegressed,
     StaleIncarnation,
     StoreBehindPeer,
+    TooManyIncarnations,
 )
 
 PROTOCOL_VERSION = 1
@@ -413,9 +420,28 @@ class OutboundStream:
         return True
 
 
+class HeldTotal:
+    """
+    What the streams from every incarnation of one peer hold, together: at
+    most ``messages`` messages and ``bytes`` bytes (one window and one
+    frame), whatever the number of incarnations.
+    """
+
+    __slots__ = ("bytes", "max_bytes", "max_messages", "messages")
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.messages = 0
+        self.bytes = 0
+
+
 class InboundStream:
     """
     The receiver's side of the stream from one incarnation of a peer.
+
+    ``held``: the budget shared with the streams of the peer's other
+    incarnations (a budget of its own if omitted).
     """
 
     __slots__ = (
@@ -423,11 +449,13 @@ class InboundStream:
         "_window",
         "_window_bytes",
         "delivered",
+        "held",
         "held_bytes",
         "incarnation",
         "marked",
         "nacked",
         "queue",
+        "starved",
     )
 
     def __init__(
@@ -438,6 +466,7 @@ class InboundStream:
         window: int,
         window_bytes: int,
         max_frame_size: int,
+        held: HeldTotal | None = None,
     ) -> None:
         self.incarnation = incarnation
         self.marked = delivered
@@ -445,9 +474,13 @@ class InboundStream:
         self.queue: deque[bytes] = deque()
         self.held_bytes = 0
         self.nacked = 0
+        self.starved = False
         self._window = window
         self._window_bytes = window_bytes
         self._max_frame_size = max_frame_size
+        if held is None:
+            held = HeldTotal(window, window_bytes + max_frame_size)
+        self.held = held
 
     @property
     def received(self) -> int:
@@ -457,6 +490,11 @@ class InboundStream:
     def on_data(self, first: int, contents: list[bytes]) -> tuple[int, bool, int]:
         """
         Data for positions ``first``, ``first + 1``, ... arrived.
+
+        New messages that do not fit in what the peer's incarnations hold
+        together (:class:`HeldTotal`) are dropped, as a lossy link would:
+        ``starved`` is set, and the caller asks for them again (NACK) once
+        room is made.
 
         :return: ``(accepted, acknowledge_now, nack_position)``: how many new
             messages were queued for delivery, whether to send an ACK at
@@ -487,8 +525,29 @@ class InboundStream:
                 f"{self.held_bytes + size} bytes held exceeds the window of "
                 f"{self._window_bytes} bytes"
             )
+        held = self.held
+        if (
+            held.messages + len(contents) > held.max_messages
+            or held.bytes + size > held.max_bytes
+        ):
+            # Older incarnations of the peer hold part of the budget: keep
+            # what fits, drop the rest (it is sent again).
+            room = held.max_messages - held.messages
+            count = 0
+            size = 0
+            for item in contents[: max(room, 0)]:
+                if held.bytes + size + len(item) > held.max_bytes:
+                    break
+                size += len(item)
+                count += 1
+            contents = contents[:count]
+            self.starved = True
+            if not contents:
+                return 0, skip > 0, 0
         self.queue.extend(contents)
         self.held_bytes += size
+        held.messages += len(contents)
+        held.bytes += size
         self.nacked = 0
         return len(contents), skip > 0, 0
 
@@ -496,17 +555,58 @@ class InboundStream:
         """
         The head of the queue was delivered.
         """
-        self.held_bytes -= len(self.queue.popleft())
+        size = len(self.queue.popleft())
+        self.held_bytes -= size
+        held = self.held
+        held.messages -= 1
+        held.bytes -= size
         self.delivered += 1
 
     def jump(self, delivered: int) -> None:
         """
         Continue after ``delivered`` (positions the sender no longer has).
         """
+        self.held.messages -= len(self.queue)
+        self.held.bytes -= self.held_bytes
         self.queue.clear()
         self.held_bytes = 0
         self.delivered = delivered
         self.marked = max(self.marked, delivered)
+
+
+class NewIncarnations:
+    """
+    How many new incarnations (new streams) one peer may start: at most
+    ``limit`` within any ``period`` seconds.  A peer that loses its store
+    comes back once; one that keeps presenting new incarnations is flapping
+    (or hostile), and each new one costs a store record and a receive
+    window.
+    """
+
+    __slots__ = ("limit", "period", "times")
+
+    def __init__(self, limit: int, period: float) -> None:
+        self.limit = limit
+        self.period = period
+        self.times: deque[float] = deque()
+
+    def admit(self, now: float, incarnation: str) -> None:
+        """
+        Count a new incarnation starting at ``now``.
+
+        :raises TooManyIncarnations: if ``limit`` were already started in
+            the ``period`` before ``now`` (this one is then not counted).
+        """
+        times = self.times
+        while times and times[0] <= now - self.period:
+            times.popleft()
+        if len(times) >= self.limit:
+            raise TooManyIncarnations(
+                f"new incarnation {incarnation} refused: the peer already "
+                f"started {len(times)} new incarnation(s) in the last "
+                f"{self.period:g} s (at most {self.limit})"
+            )
+        times.append(now)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

@@ -44,6 +44,15 @@ def within_bytes(contents: list[bytes], max_bytes: int) -> list[bytes]:
     return contents
 
 
+def retirement_order(key: tuple[PeerId, str]) -> tuple[bool, str, str]:
+    """
+    The order in which backends retire the records of one batch (a set's
+    own order is arbitrary, and runs must replay exactly).
+    """
+    peer_id, incarnation = key
+    return (type(peer_id) is str, str(peer_id), incarnation)
+
+
 def _position(value: object, low: int = 0) -> bool:
     return type(value) is int and low <= value <= MAX_POSITION
 
@@ -85,7 +94,8 @@ class InboundRecord:
 class StoredState:
     """
     Everything ILM needs to resume after a restart, except the outbox
-    contents (which are streamed with ``read_outbound``).
+    contents (which are streamed with ``read_outbound``).  ``inbound`` lists
+    each peer's retired incarnations in the order they were retired.
     """
 
     incarnation: str
@@ -108,30 +118,46 @@ class StoreBatch:
     - ``delivered``: per ``(peer_id, incarnation)``, a delivery mark to create
       or raise.
     - ``retired``: ``(peer_id, incarnation)`` pairs to mark retired (creating
-      the record if needed).
+      the record if needed).  A backend remembers the order of retirements
+      (:class:`StoredState` returns them in that order).
+    - ``forgotten``: ``(peer_id, incarnation)`` records to delete (old
+      retired incarnations beyond ``Config.max_retired_incarnations``).
+      They are deleted *before* the batch's marks and retirements apply, so
+      an incarnation forgotten and seen again as a new stream in one batch
+      ends up with its new record.
     """
 
     messages: dict[PeerId, tuple[int, list[bytes]]] = attr.ib(factory=dict)
     acked: dict[PeerId, int] = attr.ib(factory=dict)
     delivered: dict[tuple[PeerId, str], int] = attr.ib(factory=dict)
     retired: set[tuple[PeerId, str]] = attr.ib(factory=set)
+    forgotten: set[tuple[PeerId, str]] = attr.ib(factory=set)
 
     def __bool__(self) -> bool:
-        return bool(self.messages or self.acked or self.delivered or self.retired)
+        return bool(
+            self.messages
+            or self.acked
+            or self.delivered
+            or self.retired
+            or self.forgotten
+        )
 
     def merge_bookkeeping(self, other: StoreBatch) -> None:
         """
-        Fold the acknowledgements, marks and retirements of ``other`` (an
-        earlier batch that failed) into this one, keeping the highest
-        position of each.
+        Fold the acknowledgements, marks, retirements and forgotten records
+        of ``other`` (an earlier batch that failed) into this one, keeping
+        the highest position of each.  What this batch forgets overrides
+        ``other``'s marks and retirements of the same record.
         """
         for peer_id, position in other.acked.items():
             if position > self.acked.get(peer_id, -1):
                 self.acked[peer_id] = position
+        forgotten = self.forgotten
         for key, position in other.delivered.items():
-            if position > self.delivered.get(key, -1):
+            if key not in forgotten and position > self.delivered.get(key, -1):
                 self.delivered[key] = position
-        self.retired |= other.retired
+        self.retired |= other.retired - forgotten
+        self.forgotten |= other.forgotten
 
     def drop_peer(self, peer_id: PeerId) -> None:
         """
@@ -142,6 +168,7 @@ class StoreBatch:
         for key in [key for key in self.delivered if key[0] == peer_id]:
             del self.delivered[key]
         self.retired = {key for key in self.retired if key[0] != peer_id}
+        self.forgotten = {key for key in self.forgotten if key[0] != peer_id}
 
 
 def batch_problems(batch: StoreBatch) -> dict[PeerId, str]:
@@ -180,9 +207,9 @@ def batch_problems(batch: StoreBatch) -> dict[PeerId, str]:
             problems[peer_id] = f"delivery mark for incarnation {incarnation!r}"
         elif not _position(position):
             problems[peer_id] = f"delivery mark at position {position}"
-    for peer_id, incarnation in batch.retired:
+    for peer_id, incarnation in batch.retired | batch.forgotten:
         if peer_ok(peer_id) and not valid_incarnation(incarnation):
-            problems[peer_id] = f"retirement of incarnation {incarnation!r}"
+            problems[peer_id] = f"record of incarnation {incarnation!r}"
     return problems
 
 

@@ -22,6 +22,7 @@ from ilm._store import (
     StoreBatch,
     StoredState,
     check_batch,
+    retirement_order,
     within_bytes,
 )
 from ilm.errors import StoreError
@@ -108,6 +109,8 @@ class InMemoryStorage:
             box.bytes -= freed
             released[peer_id] = freed
         inbound = self.inbound
+        for key in batch.forgotten:
+            inbound.pop(key, None)
         for (peer_id, incarnation), delivered in batch.delivered.items():
             old = inbound.get((peer_id, incarnation))
             if old is None:
@@ -118,8 +121,12 @@ class InMemoryStorage:
                 inbound[(peer_id, incarnation)] = InboundRecord(
                     peer_id, incarnation, delivered, old.retired
                 )
-        for peer_id, incarnation in batch.retired:
+        for peer_id, incarnation in sorted(batch.retired, key=retirement_order):
             old = inbound.get((peer_id, incarnation))
+            if old is not None and old.retired:
+                continue
+            # Moved to the end: the dict keeps the order of retirements.
+            inbound.pop((peer_id, incarnation), None)
             inbound[(peer_id, incarnation)] = InboundRecord(
                 peer_id, incarnation, old.delivered if old is not None else 0, True
             )

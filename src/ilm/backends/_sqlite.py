@@ -46,6 +46,7 @@ from ilm._store import (
     StoreBatch,
     StoredState,
     check_batch,
+    retirement_order,
 )
 from ilm.errors import (
     StoreCorrupt,
@@ -62,7 +63,7 @@ log = Logger(namespace="ilm.backends.sqlite")
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this version of ILM writes."""
 
 APPLICATION_ID = 0x494C4D31
@@ -130,6 +131,18 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _add_retired_order(conn: sqlite3.Connection) -> None:
+    """
+    Version 1 to 2: ``inbound.retired_seq``, the order in which incarnations
+    were retired (1, 2, 3, ... across the store; 0 for current ones, and for
+    the retirements of version 1, whose order is unknown), so that the
+    oldest retired records can be forgotten first.
+    """
+    conn.execute(
+        "ALTER TABLE inbound ADD COLUMN retired_seq INTEGER NOT NULL DEFAULT 0"
+    )
+
+
 def run_statements(conn: sqlite3.Connection, script: str) -> None:
     """
     Run the ``;``-separated statements of ``script`` (which holds no ``;``
@@ -141,7 +154,7 @@ def run_statements(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
-MIGRATIONS: Mapping[int, Migration] = {0: _create_v1}
+MIGRATIONS: Mapping[int, Migration] = {0: _create_v1, 1: _add_retired_order}
 """``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``."""
 
 
@@ -290,10 +303,12 @@ _MARK = (
     "SET delivered = excluded.delivered WHERE excluded.delivered > delivered"
 )
 _RETIRE = (
-    "INSERT INTO inbound (peer_key, incarnation, delivered, retired) "
-    "VALUES (?, ?, 0, 1) ON CONFLICT (peer_key, incarnation) DO UPDATE "
-    "SET retired = 1"
+    "INSERT INTO inbound (peer_key, incarnation, delivered, retired, retired_seq) "
+    "VALUES (?, ?, 0, 1, (SELECT coalesce(max(retired_seq), 0) + 1 FROM inbound)) "
+    "ON CONFLICT (peer_key, incarnation) DO UPDATE "
+    "SET retired = 1, retired_seq = excluded.retired_seq WHERE NOT retired"
 )
+_FORGET = "DELETE FROM inbound WHERE peer_key = ? AND incarnation = ?"
 _READ_LENGTHS = (
     "SELECT length(contents) FROM outbox WHERE peer_key = ? AND position > ? "
     "ORDER BY position LIMIT ?"
@@ -446,7 +461,7 @@ def _load(conn: sqlite3.Connection) -> _Loaded:
         marks = []
         for key, peer_incarnation, delivered, retired in conn.execute(
             "SELECT peer_key, incarnation, delivered, retired FROM inbound "
-            "ORDER BY peer_key, retired DESC, incarnation"
+            "ORDER BY peer_key, retired DESC, retired_seq, incarnation"
         ):
             if key not in ids or delivered < 0:
                 raise StoreCorrupt(f"bad delivery mark {(key, delivered)!r}")
@@ -801,6 +816,14 @@ class SQLiteBackend:
                     _SAVE_OUTBOUND,
                     [(key, *values) for key, values in changed.items()],
                 )
+            if batch.forgotten:
+                conn.executemany(
+                    _FORGET,
+                    [
+                        (self._key(peer_id, new_keys), incarnation)
+                        for peer_id, incarnation in batch.forgotten
+                    ],
+                )
             if batch.delivered:
                 conn.executemany(
                     _MARK,
@@ -814,7 +837,9 @@ class SQLiteBackend:
                     _RETIRE,
                     [
                         (self._key(peer_id, new_keys), incarnation)
-                        for peer_id, incarnation in batch.retired
+                        for peer_id, incarnation in sorted(
+                            batch.retired, key=retirement_order
+                        )
                     ],
                 )
         except BaseException as e:
@@ -1030,7 +1055,7 @@ def _load_for_inspection(
         InboundRecord(ids[key], incarnation, delivered, bool(retired))
         for key, incarnation, delivered, retired in conn.execute(
             "SELECT peer_key, incarnation, delivered, retired FROM inbound "
-            "ORDER BY peer_key, retired DESC, incarnation"
+            "ORDER BY peer_key, retired DESC, retired_seq, incarnation"
         )
     )
     return str(row[0]), tuple(outbound), inbound

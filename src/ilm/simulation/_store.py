@@ -103,6 +103,7 @@ def _snapshot(batch: StoreBatch) -> StoreBatch:
         acked=dict(batch.acked),
         delivered=dict(batch.delivered),
         retired=set(batch.retired),
+        forgotten=set(batch.forgotten),
     )
 
 
