@@ -543,3 +543,112 @@ class IncarnationTests(SynchronousTestCase):
             pending[len(taken)].callback(None)
             clock.advance(0)
         self.assertEqual(taken, old + new)
+
+
+class PausedLinkTests(SynchronousTestCase):
+    def test_paused_link_owes_one_reply_of_each_kind(self) -> None:
+        """
+        While a peer does not read (its link is paused), whatever it sends
+        makes the node write nothing: duplicate DATA (each would draw an
+        ACK), HELLOs asking for a reply, gaps (NACKs) and new data whose
+        marks commit.  On resume it gets one HELLO, one ACK (with the marks
+        as they are then) and one NACK (the latest position), then the
+        stream goes on.
+        """
+        clock = Clock()
+        network = ScriptedNetwork(1)
+        taken: list[bytes] = []
+        node = ILM(
+            InMemoryBackend(),
+            lambda m: taken.append(m.contents),
+            network,
+            config=Config(),
+            clock=clock,
+        )
+        node.startService()
+        clock.advance(0)
+        peer = FakePeer(network, 2)
+        peer.connect(incarnation(7))
+        peer.data(1, [b"1", b"2", b"3"])
+        clock.advance(1)
+        assert network.receiver is not None
+        network.receiver.link_paused(2)
+        before = len(network.sent)
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            incarnation=incarnation(7),
+            window=4096,
+            window_bytes=1 << 22,
+            first_unacked=1,
+            last_position=10_001,
+            known_incarnation=None,
+            delivered=0,
+            reply_requested=True,
+        )
+        for _ in range(200):
+            peer.data(1, [b"1", b"2", b"3"])
+            network.receive(2, _frames.encode_hello(hello))
+            clock.advance(0.01)
+        received = 3
+        for _ in range(18):
+            # A gap (a NACK for received + 1), then the data that fills it.
+            peer.data(received + 2, [b"%d" % (received + 2)])
+            peer.data(received + 1, [b"%d" % (received + 1), b"%d" % (received + 2)])
+            received += 2
+            clock.advance(0.01)
+        peer.data(received + 2, [b"%d" % (received + 2)])
+        clock.advance(1)
+        self.assertEqual(len(network.sent), before)
+        self.assertEqual(len(taken), 39)
+        network.receiver.link_resumed(2)
+        replies = network.sent[before:]
+        self.assertEqual(
+            [frame[0] for frame in replies],
+            [_frames.HELLO, _frames.ACK, _frames.NACK],
+        )
+        self.assertFalse(_frames.decode_hello(replies[0]).reply_requested)
+        self.assertEqual(_frames.decode_ack(replies[1]), (39, 39))
+        self.assertEqual(_frames.decode_nack(replies[2]), 40)
+        peer.data(40, [b"40", b"41"])
+        clock.advance(1)
+        self.assertEqual(taken[-1], b"41")
+        self.assertEqual(_frames.decode_ack(network.sent[-1]), (41, 41))
+
+
+class NackFloodTests(SynchronousTestCase):
+    def test_nack_flood_resends_at_most_once_per_timeout(self) -> None:
+        """
+        A peer that answers a 64 kB window with 10,000 NACKs over 10 s (for
+        every position of the window, 110 kB of NACK frames) gets at most
+        one go-back per retransmission timeout: about 11 windows resent in
+        all (before: one window per NACK, 640 MB).
+        """
+        clock = Clock()
+        network = ScriptedNetwork(1)
+        config = Config(window=64, window_bytes=64 * 1024, retransmit_timeout=1.0)
+        node = ILM(
+            InMemoryBackend(), lambda m: None, network, config=config, clock=clock
+        )
+        node.startService()
+        clock.advance(0)
+        for n in range(64):
+            node.send_to(2, bytes([n]) * 1000)
+        clock.advance(0)
+        peer = FakePeer(network, 2)
+        peer.connect(incarnation(1))
+        clock.advance(0)
+
+        def data_bytes() -> int:
+            return sum(len(f) for f in network.sent if f[0] == _frames.DATA)
+
+        first = data_bytes()
+        self.assertGreater(first, 64_000)
+        nacks = 0
+        for step in range(10_000):
+            network.receive(2, _frames.encode_nack(1 + step % 64))
+            nacks += 1
+            clock.advance(0.001)
+        resent = data_bytes() - first
+        self.assertEqual(nacks * len(_frames.encode_nack(1)), 110_000)
+        self.assertLessEqual(resent, 11 * 64 * 1100)
+        self.assertGreater(resent, 0)

@@ -187,6 +187,31 @@ class OutboundTests(SynchronousTestCase):
         self.assertFalse(out.outstanding)
         self.assertFalse(out.retransmit())
 
+    def test_one_go_back_per_retransmit_timeout(self) -> None:
+        """
+        However many NACKs arrive (for any positions), the stream goes back
+        at most once per ``interval`` seconds, and the retransmission timer
+        counts as a go-back too; a new link starts afresh.
+        """
+        out = outbound(window=100, cache=100)
+        out.link_ready(0, 100, 100_000)
+        out.on_stored(1, [b"%d" % i for i in range(50)])
+        self.assertEqual(len(out.take()[1]), 50)
+        self.assertTrue(out.on_nack(10, now=5.0, interval=1.0))
+        self.assertEqual(out.take()[0], 10)
+        for position in (10, 5, 30, 49, 2):
+            self.assertFalse(out.on_nack(position, now=5.5, interval=1.0))
+            self.assertEqual(out.take(), (0, []))
+        self.assertFalse(out.retransmit(now=5.9, interval=1.0))
+        self.assertTrue(out.on_nack(20, now=6.0, interval=1.0))
+        self.assertEqual(out.take()[0], 20)
+        self.assertFalse(out.on_nack(20, now=6.2, interval=1.0))
+        self.assertTrue(out.retransmit(now=7.1, interval=1.0))
+        out.link_lost()
+        out.link_ready(0, 100, 100_000)
+        out.take()
+        self.assertTrue(out.on_nack(3, now=7.2, interval=1.0))
+
     def test_lost_ack_recovered(self) -> None:
         """
         Data the peer confirmed receiving but has not acknowledged stays

@@ -148,6 +148,9 @@ class _Peer:
         "out",
         "outbox_bytes",
         "outbox_count",
+        "owed_ack",
+        "owed_hello",
+        "owed_nack",
         "paused",
         "peer_id",
         "peer_incarnation",
@@ -176,6 +179,11 @@ class _Peer:
         )
         self.link = _DOWN
         self.paused = False
+        # Replies not written while the link is paused, sent on resume: an
+        # ACK, the last NACK position, a HELLO (1; 2: asking for a reply).
+        self.owed_ack = False
+        self.owed_nack = 0
+        self.owed_hello = 0
         self.hold_reported = False
         self.max_message = config.max_message_size
         self.peer_incarnation: str | None = None
@@ -945,7 +953,7 @@ class ILM(Service):
         if peer.link != _READY:
             return
         out = peer.out
-        if out.retransmit():
+        if out.retransmit(self._clock.seconds(), self._config.retransmit_timeout):
             log.debug(
                 "retransmitting to {peer_id!r} from position {position}",
                 peer_id=peer.peer_id,
@@ -972,9 +980,20 @@ class ILM(Service):
             if peer.ack_call.active():
                 peer.ack_call.cancel()
             peer.ack_call = None
+        if peer.paused:
+            # A peer that does not read gets no pile of ACKs: one, computed
+            # afresh, when the link resumes.
+            peer.owed_ack = True
+            return
         self._network.send_frames(
             peer.peer_id, [_frames.encode_ack(stream.marked, stream.received)]
         )
+
+    def _send_nack(self, peer: _Peer, position: int) -> None:
+        if peer.paused:
+            peer.owed_nack = position
+            return
+        self._network.send_frames(peer.peer_id, [_frames.encode_nack(position)])
 
     def _delayed_ack(self, peer: _Peer) -> None:
         peer.ack_call = None
@@ -1081,7 +1100,10 @@ class ILM(Service):
             reply_requested=reply_requested,
             max_message_size=self._config.max_message_size,
         )
-        self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
+        if peer.paused:
+            peer.owed_hello = max(peer.owed_hello, 2 if reply_requested else 1)
+        else:
+            self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
         if peer.link == _HELLO_SENT and peer.handshake_call is None:
             peer.handshake_call = self._later(
                 self._config.handshake_retry, self._handshake_retry, peer
@@ -1102,6 +1124,9 @@ class ILM(Service):
             return
         peer.link = _DOWN
         peer.paused = False
+        peer.owed_ack = False
+        peer.owed_nack = 0
+        peer.owed_hello = 0
         peer.hold_reported = False
         peer.peer_incarnation = None
         peer.out.link_lost()
@@ -1127,6 +1152,16 @@ class ILM(Service):
         peer = self._peers.get(peer_id)  # type: ignore[call-overload]
         if peer is not None and peer.paused:
             peer.paused = False
+            if peer.owed_hello:
+                reply_requested = peer.owed_hello == 2
+                peer.owed_hello = 0
+                self._send_hello(peer, reply_requested)
+            if peer.owed_ack:
+                peer.owed_ack = False
+                self._send_ack(peer)
+            if peer.owed_nack:
+                position, peer.owed_nack = peer.owed_nack, 0
+                self._send_nack(peer, position)
             self._pump(peer)
 
     # -- frames --------------------------------------------------------------
@@ -1162,8 +1197,11 @@ class ILM(Service):
                     self._on_ack(peer, *_frames.decode_ack(frame))
             elif kind == _frames.HELLO:
                 self._on_hello(peer, _frames.decode_hello(frame))
-            else:
-                if peer.link == _READY and peer.out.on_nack(_frames.decode_nack(frame)):
+            elif peer.link == _READY:
+                expected = _frames.decode_nack(frame)
+                if peer.out.on_nack(
+                    expected, self._clock.seconds(), self._config.retransmit_timeout
+                ):
                     self._pump(peer)
         except ProtocolViolation as violation:
             self._violation(peer, violation)
@@ -1301,7 +1339,7 @@ class ILM(Service):
         stream = peer.inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
         if nack:
-            self._network.send_frames(peer.peer_id, [_frames.encode_nack(nack)])
+            self._send_nack(peer, nack)
         if acknowledge_now:
             self._send_ack(peer)
         if accepted:
@@ -1477,9 +1515,7 @@ class ILM(Service):
         if peer.link != _READY or stream.incarnation != peer.peer_incarnation:
             return
         stream.starved = False
-        self._network.send_frames(
-            peer.peer_id, [_frames.encode_nack(stream.received + 1)]
-        )
+        self._send_nack(peer, stream.received + 1)
 
     def _drop_drained_streams(self, peer: _Peer) -> None:
         if len(peer.inbound) > 1:

@@ -43,6 +43,7 @@ Resume (:func:`resume_inbound`, :func:`resume_outbound`)
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import attr
@@ -105,6 +106,7 @@ class OutboundStream:
         "_window",
         "_window_bytes",
         "acked",
+        "back_at",
         "held_at",
         "max_message",
         "peer_received",
@@ -136,6 +138,8 @@ class OutboundStream:
         self.reading = False
         self.max_message: int | None = None
         self.held_at = 0
+        # When the stream last went back to transmit again (NACK or timer).
+        self.back_at = -math.inf
         self._window = window
         self._window_bytes = window_bytes
         self.send_window = window
@@ -295,30 +299,34 @@ class OutboundStream:
         self._release(delivered)
         return newly, True
 
-    def on_nack(self, expected: int) -> bool:
+    def on_nack(self, expected: int, now: float = 0.0, interval: float = 0.0) -> bool:
         """
         The peer is missing ``expected`` (the link lost frames): transmit
-        again from there.
+        again from there, unless the stream already went back less than
+        ``interval`` seconds before ``now`` (what it sent since then is
+        recent: at most one go-back per position per retransmission
+        timeout, however many NACKs arrive).
 
         :return: whether anything will be transmitted again.
         """
         if expected - 1 > self.peer_received and expected - 1 <= self.sent:
             self.peer_received = expected - 1
-        return self._go_back(expected - 1)
+        return self._go_back(expected - 1, now, interval)
 
-    def retransmit(self) -> bool:
+    def retransmit(self, now: float = 0.0, interval: float = 0.0) -> bool:
         """
         The retransmission timer expired: transmit again everything the peer
         has not confirmed receiving.  If the peer confirmed receiving
         everything but has not acknowledged it, its acknowledgement may have
         been lost: transmit the last message again, which the peer answers
-        with an ACK at once (a duplicate).
+        with an ACK at once (a duplicate).  Like :meth:`on_nack`, not within
+        ``interval`` seconds of the last go-back.
 
         :return: whether anything will be transmitted again.
         """
         if self.peer_received < self.sent:
-            return self._go_back(self.peer_received)
-        return self._go_back(self.sent - 1)
+            return self._go_back(self.peer_received, now, interval)
+        return self._go_back(self.sent - 1, now, interval)
 
     def link_ready(
         self,
@@ -348,6 +356,7 @@ class OutboundStream:
         self.send_window_bytes = max(1, min(self._window_bytes, peer_window_bytes))
         self.max_message = peer_max_message
         self.held_at = 0
+        self.back_at = -math.inf
         return newly
 
     def link_lost(self) -> None:
@@ -411,9 +420,12 @@ class OutboundStream:
         if self.peer_received < through:
             self.peer_received = through
 
-    def _go_back(self, to: int) -> bool:
+    def _go_back(self, to: int, now: float, interval: float) -> bool:
         if not self.ready or to < self.acked or to >= self.sent:
             return False
+        if now < self.back_at + interval:
+            return False
+        self.back_at = now
         self.sent = to
         head = self._head
         self._inflight_bytes = sum(map(len, self._buf[head : head + (to - self.acked)]))
