@@ -12,7 +12,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -23,9 +23,11 @@ from ilm.errors import (
     MessageTooLarge,
     NotRunning,
     OutboxFull,
+    SendRefused,
     SendToSelf,
     ShutdownTimeout,
     StoreError,
+    UnknownPeer,
     WrongSource,
 )
 from ilm.interfaces import IBackend, IFrameReceiver, ILocalDelivery, INetwork
@@ -298,6 +300,14 @@ class RefusalTests(SynchronousTestCase):
             )
         )
         self.a = self.c.start(1)
+
+    def test_any_peer_on_a_network_without_can_link(self) -> None:
+        """
+        A network without ``can_link`` (the in-memory one, where any peer
+        may appear later) never makes send_to refuse a peer as unknown.
+        """
+        for peer_id in (2, "2", "typo", 2**62):
+            self.successResultOf(wait(self.c, self.a.send_to(peer_id, b"x")))
 
     def test_self_send(self) -> None:
         """
@@ -1510,3 +1520,62 @@ class ScriptedNetwork:
 def wait(c: Cluster, d: Deferred[Receipt]) -> Deferred[Receipt]:
     c.clock.advance(0)
     return d
+
+
+class UnknownPeerTests(TestCase):
+    """
+    Over a real ``StreamNetwork`` (loopback TCP, pre-shared keys, the real
+    reactor): a peer the network could never authenticate is refused at
+    ``send_to``.
+    """
+
+    timeout = 30
+
+    async def test_typo_refused_real_peer_reached(self) -> None:
+        """
+        A node holding a key for peer 2 only: send_to(3), send_to("2") and
+        send_to("reciever") fail at once with UnknownPeer (a SendRefused;
+        nothing stored, no peer state made), while send_to(2) is delivered
+        to the real peer 2; the network is asked once per peer, not per
+        message.
+        """
+        from twisted.internet import reactor
+
+        from ilm.network import StreamNetwork
+
+        key = b"k" * 32
+        inbox: list[bytes] = []
+        receiver_net = StreamNetwork(
+            2, listen=["tcp:0:interface=127.0.0.1"], keys={1: key}, reactor=reactor
+        )
+        receiver = await ILM.create(
+            InMemoryBackend(), lambda m: inbox.append(m.contents), receiver_net
+        )
+        self.addCleanup(receiver.shutdown, 5)
+        port = receiver_net.listening_addresses()[0].port  # type: ignore[attr-defined]
+        sender_net = StreamNetwork(
+            1,
+            peers={2: f"tcp:host=127.0.0.1:port={port}"},
+            keys={2: key},
+            reactor=reactor,
+        )
+        asked: list[object] = []
+        can_link = sender_net.can_link
+
+        def counting(peer_id: object) -> bool:
+            asked.append(peer_id)
+            return can_link(peer_id)  # type: ignore[arg-type]
+
+        sender_net.can_link = counting  # type: ignore[method-assign]
+        sender = await ILM.create(InMemoryBackend(), lambda m: None, sender_net)
+        self.addCleanup(sender.shutdown, 5)
+        for typo in (3, "2", "reciever"):
+            error = await self.assertFailure(sender.send_to(typo, b"lost"), UnknownPeer)
+            self.assertIsInstance(error, SendRefused)
+            self.assertIn(repr(typo), str(error))
+        receipts = [await sender.send_to(2, b"m%d" % n) for n in range(20)]
+        await receipts[-1].acknowledged
+        self.assertEqual(inbox, [b"m%d" % n for n in range(20)])
+        self.assertEqual(asked, [3, "2", "reciever", 2])
+        self.assertEqual(set(sender._peers), {2})
+        self.assertEqual(sender.pending_outbound(), {})

@@ -58,6 +58,7 @@ from ilm.errors import (
     ShutdownTimeout,
     StoreError,
     UnexpectedFrame,
+    UnknownPeer,
     UnsupportedVersion,
     WrongSource,
 )
@@ -161,6 +162,7 @@ class _Peer:
         "retired",
         "retransmit_call",
         "retransmit_delay",
+        "sendable",
         "waiters",
     )
 
@@ -179,6 +181,9 @@ class _Peer:
         )
         self.link = _DOWN
         self.paused = False
+        # Whether the network said it could ever link to this peer (asked
+        # once, at the first send).
+        self.sendable = False
         # Replies not written while the link is paused, sent on resume: an
         # ACK, the last NACK position, a HELLO (1; 2: asking for a reply).
         self.owed_ack = False
@@ -327,6 +332,10 @@ class ILM(Service):
         self._config = config
         self._clock: IReactorTime = clock  # type: ignore[assignment]
         self._local_id: PeerId = check_peer_id(network.local_id)
+        can_link = getattr(network, "can_link", None)
+        self._can_link: Callable[[PeerId], object] | None = (
+            can_link if callable(can_link) else None
+        )
         self._incarnation = ""
         self._peers: dict[PeerId, _Peer] = {}
         self._state = _NEW
@@ -500,6 +509,10 @@ class ILM(Service):
             exactly once, in order), or fails with a
             :class:`ilm.errors.SendRefused` subclass (nothing stored) or a
             :class:`ilm.errors.StoreError` (the store failed; nothing stored).
+            :class:`ilm.errors.UnknownPeer` (a ``SendRefused``) says the
+            network can never link to ``peer_id`` (its optional
+            ``can_link`` returned ``False``: a typo, or ``"1"`` for ``1``);
+            the network is asked once per peer, at its first send.
         :raises TypeError: if ``peer_id`` is not an ``int``/``str`` or
             ``contents`` is not bytes-like.  Every other refusal is reported
             through the returned ``Deferred``.
@@ -523,6 +536,7 @@ class ILM(Service):
         if (
             self._accepting
             and peer is not None
+            and peer.sendable
             and size <= peer.max_message
             and peer.outbox_count < self._max_outbox_messages
             and peer.outbox_bytes + size <= self._max_outbox_bytes
@@ -575,8 +589,19 @@ class ILM(Service):
         if size > config.max_message_size:
             return fail(MessageTooLarge(size, config.max_message_size))
         peer = self._peers.get(peer_id)
-        if peer is None:
-            peer = self._new_peer(peer_id)
+        if peer is None or not peer.sendable:
+            if not self._linkable(peer_id):
+                return fail(
+                    UnknownPeer(
+                        f"the network can never have a link to peer {peer_id!r} "
+                        f"(a {type(peer_id).__name__}): no key, certificate pin "
+                        f"or certificate authority could authenticate it; "
+                        f"check the peer id"
+                    )
+                )
+            if peer is None:
+                peer = self._new_peer(peer_id)
+            peer.sendable = True
         if size > peer.max_message:
             return fail(
                 MessageTooLarge(
@@ -608,6 +633,27 @@ class ILM(Service):
             self._flush_now = True
             self._schedule_flush(0)
         return d
+
+    def _linkable(self, peer_id: PeerId) -> bool:
+        """
+        Whether the network could ever link to ``peer_id`` (its optional
+        ``can_link``; a network without it can link to anyone).
+        """
+        can_link = self._can_link
+        if can_link is None:
+            return True
+        try:
+            return bool(can_link(peer_id))
+        except Exception:
+            self._limited(
+                ("internal_error", "can_link"),
+                LogLevel.critical,
+                "the network's can_link({peer_id!r}) raised; accepting the send",
+                Failure(),
+                peer_id=peer_id,
+                ilm_event="internal_error",
+            )
+            return True
 
     def _new_peer(self, peer_id: PeerId) -> _Peer:
         if peer_id == self._local_id:
