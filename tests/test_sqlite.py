@@ -211,8 +211,9 @@ class SchemaTests(StoreCase):
         def add_priority(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE outbound ADD COLUMN priority INTEGER")
 
-        self.assertEqual(migrate(conn, {**MIGRATIONS, 1: add_priority}, 2), (1, 2))
-        self.assertEqual(schema_version(conn), 2)
+        with_priority = {**MIGRATIONS, 1: add_priority}
+        self.assertEqual(migrate(conn, with_priority, 2), (1, 2))
+        self.assertEqual(schema_version(conn, migrations=with_priority), 2)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(outbound)")]
         self.assertIn("priority", columns)
         self.assertEqual(
@@ -783,3 +784,195 @@ class ErrorMappingTests(SynchronousTestCase):
             self.assertIs(type(mapped), kind, number)
         locked = StoreLocked("held")
         self.assertIs(store_error(locked, "/x", "cannot open"), locked)
+
+
+def snapshot(directory: str) -> dict[str, tuple[int, bytes]]:
+    """
+    Every file of ``directory``: its mode and contents.
+    """
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        files[name] = (os.stat(full).st_mode, Path(full).read_bytes())
+    return files
+
+
+class PermissionTests(StoreCase):
+    async def test_files_are_private_whatever_the_umask(self) -> None:
+        """
+        With a permissive umask (0), a new store's database, its -wal and
+        -shm files (SQLite gives them the database's mode) and its lock
+        file are created readable and writable by their owner only (0600).
+        ILM creates no directory for a store: it must exist.
+        """
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(StoreBatch(messages={2: (1, [b"secret"])}))
+        for suffix in ("", "-wal", "-shm", "-lock"):
+            mode = os.stat(path + suffix).st_mode & 0o777
+            self.assertEqual(mode, 0o600, (suffix, oct(mode)))
+        await backend.close()
+        nowhere = os.path.join(self.mktemp(), "store.sqlite")
+        await self.assertFailure(SQLiteBackend(nowhere).open(), StoreError)
+        self.assertFalse(os.path.exists(os.path.dirname(nowhere)))
+
+
+class CraftedStoreTests(StoreCase):
+    async def crafted(self, *statements: str, checkpoint: bool = True) -> str:
+        """
+        A real store, then changed behind ILM's back by ``statements``;
+        closed (its log checkpointed into the file) unless ``checkpoint``
+        is false, in which case the changes stay in its write-ahead log.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(
+            StoreBatch(messages={2: (1, [b"m"])}, delivered={(3, "c" * 32): 4})
+        )
+        await backend.close()
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        for statement in statements:
+            conn.execute(statement)
+        if checkpoint:
+            conn.close()
+        else:
+            # Leave the changes in the log, as a crashed writer would: copy
+            # the files while the connection still holds them.
+            copy = self.store_path()
+            for suffix in ("", "-wal"):
+                Path(copy + suffix).write_bytes(Path(path + suffix).read_bytes())
+            conn.close()
+            return copy
+        return path
+
+    async def test_bad_rows_are_named(self) -> None:
+        """
+        A negative peer id, a peer id that is not UTF-8, a delivery mark
+        whose incarnation is not 32 hex digits, a mark beyond 2**63 - 1's
+        range of types, and a bad store incarnation are each refused at
+        open with StoreCorrupt naming the file, the table and the row (and
+        by ``inspect_store`` too); nothing is loaded.
+        """
+        cases = [
+            ("UPDATE peer SET peer_id = -5 WHERE peer_id = 2", "table peer", "-5"),
+            (
+                "UPDATE peer SET peer_id = x'ff' WHERE peer_id = 3",
+                "table peer",
+                "not UTF-8",
+            ),
+            (
+                "UPDATE inbound SET incarnation = 'not-hex-not-hex-not-hex-not-hex!'",
+                "table inbound, row (peer_key 2, incarnation "
+                "'not-hex-not-hex-not-hex-not-hex!')",
+                "32 lowercase hex",
+            ),
+            (
+                "UPDATE inbound SET delivered = 'four'",
+                "table inbound",
+                "bad delivery mark",
+            ),
+            (
+                "UPDATE ilm_meta SET value = 'Z' || substr(value, 2) "
+                "WHERE key = 'incarnation'",
+                "table ilm_meta",
+                "32 hex digits",
+            ),
+        ]
+        for statement, where, what in cases:
+            path = await self.crafted(statement)
+            error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+            message = str(error)
+            self.assertIn(path, message)
+            self.assertIn(where, message)
+            self.assertIn(what, message)
+            error = self.assertRaises(StoreCorrupt, inspect_store, path)
+            self.assertIn(where, str(error))
+
+    async def test_foreign_objects_refused_untouched(self) -> None:
+        """
+        A store holding a trigger (here: one that deletes every new outbox
+        row, which would lose acknowledged sends), a view, an extra table,
+        an extra index or a changed table is refused at open with
+        StoreCorrupt naming the object, before anything is written: the
+        directory's files (modes and bytes) are exactly as they were, and
+        no lock file is made.
+        """
+        cases = [
+            (
+                "CREATE TRIGGER eat AFTER INSERT ON outbox BEGIN "
+                "DELETE FROM outbox WHERE position = new.position; END",
+                "trigger 'eat'",
+            ),
+            ("CREATE VIEW pending AS SELECT * FROM outbox", "view 'pending'"),
+            ("CREATE TABLE notes (text)", "table 'notes'"),
+            ("CREATE INDEX by_time ON outbox (stored_at)", "index 'by_time'"),
+            ("ALTER TABLE outbound ADD COLUMN extra INTEGER", "table 'outbound'"),
+        ]
+        for statement, name in cases:
+            path = await self.crafted(statement)
+            os.unlink(path + "-lock")
+            before = snapshot(os.path.dirname(path))
+            error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+            self.assertIn(path, str(error))
+            self.assertIn(name, str(error))
+            self.assertEqual(snapshot(os.path.dirname(path)), before)
+            self.assertRaises(StoreCorrupt, inspect_store, path)
+            self.assertEqual(snapshot(os.path.dirname(path)), before)
+
+    async def test_foreign_trigger_in_the_log_refused_before_writing(self) -> None:
+        """
+        A trigger that is only in the write-ahead log (not yet in the main
+        file, which is all that is read before the lock is taken) is found
+        under the lock, before the first write: the store is refused and
+        what it holds is unchanged (SQLite may fold its log into the main
+        file when the connection closes; the contents stay the same).
+        """
+        path = await self.crafted(
+            "CREATE TRIGGER eat AFTER INSERT ON outbox BEGIN "
+            "DELETE FROM outbox WHERE position = new.position; END",
+            checkpoint=False,
+        )
+        reference = self.store_path()
+        for suffix in ("", "-wal"):
+            Path(reference + suffix).write_bytes(Path(path + suffix).read_bytes())
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+        self.assertIn("trigger 'eat'", str(error))
+
+        def dump(file: str) -> list[str]:
+            conn = sqlite3.connect(file)
+            try:
+                return list(conn.iterdump())
+            finally:
+                conn.close()
+
+        self.assertEqual(dump(path), dump(reference))
+        self.assertTrue(any("TRIGGER eat" in line for line in dump(path)))
+
+    async def test_foreign_database_is_not_modified(self) -> None:
+        """
+        Pointing a store at another application's SQLite database (in
+        rollback-journal mode, or in WAL mode) is refused with StoreCorrupt
+        naming the file; nothing changes: no WAL switch, no lock file, no
+        journal or -wal/-shm file, the same bytes and mode.
+        """
+        for journal in ("DELETE", "WAL"):
+            directory = self.mktemp()
+            os.makedirs(directory)
+            path = os.path.join(directory, "app.db")
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute(f"PRAGMA journal_mode = {journal}")
+            conn.execute("CREATE TABLE customers (name TEXT, balance INTEGER)")
+            conn.execute("INSERT INTO customers VALUES ('ada', 10)")
+            conn.close()
+            os.chmod(path, 0o640)
+            before = snapshot(directory)
+            error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+            self.assertIn(path, str(error))
+            self.assertIn("not an ILM store", str(error))
+            self.assertIn("customers", str(error))
+            self.assertEqual(snapshot(directory), before, journal)
+            self.assertRaises(StoreCorrupt, inspect_store, path)
+            self.assertEqual(snapshot(directory), before, journal)
