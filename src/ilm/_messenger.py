@@ -81,6 +81,7 @@ _STOPPED = "stopped"
 _FAILED = "failed"
 
 _FRAME_TARGET = 256 * 1024
+_PEERS_SHOWN = 20
 
 
 class Receipt:
@@ -634,6 +635,19 @@ class ILM(Service):
             self._schedule_flush(0)
         return d
 
+    def _dialled_peers(self) -> frozenset[PeerId] | None:
+        """
+        The peers the network dials, if it can tell (its optional
+        ``dialled_peers``), for the start line.
+        """
+        dialled = getattr(self._network, "dialled_peers", None)
+        if not callable(dialled):
+            return None
+        try:
+            return frozenset(dialled())
+        except Exception:
+            return None
+
     def _linkable(self, peer_id: PeerId) -> bool:
         """
         Whether the network could ever link to ``peer_id`` (its optional
@@ -1186,7 +1200,9 @@ class ILM(Service):
         log.debug(
             "link to {peer_id!r} lost: {reason}",
             peer_id=pid,
-            reason=reason.getErrorMessage() if isinstance(reason, Failure) else reason,
+            reason=(
+                reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+            ),
         )
 
     def _link_paused(self, peer_id: object) -> None:
@@ -1660,13 +1676,25 @@ class ILM(Service):
             return
         if self._state != _RUNNING:
             return
+        stored = sorted(self._peers, key=lambda p: (type(p) is str, p))
+        dialled = self._dialled_peers()
         log.info(
-            "ILM node {local_id!r} running (incarnation {incarnation}, {peers} "
-            "known peer(s), {pending} message(s) pending)",
+            "ILM node {local_id!r} running (incarnation {incarnation}): its store "
+            "holds state for {stored_count} peer(s)"
+            + (" {stored_peers}" if stored else "")
+            + ", {pending} message(s) pending"
+            + ("; its network dials {dialled_count} peer(s)" if dialled else ""),
             local_id=self._local_id,
             incarnation=self._incarnation,
-            peers=len(self._peers),
+            stored_count=len(stored),
+            stored_peers=stored[:_PEERS_SHOWN],
             pending=sum(peer.outbox_count for peer in self._peers.values()),
+            dialled_count=len(dialled) if dialled is not None else None,
+            dialled_peers=(
+                sorted(dialled, key=lambda p: (type(p) is str, p))[:_PEERS_SHOWN]
+                if dialled is not None
+                else None
+            ),
             ilm_event="started",
         )
         self._accepting = self._shutdown_waiters is None

@@ -192,6 +192,10 @@ class INetwork(Interface):
     # bool``: ILM then refuses sends to a peer for which it returns ``False``
     # with :class:`ilm.errors.UnknownPeer` instead of storing them forever.
     # Networks where any peer may appear later omit it (or return ``True``).
+    #
+    # A network that dials a fixed set of peers may also expose
+    # ``dialled_peers() -> frozenset[PeerId]``: ILM's start line then says
+    # how many it dials (the network logs who and where).
 
     def start(receiver: IFrameReceiver) -> Deferred[None] | None:
         """
