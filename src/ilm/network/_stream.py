@@ -1002,6 +1002,13 @@ class StreamNetwork:
             return False
         return self._tls is None or self._tls.can_identify(peer_id)
 
+    def dialled_peers(self) -> frozenset[PeerId]:
+        """
+        The peers this network dials (those given in ``peers``), for ILM's
+        start line.
+        """
+        return frozenset(self._peer_endpoints)
+
     def send_frames(self, peer_id: PeerId, frames: Sequence[bytes]) -> None:
         protocol = self._links.get(peer_id)
         if protocol is not None:
