@@ -1579,3 +1579,64 @@ class UnknownPeerTests(TestCase):
         self.assertEqual(asked, [3, "2", "reciever", 2])
         self.assertEqual(set(sender._peers), {2})
         self.assertEqual(sender.pending_outbound(), {})
+
+
+class StartLineTests(SynchronousTestCase):
+    def test_start_line_says_what_is_true(self) -> None:
+        """
+        The start line counts (and lists, as plain values) the peers the
+        store holds state for and the peers the network dials; the
+        messenger itself logs link events at debug level only (the network
+        logs them at info).
+        """
+        from twisted.logger import LogLevel
+
+        from ilm.network import StreamNetwork
+
+        from .stream_support import Switchboard
+        from .test_stream_network import pair_key
+
+        clock = Clock()
+        board = Switchboard(clock, latency=0.001)
+        events = Events(self)
+        storage = InMemoryStorage()
+        storage.apply(StoreBatch(messages={7: (1, [b"x"]), "seven": (1, [b"y", b"z"])}))
+        network = StreamNetwork(
+            1,
+            peers={2: board.client("2")},
+            keys={2: pair_key(1, 2)},
+            reactor=clock,
+        )
+        node = ILM(InMemoryBackend(storage), lambda m: None, network, clock=clock)
+        node.startService()
+        clock.advance(0)
+        [started] = events.named("started")
+        self.assertEqual(started["stored_count"], 2)
+        self.assertEqual(started["stored_peers"], [7, "seven"])
+        self.assertEqual(started["pending"], 3)
+        self.assertEqual((started["dialled_count"], started["dialled_peers"]), (1, [2]))
+        from twisted.logger import formatEvent
+
+        self.assertIn(
+            "holds state for 2 peer(s) [7, 'seven'], 3 message(s) pending; its "
+            "network dials 1 peer(s)",
+            formatEvent(started),
+        )
+        seen: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        node._events.link_established(2)
+        node._events.link_lost(2, "gone")
+        self.assertEqual(
+            [
+                e
+                for e in seen
+                if e.get("log_namespace") == "ilm"
+                and e.get("log_level") != LogLevel.debug
+            ],
+            [],
+        )
+        self.assertEqual(len([e for e in seen if e.get("log_namespace") == "ilm"]), 2)
+        done = node.shutdown(1)
+        settle(clock, 10)
+        self.failureResultOf(done, ShutdownTimeout)
