@@ -94,12 +94,17 @@ class IBackend(Interface):
 
         :return: a ``Deferred`` firing with an :class:`ilm.StoredState`.  A new
             store gets a fresh random incarnation id, persisted before this
-            fires.  Fails with a :class:`ilm.errors.StoreError` subclass.
+            fires.  Each peer's retired incarnations come in the order they
+            were retired (ILM forgets the oldest first).  Fails with a
+            :class:`ilm.errors.StoreError` subclass.
         """
 
     def commit(batch: StoreBatch) -> Deferred[CommitResult]:
         """
-        Durably and atomically apply an :class:`ilm.StoreBatch`.
+        Durably and atomically apply an :class:`ilm.StoreBatch` (its
+        ``forgotten`` records are deleted before its marks and retirements
+        apply).  Check it first with :func:`ilm._store.check_batch`, as the
+        bundled backends do: a batch that fails the check applies nothing.
 
         :return: a ``Deferred`` firing with an :class:`ilm.CommitResult` once
             the batch is durable, or failing with a
