@@ -299,9 +299,15 @@ class _NothingExpected:
 
 @implementer(ILogObserver)
 class _InternalErrors:
-    def __init__(self, found: list[LogEvent], lost: list[LogEvent] | None = None):
+    def __init__(
+        self,
+        found: list[LogEvent],
+        lost: list[LogEvent] | None = None,
+        forgotten: set[str] | None = None,
+    ):
         self._found = found
         self._lost = lost
+        self._forgotten = forgotten
 
     def __call__(self, event: LogEvent) -> None:
         kind = event.get("ilm_event")
@@ -309,6 +315,8 @@ class _InternalErrors:
             self._found.append(event)
         elif kind == "stream_jumped" and self._lost is not None:
             self._lost.append(event)
+        elif kind == "incarnation_forgotten" and self._forgotten is not None:
+            self._forgotten.add(event["incarnation"])
 
 
 class _ProtocolFuzzer:
@@ -403,7 +411,13 @@ class _SessionFuzzer:
         self._keys = PreSharedKeys({2: _FUZZ_KEY})
         self.links = 0
         self.internal_errors: list[LogEvent] = []
-        self._observer = _InternalErrors(self.internal_errors, self.lost)
+        # Retired incarnations the node forgot (beyond
+        # Config.max_retired_incarnations): one that comes back is a new
+        # stream, which may start anywhere (docs/protocol.md).
+        self.forgotten: set[str] = set()
+        self._observer = _InternalErrors(
+            self.internal_errors, self.lost, self.forgotten
+        )
         globalLogPublisher.addObserver(self._observer)
 
     def make_input(self, rng: random.Random) -> bytes:
@@ -425,6 +439,9 @@ class _SessionFuzzer:
 
     def _deliver(self, message: IMessage) -> None:
         incarnation = message.source_incarnation  # type: ignore[attr-defined]
+        if incarnation in self.forgotten:
+            self.forgotten.discard(incarnation)
+            self.delivered.pop(incarnation, None)
         # A stream the node did not know starts where its sender says its
         # unacknowledged positions start.
         last = self.delivered.get(incarnation)
