@@ -179,7 +179,11 @@ class SeedBatchTests(SynchronousTestCase):
             property(lambda self: self.ready and self.sent > self.peer_received),
         )
         self.patch(
-            OutboundStream, "retransmit", lambda self: self._go_back(self.peer_received)
+            OutboundStream,
+            "retransmit",
+            lambda self, now=0.0, interval=0.0: self._go_back(
+                self.peer_received, now, interval
+            ),
         )
         for seed in sorted(REGRESSION_SEEDS):
             result = run_seed(seed)

@@ -641,8 +641,8 @@ class OpenTests(StoreCase):
         statements: list[str] = []
         connect = SQLiteBackend._connect
 
-        def traced(backend: SQLiteBackend) -> sqlite3.Connection:
-            conn = connect(backend)
+        def traced(backend: SQLiteBackend, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(backend, **kwargs)
             conn.set_trace_callback(statements.append)
             return conn
 

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ilm import ILM, Message, SQLiteBackend
 from ilm.backends import InMemoryBackend
 from ilm.backends._sqlite import inspect_store
-from ilm.errors import StoreFull
+from ilm.errors import ShutdownTimeout, StoreFull
 from ilm.network import InMemoryNetwork
 
 
@@ -184,21 +183,24 @@ class RestoredBackupTests(TestCase):
         await inbox.wait_for(10)
         Path(path).write_bytes(Path(backup).read_bytes())
 
-        refusals: list[dict[str, Any]] = []
+        refused: Deferred[dict[str, Any]] = Deferred()
 
         def observe(event: dict[str, Any]) -> None:
-            if event.get("ilm_event") == "protocol_violation":
-                refusals.append(event)
+            if event.get("ilm_event") == "protocol_violation" and not refused.called:
+                # No more attempts: the link stays cut until the store has
+                # its new incarnation.
+                network.cut(1, 2)
+                refused.callback(event)
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         restored = await ILM.create(path, lambda m: None, network.add_peer(1))
         self.assertEqual(restored.incarnation, first.incarnation)
         await restored.send_to(2, b"after restore")
-        while not refusals:
-            await deferLater(reactor, 0.01)
-        self.assertEqual(refusals[0]["kind"], "PeerStoreRegressed")
-        await restored.shutdown(1).addErrback(lambda _: None)
+        event = await refused.addTimeout(30, reactor)
+        self.assertEqual(event["kind"], "PeerStoreRegressed")
+        await restored.shutdown(1).addErrback(lambda f: f.trap(ShutdownTimeout))
+        network.restore(1, 2)
 
         old, new = reincarnate_store(path)
         self.assertEqual(old, first.incarnation)
