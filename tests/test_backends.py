@@ -251,13 +251,22 @@ class BackendContract:
         self.assertEqual(await backend.read_outbound(2, 0, 2, 1000), contents[:2])
         self.assertEqual(await backend.read_outbound(2, 4, 100, 1), contents[4:5])
         self.assertEqual(await backend.read_outbound(2, 5, 100, 3), contents[5:8])
-        read: list[bytes] = []
-        steps = 0
-        while len(read) < len(contents):
-            read.extend(await backend.read_outbound(2, len(read), 100, 25))
-            steps += 1
-        self.assertEqual(read, contents)
-        self.assertEqual(steps, 6)
+        for reopen in (False, True):
+            if reopen:
+                # Messages stored before the store was opened: their sizes
+                # are looked up, not known.
+                backend, _ = await self.reopened(store, backend)
+                await backend.commit(StoreBatch(messages={2: (10, [b"z" * 40])}))
+            read: list[bytes] = []
+            steps = 0
+            while len(read) < len(contents):
+                read.extend(await backend.read_outbound(2, len(read), 100, 25))
+                steps += 1
+            self.assertEqual(read, contents)
+            self.assertEqual(steps, 6)
+            self.assertEqual(await backend.read_outbound(2, 0, 100, 20), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 8, 100, 1), [contents[8]])
+        self.assertEqual(await backend.read_outbound(2, 9, 100, 1000), [b"z" * 40])
 
     async def test_int_and_str_peer_ids_stay_distinct(self) -> None:
         """

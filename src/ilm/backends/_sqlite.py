@@ -719,6 +719,13 @@ class SQLiteBackend:
         # pending bytes), as of the last successful commit.
         self._keys: dict[PeerId, int] = {}
         self._outbound: dict[int, tuple[int, int, int]] = {}
+        # Written by the writer thread, read by the reader: per peer key,
+        # the largest message stored since the store was opened, and the
+        # last position before that (the sizes of older messages are not
+        # known without reading them).  A read whose messages all fit
+        # needs no look-up of their sizes.
+        self._largest: dict[int, int] = {}
+        self._sized_after: dict[int, int] = {}
         self.schema_version = 0
 
     def __repr__(self) -> str:
@@ -937,6 +944,8 @@ class SQLiteBackend:
         self.schema_version = version
         self._keys = loaded.keys
         self._outbound = loaded.outbound
+        self._largest = {}
+        self._sized_after = {key: last for key, (_, last, _) in loaded.outbound.items()}
         self._broken = None
         return loaded.state
 
@@ -985,6 +994,7 @@ class SQLiteBackend:
         new_keys: dict[PeerId, int] = {}
         changed: dict[int, tuple[int, int, int]] = {}
         released: dict[PeerId, int] = {}
+        largest: dict[int, int] = {}
         execute = conn.execute
         try:
             execute("BEGIN IMMEDIATE")
@@ -1002,6 +1012,8 @@ class SQLiteBackend:
                         last + len(contents),
                         pending + sum(map(len, contents)),
                     )
+                    if contents:
+                        largest[key] = max(map(len, contents))
             for peer_id, position in batch.acked.items():
                 key = self._key(peer_id, new_keys)
                 acked, last, pending = changed.get(key) or outbound.get(key, empty)
@@ -1077,6 +1089,9 @@ class SQLiteBackend:
             raise error from e
         keys.update(new_keys)
         outbound.update(changed)
+        for key, size in largest.items():
+            if size > self._largest.get(key, -1):
+                self._largest[key] = size
         return CommitResult(released)
 
     @staticmethod
@@ -1126,13 +1141,23 @@ class SQLiteBackend:
                         f"outbox to {peer_id!r}: read after {after}, "
                         f"below acknowledged {acked}"
                     )
-                count = 0
-                total = 0
-                for (size,) in conn.execute(_READ_LENGTHS, (key, after, limit)):
-                    total += size
-                    if total > max_bytes and count:
-                        break
-                    count += 1
+                largest = self._largest.get(key)
+                if (
+                    largest is not None
+                    and after >= self._sized_after.get(key, 0)
+                    and largest * limit <= max_bytes
+                ):
+                    # Stored since the store was opened, none larger than
+                    # ``largest``: all ``limit`` fit.
+                    count = limit
+                else:
+                    count = 0
+                    total = 0
+                    for (size,) in conn.execute(_READ_LENGTHS, (key, after, limit)):
+                        total += size
+                        if total > max_bytes and count:
+                            break
+                        count += 1
                 rows = conn.execute(_READ_OUTBOX, (key, after, count)).fetchall()
             finally:
                 conn.execute("COMMIT")
