@@ -169,8 +169,10 @@ class IFrameReceiver(Interface):
 
     def link_paused(peer_id: PeerId) -> None:
         """
-        The link to ``peer_id`` cannot take more data for now; ILM stops
-        sending to it until ``link_resumed``.
+        The link to ``peer_id`` cannot take more data for now; ILM writes
+        nothing more to it until ``link_resumed`` (neither data nor
+        replies: it keeps at most one ACK, NACK and HELLO it owes, and
+        sends them on resume).
         """
 
     def link_resumed(peer_id: PeerId) -> None:
