@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import sqlite3
 import time
@@ -40,12 +41,12 @@ from zope.interface import implementer
 
 from ilm._message import PeerId, check_peer_id
 from ilm._store import (
+    MAX_POSITION,
     CommitResult,
     InboundRecord,
     OutboundRecord,
     StoreBatch,
     StoredState,
-    MAX_POSITION,
     check_batch,
     retirement_order,
     valid_incarnation,
@@ -599,7 +600,7 @@ def _load(
         ids: dict[int, PeerId] = {}
         for key, value in conn.execute("SELECT peer_key, peer_id FROM peer"):
             ids[key] = _decode_peer(
-                value, lambda what: bad(f"table peer, row with peer_key {key!r}", what)
+                value, functools.partial(bad, f"table peer, row with peer_key {key!r}")
             )
         outbound: dict[int, tuple[int, int, int]] = {}
         records = []
@@ -1277,7 +1278,7 @@ class StoreReport:
     incarnation: str
     outbound: tuple[OutboxReport, ...]
     inbound: tuple[InboundRecord, ...]
-    holder: LockHolder = LockHolder(None)
+    holder: LockHolder = attr.ib(factory=lambda: LockHolder(None))
 
 
 def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
