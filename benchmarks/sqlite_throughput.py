@@ -59,8 +59,10 @@ class CommitSizes:
             self.sizes.append(stored)
         return self.inner.commit(batch)
 
-    def read_outbound(self, peer_id: Any, after: int, limit: int) -> Any:
-        return self.inner.read_outbound(peer_id, after, limit)
+    def read_outbound(
+        self, peer_id: Any, after: int, limit: int, max_bytes: int
+    ) -> Any:
+        return self.inner.read_outbound(peer_id, after, limit, max_bytes)
 
     def close(self) -> Any:
         return self.inner.close()

@@ -244,9 +244,9 @@ async def run_receiver(reactor: Any, options: argparse.Namespace) -> None:
             return self._backend.commit(batch)
 
         def read_outbound(
-            self, peer_id: PeerId, after: int, limit: int
+            self, peer_id: PeerId, after: int, limit: int, max_bytes: int
         ) -> Deferred[list[bytes]]:
-            return self._backend.read_outbound(peer_id, after, limit)
+            return self._backend.read_outbound(peer_id, after, limit, max_bytes)
 
         def close(self) -> Deferred[None]:
             return self._backend.close()

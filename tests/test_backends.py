@@ -37,6 +37,17 @@ def summary(state: StoredState) -> tuple[dict[Any, Any], dict[Any, Any]]:
     return outbound, inbound
 
 
+def retired_order(state: StoredState) -> dict[Any, list[str]]:
+    """
+    Per peer, its retired incarnations in the order the state lists them.
+    """
+    order: dict[Any, list[str]] = {}
+    for r in state.inbound:
+        if r.retired:
+            order.setdefault((type(r.peer_id), r.peer_id), []).append(r.incarnation)
+    return order
+
+
 class BackendContract:
     """
     Mixed into a ``TestCase``; subclasses say how to make a store and a
@@ -108,8 +119,8 @@ class BackendContract:
                 },
             ),
         )
-        self.assertEqual(await backend.read_outbound(2, 2, 10), [b"c"])
-        self.assertEqual(await backend.read_outbound(2, 3, 10), [])
+        self.assertEqual(await backend.read_outbound(2, 2, 10, 1 << 30), [b"c"])
+        self.assertEqual(await backend.read_outbound(2, 3, 10, 1 << 30), [])
 
     async def test_bad_batches_apply_nothing(self) -> None:
         """
@@ -130,10 +141,72 @@ class BackendContract:
             backend.commit(StoreBatch(messages={2: (2, [b"dup"])})), StoreError
         )
         await backend.commit(StoreBatch(acked={2: 1}))
-        await self.assertFailure(backend.read_outbound(2, 0, 1), StoreError)
+        await self.assertFailure(backend.read_outbound(2, 0, 1, 1 << 30), StoreError)
         backend, state = await self.reopened(store, backend)
         self.assertEqual(summary(state), ({(int, 2): (1, 2, 1)}, {}))
-        self.assertEqual(await backend.read_outbound(2, 1, 5), [b"y"])
+        self.assertEqual(await backend.read_outbound(2, 1, 5, 1 << 30), [b"y"])
+
+    async def test_positions_beyond_2_63_apply_nothing(self) -> None:
+        """
+        A batch with a position a store cannot hold (2**63 or more, in a
+        mark, an acknowledgement or messages) or an incarnation that is not
+        32 hex digits fails with StoreError naming the entry, applies
+        nothing, and leaves the store usable for the next batch.
+        """
+        store = self.new_store()
+        backend, _ = await self.opened(store)
+        for bad in (
+            StoreBatch(messages={2: (1, [b"ok"])}, delivered={(3, "a" * 32): 2**63}),
+            StoreBatch(messages={2: (2**63, [b"x"])}),
+            StoreBatch(messages={2: (2**63 - 1, [b"x", b"y"])}),
+            StoreBatch(acked={2: 2**63 + 1}),
+            StoreBatch(delivered={(3, "not hex"): 1}),
+            StoreBatch(retired={(3, "A" * 32)}),
+            StoreBatch(delivered={(-1, "a" * 32): 1}),
+        ):
+            error = await self.assertFailure(backend.commit(bad), StoreError)
+            self.assertIn("cannot be stored", str(error))
+        await backend.commit(
+            StoreBatch(messages={2: (1, [b"ok"])}, delivered={(3, "a" * 32): 5})
+        )
+        backend, state = await self.reopened(store, backend)
+        self.assertEqual(
+            summary(state),
+            ({(int, 2): (0, 1, 2)}, {(int, 3, "a" * 32): (5, False)}),
+        )
+
+    async def test_retirements_keep_their_order(self) -> None:
+        """
+        A reopened store lists a peer's retired incarnations in the order
+        they were retired (within one batch, by incarnation id); retiring
+        one again does not move it; a forgotten record is deleted before
+        the batch's marks apply, so an incarnation forgotten and marked in
+        one batch has a fresh, current record.
+        """
+        store = self.new_store()
+        backend, _ = await self.opened(store)
+        inc = [f"{i:032x}" for i in range(6)]
+        await backend.commit(StoreBatch(delivered={(2, inc[5]): 7}))
+        await backend.commit(StoreBatch(retired={(2, inc[3])}))
+        await backend.commit(StoreBatch(retired={(2, inc[1]), (2, inc[4])}))
+        await backend.commit(StoreBatch(retired={(2, inc[5]), (2, inc[3])}))
+        backend, state = await self.reopened(store, backend)
+        self.assertEqual(
+            retired_order(state), {(int, 2): [inc[3], inc[1], inc[4], inc[5]]}
+        )
+        await backend.commit(
+            StoreBatch(forgotten={(2, inc[1]), (2, inc[4])}, delivered={(2, inc[4]): 2})
+        )
+        backend, state = await self.reopened(store, backend)
+        self.assertEqual(retired_order(state), {(int, 2): [inc[3], inc[5]]})
+        self.assertEqual(
+            summary(state)[1],
+            {
+                (int, 2, inc[3]): (0, True),
+                (int, 2, inc[4]): (2, False),
+                (int, 2, inc[5]): (7, True),
+            },
+        )
 
     async def test_read_outbound_streams_in_order(self) -> None:
         """
@@ -147,17 +220,53 @@ class BackendContract:
         await backend.commit(StoreBatch(messages={7: (1001, contents[1000:])}))
         read: list[bytes] = []
         while True:
-            chunk = await backend.read_outbound(7, len(read), 256)
+            chunk = await backend.read_outbound(7, len(read), 256, 1 << 30)
             self.assertLessEqual(len(chunk), 256)
             if not chunk:
                 break
             read.extend(chunk)
         self.assertEqual(read, contents)
-        self.assertEqual(await backend.read_outbound(7, 2999, 10), [b"3000"])
-        self.assertEqual(await backend.read_outbound(7, 5000, 10), [])
-        self.assertEqual(await backend.read_outbound(8, 0, 10), [])
+        self.assertEqual(await backend.read_outbound(7, 2999, 10, 1 << 30), [b"3000"])
+        self.assertEqual(await backend.read_outbound(7, 5000, 10, 1 << 30), [])
+        self.assertEqual(await backend.read_outbound(8, 0, 10, 1 << 30), [])
         await backend.commit(StoreBatch(acked={7: 2500}))
-        self.assertEqual(await backend.read_outbound(7, 2500, 2), [b"2501", b"2502"])
+        self.assertEqual(
+            await backend.read_outbound(7, 2500, 2, 1 << 30), [b"2501", b"2502"]
+        )
+
+    async def test_read_outbound_byte_limit(self) -> None:
+        """
+        read_outbound stops before the message that would take the total
+        over ``max_bytes``, but always returns at least one message, however
+        large: reading in byte-limited steps returns every message once.
+        """
+        store = self.new_store()
+        backend, _ = await self.opened(store)
+        sizes = [10, 10, 30, 5, 100, 1, 1, 1, 50]
+        contents = [bytes([i]) * size for i, size in enumerate(sizes)]
+        await backend.commit(StoreBatch(messages={2: (1, contents)}))
+        self.assertEqual(await backend.read_outbound(2, 0, 100, 20), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 0, 100, 49), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 0, 100, 50), contents[:3])
+        self.assertEqual(await backend.read_outbound(2, 0, 2, 1000), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 4, 100, 1), contents[4:5])
+        self.assertEqual(await backend.read_outbound(2, 5, 100, 3), contents[5:8])
+        for reopen in (False, True):
+            if reopen:
+                # Messages stored before the store was opened: their sizes
+                # are looked up, not known.
+                backend, _ = await self.reopened(store, backend)
+                await backend.commit(StoreBatch(messages={2: (10, [b"z" * 40])}))
+            read: list[bytes] = []
+            steps = 0
+            while len(read) < len(contents):
+                read.extend(await backend.read_outbound(2, len(read), 100, 25))
+                steps += 1
+            self.assertEqual(read, contents)
+            self.assertEqual(steps, 6)
+            self.assertEqual(await backend.read_outbound(2, 0, 100, 20), contents[:2])
+        self.assertEqual(await backend.read_outbound(2, 8, 100, 1), [contents[8]])
+        self.assertEqual(await backend.read_outbound(2, 9, 100, 1000), [b"z" * 40])
 
     async def test_int_and_str_peer_ids_stay_distinct(self) -> None:
         """
@@ -192,9 +301,9 @@ class BackendContract:
             inbound,
             {(int, 1, "a" * 32): (4, False), (str, "1", "a" * 32): (6, False)},
         )
-        self.assertEqual(await backend.read_outbound(1, 0, 5), [b"to int 1"])
-        self.assertEqual(await backend.read_outbound("1", 1, 5), [b"again"])
-        self.assertEqual(await backend.read_outbound(long_id, 0, 5), [b"long"])
+        self.assertEqual(await backend.read_outbound(1, 0, 5, 1 << 30), [b"to int 1"])
+        self.assertEqual(await backend.read_outbound("1", 1, 5, 1 << 30), [b"again"])
+        self.assertEqual(await backend.read_outbound(long_id, 0, 5, 1 << 30), [b"long"])
 
     async def test_marks_only_rise(self) -> None:
         """
@@ -240,9 +349,9 @@ class BackendContract:
         self.assertEqual(result.released_bytes, {2: 3})
         backend, state = await self.reopened(store, backend)
         self.assertEqual(summary(state)[0], {(int, 2): (3, 3, 0), (int, 9): (0, 0, 0)})
-        self.assertEqual(await backend.read_outbound(2, 3, 5), [])
+        self.assertEqual(await backend.read_outbound(2, 3, 5, 1 << 30), [])
         await backend.commit(StoreBatch(messages={2: (4, [b"dddd"])}))
-        self.assertEqual(await backend.read_outbound(2, 3, 5), [b"dddd"])
+        self.assertEqual(await backend.read_outbound(2, 3, 5, 1 << 30), [b"dddd"])
 
     async def test_closed(self) -> None:
         """
@@ -257,10 +366,10 @@ class BackendContract:
         await self.assertFailure(
             backend.commit(StoreBatch(messages={2: (2, [b"x"])})), StoreError
         )
-        await self.assertFailure(backend.read_outbound(2, 0, 1), StoreError)
+        await self.assertFailure(backend.read_outbound(2, 0, 1, 1 << 30), StoreError)
         state = await backend.open()
         self.assertEqual(summary(state)[0], {(int, 2): (0, 1, 4)})
-        self.assertEqual(await backend.read_outbound(2, 0, 1), [b"kept"])
+        self.assertEqual(await backend.read_outbound(2, 0, 1, 1 << 30), [b"kept"])
 
 
 class InMemoryBackendTests(BackendContract, TestCase):
@@ -336,6 +445,10 @@ class SQLiteBackendTests(BackendContract, TestCase):
                 batch.delivered[key] = rng.randint(0, 50)
             if rng.random() < 0.1:
                 batch.retired.add((rng.choice(peers), rng.choice(incarnations)))
+            if rng.random() < 0.1:
+                batch.forgotten.add((rng.choice(peers), rng.choice(incarnations)))
+            if rng.random() < 0.02:
+                batch.delivered[(rng.choice(peers), incarnations[0])] = 2**63
             expected = reference.commit(batch)
             actual = backend.commit(batch)
             try:
@@ -348,11 +461,12 @@ class SQLiteBackendTests(BackendContract, TestCase):
                 backend, _ = await self.reopened(store, backend)
             state = await backend.open()
             self.assertEqual(summary(state), summary(storage.state()), step)
+            self.assertEqual(retired_order(state), retired_order(storage.state()), step)
             for peer in peers:
                 box = storage.outboxes.get(peer)
                 after = box.acked if box else 0
                 self.assertEqual(
-                    await backend.read_outbound(peer, after, 1000),
+                    await backend.read_outbound(peer, after, 1000, 1 << 30),
                     storage.pending(peer),
                     (step, peer),
                 )

@@ -59,7 +59,8 @@ class InspectTests(TestCase):
         ``--json`` reports, for the store of a node that has it open, its
         incarnation and schema version; per peer (``2`` and ``"2"`` apart)
         the pending count and bytes and the age of the oldest pending
-        message; and each delivery mark with its retired flag.
+        message; each delivery mark with its retired flag; and that a live
+        process (this one, by its pid) holds the store.
         """
         before = time.time()
         _, path, incarnation = await self.open_store()
@@ -73,8 +74,10 @@ class InspectTests(TestCase):
             report,
             {
                 "path": path,
-                "schema_version": 1,
+                "schema_version": 2,
                 "incarnation": incarnation,
+                "held": True,
+                "held_by_pid": os.getpid(),
                 "outbound": [
                     {
                         "peer_id": 2,
@@ -118,7 +121,8 @@ class InspectTests(TestCase):
         code, out, err = self.run_cli(path)
         self.assertEqual((code, err), (0, ""))
         self.assertIn(f"incarnation {incarnation}", out)
-        self.assertIn("schema version 1", out)
+        self.assertIn(f"held by a live process (pid {os.getpid()})", out)
+        self.assertIn("schema version 2", out)
         self.assertIn("peer 2: 3 pending (positions 3..5, 30 bytes), oldest", out)
         self.assertIn("peer '2': none pending (all 1 acknowledged)", out)
         a, b = "a" * 32, "b" * 32
@@ -145,7 +149,7 @@ class InspectTests(TestCase):
         [first, _] = json.loads(result.stdout)["outbound"]
         self.assertEqual((first["pending"], first["last_position"]), (13, 15))
         await backend.commit(StoreBatch(messages={2: (16, [b"after"])}))
-        self.assertEqual(await backend.read_outbound(2, 15, 5), [b"after"])
+        self.assertEqual(await backend.read_outbound(2, 15, 5, 1 << 30), [b"after"])
 
     def test_errors(self) -> None:
         """
@@ -197,3 +201,139 @@ class VersionTests(TestCase):
         self.assertTrue(out.getvalue().startswith(f"ilm {ilm.__version__} (Twisted "))
         setup = (ROOT / "setup.cfg").read_text()
         self.assertIn("\nversion = attr: ilm.__version__\n", setup)
+
+
+HOLD_STORE = """
+import sys
+from twisted.internet import reactor
+from ilm.backends import SQLiteBackend
+
+backend = SQLiteBackend(sys.argv[1])
+
+def opened(state):
+    print("open", flush=True)
+
+backend.open().addCallback(opened)
+reactor.run()
+"""
+
+
+class HolderTests(TestCase):
+    timeout = 60
+
+    def hold(self, path: str) -> subprocess.Popen[str]:
+        """
+        Start a process that opens the store at ``path`` and keeps it;
+        return once it has.
+        """
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLD_STORE, path],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.addCleanup(self.stop, process)
+        assert process.stdout is not None
+        self.assertEqual(process.stdout.readline(), "open\n")
+        return process
+
+    def stop(self, process: subprocess.Popen[str]) -> None:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def run_cli(self, *args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = main(list(args))
+        return code, out.getvalue(), err.getvalue()
+
+    async def store(self) -> tuple[str, str]:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "node.sqlite")
+        backend = SQLiteBackend(path)
+        state = await backend.open()
+        await backend.commit(
+            StoreBatch(messages={2: (1, [b"a", b"b"])}, delivered={(3, "c" * 32): 4})
+        )
+        await backend.close()
+        return path, state.incarnation
+
+    async def test_inspect_names_the_live_holder(self) -> None:
+        """
+        ``ilm inspect`` says which live process holds a store (its pid, from
+        the kernel's lock table), and that none does once it has died
+        (SIGKILL: the kernel dropped its lock); it never takes the lock.
+        """
+        path, _ = await self.store()
+        code, out, _ = self.run_cli("inspect", path, "--json")
+        self.assertEqual((code, json.loads(out)["held"]), (0, False))
+        holder = self.hold(path)
+        code, out, _ = self.run_cli("inspect", path)
+        self.assertEqual(code, 0)
+        self.assertIn(f"held by a live process (pid {holder.pid})", out)
+        code, out, _ = self.run_cli("inspect", path, "--json")
+        report = json.loads(out)
+        self.assertEqual((report["held"], report["held_by_pid"]), (True, holder.pid))
+        holder.kill()
+        holder.wait(30)
+        code, out, _ = self.run_cli("inspect", path)
+        self.assertIn("no live process holds it", out)
+
+    async def test_reincarnate(self) -> None:
+        """
+        ``ilm reincarnate STORE`` refuses (StoreLocked, exit 1, nothing
+        changed) while a live process holds the store; once it has gone,
+        it gives the store a new incarnation and keeps everything else
+        (outbox, marks), as a node opening it then sees.
+        """
+        path, incarnation = await self.store()
+        holder = self.hold(path)
+        code, out, err = self.run_cli("reincarnate", path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertTrue(err.startswith("ilm reincarnate: StoreLocked:"), err)
+        self.assertIn(str(holder.pid), err)
+        self.stop(holder)
+        code, out, err = self.run_cli("reincarnate", path)
+        self.assertEqual((code, err), (0, ""))
+        backend = SQLiteBackend(path)
+        state = await backend.open()
+        self.addCleanup(backend.close)
+        self.assertNotEqual(state.incarnation, incarnation)
+        self.assertIn(f"incarnation {incarnation} replaced by {state.incarnation}", out)
+        self.assertEqual(
+            [(r.peer_id, r.acked, r.last_position) for r in state.outbound], [(2, 0, 2)]
+        )
+        self.assertEqual(
+            [(r.peer_id, r.incarnation, r.delivered) for r in state.inbound],
+            [(3, "c" * 32, 4)],
+        )
+        self.assertEqual(await backend.read_outbound(2, 0, 10, 1 << 30), [b"a", b"b"])
+
+    def test_reincarnate_errors(self) -> None:
+        """
+        ``ilm reincarnate`` on a missing file or on another application's
+        database fails with one line and exit status 1, creating nothing.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        missing = os.path.join(directory, "missing.sqlite")
+        foreign = os.path.join(directory, "foreign.sqlite")
+        conn = sqlite3.connect(foreign)
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+        conn.close()
+        for path, error in [
+            (missing, "StoreError: no ILM store at"),
+            (foreign, "StoreCorrupt:"),
+        ]:
+            code, out, err = self.run_cli("reincarnate", path)
+            self.assertEqual((code, out), (1, ""), path)
+            self.assertTrue(err.startswith(f"ilm reincarnate: {error}"), err)
+            self.assertEqual(err.count("\n"), 1, err)
+        self.assertEqual(sorted(os.listdir(directory)), ["foreign.sqlite"])

@@ -104,8 +104,12 @@ class CrashingBackend:
 
         return self.gate.hold(d.addBoth(done), self)
 
-    def read_outbound(self, peer_id: PeerId, after: int, limit: int) -> Deferred[Any]:
-        return self.gate.hold(self.inner.read_outbound(peer_id, after, limit), self)
+    def read_outbound(
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> Deferred[Any]:
+        return self.gate.hold(
+            self.inner.read_outbound(peer_id, after, limit, max_bytes), self
+        )
 
     def close(self) -> Deferred[Any]:
         return self.gate.hold(self.inner.close(), self)

@@ -76,10 +76,10 @@ class RoundTripTests(SynchronousTestCase):
         ACK and NACK frames round-trip.
         """
         self.assertEqual(_frames.decode_ack(_frames.encode_ack(3, 9)), (3, 9))
-        self.assertEqual(_frames.decode_nack(_frames.encode_nack(2**63)), 2**63)
+        self.assertEqual(_frames.decode_nack(_frames.encode_nack(2**62)), 2**62)
 
     @given(
-        first=st.integers(1, 2**63),
+        first=st.integers(1, 2**63 - 30),
         contents=st.lists(st.binary(max_size=50), min_size=1, max_size=30),
     )
     def test_data_property(self, first: int, contents: list[bytes]) -> None:
@@ -166,6 +166,52 @@ class HostileTests(SynchronousTestCase):
         ]
         for frame in bad:
             self.assertRaises(MalformedFrame, _frames.decode_hello, frame)
+
+    def test_positions_below_2_63(self) -> None:
+        """
+        Every position a frame carries is below 2**63 (what a store's signed
+        64-bit integers hold): 2**63 - 1 decodes, and 2**63 or more in a
+        HELLO (last position, first unacknowledged, mark), DATA (its last
+        position), ACK or NACK is a MalformedFrame.
+        """
+        top = _frames.MAX_POSITION
+        self.assertEqual(top, 2**63 - 1)
+        raw = bytes.fromhex(INC)
+        pack = struct.Struct(">BH16sIIQQB16sQI").pack
+        hello = _frames.decode_hello(
+            pack(1, 1, raw, 1, 1, top + 1, top, 1, raw, top, 1)
+        )
+        self.assertEqual((hello.first_unacked, hello.delivered), (top + 1, top))
+        for fields in (
+            (2**63 + 1, 2**63 + 1, 0, bytes(16), 0),  # the HELLO of issue 10.1
+            (1, top + 1, 0, bytes(16), 0),
+            (1, 2**64 - 1, 0, bytes(16), 0),
+            (1, 5, 1, raw, top + 1),
+        ):
+            first_unacked, last, flags, known, delivered = fields
+            frame = pack(
+                1, 1, raw, 1, 1, first_unacked, last, flags, known, delivered, 1
+            )
+            self.assertRaises(MalformedFrame, _frames.decode_hello, frame)
+        data = struct.Struct(">BHQI")
+        self.assertEqual(
+            _frames.decode_data(data.pack(_frames.DATA, 0, top, 1) + bytes(4), 10),
+            (top, [b""]),
+        )
+        for first, count in ((top, 2), (top + 1, 1), (2**64 - 1, 1)):
+            frame = data.pack(_frames.DATA, 0, first, count) + bytes(4 * count)
+            self.assertRaises(MalformedFrame, _frames.decode_data, frame, 10)
+        self.assertEqual(_frames.decode_ack(_frames.encode_ack(top, top)), (top, top))
+        self.assertRaises(
+            MalformedFrame, _frames.decode_ack, _frames.encode_ack(0, top + 1)
+        )
+        self.assertRaises(
+            MalformedFrame, _frames.decode_ack, _frames.encode_ack(top + 1, top + 1)
+        )
+        self.assertEqual(_frames.decode_nack(_frames.encode_nack(top)), top)
+        self.assertRaises(
+            MalformedFrame, _frames.decode_nack, _frames.encode_nack(top + 1)
+        )
 
     def test_size_limit(self) -> None:
         """

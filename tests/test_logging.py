@@ -52,6 +52,18 @@ class EventLimiterTests(SynchronousTestCase):
         self.assertEqual(summary["log_level"], LogLevel.error)
         self.assertEqual(limiter.suppressed_total, 999)
 
+    def test_event_without_failure_carries_no_failure_key(self) -> None:
+        """
+        An event emitted without a failure has no ``log_failure`` key at all
+        (observers such as trial's and the legacy bridge take the key's
+        presence to mean an error with a traceback).
+        """
+        limiter, _clock, events = _limiter(interval=10.0)
+        limiter.emit("k", LogLevel.warn, "plain {n}", n=1)
+        self.assertNotIn("log_failure", events[0])
+        self.assertEqual(events[0]["n"], 1)
+        limiter.stop()
+
     def test_steady_flood_is_one_line_per_interval(self) -> None:
         """
         A flood lasting ten intervals yields one full event and one summary

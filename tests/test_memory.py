@@ -51,8 +51,12 @@ class BackendTests(SynchronousTestCase):
         )
         marks = {(r.incarnation, r.delivered, r.retired) for r in state.inbound}
         self.assertEqual(marks, {("f" * 32, 9, False), ("e" * 32, 0, True)})
-        self.assertEqual(self.successResultOf(backend.read_outbound(2, 2, 10)), [b"c"])
-        self.assertEqual(self.successResultOf(backend.read_outbound(2, 3, 10)), [])
+        self.assertEqual(
+            self.successResultOf(backend.read_outbound(2, 2, 10, 1 << 30)), [b"c"]
+        )
+        self.assertEqual(
+            self.successResultOf(backend.read_outbound(2, 3, 10, 1 << 30)), []
+        )
 
     def test_bad_batches_apply_nothing(self) -> None:
         """
@@ -71,7 +75,7 @@ class BackendTests(SynchronousTestCase):
             backend.commit(StoreBatch(messages={2: (1, [b"x", b"y"])}))
         )
         self.successResultOf(backend.commit(StoreBatch(acked={2: 1})))
-        self.failureResultOf(backend.read_outbound(2, 0, 1), StoreError)
+        self.failureResultOf(backend.read_outbound(2, 0, 1, 1 << 30), StoreError)
         self.successResultOf(backend.close())
         self.failureResultOf(backend.commit(StoreBatch()), StoreError)
 

@@ -20,6 +20,7 @@ from ilm._session import (
     resume_inbound,
     resume_outbound,
 )
+from ilm._store import within_bytes
 from ilm.errors import (
     AckOutOfRange,
     OutOfWindow,
@@ -145,7 +146,7 @@ class OutboundTests(SynchronousTestCase):
         self.assertIsNone(out.read_request(8))
         out.on_ack(2, 2)
         self.assertEqual(out.take(), (3, [b"2", b"3"]))
-        self.assertEqual(out.read_request(8), (4, 2))
+        self.assertEqual(out.read_request(8), (4, 2, 10_000 - 2))
         self.assertIsNone(out.read_request(8))
         self.assertEqual(out.on_read(4, [b"4", b"5"]), 2)
         out.on_ack(4, 4)
@@ -161,7 +162,7 @@ class OutboundTests(SynchronousTestCase):
         out.on_stored(1, [b"1", b"2", b"3", b"4", b"5"])
         out.take()
         out.on_ack(2, 2)
-        self.assertEqual(out.read_request(8), (2, 2))
+        self.assertEqual(out.read_request(8), (2, 2, 10_000))
         out.on_ack(3, 3)
         self.assertEqual(out.on_read(2, [b"3", b"4"]), 1)
         self.assertEqual(out.take(), (4, [b"4"]))
@@ -185,6 +186,31 @@ class OutboundTests(SynchronousTestCase):
         out.on_ack(6, 6)
         self.assertFalse(out.outstanding)
         self.assertFalse(out.retransmit())
+
+    def test_one_go_back_per_retransmit_timeout(self) -> None:
+        """
+        However many NACKs arrive (for any positions), the stream goes back
+        at most once per ``interval`` seconds, and the retransmission timer
+        counts as a go-back too; a new link starts afresh.
+        """
+        out = outbound(window=100, cache=100)
+        out.link_ready(0, 100, 100_000)
+        out.on_stored(1, [b"%d" % i for i in range(50)])
+        self.assertEqual(len(out.take()[1]), 50)
+        self.assertTrue(out.on_nack(10, now=5.0, interval=1.0))
+        self.assertEqual(out.take()[0], 10)
+        for position in (10, 5, 30, 49, 2):
+            self.assertFalse(out.on_nack(position, now=5.5, interval=1.0))
+            self.assertEqual(out.take(), (0, []))
+        self.assertFalse(out.retransmit(now=5.9, interval=1.0))
+        self.assertTrue(out.on_nack(20, now=6.0, interval=1.0))
+        self.assertEqual(out.take()[0], 20)
+        self.assertFalse(out.on_nack(20, now=6.2, interval=1.0))
+        self.assertTrue(out.retransmit(now=7.1, interval=1.0))
+        out.link_lost()
+        out.link_ready(0, 100, 100_000)
+        out.take()
+        self.assertTrue(out.on_nack(3, now=7.2, interval=1.0))
 
     def test_lost_ack_recovered(self) -> None:
         """
@@ -473,8 +499,10 @@ class Pair:
         while True:
             request = self.out.read_request(3)
             if request is not None:
-                after, limit = request
-                self.out.on_read(after, self.store[after : after + limit])
+                after, limit, max_bytes = request
+                self.out.on_read(
+                    after, within_bytes(self.store[after : after + limit], max_bytes)
+                )
             first, chunk = self.out.take()
             if not chunk:
                 break

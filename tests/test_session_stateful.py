@@ -34,6 +34,7 @@ from ilm._session import (
     resume_inbound,
     resume_outbound,
 )
+from ilm._store import within_bytes
 
 WINDOW_BYTES = 10_000
 
@@ -121,8 +122,10 @@ class StreamMachine(RuleBasedStateMachine):
         while True:
             request = self.out.read_request(2)
             if request is not None:
-                after, limit = request
-                self.out.on_read(after, store[after : after + limit])
+                after, limit, max_bytes = request
+                self.out.on_read(
+                    after, within_bytes(store[after : after + limit], max_bytes)
+                )
             first, chunk = self.out.take()
             if not chunk:
                 return

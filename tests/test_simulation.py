@@ -179,7 +179,11 @@ class SeedBatchTests(SynchronousTestCase):
             property(lambda self: self.ready and self.sent > self.peer_received),
         )
         self.patch(
-            OutboundStream, "retransmit", lambda self: self._go_back(self.peer_received)
+            OutboundStream,
+            "retransmit",
+            lambda self, now=0.0, interval=0.0: self._go_back(
+                self.peer_received, now, interval
+            ),
         )
         for seed in sorted(REGRESSION_SEEDS):
             result = run_seed(seed)
@@ -401,7 +405,9 @@ class Listener:
 
 
 def batch(first: int = 1, contents: tuple[bytes, ...] = (b"a", b"b")) -> StoreBatch:
-    return StoreBatch(messages={2: (first, list(contents))}, delivered={(3, "x"): 4})
+    return StoreBatch(
+        messages={2: (first, list(contents))}, delivered={(3, "e" * 32): 4}
+    )
 
 
 class SimulatedStoreTests(SynchronousTestCase):
@@ -453,7 +459,7 @@ class SimulatedStoreTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertNoResult(d)
         self.assertEqual(self.storage.pending(2), [b"a", b"b"])
-        self.assertEqual(self.storage.inbound[(3, "x")].delivered, 4)
+        self.assertEqual(self.storage.inbound[(3, "e" * 32)].delivered, 4)
         state = self.successResultOf(self._opened())
         self.assertEqual(state.outbound[0].last_position, 2)
         self.assertEqual(self.listener.opened_states, [state])
@@ -536,16 +542,16 @@ class SimulatedStoreTests(SynchronousTestCase):
         """
         self.backend.commit(batch())
         self.clock.advance(1)
-        d = self.backend.read_outbound(2, 0, 10)
+        d = self.backend.read_outbound(2, 0, 10, 1 << 30)
         self.assertNoResult(d)
         self.clock.advance(0.5)
         self.assertEqual(self.successResultOf(d), [b"a", b"b"])
         self.backend.commit(StoreBatch(acked={2: 1}))
         self.clock.advance(1)
-        bad = self.backend.read_outbound(2, 0, 10)
+        bad = self.backend.read_outbound(2, 0, 10, 1 << 30)
         self.clock.advance(1)
         self.failureResultOf(bad, StoreError)
-        pending = self.backend.read_outbound(2, 1, 10)
+        pending = self.backend.read_outbound(2, 1, 10, 1 << 30)
         self.backend.crash(land=False)
         self.clock.advance(1)
         self.assertNoResult(pending)

@@ -106,5 +106,7 @@ class GateTests(SynchronousTestCase):
         state = self.gate.wait(backend.open())
         self.assertEqual(len(state.incarnation), 32)  # type: ignore[union-attr]
         self.gate.wait(backend.commit(StoreBatch(messages={2: (1, [b"x", b"y"])})))
-        self.assertEqual(self.gate.wait(backend.read_outbound(2, 0, 10)), [b"x", b"y"])
+        self.assertEqual(
+            self.gate.wait(backend.read_outbound(2, 0, 10, 1 << 30)), [b"x", b"y"]
+        )
         self.assertIsNone(self.gate.wait(backend.close()))

@@ -526,7 +526,7 @@ class SQLiteStoreTests(SynchronousTestCase):
         opens the same file and finds the batch.
         """
         d = self.backend.commit(
-            StoreBatch(messages={2: (1, [b"a"])}, delivered={(3, "x" * 32): 4})
+            StoreBatch(messages={2: (1, [b"a"])}, delivered={(3, "e" * 32): 4})
         )
         self.clock.advance(0.2)
         self.assertTrue(self.backend.crash(land=True))
@@ -639,10 +639,10 @@ class SQLiteStoreTests(SynchronousTestCase):
         """
         self.backend.commit(StoreBatch(messages={2: (1, [b"a", b"b"])}))
         self.clock.advance(0.1)
-        seen = self.backend.read_outbound(2, 0, 10)  # runs at 0.6
+        seen = self.backend.read_outbound(2, 0, 10, 1 << 30)  # runs at 0.6
         self.run_for(1)
         self.assertEqual(self.successResultOf(seen), [b"a", b"b"])
-        stale = self.backend.read_outbound(2, 0, 10)
+        stale = self.backend.read_outbound(2, 0, 10, 1 << 30)
         self.clock.advance(0.1)
         self.backend._writer_free = 0.0
         self.backend.latency = lambda: 0.1

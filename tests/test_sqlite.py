@@ -156,7 +156,9 @@ class StoreCase(TestCase):
         """
         backend, state = await self.opened(path)
         self.assertEqual(summary(state), expected)
-        self.assertEqual(await backend.read_outbound(2, 10, 100), [b"a" * 100] * 20)
+        self.assertEqual(
+            await backend.read_outbound(2, 10, 100, 1 << 30), [b"a" * 100] * 20
+        )
         await backend.close()
 
 
@@ -192,7 +194,7 @@ class SchemaTests(StoreCase):
         path = self.store_path()
         conn = sqlite3.connect(path, isolation_level=None)
         self.addCleanup(conn.close)
-        self.assertEqual(migrate(conn), (0, 1))
+        self.assertEqual(migrate(conn, target=1), (0, 1))
         incarnation = conn.execute("SELECT value FROM ilm_meta").fetchone()
 
         def broken(conn: sqlite3.Connection) -> None:
@@ -209,14 +211,46 @@ class SchemaTests(StoreCase):
         def add_priority(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE outbound ADD COLUMN priority INTEGER")
 
-        self.assertEqual(migrate(conn, {**MIGRATIONS, 1: add_priority}, 2), (1, 2))
-        self.assertEqual(schema_version(conn), 2)
+        with_priority = {**MIGRATIONS, 1: add_priority}
+        self.assertEqual(migrate(conn, with_priority, 2), (1, 2))
+        self.assertEqual(schema_version(conn, migrations=with_priority), 2)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(outbound)")]
         self.assertIn("priority", columns)
         self.assertEqual(
             conn.execute("SELECT value FROM ilm_meta").fetchone(), incarnation
         )
         self.assertEqual(migrate(conn, {**MIGRATIONS, 1: add_priority}, 2), (2, 2))
+
+    async def test_version_1_store_is_migrated(self) -> None:
+        """
+        A store written with schema version 1 (before retirements were
+        ordered) opens: it is migrated to the current version in one
+        transaction, keeps all its data, lists its old retirements (their
+        order unknown, by incarnation id) before any made since, and can
+        forget them.
+        """
+        path = self.store_path()
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn, target=1)
+        conn.execute("INSERT INTO peer (peer_key, peer_id) VALUES (1, 3)")
+        conn.execute(
+            "INSERT INTO inbound VALUES (1, ?, 4, 1), (1, ?, 9, 1), (1, ?, 12, 0)",
+            ("e" * 32, "b" * 32, "c" * 32),
+        )
+        conn.close()
+        backend, state = await self.opened(path)
+        self.assertEqual(backend.schema_version, SCHEMA_VERSION)
+        self.assertEqual(
+            [(r.incarnation, r.delivered, r.retired) for r in state.inbound],
+            [("b" * 32, 9, True), ("e" * 32, 4, True), ("c" * 32, 12, False)],
+        )
+        await backend.commit(StoreBatch(retired={(3, "c" * 32)}))
+        await backend.commit(StoreBatch(forgotten={(3, "b" * 32)}))
+        state = await backend.open()
+        self.assertEqual(
+            [r.incarnation for r in state.inbound if r.retired], ["e" * 32, "c" * 32]
+        )
 
     async def test_schema_too_new(self) -> None:
         """
@@ -301,7 +335,7 @@ class FaultTests(StoreCase):
             pass
         else:
             self.addCleanup(backend.close)
-            read = backend.read_outbound(2, 0, 1000)
+            read = backend.read_outbound(2, 0, 1000, 1 << 30)
             await self.assertFailure(read, StoreCorrupt)
             await backend.close()
         # Nothing holds the lock after a failed open or a close: opening
@@ -456,7 +490,7 @@ class FaultTests(StoreCase):
         self.assertGreater(stored, 0)
         backend, state = await self.reopen(backend, path)
         self.assertEqual(summary(state)[0], {(int, 2): (0, stored, stored * 1000)})
-        read = await backend.read_outbound(2, stored - 1, 5)
+        read = await backend.read_outbound(2, stored - 1, 5, 1 << 30)
         self.assertEqual(read, [b"f" * 1000])
 
     async def test_locked_by_this_process(self) -> None:
@@ -582,7 +616,9 @@ class FaultTests(StoreCase):
                 )
             read: list[bytes] = []
             while len(read) < out.last_position - out.acked:
-                chunk = await backend.read_outbound(2, out.acked + len(read), 1000)
+                chunk = await backend.read_outbound(
+                    2, out.acked + len(read), 1000, 1 << 30
+                )
                 self.assertTrue(chunk)
                 read.extend(chunk)
             expected = [
@@ -605,8 +641,8 @@ class OpenTests(StoreCase):
         statements: list[str] = []
         connect = SQLiteBackend._connect
 
-        def traced(backend: SQLiteBackend) -> sqlite3.Connection:
-            conn = connect(backend)
+        def traced(backend: SQLiteBackend, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(backend, **kwargs)
             conn.set_trace_callback(statements.append)
             return conn
 
@@ -616,7 +652,7 @@ class OpenTests(StoreCase):
         self.assertTrue(any("FROM outbox" in s for s in statements), statements)
         self.assertFalse([s for s in statements if "contents" in s], statements)
         statements.clear()
-        self.assertEqual(len(await backend.read_outbound(2, 10, 5)), 5)
+        self.assertEqual(len(await backend.read_outbound(2, 10, 5, 1 << 30)), 5)
         self.assertTrue([s for s in statements if "contents" in s])
 
     async def test_store_stays_consistent_after_a_failed_commit_sync(self) -> None:
@@ -657,7 +693,9 @@ class OpenTests(StoreCase):
         self.assertIn("restart", str(again))
         backend, state = await self.reopen(backend, path)
         self.assertEqual(summary(state)[0], {(int, 2): (0, 2, 6)})
-        self.assertEqual(await backend.read_outbound(2, 0, 5), [b"one", b"two"])
+        self.assertEqual(
+            await backend.read_outbound(2, 0, 5, 1 << 30), [b"one", b"two"]
+        )
 
     async def reopen(self, backend: SQLiteBackend, path: str) -> tuple[Any, Any]:
         await backend.close()
@@ -746,3 +784,195 @@ class ErrorMappingTests(SynchronousTestCase):
             self.assertIs(type(mapped), kind, number)
         locked = StoreLocked("held")
         self.assertIs(store_error(locked, "/x", "cannot open"), locked)
+
+
+def snapshot(directory: str) -> dict[str, tuple[int, bytes]]:
+    """
+    Every file of ``directory``: its mode and contents.
+    """
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        files[name] = (os.stat(full).st_mode, Path(full).read_bytes())
+    return files
+
+
+class PermissionTests(StoreCase):
+    async def test_files_are_private_whatever_the_umask(self) -> None:
+        """
+        With a permissive umask (0), a new store's database, its -wal and
+        -shm files (SQLite gives them the database's mode) and its lock
+        file are created readable and writable by their owner only (0600).
+        ILM creates no directory for a store: it must exist.
+        """
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(StoreBatch(messages={2: (1, [b"secret"])}))
+        for suffix in ("", "-wal", "-shm", "-lock"):
+            mode = os.stat(path + suffix).st_mode & 0o777
+            self.assertEqual(mode, 0o600, (suffix, oct(mode)))
+        await backend.close()
+        nowhere = os.path.join(self.mktemp(), "store.sqlite")
+        await self.assertFailure(SQLiteBackend(nowhere).open(), StoreError)
+        self.assertFalse(os.path.exists(os.path.dirname(nowhere)))
+
+
+class CraftedStoreTests(StoreCase):
+    async def crafted(self, *statements: str, checkpoint: bool = True) -> str:
+        """
+        A real store, then changed behind ILM's back by ``statements``;
+        closed (its log checkpointed into the file) unless ``checkpoint``
+        is false, in which case the changes stay in its write-ahead log.
+        """
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        await backend.commit(
+            StoreBatch(messages={2: (1, [b"m"])}, delivered={(3, "c" * 32): 4})
+        )
+        await backend.close()
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        for statement in statements:
+            conn.execute(statement)
+        if checkpoint:
+            conn.close()
+        else:
+            # Leave the changes in the log, as a crashed writer would: copy
+            # the files while the connection still holds them.
+            copy = self.store_path()
+            for suffix in ("", "-wal"):
+                Path(copy + suffix).write_bytes(Path(path + suffix).read_bytes())
+            conn.close()
+            return copy
+        return path
+
+    async def test_bad_rows_are_named(self) -> None:
+        """
+        A negative peer id, a peer id that is not UTF-8, a delivery mark
+        whose incarnation is not 32 hex digits, a mark beyond 2**63 - 1's
+        range of types, and a bad store incarnation are each refused at
+        open with StoreCorrupt naming the file, the table and the row (and
+        by ``inspect_store`` too); nothing is loaded.
+        """
+        cases = [
+            ("UPDATE peer SET peer_id = -5 WHERE peer_id = 2", "table peer", "-5"),
+            (
+                "UPDATE peer SET peer_id = x'ff' WHERE peer_id = 3",
+                "table peer",
+                "not UTF-8",
+            ),
+            (
+                "UPDATE inbound SET incarnation = 'not-hex-not-hex-not-hex-not-hex!'",
+                "table inbound, row (peer_key 2, incarnation "
+                "'not-hex-not-hex-not-hex-not-hex!')",
+                "32 lowercase hex",
+            ),
+            (
+                "UPDATE inbound SET delivered = 'four'",
+                "table inbound",
+                "bad delivery mark",
+            ),
+            (
+                "UPDATE ilm_meta SET value = 'Z' || substr(value, 2) "
+                "WHERE key = 'incarnation'",
+                "table ilm_meta",
+                "32 hex digits",
+            ),
+        ]
+        for statement, where, what in cases:
+            path = await self.crafted(statement)
+            error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+            message = str(error)
+            self.assertIn(path, message)
+            self.assertIn(where, message)
+            self.assertIn(what, message)
+            error = self.assertRaises(StoreCorrupt, inspect_store, path)
+            self.assertIn(where, str(error))
+
+    async def test_foreign_objects_refused_untouched(self) -> None:
+        """
+        A store holding a trigger (here: one that deletes every new outbox
+        row, which would lose acknowledged sends), a view, an extra table,
+        an extra index or a changed table is refused at open with
+        StoreCorrupt naming the object, before anything is written: the
+        directory's files (modes and bytes) are exactly as they were, and
+        no lock file is made.
+        """
+        cases = [
+            (
+                "CREATE TRIGGER eat AFTER INSERT ON outbox BEGIN "
+                "DELETE FROM outbox WHERE position = new.position; END",
+                "trigger 'eat'",
+            ),
+            ("CREATE VIEW pending AS SELECT * FROM outbox", "view 'pending'"),
+            ("CREATE TABLE notes (text)", "table 'notes'"),
+            ("CREATE INDEX by_time ON outbox (stored_at)", "index 'by_time'"),
+            ("ALTER TABLE outbound ADD COLUMN extra INTEGER", "table 'outbound'"),
+        ]
+        for statement, name in cases:
+            path = await self.crafted(statement)
+            os.unlink(path + "-lock")
+            before = snapshot(os.path.dirname(path))
+            error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+            self.assertIn(path, str(error))
+            self.assertIn(name, str(error))
+            self.assertEqual(snapshot(os.path.dirname(path)), before)
+            self.assertRaises(StoreCorrupt, inspect_store, path)
+            self.assertEqual(snapshot(os.path.dirname(path)), before)
+
+    async def test_foreign_trigger_in_the_log_refused_before_writing(self) -> None:
+        """
+        A trigger that is only in the write-ahead log (not yet in the main
+        file, which is all that is read before the lock is taken) is found
+        under the lock, before the first write: the store is refused and
+        what it holds is unchanged (SQLite may fold its log into the main
+        file when the connection closes; the contents stay the same).
+        """
+        path = await self.crafted(
+            "CREATE TRIGGER eat AFTER INSERT ON outbox BEGIN "
+            "DELETE FROM outbox WHERE position = new.position; END",
+            checkpoint=False,
+        )
+        reference = self.store_path()
+        for suffix in ("", "-wal"):
+            Path(reference + suffix).write_bytes(Path(path + suffix).read_bytes())
+        error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+        self.assertIn("trigger 'eat'", str(error))
+
+        def dump(file: str) -> list[str]:
+            conn = sqlite3.connect(file)
+            try:
+                return list(conn.iterdump())
+            finally:
+                conn.close()
+
+        self.assertEqual(dump(path), dump(reference))
+        self.assertTrue(any("TRIGGER eat" in line for line in dump(path)))
+
+    async def test_foreign_database_is_not_modified(self) -> None:
+        """
+        Pointing a store at another application's SQLite database (in
+        rollback-journal mode, or in WAL mode) is refused with StoreCorrupt
+        naming the file; nothing changes: no WAL switch, no lock file, no
+        journal or -wal/-shm file, the same bytes and mode.
+        """
+        for journal in ("DELETE", "WAL"):
+            directory = self.mktemp()
+            os.makedirs(directory)
+            path = os.path.join(directory, "app.db")
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute(f"PRAGMA journal_mode = {journal}")
+            conn.execute("CREATE TABLE customers (name TEXT, balance INTEGER)")
+            conn.execute("INSERT INTO customers VALUES ('ada', 10)")
+            conn.close()
+            os.chmod(path, 0o640)
+            before = snapshot(directory)
+            error = await self.assertFailure(SQLiteBackend(path).open(), StoreCorrupt)
+            self.assertIn(path, str(error))
+            self.assertIn("not an ILM store", str(error))
+            self.assertIn("customers", str(error))
+            self.assertEqual(snapshot(directory), before, journal)
+            self.assertRaises(StoreCorrupt, inspect_store, path)
+            self.assertEqual(snapshot(directory), before, journal)

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from ilm import ILM, Message, SQLiteBackend
 from ilm.backends import InMemoryBackend
 from ilm.backends._sqlite import inspect_store
-from ilm.errors import StoreFull
+from ilm.errors import ShutdownTimeout, StoreFull
 from ilm.network import InMemoryNetwork
 
 
@@ -140,3 +140,79 @@ class StoreFullTests(TestCase):
         self.assertEqual(len(inbox.messages), 22)
         # The refused commit was logged (store_commit_failed).
         self.assertEqual(len(self.flushLoggedErrors(StoreFull)), 1)
+
+
+class RestoredBackupTests(TestCase):
+    timeout = 60
+
+    async def test_restored_store_needs_a_new_incarnation(self) -> None:
+        """
+        A sender's store restored from a backup taken before its last sends
+        is refused by the receiver (PeerStoreRegressed: the receiver has
+        delivered positions beyond the backup, which the restored store
+        would reuse).  After ``reincarnate_store`` the same restored store
+        starts a new stream: every message sent after the restore arrives,
+        under the new incarnation.
+        """
+        from twisted.logger import globalLogPublisher
+
+        from ilm.backends._sqlite import reincarnate_store
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "sender.sqlite")
+        backup = os.path.join(directory, "backup.sqlite")
+        reactor = the_reactor()
+        # The link refused below comes back (to nobody) a millisecond later,
+        # not half a second after the test has ended.
+        network = InMemoryNetwork(reactor, reconnect_delay=0.001)
+        inbox = Inbox()
+        receiver = await ILM.create(InMemoryBackend(), inbox, network.add_peer(2))
+        self.addCleanup(receiver.shutdown, 5)
+
+        async def sender_sends(contents: list[bytes]) -> ILM:
+            sender = await ILM.create(path, lambda m: None, network.add_peer(1))
+            receipts = [await sender.send_to(2, c) for c in contents]
+            await receipts[-1].acknowledged
+            await sender.shutdown(5)
+            return sender
+
+        first = await sender_sends([b"a%d" % i for i in range(5)])
+        Path(backup).write_bytes(Path(path).read_bytes())
+        await sender_sends([b"b%d" % i for i in range(5)])
+        await inbox.wait_for(10)
+        Path(path).write_bytes(Path(backup).read_bytes())
+
+        refused: Deferred[dict[str, Any]] = Deferred()
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("ilm_event") == "protocol_violation" and not refused.called:
+                # No more attempts: the link stays cut until the store has
+                # its new incarnation.
+                network.cut(1, 2)
+                refused.callback(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        restored = await ILM.create(path, lambda m: None, network.add_peer(1))
+        self.assertEqual(restored.incarnation, first.incarnation)
+        await restored.send_to(2, b"after restore")
+        event = await refused.addTimeout(30, reactor)
+        self.assertEqual(event["kind"], "PeerStoreRegressed")
+        await restored.shutdown(1).addErrback(lambda f: f.trap(ShutdownTimeout))
+        network.restore(1, 2)
+
+        old, new = reincarnate_store(path)
+        self.assertEqual(old, first.incarnation)
+        reborn = await ILM.create(path, lambda m: None, network.add_peer(1))
+        self.addCleanup(reborn.shutdown, 5)
+        self.assertEqual(reborn.incarnation, new)
+        last = await reborn.send_to(2, b"after reincarnation")
+        await last.acknowledged
+        await inbox.wait_for(12)
+        tail = [(m.source_incarnation, m.contents) for m in inbox.messages[10:]]
+        self.assertEqual(tail, [(new, b"after restore"), (new, b"after reincarnation")])
+        self.assertEqual(
+            [m.contents for m in inbox.messages[:10]],
+            [b"a%d" % i for i in range(5)] + [b"b%d" % i for i in range(5)],
+        )

@@ -4,7 +4,10 @@ The ``ilm`` command (also ``python -m ilm``).
 - ``ilm demo``: two node processes stream to each other through link cuts
   and SIGKILLs, and the result is verified (see :mod:`ilm._demo`).
 - ``ilm inspect PATH [--json]``: what an SQLite store holds, read-only and
-  without taking its lock (so it works on the store of a running node).
+  without taking its lock (so it works on the store of a running node), and
+  whether a live process holds it.
+- ``ilm reincarnate PATH``: give a store restored from a backup a new
+  incarnation (refused while a process holds the store).
 - ``ilm --version``: ILM's version (``twistd ilm --version`` prints the
   same line).
 """
@@ -61,6 +64,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reincarnate(args: argparse.Namespace) -> int:
+    from ilm.backends._sqlite import reincarnate_store
+    from ilm.errors import StoreError
+
+    try:
+        old, new = reincarnate_store(args.path)
+    except StoreError as e:
+        print(f"ilm reincarnate: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.path}: incarnation {old} replaced by {new}; its peers will take "
+        f"its pending messages for a new stream"
+    )
+    return 0
+
+
+def _holder_text(holder: Any) -> str:
+    if holder.held is None:
+        return "cannot tell whether a process holds it"
+    if not holder.held:
+        return "no live process holds it"
+    pid = f" (pid {holder.pid})" if holder.pid is not None else ""
+    return f"held by a live process{pid}"
+
+
 def _age(stored_at: float | None, now: float) -> float | None:
     return None if stored_at is None else round(max(0.0, now - stored_at), 3)
 
@@ -75,6 +103,8 @@ def report_json(report: Any, now: float) -> dict[str, Any]:
         "path": report.path,
         "schema_version": report.schema_version,
         "incarnation": report.incarnation,
+        "held": report.holder.held,
+        "held_by_pid": report.holder.pid,
         "outbound": [
             {
                 "peer_id": out.peer_id,
@@ -106,6 +136,7 @@ def write_report(report: Any, now: float, out: TextIO) -> None:
     out.write(f"ILM store {report.path}\n")
     out.write(f"  schema version {report.schema_version}\n")
     out.write(f"  incarnation {report.incarnation}\n")
+    out.write(f"  {_holder_text(report.holder)}\n")
     out.write("outbound (messages stored, awaiting the peer's acknowledgement):\n")
     if not report.outbound:
         out.write("  none\n")
@@ -160,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="the store's file")
     inspect.add_argument("--json", action="store_true", help="print JSON for machines")
     inspect.set_defaults(run=_inspect)
+    reincarnate = commands.add_parser(
+        "reincarnate",
+        help="give a store restored from a backup a new incarnation "
+        "(refused while a process holds it)",
+        description="Give the SQLite store PATH a new incarnation. A store "
+        "restored from a backup must get one before its node starts: its "
+        "peers have already seen positions beyond the backup, and would take "
+        "new messages at those positions for duplicates. With a new "
+        "incarnation they start a new stream from its pending messages "
+        "(which may arrive a second time, told apart by source_incarnation). "
+        "Refused while a live process holds the store.",
+    )
+    reincarnate.add_argument("path", help="the store's file")
+    reincarnate.set_defaults(run=_reincarnate)
     return parser
 
 

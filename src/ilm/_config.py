@@ -48,6 +48,15 @@ class Config:
         ``max_frame_size``: largest frame sent or accepted (the wire layer
         refuses larger frames with :class:`ilm.errors.FrameTooLarge`).
 
+    Incarnations of a peer (a peer that comes back with a new store)
+        ``max_new_incarnations`` per ``new_incarnation_period`` seconds: how
+        many new incarnations one peer may present; one more is refused
+        with :class:`ilm.errors.TooManyIncarnations` (its link is closed and
+        the network's refusal backoff applies).
+        ``max_retired_incarnations``: how many replaced incarnations of one
+        peer are remembered (and refused if they come back); beyond that
+        the oldest is forgotten (see docs/protocol.md for what that costs).
+
     Timings (seconds)
         ``retransmit_timeout`` (doubling up to ``max_retransmit_timeout``):
         how long sent data may go unconfirmed before it is sent again.
@@ -75,6 +84,9 @@ class Config:
     max_outbox_messages: int = attr.ib(default=1_000_000, validator=_positive)
     max_outbox_bytes: int = attr.ib(default=256 * 1024 * 1024, validator=_positive)
     max_frame_size: int = attr.ib(default=1024 * 1024 + 4096, validator=_positive)
+    max_new_incarnations: int = attr.ib(default=4, validator=_positive)
+    new_incarnation_period: float = attr.ib(default=60.0, validator=_positive)
+    max_retired_incarnations: int = attr.ib(default=32, validator=_positive)
     read_batch: int = attr.ib(default=1024, validator=_positive)
     retransmit_timeout: float = attr.ib(default=1.0, validator=_positive)
     max_retransmit_timeout: float = attr.ib(default=30.0, validator=_positive)

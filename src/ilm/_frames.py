@@ -21,7 +21,10 @@ type  name     body
 
 Decoding never trusts a length: every field is checked against the frame's
 size and the configured limits, and any inconsistency raises a typed
-:class:`ilm.errors.ProtocolViolation`.
+:class:`ilm.errors.ProtocolViolation`.  Positions travel as unsigned 64-bit
+integers but are below ``2**63`` (:data:`MAX_POSITION`) everywhere: stores
+keep them as signed 64-bit integers, so a frame carrying a larger one is
+malformed.
 """
 
 from __future__ import annotations
@@ -45,7 +48,12 @@ _LEN = struct.Struct(">I")
 _FLAG_KNOWN = 0x01
 _FLAG_REPLY = 0x02
 _ZERO_INCARNATION = bytes(16)
-MAX_POSITION = 2**64 - 1
+MAX_POSITION = 2**63 - 1
+"""
+The highest position there can ever be: stores keep positions as signed
+64-bit integers (at a million messages a second, 2**63 lasts 292,000 years).
+Every decoder refuses a larger one.
+"""
 
 DATA_OVERHEAD = _DATA_HEAD.size
 """Bytes of a DATA frame besides its messages."""
@@ -176,6 +184,11 @@ def decode_hello(frame: bytes) -> Hello:
     ) = _HELLO.unpack(frame)
     if flags & ~(_FLAG_KNOWN | _FLAG_REPLY):
         raise MalformedFrame(f"HELLO has unknown flags 0x{flags:02x}")
+    if last_position > MAX_POSITION or delivered > MAX_POSITION:
+        raise MalformedFrame(
+            f"HELLO position beyond 2**63 - 1: last {last_position}, "
+            f"delivered {delivered}"
+        )
     if first_unacked < 1 or last_position < first_unacked - 1:
         raise MalformedFrame(
             f"HELLO positions inconsistent: first unacked {first_unacked}, "
@@ -216,7 +229,9 @@ def decode_data(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
     if count > (size - DATA_OVERHEAD) // 4:
         raise MalformedFrame(f"DATA frame claims {count} messages in {size} bytes")
     if first + count - 1 > MAX_POSITION:
-        raise MalformedFrame("DATA positions overflow 64 bits")
+        raise MalformedFrame(
+            f"DATA positions {first}..{first + count - 1} go beyond 2**63 - 1"
+        )
     contents: list[bytes] = []
     append = contents.append
     unpack = _LEN.unpack_from
@@ -250,6 +265,8 @@ def decode_ack(frame: bytes) -> tuple[int, int]:
     _check_lane(lane)
     if received < delivered:
         raise MalformedFrame(f"ACK received {received} below delivered {delivered}")
+    if received > MAX_POSITION:
+        raise MalformedFrame(f"ACK position {received} beyond 2**63 - 1")
     return delivered, received
 
 
@@ -263,4 +280,6 @@ def decode_nack(frame: bytes) -> int:
     _check_lane(lane)
     if expected < 1:
         raise MalformedFrame("NACK for position 0")
+    if expected > MAX_POSITION:
+        raise MalformedFrame(f"NACK for position {expected}, beyond 2**63 - 1")
     return int(expected)

@@ -27,26 +27,30 @@ from twisted.internet.defer import (
 )
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
 from ilm._config import Config
 from ilm._delivery import as_delivery
+from ilm._logging import EventLimiter
 from ilm._message import MAX_INT_ID, Message, PeerId, check_peer_id
 from ilm._session import (
     PROTOCOL_VERSION,
+    HeldTotal,
     Hello,
     InboundStream,
+    NewIncarnations,
     OutboundStream,
     resume_inbound,
     resume_outbound,
 )
-from ilm._store import CommitResult, StoreBatch, StoredState
+from ilm._store import CommitResult, StoreBatch, StoredState, batch_problems
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
+    MalformedFrame,
     MessageTooLarge,
     NotRunning,
     OutboxFull,
@@ -55,6 +59,7 @@ from ilm.errors import (
     ShutdownTimeout,
     StoreError,
     UnexpectedFrame,
+    UnknownPeer,
     UnsupportedVersion,
     WrongSource,
 )
@@ -77,6 +82,7 @@ _STOPPED = "stopped"
 _FAILED = "failed"
 
 _FRAME_TARGET = 256 * 1024
+_PEERS_SHOWN = 20
 
 
 class Receipt:
@@ -135,14 +141,19 @@ class _Peer:
         "delivery_call",
         "delivery_delay",
         "handshake_call",
+        "held",
         "hold_reported",
         "in_loop",
         "inbound",
+        "incarnations",
         "link",
         "max_message",
         "out",
         "outbox_bytes",
         "outbox_count",
+        "owed_ack",
+        "owed_hello",
+        "owed_nack",
         "paused",
         "peer_id",
         "peer_incarnation",
@@ -153,6 +164,7 @@ class _Peer:
         "retired",
         "retransmit_call",
         "retransmit_delay",
+        "sendable",
         "waiters",
     )
 
@@ -160,9 +172,25 @@ class _Peer:
         self.peer_id = peer_id
         self.out = out
         self.inbound: list[InboundStream] = []
-        self.retired: set[str] = set()
+        # Retired incarnations, oldest retirement first.
+        self.retired: dict[str, None] = {}
+        # What the streams of all its incarnations hold together.
+        self.held = HeldTotal(
+            config.window, config.window_bytes + config.max_frame_size
+        )
+        self.incarnations = NewIncarnations(
+            config.max_new_incarnations, config.new_incarnation_period
+        )
         self.link = _DOWN
         self.paused = False
+        # Whether the network said it could ever link to this peer (asked
+        # once, at the first send).
+        self.sendable = False
+        # Replies not written while the link is paused, sent on resume: an
+        # ACK, the last NACK position, a HELLO (1; 2: asking for a reply).
+        self.owed_ack = False
+        self.owed_nack = 0
+        self.owed_hello = 0
         self.hold_reported = False
         self.max_message = config.max_message_size
         self.peer_incarnation: str | None = None
@@ -184,6 +212,18 @@ class _Peer:
 
     def current_stream(self) -> InboundStream | None:
         return self.inbound[-1] if self.inbound else None
+
+    def new_stream(
+        self, incarnation: str, delivered: int, config: Config
+    ) -> InboundStream:
+        return InboundStream(
+            incarnation,
+            delivered,
+            window=config.window,
+            window_bytes=config.window_bytes,
+            max_frame_size=config.max_frame_size,
+            held=self.held,
+        )
 
     def cancel_timers(self) -> None:
         for name in (
@@ -294,6 +334,10 @@ class ILM(Service):
         self._config = config
         self._clock: IReactorTime = clock  # type: ignore[assignment]
         self._local_id: PeerId = check_peer_id(network.local_id)
+        can_link = getattr(network, "can_link", None)
+        self._can_link: Callable[[PeerId], object] | None = (
+            can_link if callable(can_link) else None
+        )
         self._incarnation = ""
         self._peers: dict[PeerId, _Peer] = {}
         self._state = _NEW
@@ -309,6 +353,9 @@ class ILM(Service):
         self._flush_due = math.inf
         self._flush_now = False
         self._store_delay = config.store_retry
+        # After a failed commit, no commit starts before this moment (the
+        # backoff), whatever asks for one.
+        self._retry_at = 0.0
         self._drain_waiters: list[Deferred[None]] = []
         self._next_commit_waiters: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
@@ -325,6 +372,9 @@ class ILM(Service):
         self._max_outbox_bytes = config.max_outbox_bytes
         self._frame_target = min(config.max_frame_size, _FRAME_TARGET)
         self._waiter_order = itertools.count()
+        # Events a peer, a failing store or a failing delivery target can make
+        # repeat: the first of each kind in full, then summaries.
+        self._limiter: EventLimiter | None = EventLimiter(log, self._clock)
 
     # -- construction and service ----------------------------------------------
 
@@ -461,6 +511,10 @@ class ILM(Service):
             exactly once, in order), or fails with a
             :class:`ilm.errors.SendRefused` subclass (nothing stored) or a
             :class:`ilm.errors.StoreError` (the store failed; nothing stored).
+            :class:`ilm.errors.UnknownPeer` (a ``SendRefused``) says the
+            network can never link to ``peer_id`` (its optional
+            ``can_link`` returned ``False``: a typo, or ``"1"`` for ``1``);
+            the network is asked once per peer, at its first send.
         :raises TypeError: if ``peer_id`` is not an ``int``/``str`` or
             ``contents`` is not bytes-like.  Every other refusal is reported
             through the returned ``Deferred``.
@@ -484,6 +538,7 @@ class ILM(Service):
         if (
             self._accepting
             and peer is not None
+            and peer.sendable
             and size <= peer.max_message
             and peer.outbox_count < self._max_outbox_messages
             and peer.outbox_bytes + size <= self._max_outbox_bytes
@@ -536,8 +591,19 @@ class ILM(Service):
         if size > config.max_message_size:
             return fail(MessageTooLarge(size, config.max_message_size))
         peer = self._peers.get(peer_id)
-        if peer is None:
-            peer = self._new_peer(peer_id)
+        if peer is None or not peer.sendable:
+            if not self._linkable(peer_id):
+                return fail(
+                    UnknownPeer(
+                        f"the network can never have a link to peer {peer_id!r} "
+                        f"(a {type(peer_id).__name__}): no key, certificate pin "
+                        f"or certificate authority could authenticate it; "
+                        f"check the peer id"
+                    )
+                )
+            if peer is None:
+                peer = self._new_peer(peer_id)
+            peer.sendable = True
         if size > peer.max_message:
             return fail(
                 MessageTooLarge(
@@ -570,6 +636,40 @@ class ILM(Service):
             self._schedule_flush(0)
         return d
 
+    def _dialled_peers(self) -> frozenset[PeerId] | None:
+        """
+        The peers the network dials, if it can tell (its optional
+        ``dialled_peers``), for the start line.
+        """
+        dialled = getattr(self._network, "dialled_peers", None)
+        if not callable(dialled):
+            return None
+        try:
+            return frozenset(dialled())
+        except Exception:
+            return None
+
+    def _linkable(self, peer_id: PeerId) -> bool:
+        """
+        Whether the network could ever link to ``peer_id`` (its optional
+        ``can_link``; a network without it can link to anyone).
+        """
+        can_link = self._can_link
+        if can_link is None:
+            return True
+        try:
+            return bool(can_link(peer_id))
+        except Exception:
+            self._limited(
+                ("internal_error", "can_link"),
+                LogLevel.critical,
+                "the network's can_link({peer_id!r}) raised; accepting the send",
+                Failure(),
+                peer_id=peer_id,
+                ilm_event="internal_error",
+            )
+            return True
+
     def _new_peer(self, peer_id: PeerId) -> _Peer:
         if peer_id == self._local_id:
             raise ValueError(f"{peer_id!r} is this node's own id")
@@ -593,7 +693,11 @@ class ILM(Service):
         whatever is pending when the earliest deadline comes goes into one
         batch, and while a commit runs, the next waits for it to finish.
         """
-        due = self._clock.seconds() + delay
+        now = self._clock.seconds()
+        due = now + delay
+        if due < self._retry_at:
+            due = self._retry_at
+            delay = due - now
         if due >= self._flush_due:
             return
         self._flush_due = due
@@ -632,6 +736,9 @@ class ILM(Service):
             peer.pending = []
             peer.pending_deferreds = []
         self._send_peers = {}
+        problems = batch_problems(batch)
+        if problems:
+            sends = self._drop_unstorable(batch, sends, problems)
         waiters, self._next_commit_waiters = self._next_commit_waiters, []
         if not batch:
             for waiter in waiters:
@@ -650,6 +757,55 @@ class ILM(Service):
         )
         d.addErrback(self._unexpected, "processing a commit")
 
+    def _drop_unstorable(
+        self,
+        batch: StoreBatch,
+        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+        problems: dict[PeerId, str],
+    ) -> list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]]:
+        """
+        Take out of ``batch`` the entries of every peer that no store could
+        hold (a position beyond ``2**63 - 1``, which the frame decoders
+        already refuse), so that one peer's entries never make the commit
+        fail for the others.  The peer's sends in it are refused and its
+        link is closed.
+
+        :return: the sends that stay in the batch.
+        """
+        kept = []
+        for entry in sends:
+            peer, _first, contents, deferreds = entry
+            if peer.peer_id not in problems:
+                kept.append(entry)
+                continue
+            peer.outbox_count -= len(contents)
+            peer.outbox_bytes -= sum(map(len, contents))
+            refusal = StoreError(
+                f"messages to {peer.peer_id!r} cannot be stored: "
+                f"{problems[peer.peer_id]} is beyond what a store holds"
+            )
+            for d in deferreds:
+                d.errback(refusal)
+        for peer_id, problem in problems.items():
+            batch.drop_peer(peer_id)
+            self._limited(
+                ("store_entry_dropped", peer_id),
+                LogLevel.error,
+                "dropped the store entries of peer {peer_id!r} before they "
+                "reached the store: {problem} cannot be stored",
+                peer_id=peer_id,
+                problem=problem,
+                ilm_event="store_entry_dropped",
+            )
+            holder = self._peers.get(peer_id)
+            if holder is not None and holder.link in (_HELLO_SENT, _READY):
+                self._violation(
+                    holder,
+                    MalformedFrame(f"{problem}: beyond what a store holds"),
+                    logged=True,
+                )
+        return kept
+
     def _committed(
         self,
         result: CommitResult,
@@ -659,6 +815,7 @@ class ILM(Service):
     ) -> None:
         self._committing = False
         self._store_delay = self._config.store_retry
+        self._retry_at = 0.0
         peers = self._peers
         if result is not None:
             for peer_id, released in result.released_bytes.items():
@@ -715,7 +872,10 @@ class ILM(Service):
                 d.errback(reason)
         delay = self._store_delay
         self._store_delay = min(delay * 2, self._config.max_store_retry)
-        log.failure(
+        self._retry_at = self._clock.seconds() + delay
+        self._limited(
+            ("store_commit_failed", type(reason.value).__name__),
+            LogLevel.critical,
             "store commit failed: {refused} message(s) refused; acknowledgements "
             "and delivery marks retried in {delay:.2f}s",
             reason,
@@ -753,7 +913,9 @@ class ILM(Service):
         first, chunk = out.take()
         if out.held_at and not peer.hold_reported:
             peer.hold_reported = True
-            log.error(
+            self._limited(
+                ("message_too_large_for_peer", peer.peer_id),
+                LogLevel.error,
                 "message {position} to {peer_id!r} is larger than the {limit} bytes "
                 "that peer accepts: its stream waits there until the peer "
                 "accepts larger messages",
@@ -773,9 +935,11 @@ class ILM(Service):
         if peer.read_call is None:
             request = out.read_request(self._config.read_batch)
             if request is not None:
-                after, limit = request
+                after, limit, max_bytes = request
                 try:
-                    d = self._backend.read_outbound(peer.peer_id, after, limit)
+                    d = self._backend.read_outbound(
+                        peer.peer_id, after, limit, max_bytes
+                    )
                 except Exception:
                     d = fail()
                 d.addCallbacks(
@@ -789,9 +953,13 @@ class ILM(Service):
     def _read_done(
         self, contents: list[bytes], peer: _Peer, after: int, limit: int
     ) -> None:
-        peer.read_delay = self._config.store_retry
         out = peer.out
         out.on_read(after, contents)
+        if contents:
+            # Only a read that returned something ends the backoff: an
+            # outbox that keeps answering nothing (a damaged or tampered
+            # store) is asked again ever more slowly.
+            peer.read_delay = self._config.store_retry
         if not contents and out.cache_end < out.stored and after >= out.acked:
             self._read_failed(
                 Failure(
@@ -826,7 +994,9 @@ class ILM(Service):
             return
         delay = peer.read_delay
         peer.read_delay = min(delay * 2, self._config.max_store_retry)
-        log.failure(
+        self._limited(
+            ("outbox_read_failed", peer.peer_id),
+            LogLevel.critical,
             "reading the outbox to {peer_id!r} failed; retrying in {delay:.2f}s",
             reason,
             peer_id=peer.peer_id,
@@ -844,7 +1014,7 @@ class ILM(Service):
         if peer.link != _READY:
             return
         out = peer.out
-        if out.retransmit():
+        if out.retransmit(self._clock.seconds(), self._config.retransmit_timeout):
             log.debug(
                 "retransmitting to {peer_id!r} from position {position}",
                 peer_id=peer.peer_id,
@@ -871,15 +1041,52 @@ class ILM(Service):
             if peer.ack_call.active():
                 peer.ack_call.cancel()
             peer.ack_call = None
+        if peer.paused:
+            # A peer that does not read gets no pile of ACKs: one, computed
+            # afresh, when the link resumes.
+            peer.owed_ack = True
+            return
         self._network.send_frames(
             peer.peer_id, [_frames.encode_ack(stream.marked, stream.received)]
         )
+
+    def _send_nack(self, peer: _Peer, position: int) -> None:
+        if peer.paused:
+            peer.owed_nack = position
+            return
+        self._network.send_frames(peer.peer_id, [_frames.encode_nack(position)])
 
     def _delayed_ack(self, peer: _Peer) -> None:
         peer.ack_call = None
         self._send_ack(peer)
 
     # -- link events -----------------------------------------------------------
+
+    def _limited(
+        self,
+        key: tuple[object, ...],
+        level: LogLevel,
+        format: str,
+        failure: Failure | None = None,
+        **fields: Any,
+    ) -> None:
+        """
+        Log an event that someone else can make repeat (a peer, the store,
+        the delivery target) through the node's :class:`EventLimiter`: the
+        first of each ``key`` in full, then a summary per minute.
+        """
+        limiter = self._limiter
+        if limiter is None:
+            if failure is not None:
+                fields["log_failure"] = failure
+            log.emit(level, format, **fields)
+        else:
+            limiter.emit(key, level, format, failure=failure, **fields)
+
+    def _stop_limiter(self) -> None:
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter.stop()
 
     def _guard(self, function: Callable[..., object], *args: object) -> None:
         """
@@ -889,9 +1096,13 @@ class ILM(Service):
         try:
             function(*args)
         except Exception:
-            log.failure(
+            name = str(getattr(function, "__name__", function))
+            self._limited(
+                ("internal_error", name),
+                LogLevel.critical,
                 "internal error in {function}",
-                function=getattr(function, "__name__", function),
+                Failure(),
+                function=name,
                 ilm_event="internal_error",
             )
 
@@ -906,8 +1117,14 @@ class ILM(Service):
         except (TypeError, ILMError):
             pid = None
         if pid is None or pid == self._local_id:
-            log.error(
-                "network reported an invalid peer id {peer_id!r}", peer_id=peer_id
+            self._limited(
+                ("internal_error", "invalid peer id"),
+                LogLevel.error,
+                "network reported a link with an invalid peer id {peer_id} "
+                "(a {peer_type})",
+                peer_id=str(peer_id),
+                peer_type=type(peer_id).__name__,
+                ilm_event="internal_error",
             )
             return None
         peer = self._peers.get(pid)
@@ -944,7 +1161,10 @@ class ILM(Service):
             reply_requested=reply_requested,
             max_message_size=self._config.max_message_size,
         )
-        self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
+        if peer.paused:
+            peer.owed_hello = max(peer.owed_hello, 2 if reply_requested else 1)
+        else:
+            self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
         if peer.link == _HELLO_SENT and peer.handshake_call is None:
             peer.handshake_call = self._later(
                 self._config.handshake_retry, self._handshake_retry, peer
@@ -965,6 +1185,9 @@ class ILM(Service):
             return
         peer.link = _DOWN
         peer.paused = False
+        peer.owed_ack = False
+        peer.owed_nack = 0
+        peer.owed_hello = 0
         peer.hold_reported = False
         peer.peer_incarnation = None
         peer.out.link_lost()
@@ -978,7 +1201,9 @@ class ILM(Service):
         log.debug(
             "link to {peer_id!r} lost: {reason}",
             peer_id=pid,
-            reason=reason.getErrorMessage() if isinstance(reason, Failure) else reason,
+            reason=(
+                reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+            ),
         )
 
     def _link_paused(self, peer_id: object) -> None:
@@ -990,6 +1215,16 @@ class ILM(Service):
         peer = self._peers.get(peer_id)  # type: ignore[call-overload]
         if peer is not None and peer.paused:
             peer.paused = False
+            if peer.owed_hello:
+                reply_requested = peer.owed_hello == 2
+                peer.owed_hello = 0
+                self._send_hello(peer, reply_requested)
+            if peer.owed_ack:
+                peer.owed_ack = False
+                self._send_ack(peer)
+            if peer.owed_nack:
+                position, peer.owed_nack = peer.owed_nack, 0
+                self._send_nack(peer, position)
             self._pump(peer)
 
     # -- frames --------------------------------------------------------------
@@ -998,9 +1233,13 @@ class ILM(Service):
         try:
             peer = self._peers.get(peer_id)  # type: ignore[call-overload]
         except TypeError:
-            log.error(
-                "network reported a frame from an invalid peer id {peer_id!r}",
-                peer_id=peer_id,
+            self._limited(
+                ("internal_error", "invalid peer id"),
+                LogLevel.error,
+                "network reported a frame from an invalid peer id {peer_id} "
+                "(a {peer_type})",
+                peer_id=str(peer_id),
+                peer_type=type(peer_id).__name__,
                 ilm_event="internal_error",
             )
             return
@@ -1021,14 +1260,20 @@ class ILM(Service):
                     self._on_ack(peer, *_frames.decode_ack(frame))
             elif kind == _frames.HELLO:
                 self._on_hello(peer, _frames.decode_hello(frame))
-            else:
-                if peer.link == _READY and peer.out.on_nack(_frames.decode_nack(frame)):
+            elif peer.link == _READY:
+                expected = _frames.decode_nack(frame)
+                if peer.out.on_nack(
+                    expected, self._clock.seconds(), self._config.retransmit_timeout
+                ):
                     self._pump(peer)
         except ProtocolViolation as violation:
             self._violation(peer, violation)
         except Exception:
-            log.failure(
+            self._limited(
+                ("internal_error", "frame", peer.peer_id),
+                LogLevel.critical,
                 "internal error handling a frame from {peer_id!r}; closing the link",
+                Failure(),
                 peer_id=peer.peer_id,
                 ilm_event="internal_error",
             )
@@ -1038,7 +1283,9 @@ class ILM(Service):
         self, peer: _Peer, violation: ProtocolViolation, logged: bool = False
     ) -> None:
         if not logged:
-            log.error(
+            self._limited(
+                ("protocol_violation", peer.peer_id),
+                LogLevel.error,
                 "closing link to {peer_id!r}: {kind}: {reason}",
                 peer_id=peer.peer_id,
                 kind=type(violation).__name__,
@@ -1074,21 +1321,19 @@ class ILM(Service):
         )
         out = peer.out
         resume_after = resume_outbound(hello, self._incarnation, out.acked, out.stored)
+        if stream is None:
+            peer.incarnations.admit(self._clock.seconds(), incarnation)
         # Decided; from here on nothing raises.
         pid = peer.peer_id
-        config = self._config
         if stream is None:
-            stream = InboundStream(
-                incarnation,
-                resume.delivered,
-                window=config.window,
-                window_bytes=config.window_bytes,
-                max_frame_size=config.max_frame_size,
-            )
+            stream = peer.new_stream(incarnation, resume.delivered, self._config)
             for old in peer.inbound:
-                peer.retired.add(old.incarnation)
+                peer.retired.pop(old.incarnation, None)
+                peer.retired[old.incarnation] = None
                 self._bookkeeping.retired.add((pid, old.incarnation))
-                log.info(
+                self._limited(
+                    ("peer_new_incarnation", pid),
+                    LogLevel.info,
                     "peer {peer_id!r} came back with a new store (incarnation "
                     "{incarnation}); its old incarnation {old} is retired",
                     peer_id=pid,
@@ -1099,12 +1344,15 @@ class ILM(Service):
             peer.inbound = [old for old in peer.inbound if old.queue]
             peer.inbound.append(stream)
             self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+            self._forget_retired(peer)
             self._schedule_flush()
         elif peer.inbound[-1] is not stream:
             peer.inbound.remove(stream)
             peer.inbound.append(stream)
         if resume.lost is not None:
-            log.critical(
+            self._limited(
+                ("messages_lost", pid),
+                LogLevel.critical,
                 "peer {peer_id!r} no longer has positions {first}..{last} of its "
                 "stream, which this node's store does not record as delivered: "
                 "this node's store lost committed data; continuing after them",
@@ -1112,6 +1360,18 @@ class ILM(Service):
                 first=resume.lost[0],
                 last=resume.lost[1],
                 ilm_event="messages_lost",
+            )
+            # The same, unlimited, at debug level: each jump of a stream,
+            # for whoever traces one (the fuzz command checks deliveries
+            # against it).
+            log.debug(
+                "stream from {peer_id!r} (incarnation {incarnation}) jumps from "
+                "{first} to {position}",
+                peer_id=pid,
+                incarnation=incarnation,
+                first=resume.lost[0],
+                position=resume.delivered,
+                ilm_event="stream_jumped",
             )
             stream.jump(resume.delivered)
             self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
@@ -1142,7 +1402,7 @@ class ILM(Service):
         stream = peer.inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
         if nack:
-            self._network.send_frames(peer.peer_id, [_frames.encode_nack(nack)])
+            self._send_nack(peer, nack)
         if acknowledge_now:
             self._send_ack(peer)
         if accepted:
@@ -1265,7 +1525,9 @@ class ILM(Service):
     def _delivery_failed(self, reason: Failure, peer: _Peer, message: Message) -> None:
         delay = peer.delivery_delay
         peer.delivery_delay = min(delay * 2, self._config.max_delivery_retry)
-        log.failure(
+        self._limited(
+            ("delivery_failed", peer.peer_id),
+            LogLevel.critical,
             "delivery of message {message_id} from {peer_id!r} failed; later "
             "messages from it wait; retrying in {delay:.2f}s",
             reason,
@@ -1299,6 +1561,24 @@ class ILM(Service):
             and peer.ack_call is None
         ):
             peer.ack_call = self._later(self._config.ack_delay, self._delayed_ack, peer)
+        if stream_now is not None and stream_now.starved:
+            self._unstarve(peer, stream_now)
+
+    def _unstarve(self, peer: _Peer, stream: InboundStream) -> None:
+        """
+        ``stream`` dropped data that did not fit in what the peer's
+        incarnations hold together: once the older streams have drained, or
+        half the budget is free, ask the peer to send it again.
+        """
+        held = stream.held
+        if len(peer.inbound) > 1 and (
+            held.messages * 2 > held.max_messages or held.bytes * 2 > held.max_bytes
+        ):
+            return
+        if peer.link != _READY or stream.incarnation != peer.peer_incarnation:
+            return
+        stream.starved = False
+        self._send_nack(peer, stream.received + 1)
 
     def _drop_drained_streams(self, peer: _Peer) -> None:
         if len(peer.inbound) > 1:
@@ -1308,6 +1588,41 @@ class ILM(Service):
                 for s in peer.inbound
                 if s is current or s.queue or s.delivered > s.marked
             ]
+            if len(peer.retired) > self._config.max_retired_incarnations:
+                self._forget_retired(peer)
+
+    def _forget_retired(self, peer: _Peer) -> None:
+        """
+        Keep at most ``max_retired_incarnations`` retired incarnations of
+        ``peer``: forget the oldest retirements (in memory, and in the store
+        with the next commit), except those whose messages are still being
+        delivered.  A forgotten incarnation that comes back is taken for a
+        new one (docs/protocol.md says what that costs).
+        """
+        excess = len(peer.retired) - self._config.max_retired_incarnations
+        if excess <= 0:
+            return
+        draining = {stream.incarnation for stream in peer.inbound}
+        bookkeeping = self._bookkeeping
+        for incarnation in list(peer.retired):
+            if excess <= 0:
+                break
+            if incarnation in draining:
+                continue
+            del peer.retired[incarnation]
+            key = (peer.peer_id, incarnation)
+            bookkeeping.retired.discard(key)
+            bookkeeping.delivered.pop(key, None)
+            bookkeeping.forgotten.add(key)
+            excess -= 1
+            log.debug(
+                "forgot the retired incarnation {incarnation} of {peer_id!r}",
+                peer_id=peer.peer_id,
+                incarnation=incarnation,
+                ilm_event="incarnation_forgotten",
+            )
+        if bookkeeping.forgotten:
+            self._schedule_flush(self._config.delete_delay)
 
     # -- start and stop --------------------------------------------------------
 
@@ -1337,17 +1652,14 @@ class ILM(Service):
         for inbound in state.inbound:
             peer = self._peers.get(inbound.peer_id) or self._new_peer(inbound.peer_id)
             if inbound.retired:
-                peer.retired.add(inbound.incarnation)
+                peer.retired[inbound.incarnation] = None
             else:
                 peer.inbound.append(
-                    InboundStream(
-                        inbound.incarnation,
-                        inbound.delivered,
-                        window=config.window,
-                        window_bytes=config.window_bytes,
-                        max_frame_size=config.max_frame_size,
-                    )
+                    peer.new_stream(inbound.incarnation, inbound.delivered, config)
                 )
+        for peer in self._peers.values():
+            # A store written with a larger limit (or by an older ILM).
+            self._forget_retired(peer)
         self._state = _RUNNING
         try:
             return self._network.start(self._events)
@@ -1365,13 +1677,25 @@ class ILM(Service):
             return
         if self._state != _RUNNING:
             return
+        stored = sorted(self._peers, key=lambda p: (type(p) is str, p))
+        dialled = self._dialled_peers()
         log.info(
-            "ILM node {local_id!r} running (incarnation {incarnation}, {peers} "
-            "known peer(s), {pending} message(s) pending)",
+            "ILM node {local_id!r} running (incarnation {incarnation}): its store "
+            "holds state for {stored_count} peer(s)"
+            + (" {stored_peers}" if stored else "")
+            + ", {pending} message(s) pending"
+            + ("; its network dials {dialled_count} peer(s)" if dialled else ""),
             local_id=self._local_id,
             incarnation=self._incarnation,
-            peers=len(self._peers),
+            stored_count=len(stored),
+            stored_peers=stored[:_PEERS_SHOWN],
             pending=sum(peer.outbox_count for peer in self._peers.values()),
+            dialled_count=len(dialled) if dialled is not None else None,
+            dialled_peers=(
+                sorted(dialled, key=lambda p: (type(p) is str, p))[:_PEERS_SHOWN]
+                if dialled is not None
+                else None
+            ),
             ilm_event="started",
         )
         self._accepting = self._shutdown_waiters is None
@@ -1389,6 +1713,7 @@ class ILM(Service):
             self._state = _FAILED
         self._start_failure = reason
         self.running = 0
+        self._stop_limiter()
         if self._start_abandoned:
             pass
         elif reason.check(StoreError, CannotListenError):
@@ -1578,6 +1903,7 @@ class ILM(Service):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        self._stop_limiter()
         stopped = NotRunning(f"ILM node {self._local_id!r} stopped")
         for peer in self._peers.values():
             peer.cancel_timers()
@@ -1604,6 +1930,7 @@ class ILM(Service):
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
+        self._stop_limiter()
 
     async def _within(
         self, d: Deferred[Any], deadline: float, quiet: bool = False

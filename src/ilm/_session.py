@@ -24,7 +24,13 @@ Receiver side (:class:`InboundStream`)
     only in order; duplicates are re-acknowledged, gaps are reported once
     (NACK) and dropped, data beyond the announced window ends the link.
     Acknowledgements carry ``marked``, so nothing is acknowledged before its
-    delivery mark is durable.
+    delivery mark is durable.  The streams from all incarnations of one peer
+    share one budget (:class:`HeldTotal`): what does not fit is dropped, as
+    if lost, and sent again by the peer.
+
+Incarnations (:class:`NewIncarnations`)
+    A peer may start only so many new streams (new incarnations) in a given
+    period; one more is refused.
 
 Resume (:func:`resume_inbound`, :func:`resume_outbound`)
     Whenever a link comes up, each side sends a :class:`Hello` and continues
@@ -37,6 +43,7 @@ Resume (:func:`resume_inbound`, :func:`resume_outbound`)
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import attr
@@ -47,6 +54,7 @@ from ilm.errors import (
     PeerStoreRegressed,
     StaleIncarnation,
     StoreBehindPeer,
+    TooManyIncarnations,
 )
 
 PROTOCOL_VERSION = 1
@@ -98,6 +106,7 @@ class OutboundStream:
         "_window",
         "_window_bytes",
         "acked",
+        "back_at",
         "held_at",
         "max_message",
         "peer_received",
@@ -129,6 +138,8 @@ class OutboundStream:
         self.reading = False
         self.max_message: int | None = None
         self.held_at = 0
+        # When the stream last went back to transmit again (NACK or timer).
+        self.back_at = -math.inf
         self._window = window
         self._window_bytes = window_bytes
         self.send_window = window
@@ -180,12 +191,14 @@ class OutboundStream:
         if self.cache_end == first - 1:
             self._append(contents)
 
-    def read_request(self, batch: int) -> tuple[int, int] | None:
+    def read_request(self, batch: int) -> tuple[int, int, int] | None:
         """
         Whether to read more contents from the store now.
 
-        :return: ``(after, limit)`` for ``IBackend.read_outbound``, or
-            ``None``.  At most one read is outstanding.
+        :return: ``(after, limit, max_bytes)`` for
+            ``IBackend.read_outbound`` (what the cache has room for, in
+            messages and in bytes), or ``None``.  At most one read is
+            outstanding.
         """
         if self.reading or not self.ready:
             return None
@@ -196,11 +209,17 @@ class OutboundStream:
         if room <= 0 or self._cache_bytes >= self._cache_bytes_limit:
             return None
         self.reading = True
-        return end, min(room, batch, self.stored - end)
+        return (
+            end,
+            min(room, batch, self.stored - end),
+            self._cache_bytes_limit - self._cache_bytes,
+        )
 
     def on_read(self, after: int, contents: list[bytes]) -> int:
         """
-        A read requested by :meth:`read_request` returned.
+        A read requested by :meth:`read_request` returned.  Everything it
+        returned fits in the cache (the request said how much room there
+        was), unless acknowledgements overtook the read.
 
         :return: the number of messages added to the cache.
         """
@@ -280,30 +299,34 @@ class OutboundStream:
         self._release(delivered)
         return newly, True
 
-    def on_nack(self, expected: int) -> bool:
+    def on_nack(self, expected: int, now: float = 0.0, interval: float = 0.0) -> bool:
         """
         The peer is missing ``expected`` (the link lost frames): transmit
-        again from there.
+        again from there, unless the stream already went back less than
+        ``interval`` seconds before ``now`` (what it sent since then is
+        recent: at most one go-back per position per retransmission
+        timeout, however many NACKs arrive).
 
         :return: whether anything will be transmitted again.
         """
         if expected - 1 > self.peer_received and expected - 1 <= self.sent:
             self.peer_received = expected - 1
-        return self._go_back(expected - 1)
+        return self._go_back(expected - 1, now, interval)
 
-    def retransmit(self) -> bool:
+    def retransmit(self, now: float = 0.0, interval: float = 0.0) -> bool:
         """
         The retransmission timer expired: transmit again everything the peer
         has not confirmed receiving.  If the peer confirmed receiving
         everything but has not acknowledged it, its acknowledgement may have
         been lost: transmit the last message again, which the peer answers
-        with an ACK at once (a duplicate).
+        with an ACK at once (a duplicate).  Like :meth:`on_nack`, not within
+        ``interval`` seconds of the last go-back.
 
         :return: whether anything will be transmitted again.
         """
         if self.peer_received < self.sent:
-            return self._go_back(self.peer_received)
-        return self._go_back(self.sent - 1)
+            return self._go_back(self.peer_received, now, interval)
+        return self._go_back(self.sent - 1, now, interval)
 
     def link_ready(
         self,
@@ -333,6 +356,7 @@ class OutboundStream:
         self.send_window_bytes = max(1, min(self._window_bytes, peer_window_bytes))
         self.max_message = peer_max_message
         self.held_at = 0
+        self.back_at = -math.inf
         return newly
 
     def link_lost(self) -> None:
@@ -396,18 +420,40 @@ class OutboundStream:
         if self.peer_received < through:
             self.peer_received = through
 
-    def _go_back(self, to: int) -> bool:
+    def _go_back(self, to: int, now: float, interval: float) -> bool:
         if not self.ready or to < self.acked or to >= self.sent:
             return False
+        if now < self.back_at + interval:
+            return False
+        self.back_at = now
         self.sent = to
         head = self._head
         self._inflight_bytes = sum(map(len, self._buf[head : head + (to - self.acked)]))
         return True
 
 
+class HeldTotal:
+    """
+    What the streams from every incarnation of one peer hold, together: at
+    most ``messages`` messages and ``bytes`` bytes (one window and one
+    frame), whatever the number of incarnations.
+    """
+
+    __slots__ = ("bytes", "max_bytes", "max_messages", "messages")
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.messages = 0
+        self.bytes = 0
+
+
 class InboundStream:
     """
     The receiver's side of the stream from one incarnation of a peer.
+
+    ``held``: the budget shared with the streams of the peer's other
+    incarnations (a budget of its own if omitted).
     """
 
     __slots__ = (
@@ -415,11 +461,13 @@ class InboundStream:
         "_window",
         "_window_bytes",
         "delivered",
+        "held",
         "held_bytes",
         "incarnation",
         "marked",
         "nacked",
         "queue",
+        "starved",
     )
 
     def __init__(
@@ -430,6 +478,7 @@ class InboundStream:
         window: int,
         window_bytes: int,
         max_frame_size: int,
+        held: HeldTotal | None = None,
     ) -> None:
         self.incarnation = incarnation
         self.marked = delivered
@@ -437,9 +486,13 @@ class InboundStream:
         self.queue: deque[bytes] = deque()
         self.held_bytes = 0
         self.nacked = 0
+        self.starved = False
         self._window = window
         self._window_bytes = window_bytes
         self._max_frame_size = max_frame_size
+        if held is None:
+            held = HeldTotal(window, window_bytes + max_frame_size)
+        self.held = held
 
     @property
     def received(self) -> int:
@@ -449,6 +502,11 @@ class InboundStream:
     def on_data(self, first: int, contents: list[bytes]) -> tuple[int, bool, int]:
         """
         Data for positions ``first``, ``first + 1``, ... arrived.
+
+        New messages that do not fit in what the peer's incarnations hold
+        together (:class:`HeldTotal`) are dropped, as a lossy link would:
+        ``starved`` is set, and the caller asks for them again (NACK) once
+        room is made.
 
         :return: ``(accepted, acknowledge_now, nack_position)``: how many new
             messages were queued for delivery, whether to send an ACK at
@@ -479,8 +537,29 @@ class InboundStream:
                 f"{self.held_bytes + size} bytes held exceeds the window of "
                 f"{self._window_bytes} bytes"
             )
+        held = self.held
+        if (
+            held.messages + len(contents) > held.max_messages
+            or held.bytes + size > held.max_bytes
+        ):
+            # Older incarnations of the peer hold part of the budget: keep
+            # what fits, drop the rest (it is sent again).
+            room = held.max_messages - held.messages
+            count = 0
+            size = 0
+            for item in contents[: max(room, 0)]:
+                if held.bytes + size + len(item) > held.max_bytes:
+                    break
+                size += len(item)
+                count += 1
+            contents = contents[:count]
+            self.starved = True
+            if not contents:
+                return 0, skip > 0, 0
         self.queue.extend(contents)
         self.held_bytes += size
+        held.messages += len(contents)
+        held.bytes += size
         self.nacked = 0
         return len(contents), skip > 0, 0
 
@@ -488,17 +567,58 @@ class InboundStream:
         """
         The head of the queue was delivered.
         """
-        self.held_bytes -= len(self.queue.popleft())
+        size = len(self.queue.popleft())
+        self.held_bytes -= size
+        held = self.held
+        held.messages -= 1
+        held.bytes -= size
         self.delivered += 1
 
     def jump(self, delivered: int) -> None:
         """
         Continue after ``delivered`` (positions the sender no longer has).
         """
+        self.held.messages -= len(self.queue)
+        self.held.bytes -= self.held_bytes
         self.queue.clear()
         self.held_bytes = 0
         self.delivered = delivered
         self.marked = max(self.marked, delivered)
+
+
+class NewIncarnations:
+    """
+    How many new incarnations (new streams) one peer may start: at most
+    ``limit`` within any ``period`` seconds.  A peer that loses its store
+    comes back once; one that keeps presenting new incarnations is flapping
+    (or hostile), and each new one costs a store record and a receive
+    window.
+    """
+
+    __slots__ = ("limit", "period", "times")
+
+    def __init__(self, limit: int, period: float) -> None:
+        self.limit = limit
+        self.period = period
+        self.times: deque[float] = deque()
+
+    def admit(self, now: float, incarnation: str) -> None:
+        """
+        Count a new incarnation starting at ``now``.
+
+        :raises TooManyIncarnations: if ``limit`` were already started in
+            the ``period`` before ``now`` (this one is then not counted).
+        """
+        times = self.times
+        while times and times[0] <= now - self.period:
+            times.popleft()
+        if len(times) >= self.limit:
+            raise TooManyIncarnations(
+                f"new incarnation {incarnation} refused: the peer already "
+                f"started {len(times)} new incarnation(s) in the last "
+                f"{self.period:g} s (at most {self.limit})"
+            )
+        times.append(now)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

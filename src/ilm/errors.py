@@ -252,6 +252,16 @@ class StaleIncarnation(ProtocolViolation):
     """
 
 
+class TooManyIncarnations(ProtocolViolation):
+    """
+    The peer presented a new incarnation (a new store) more often than
+    ``Config.max_new_incarnations`` per ``new_incarnation_period`` allows:
+    the link is refused, and the network's refusal backoff applies.  A peer
+    that lost its store once is never refused; one that comes back with a
+    new store on every link is.
+    """
+
+
 class PeerStoreRegressed(ProtocolViolation):
     """
     The peer's store is behind what this node has already received from it:
@@ -377,6 +387,7 @@ __all__ = [
     "StoreReadOnly",
     "StoreSchemaTooNew",
     "TLSHandshakeFailed",
+    "TooManyIncarnations",
     "UnexpectedFrame",
     "UnknownFrameType",
     "UnknownPeer",

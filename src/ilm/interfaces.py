@@ -94,12 +94,17 @@ class IBackend(Interface):
 
         :return: a ``Deferred`` firing with an :class:`ilm.StoredState`.  A new
             store gets a fresh random incarnation id, persisted before this
-            fires.  Fails with a :class:`ilm.errors.StoreError` subclass.
+            fires.  Each peer's retired incarnations come in the order they
+            were retired (ILM forgets the oldest first).  Fails with a
+            :class:`ilm.errors.StoreError` subclass.
         """
 
     def commit(batch: StoreBatch) -> Deferred[CommitResult]:
         """
-        Durably and atomically apply an :class:`ilm.StoreBatch`.
+        Durably and atomically apply an :class:`ilm.StoreBatch` (its
+        ``forgotten`` records are deleted before its marks and retirements
+        apply).  Check it first with :func:`ilm._store.check_batch`, as the
+        bundled backends do: a batch that fails the check applies nothing.
 
         :return: a ``Deferred`` firing with an :class:`ilm.CommitResult` once
             the batch is durable, or failing with a
@@ -108,14 +113,26 @@ class IBackend(Interface):
             refuses further commits until reopened).
         """
 
-    def read_outbound(peer_id: PeerId, after: int, limit: int) -> Deferred[list[bytes]]:
+    def read_outbound(
+        peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> Deferred[list[bytes]]:
         """
         Read stored outbound messages to ``peer_id``.
 
-        :return: a ``Deferred`` firing with a list of at most ``limit``
-            ``bytes``: the contents at positions ``after + 1``, ``after + 2``,
-            ... in order, stopping early at the end of the outbox.  Positions
-            at or below the peer's acknowledged point are not returned.
+        ILM asks for what its cache has room for, and keeps all it gets:
+        a backend should not read (from disk, over a network) contents it
+        will not return, so that what a backlog costs to read is what is
+        sent.
+
+        :return: a ``Deferred`` firing with a list of ``bytes``: the
+            contents at positions ``after + 1``, ``after + 2``, ... in order,
+            at most ``limit`` of them and at most ``max_bytes`` bytes of
+            contents in all, except that the first is returned whatever its
+            size (so a message larger than ``max_bytes`` is read alone);
+            stopping early at the end of the outbox.  Positions at or below
+            the peer's acknowledged point are not returned.
+            (:func:`ilm._store.within_bytes` applies the byte limit to a
+            list.)
         """
 
     def close() -> Deferred[None]:
@@ -152,8 +169,10 @@ class IFrameReceiver(Interface):
 
     def link_paused(peer_id: PeerId) -> None:
         """
-        The link to ``peer_id`` cannot take more data for now; ILM stops
-        sending to it until ``link_resumed``.
+        The link to ``peer_id`` cannot take more data for now; ILM writes
+        nothing more to it until ``link_resumed`` (neither data nor
+        replies: it keeps at most one ACK, NACK and HELLO it owes, and
+        sends them on resume).
         """
 
     def link_resumed(peer_id: PeerId) -> None:
@@ -180,6 +199,10 @@ class INetwork(Interface):
     # bool``: ILM then refuses sends to a peer for which it returns ``False``
     # with :class:`ilm.errors.UnknownPeer` instead of storing them forever.
     # Networks where any peer may appear later omit it (or return ``True``).
+    #
+    # A network that dials a fixed set of peers may also expose
+    # ``dialled_peers() -> frozenset[PeerId]``: ILM's start line then says
+    # how many it dials (the network logs who and where).
 
     def start(receiver: IFrameReceiver) -> Deferred[None] | None:
         """

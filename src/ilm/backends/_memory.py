@@ -21,6 +21,9 @@ from ilm._store import (
     OutboundRecord,
     StoreBatch,
     StoredState,
+    check_batch,
+    retirement_order,
+    within_bytes,
 )
 from ilm.errors import StoreError
 from ilm.interfaces import IBackend
@@ -75,22 +78,12 @@ class InMemoryStorage:
             (nothing is applied).
         """
         outboxes = self.outboxes
-        for peer_id, (first, _contents) in batch.messages.items():
+
+        def last_position(peer_id: PeerId) -> int:
             box = outboxes.get(peer_id)
-            last = box.last if box is not None else 0
-            if first != last + 1:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: batch starts at {first}, "
-                    f"store ends at {last}"
-                )
-        for peer_id, position in batch.acked.items():
-            box = outboxes.get(peer_id)
-            last = box.last if box is not None else 0
-            added = len(batch.messages.get(peer_id, (0, []))[1])
-            if position > last + added:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: acknowledgement {position} beyond {last}"
-                )
+            return box.last if box is not None else 0
+
+        check_batch(batch, last_position)
         for peer_id, (_first, contents) in batch.messages.items():
             box = outboxes.get(peer_id)
             if box is None:
@@ -116,6 +109,8 @@ class InMemoryStorage:
             box.bytes -= freed
             released[peer_id] = freed
         inbound = self.inbound
+        for key in batch.forgotten:
+            inbound.pop(key, None)
         for (peer_id, incarnation), delivered in batch.delivered.items():
             old = inbound.get((peer_id, incarnation))
             if old is None:
@@ -126,15 +121,21 @@ class InMemoryStorage:
                 inbound[(peer_id, incarnation)] = InboundRecord(
                     peer_id, incarnation, delivered, old.retired
                 )
-        for peer_id, incarnation in batch.retired:
+        for peer_id, incarnation in sorted(batch.retired, key=retirement_order):
             old = inbound.get((peer_id, incarnation))
+            if old is not None and old.retired:
+                continue
+            # Moved to the end: the dict keeps the order of retirements.
+            inbound.pop((peer_id, incarnation), None)
             inbound[(peer_id, incarnation)] = InboundRecord(
                 peer_id, incarnation, old.delivered if old is not None else 0, True
             )
         self.commits += 1
         return CommitResult(released)
 
-    def read(self, peer_id: PeerId, after: int, limit: int) -> list[bytes]:
+    def read(
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> list[bytes]:
         box = self.outboxes.get(peer_id)
         if box is None:
             return []
@@ -144,7 +145,7 @@ class InMemoryStorage:
                 f"below acknowledged {box.acked}"
             )
         start = box.head + (after - box.acked)
-        return box.buf[start : start + limit]
+        return within_bytes(box.buf[start : start + limit], max_bytes)
 
 
 @implementer(IBackend)
@@ -174,12 +175,12 @@ class InMemoryBackend:
             return fail()
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
         if self.closed:
             return fail(StoreError("the store is closed"))
         try:
-            return succeed(self.storage.read(peer_id, after, limit))
+            return succeed(self.storage.read(peer_id, after, limit, max_bytes))
         except StoreError:
             return fail()
 

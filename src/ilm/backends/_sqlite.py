@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import sqlite3
 import time
@@ -38,15 +39,20 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ilm._message import PeerId
+from ilm._message import PeerId, check_peer_id
 from ilm._store import (
+    MAX_POSITION,
     CommitResult,
     InboundRecord,
     OutboundRecord,
     StoreBatch,
     StoredState,
+    check_batch,
+    retirement_order,
+    valid_incarnation,
 )
 from ilm.errors import (
+    ILMError,
     StoreCorrupt,
     StoreError,
     StoreFull,
@@ -61,7 +67,7 @@ log = Logger(namespace="ilm.backends.sqlite")
 
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this version of ILM writes."""
 
 APPLICATION_ID = 0x494C4D31
@@ -129,6 +135,18 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _add_retired_order(conn: sqlite3.Connection) -> None:
+    """
+    Version 1 to 2: ``inbound.retired_seq``, the order in which incarnations
+    were retired (1, 2, 3, ... across the store; 0 for current ones, and for
+    the retirements of version 1, whose order is unknown), so that the
+    oldest retired records can be forgotten first.
+    """
+    conn.execute(
+        "ALTER TABLE inbound ADD COLUMN retired_seq INTEGER NOT NULL DEFAULT 0"
+    )
+
+
 def run_statements(conn: sqlite3.Connection, script: str) -> None:
     """
     Run the ``;``-separated statements of ``script`` (which holds no ``;``
@@ -140,30 +158,97 @@ def run_statements(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
-MIGRATIONS: Mapping[int, Migration] = {0: _create_v1}
+MIGRATIONS: Mapping[int, Migration] = {0: _create_v1, 1: _add_retired_order}
 """``MIGRATIONS[v]`` takes a store from schema version ``v`` to ``v + 1``."""
 
 
-def schema_version(conn: sqlite3.Connection) -> int:
+SchemaObject = tuple[str, str, str, str | None]
+"""An entry of ``sqlite_master``: type, name, table, SQL (whitespace folded)."""
+
+
+def schema_objects(conn: sqlite3.Connection) -> set[SchemaObject]:
+    """
+    :return: every object of the database's schema (tables, indexes,
+        triggers, views), except the statistics tables of ``ANALYZE``.
+    """
+    return {
+        (kind, name, table, " ".join(sql.split()) if sql is not None else None)
+        for kind, name, table, sql in conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master"
+        )
+        if not name.startswith("sqlite_stat")
+    }
+
+
+_EXPECTED: dict[int, frozenset[SchemaObject]] = {}
+
+
+def expected_objects(
+    version: int, migrations: Mapping[int, Migration] = MIGRATIONS
+) -> frozenset[SchemaObject]:
+    """
+    :return: the schema objects ILM creates for ``version``: those of a
+        scratch database taken there by ``migrations``.
+    """
+    cached = _EXPECTED.get(version) if migrations is MIGRATIONS else None
+    if cached is not None:
+        return cached
+    scratch = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for step in range(version):
+            migrations[step](scratch)
+        objects = frozenset(schema_objects(scratch))
+    finally:
+        scratch.close()
+    if migrations is MIGRATIONS:
+        _EXPECTED[version] = objects
+    return objects
+
+
+def schema_version(
+    conn: sqlite3.Connection,
+    path: str = "the database",
+    migrations: Mapping[int, Migration] = MIGRATIONS,
+    *,
+    complete: bool = True,
+) -> int:
     """
     :return: the schema version of the open database: 0 for an empty one.
-    :raises StoreCorrupt: if it holds tables but is not an ILM store.
+    :raises StoreCorrupt: if it holds anything but is not an ILM store, or
+        holds objects (tables, indexes, triggers, views) that ILM did not
+        create: a trigger can delete or change what ILM writes; or (unless
+        ``complete`` is false) lacks some that ILM created.
+    :raises StoreSchemaTooNew: if it is an ILM store newer than this ILM.
     """
-    tables = {
-        name
-        for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'"
-        )
-    }
-    if not tables:
+    objects = schema_objects(conn)
+    if not objects:
         return 0
     (application_id,) = conn.execute("PRAGMA application_id").fetchone()
+    tables = {name for kind, name, _, _ in objects if kind == "table"}
     if "ilm_schema" not in tables or application_id != APPLICATION_ID:
-        raise StoreCorrupt("the file is an SQLite database but not an ILM store")
+        raise StoreCorrupt(
+            f"{path} is an SQLite database but not an ILM store (application id "
+            f"0x{application_id & 0xFFFFFFFF:08x}, tables "
+            f"{', '.join(sorted(tables)) or 'none'}); it was not modified"
+        )
     row = conn.execute("SELECT version FROM ilm_schema").fetchone()
     if row is None or type(row[0]) is not int or row[0] < 0:
-        raise StoreCorrupt(f"the store's schema version is unreadable: {row!r}")
+        raise StoreCorrupt(f"{path}: the store's schema version is unreadable: {row!r}")
     version: int = row[0]
+    if version > SCHEMA_VERSION or version > max(migrations, default=-1) + 1:
+        raise StoreSchemaTooNew(version, SCHEMA_VERSION)
+    expected = expected_objects(version, migrations)
+    extra = objects - expected
+    missing = expected - objects if complete else set()
+    if extra or missing:
+        names = sorted(f"{kind} {name!r}" for kind, name, _, _ in extra)
+        gone = sorted(f"{kind} {name!r}" for kind, name, _, _ in missing)
+        raise StoreCorrupt(
+            f"{path}: the schema is not what ILM created for version {version}"
+            + (f"; objects ILM did not create: {', '.join(names)}" if names else "")
+            + (f"; missing or altered: {', '.join(gone)}" if gone else "")
+            + "; refusing to use it (nothing was written)"
+        )
     return version
 
 
@@ -171,11 +256,14 @@ def migrate(
     conn: sqlite3.Connection,
     migrations: Mapping[int, Migration] = MIGRATIONS,
     target: int = SCHEMA_VERSION,
+    path: str = "the database",
 ) -> tuple[int, int]:
     """
     Bring the schema of ``conn`` (in autocommit mode) up to ``target``, in
     one transaction: either every step applies or none does.  A new store
-    also gets its incarnation in that transaction.
+    also gets its incarnation in that transaction.  The schema found is
+    checked first (:func:`schema_version`): nothing is written to a
+    database that is not an ILM store or holds objects ILM did not create.
 
     :return: ``(version found, version now)``.
     :raises StoreSchemaTooNew: if the store is newer than ``target``.
@@ -183,7 +271,10 @@ def migrate(
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        found = version = schema_version(conn)
+        try:
+            found = version = schema_version(conn, path, migrations)
+        except StoreSchemaTooNew as e:
+            raise StoreSchemaTooNew(e.found, target) from None
         if version > target:
             raise StoreSchemaTooNew(version, target)
         while version < target:
@@ -215,12 +306,27 @@ def _encode_peer(peer_id: PeerId) -> int | bytes:
     return str(peer_id).encode("utf-8", "surrogatepass")
 
 
-def _decode_peer(value: object) -> PeerId:
+def _decode_peer(value: object, bad: Callable[[str], StoreCorrupt]) -> PeerId:
+    """
+    A peer id as stored (an INTEGER, or the UTF-8 bytes of a ``str``),
+    checked like any peer id.
+
+    :param bad: makes the error, naming the file and the row.
+    """
+    candidate: object
     if type(value) is int:
-        return value
-    if type(value) is bytes:
-        return value.decode("utf-8", "surrogatepass")
-    raise StoreCorrupt(f"peer id of unexpected type {type(value).__name__}")
+        candidate = value
+    elif type(value) is bytes:
+        try:
+            candidate = value.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise bad(f"peer id {value!r} is not UTF-8") from None
+    else:
+        raise bad(f"peer id of unexpected type {type(value).__name__}")
+    try:
+        return check_peer_id(candidate)
+    except (TypeError, ILMError) as e:
+        raise bad(f"peer id {candidate!r} is not a valid peer id: {e}") from None
 
 
 # -- errors ------------------------------------------------------------------------
@@ -289,10 +395,21 @@ _MARK = (
     "SET delivered = excluded.delivered WHERE excluded.delivered > delivered"
 )
 _RETIRE = (
-    "INSERT INTO inbound (peer_key, incarnation, delivered, retired) "
-    "VALUES (?, ?, 0, 1) ON CONFLICT (peer_key, incarnation) DO UPDATE "
-    "SET retired = 1"
+    "INSERT INTO inbound (peer_key, incarnation, delivered, retired, retired_seq) "
+    "VALUES (?, ?, 0, 1, (SELECT coalesce(max(retired_seq), 0) + 1 FROM inbound)) "
+    "ON CONFLICT (peer_key, incarnation) DO UPDATE "
+    "SET retired = 1, retired_seq = excluded.retired_seq WHERE NOT retired"
 )
+_FORGET = "DELETE FROM inbound WHERE peer_key = ? AND incarnation = ?"
+_READ_LENGTHS = (
+    "SELECT length(contents) FROM outbox WHERE peer_key = ? AND position > ? "
+    "ORDER BY position LIMIT ?"
+)
+"""
+The sizes of the next messages, to decide how many to read: ``length()`` of
+a BLOB comes from the record header, without reading the contents (nor the
+overflow pages of a large one).
+"""
 _READ_OUTBOX = (
     "SELECT position, contents FROM outbox WHERE peer_key = ? AND position > ? "
     "ORDER BY position LIMIT ?"
@@ -314,7 +431,7 @@ class _Lock:
     def acquire(self) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags, 0o600)
         except OSError as e:
             raise store_error(e, self.path, "cannot create the lock file") from e
         try:
@@ -380,6 +497,48 @@ def _check_file(path: str) -> bool:
     return bool(header)
 
 
+def _check_untouched(path: str) -> None:
+    """
+    Check the existing database at ``path`` without changing anything: read
+    its main file alone (``immutable``: no lock, no journal, no WAL or
+    shared-memory file is created or read) and refuse it if it is not an
+    ILM store, holds objects ILM did not create, or is newer than this ILM.
+
+    What only a write-ahead log holds (the last commits of a node that
+    crashed) is not seen here, and the main file alone may not even read
+    (a checkpoint that was interrupted): only what the main file shows
+    for sure refuses the store here; anything else is left to
+    :func:`migrate`, which checks again under the lock, before writing.
+    """
+    from urllib.parse import quote
+
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return
+    try:
+        schema_version(conn, path, complete=False)
+    except sqlite3.Error:
+        return
+    finally:
+        conn.close()
+
+
+def _create_private(path: str) -> None:
+    """
+    Create the (empty) database file readable and writable by its owner
+    only; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    except OSError as e:
+        raise store_error(e, path, "cannot create") from e
+    os.close(fd)
+
+
 def _sync_directory(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -394,61 +553,117 @@ class _Loaded:
     state: StoredState
     keys: dict[PeerId, int]
     outbound: dict[int, tuple[int, int, int]]
+    # For inspection: per peer key, the time (ms) its oldest pending message
+    # was stored.
+    oldest: dict[int, int | None] = attr.ib(factory=dict)
 
 
-def _load(conn: sqlite3.Connection) -> _Loaded:
+def _position(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_POSITION
+
+
+def _load(
+    conn: sqlite3.Connection,
+    path: str,
+    oldest: bool = False,
+    version: int = SCHEMA_VERSION,
+) -> _Loaded:
     """
-    Read everything but the outbox, in one read transaction, checking what
-    can be checked cheaply.
+    Read everything but the outbox (in the current transaction, or one of
+    its own), checking every value it returns: a row that a damaged or
+    tampered store could hold and that ILM would misread is a
+    :class:`StoreCorrupt` naming the file and the row.
+
+    :param oldest: also look up when each outbox's oldest message was
+        stored (for ``ilm inspect``).
+    :param version: the schema version of the store (``ilm inspect`` reads
+        older ones as they are).
     """
-    conn.execute("BEGIN")
+    by_retirement = "retired_seq, " if version >= 2 else ""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
     try:
+
+        def bad(where: str, what: str) -> StoreCorrupt:
+            return StoreCorrupt(f"{path}: {where}: {what}")
+
         row = conn.execute(
             "SELECT value FROM ilm_meta WHERE key = 'incarnation'"
         ).fetchone()
-        if row is None or type(row[0]) is not str or len(row[0]) != 32:
-            raise StoreCorrupt(f"the store's incarnation is missing or bad: {row!r}")
+        if row is None or not valid_incarnation(row[0]):
+            raise bad(
+                "table ilm_meta, row 'incarnation'",
+                f"the store's incarnation is missing or not 32 hex digits: {row!r}",
+            )
         incarnation: str = row[0]
         ids: dict[int, PeerId] = {}
         for key, value in conn.execute("SELECT peer_key, peer_id FROM peer"):
-            ids[key] = _decode_peer(value)
+            ids[key] = _decode_peer(
+                value, functools.partial(bad, f"table peer, row with peer_key {key!r}")
+            )
         outbound: dict[int, tuple[int, int, int]] = {}
         records = []
+        stored_at: dict[int, int | None] = {}
         for key, acked, last, pending in conn.execute(
             "SELECT peer_key, acked, last_position, pending_bytes FROM outbound "
             "ORDER BY peer_key"
         ):
-            if key not in ids or not 0 <= acked <= last or pending < 0:
-                raise StoreCorrupt(
-                    f"bad outbound record {(key, acked, last, pending)!r}"
+            if (
+                key not in ids
+                or not (_position(acked) and _position(last) and acked <= last)
+                or type(pending) is not int
+                or pending < 0
+            ):
+                raise bad(
+                    f"table outbound, row with peer_key {key!r}",
+                    f"bad outbound record {(key, acked, last, pending)!r}",
                 )
             first, final = conn.execute(
                 "SELECT min(position), max(position) FROM outbox WHERE peer_key = ?",
                 (key,),
             ).fetchone()
             if (first, final) != ((acked + 1, last) if last > acked else (None, None)):
-                raise StoreCorrupt(
-                    f"the outbox to {ids[key]!r} holds positions {first}..{final}, "
-                    f"but its state says {acked + 1}..{last}"
+                raise bad(
+                    f"table outbox, peer {ids[key]!r}",
+                    f"the outbox holds positions {first}..{final}, but its state "
+                    f"says {acked + 1}..{last}",
                 )
             outbound[key] = (acked, last, pending)
             records.append(OutboundRecord(ids[key], acked, last, pending))
+            if oldest:
+                found = conn.execute(
+                    "SELECT stored_at FROM outbox WHERE peer_key = ? "
+                    "ORDER BY position LIMIT 1",
+                    (key,),
+                ).fetchone()
+                stored_at[key] = None if found is None else found[0]
         marks = []
         for key, peer_incarnation, delivered, retired in conn.execute(
             "SELECT peer_key, incarnation, delivered, retired FROM inbound "
-            "ORDER BY peer_key, retired DESC, incarnation"
+            f"ORDER BY peer_key, retired DESC, {by_retirement}incarnation"
         ):
-            if key not in ids or delivered < 0:
-                raise StoreCorrupt(f"bad delivery mark {(key, delivered)!r}")
+            where = (
+                f"table inbound, row (peer_key {key!r}, incarnation "
+                f"{peer_incarnation!r})"
+            )
+            if key not in ids:
+                raise bad(where, f"no peer with peer_key {key!r}")
+            if not valid_incarnation(peer_incarnation):
+                raise bad(where, "the incarnation is not 32 lowercase hex digits")
+            if not _position(delivered) or retired not in (0, 1):
+                raise bad(where, f"bad delivery mark {(delivered, retired)!r}")
             marks.append(
                 InboundRecord(ids[key], peer_incarnation, delivered, bool(retired))
             )
     finally:
-        conn.execute("COMMIT")
+        if own:
+            conn.execute("COMMIT")
     return _Loaded(
         StoredState(incarnation, tuple(records), tuple(marks)),
         {peer_id: key for key, peer_id in ids.items()},
         outbound,
+        stored_at,
     )
 
 
@@ -505,6 +720,13 @@ class SQLiteBackend:
         # pending bytes), as of the last successful commit.
         self._keys: dict[PeerId, int] = {}
         self._outbound: dict[int, tuple[int, int, int]] = {}
+        # Written by the writer thread, read by the reader: per peer key,
+        # the largest message stored since the store was opened, and the
+        # last position before that (the sizes of older messages are not
+        # known without reading them).  A read whose messages all fit
+        # needs no look-up of their sizes.
+        self._largest: dict[int, int] = {}
+        self._sized_after: dict[int, int] = {}
         self.schema_version = 0
 
     def __repr__(self) -> str:
@@ -607,15 +829,16 @@ class SQLiteBackend:
         return self._on_writer(self._commit, batch)
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
         """
         Read stored messages to ``peer_id`` after position ``after``; see
-        :meth:`ilm.interfaces.IBackend.read_outbound`.
+        :meth:`ilm.interfaces.IBackend.read_outbound`.  The sizes are looked
+        up first, so no message is read that is not returned.
         """
         if not self._open or self._closing is not None:
             return fail(StoreError("the store is closed"))
-        return self._on_reader(self._read, peer_id, after, limit)
+        return self._on_reader(self._read, peer_id, after, limit, max_bytes)
 
     def close(self) -> Deferred[None]:
         """
@@ -663,13 +886,13 @@ class SQLiteBackend:
 
     # -- on the writer thread ----------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, cached_statements: int = 64) -> sqlite3.Connection:
         return sqlite3.connect(
             self.path,
             isolation_level=None,
             check_same_thread=False,
             timeout=10.0,
-            cached_statements=64,
+            cached_statements=cached_statements,
         )
 
     def _apply_max_size(self) -> None:
@@ -683,19 +906,32 @@ class SQLiteBackend:
         path = self.path
         try:
             _check_directory(path)
-            self._lock.acquire()
             existed = _check_file(path)
-            conn = self._writer = self._connect()
+            if existed:
+                # Before anything is created or changed (the lock file, the
+                # WAL switch): a file that is not an ILM store, or one with
+                # objects ILM did not create, is refused untouched.
+                _check_untouched(path)
+            self._lock.acquire()
+            if not os.path.exists(path):
+                _create_private(path)
+            # No statement cache on the writer: a cached statement keeps the
+            # values last bound to it, and each commit's outbox insert has
+            # its own text (its time and peer key are literals), so 64 of
+            # them held up to 64 messages (64 MiB of 1 MiB messages).
+            # Preparing the few statements of a commit costs microseconds
+            # next to its fsync.
+            conn = self._writer = self._connect(cached_statements=0)
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StoreError(f"cannot put {path} in WAL mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self._apply_max_size()
-            found, version = migrate(conn)
+            found, version = migrate(conn, path=path)
             if not existed:
                 _sync_directory(path)
-            loaded = _load(conn)
+            loaded = _load(conn, path)
         except BaseException as e:
             raise store_error(e, path, "cannot open") from e
         if found != version:
@@ -709,6 +945,8 @@ class SQLiteBackend:
         self.schema_version = version
         self._keys = loaded.keys
         self._outbound = loaded.outbound
+        self._largest = {}
+        self._sized_after = {key: last for key, (_, last, _) in loaded.outbound.items()}
         self._broken = None
         return loaded.state
 
@@ -716,7 +954,7 @@ class SQLiteBackend:
         conn = self._writer
         assert conn is not None
         try:
-            loaded = _load(conn)
+            loaded = _load(conn, self.path)
         except BaseException as e:
             raise store_error(e, self.path, "cannot read") from e
         self._keys = loaded.keys
@@ -746,27 +984,18 @@ class SQLiteBackend:
         keys = self._keys
         outbound = self._outbound
         empty = (0, 0, 0)
-        # Check first, as the in-memory backend does: a bad batch applies
-        # nothing and leaves the store usable.
-        for peer_id, (first, _contents) in batch.messages.items():
+        # Check first, as every backend does: a bad batch applies nothing and
+        # leaves the store usable.
+
+        def last_position(peer_id: PeerId) -> int:
             key = keys.get(peer_id)
-            last = outbound.get(key, empty)[1] if key is not None else 0
-            if first != last + 1:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: batch starts at {first}, "
-                    f"store ends at {last}"
-                )
-        for peer_id, position in batch.acked.items():
-            key = keys.get(peer_id)
-            last = outbound.get(key, empty)[1] if key is not None else 0
-            added = len(batch.messages.get(peer_id, (0, []))[1])
-            if position > last + added:
-                raise StoreError(
-                    f"outbox to {peer_id!r}: acknowledgement {position} beyond {last}"
-                )
+            return outbound.get(key, empty)[1] if key is not None else 0
+
+        check_batch(batch, last_position)
         new_keys: dict[PeerId, int] = {}
         changed: dict[int, tuple[int, int, int]] = {}
         released: dict[PeerId, int] = {}
+        largest: dict[int, int] = {}
         execute = conn.execute
         try:
             execute("BEGIN IMMEDIATE")
@@ -784,6 +1013,8 @@ class SQLiteBackend:
                         last + len(contents),
                         pending + sum(map(len, contents)),
                     )
+                    if contents:
+                        largest[key] = max(map(len, contents))
             for peer_id, position in batch.acked.items():
                 key = self._key(peer_id, new_keys)
                 acked, last, pending = changed.get(key) or outbound.get(key, empty)
@@ -800,6 +1031,14 @@ class SQLiteBackend:
                     _SAVE_OUTBOUND,
                     [(key, *values) for key, values in changed.items()],
                 )
+            if batch.forgotten:
+                conn.executemany(
+                    _FORGET,
+                    [
+                        (self._key(peer_id, new_keys), incarnation)
+                        for peer_id, incarnation in batch.forgotten
+                    ],
+                )
             if batch.delivered:
                 conn.executemany(
                     _MARK,
@@ -813,7 +1052,9 @@ class SQLiteBackend:
                     _RETIRE,
                     [
                         (self._key(peer_id, new_keys), incarnation)
-                        for peer_id, incarnation in batch.retired
+                        for peer_id, incarnation in sorted(
+                            batch.retired, key=retirement_order
+                        )
                     ],
                 )
         except BaseException as e:
@@ -849,6 +1090,9 @@ class SQLiteBackend:
             raise error from e
         keys.update(new_keys)
         outbound.update(changed)
+        for key, size in largest.items():
+            if size > self._largest.get(key, -1):
+                self._largest[key] = size
         return CommitResult(released)
 
     @staticmethod
@@ -877,7 +1121,9 @@ class SQLiteBackend:
             raise store_error(e, self.path, "cannot open") from e
         return state
 
-    def _read(self, peer_id: PeerId, after: int, limit: int) -> list[bytes]:
+    def _read(
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
+    ) -> list[bytes]:
         conn = self._reader
         assert conn is not None
         try:
@@ -896,7 +1142,24 @@ class SQLiteBackend:
                         f"outbox to {peer_id!r}: read after {after}, "
                         f"below acknowledged {acked}"
                     )
-                rows = conn.execute(_READ_OUTBOX, (key, after, limit)).fetchall()
+                largest = self._largest.get(key)
+                if (
+                    largest is not None
+                    and after >= self._sized_after.get(key, 0)
+                    and largest * limit <= max_bytes
+                ):
+                    # Stored since the store was opened, none larger than
+                    # ``largest``: all ``limit`` fit.
+                    count = limit
+                else:
+                    count = 0
+                    total = 0
+                    for (size,) in conn.execute(_READ_LENGTHS, (key, after, limit)):
+                        total += size
+                        if total > max_bytes and count:
+                            break
+                        count += 1
+                rows = conn.execute(_READ_OUTBOX, (key, after, count)).fetchall()
             finally:
                 conn.execute("COMMIT")
         except BaseException as e:
@@ -938,6 +1201,73 @@ class OutboxReport:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class LockHolder:
+    """
+    Whether a live process holds a store (its ``PATH-lock``): ``held`` is
+    ``None`` when that cannot be told; ``pid`` is the holder's process id
+    when known.
+    """
+
+    held: bool | None
+    pid: int | None = None
+
+
+def lock_holder(path: str | os.PathLike[str]) -> LockHolder:
+    """
+    Tell whether a live process holds the store at ``path``, without taking
+    or disturbing its lock (a node may be starting at that moment): on
+    Linux from ``/proc/locks``, which names the holding process.  Elsewhere
+    the lock is tried, shared and released at once (a node that starts in
+    that instant would find the store locked and fail).
+    """
+    lock = os.fspath(path) + "-lock"
+    try:
+        st = os.stat(lock)
+    except FileNotFoundError:
+        return LockHolder(False)
+    except OSError:
+        return LockHolder(None)
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return _probe_lock(lock)
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or "->" in fields:
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            where = (int(major, 16), int(minor, 16), int(inode))
+            pid = int(fields[4])
+        except ValueError:
+            continue
+        if where == wanted:
+            return LockHolder(True, pid)
+    return LockHolder(False)
+
+
+def _probe_lock(lock: str) -> LockHolder:
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return LockHolder(None)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return LockHolder(None)
+            holder = os.pread(fd, 32, 0).strip()
+            return LockHolder(True, int(holder) if holder.isdigit() else None)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return LockHolder(False)
+    finally:
+        os.close(fd)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class StoreReport:
     """
     A read-only snapshot of a store, for ``ilm inspect``.
@@ -948,15 +1278,18 @@ class StoreReport:
     incarnation: str
     outbound: tuple[OutboxReport, ...]
     inbound: tuple[InboundRecord, ...]
+    holder: LockHolder = attr.ib(factory=lambda: LockHolder(None))
 
 
 def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
     """
     Read a store without locking it or changing it (it may belong to a
-    running node): one consistent snapshot.
+    running node): one consistent snapshot, every value checked as when a
+    node opens it, and whether a live process holds it.
 
     :raises StoreError: no store at ``path``;
-        :class:`ilm.errors.StoreCorrupt`: not an ILM store;
+        :class:`ilm.errors.StoreCorrupt`: not an ILM store, objects ILM did
+        not create, a bad row;
         :class:`ilm.errors.StoreSchemaTooNew`: written by a newer ILM.
     """
     path = os.fspath(path)
@@ -965,6 +1298,12 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
     with open(path, "rb") as f:
         if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
             raise StoreCorrupt(f"{path} is not an SQLite database, not an ILM store")
+    holder = lock_holder(path)
+    if not holder.held:
+        # Nobody writes it: check the main file alone first, so that a
+        # foreign database is not touched (a read-only connection to a WAL
+        # database may create its -shm file).
+        _check_untouched(path)
     from urllib.parse import quote
 
     uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
@@ -974,53 +1313,89 @@ def inspect_store(path: str | os.PathLike[str]) -> StoreReport:
         raise store_error(e, path, "cannot open") from e
     try:
         conn.execute("BEGIN")
-        version = schema_version(conn)
+        version = schema_version(conn, path)
         if version == 0:
             raise StoreError(f"{path} is an empty database, not yet an ILM store")
-        if version > SCHEMA_VERSION:
-            raise StoreSchemaTooNew(version, SCHEMA_VERSION)
-        loaded = _load_for_inspection(conn)
+        loaded = _load(conn, path, oldest=True, version=version)
         conn.execute("COMMIT")
     except BaseException as e:
         raise store_error(e, path, "cannot inspect") from e
     finally:
         conn.close()
-    incarnation, outbound, inbound = loaded
-    return StoreReport(path, version, incarnation, outbound, inbound)
-
-
-def _load_for_inspection(
-    conn: sqlite3.Connection,
-) -> tuple[str, tuple[OutboxReport, ...], tuple[InboundRecord, ...]]:
-    row = conn.execute(
-        "SELECT value FROM ilm_meta WHERE key = 'incarnation'"
-    ).fetchone()
-    if row is None:
-        raise StoreCorrupt("the store has no incarnation")
-    ids = {key: _decode_peer(v) for key, v in conn.execute("SELECT * FROM peer")}
     outbound = []
-    for key, acked, last, pending in conn.execute(
-        "SELECT peer_key, acked, last_position, pending_bytes FROM outbound "
-        "ORDER BY peer_key"
-    ).fetchall():
-        oldest = conn.execute(
-            "SELECT stored_at FROM outbox WHERE peer_key = ? ORDER BY position LIMIT 1",
-            (key,),
-        ).fetchone()
+    for record in loaded.state.outbound:
+        stamp = loaded.oldest.get(loaded.keys[record.peer_id])
         outbound.append(
             OutboxReport(
-                ids[key],
-                acked,
-                last,
-                pending,
-                None if oldest is None else oldest[0] / 1000,
+                record.peer_id,
+                record.acked,
+                record.last_position,
+                record.pending_bytes,
+                None if stamp is None else stamp / 1000,
             )
         )
-    inbound = tuple(
-        InboundRecord(ids[key], incarnation, delivered, bool(retired))
-        for key, incarnation, delivered, retired in conn.execute(
-            "SELECT peer_key, incarnation, delivered, retired FROM inbound "
-            "ORDER BY peer_key, retired DESC, incarnation"
-        )
+    return StoreReport(
+        path,
+        version,
+        loaded.state.incarnation,
+        tuple(outbound),
+        loaded.state.inbound,
+        holder,
     )
-    return str(row[0]), tuple(outbound), inbound
+
+
+def reincarnate_store(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """
+    Give the store at ``path`` a new incarnation, as a store restored from a
+    backup needs (docs/durability.md): peers then take its outbox for a new
+    stream instead of positions they have already delivered.  Takes the
+    store's lock (so it refuses a store a live process holds, with
+    :class:`ilm.errors.StoreLocked`), checks the store as opening does, and
+    commits the change durably.
+
+    :return: ``(old incarnation, new incarnation)``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise StoreError(f"no ILM store at {path}")
+    if not _check_file(path):
+        raise StoreError(f"no ILM store at {path}")
+    _check_untouched(path)
+    lock = _Lock(path)
+    lock.acquire()
+    try:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as e:
+            raise store_error(e, path, "cannot open") from e
+        try:
+            conn.execute("PRAGMA synchronous = FULL")
+            version = schema_version(conn, path)
+            if version == 0:
+                raise StoreError(f"{path} is an empty database, not an ILM store")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                old = _load(conn, path, version=version).state.incarnation
+                new = uuid.uuid4().hex
+                conn.execute(
+                    "UPDATE ilm_meta SET value = ? WHERE key = 'incarnation'", (new,)
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException as e:
+            raise store_error(e, path, "cannot reincarnate") from e
+        finally:
+            conn.close()
+    finally:
+        lock.release()
+    log.warn(
+        "store {path} reincarnated: incarnation {old} replaced by {new}",
+        path=path,
+        old=old,
+        new=new,
+        ilm_event="store_reincarnated",
+    )
+    return old, new

@@ -1468,6 +1468,13 @@ class StreamNetwork:
         """
         return self._dial_errors.get(peer_id)
 
+    def dialled_peers(self) -> frozenset[PeerId]:
+        """
+        The peers this network dials (those given in ``peers``), for ILM's
+        start line.
+        """
+        return frozenset(self._peer_endpoints)
+
     def send_frames(self, peer_id: PeerId, frames: Sequence[bytes]) -> None:
         protocol = self._links.get(peer_id)
         if protocol is not None:

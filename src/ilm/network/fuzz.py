@@ -320,16 +320,24 @@ _FORBIDDEN_EVENTS = frozenset(
 
 @implementer(ILogObserver)
 class _InternalErrors:
-    def __init__(self, found: list[LogEvent], lost: list[LogEvent] | None = None):
+    def __init__(
+        self,
+        found: list[LogEvent],
+        lost: list[LogEvent] | None = None,
+        forgotten: set[str] | None = None,
+    ):
         self._found = found
         self._lost = lost
+        self._forgotten = forgotten
 
     def __call__(self, event: LogEvent) -> None:
         kind = event.get("ilm_event")
         if kind in _FORBIDDEN_EVENTS:
             self._found.append(event)
-        elif kind == "messages_lost" and self._lost is not None:
+        elif kind == "stream_jumped" and self._lost is not None:
             self._lost.append(event)
+        elif kind == "incarnation_forgotten" and self._forgotten is not None:
+            self._forgotten.add(event["incarnation"])
 
 
 def _describe(event: LogEvent) -> str:
@@ -463,14 +471,20 @@ class _SessionFuzzer:
         self.problems: list[str] = []
         # The peer may say it no longer has positions the node has not
         # delivered (as after the node lost its store): the node logs
-        # messages_lost and carries on after them.  Only such a jump may
+        # stream_jumped and carries on after them.  Only such a jump may
         # skip positions.
         self.lost: list[LogEvent] = []
         self._lost_seen = 0
         self._generation = 1
         self.runs = 0
         self.internal_errors: list[LogEvent] = []
-        self._observer = _InternalErrors(self.internal_errors, self.lost)
+        # Retired incarnations the node forgot (beyond
+        # Config.max_retired_incarnations): one that comes back is a new
+        # stream, which may start anywhere (docs/protocol.md).
+        self.forgotten: set[str] = set()
+        self._observer = _InternalErrors(
+            self.internal_errors, self.lost, self.forgotten
+        )
         globalLogPublisher.addObserver(self._observer)
         self._directory: str | None = None
         self._sqlite: SynchronousSQLite | None = None
@@ -526,6 +540,9 @@ class _SessionFuzzer:
 
     def _deliver(self, message: IMessage) -> None:
         incarnation = message.source_incarnation  # type: ignore[attr-defined]
+        if incarnation in self.forgotten:
+            self.forgotten.discard(incarnation)
+            self.delivered.pop(incarnation, None)
         # A stream the node did not know starts where its sender says its
         # unacknowledged positions start.
         last = self.delivered.get(incarnation)

@@ -234,12 +234,14 @@ class SimulatedSQLiteBackend(SimulatedOperations):
         return d
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
         d: Deferred[list[bytes]] = Deferred()
 
         def run() -> None:
-            result = self.gate.wait(self.inner.read_outbound(peer_id, after, limit))
+            result = self.gate.wait(
+                self.inner.read_outbound(peer_id, after, limit, max_bytes)
+            )
             self._hand_over(result, d)
 
         self._on_reader(run)

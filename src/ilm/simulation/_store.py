@@ -103,6 +103,7 @@ def _snapshot(batch: StoreBatch) -> StoreBatch:
         acked=dict(batch.acked),
         delivered=dict(batch.delivered),
         retired=set(batch.retired),
+        forgotten=set(batch.forgotten),
     )
 
 
@@ -233,14 +234,14 @@ class SimulatedBackend(SimulatedOperations, InMemoryBackend):
         return d
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
         d: Deferred[list[bytes]] = Deferred()
         if self.closed or self.crashed:
             self._later(0, lambda: d.errback(StoreError("the store is closed")))
             return d
         try:
-            contents = list(self.storage.read(peer_id, after, limit))
+            contents = list(self.storage.read(peer_id, after, limit, max_bytes))
         except StoreError as error:
             failure = error
             self._later(self.latency(), lambda: d.errback(failure))
