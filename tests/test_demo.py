@@ -485,9 +485,9 @@ class HeldCommits:
         return d
 
     def read_outbound(
-        self, peer_id: PeerId, after: int, limit: int
+        self, peer_id: PeerId, after: int, limit: int, max_bytes: int
     ) -> Deferred[list[bytes]]:
-        return self.backend.read_outbound(peer_id, after, limit)
+        return self.backend.read_outbound(peer_id, after, limit, max_bytes)
 
     def close(self) -> Deferred[None]:
         return self.backend.close()

@@ -171,12 +171,16 @@ class StoreBatch:
         self.forgotten = {key for key in self.forgotten if key[0] != peer_id}
 
 
-def batch_problems(batch: StoreBatch) -> dict[PeerId, str]:
+def batch_problems(batch: StoreBatch, *, positions: bool = True) -> dict[PeerId, str]:
     """
     Find the entries of ``batch`` that no store can hold, whatever it
     already holds: an invalid peer id, a position outside ``[0, 2**63)``
     (messages from position 1), an incarnation that is not 32 lowercase hex
     digits.  The work is per entry, not per message.
+
+    :param positions: whether the ``messages`` entries' first positions are
+        to be checked (a store that assigns positions itself, such as a
+        store shared by several gateways, ignores them).
 
     :return: per peer (an invalid id as it was given), what is wrong with
         its entries; empty when the batch is sound.
@@ -191,8 +195,10 @@ def batch_problems(batch: StoreBatch) -> dict[PeerId, str]:
             return False
 
     for peer_id, (first, contents) in batch.messages.items():
-        if peer_ok(peer_id) and not (
-            _position(first, 1) and first + len(contents) - 1 <= MAX_POSITION
+        if (
+            peer_ok(peer_id)
+            and positions
+            and not (_position(first, 1) and first + len(contents) - 1 <= MAX_POSITION)
         ):
             problems[peer_id] = (
                 f"messages at positions {first}..{first + len(contents) - 1}"

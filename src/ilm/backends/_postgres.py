@@ -55,6 +55,8 @@ from ilm._store import (
     OutboundRecord,
     StoreBatch,
     StoredState,
+    batch_problems,
+    retirement_order,
 )
 from ilm.backends._ownership import (
     Fenced,
@@ -185,8 +187,10 @@ def _create_v1(conn: _Conn, s: str) -> None:
         " incarnation text NOT NULL CHECK (incarnation ~ '^[0-9a-f]{32}$'),"
         " delivered bigint NOT NULL CHECK (delivered >= 0),"
         " retired boolean NOT NULL,"
+        " retired_seq bigint NOT NULL DEFAULT 0,"
         " PRIMARY KEY (node_key, peer_key, incarnation),"
         " FOREIGN KEY (node_key, peer_key) REFERENCES {s}.peer)",
+        "CREATE SEQUENCE {s}.retirement",
         "INSERT INTO {s}.ilm_schema (application, version) VALUES ('ILM1', 0)",
     ]
     for statement in statements:
@@ -354,54 +358,26 @@ def _position(value: object, low: int = 0) -> bool:
 
 def check_batch_entries(batch: StoreBatch, *, check_first: bool = True) -> None:
     """
-    Refuse a batch that no store could hold, whatever it holds: an invalid
-    peer id, a position outside ``[0, 2**63)`` (messages from position 1),
-    an incarnation that is not 32 lowercase hex digits.  Runs before
-    anything is sent to the database.
+    Refuse a batch that no store could hold, whatever it holds
+    (:func:`ilm._store.batch_problems`), before anything is sent to the
+    database.
 
     :param check_first: whether ``messages`` entries carry a first position
         to check (``commit``); ``commit_shared`` ignores it.
     :raises StoreError: naming the first bad entry.
     """
-
-    def refuse(peer_id: object, what: str) -> StoreError:
-        return StoreError(
-            f"batch refused: {what} for peer {peer_id!r} cannot be stored"
-        )
-
-    def check_peer(peer_id: object) -> None:
-        try:
-            ok = check_peer_id(peer_id) == peer_id and type(peer_id) in (int, str)
-        except (TypeError, ILMError):
-            ok = False
-        if not ok:
-            raise refuse(peer_id, f"invalid peer id {peer_id!r}")
-
-    for peer_id, entry in batch.messages.items():
-        check_peer(peer_id)
-        first, contents = entry
+    problems = batch_problems(batch, positions=check_first)
+    for peer_id, (_first, contents) in batch.messages.items():
+        # psycopg would store a str as text in a bytea column.
         if not isinstance(contents, list) or not all(
             type(c) is bytes for c in contents
         ):
-            raise refuse(peer_id, "messages that are not a list of bytes")
-        if check_first and not (
-            _position(first, 1) and first + len(contents) - 1 <= MAX_POSITION
-        ):
-            raise refuse(peer_id, f"messages at positions from {first!r}")
-    for peer_id, position in batch.acked.items():
-        check_peer(peer_id)
-        if not _position(position):
-            raise refuse(peer_id, f"acknowledgement of position {position!r}")
-    for (peer_id, incarnation), position in batch.delivered.items():
-        check_peer(peer_id)
-        if type(incarnation) is not str or not _INCARNATION.fullmatch(incarnation):
-            raise refuse(peer_id, f"delivery mark for incarnation {incarnation!r}")
-        if not _position(position):
-            raise refuse(peer_id, f"delivery mark at position {position!r}")
-    for peer_id, incarnation in batch.retired:
-        check_peer(peer_id)
-        if type(incarnation) is not str or not _INCARNATION.fullmatch(incarnation):
-            raise refuse(peer_id, f"retirement of incarnation {incarnation!r}")
+            problems.setdefault(peer_id, "messages that are not a list of bytes")
+    if problems:
+        peer_id, problem = next(iter(problems.items()))
+        raise StoreError(
+            f"batch refused: {problem} for peer {peer_id!r} cannot be stored"
+        )
 
 
 def _chunks(contents: list[bytes]) -> Iterable[list[bytes]]:
@@ -575,9 +551,16 @@ class _Sql:
         ).encode()
         self.retire = (
             f"INSERT INTO {s}.inbound AS i (node_key, peer_key, incarnation, "
-            f"delivered, retired) VALUES (%s, %s, %s, 0, true) "
+            f"delivered, retired, retired_seq) "
+            f"VALUES (%s, %s, %s, 0, true, nextval('{s}.retirement')) "
             f"ON CONFLICT (node_key, peer_key, incarnation) DO UPDATE "
-            f"SET retired = true WHERE NOT i.retired"
+            f"SET retired = true, retired_seq = excluded.retired_seq "
+            f"WHERE NOT i.retired"
+        ).encode()
+        """Retires an incarnation; ``retired_seq`` keeps the order."""
+        self.forget = (
+            f"DELETE FROM {s}.inbound "
+            f"WHERE node_key = %s AND peer_key = %s AND incarnation = %s"
         ).encode()
         self.lock_lease = (
             f"SELECT owner, epoch, "
@@ -596,7 +579,8 @@ class _Sql:
         ).encode()
         self.stream_inbound = (
             f"SELECT incarnation, delivered, retired FROM {s}.inbound "
-            f"WHERE node_key = %s AND peer_key = %s ORDER BY retired DESC, incarnation"
+            f"WHERE node_key = %s AND peer_key = %s "
+            f"ORDER BY retired DESC, retired_seq, incarnation"
         ).encode()
         self.renew = (
             f"UPDATE {s}.lease l SET expires_at = now() + make_interval(secs => %s) "
@@ -632,7 +616,8 @@ class _Sql:
         ).encode()
         self.load_inbound = (
             f"SELECT peer_key, incarnation, delivered, retired FROM {s}.inbound "
-            f"WHERE node_key = %s ORDER BY peer_key, retired DESC, incarnation"
+            f"WHERE node_key = %s "
+            f"ORDER BY peer_key, retired DESC, retired_seq, incarnation"
         ).encode()
         self.read_acked = _by_id(
             f"SELECT o.peer_key, o.acked FROM {s}.peer p "
@@ -1348,6 +1333,7 @@ class PostgresBackend:
             *batch.acked,
             *(p for p, _ in batch.delivered),
             *(p for p, _ in batch.retired),
+            *(p for p, _ in batch.forgotten),
         ]
         if not peers:
             return {}, {}
@@ -1358,6 +1344,7 @@ class PostgresBackend:
             *batch.acked,
             *(p for p, _ in batch.delivered),
             *(p for p, _ in batch.retired),
+            *(p for p, _ in batch.forgotten),
         ):
             mine = held.get(peer_id)
             expected[keys[peer_id]] = (peer_id, 0 if mine is None else mine.epoch)
@@ -1425,9 +1412,21 @@ class PostgresBackend:
     def _bookkeeping(
         self, conn: _Conn, batch: StoreBatch, keys: Mapping[PeerId, int]
     ) -> None:
-        """Queue the delivery marks and retirements of ``batch``."""
+        """
+        Queue the forgotten records, delivery marks and retirements of
+        ``batch``, in that order (see :class:`ilm.StoreBatch`).
+        """
         sql = self._sql
         node = self._node_key
+        if batch.forgotten:
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    sql.forget,
+                    sorted(
+                        (node, keys[peer_id], incarnation)
+                        for peer_id, incarnation in batch.forgotten
+                    ),
+                )
         if batch.delivered:
             with conn.cursor() as cursor:
                 cursor.executemany(
@@ -1441,10 +1440,12 @@ class PostgresBackend:
             with conn.cursor() as cursor:
                 cursor.executemany(
                     sql.retire,
-                    sorted(
+                    [
                         (node, keys[peer_id], incarnation)
-                        for peer_id, incarnation in batch.retired
-                    ),
+                        for peer_id, incarnation in sorted(
+                            batch.retired, key=retirement_order
+                        )
+                    ],
                 )
 
     @staticmethod
