@@ -15,7 +15,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
-from ilm import _frames
 from ilm.backends._sqlite import SQLiteBackend
 from ilm.errors import StoreError
 from ilm.network import fuzz
@@ -151,9 +150,3 @@ class CommandTests(SynchronousTestCase):
         memory, sqlite = (int(g.replace(",", "")) for g in match.groups())
         self.assertGreater(memory, 500)
         self.assertGreater(sqlite, 500)
-
-    if _frames.MAX_POSITION >= 2**63:
-        test_both_stores.todo = (  # type: ignore[attr-defined]
-            "a position of 2**63 or more (valid on the wire until issue 10.1's "
-            "limit) makes the SQLite store's commits fail"
-        )
