@@ -8,6 +8,7 @@ and in send order, across disconnects, reconnects and crashes of either side.
 
 from ilm._config import Config
 from ilm._delivery import CallableDelivery, QueueDelivery, as_delivery
+from ilm._exec import ExecDelivery
 from ilm._message import Message, PeerId
 from ilm._messenger import ILM, Receipt
 from ilm._store import (
@@ -17,6 +18,7 @@ from ilm._store import (
     StoreBatch,
     StoredState,
 )
+from ilm._webhook import WebhookDelivery, WebhookFailed
 from ilm.backends._sqlite import SQLiteBackend
 
 __version__ = "0.1.0"
@@ -26,6 +28,7 @@ __all__ = [
     "CallableDelivery",
     "CommitResult",
     "Config",
+    "ExecDelivery",
     "InboundRecord",
     "Message",
     "OutboundRecord",
@@ -35,6 +38,8 @@ __all__ = [
     "SQLiteBackend",
     "StoreBatch",
     "StoredState",
+    "WebhookDelivery",
+    "WebhookFailed",
     "__version__",
     "as_delivery",
 ]

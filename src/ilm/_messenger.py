@@ -446,6 +446,14 @@ class ILM(Service):
         return self._local_id
 
     @property
+    def state(self) -> str:
+        """
+        Where the node is in its life: ``"new"``, ``"starting"``,
+        ``"running"``, ``"stopping"``, ``"stopped"`` or ``"failed"``.
+        """
+        return self._state
+
+    @property
     def incarnation(self) -> str:
         """This node's store incarnation (empty until started)."""
         return self._incarnation

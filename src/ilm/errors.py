@@ -129,6 +129,25 @@ class ConfigurationError(ILMError, ValueError):
     """
 
 
+# --- delivery -------------------------------------------------------------------
+
+
+class DeliveryFailed(ILMError):
+    """
+    A delivery target did not take a message (an HTTP endpoint answered
+    with an error status, a command exited non-zero).  ILM delivers the same
+    message again later, holding back later messages from the same sender.
+
+    ``retry_after``: seconds the target asked ILM to wait before trying
+    again (an HTTP ``Retry-After``), or ``None``; ILM waits at least that
+    long (up to ``Config.max_retry_after``).
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 # --- store failures ------------------------------------------------------------
 
 
@@ -360,6 +379,7 @@ __all__ = [
     "AuthenticationFailed",
     "ConfigurationError",
     "ConnectionLimitReached",
+    "DeliveryFailed",
     "FrameAuthenticationFailed",
     "FrameIntegrityMismatch",
     "FrameTooLarge",
