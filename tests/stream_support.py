@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import PeerId
+from ilm._peerid import id_order_key
 from ilm.interfaces import IFrameReceiver
 from ilm.network import PreSharedKeys, _wire
 from ilm.network._handshake import LinkHandshake
@@ -158,7 +159,7 @@ class RawLink(RawPeer):
                 if keys is not None:
                     self._sealer = _wire.FrameSealer(keys[0])
                     self._parser.opener = _wire.FrameOpener(keys[1])
-                if _wire.id_order_key(self.local) < _wire.id_order_key(self.remote):
+                if id_order_key(self.local) < id_order_key(self.remote):
                     self.transport.write(self.frame(_wire.LINK_UP))
                 self.authenticated.callback(self)
 

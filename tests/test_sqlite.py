@@ -861,7 +861,7 @@ class CraftedStoreTests(StoreCase):
             (
                 "UPDATE peer SET peer_id = x'ff' WHERE peer_id = 3",
                 "table peer",
-                "not UTF-8",
+                "not valid UTF-8",
             ),
             (
                 "UPDATE inbound SET incarnation = 'not-hex-not-hex-not-hex-not-hex!'",

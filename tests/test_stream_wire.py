@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from ilm._peerid import id_order_key
 from ilm.errors import (
     FrameAuthenticationFailed,
     FrameTooLarge,
@@ -66,9 +67,7 @@ class IdTests(SynchronousTestCase):
         Every int sorts before every str; ints by value, strs by UTF-8 bytes.
         """
         ids: list[int | str] = ["b", 10, "a", 2, "é", "ab"]
-        self.assertEqual(
-            sorted(ids, key=_wire.id_order_key), [2, 10, "a", "ab", "b", "é"]
-        )
+        self.assertEqual(sorted(ids, key=id_order_key), [2, 10, "a", "ab", "b", "é"])
 
 
 class FrameTests(SynchronousTestCase):

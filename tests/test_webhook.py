@@ -26,9 +26,8 @@ from zope.interface.verify import verifyObject
 
 from ilm import ILM, Config, Message
 from ilm._exec import ExecDelivery
-from ilm._peertext import peer_id_from_text, peer_id_to_text
 from ilm._webhook import WebhookDelivery, WebhookFailed, webhook_id, webhook_secret
-from ilm.errors import ConfigurationError, DeliveryFailed, InvalidPeerId
+from ilm.errors import ConfigurationError, DeliveryFailed
 from ilm.interfaces import ILocalDelivery
 from ilm.testing import InMemoryBackend, InMemoryNetwork
 
@@ -369,31 +368,6 @@ class WebhookIdTests(SynchronousTestCase):
         Only http and https URLs are accepted.
         """
         self.assertRaises(ConfigurationError, WebhookDelivery, "ftp://x/", reactor=None)
-
-
-class PeerTextTests(SynchronousTestCase):
-    def test_round_trip(self) -> None:
-        """
-        Every kind of id survives text and back: ints, digit strings,
-        strings with spaces, percent signs, slashes, non-ASCII, and a
-        string that itself starts with ``str:``.
-        """
-        for peer in (0, 7, 2**63 - 1, "7", "node a", "50%", "a/b", "é", "str:x"):
-            text = peer_id_to_text(peer)
-            self.assertTrue(text.isascii())
-            self.assertNotIn("/", text)
-            self.assertEqual(peer_id_from_text(text), peer)
-        self.assertEqual(peer_id_to_text("7"), "str:7")
-        self.assertEqual(peer_id_from_text("str:7"), "7")
-
-    def test_invalid(self) -> None:
-        """
-        Out-of-range ints, empty strings and bad percent-encoding are
-        refused.
-        """
-        self.assertRaises(InvalidPeerId, peer_id_from_text, str(2**63))
-        self.assertRaises(InvalidPeerId, peer_id_from_text, "str:")
-        self.assertRaises(ValueError, peer_id_from_text, "%ff")
 
 
 class ExecDeliveryTests(TestCase):

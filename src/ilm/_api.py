@@ -19,7 +19,7 @@ in constant time).  Errors are JSON, ``{"error": {"code": ..., "message":
 ...}}``, with stable codes (:data:`ERROR_CODES`).  Request bodies are
 capped by :class:`LimitedRequest`: twisted.web itself reads any size.
 
-Peer ids in URLs follow :mod:`ilm._peertext`: digits are an ``int`` id,
+Peer ids in URLs follow :mod:`ilm._peerid`: digits are an ``int`` id,
 ``str:`` forces a string, percent-encoding for the rest.
 """
 
@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from ilm._peertext import peer_id_from_text, peer_id_to_text
+from ilm._peerid import peer_id_from_text, peer_id_to_text
 from ilm.errors import (
     ConfigurationError,
     InvalidPeerId,

@@ -33,7 +33,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ilm._peertext import peer_id_to_text
+from ilm._peerid import peer_id_to_text
 from ilm._webhook import webhook_id
 from ilm.errors import ConfigurationError, DeliveryFailed
 from ilm.interfaces import ILocalDelivery, IMessage

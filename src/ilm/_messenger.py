@@ -35,7 +35,8 @@ from ilm import _frames
 from ilm._config import Config
 from ilm._delivery import as_delivery
 from ilm._logging import EventLimiter
-from ilm._message import MAX_INT_ID, Message, PeerId, check_peer_id
+from ilm._message import Message
+from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
 from ilm._session import (
     PROTOCOL_VERSION,
     HeldTotal,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import attr
 
-from ilm._message import PeerId, check_peer_id
+from ilm._peerid import PeerId, check_peer_id
 from ilm.errors import ILMError, StoreError
 
 MAX_POSITION = 2**63 - 1

@@ -40,8 +40,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm._config import Config
-from ilm._message import PeerId, check_peer_id
 from ilm._messenger import ILM
+from ilm._peerid import PeerId, peer_id_from_text
 from ilm.errors import ILMError
 from ilm.interfaces import ILocalDelivery, IMessage
 
@@ -77,29 +77,24 @@ _EXPOSED_SECRET = stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
 
 def parse_peer_id(text: str) -> PeerId:
     """
-    A peer id from the command line: decimal digits are an ``int`` id,
-    anything else a ``str`` id (``str:`` forces a string, for ids made of
-    digits).  A signed number (``-5``) and an id with spaces around it are
-    refused: they are almost always a mistake (``str:-5`` is the text id).
+    A peer id from the command line, in the text form of
+    :mod:`ilm._peerid` (the same as in the HTTP API's URLs): decimal digits
+    are an ``int`` id, ``str:`` forces a string (for ids made of digits),
+    percent-encoding escapes anything else (``node%20a``).  A signed number
+    (``-5``) and an id with spaces around it are refused: they are almost
+    always a mistake (``str:-5`` is the text id).
 
     :raises usage.UsageError: if it is not a valid peer id.
     """
-    value: object
-    if text.startswith("str:"):
-        value = text[4:]
-    elif text.isascii() and text.isdigit():
-        value = int(text)
-    elif _SIGNED_NUMBER.fullmatch(text):
+    if _SIGNED_NUMBER.fullmatch(text):
         raise usage.UsageError(
             f"invalid peer id {text!r}: integer ids are 0 to 2**63-1 (write "
             f"'str:{text}' for the text id {text!r})"
         )
-    elif text != text.strip():
+    if text != text.strip():
         raise usage.UsageError(f"invalid peer id {text!r}: spaces around it")
-    else:
-        value = text
     try:
-        return check_peer_id(value)
+        return peer_id_from_text(text)
     except (TypeError, ILMError) as e:
         raise usage.UsageError(f"invalid peer id {text!r}: {e}") from None
 

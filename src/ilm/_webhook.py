@@ -46,7 +46,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ilm._peertext import peer_id_to_text
+from ilm._peerid import peer_id_to_text
 from ilm.errors import ConfigurationError, DeliveryFailed
 from ilm.interfaces import ILocalDelivery, IMessage
 

@@ -12,8 +12,8 @@ import attr
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from ilm._message import PeerId
 from ilm._messenger import ILM
+from ilm._peerid import PeerId
 from ilm.backends._memory import InMemoryBackend, InMemoryStorage
 from ilm.interfaces import IMessage
 from ilm.network._memory import FaultPolicy, InMemoryNetwork, InMemoryPeerNetwork

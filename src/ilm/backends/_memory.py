@@ -14,7 +14,7 @@ import uuid
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm._store import (
     CommitResult,
     InboundRecord,

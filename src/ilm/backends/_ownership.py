@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import attr
 from zope.interface import Attribute, Interface
 
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm._store import CommitResult, InboundRecord, OutboundRecord
 from ilm.errors import StoreError
 

@@ -48,7 +48,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ilm._logging import EventLimiter
-from ilm._message import MAX_INT_ID, PeerId, check_peer_id
+from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id, id_bytes, id_from_bytes
 from ilm._store import (
     CommitResult,
     InboundRecord,
@@ -68,6 +68,7 @@ from ilm.backends._ownership import (
 )
 from ilm.errors import (
     ILMError,
+    InvalidPeerId,
     StoreCorrupt,
     StoreError,
     StoreFull,
@@ -319,14 +320,17 @@ def _id_columns(peer_id: PeerId) -> tuple[int | None, bytes | None]:
     """``(int_id, str_id)`` of a node or peer id."""
     if type(peer_id) is int:
         return peer_id, None
-    return None, str(peer_id).encode("utf-8", "surrogatepass")
+    return None, id_bytes(str(peer_id))
 
 
 def _decode_id(int_id: object, str_id: object) -> PeerId:
     if type(int_id) is int and str_id is None:
         return int_id
     if int_id is None and isinstance(str_id, bytes | bytearray | memoryview):
-        return bytes(str_id).decode("utf-8", "surrogatepass")
+        try:
+            return id_from_bytes(bytes(str_id))
+        except InvalidPeerId as e:
+            raise StoreCorrupt(f"a stored peer id is not valid: {e}") from None
     raise StoreCorrupt(f"a peer id is stored as neither int nor str: {int_id!r}")
 
 
@@ -334,7 +338,7 @@ def _encode_hint(peer_id: PeerId) -> str:
     """A peer id as a notification payload: ``i<decimal>`` or ``s<hex>``."""
     if type(peer_id) is int:
         return f"i{peer_id}"
-    return "s" + str(peer_id).encode("utf-8", "surrogatepass").hex()
+    return "s" + id_bytes(str(peer_id)).hex()
 
 
 def _decode_hint(payload: str) -> PeerId | None:
@@ -343,7 +347,7 @@ def _decode_hint(payload: str) -> PeerId | None:
             value = int(payload[1:])
             return value if 0 <= value <= MAX_INT_ID else None
         if payload[:1] == "s":
-            return bytes.fromhex(payload[1:]).decode("utf-8", "surrogatepass")
+            return id_from_bytes(bytes.fromhex(payload[1:]))
     except ValueError:
         pass
     return None
@@ -462,7 +466,7 @@ def _id_value(peer_id: PeerId) -> int | bytes:
     """The ``int_id`` or ``str_id`` value of an id (see :func:`_by_id`)."""
     if type(peer_id) is int:
         return peer_id
-    return str(peer_id).encode("utf-8", "surrogatepass")
+    return id_bytes(str(peer_id))
 
 
 class _Sql:

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ilm._message import PeerId, check_peer_id
+from ilm._peerid import PeerId, check_peer_id, id_bytes, id_from_bytes
 from ilm._store import (
     MAX_POSITION,
     CommitResult,
@@ -53,6 +53,7 @@ from ilm._store import (
 )
 from ilm.errors import (
     ILMError,
+    InvalidPeerId,
     StoreCorrupt,
     StoreError,
     StoreFull,
@@ -303,7 +304,7 @@ def migrate(
 def _encode_peer(peer_id: PeerId) -> int | bytes:
     if type(peer_id) is int:
         return peer_id
-    return str(peer_id).encode("utf-8", "surrogatepass")
+    return id_bytes(str(peer_id))
 
 
 def _decode_peer(value: object, bad: Callable[[str], StoreCorrupt]) -> PeerId:
@@ -318,9 +319,9 @@ def _decode_peer(value: object, bad: Callable[[str], StoreCorrupt]) -> PeerId:
         candidate = value
     elif type(value) is bytes:
         try:
-            candidate = value.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise bad(f"peer id {value!r} is not UTF-8") from None
+            candidate = id_from_bytes(value)
+        except InvalidPeerId as e:
+            raise bad(f"peer id {value!r} is not valid: {e}") from None
     else:
         raise bad(f"peer id of unexpected type {type(value).__name__}")
     try:

@@ -42,7 +42,7 @@ import hmac
 import os
 from collections.abc import Callable, Mapping
 
-from ilm._message import PeerId, check_peer_id
+from ilm._peerid import PeerId, check_peer_id
 from ilm.errors import (
     AuthenticationFailed,
     ConfigurationError,

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ilm._message import PeerId, check_peer_id
+from ilm._peerid import PeerId, check_peer_id
 from ilm.interfaces import IFrameReceiver, INetwork
 
 log = Logger(namespace="ilm.network.memory")

@@ -107,7 +107,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from ilm._logging import EventLimiter
-from ilm._message import PeerId, check_peer_id
+from ilm._peerid import PeerId, check_peer_id, id_order_key
 from ilm.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -1339,7 +1339,7 @@ class StreamNetwork:
         self._refusals: dict[PeerId, int] = {}
         self._refused_until: dict[PeerId, float] = {}
         self._linked_at: dict[PeerId, float] = {}
-        self._local_key = _wire.id_order_key(self.local_id)
+        self._local_key = id_order_key(self.local_id)
         settings = self.settings
         # Refusals and other events strangers and peers can repeat at will.
         self._limiter = EventLimiter(
@@ -1392,7 +1392,7 @@ class StreamNetwork:
                 "node {local_id!r} listening on {addresses}, dialling {peers}",
                 local_id=self.local_id,
                 addresses=[_address_text(a)[1] for a in self.listening_addresses()],
-                peers=sorted(self._peer_endpoints, key=_wire.id_order_key),
+                peers=sorted(self._peer_endpoints, key=id_order_key),
                 ilm_event="network_started",
             )
             done.callback(None)
@@ -1702,7 +1702,7 @@ class StreamNetwork:
         the smaller id).
         """
         assert protocol.peer_id is not None
-        return self._local_key < _wire.id_order_key(protocol.peer_id)
+        return self._local_key < id_order_key(protocol.peer_id)
 
     def _authenticated(self, protocol: ILMProtocol) -> None:
         peer_id = protocol.peer_id

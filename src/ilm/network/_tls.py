@@ -37,7 +37,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from zope.interface import implementer
 
-from ilm._message import PeerId, check_peer_id
+from ilm._peerid import PeerId, check_peer_id
 from ilm.errors import AuthenticationFailed
 
 _URI_PREFIX = "urn:ilm:node:"

@@ -47,10 +47,11 @@ import struct
 
 import attr
 
-from ilm._message import PeerId
+from ilm._peerid import MAX_INT_ID, PeerId, id_bytes, id_from_bytes
 from ilm.errors import (
     FrameAuthenticationFailed,
     FrameTooLarge,
+    InvalidPeerId,
     MalformedFrame,
     UnknownFrameType,
     UnsupportedVersion,
@@ -101,7 +102,6 @@ _TAGGED = struct.Struct(">QB")
 _ID_INT = struct.Struct(">BQ")
 _ID_INT_KIND = 0x01
 _ID_STR_KIND = 0x02
-_MAX_INT_ID = 2**63 - 1
 
 HEADER_SIZE = _HEADER.size
 """Bytes before a link frame's body: the length prefix and the type byte."""
@@ -124,7 +124,7 @@ def encode_id(peer_id: PeerId) -> bytes:
     """
     if type(peer_id) is int:
         return _ID_INT.pack(_ID_INT_KIND, peer_id)
-    raw = str(peer_id).encode("utf-8", "surrogatepass")
+    raw = id_bytes(str(peer_id))
     return bytes((_ID_STR_KIND, len(raw))) + raw
 
 
@@ -140,7 +140,7 @@ def decode_id(data: bytes, offset: int) -> tuple[PeerId, int]:
         if offset + _ID_INT.size > len(data):
             raise MalformedFrame("integer node id truncated")
         _, value = _ID_INT.unpack_from(data, offset)
-        if value > _MAX_INT_ID:
+        if value > MAX_INT_ID:
             raise MalformedFrame(f"integer node id {value} is not below 2**63")
         return int(value), offset + _ID_INT.size
     if kind == _ID_STR_KIND:
@@ -153,21 +153,11 @@ def decode_id(data: bytes, offset: int) -> tuple[PeerId, int]:
                 f"string node id of {size} bytes is empty or truncated"
             )
         try:
-            text = bytes(data[offset + 2 : end]).decode("utf-8")
-        except UnicodeDecodeError:
+            text = id_from_bytes(bytes(data[offset + 2 : end]))
+        except InvalidPeerId:
             raise MalformedFrame("string node id is not UTF-8")
         return text, end
     raise MalformedFrame(f"unknown node id kind 0x{kind:02x}")
-
-
-def id_order_key(peer_id: PeerId) -> tuple[int, int | bytes]:
-    """
-    A total order over node ids: every ``int`` before every ``str``; ints by
-    value, strings by their UTF-8 bytes.
-    """
-    if type(peer_id) is int:
-        return (0, peer_id)
-    return (1, str(peer_id).encode("utf-8", "surrogatepass"))
 
 
 # -- frames -----------------------------------------------------------------

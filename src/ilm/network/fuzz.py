@@ -64,7 +64,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm._session import PROTOCOL_VERSION, Hello
 from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.errors import ProtocolViolation, ShutdownTimeout

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm._store import StoreBatch, StoredState
 
 StreamKey = tuple[PeerId, int, PeerId]

@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.backends._sqlite import SQLiteBackend, inspect_store, migrate
 from ilm.interfaces import IBackend

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.backends._memory import InMemoryBackend, InMemoryStorage
 from ilm.errors import StoreError

@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
-from ilm._message import PeerId
+from ilm._peerid import PeerId
 from ilm.network._memory import FaultPolicy
 from ilm.network._stream import Backoff, LinkSettings, StreamNetwork
 from ilm.simulation._pipes import Pipe, Switchboard

@@ -30,8 +30,8 @@ import ilm.network._stream
 from ilm import _frames
 from ilm._config import Config
 from ilm._delivery import as_delivery
-from ilm._message import PeerId
 from ilm._messenger import ILM, Receipt
+from ilm._peerid import PeerId
 from ilm._store import StoreBatch, StoredState
 from ilm.errors import (
     ILMError,
