@@ -12,10 +12,10 @@ Networks: how ILM frames travel between nodes.
   factory.
 """
 
+from ilm._backoff import Backoff
 from ilm.network._handshake import PreSharedKeys
 from ilm.network._memory import FaultPolicy, InMemoryNetwork, InMemoryPeerNetwork
 from ilm.network._stream import (
-    Backoff,
     DialFailure,
     ILMFactory,
     ILMProtocol,

@@ -106,6 +106,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
+from ilm._backoff import Backoff
 from ilm._logging import EventLimiter
 from ilm._peerid import PeerId, check_peer_id, id_order_key
 from ilm.errors import (
@@ -138,40 +139,6 @@ _DEFAULT_MAX_FRAME = 1024 * 1024 + 4096
 def _positive(instance: object, attribute: attr.Attribute[Any], value: Any) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
-class Backoff:
-    """
-    Reconnection delays: attempt ``n`` (1, 2, ...) waits
-    ``min(initial * factor ** (n - 1), maximum)``, less a random fraction of
-    up to ``jitter`` of it (so peers that lost a link together do not redial
-    in lockstep).  The defaults redial 25 to 50 ms after a link drops and
-    never wait more than 5 s: ``ClientService``'s own default waits at least
-    a second, which is slow for a link that merely dropped.
-    """
-
-    initial: float = attr.ib(default=0.05, validator=_positive)
-    factor: float = attr.ib(default=2.0, validator=_positive)
-    maximum: float = attr.ib(default=5.0, validator=_positive)
-    jitter: float = 0.5
-
-    def __attrs_post_init__(self) -> None:
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), not {self.jitter!r}")
-        if self.factor < 1:
-            raise ValueError(f"factor must be at least 1, not {self.factor!r}")
-
-    def delay(self, attempt: int, uniform: float) -> float:
-        """
-        :param attempt: the number of failed attempts in a row (from 1).
-        :param uniform: a random number in [0, 1).
-        """
-        try:
-            base = min(self.initial * self.factor ** max(0, attempt - 1), self.maximum)
-        except OverflowError:
-            base = self.maximum
-        return base * (1.0 - self.jitter * uniform)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)

@@ -447,8 +447,9 @@ class _SessionFuzzer:
 
     def __init__(self, store: str = "memory") -> None:
         from ilm import ILM
+        from ilm._backoff import Backoff
         from ilm.network._handshake import PreSharedKeys
-        from ilm.network._stream import Backoff, ILMFactory, LinkSettings, StreamNetwork
+        from ilm.network._stream import ILMFactory, LinkSettings, StreamNetwork
         from ilm.testing import InMemoryBackend
 
         self.store = store

@@ -38,9 +38,10 @@ from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
+from ilm._backoff import Backoff
 from ilm._peerid import PeerId
 from ilm.network._memory import FaultPolicy
-from ilm.network._stream import Backoff, LinkSettings, StreamNetwork
+from ilm.network._stream import LinkSettings, StreamNetwork
 from ilm.simulation._pipes import Pipe, Switchboard
 
 STREAM_FAULT_RATES: dict[str, tuple[float, ...]] = {
