@@ -427,7 +427,7 @@ class FaultTests(PostgresCase):
         backend = self.backend(self.new_schema(), dsn=dsn, connect_timeout=2)
         error = await self.assertFailure(backend.open(), StoreError)
         self.assertIn("cannot connect", str(error))
-        self.assertIsNone(backend._write_pool)
+        self.assertFalse(backend._threads.running)
         await self.assertFailure(
             backend.commit(StoreBatch(messages={1: (1, [b"x"])})), StoreError
         )
@@ -455,14 +455,14 @@ class FaultTests(PostgresCase):
                 f"SET default_transaction_read_only = {value}".encode()
             )
 
-        await backend._on_writer(session, "on")
+        await backend._threads.on_writer(session, "on")
         await self.assertFailure(
             backend.commit(
                 StoreBatch(messages={2: (1, [b"a"])}, delivered={(3, INCARNATION): 1})
             ),
             StoreReadOnly,
         )
-        await backend._on_writer(session, "off")
+        await backend._threads.on_writer(session, "off")
         self.assertEqual(summary(await backend.open()), ({}, {}))
         await backend.commit(StoreBatch(messages={2: (1, [b"a"])}))
         self.assertEqual(await backend.read_outbound(2, 0, 5), [b"a"])

@@ -743,7 +743,7 @@ class ReactorShutdownTests(StoreCase):
         backend, _ = await self.opened(path)
         await backend.commit(StoreBatch(messages={2: (1, [b"kept"])}))
         backend._reactor_stopping()
-        self.assertIsNone(backend._write_pool)
+        self.assertFalse(backend._threads.running)
         await self.assertFailure(
             backend.commit(StoreBatch(messages={2: (2, [b"x"])})), StoreError
         )

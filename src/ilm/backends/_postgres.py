@@ -41,10 +41,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attr
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ilm._logging import EventLimiter
@@ -66,6 +64,7 @@ from ilm.backends._ownership import (
     SharedCommitResult,
     StreamTaken,
 )
+from ilm.backends._threads import StoreThreads
 from ilm.errors import (
     ILMError,
     InvalidPeerId,
@@ -730,7 +729,6 @@ class PostgresBackend:
         self.network_timeout = network_timeout
         self.prepare_threshold = prepare_threshold
         self._dsn = dsn
-        self._reactor = reactor
         self._monotonic = monotonic
         self._sql = _Sql(self._s)
         self._channel = (
@@ -739,10 +737,10 @@ class PostgresBackend:
         )
         self._writer: _Conn | None = None
         self._reader: _Conn | None = None
-        self._write_pool: ThreadPool | None = None
-        self._read_pool: ThreadPool | None = None
+        self._threads = StoreThreads(
+            reactor, f"postgres {gateway}", self._reactor_stopping
+        )
         self._listener: _Listener | None = None
-        self._trigger: object = None
         self._open = False
         self._closing: Deferred[None] | None = None
         self._broken: StoreError | None = None
@@ -774,23 +772,9 @@ class PostgresBackend:
 
     # -- threads ---------------------------------------------------------------
 
-    def _get_reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
     def _start_pools(self) -> None:
-        reactor = self._get_reactor()
-        self._write_pool = ThreadPool(1, 1, name=f"ilm-postgres-writer {self.gateway}")
-        self._read_pool = ThreadPool(1, 1, name=f"ilm-postgres-reader {self.gateway}")
-        self._write_pool.start()
-        self._read_pool.start()
-        self._limiter = EventLimiter(log, reactor)
-        self._trigger = reactor.addSystemEventTrigger(
-            "during", "shutdown", self._reactor_stopping
-        )
+        self._threads.start()
+        self._limiter = EventLimiter(log, self._threads.reactor)
 
     def _reactor_stopping(self) -> None:
         """
@@ -798,33 +782,15 @@ class PostgresBackend:
         (else the process could not exit).  What was committed is
         committed; leases run out by themselves.
         """
-        self._trigger = None
         self._open = False
         self._stop_listener()
         self._stop_pools()
 
     def _stop_pools(self) -> None:
-        for pool in (self._write_pool, self._read_pool):
-            if pool is not None:
-                pool.stop()
-        self._write_pool = self._read_pool = None
+        self._threads.stop()
         if self._limiter is not None:
             self._limiter.stop()
             self._limiter = None
-        if self._trigger is not None:
-            trigger, self._trigger = self._trigger, None
-            try:
-                self._get_reactor().removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass  # already fired: the reactor is shutting down
-
-    def _on_writer(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
-        assert self._write_pool is not None
-        return deferToThreadPool(self._get_reactor(), self._write_pool, f, *args)
-
-    def _on_reader(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
-        assert self._read_pool is not None
-        return deferToThreadPool(self._get_reactor(), self._read_pool, f, *args)
 
     def _usable(self) -> StoreError | None:
         if not self._open or self._closing is not None:
@@ -887,7 +853,7 @@ class PostgresBackend:
         limiter = self._limiter
         if limiter is None:
             return
-        self._get_reactor().callFromThread(
+        self._threads.reactor.callFromThread(
             limiter.emit,
             ("store_retried", sqlstate),
             LogLevel.info,
@@ -973,16 +939,16 @@ class PostgresBackend:
         if self._closing is not None:
             return fail(StoreError(f"{self._where} is closing"))
         if self._open:
-            return self._on_writer(self._reload)
+            return self._threads.on_writer(self._reload)
         self._start_pools()
         self._open = True
-        d = self._on_writer(self._open_writer)
+        d = self._threads.on_writer(self._open_writer)
         d.addErrback(self._open_failed)
         return d
 
     def _open_failed(self, reason: Failure) -> Deferred[StoredState]:
-        d = self._on_writer(self._close_writer, False)
-        d.addBoth(lambda _: self._on_reader(self._close_reader))
+        d = self._threads.on_writer(self._close_writer, False)
+        d.addBoth(lambda _: self._threads.on_reader(self._close_reader))
 
         def stopped(_: object) -> Failure:
             self._stop_pools()
@@ -1002,7 +968,7 @@ class PostgresBackend:
         unusable = self._usable()
         if unusable is not None:
             return fail(unusable)
-        d = self._on_writer(self._commit, batch, False)
+        d = self._threads.on_writer(self._commit, batch, False)
         return d.addCallback(lambda applied: CommitResult(applied[0]))
 
     def commit_shared(self, batch: StoreBatch) -> Deferred[SharedCommitResult]:
@@ -1013,7 +979,7 @@ class PostgresBackend:
         unusable = self._usable()
         if unusable is not None:
             return fail(unusable)
-        d = self._on_writer(self._commit, batch, True)
+        d = self._threads.on_writer(self._commit, batch, True)
         return d.addCallback(lambda applied: SharedCommitResult(*applied))
 
     def read_outbound(
@@ -1033,7 +999,7 @@ class PostgresBackend:
             return fail(StoreError(f"bad read: after {after!r}, limit {limit!r}"))
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
             return fail(StoreError(f"bad read: max_bytes {max_bytes!r}"))
-        return self._on_reader(self._read, peer_id, after, limit, max_bytes)
+        return self._threads.on_reader(self._read, peer_id, after, limit, max_bytes)
 
     def close(self) -> Deferred[None]:
         """
@@ -1051,9 +1017,9 @@ class PostgresBackend:
         closing = self._closing = Deferred()
         self._stop_listener()
         errors: list[Failure] = []
-        writer = self._on_writer(self._close_writer, True)
+        writer = self._threads.on_writer(self._close_writer, True)
         writer.addErrback(errors.append)
-        reader = self._on_reader(self._close_reader)
+        reader = self._threads.on_reader(self._close_reader)
         reader.addErrback(errors.append)
 
         def closed(_: object) -> Failure | None:
@@ -1079,7 +1045,7 @@ class PostgresBackend:
             peer_id = self._checked(peer_id)
         except StoreError:
             return fail()
-        return self._on_writer(self._acquire, peer_id, bool(take_over))
+        return self._threads.on_writer(self._acquire, peer_id, bool(take_over))
 
     def renew(self) -> Deferred[Renewal]:
         """
@@ -1089,7 +1055,7 @@ class PostgresBackend:
         unusable = self._usable()
         if unusable is not None:
             return fail(unusable)
-        return self._on_writer(self._renew)
+        return self._threads.on_writer(self._renew)
 
     def release(self, peer_id: PeerId) -> Deferred[bool]:
         """
@@ -1099,7 +1065,7 @@ class PostgresBackend:
         unusable = self._usable()
         if unusable is not None:
             return fail(unusable)
-        return self._on_writer(self._release, [peer_id])
+        return self._threads.on_writer(self._release, [peer_id])
 
     def holds(self, peer_id: PeerId) -> bool:
         """
@@ -1142,7 +1108,7 @@ class PostgresBackend:
         unusable = self._usable()
         if unusable is not None:
             return fail(unusable)
-        return self._on_reader(self._claimable, int(limit))
+        return self._threads.on_reader(self._claimable, int(limit))
 
     def outbound_state(self, peer_id: PeerId) -> Deferred[OutboundRecord | None]:
         """
@@ -1152,7 +1118,7 @@ class PostgresBackend:
         unusable = self._usable()
         if unusable is not None:
             return fail(unusable)
-        return self._on_reader(self._outbound_state, peer_id)
+        return self._threads.on_reader(self._outbound_state, peer_id)
 
     def watch(self, callback: Callable[[PeerId], None]) -> Deferred[None]:
         """
@@ -1810,9 +1776,9 @@ class _Listener:
             self.conn = conn
             self.fd = os.dup(conn.pgconn.socket)
             self.retry = 0.5
-            backend._get_reactor().addReader(self)
+            backend._threads.reactor.addReader(self)
 
-        return backend._on_reader(connect).addCallback(listening)
+        return backend._threads.on_reader(connect).addCallback(listening)
 
     def stop(self) -> None:
         self.stopped = True
@@ -1821,7 +1787,7 @@ class _Listener:
         self.pending = None
         conn, self.conn = self.conn, None
         if conn is not None:
-            self.backend._get_reactor().removeReader(self)
+            self.backend._threads.reactor.removeReader(self)
             self._close(conn)
 
     def _close(self, conn: _Conn) -> None:
@@ -1889,7 +1855,7 @@ class _Listener:
                 return
             self.start().addErrback(self.connectionLost)
 
-        self.pending = backend._get_reactor().callLater(delay, again)
+        self.pending = backend._threads.reactor.callLater(delay, again)
 
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresBackend", "migrate", "store_error"]

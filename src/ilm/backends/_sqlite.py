@@ -33,10 +33,8 @@ from typing import Any, TypeVar
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ilm._peerid import PeerId, check_peer_id, id_bytes, id_from_bytes
@@ -51,6 +49,7 @@ from ilm._store import (
     retirement_order,
     valid_incarnation,
 )
+from ilm.backends._threads import StoreThreads
 from ilm.errors import (
     ILMError,
     InvalidPeerId,
@@ -707,13 +706,12 @@ class SQLiteBackend:
             raise ValueError(f"max_size must be positive, not {max_size!r}")
         self.synchronous: str = mode
         self._max_size = max_size
-        self._reactor = reactor
         self._lock = _Lock(self.path)
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._write_pool: ThreadPool | None = None
-        self._read_pool: ThreadPool | None = None
-        self._trigger: object = None
+        self._threads = StoreThreads(
+            reactor, f"sqlite {self.path}", self._reactor_stopping
+        )
         self._open = False
         self._closing: Deferred[None] | None = None
         self._broken: StoreError | None = None
@@ -735,53 +733,15 @@ class SQLiteBackend:
 
     # -- threads ---------------------------------------------------------------
 
-    def _get_reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
-    def _start_pools(self) -> None:
-        reactor = self._get_reactor()
-        self._write_pool = ThreadPool(1, 1, name=f"ilm-sqlite-writer {self.path}")
-        self._read_pool = ThreadPool(1, 1, name=f"ilm-sqlite-reader {self.path}")
-        self._write_pool.start()
-        self._read_pool.start()
-        self._trigger = reactor.addSystemEventTrigger(
-            "during", "shutdown", self._reactor_stopping
-        )
-
     def _reactor_stopping(self) -> None:
         """
         The reactor is shutting down with the store still open: stop the
         threads (else the process could not exit).  What was committed is
         on disk.  Later calls fail (or, for ``close``, do nothing).
         """
-        self._trigger = None
         self._open = False
-        self._stop_pools()
+        self._threads.stop()
         self._lock.release()
-
-    def _stop_pools(self) -> None:
-        for pool in (self._write_pool, self._read_pool):
-            if pool is not None:
-                pool.stop()
-        self._write_pool = self._read_pool = None
-        if self._trigger is not None:
-            trigger, self._trigger = self._trigger, None
-            try:
-                self._get_reactor().removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass  # already fired: the reactor is shutting down
-
-    def _on_writer(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
-        assert self._write_pool is not None
-        return deferToThreadPool(self._get_reactor(), self._write_pool, f, *args)
-
-    def _on_reader(self, f: Callable[..., _T], *args: object) -> Deferred[_T]:
-        assert self._read_pool is not None
-        return deferToThreadPool(self._get_reactor(), self._read_pool, f, *args)
 
     # -- IBackend ----------------------------------------------------------------
 
@@ -797,11 +757,11 @@ class SQLiteBackend:
         if self._closing is not None:
             return fail(StoreError("the store is closing"))
         if self._open:
-            return self._on_writer(self._reload)
-        self._start_pools()
+            return self._threads.on_writer(self._reload)
+        self._threads.start()
         self._open = True
-        d = self._on_writer(self._open_writer)
-        d.addCallback(lambda state: self._on_reader(self._open_reader, state))
+        d = self._threads.on_writer(self._open_writer)
+        d.addCallback(lambda state: self._threads.on_reader(self._open_reader, state))
         d.addErrback(self._open_failed)
         return d
 
@@ -810,11 +770,11 @@ class SQLiteBackend:
         Undo a failed open: close whatever was opened, release the lock,
         stop the threads, then fail with ``reason``.
         """
-        d = self._on_writer(self._close_writer)
-        d.addBoth(lambda _: self._on_reader(self._close_reader))
+        d = self._threads.on_writer(self._close_writer)
+        d.addBoth(lambda _: self._threads.on_reader(self._close_reader))
 
         def stopped(_: object) -> Failure:
-            self._stop_pools()
+            self._threads.stop()
             self._open = False
             return reason
 
@@ -827,7 +787,7 @@ class SQLiteBackend:
         """
         if not self._open or self._closing is not None:
             return fail(StoreError("the store is closed"))
-        return self._on_writer(self._commit, batch)
+        return self._threads.on_writer(self._commit, batch)
 
     def read_outbound(
         self, peer_id: PeerId, after: int, limit: int, max_bytes: int
@@ -839,7 +799,7 @@ class SQLiteBackend:
         """
         if not self._open or self._closing is not None:
             return fail(StoreError("the store is closed"))
-        return self._on_reader(self._read, peer_id, after, limit, max_bytes)
+        return self._threads.on_reader(self._read, peer_id, after, limit, max_bytes)
 
     def close(self) -> Deferred[None]:
         """
@@ -858,13 +818,13 @@ class SQLiteBackend:
             return succeed(None)
         closing = self._closing = Deferred()
         errors: list[Failure] = []
-        writer = self._on_writer(self._close_writer)
+        writer = self._threads.on_writer(self._close_writer)
         writer.addErrback(errors.append)
-        reader = self._on_reader(self._close_reader)
+        reader = self._threads.on_reader(self._close_reader)
         reader.addErrback(errors.append)
 
         def closed(_: object) -> Failure | None:
-            self._stop_pools()
+            self._threads.stop()
             self._open = False
             self._closing = None
             closing.callback(None)
@@ -883,7 +843,7 @@ class SQLiteBackend:
         self._max_size = max_size
         if not self._open:
             return succeed(None)
-        return self._on_writer(self._apply_max_size)
+        return self._threads.on_writer(self._apply_max_size)
 
     # -- on the writer thread ----------------------------------------------------------
 

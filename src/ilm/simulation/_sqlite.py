@@ -314,7 +314,7 @@ class SimulatedSQLiteBackend(SimulatedOperations):
                 assert inner._writer is not None
                 inner._writer.execute(f"PRAGMA query_only = {int(on)}")
 
-            self._wait(inner._on_writer(query_only))
+            self._wait(inner._threads.on_writer(query_only))
 
     def _wait(self, d: Deferred[Any]) -> None:
         """
