@@ -34,7 +34,7 @@ wrong and what the caller can do about it:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ILMError(Exception):
@@ -51,11 +51,16 @@ class SendRefused(ILMError):
     A message handed to ``send_to`` was refused; nothing was stored.
     """
 
+    #: Why, in one stable word (metrics labels, the HTTP API's error code).
+    reason: ClassVar[str] = "refused"
+
 
 class SendToSelf(SendRefused, ValueError):
     """
     The destination is this node's own id; ILM does not loop messages back.
     """
+
+    reason = "send_to_self"
 
 
 class WrongSource(SendRefused, ValueError):
@@ -64,6 +69,8 @@ class WrongSource(SendRefused, ValueError):
     node's id.
     """
 
+    reason = "wrong_source"
+
 
 class InvalidPeerId(SendRefused, ValueError):
     """
@@ -71,12 +78,16 @@ class InvalidPeerId(SendRefused, ValueError):
     strings of at most 255 UTF-8 bytes.
     """
 
+    reason = "invalid_peer_id"
+
 
 class MessageTooLarge(SendRefused, ValueError):
     """
     The message contents exceed the configured ``max_message_size``, or the
     smaller limit the peer announced in its handshake.
     """
+
+    reason = "message_too_large"
 
     def __init__(self, size: int, limit: int, detail: str | None = None) -> None:
         super().__init__(
@@ -91,6 +102,8 @@ class OutboxFull(SendRefused):
     The outbox towards one peer holds as many messages (or bytes) as its limit
     allows.  Retry after the peer has acknowledged some of them.
     """
+
+    reason = "outbox_full"
 
     def __init__(self, peer_id: object, kind: str, limit: int) -> None:
         super().__init__(f"outbox to peer {peer_id!r} is full ({kind} limit {limit})")
@@ -107,6 +120,8 @@ class UnknownPeer(SendRefused, ValueError):
     Usually a typo in the peer id, or ``"1"`` where ``1`` was meant.
     """
 
+    reason = "unknown_peer"
+
 
 class NotRunning(SendRefused):
     """
@@ -116,6 +131,8 @@ class NotRunning(SendRefused):
     stops before the peer acknowledged the message (the message itself stays
     in the store and is sent after the next start).
     """
+
+    reason = "not_running"
 
 
 # --- configuration ------------------------------------------------------------
