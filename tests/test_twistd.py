@@ -383,7 +383,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("is a directory", problem)
         same = self.mktemp()
         [problem] = self.problems(*base, "--store", same, "--inbox", same)
-        self.assertIn("--store and --inbox are the same file", problem)
+        self.assertIn("--store and --inbox name the same file", problem)
 
     def test_rundir(self) -> None:
         """
@@ -659,7 +659,7 @@ class _Daemon:
         command = [sys.executable, "-c", prelude + TWISTD[2]]
         process = subprocess.Popen(
             [
-                *command, "-n", "--pidfile=", "--logfile=-", "ilm",
+                *command, "-n", "--pidfile=", "--logfile=-", "ilm", "--api", "none",
                 "--id", "2", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 "--keys", "keys", "--store", "node2.sqlite", "--inbox", inbox,
                 *extra,
@@ -921,7 +921,8 @@ class DaemonTests(_DaemonCase):
             result = subprocess.run(
                 [
                     *TWISTD, "-n", "--pidfile=failed.pid", f"--logfile={log_path}",
-                    "ilm", "--id", "2", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "ilm", "--api", "none", "--id", "2",
+                    "--listen", f"tcp:{port}:interface=127.0.0.1",
                     "--keys", "keys", "--store", store, "--inbox", "other.jsonl",
                 ],
                 cwd=self.directory, capture_output=True, text=True, timeout=60,
@@ -948,7 +949,7 @@ class DaemonTests(_DaemonCase):
             return subprocess.run(
                 [
                     *TWISTD, f"--pidfile={name}.pid", f"--logfile={name}.log", "ilm",
-                    "--id", "2", "--keys", "keys", "--store", store,
+                    "--api", "none", "--id", "2", "--keys", "keys", "--store", store,
                     "--inbox", f"{name}.jsonl",
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 ],
