@@ -45,8 +45,8 @@ def commands(block: str) -> list[str]:
 def log_events() -> set[str]:
     """
     Every ``ilm_event`` name in the source: the constants given as
-    ``ilm_event=...``, and those returned by functions that choose one
-    (``..._event``).
+    ``ilm_event=...`` or as an error class's ``ilm_event``, and those
+    returned by functions that choose one (``..._event``).
     """
     names: set[str] = set()
     for path in (ROOT / "src" / "ilm").rglob("*.py"):
@@ -55,6 +55,14 @@ def log_events() -> set[str]:
             if isinstance(node, ast.keyword) and node.arg == "ilm_event":
                 if isinstance(node.value, ast.Constant):
                     names.add(node.value.value)
+            elif (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and node.target.id == "ilm_event"
+                and isinstance(node.value, ast.Constant)
+            ):
+                # An error class's event (``ilm_event: ClassVar[str] = ...``).
+                names.add(node.value.value)
             elif isinstance(node, ast.FunctionDef) and node.name.endswith("_event"):
                 for inner in ast.walk(node):
                     if isinstance(inner, ast.Return) and isinstance(

@@ -11,6 +11,15 @@ from ilm._delivery import CallableDelivery, QueueDelivery, as_delivery
 from ilm._exec import ExecDelivery
 from ilm._message import Message, PeerId
 from ilm._messenger import ILM, Receipt
+from ilm._status import (
+    LINK_CONNECTING,
+    LINK_DOWN,
+    LINK_UP,
+    Histogram,
+    NetworkStats,
+    NodeStats,
+    PeerStatus,
+)
 from ilm._store import (
     CommitResult,
     InboundRecord,
@@ -25,14 +34,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ILM",
+    "LINK_CONNECTING",
+    "LINK_DOWN",
+    "LINK_UP",
     "CallableDelivery",
     "CommitResult",
     "Config",
     "ExecDelivery",
+    "Histogram",
     "InboundRecord",
     "Message",
+    "NetworkStats",
+    "NodeStats",
     "OutboundRecord",
     "PeerId",
+    "PeerStatus",
     "QueueDelivery",
     "Receipt",
     "SQLiteBackend",

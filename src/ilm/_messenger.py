@@ -14,8 +14,9 @@ import inspect
 import itertools
 import math
 import os
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -47,18 +48,32 @@ from ilm._session import (
     resume_inbound,
     resume_outbound,
 )
+from ilm._status import (
+    COMMIT_BATCH_BOUNDS,
+    COMMIT_SECONDS_BOUNDS,
+    DELIVERY_SECONDS_BOUNDS,
+    LINK_CONNECTING,
+    LINK_DOWN,
+    LINK_UP,
+    HistogramCounter,
+    NodeStats,
+    PeerStatus,
+)
 from ilm._store import CommitResult, StoreBatch, StoredState, batch_problems
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
+    InvalidPeerId,
     MalformedFrame,
     MessageTooLarge,
     NotRunning,
     OutboxFull,
     ProtocolViolation,
+    SendRefused,
     SendToSelf,
     ShutdownTimeout,
     StoreError,
+    StoreInDoubt,
     UnexpectedFrame,
     UnknownPeer,
     UnsupportedVersion,
@@ -125,6 +140,30 @@ def _as_deferred(result: object) -> Deferred[Any] | None:
     return None
 
 
+def _forget_accept_time(peer: _Peer, last: int) -> None:
+    """
+    The messages up to ``last`` of a commit that failed were not stored:
+    their acceptance time goes.
+    """
+    times = peer.accept_times
+    if times and times[-1][0] == last:
+        times.pop()
+
+
+def _one_line(reason: object) -> str:
+    """
+    A failure or an error in one line: its type and its message.
+    """
+    error = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(error, BaseException):
+        text = str(error).strip()
+        kind = type(error).__name__
+        line = f"{kind}: {text}" if text else kind
+    else:
+        line = str(error)
+    return " ".join(line.split())
+
+
 class _Abandoned(Exception):
     """
     Unwinds a shutdown in progress when the node is abandoned (crashed).
@@ -137,17 +176,27 @@ class _Peer:
     """
 
     __slots__ = (
+        "accept_times",
+        "accepted_at",
         "ack_call",
+        "acked_total",
+        "arrivals",
+        "delivered_total",
         "delivering",
         "delivery_call",
         "delivery_delay",
         "handshake_call",
         "held",
+        "held_reason",
+        "held_retries",
+        "held_since",
         "hold_reported",
         "in_loop",
         "inbound",
         "incarnations",
         "link",
+        "link_since",
+        "lost_reason",
         "max_message",
         "out",
         "outbox_bytes",
@@ -165,7 +214,11 @@ class _Peer:
         "retired",
         "retransmit_call",
         "retransmit_delay",
+        "retransmitted",
+        "seen_incarnation",
         "sendable",
+        "sent_high",
+        "sent_total",
         "waiters",
     )
 
@@ -210,6 +263,27 @@ class _Peer:
         self.in_loop = False
         self.delivery_call: IDelayedCall | None = None
         self.delivery_delay = config.delivery_retry
+        # What peer_status() reports.  Counters since the node started.
+        self.link_since: float | None = None
+        self.lost_reason: str | None = None
+        self.sent_total = 0
+        self.acked_total = 0
+        self.retransmitted = 0
+        self.delivered_total = 0
+        # The highest position transmitted since start: a chunk below it
+        # is a retransmission.
+        self.sent_high = out.acked
+        # When the first message of ``pending`` was accepted; per commit,
+        # (last position stored, when its first message was accepted).
+        self.accepted_at = 0.0
+        self.accept_times: deque[tuple[int, float]] = deque()
+        # Per data frame queued for delivery: [stream, last position,
+        # position observed up to, arrival time] (delivery_seconds).
+        self.arrivals: deque[list[Any]] = deque()
+        self.held_since: float | None = None
+        self.held_reason: str | None = None
+        self.held_retries = 0
+        self.seen_incarnation: str | None = None
 
     def current_stream(self) -> InboundStream | None:
         return self.inbound[-1] if self.inbound else None
@@ -376,6 +450,27 @@ class ILM(Service):
         # Events a peer, a failing store or a failing delivery target can make
         # repeat: the first of each kind in full, then summaries.
         self._limiter: EventLimiter | None = EventLimiter(log, self._clock)
+        link_error = getattr(network, "link_error", None)
+        self._link_error: Callable[[PeerId], object] | None = (
+            link_error if callable(link_error) else None
+        )
+        # What stats() reports: counters since the start, kept plain.
+        self._started_at: float | None = None
+        self._stored = 0
+        self._refused: dict[str, int] = {}
+        self._delivery_failures = 0
+        self._link_ups = 0
+        self._link_downs = 0
+        self._commits = 0
+        self._commit_failures = 0
+        self._in_doubt = False
+        self._commit_started = 0.0
+        self._committing_sends: list[
+            tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]
+        ] = []
+        self._commit_seconds = HistogramCounter(COMMIT_SECONDS_BOUNDS)
+        self._commit_batch = HistogramCounter(COMMIT_BATCH_BOUNDS)
+        self._delivery_seconds = HistogramCounter(DELIVERY_SECONDS_BOUNDS)
 
     # -- construction and service ----------------------------------------------
 
@@ -509,6 +604,154 @@ class ILM(Service):
             )
         return Receipt(self, peer_id, message_id)
 
+    @overload
+    def peer_status(self) -> Mapping[PeerId, PeerStatus]: ...
+
+    @overload
+    def peer_status(self, peer_id: PeerId) -> PeerStatus: ...
+
+    def peer_status(
+        self, peer_id: PeerId | None = None
+    ) -> Mapping[PeerId, PeerStatus] | PeerStatus:
+        """
+        What this node knows of its peers, now.
+
+        :param peer_id: one peer, or ``None`` for every peer the node knows:
+            those its network dials and those it holds stored or live state
+            for.
+        :return: a :class:`ilm.PeerStatus`, or a mapping of them by peer id.
+        :raises InvalidPeerId: if ``peer_id`` is not a valid peer id.
+        :raises UnknownPeer: if the node knows nothing of ``peer_id`` and its
+            network can never link to it (or it is this node's own id).
+        """
+        now = self._clock.seconds()
+        if peer_id is None:
+            known = set(self._peers)
+            known.update(self._dialled_peers() or ())
+            known.discard(self._local_id)
+            return {
+                pid: self._status_of(pid, now)
+                for pid in sorted(known, key=lambda p: (type(p) is str, p))
+            }
+        try:
+            pid = check_peer_id(peer_id)
+        except TypeError as error:
+            raise InvalidPeerId(str(error)) from error
+        if pid not in self._peers and (
+            pid == self._local_id
+            or (pid not in (self._dialled_peers() or ()) and not self._linkable(pid))
+        ):
+            raise UnknownPeer(f"this node knows nothing of peer {pid!r}")
+        return self._status_of(pid, now)
+
+    def _status_of(self, peer_id: PeerId, now: float) -> PeerStatus:
+        """
+        One peer's :class:`PeerStatus` (a blank one for a peer with no state).
+        """
+        error = None
+        if self._link_error is not None:
+            try:
+                failure = self._link_error(peer_id)
+            except Exception:
+                failure = None
+            if failure is not None:
+                error = str(failure)
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return PeerStatus(
+                peer_id=peer_id,
+                link=LINK_DOWN,
+                link_since=None,
+                last_link_error=error,
+                pending=0,
+                pending_bytes=0,
+                oldest_pending_age=None,
+                in_flight=0,
+                last_message_id=0,
+                last_acknowledged=0,
+                sent=0,
+                acknowledged=0,
+                retransmitted=0,
+                delivered=0,
+                last_delivered=0,
+                delivery_held=False,
+                delivery_held_reason=None,
+                delivery_held_since=None,
+                delivery_retries=0,
+                peer_incarnation=None,
+                incarnations=0,
+            )
+        out = peer.out
+        unstored = sum(map(len, peer.pending))
+        for holder, _first, contents, _deferreds in self._committing_sends:
+            if holder is peer:
+                unstored += sum(map(len, contents))
+        stream = peer.current_stream()
+        link = peer.link
+        return PeerStatus(
+            peer_id=peer_id,
+            link=(
+                LINK_UP
+                if link == _READY
+                else LINK_CONNECTING
+                if link == _HELLO_SENT
+                else LINK_DOWN
+            ),
+            link_since=peer.link_since,
+            last_link_error=error if error is not None else peer.lost_reason,
+            pending=out.stored - out.acked,
+            pending_bytes=max(0, peer.outbox_bytes - unstored),
+            oldest_pending_age=(
+                now - peer.accept_times[0][1] if peer.accept_times else None
+            ),
+            in_flight=out.sent - out.acked if link == _READY else 0,
+            last_message_id=out.stored,
+            last_acknowledged=out.acked,
+            sent=peer.sent_total + len(peer.pending),
+            acknowledged=peer.acked_total,
+            retransmitted=peer.retransmitted,
+            delivered=peer.delivered_total,
+            last_delivered=stream.delivered if stream is not None else 0,
+            delivery_held=peer.held_retries > 0,
+            delivery_held_reason=peer.held_reason,
+            delivery_held_since=peer.held_since,
+            delivery_retries=peer.held_retries,
+            peer_incarnation=(
+                peer.seen_incarnation
+                if peer.seen_incarnation is not None
+                else stream.incarnation
+                if stream is not None
+                else None
+            ),
+            incarnations=len(peer.inbound),
+        )
+
+    def stats(self) -> NodeStats:
+        """
+        :return: this node's counters and histograms since it started, as a
+            frozen :class:`ilm.NodeStats`.
+        """
+        peers = self._peers.values()
+        return NodeStats(
+            started_at=self._started_at,
+            state=self._state,
+            sent=sum(peer.sent_total + len(peer.pending) for peer in peers),
+            stored=self._stored,
+            delivered=sum(peer.delivered_total for peer in peers),
+            acknowledged=sum(peer.acked_total for peer in peers),
+            retransmitted=sum(peer.retransmitted for peer in peers),
+            refused=self._refused,
+            delivery_failures=self._delivery_failures,
+            link_ups=self._link_ups,
+            link_downs=self._link_downs,
+            commits=self._commits,
+            commit_failures=self._commit_failures,
+            commit_seconds=self._commit_seconds.snapshot(),
+            commit_batch=self._commit_batch.snapshot(),
+            delivery_seconds=self._delivery_seconds.snapshot(),
+            store_in_doubt=self._in_doubt,
+        )
+
     # -- sending -------------------------------------------------------------
 
     def send_to(self, peer_id: PeerId, contents: bytes) -> Deferred[Receipt]:
@@ -538,8 +781,8 @@ class ILM(Service):
         if type(peer_id) is not int or not 0 <= peer_id <= MAX_INT_ID:
             try:
                 peer_id = check_peer_id(peer_id)
-            except ILMError:
-                return fail()
+            except SendRefused as refusal:
+                return self._refuse(refusal)
         # The common case in one test; every refusal is sorted out in
         # _enqueue.  No _Peer exists for this node's own id.
         peer = self._peers.get(peer_id)
@@ -569,7 +812,7 @@ class ILM(Service):
                 f"expected an IMessage provider, not {type(message).__name__}"
             )
         if message.source_id != self._local_id:
-            return fail(
+            return self._refuse(
                 WrongSource(
                     f"message source {message.source_id!r} is not this node "
                     f"({self._local_id!r})"
@@ -581,10 +824,12 @@ class ILM(Service):
         if not self._accepting:
             state = self._state
             if self._shutdown_waiters is not None:
-                return fail(NotRunning(f"ILM node {self._local_id!r} is shutting down"))
+                return self._refuse(
+                    NotRunning(f"ILM node {self._local_id!r} is shutting down")
+                )
             if state == _STARTING or state == _NEW:
                 if len(self._early) >= self._config.max_outbox_messages:
-                    return fail(
+                    return self._refuse(
                         OutboxFull(
                             peer_id, "messages", self._config.max_outbox_messages
                         )
@@ -592,17 +837,17 @@ class ILM(Service):
                 d: Deferred[Receipt] = Deferred()
                 self._early.append((peer_id, contents, d))
                 return d
-            return fail(NotRunning(f"ILM node {self._local_id!r} is {state}"))
+            return self._refuse(NotRunning(f"ILM node {self._local_id!r} is {state}"))
         if peer_id == self._local_id:
-            return fail(SendToSelf(f"{peer_id!r} is this node's own id"))
+            return self._refuse(SendToSelf(f"{peer_id!r} is this node's own id"))
         size = len(contents)
         config = self._config
         if size > config.max_message_size:
-            return fail(MessageTooLarge(size, config.max_message_size))
+            return self._refuse(MessageTooLarge(size, config.max_message_size))
         peer = self._peers.get(peer_id)
         if peer is None or not peer.sendable:
             if not self._linkable(peer_id):
-                return fail(
+                return self._refuse(
                     UnknownPeer(
                         f"the network can never have a link to peer {peer_id!r} "
                         f"(a {type(peer_id).__name__}): no key, certificate pin "
@@ -614,7 +859,7 @@ class ILM(Service):
                 peer = self._new_peer(peer_id)
             peer.sendable = True
         if size > peer.max_message:
-            return fail(
+            return self._refuse(
                 MessageTooLarge(
                     size,
                     peer.max_message,
@@ -623,10 +868,23 @@ class ILM(Service):
                 )
             )
         if peer.outbox_count >= config.max_outbox_messages:
-            return fail(OutboxFull(peer_id, "messages", config.max_outbox_messages))
+            return self._refuse(
+                OutboxFull(peer_id, "messages", config.max_outbox_messages)
+            )
         if peer.outbox_bytes + size > config.max_outbox_bytes:
-            return fail(OutboxFull(peer_id, "bytes", config.max_outbox_bytes))
+            return self._refuse(OutboxFull(peer_id, "bytes", config.max_outbox_bytes))
         return self._append(peer, contents, size)
+
+    def _refuse(self, refusal: SendRefused) -> Deferred[Receipt]:
+        """
+        A send refused: counted by reason (``stats().refused``).
+        """
+        self._count_refusal(refusal)
+        return fail(refusal)
+
+    def _count_refusal(self, refusal: SendRefused) -> None:
+        reason = refusal.reason
+        self._refused[reason] = self._refused.get(reason, 0) + 1
 
     def _append(self, peer: _Peer, contents: bytes, size: int) -> Deferred[Receipt]:
         """
@@ -636,6 +894,7 @@ class ILM(Service):
         pending = peer.pending
         if not pending:
             self._send_peers[peer.peer_id] = peer
+            peer.accepted_at = self._clock.seconds()
         pending.append(contents)
         peer.pending_deferreds.append(d)
         peer.outbox_count += 1
@@ -742,6 +1001,8 @@ class ILM(Service):
             first = peer.out.stored + 1
             batch.messages[peer.peer_id] = (first, peer.pending)
             sends.append((peer, first, peer.pending, peer.pending_deferreds))
+            peer.sent_total += len(peer.pending)
+            peer.accept_times.append((first + len(peer.pending) - 1, peer.accepted_at))
             peer.pending = []
             peer.pending_deferreds = []
         self._send_peers = {}
@@ -754,6 +1015,15 @@ class ILM(Service):
                 waiter.callback(None)
             return
         self._committing = True
+        self._committing_sends = sends
+        self._commit_started = self._clock.seconds()
+        self._commit_batch.observe(
+            sum(len(contents) for _, _, contents, _ in sends)
+            + len(batch.acked)
+            + len(batch.delivered)
+            + len(batch.retired)
+            + len(batch.forgotten)
+        )
         try:
             d = self._backend.commit(batch)
         except Exception:
@@ -783,10 +1053,11 @@ class ILM(Service):
         """
         kept = []
         for entry in sends:
-            peer, _first, contents, deferreds = entry
+            peer, first, contents, deferreds = entry
             if peer.peer_id not in problems:
                 kept.append(entry)
                 continue
+            _forget_accept_time(peer, first + len(contents) - 1)
             peer.outbox_count -= len(contents)
             peer.outbox_bytes -= sum(map(len, contents))
             refusal = StoreError(
@@ -823,6 +1094,10 @@ class ILM(Service):
         waiters: list[Deferred[None]],
     ) -> None:
         self._committing = False
+        self._committing_sends = []
+        self._commits += 1
+        self._in_doubt = False
+        self._commit_seconds.observe(self._clock.seconds() - self._commit_started)
         self._store_delay = self._config.store_retry
         self._retry_at = 0.0
         peers = self._peers
@@ -847,6 +1122,7 @@ class ILM(Service):
             self._send_ack(peer)
             self._drop_drained_streams(peer)
         for peer, first, contents, deferreds in sends:
+            self._stored += len(contents)
             peer.out.on_stored(first, contents)
             self._pump(peer)
             peer_id = peer.peer_id
@@ -865,6 +1141,11 @@ class ILM(Service):
         waiters: list[Deferred[None]],
     ) -> None:
         self._committing = False
+        self._committing_sends = []
+        self._commit_failures += 1
+        self._commit_seconds.observe(self._clock.seconds() - self._commit_started)
+        if reason.check(StoreInDoubt):
+            self._in_doubt = True
         # What the barrier waiters were waiting for is retried: they wait for
         # the retry.
         self._next_commit_waiters[:0] = waiters
@@ -873,10 +1154,11 @@ class ILM(Service):
             error.__cause__ = reason.value
             reason = Failure(error)
         refused = 0
-        for peer, _first, contents, deferreds in sends:
+        for peer, first, contents, deferreds in sends:
             peer.outbox_count -= len(contents)
             peer.outbox_bytes -= sum(map(len, contents))
             refused += len(contents)
+            _forget_accept_time(peer, first + len(contents) - 1)
             for d in deferreds:
                 d.errback(reason)
         delay = self._store_delay
@@ -934,6 +1216,11 @@ class ILM(Service):
                 ilm_event="message_too_large_for_peer",
             )
         if chunk:
+            last = first + len(chunk) - 1
+            if first <= peer.sent_high:
+                peer.retransmitted += min(last, peer.sent_high) - first + 1
+            if last > peer.sent_high:
+                peer.sent_high = last
             self._network.send_frames(
                 peer.peer_id, _frames.encode_data(first, chunk, self._frame_target)
             )
@@ -1152,6 +1439,7 @@ class ILM(Service):
                 peer.peer_id, Failure(ConnectionError("replaced by a new link"))
             )
         peer.link = _HELLO_SENT
+        peer.link_since = self._clock.seconds()
         log.debug("link to {peer_id!r} established", peer_id=peer.peer_id)
         self._send_hello(peer, reply_requested=False)
 
@@ -1192,6 +1480,11 @@ class ILM(Service):
         peer = self._peers.get(pid)
         if peer is None or peer.link == _DOWN:
             return
+        if peer.link == _READY:
+            self._link_downs += 1
+        if peer.link != _CLOSING:
+            peer.link_since = self._clock.seconds()
+            peer.lost_reason = _one_line(reason)
         peer.link = _DOWN
         peer.paused = False
         peer.owed_ack = False
@@ -1301,7 +1594,11 @@ class ILM(Service):
                 reason=str(violation),
                 ilm_event="protocol_violation",
             )
+        if peer.link == _READY:
+            self._link_downs += 1
         peer.link = _CLOSING
+        peer.link_since = self._clock.seconds()
+        peer.lost_reason = _one_line(violation)
         self._network.close_link(peer.peer_id, violation)
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
@@ -1383,10 +1680,14 @@ class ILM(Service):
                 ilm_event="stream_jumped",
             )
             stream.jump(resume.delivered)
+            peer.arrivals = deque(a for a in peer.arrivals if a[0] is not stream)
             self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
             self._schedule_flush()
         peer.peer_incarnation = incarnation
+        peer.seen_incarnation = incarnation
         peer.link = _READY
+        peer.link_since = self._clock.seconds()
+        self._link_ups += 1
         if peer.handshake_call is not None:
             if peer.handshake_call.active():
                 peer.handshake_call.cancel()
@@ -1410,6 +1711,9 @@ class ILM(Service):
     def _on_data(self, peer: _Peer, first: int, contents: list[bytes]) -> None:
         stream = peer.inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
+        if accepted:
+            last = stream.received
+            peer.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
         if nack:
             self._send_nack(peer, nack)
         if acknowledge_now:
@@ -1437,6 +1741,10 @@ class ILM(Service):
     def _acknowledged(self, peer: _Peer, newly: int) -> None:
         acked = peer.out.acked
         peer.outbox_count -= newly
+        peer.acked_total += newly
+        times = peer.accept_times
+        while times and times[0][0] <= acked:
+            times.popleft()
         self._bookkeeping.acked[peer.peer_id] = acked
         # Deleting acknowledged messages can wait to share a commit: if it is
         # lost in a crash, they are sent again and the peer takes them as
@@ -1513,7 +1821,9 @@ class ILM(Service):
                             return
                         continue
                     stream.pop_delivered()
-                    peer.delivery_delay = self._config.delivery_retry
+                    peer.delivered_total += 1
+                    if peer.held_retries:
+                        self._release_hold(peer)
         finally:
             peer.in_loop = False
             self._after_delivery(peer)
@@ -1526,12 +1836,28 @@ class ILM(Service):
             self._delivery_failed(result, peer, message)
         elif stream.queue and stream.delivered + 1 == message.message_id:
             stream.pop_delivered()
-            peer.delivery_delay = self._config.delivery_retry
+            peer.delivered_total += 1
+            if peer.held_retries:
+                self._release_hold(peer)
         if not peer.in_loop:
             self._guard(self._deliver, peer)
             self._notify_settled()
 
+    def _release_hold(self, peer: _Peer) -> None:
+        """
+        A delivery succeeded after failures: the hold is over.
+        """
+        peer.delivery_delay = self._config.delivery_retry
+        peer.held_retries = 0
+        peer.held_since = None
+        peer.held_reason = None
+
     def _delivery_failed(self, reason: Failure, peer: _Peer, message: Message) -> None:
+        self._delivery_failures += 1
+        if not peer.held_retries:
+            peer.held_since = self._clock.seconds()
+        peer.held_retries += 1
+        peer.held_reason = _one_line(reason)
         delay = peer.delivery_delay
         peer.delivery_delay = min(delay * 2, self._config.max_delivery_retry)
         self._limited(
@@ -1553,6 +1879,9 @@ class ILM(Service):
         self._deliver(peer)
 
     def _after_delivery(self, peer: _Peer) -> None:
+        arrivals = peer.arrivals
+        if arrivals:
+            self._observe_deliveries(arrivals)
         marks = False
         for stream in peer.inbound:
             if stream.delivered > stream.marked:
@@ -1572,6 +1901,26 @@ class ILM(Service):
             peer.ack_call = self._later(self._config.ack_delay, self._delayed_ack, peer)
         if stream_now is not None and stream_now.starved:
             self._unstarve(peer, stream_now)
+
+    def _observe_deliveries(self, arrivals: deque[list[Any]]) -> None:
+        """
+        Count the delivery latency of what was delivered since the last
+        look: one observation per arrived frame, not per message.  Frames
+        are delivered in the order they arrived (one incarnation's stream
+        after another's), so only the head can have moved.
+        """
+        now = self._clock.seconds()
+        histogram = self._delivery_seconds
+        while arrivals:
+            arrival = arrivals[0]
+            stream, last, observed, at = arrival
+            done = min(stream.delivered, last)
+            if done > observed:
+                histogram.observe(now - at, done - observed)
+                arrival[2] = done
+            if done < last:
+                return
+            arrivals.popleft()
 
     def _unstarve(self, peer: _Peer, stream: InboundStream) -> None:
         """
@@ -1641,6 +1990,7 @@ class ILM(Service):
             raise NotRunning("shut down before its store had opened")
         self._incarnation = state.incarnation
         config = self._config
+        now = self._clock.seconds()
         ids = [r.peer_id for r in state.outbound] + [r.peer_id for r in state.inbound]
         if self._local_id in ids:
             raise StoreError(
@@ -1658,6 +2008,8 @@ class ILM(Service):
             )
             peer = self._peers[record.peer_id] = _Peer(record.peer_id, out, config)
             peer.outbox_bytes = record.pending_bytes
+            if record.last_position > record.acked:
+                peer.accept_times.append((record.last_position, now))
         for inbound in state.inbound:
             peer = self._peers.get(inbound.peer_id) or self._new_peer(inbound.peer_id)
             if inbound.retired:
@@ -1708,6 +2060,7 @@ class ILM(Service):
             ilm_event="started",
         )
         self._accepting = self._shutdown_waiters is None
+        self._started_at = self._clock.seconds()
         # Sends made before the start take their positions before anything a
         # start callback sends.
         early, self._early = self._early, []
@@ -1752,6 +2105,7 @@ class ILM(Service):
             )
             refusal.__cause__ = reason.value
             for _, _, d in early:
+                self._count_refusal(refusal)
                 d.errback(refusal)
         if self._backend_open:
             self._backend_open = False
@@ -1862,7 +2216,7 @@ class ILM(Service):
         self.running = 0
         early, self._early = self._early, []
         for _, _, d in early:
-            d.errback(NotRunning("ILM is shutting down"))
+            self._refuse(NotRunning("ILM is shutting down")).chainDeferred(d)
         drained = True
         if not self._is_drained():
             waiter: Deferred[None] = Deferred()

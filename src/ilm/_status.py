@@ -12,6 +12,8 @@ are not persisted, as Prometheus counters are not.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -189,3 +191,60 @@ class NetworkStats:
     links_lost: int
     refusals: Mapping[str, int] = field(converter=_frozen_counts)
     dial_failures: Mapping[str, int] = field(converter=_frozen_counts)
+
+
+#: Commit latency bounds, in seconds.
+COMMIT_SECONDS_BOUNDS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Entries per commit: powers of two up to 4096.
+COMMIT_BATCH_BOUNDS = tuple(float(2**i) for i in range(13))
+#: From arrival to settled delivery, in seconds (a held delivery waits long).
+DELIVERY_SECONDS_BOUNDS = (*COMMIT_SECONDS_BOUNDS, 30.0, 60.0, 300.0)
+
+
+class HistogramCounter:
+    """
+    What a :class:`Histogram` is built from: one count per bucket, kept
+    plain so that an observation costs a bisection and two additions.
+    """
+
+    __slots__ = ("_bounds", "_counts", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        """
+        Count ``value`` ``times`` times.
+        """
+        self._counts[bisect_left(self._bounds, value)] += times
+        self.sum += value * times
+        self.count += times
+
+    def snapshot(self) -> Histogram:
+        """
+        :return: the cumulative :class:`Histogram` of what was observed.
+        """
+        buckets = []
+        total = 0
+        for bound, count in zip((*self._bounds, math.inf), self._counts, strict=True):
+            total += count
+            buckets.append((bound, total))
+        return Histogram(tuple(buckets), self.sum, self.count)

@@ -26,6 +26,11 @@ wrong and what the caller can do about it:
 - :class:`ConnectionLimitReached` is why a stream network aborted an
   incoming connection as soon as it was accepted (too many unauthenticated
   connections); it appears only in the log.
+- The network errors (:class:`ProtocolViolation` and its subclasses,
+  :class:`LinkTimeout`, :class:`ConnectionLimitReached`) carry, as the class
+  attribute ``ilm_event``, the name of the log event a stream network emits
+  when it closes a connection for one of them; it is also the reason under
+  which ``NetworkStats.refusals`` counts that refusal.
 - :class:`ShutdownTimeout` fails the Deferred returned by
   :meth:`ilm.ILM.shutdown` when pending messages could not be drained in time;
   they stay in the store and are sent after the next start.
@@ -232,6 +237,8 @@ class ProtocolViolation(ILMError):
     already accepted is lost.
     """
 
+    ilm_event: ClassVar[str] = "link_protocol_violation"
+
 
 class MalformedFrame(ProtocolViolation):
     """
@@ -320,11 +327,15 @@ class AuthenticationFailed(ProtocolViolation):
     The peer could not prove the identity it claims, or is not configured.
     """
 
+    ilm_event: ClassVar[str] = "authentication_failed"
+
 
 class SpoofedPeer(ProtocolViolation):
     """
     A frame claims a node id other than the link's authenticated peer.
     """
+
+    ilm_event: ClassVar[str] = "spoofed_peer"
 
 
 class TLSHandshakeFailed(AuthenticationFailed):
@@ -334,12 +345,16 @@ class TLSHandshakeFailed(AuthenticationFailed):
     bytes that are not TLS at all.
     """
 
+    ilm_event: ClassVar[str] = "tls_handshake_failed"
+
 
 class FrameAuthenticationFailed(ProtocolViolation):
     """
     A link frame of a pre-shared-key link failed its integrity check: it
     was altered, dropped, replayed, reordered or injected on the way.
     """
+
+    ilm_event: ClassVar[str] = "frame_authentication_failed"
 
 
 class FrameIntegrityMismatch(ProtocolViolation):
@@ -348,6 +363,8 @@ class FrameIntegrityMismatch(ProtocolViolation):
     integrity tag (``LinkSettings.frame_integrity``): both must use the
     same setting, and the link is refused rather than downgraded.
     """
+
+    ilm_event: ClassVar[str] = "frame_integrity_mismatch"
 
 
 # --- links ---------------------------------------------------------------------
@@ -362,6 +379,8 @@ class LinkTimeout(ILMError):
     reconnected as usual; nothing already accepted is lost.
     """
 
+    ilm_event: ClassVar[str] = "link_timeout"
+
 
 class ConnectionLimitReached(ILMError):
     """
@@ -369,6 +388,8 @@ class ConnectionLimitReached(ILMError):
     many unauthenticated connections are open already (in total, or from
     the same source address): see ``LinkSettings.max_unauthenticated``.
     """
+
+    ilm_event: ClassVar[str] = "connection_limit"
 
 
 # --- shutdown ------------------------------------------------------------------

@@ -21,7 +21,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm._peerid import PeerId, check_peer_id
+from ilm._status import NetworkStats
 from ilm.interfaces import IFrameReceiver, INetwork
+from ilm.network._counters import NetworkCounters, refusal_reason
 
 log = Logger(namespace="ilm.network.memory")
 
@@ -35,12 +37,21 @@ reorder it after later frames).
 
 
 class _Link:
-    __slots__ = ("alive", "calls", "ends", "generation", "queues", "started")
+    __slots__ = (
+        "alive",
+        "announced",
+        "calls",
+        "ends",
+        "generation",
+        "queues",
+        "started",
+    )
 
     def __init__(self, a: PeerId, b: PeerId, generation: int, started: float) -> None:
         self.ends = (a, b)
         self.started = started
         self.alive = True
+        self.announced = False
         self.generation = generation
         self.queues: dict[PeerId, list[tuple[float, int, bytes]]] = {a: [], b: []}
         self.calls: dict[PeerId, IDelayedCall | None] = {a: None, b: None}
@@ -99,6 +110,7 @@ class InMemoryNetwork:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.frames_duplicated = 0
+        self._counters = NetworkCounters()
 
     # -- nodes ---------------------------------------------------------------
 
@@ -179,6 +191,17 @@ class InMemoryNetwork:
         link = self._links.get(_key(a, b))
         return link is not None and link.alive
 
+    def stats(self) -> NetworkStats:
+        """
+        :return: the whole network's counters since it was created: links
+            (both ``connections`` and ``links``) up now, links established
+            and lost, and links closed by a node, by reason (the error's
+            ``ilm_event``, as a stream network counts its refusals).  Each
+            node's own view is :meth:`InMemoryPeerNetwork.stats`.
+        """
+        up = sum(1 for link in self._links.values() if link.alive)
+        return self._counters.snapshot(up, up)
+
     def in_flight(self) -> int:
         """
         The number of frames sent and not yet delivered.
@@ -225,8 +248,12 @@ class InMemoryNetwork:
         if self._links.get(key) is not link or not link.alive:
             return
         a, b = link.ends
+        link.announced = True
+        self._counters.link_established()
         for end in (a, b):
             node = self._nodes.get(end)
+            if node is not None:
+                node.counters.link_established()
             if node is not None and node.receiver is not None:
                 node.receiver.link_established(link.other(end))
 
@@ -242,8 +269,12 @@ class InMemoryNetwork:
             if call is not None and call.active():
                 call.cancel()
             link.calls[end] = None
+        if link.announced:
+            self._counters.link_lost()
         for end in link.ends:
             node = self._nodes.get(end)
+            if node is not None and link.announced:
+                node.counters.link_lost()
             if node is not None and node.receiver is not None:
                 node.receiver.link_lost(link.other(end), reason)
 
@@ -253,6 +284,11 @@ class InMemoryNetwork:
         if link is None:
             return
         link.alive = False
+        reason_name = refusal_reason(reason)
+        self._counters.refused(reason_name)
+        node = self._nodes.get(closer)
+        if node is not None:
+            node.counters.refused(reason_name)
         closes = self._closes.get(key, 0) + 1
         if self.clock.seconds() - link.started >= 60.0:
             closes = 1
@@ -343,6 +379,7 @@ class InMemoryPeerNetwork:
         self.network = network
         self.local_id = local_id
         self.receiver: IFrameReceiver | None = None
+        self.counters = NetworkCounters()
 
     def start(self, receiver: IFrameReceiver) -> Deferred[None]:
         if self.network._nodes.get(self.local_id) is not self:
@@ -368,6 +405,16 @@ class InMemoryPeerNetwork:
             for peer in self.network._nodes
             if peer != self.local_id and self.network.linked(self.local_id, peer)
         )
+
+    def stats(self) -> NetworkStats:
+        """
+        :return: this node's counters on the network since it was added:
+            its links up now (as both ``connections`` and ``links``), its
+            links established and lost, and the links it closed, by reason
+            (the error's ``ilm_event``).
+        """
+        up = len(self.connected_peers())
+        return self.counters.snapshot(up, up)
 
     def send_frames(self, peer_id: PeerId, frames: Iterable[bytes]) -> None:
         if self.receiver is not None:

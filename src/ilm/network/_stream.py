@@ -109,20 +109,18 @@ from zope.interface import implementer, provider
 from ilm._backoff import Backoff
 from ilm._logging import EventLimiter
 from ilm._peerid import PeerId, check_peer_id, id_order_key
+from ilm._status import NetworkStats
 from ilm.errors import (
-    AuthenticationFailed,
     ConfigurationError,
     ConnectionLimitReached,
-    FrameAuthenticationFailed,
-    FrameIntegrityMismatch,
     LinkTimeout,
     ProtocolViolation,
-    SpoofedPeer,
     TLSHandshakeFailed,
     UnexpectedFrame,
 )
 from ilm.interfaces import IFrameReceiver, INetwork
 from ilm.network import _wire
+from ilm.network._counters import REFUSAL_HOLD, NetworkCounters, refusal_reason
 from ilm.network._handshake import (
     KeySearchBudget,
     LinkHandshake,
@@ -431,24 +429,6 @@ _OPEN = "open"
 _CLOSED = "closed"
 
 
-def _violation_event(violation: Exception) -> str:
-    if isinstance(violation, SpoofedPeer):
-        return "spoofed_peer"
-    if isinstance(violation, TLSHandshakeFailed):
-        return "tls_handshake_failed"
-    if isinstance(violation, AuthenticationFailed):
-        return "authentication_failed"
-    if isinstance(violation, LinkTimeout):
-        return "link_timeout"
-    if isinstance(violation, FrameAuthenticationFailed):
-        return "frame_authentication_failed"
-    if isinstance(violation, FrameIntegrityMismatch):
-        return "frame_integrity_mismatch"
-    if isinstance(violation, ConnectionLimitReached):
-        return "connection_limit"
-    return "link_protocol_violation"
-
-
 def _guarded(doing: str, function: Callable[..., object], *args: object) -> None:
     """
     Run a network timer's ``function``; log anything it raises (as an
@@ -713,7 +693,7 @@ class ILMProtocol(Protocol):
         """
         text = tls_error_text(reason.value)
         if text is not None:
-            self._log_refusal(TLSHandshakeFailed(text))
+            self._refuse(TLSHandshakeFailed(text))
 
     def _open_failure(self, was: str, reason: Failure) -> BaseException:
         """
@@ -925,14 +905,21 @@ class ILMProtocol(Protocol):
         """
         if self.state == _CLOSED:
             return
-        dialling = self.initiated and self.state != _OPEN
-        if not logged and not dialling:
-            self._log_refusal(violation)
+        if not logged:
+            dialling = self.initiated and self.state != _OPEN
+            self._refuse(violation, log=not dialling)
         self._close_reason = violation
         self.close(violation, abort=not flush)
 
-    def _log_refusal(self, violation: BaseException) -> None:
-        event = _violation_event(violation)  # type: ignore[arg-type]
+    def _refuse(self, violation: BaseException, log: bool = True) -> None:
+        """
+        Count this connection's refusal for ``violation`` and, unless
+        ``log`` is false, log it (rate-limited per source address).
+        """
+        event = refusal_reason(violation)
+        self._network._counters.refused(event)
+        if not log:
+            return
         self._network._limiter.emit(
             (event, self._host),
             LogLevel.error,
@@ -1320,6 +1307,7 @@ class StreamNetwork:
         self._unauthenticated: dict[ILMProtocol, str] = {}
         self._unauthenticated_hosts: Counter[str] = Counter()
         self._dial_errors: dict[PeerId, DialFailure] = {}
+        self._counters = NetworkCounters()
 
     # -- INetwork ------------------------------------------------------------
 
@@ -1435,6 +1423,21 @@ class StreamNetwork:
         """
         return self._dial_errors.get(peer_id)
 
+    def stats(self) -> NetworkStats:
+        """
+        :return: this network's counters since it was created: connections
+            and links open now, links established and lost, refusals by
+            reason (the name of the log event that reports each:
+            ``authentication_failed``, ``spoofed_peer``,
+            ``tls_handshake_failed``, ``link_timeout``,
+            ``link_protocol_violation``, ``frame_authentication_failed``,
+            ``frame_integrity_mismatch``, ``connection_limit``, and
+            ``refusal_hold`` for a connection refused while its peer is held
+            off after a violation) and failed dials by ``DialFailure.reason``.
+            Refusals are counted before the log's rate limit: every one.
+        """
+        return self._counters.snapshot(len(self._protocols), len(self._links))
+
     def dialled_peers(self) -> frozenset[PeerId]:
         """
         The peers this network dials (those given in ``peers``), for ILM's
@@ -1464,6 +1467,7 @@ class StreamNetwork:
             self._refusals[peer_id] = count
             hold = self.settings.refusal.delay(count, self._uniform())
             self._refused_until[peer_id] = now + hold
+            self._counters.refused(refusal_reason(reason))
         log.warn(
             "closing the link to {peer_id!r}: {kind}: {reason}; its links are "
             "refused for {hold:.2f}s",
@@ -1602,6 +1606,7 @@ class StreamNetwork:
                 **fields,
             )
             return
+        self._counters.dial_failed(reason)
         current = self._dial_errors.get(peer_id)
         if current is not None and current.reason == reason:
             self._dial_errors[peer_id] = attr.evolve(
@@ -1646,7 +1651,7 @@ class StreamNetwork:
             self._unauthenticated[protocol] = host
             self._unauthenticated_hosts[host] += 1
             return True
-        protocol._log_refusal(ConnectionLimitReached(f"refused at once: {limit}"))
+        protocol._refuse(ConnectionLimitReached(f"refused at once: {limit}"))
         return False
 
     def _release(self, protocol: ILMProtocol) -> None:
@@ -1683,9 +1688,11 @@ class StreamNetwork:
             protocol.close(ConnectionDone("node stopping"), abort=True)
             return
         if self._refused_for(peer_id):
+            self._counters.refused(REFUSAL_HOLD)
             log.debug(
-                "refusing a connection from {peer_id!r} for now (protocol violation)",
+                "refusing a connection with {peer_id!r} for now (protocol violation)",
                 peer_id=peer_id,
+                ilm_event="refusal_hold",
             )
             protocol.close(
                 ConnectionDone("refused after a protocol violation"), abort=True
@@ -1758,6 +1765,7 @@ class StreamNetwork:
         peer_id = protocol.peer_id
         assert peer_id is not None
         self._links[peer_id] = protocol
+        self._counters.link_established()
         self._linked_at[peer_id] = self._clock.seconds()
         self._dial_errors.pop(peer_id, None)
         protocol.open(announce)
@@ -1790,6 +1798,7 @@ class StreamNetwork:
             del self._held[peer_id]
         if self._links.get(peer_id) is protocol:
             del self._links[peer_id]
+            self._counters.link_lost()
             failure = reason if isinstance(reason, Failure) else Failure(reason)
             log.info(
                 "link with {peer_id!r} lost: {reason}",
