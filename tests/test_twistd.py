@@ -210,6 +210,71 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options["tls"])
         self.assertEqual(options.warnings, [])
 
+    def test_sidecar_defaults(self) -> None:
+        """
+        By default the API listens on 127.0.0.1:8780 with the token in
+        ilm-api.token, metrics are off and messages go to the inbox file.
+        """
+        options = self.parse("--id", "2", "--keys", self.keys, "--listen", "tcp:0")
+        self.assertEqual(options["api"], "tcp:8780:interface=127.0.0.1")
+        self.assertEqual(options["api-token-file"], "ilm-api.token")
+        self.assertIsNone(options["metrics"])
+        self.assertEqual(options["inbox"], "ilm-inbox.jsonl")
+        self.assertIsNone(options["webhook"])
+
+    def test_sidecar_options(self) -> None:
+        """
+        A bare port or a TCP endpoint without an interface is bound to the
+        loopback; ``--api none`` turns the API off; a webhook with its
+        secret replaces the inbox.
+        """
+        secret = write(self.mktemp(), "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0\n")
+        options = self.parse(
+            "--id", "2", "--keys", self.keys, "--listen", "tcp:0",
+            "--api", "none", "--metrics", "9100", "--metrics-per-peer",
+            "--webhook", "http://127.0.0.1:9/hook", "--webhook-secret-file", secret,
+        )  # fmt: skip
+        self.assertIsNone(options["api"])
+        self.assertEqual(options["metrics"], "tcp:9100:interface=127.0.0.1")
+        self.assertIsNone(options["inbox"])
+        self.assertEqual(options["webhook-secret"], b"secretsecretsecret")
+        options = self.parse(
+            "--id", "2", "--keys", self.keys, "--listen", "tcp:0",
+            "--api", "tcp:8781", "--exec", "cat",
+        )  # fmt: skip
+        self.assertEqual(options["api"], "tcp:8781:interface=127.0.0.1")
+        self.assertEqual(options["exec"], "cat")
+
+    def test_sidecar_refusals(self) -> None:
+        """
+        Two delivery targets, a non-HTTP webhook, a secret without a
+        webhook (or readable by others, or malformed), per-peer metrics
+        without metrics and a bad endpoint are each one line.
+        """
+        base = ("--id", "2", "--keys", self.keys, "--listen", "tcp:0")
+        exposed = write(self.mktemp(), "whsec_c2VjcmV0c2VjcmV0c2VjcmV0\n", 0o644)
+        short = write(self.mktemp(), "whsec_c2hvcnQ=\n")
+        good = write(self.mktemp(), "whsec_c2VjcmV0c2VjcmV0c2VjcmV0\n")
+        for arguments, expected in [
+            (("--inbox", "x.jsonl", "--webhook", "http://h/"), "give one delivery"),
+            (("--webhook", "ftp://h/"), "must be an http:// or https:// URL"),
+            (("--webhook-secret-file", good), "needs --webhook URL"),
+            (
+                ("--webhook", "http://h/", "--webhook-secret-file", exposed),
+                "chmod 600",
+            ),
+            (
+                ("--webhook", "http://h/", "--webhook-secret-file", short),
+                "at least 16 random bytes",
+            ),
+            (("--metrics-per-peer",), "needs --metrics ENDPOINT"),
+            (("--api", "bogus:1"), "--api 'bogus:1': not a server endpoint"),
+            (("--exec", "'unclosed"), "--exec command"),
+        ]:
+            problems = self.problems(*base, *arguments)
+            self.assertEqual(len(problems), 1, problems)
+            self.assertIn(expected, problems[0])
+
     def test_refusals(self) -> None:
         """
         Each mistake is a usage error whose one line says what is wrong.
