@@ -126,6 +126,53 @@ class ApiTests(TestCase):
         self.assertEqual([m.contents for m in self.received], [b"sure"])
 
     @inlineCallbacks
+    def test_peer_status(self) -> Any:
+        """
+        ``GET /v1/peers`` lists every peer the node knows with its
+        ``peer_status()`` snapshot as JSON; ``GET /v1/peers/{peer}`` one of
+        them; a peer the node knows nothing of and cannot link is ``404 unknown_peer`` and a
+        malformed id ``400 bad_peer_id``.
+        """
+        yield self.request("POST", "/v1/peers/2/messages?wait=acknowledged", b"abc")
+        status, answer, _ = yield self.request("GET", "/v1/peers")
+        self.assertEqual(status, 200)
+        [peer] = [p for p in answer["peers"] if p["peer_id"] == "2"]
+        expected = self.node.peer_status(2)
+        self.assertEqual(peer["link"], "up")
+        self.assertEqual(peer["link"], expected.link)
+        self.assertEqual(
+            (peer["sent"], peer["acknowledged"], peer["last_acknowledged"]), (1, 1, 1)
+        )
+        self.assertEqual(peer["pending"], 0)
+        self.assertFalse(peer["delivery_held"])
+        self.assertGreaterEqual(peer["link_for_s"], 0)
+        status, one, _ = yield self.request("GET", "/v1/peers/2")
+        self.assertEqual(status, 200)
+        self.assertEqual(one["peer_id"], "2")
+        self.assertEqual(one["sent"], 1)
+        status, answer, _ = yield self.request("GET", "/v1/peers/9")
+        self.assertEqual((status, answer["error"]["code"]), (404, "unknown_peer"))
+        status, answer, _ = yield self.request("GET", "/v1/peers/str:%FF")
+        self.assertEqual((status, answer["error"]["code"]), (400, "bad_peer_id"))
+
+    @inlineCallbacks
+    def test_pending_status(self) -> Any:
+        """
+        Messages to a peer that is not linked show as pending, with their
+        bytes and age, in the peer's status.
+        """
+        yield self.peer.shutdown(1)
+        for body in (b"one", b"three"):
+            status, _, _ = yield self.request("POST", "/v1/peers/2/messages", body)
+            self.assertEqual(status, 202)
+        status, answer, _ = yield self.request("GET", "/v1/peers/2")
+        self.assertEqual(status, 200)
+        self.assertEqual((answer["pending"], answer["pending_bytes"]), (2, 8))
+        self.assertEqual(answer["last_message_id"], 2)
+        self.assertGreaterEqual(answer["oldest_pending_age"], 0)
+        self.assertEqual(answer["link"], "down")
+
+    @inlineCallbacks
     def test_authentication(self) -> Any:
         """
         No token and a wrong token are refused with 401 and the

@@ -210,6 +210,71 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options["tls"])
         self.assertEqual(options.warnings, [])
 
+    def test_sidecar_defaults(self) -> None:
+        """
+        By default the API listens on 127.0.0.1:8780 with the token in
+        ilm-api.token, metrics are off and messages go to the inbox file.
+        """
+        options = self.parse("--id", "2", "--keys", self.keys, "--listen", "tcp:0")
+        self.assertEqual(options["api"], "tcp:8780:interface=127.0.0.1")
+        self.assertEqual(options["api-token-file"], "ilm-api.token")
+        self.assertIsNone(options["metrics"])
+        self.assertEqual(options["inbox"], "ilm-inbox.jsonl")
+        self.assertIsNone(options["webhook"])
+
+    def test_sidecar_options(self) -> None:
+        """
+        A bare port or a TCP endpoint without an interface is bound to the
+        loopback; ``--api none`` turns the API off; a webhook with its
+        secret replaces the inbox.
+        """
+        secret = write(self.mktemp(), "whsec_" + "c2VjcmV0c2VjcmV0c2VjcmV0\n")
+        options = self.parse(
+            "--id", "2", "--keys", self.keys, "--listen", "tcp:0",
+            "--api", "none", "--metrics", "9100", "--metrics-per-peer",
+            "--webhook", "http://127.0.0.1:9/hook", "--webhook-secret-file", secret,
+        )  # fmt: skip
+        self.assertIsNone(options["api"])
+        self.assertEqual(options["metrics"], "tcp:9100:interface=127.0.0.1")
+        self.assertIsNone(options["inbox"])
+        self.assertEqual(options["webhook-secret"], b"secretsecretsecret")
+        options = self.parse(
+            "--id", "2", "--keys", self.keys, "--listen", "tcp:0",
+            "--api", "tcp:8781", "--exec", "cat",
+        )  # fmt: skip
+        self.assertEqual(options["api"], "tcp:8781:interface=127.0.0.1")
+        self.assertEqual(options["exec"], "cat")
+
+    def test_sidecar_refusals(self) -> None:
+        """
+        Two delivery targets, a non-HTTP webhook, a secret without a
+        webhook (or readable by others, or malformed), per-peer metrics
+        without metrics and a bad endpoint are each one line.
+        """
+        base = ("--id", "2", "--keys", self.keys, "--listen", "tcp:0")
+        exposed = write(self.mktemp(), "whsec_c2VjcmV0c2VjcmV0c2VjcmV0\n", 0o644)
+        short = write(self.mktemp(), "whsec_c2hvcnQ=\n")
+        good = write(self.mktemp(), "whsec_c2VjcmV0c2VjcmV0c2VjcmV0\n")
+        for arguments, expected in [
+            (("--inbox", "x.jsonl", "--webhook", "http://h/"), "give one delivery"),
+            (("--webhook", "ftp://h/"), "must be an http:// or https:// URL"),
+            (("--webhook-secret-file", good), "needs --webhook URL"),
+            (
+                ("--webhook", "http://h/", "--webhook-secret-file", exposed),
+                "chmod 600",
+            ),
+            (
+                ("--webhook", "http://h/", "--webhook-secret-file", short),
+                "at least 16 random bytes",
+            ),
+            (("--metrics-per-peer",), "needs --metrics ENDPOINT"),
+            (("--api", "bogus:1"), "--api 'bogus:1': not a server endpoint"),
+            (("--exec", "'unclosed"), "--exec command"),
+        ]:
+            problems = self.problems(*base, *arguments)
+            self.assertEqual(len(problems), 1, problems)
+            self.assertIn(expected, problems[0])
+
     def test_refusals(self) -> None:
         """
         Each mistake is a usage error whose one line says what is wrong.
@@ -383,7 +448,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("is a directory", problem)
         same = self.mktemp()
         [problem] = self.problems(*base, "--store", same, "--inbox", same)
-        self.assertIn("--store and --inbox are the same file", problem)
+        self.assertIn("--store and --inbox name the same file", problem)
 
     def test_rundir(self) -> None:
         """
@@ -659,7 +724,7 @@ class _Daemon:
         command = [sys.executable, "-c", prelude + TWISTD[2]]
         process = subprocess.Popen(
             [
-                *command, "-n", "--pidfile=", "--logfile=-", "ilm",
+                *command, "-n", "--pidfile=", "--logfile=-", "ilm", "--api", "none",
                 "--id", "2", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 "--keys", "keys", "--store", "node2.sqlite", "--inbox", inbox,
                 *extra,
@@ -921,7 +986,8 @@ class DaemonTests(_DaemonCase):
             result = subprocess.run(
                 [
                     *TWISTD, "-n", "--pidfile=failed.pid", f"--logfile={log_path}",
-                    "ilm", "--id", "2", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                    "ilm", "--api", "none", "--id", "2",
+                    "--listen", f"tcp:{port}:interface=127.0.0.1",
                     "--keys", "keys", "--store", store, "--inbox", "other.jsonl",
                 ],
                 cwd=self.directory, capture_output=True, text=True, timeout=60,
@@ -948,7 +1014,7 @@ class DaemonTests(_DaemonCase):
             return subprocess.run(
                 [
                     *TWISTD, f"--pidfile={name}.pid", f"--logfile={name}.log", "ilm",
-                    "--id", "2", "--keys", "keys", "--store", store,
+                    "--api", "none", "--id", "2", "--keys", "keys", "--store", store,
                     "--inbox", f"{name}.jsonl",
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 ],

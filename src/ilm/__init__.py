@@ -27,7 +27,7 @@ from ilm._store import (
     StoreBatch,
     StoredState,
 )
-from ilm._webhook import WebhookDelivery, WebhookFailed
+from ilm._webhook import WebhookDelivery, WebhookFailed, webhook_secret
 from ilm.backends._sqlite import SQLiteBackend
 
 __version__ = "0.1.0"
@@ -58,4 +58,5 @@ __all__ = [
     "WebhookFailed",
     "__version__",
     "as_delivery",
+    "webhook_secret",
 ]

@@ -30,9 +30,9 @@ import json
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
+from attrs import asdict
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -40,7 +40,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from ilm._peerid import peer_id_from_text, peer_id_to_text
+from ilm._peerid import id_order_key, peer_id_from_text, peer_id_to_text
+from ilm._status import PeerStatus
 from ilm.errors import (
     ConfigurationError,
     InvalidPeerId,
@@ -59,6 +60,7 @@ __all__ = [
     "ApiSite",
     "LimitedRequest",
     "read_or_create_token",
+    "status_json",
 ]
 
 log = Logger(namespace="ilm.api")
@@ -351,14 +353,17 @@ class _Handler(Resource):
         if route == ["node"] and method == b"GET":
             return _json(request, 200, api.node_info())
         if route == ["peers"] and method == b"GET":
-            return _json(request, 200, api.peers_status(None))
+            return _json(request, 200, api.peers_status())
         if len(route) in (2, 3) and route[0] == "peers":
             try:
                 peer = peer_id_from_text(route[1])
             except (ValueError, TypeError) as e:
                 return self._fail(request, ApiError("bad_peer_id", str(e)))
             if len(route) == 2 and method == b"GET":
-                return _json(request, 200, api.peers_status(peer))
+                try:
+                    return _json(request, 200, api.peer_status(peer))
+                except ApiError as e:
+                    return self._fail(request, e)
             if route[2:] == ["messages"]:
                 if method != b"POST":
                     return self._fail(request, ApiError("method_not_allowed"))
@@ -451,7 +456,6 @@ class ApiSite(Site):
         idempotency_keys: int = 100_000,
         store: str = "",
         version: str = "",
-        status: Callable[[Any], object] | None = None,
     ) -> None:
         self.node: Any = node
         self.token = token
@@ -463,7 +467,6 @@ class ApiSite(Site):
         self.started_at = clock.seconds()
         self.store = store
         self.version = version
-        self._status = status
         Site.__init__(self, _Handler(self))
         self.requestFactory = LimitedRequest  # type: ignore[assignment]
 
@@ -534,7 +537,47 @@ class ApiSite(Site):
             "store": self.store,
         }
 
-    def peers_status(self, peer: Any) -> object:
-        if self._status is None:
-            return {}
-        return self._status(peer)
+    def peers_status(self) -> dict[str, Any]:
+        """
+        ``GET /v1/peers``: every peer the node knows, in id order.
+        """
+        statuses = self.node.peer_status()
+        now = self.clock.seconds()
+        return {
+            "peers": [
+                status_json(statuses[peer], now)
+                for peer in sorted(statuses, key=id_order_key)
+            ]
+        }
+
+    def peer_status(self, peer: Any) -> dict[str, Any]:
+        """
+        ``GET /v1/peers/{peer}``.
+
+        :raises ApiError: ``unknown_peer`` if the node knows nothing of it.
+        """
+        try:
+            status = self.node.peer_status(peer)
+        except (UnknownPeer, InvalidPeerId) as e:
+            raise _refusal(e) from None
+        return status_json(status, self.clock.seconds())
+
+
+def status_json(status: PeerStatus, now: float) -> dict[str, Any]:
+    """
+    One peer's status as the API's JSON: every field of
+    :class:`ilm.PeerStatus`, the peer id in its URL text form, times as
+    Unix seconds and, for convenience, ``link_for_s`` and ``held_for_s``
+    (seconds in the current link state and delivery hold).
+    """
+    value = asdict(status)
+    value["peer_id"] = peer_id_to_text(status.peer_id)
+    value["link_for_s"] = (
+        None if status.link_since is None else round(now - status.link_since, 3)
+    )
+    value["held_for_s"] = (
+        None
+        if status.delivery_held_since is None
+        else round(now - status.delivery_held_since, 3)
+    )
+    return value

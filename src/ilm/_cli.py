@@ -8,6 +8,9 @@ The ``ilm`` command (also ``python -m ilm``).
   whether a live process holds it.
 - ``ilm reincarnate PATH``: give a store restored from a backup a new
   incarnation (refused while a process holds the store).
+- ``ilm send PEER [FILE|-]`` and ``ilm status [PEER]``: send a message
+  through a running node's HTTP API, and show its peers (see
+  :mod:`ilm._client`).
 - ``ilm --version``: ILM's version (``twistd ilm --version`` prints the
   same line).
 """
@@ -21,6 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from ilm._client import add_send_arguments, add_status_arguments
 from ilm._demo import add_arguments as add_demo_arguments
 
 
@@ -44,6 +48,18 @@ def _demo(args: argparse.Namespace) -> int:
     from ilm._demo import run
 
     return run(args)
+
+
+def _send(args: argparse.Namespace) -> int:
+    from ilm._client import send
+
+    return send(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ilm._client import status
+
+    return status(args)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -205,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reincarnate.add_argument("path", help="the store's file")
     reincarnate.set_defaults(run=_reincarnate)
+    send = commands.add_parser(
+        "send",
+        help="send a message through a running node's HTTP API",
+        description="Send FILE (or standard input) to PEER through the HTTP API "
+        "of a running 'twistd ilm' node. Exit status: 0 stored (or "
+        "acknowledged, with --wait acknowledged), 1 refused, 2 bad usage, 3 "
+        "the node could not be reached.",
+    )
+    add_send_arguments(send)
+    send.set_defaults(run=_send)
+    status = commands.add_parser(
+        "status",
+        help="show a running node's peers: links, pending messages, held deliveries",
+    )
+    add_status_arguments(status)
+    status.set_defaults(run=_status)
     return parser
 
 

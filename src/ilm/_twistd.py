@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -42,6 +42,13 @@ from zope.interface import implementer
 from ilm._config import Config
 from ilm._messenger import ILM
 from ilm._peerid import PeerId, peer_id_from_text
+from ilm._sidecar import (
+    DEFAULT_API,
+    DEFAULT_TOKEN_FILE,
+    SiteService,
+    check_sidecar_options,
+    exposed_secret,
+)
 from ilm.errors import ILMError
 from ilm.interfaces import ILocalDelivery, IMessage
 
@@ -68,12 +75,6 @@ _MIN_KEY_SIZE = 16
 
 _SIGNED_NUMBER = re.compile(r"[+-][0-9]+")
 
-# Bits that make a secret readable or writable by users other than its
-# owner: any write by the group or the world, and read by the world.  A
-# group read is allowed: giving a dedicated group (Debian's ssl-cert, say)
-# read access to a key is a deliberate choice.
-_EXPOSED_SECRET = stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
-
 
 def parse_peer_id(text: str) -> PeerId:
     """
@@ -99,23 +100,6 @@ def parse_peer_id(text: str) -> PeerId:
         raise usage.UsageError(f"invalid peer id {text!r}: {e}") from None
 
 
-def _exposed(path: str, what: str) -> str | None:
-    """
-    :return: why the secret file at ``path`` is refused (others can read or
-        write it), or ``None``.
-    """
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None  # reading it reports the problem
-    if mode & _EXPOSED_SECRET:
-        return (
-            f"the {what} {path} can be read or written by other users (mode "
-            f"{mode:04o}): run 'chmod 600 {path}'"
-        )
-    return None
-
-
 def read_keys(
     path: str, local_id: PeerId | None = None, problems: list[str] | None = None
 ) -> dict[PeerId, bytes]:
@@ -135,7 +119,7 @@ def read_keys(
     """
     found: list[str] = []
     keys: dict[PeerId, bytes] = {}
-    exposed = _exposed(path, "keys file")
+    exposed = exposed_secret(path, "keys file")
     if exposed is not None:
         found.append(exposed)
     try:
@@ -352,7 +336,53 @@ class Options(usage.Options):
     optParameters = [
         ["id", None, None, "This node's id (required)."],
         ["store", None, "ilm.sqlite", "The SQLite store of this node."],
-        ["inbox", None, "ilm-inbox.jsonl", "Append received messages here."],
+        [
+            "inbox",
+            None,
+            None,
+            "Append received messages to this JSON-lines file (the default "
+            "delivery target: ilm-inbox.jsonl).",
+        ],
+        [
+            "webhook",
+            None,
+            None,
+            "Deliver each received message as an HTTP POST to this URL "
+            "(Standard Webhooks headers), instead of the inbox.",
+        ],
+        [
+            "webhook-secret-file",
+            None,
+            None,
+            "File holding the webhook signing secret, whsec_<base64> (chmod 600).",
+        ],
+        [
+            "exec",
+            None,
+            None,
+            "Deliver each received message by running this command with it on "
+            "standard input (exit status 0 = delivered), instead of the inbox.",
+        ],
+        [
+            "api",
+            None,
+            DEFAULT_API,
+            "Serve the HTTP API on this endpoint ('none': no API). A TCP port "
+            "without interface= is bound to 127.0.0.1.",
+        ],
+        [
+            "api-token-file",
+            None,
+            DEFAULT_TOKEN_FILE,
+            "The API's bearer token; created (mode 0600, random) if missing.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint (default: "
+            "off). A TCP port without interface= is bound to 127.0.0.1.",
+        ],
         [
             "keys",
             None,
@@ -374,6 +404,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["fsync", None, "fsync the inbox after each message (survives power loss)."],
+        [
+            "metrics-per-peer",
+            None,
+            "Also export one series per peer (label peer): mind the "
+            "cardinality with many peers.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -446,7 +482,7 @@ class Options(usage.Options):
 
     # -- checks ----------------------------------------------------------------
 
-    def _path(self, path: str) -> str:
+    def path(self, path: str) -> str:
         """
         ``path`` as the node will see it: relative to twistd's ``--rundir``.
         """
@@ -464,7 +500,7 @@ class Options(usage.Options):
         self.keys_path = self["keys"]
         if self.keys_path is not None:
             before = len(problems)
-            keys = read_keys(self._path(self.keys_path), local_id, problems)
+            keys = read_keys(self.path(self.keys_path), local_id, problems)
             keys_read = len(problems) == before
         self["keys"] = keys
         tls = self._check_tls(problems)
@@ -481,6 +517,7 @@ class Options(usage.Options):
             )
         self._check_endpoints(problems, local_id, keys if keys_read else None, tls)
         self._check_window(problems)
+        check_sidecar_options(self, problems)
         self._check_files(problems)
         self._check_log_format(problems)
         if problems:
@@ -517,7 +554,7 @@ class Options(usage.Options):
                 "identify peers"
             )
             return None
-        exposed = _exposed(self._path(key), "TLS private key")
+        exposed = exposed_secret(self.path(key), "TLS private key")
         if exposed is not None:
             problems.append(exposed)
         pem: dict[str, bytes] = {}
@@ -525,7 +562,7 @@ class Options(usage.Options):
             if self[option] is None:
                 continue
             try:
-                with open(self._path(self[option]), "rb") as f:
+                with open(self.path(self[option]), "rb") as f:
                     pem[option] = f.read()
             except OSError as e:
                 problems.append(
@@ -672,15 +709,23 @@ class Options(usage.Options):
         parent = self.parent
         if parent is not None and parent.get("chroot"):
             return  # the paths are inside the chroot: checked when opened
-        store, inbox = self._path(self["store"]), self._path(self["inbox"])
-        if os.path.abspath(store) == os.path.abspath(inbox):
-            problems.append("--store and --inbox are the same file")
-            return
-        for option, path, directory_needed in (
-            ("store", store, True),
-            ("inbox", inbox, False),
-        ):
-            problem = _writable_problem(path, directory_needed)
+        files = [("store", self.path(self["store"]), True)]
+        if self["inbox"] is not None:
+            files.append(("inbox", self.path(self["inbox"]), False))
+        if self["api"] is not None:
+            token = self.path(self["api-token-file"])
+            files.append(("api-token-file", token, not os.path.exists(token)))
+        seen: dict[str, str] = {}
+        for option, path, _ in files:
+            other = seen.setdefault(os.path.abspath(path), option)
+            if other != option:
+                problems.append(f"--{other} and --{option} name the same file")
+                return
+        for option, path, directory_needed in files:
+            if option == "api-token-file" and os.path.exists(path):
+                problem = None if os.access(path, os.R_OK) else "is not readable"
+            else:
+                problem = _writable_problem(path, directory_needed)
             if problem is not None:
                 problems.append(f"--{option} {self[option]}: {problem}")
 
@@ -741,7 +786,9 @@ def _writable_problem(path: str, directory_needed: bool) -> str | None:
 
 class NodeService(MultiService):
     """
-    The daemon's service: the ILM node and its inbox.
+    The daemon's service: the ILM node, its delivery target (the inbox file,
+    a webhook or a command) and the sites it serves (the HTTP API, the
+    metrics).
 
     If the node cannot start (its store locked or unreadable, an address
     taken, the inbox not writable), one line says why, the pid file is
@@ -749,6 +796,10 @@ class NodeService(MultiService):
     the process that launched it waits until the node runs (or fails), so
     ``twistd ilm`` itself exits with status 1 on a failed start.
 
+    :param delivery: the node's ``ILocalDelivery``; its ``open()`` (if it
+        has one) runs first, its ``close()`` last.
+    :param sites: the sites to serve; the node has started only once every
+        one of them listens.
     :param twistd: twistd's own options (``ServerOptions``) when run by
         twistd: where its pid file and its start-status pipe are.
     """
@@ -756,17 +807,21 @@ class NodeService(MultiService):
     def __init__(
         self,
         node: ILM,
-        inbox: FileDelivery,
+        delivery: Any,
         reactor: Any = None,
         *,
         twistd: Any = None,
         warnings: tuple[str, ...] = (),
         store: str = "",
+        sites: tuple[SiteService, ...] = (),
     ) -> None:
         MultiService.__init__(self)
         self.node = node
-        self.inbox = inbox
+        self.delivery = delivery
         MultiService.addService(self, node)
+        self.sites = sites
+        for site in sites:
+            MultiService.addService(self, site)
         self._reactor = reactor
         self._twistd = twistd
         self._warnings = warnings
@@ -784,26 +839,35 @@ class NodeService(MultiService):
             # the node runs (or say why it did not).
             self._status_pipe = twistd["statusPipe"]
             twistd["statusPipe"] = None
+        delivery = self.delivery
         log.info(
-            "twistd ilm {version}: node {node_id!r}, store {store}, inbox {inbox} "
-            "(fsync {fsync})",
+            "twistd ilm {version}: node {node_id!r}, store {store}, delivery to "
+            "{delivery}",
             version=__version__,
             node_id=self.node.local_id,
             store=self._store,
-            inbox=self.inbox.path,
-            fsync=self.inbox.fsync,
+            delivery=_describe(delivery),
+            inbox=getattr(delivery, "path", None),
+            fsync=getattr(delivery, "fsync", None),
             ilm_event="daemon_starting",
         )
         for warning in self._warnings:
             log.warn("{warning}", warning=warning, ilm_event="daemon_config_warning")
-        try:
-            self.inbox.open()
-        except OSError as e:
-            self._start_failed(Failure(), f"the inbox {self.inbox.path}: {e.strerror}")
-            return
-        _warn_if_exposed(self.inbox.path)
+        if isinstance(delivery, FileDelivery):
+            try:
+                delivery.open()
+            except OSError as e:
+                self._start_failed(
+                    Failure(), f"the inbox {delivery.path}: {e.strerror}"
+                )
+                return
+            _warn_if_exposed(delivery.path)
         MultiService.startService(self)
-        self.node.when_started().addCallbacks(self._started, self._start_failed)
+        waits: list[Deferred[Any]] = [self.node.when_started()]
+        waits.extend(site.listening for site in self.sites)
+        gatherResults(waits, consumeErrors=True).addCallbacks(
+            self._started, self._start_failed
+        )
 
     def stopService(self) -> Any:
         d: Deferred[None] = MultiService.stopService(self)
@@ -811,13 +875,27 @@ class NodeService(MultiService):
         return d
 
     def _stopped(self, result: object) -> object:
-        self.inbox.close()
+        close = getattr(self.delivery, "close", None)
+        if close is None:
+            return result
+        closed = close()
+        if isinstance(closed, Deferred):
+            return closed.addBoth(lambda _: result)
         return result
 
     def _started(self, result: object) -> None:
+        for site in self.sites:
+            log.info(
+                "serving {what} on {endpoint}",
+                what=site.what,
+                endpoint=site.endpoint,
+                ilm_event="daemon_serving",
+            )
         self._report_status(b"0")
 
     def _start_failed(self, reason: Failure, error: str | None = None) -> None:
+        if isinstance(reason.value, FirstError):
+            reason = reason.value.subFailure
         self.failed = reason
         if error is None:
             error = reason.getErrorMessage()
@@ -892,6 +970,74 @@ def _warn_if_exposed(path: str) -> None:
         )
 
 
+def _describe(delivery: object) -> str:
+    if isinstance(delivery, FileDelivery):
+        return f"the inbox {delivery.path} (fsync {delivery.fsync})"
+    return repr(delivery)
+
+
+def _make_delivery(options: Mapping[str, Any], reactor: Any) -> Any:
+    """
+    The delivery target the options chose: a webhook, a command or the
+    inbox file.
+    """
+    if options["webhook"] is not None:
+        from ilm._webhook import WebhookDelivery
+
+        return WebhookDelivery(
+            options["webhook"], _reactor(reactor), secret=options["webhook-secret"]
+        )
+    if options["exec"] is not None:
+        from ilm._exec import ExecDelivery
+
+        return ExecDelivery(options["exec"], _reactor(reactor))
+    return FileDelivery(options["inbox"], fsync=bool(options["fsync"]))
+
+
+def _reactor(reactor: Any) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
+def _sites(
+    options: Mapping[str, Any], node: ILM, network: Any, reactor: Any
+) -> tuple[SiteService, ...]:
+    """
+    The HTTP API and the metrics sites the options ask for.
+    """
+    from ilm import __version__
+
+    clock = _reactor(reactor)
+    sites = []
+    if options["api"] is not None:
+        from ilm._api import ApiSite, read_or_create_token
+
+        token = read_or_create_token(options.path(options["api-token-file"]))  # type: ignore[attr-defined]
+        site = ApiSite(node, token, clock, store=options["store"], version=__version__)
+        sites.append(SiteService("the HTTP API", options["api"], site, reactor))
+    if options["metrics"] is not None:
+        from twisted.web.server import Site
+
+        from ilm._metrics import MetricsResource, NodeCollector, node_registry
+
+        registry = node_registry(
+            NodeCollector(
+                node,
+                clock,
+                network,
+                per_peer=bool(options["metrics-per-peer"]),
+                version=__version__,
+            )
+        )
+        resource = MetricsResource(registry, clock)
+        metrics = Site(resource)
+        metrics.noisy = False
+        metrics.stop = resource.stop  # type: ignore[attr-defined]
+        sites.append(SiteService("metrics", options["metrics"], metrics, reactor))
+    return tuple(sites)
+
+
 def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
     """
     Build the ``twistd ilm`` service from parsed :class:`Options`.
@@ -915,20 +1061,21 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
         tls=options["tls"],
         reactor=reactor,
     )
-    inbox = FileDelivery(options["inbox"], fsync=bool(options["fsync"]))
+    delivery = _make_delivery(options, reactor)
     config = Config() if options["window"] is None else Config(window=options["window"])
     node = ILM(
         SQLiteBackend(options["store"], reactor=reactor),
-        inbox,
+        delivery,
         network,
         config=config,
         clock=reactor,
     )
     return NodeService(
         node,
-        inbox,
+        delivery,
         reactor,
         twistd=twistd,
         warnings=tuple(getattr(options, "warnings", ())),
         store=options["store"],
+        sites=_sites(options, node, network, reactor),
     )
