@@ -130,8 +130,8 @@ class ApiTests(TestCase):
         """
         ``GET /v1/peers`` lists every peer the node knows with its
         ``peer_status()`` snapshot as JSON; ``GET /v1/peers/{peer}`` one of
-        them; a peer the node knows nothing of and cannot link is ``404 unknown_peer`` and a
-        malformed id ``400 bad_peer_id``.
+        them; a peer the node knows nothing of and cannot link is
+        ``404 unknown_peer`` and a malformed id ``400 bad_peer_id``.
         """
         yield self.request("POST", "/v1/peers/2/messages?wait=acknowledged", b"abc")
         status, answer, _ = yield self.request("GET", "/v1/peers")

@@ -30,6 +30,11 @@ from tests.test_twistd import TWISTD, kill, write
 from tests.test_webhook import SECRET, Endpoint
 
 KEY_HEX = "42" * 32
+# The test server as a URI (trust authentication ignores the password,
+# which is there to show it never reaches logs or the API).
+POSTGRES_URI = os.environ.get(
+    "ILM_TEST_POSTGRES_URI", "postgresql://postgres:secret@127.0.0.1:5432/test"
+)
 
 
 class _Node:
@@ -58,7 +63,7 @@ class _Node:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def spawn(self, webhook: str) -> None:
+    def spawn(self, webhook: str, *extra: str) -> None:
         peers = []
         if self.other is not None:
             peers = [
@@ -74,7 +79,7 @@ class _Node:
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1", *peers,
                 "--api", f"tcp:{self.api_port}",
                 "--metrics", f"tcp:{self.metrics_port}", "--metrics-per-peer",
-                "--webhook", webhook, "--webhook-secret-file", "secret",
+                "--webhook", webhook, "--webhook-secret-file", "secret", *extra,
             ],
             cwd=self.directory,
             stdout=log,
@@ -119,11 +124,11 @@ class _HttpNodeCase(TestCase):
                 self.fail(f"timed out waiting for {value!r}")
             await deferLater(reactor, 0.05)
 
-    async def start(self, node: _Node, webhook: str) -> None:
+    async def start(self, node: _Node, webhook: str, *extra: str) -> None:
         """
         Start ``node`` and wait until its ``/readyz`` answers 200.
         """
-        node.spawn(webhook)
+        node.spawn(webhook, *extra)
         token_path = os.path.join(node.directory, "ilm-api.token")
         await self.wait_for(lambda: os.path.exists(token_path), "the token file")
         ready: list[bool] = []
@@ -276,6 +281,50 @@ class TwoDaemonsTests(_HttpNodeCase):
         text = (await response.content()).decode()
         self.assertIn('ilm_peer_messages_sent_total{peer="2"} 251.0', text)
         self.assertIn("ilm_pending_messages 0.0", text)
+
+    async def test_postgres_store(self) -> None:
+        """
+        ``--store postgresql://...`` keeps a daemon's state in PostgreSQL
+        (its own schema): node 2, SIGKILLed in the middle of a stream and
+        restarted on the same database, delivers every message in order;
+        ``/v1/node`` names the store without its password.
+        """
+        from tests.test_postgres import admin, require_postgres
+
+        require_postgres()
+        schema = f"ilm_daemon_{os.getpid()}_{int(time.time() * 1000)}"
+
+        def drop() -> None:
+            with admin() as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+        self.addCleanup(drop)
+        store = ("--store", POSTGRES_URI, "--schema", schema, "--gateway", "g1")
+        await self.start(self.b, self.urls[2], *store)
+        await self.start(self.a, self.urls[1])
+        sent = []
+        for i in range(200):
+            if i == 100:
+                assert self.b.process is not None
+                self.b.process.send_signal(signal.SIGKILL)
+                self.b.process.wait()
+            body = b"pg %d" % i
+            code, answer = await self.post(self.a, 2, body)
+            self.assertEqual(code, 202, answer)
+            sent.append(body)
+        await self.start(self.b, self.urls[2], *store)
+        await self.wait_for(
+            lambda: {body for _, _, body in self.received(2)} >= set(sent),
+            "every message at node 2's webhook",
+        )
+        self.assertLessEqual(self.check_stream(2, sent), 4096)
+        response = await treq.get(
+            f"{self.b.api}/v1/node",
+            headers={"Authorization": f"Bearer {self.b.token}"},
+            persistent=False,
+        )
+        node = json.loads(await response.content())
+        self.assertEqual(node["store"], POSTGRES_URI.replace(":secret@", ":***@"))
 
     async def test_failing_webhook_holds_then_resumes(self) -> None:
         """

@@ -245,6 +245,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["api"], "tcp:8781:interface=127.0.0.1")
         self.assertEqual(options["exec"], "cat")
 
+    def test_postgres_store(self) -> None:
+        """
+        A PostgreSQL URI is a store (no file checks); the gateway defaults
+        to the host name.
+        """
+        import socket
+
+        options = self.parse(
+            "--id", "2", "--keys", self.keys, "--listen", "tcp:0",
+            "--store", "postgresql://u:pw@db.example/ilm", "--schema", "s1",
+        )  # fmt: skip
+        self.assertEqual(options["gateway"], socket.gethostname())
+        self.assertEqual(options["schema"], "s1")
+
     def test_sidecar_refusals(self) -> None:
         """
         Two delivery targets, a non-HTTP webhook, a secret without a
@@ -270,6 +284,9 @@ class OptionsTests(SynchronousTestCase):
             (("--metrics-per-peer",), "needs --metrics ENDPOINT"),
             (("--api", "bogus:1"), "--api 'bogus:1': not a server endpoint"),
             (("--exec", "'unclosed"), "--exec command"),
+            (("--gateway", "g1"), "--gateway names a gateway sharing a PostgreSQL"),
+            (("--store", "postgresql://h:notaport/db"), "is not a number"),
+            (("--store", "postgresql://h/db?bogus=1"), "invalid URI query"),
         ]:
             problems = self.problems(*base, *arguments)
             self.assertEqual(len(problems), 1, problems)

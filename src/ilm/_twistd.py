@@ -335,7 +335,27 @@ class Options(usage.Options):
 
     optParameters = [
         ["id", None, None, "This node's id (required)."],
-        ["store", None, "ilm.sqlite", "The SQLite store of this node."],
+        [
+            "store",
+            None,
+            "ilm.sqlite",
+            "The node's store: an SQLite file, or a PostgreSQL URI "
+            "(postgresql://user@host/db) shared by the node's gateways.",
+        ],
+        [
+            "gateway",
+            None,
+            None,
+            "With a PostgreSQL store: this process's name among the node's "
+            "gateways (default: the host name).",
+        ],
+        [
+            "schema",
+            None,
+            "ilm",
+            "With a PostgreSQL store: the schema holding ILM's tables (created "
+            "if missing).",
+        ],
         [
             "inbox",
             None,
@@ -517,6 +537,7 @@ class Options(usage.Options):
             )
         self._check_endpoints(problems, local_id, keys if keys_read else None, tls)
         self._check_window(problems)
+        self._check_store(problems)
         check_sidecar_options(self, problems)
         self._check_files(problems)
         self._check_log_format(problems)
@@ -658,6 +679,43 @@ class Options(usage.Options):
                     f"does not listen (--listen) and does not dial them (--peer)"
                 )
 
+    def _check_store(self, problems: list[str]) -> None:
+        """
+        A PostgreSQL URI parses, and names the gateway; ``--gateway``
+        without one is a mistake.
+        """
+        store, gateway = self["store"], self["gateway"]
+        if not is_postgres(store):
+            if gateway is not None:
+                problems.append(
+                    "--gateway names a gateway sharing a PostgreSQL store: give "
+                    "--store postgresql://..."
+                )
+            return
+        try:
+            import psycopg
+        except ImportError:
+            problems.append(
+                "--store postgresql://... needs psycopg 3: pip install 'ilm[postgres]'"
+            )
+            return
+        try:
+            settings = psycopg.conninfo.conninfo_to_dict(store)
+        except psycopg.ProgrammingError as e:
+            problems.append(f"--store {redact_dsn(store)}: {str(e).strip()}")
+        else:
+            port = str(settings.get("port", "5432"))
+            if not all(p.isdigit() for p in port.split(",")):
+                problems.append(
+                    f"--store {redact_dsn(store)}: port {port!r} is not a number"
+                )
+        if gateway is None:
+            import socket
+
+            self["gateway"] = socket.gethostname() or "gateway"
+        elif not 1 <= len(gateway) <= 255 or "\x00" in gateway:
+            problems.append(f"--gateway {gateway!r}: expected 1 to 255 characters")
+
     def _check_window(self, problems: list[str]) -> None:
         window = self["window"]
         if window is None:
@@ -709,7 +767,9 @@ class Options(usage.Options):
         parent = self.parent
         if parent is not None and parent.get("chroot"):
             return  # the paths are inside the chroot: checked when opened
-        files = [("store", self.path(self["store"]), True)]
+        files = []
+        if not is_postgres(self["store"]):
+            files.append(("store", self.path(self["store"]), True))
         if self["inbox"] is not None:
             files.append(("inbox", self.path(self["inbox"]), False))
         if self["api"] is not None:
@@ -994,6 +1054,46 @@ def _make_delivery(options: Mapping[str, Any], reactor: Any) -> Any:
     return FileDelivery(options["inbox"], fsync=bool(options["fsync"]))
 
 
+def is_postgres(store: str) -> bool:
+    """
+    Whether ``--store`` names a PostgreSQL database rather than a file.
+    """
+    return store.startswith(("postgresql://", "postgres://"))
+
+
+def redact_dsn(store: str) -> str:
+    """
+    ``store`` fit for logs and the API: a PostgreSQL URI's password
+    replaced by ``***``.
+    """
+    if not is_postgres(store):
+        return store
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(store)
+    if parts.password is None:
+        return store
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def _make_store(options: Mapping[str, Any], reactor: Any) -> Any:
+    if is_postgres(options["store"]):
+        from ilm.backends import PostgresBackend
+
+        return PostgresBackend(
+            options["store"],
+            node_id=options["id"],
+            gateway=options["gateway"],
+            schema=options["schema"],
+            reactor=reactor,
+        )
+    from ilm.backends import SQLiteBackend
+
+    return SQLiteBackend(options["store"], reactor=reactor)
+
+
 def _reactor(reactor: Any) -> Any:
     if reactor is None:
         from twisted.internet import reactor
@@ -1014,7 +1114,9 @@ def _sites(
         from ilm._api import ApiSite, read_or_create_token
 
         token = read_or_create_token(options.path(options["api-token-file"]))  # type: ignore[attr-defined]
-        site = ApiSite(node, token, clock, store=options["store"], version=__version__)
+        site = ApiSite(
+            node, token, clock, store=redact_dsn(options["store"]), version=__version__
+        )
         sites.append(SiteService("the HTTP API", options["api"], site, reactor))
     if options["metrics"] is not None:
         from twisted.web.server import Site
@@ -1046,7 +1148,6 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
     ``--umask``, else :data:`DEFAULT_UMASK`) before twistd opens its log
     and pid files.
     """
-    from ilm.backends import SQLiteBackend
     from ilm.network import StreamNetwork
 
     twistd = getattr(options, "parent", None)
@@ -1064,7 +1165,7 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
     delivery = _make_delivery(options, reactor)
     config = Config() if options["window"] is None else Config(window=options["window"])
     node = ILM(
-        SQLiteBackend(options["store"], reactor=reactor),
+        _make_store(options, reactor),
         delivery,
         network,
         config=config,
@@ -1076,6 +1177,6 @@ def makeService(options: Mapping[str, Any], reactor: Any = None) -> IService:
         reactor,
         twistd=twistd,
         warnings=tuple(getattr(options, "warnings", ())),
-        store=options["store"],
+        store=redact_dsn(options["store"]),
         sites=_sites(options, node, network, reactor),
     )
