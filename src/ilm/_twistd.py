@@ -1,12 +1,16 @@
 """
 ``twistd ilm``: an ILM node as a daemon.
 
-The node keeps its state in an SQLite store, listens on server endpoints,
-keeps links to its configured peers (pre-shared keys and/or mutual TLS), and
-appends every message it receives to a JSON-lines inbox file, exactly once
-and in order per sender (see :class:`FileDelivery` for the one at-least-once
-window).  Sending from the daemon itself is not offered yet: an application
-that sends embeds :class:`ilm.ILM`.
+The node keeps its state in an SQLite store (or PostgreSQL), listens on
+server endpoints, keeps links to its configured peers (pre-shared keys
+and/or mutual TLS), takes messages to send through its HTTP API
+(:mod:`ilm._api`) and hands every message it receives, exactly once and in
+order per sender, to one target: a JSON-lines inbox file
+(:class:`FileDelivery`, which documents the one at-least-once window), a
+webhook (:class:`ilm.WebhookDelivery`) or a command
+(:class:`ilm.ExecDelivery`).  It can serve Prometheus metrics
+(:mod:`ilm._metrics`).  The options choosing the API, metrics and target
+are checked in :mod:`ilm._sidecar`.
 
 The whole configuration is checked when the options are parsed, before
 twistd creates anything (pid file, log file, store, inbox): every problem is
