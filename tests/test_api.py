@@ -14,7 +14,7 @@ from typing import Any
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer
@@ -24,7 +24,13 @@ from zope.interface import implementer
 
 from ilm import ILM, Config
 from ilm._api import ERROR_CODES, ApiSite, read_or_create_token
-from ilm.errors import ConfigurationError, ShutdownTimeout
+from ilm.errors import (
+    ConfigurationError,
+    ShutdownTimeout,
+    StoreError,
+    StoreFull,
+    StoreInDoubt,
+)
 from ilm.interfaces import INetwork
 from ilm.testing import InMemoryBackend, InMemoryNetwork
 
@@ -334,6 +340,100 @@ class ApiTests(TestCase):
             ("9.9", "running", "memory"),
         )
         self.assertGreaterEqual(answer["uptime_s"], 0)
+
+
+class _FailingBackend(InMemoryBackend):
+    """
+    An in-memory store whose commits that store messages fail with
+    ``error`` while it is set.
+    """
+
+    error: Exception | None = None
+
+    def commit(self, batch: Any) -> Any:
+        if self.error is not None and batch.messages:
+            return fail(self.error)
+        return super().commit(batch)
+
+
+class StoreErrorCodeTests(TestCase):
+    """
+    The codes of a store that fails: ``store_full``, ``store_error``,
+    ``store_in_doubt``; and ``internal_error`` for an unexpected failure.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        network = InMemoryNetwork(reactor)
+        self.backend = _FailingBackend()
+        self.node = yield ILM.create(
+            self.backend,
+            lambda m: None,
+            network.add_peer(1),
+            config=Config(store_retry=0.01, max_store_retry=0.01),
+        )
+        self.addCleanup(self._stop)
+        self.site = ApiSite(self.node, TOKEN, reactor, store="memory")
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            self.site
+        )
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def _stop(self) -> Any:
+        self.backend.error = None
+        try:
+            yield self.node.shutdown(0.5)
+        except ShutdownTimeout:
+            pass  # messages to absent peers stay stored
+
+    @inlineCallbacks
+    def post(self, body: bytes = b"x") -> Any:
+        response = yield treq.post(
+            self.base + "/v1/peers/2/messages",
+            data=body,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            persistent=False,
+        )
+        return response.code, json.loads((yield response.content()))
+
+    @inlineCallbacks
+    def test_store_failures(self) -> Any:
+        """
+        A full store is ``507 store_full``, another store failure ``503
+        store_error`` (nothing stored: a retry may succeed), a failure in the
+        middle of a commit ``500 store_in_doubt``; each is logged by the
+        node as the store failure it is.
+        """
+        for error, code in [
+            (StoreFull("disk full"), "store_full"),
+            (StoreError("connection lost"), "store_error"),
+            (StoreInDoubt("commit reply lost"), "store_in_doubt"),
+        ]:
+            self.backend.error = error
+            status, answer = yield self.post()
+            self.assertEqual(
+                (status, answer["error"]["code"]), (ERROR_CODES[code][0], code)
+            )
+            self.assertIn(str(error), answer["error"]["message"])
+            self.flushLoggedErrors(type(error))
+
+    @inlineCallbacks
+    def test_internal_error(self) -> Any:
+        """
+        An unexpected exception from ``send_to`` is ``500 internal_error``,
+        with the traceback in the node's log, not in the answer.
+        """
+
+        def broken(peer: Any, contents: bytes) -> Any:
+            raise RuntimeError("a bug")
+
+        self.patch(self.node, "send_to", broken)
+        status, answer = yield self.post()
+        self.assertEqual((status, answer["error"]["code"]), (500, "internal_error"))
+        self.assertNotIn("a bug", answer["error"]["message"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class TokenFileTests(SynchronousTestCase):
