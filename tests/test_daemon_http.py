@@ -382,7 +382,8 @@ class CommandLineTests(_HttpNodeCase):
     async def test_send_and_status(self) -> None:
         """
         ``ilm send 2 -`` stores a message from standard input (exit 0, its
-        id printed); ``ilm status`` shows the peer with it pending;
+        id printed); ``ilm status`` shows the peer with it pending, and why
+        the node cannot reach it (connection refused);
         ``--json`` prints the API's JSON; a bad token is refused (exit 1)
         and an absent node is exit 3 with a clear message.
         """
@@ -403,6 +404,11 @@ class CommandLineTests(_HttpNodeCase):
         self.assertIn("node 1 (running", text)
         self.assertIn("peer 2: link down", text)
         self.assertIn("pending 1 (5 B", text)
+        # Node 2 is not running: the dial's reason is the peer's last error.
+        await self.wait_for(
+            lambda: "refused" in self.ilm("status", "2", **env).stdout.decode(),
+            "the dial failure in the status",
+        )
         result = await _in_thread(lambda: self.ilm("status", "2", "--json", **env))
         self.assertEqual(result.returncode, 0, result.stderr)
         value = json.loads(result.stdout)
