@@ -919,7 +919,7 @@ class FaultTests(SynchronousTestCase):
         c.start(2)
         c.run_until(lambda: c.network.linked(1, 2))
         c.clock.advance(0.1)
-        hello = _frames.encode_hello(
+        hello = _frames.encode_resume(
             Hello(PROTOCOL_VERSION, "ab" * 16, 1, 1, 1, 0, None, 0)
         )
         c.network._transmit(1, 2, [hello])
@@ -1053,7 +1053,7 @@ class StoreTests(SynchronousTestCase):
             known_incarnation="a" * 32,
             delivered=0,
         )
-        network.receive(2, _frames.encode_hello(hello))
+        network.receive(2, _frames.encode_resume(hello))
         clock.advance(0)
         self.assertEqual(backend.pending(), [(2, 0)])
         # The peer acknowledges 6 (delivered in an earlier life of this
@@ -1068,9 +1068,9 @@ class StoreTests(SynchronousTestCase):
         backend.release()
         clock.advance(0)
         sent = [
-            _frames.decode_data(frame, 1 << 20)
+            _frames.decode_messages(frame, 1 << 20)
             for frame in network.sent
-            if frame[0] == _frames.DATA
+            if frame[0] == _frames.MESSAGES
         ]
         self.assertEqual(sent, [(7, numbered(4, start=6))])
 

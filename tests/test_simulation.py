@@ -28,6 +28,7 @@ from zope.interface.verify import verifyObject
 import ilm._messenger
 import ilm.simulation
 from ilm import _frames
+from ilm._committer import GroupCommitter
 from ilm._messenger import _READY, ILM, _Peer
 from ilm._session import Hello, OutboundStream
 from ilm._store import StoreBatch, StoredState
@@ -280,9 +281,10 @@ def mark_on_receipt(original: object) -> object:
         for stream in peer.inbound:
             if stream.received > stream.marked:
                 key = (peer.peer_id, stream.incarnation)
-                if self._bookkeeping.delivered.get(key, -1) < stream.received:
-                    self._bookkeeping.delivered[key] = stream.received
-                    self._schedule_flush()
+                delivered = self._committer.bookkeeping.delivered
+                if delivered.get(key, -1) < stream.received:
+                    delivered[key] = stream.received
+                    self._committer.schedule()
         original(self, peer)  # type: ignore[operator]
 
     return _after_delivery
@@ -342,7 +344,7 @@ class BrokenVariantTests(SynchronousTestCase):
         is caught (what it delivered would be delivered again after a clean
         stop).
         """
-        self.patch(ILM, "_commit_barrier", lambda self: succeed(None))
+        self.patch(GroupCommitter, "barrier", lambda self: succeed(None))
         self._caught("a clean shutdown left positions")
 
     def test_store_forgets_marks(self) -> None:

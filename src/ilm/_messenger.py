@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 import inspect
 import itertools
-import math
 import os
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -33,6 +32,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
+from ilm._backoff import Backoff
+from ilm._committer import GroupCommitter, Send
 from ilm._config import Config
 from ilm._delivery import as_delivery
 from ilm._logging import EventLimiter
@@ -49,8 +50,6 @@ from ilm._session import (
     resume_outbound,
 )
 from ilm._status import (
-    COMMIT_BATCH_BOUNDS,
-    COMMIT_SECONDS_BOUNDS,
     DELIVERY_SECONDS_BOUNDS,
     LINK_CONNECTING,
     LINK_DOWN,
@@ -59,7 +58,7 @@ from ilm._status import (
     NodeStats,
     PeerStatus,
 )
-from ilm._store import CommitResult, StoreBatch, StoredState, batch_problems
+from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
@@ -73,7 +72,6 @@ from ilm.errors import (
     SendToSelf,
     ShutdownTimeout,
     StoreError,
-    StoreInDoubt,
     UnexpectedFrame,
     UnknownPeer,
     UnsupportedVersion,
@@ -285,6 +283,18 @@ class _Peer:
         self.held_retries = 0
         self.seen_incarnation: str | None = None
 
+    def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Receipt]]]:
+        """
+        The messages accepted since the last commit, for the next one.
+        """
+        first = self.out.stored + 1
+        contents, deferreds = self.pending, self.pending_deferreds
+        self.pending = []
+        self.pending_deferreds = []
+        self.sent_total += len(contents)
+        self.accept_times.append((first + len(contents) - 1, self.accepted_at))
+        return first, contents, deferreds
+
     def current_stream(self) -> InboundStream | None:
         return self.inbound[-1] if self.inbound else None
 
@@ -419,18 +429,22 @@ class ILM(Service):
         self._start_waiters: list[Deferred[None]] = []
         self._start_failure: Failure | None = None
         self._early: list[tuple[PeerId, bytes, Deferred[Receipt]]] = []
-        self._send_peers: dict[PeerId, _Peer] = {}
-        self._bookkeeping = StoreBatch()
-        self._committing = False
-        self._flush_call: IDelayedCall | None = None
-        # The earliest moment some pending work asked to be committed by, and
-        # whether a send asked for "now" since the last flush.
-        self._flush_due = math.inf
-        self._flush_now = False
-        self._store_delay = config.store_retry
-        # After a failed commit, no commit starts before this moment (the
-        # backoff), whatever asks for one.
-        self._retry_at = 0.0
+        self._committer = GroupCommitter(
+            backend,
+            self._clock,
+            Backoff(
+                initial=config.store_retry,
+                maximum=max(config.store_retry, config.max_store_retry),
+                jitter=0.0,
+            ),
+            later=self._later,
+            may_commit=lambda: self._state in (_RUNNING, _STOPPING),
+            drop_unstorable=self._drop_unstorable,
+            committed=self._committed,
+            failed=self._commit_failed,
+            settled=self._check_drained,
+            unexpected=self._unexpected,
+        )
         self._drain_waiters: list[Deferred[None]] = []
         self._next_commit_waiters: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
@@ -456,20 +470,10 @@ class ILM(Service):
         )
         # What stats() reports: counters since the start, kept plain.
         self._started_at: float | None = None
-        self._stored = 0
         self._refused: dict[str, int] = {}
         self._delivery_failures = 0
         self._link_ups = 0
         self._link_downs = 0
-        self._commits = 0
-        self._commit_failures = 0
-        self._in_doubt = False
-        self._commit_started = 0.0
-        self._committing_sends: list[
-            tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]
-        ] = []
-        self._commit_seconds = HistogramCounter(COMMIT_SECONDS_BOUNDS)
-        self._commit_batch = HistogramCounter(COMMIT_BATCH_BOUNDS)
         self._delivery_seconds = HistogramCounter(DELIVERY_SECONDS_BOUNDS)
 
     # -- construction and service ----------------------------------------------
@@ -683,7 +687,7 @@ class ILM(Service):
             )
         out = peer.out
         unstored = sum(map(len, peer.pending))
-        for holder, _first, contents, _deferreds in self._committing_sends:
+        for holder, _first, contents, _deferreds in self._committer.in_commit:
             if holder is peer:
                 unstored += sum(map(len, contents))
         stream = peer.current_stream()
@@ -732,11 +736,12 @@ class ILM(Service):
             frozen :class:`ilm.NodeStats`.
         """
         peers = self._peers.values()
+        committer = self._committer
         return NodeStats(
             started_at=self._started_at,
             state=self._state,
             sent=sum(peer.sent_total + len(peer.pending) for peer in peers),
-            stored=self._stored,
+            stored=committer.stored,
             delivered=sum(peer.delivered_total for peer in peers),
             acknowledged=sum(peer.acked_total for peer in peers),
             retransmitted=sum(peer.retransmitted for peer in peers),
@@ -744,12 +749,12 @@ class ILM(Service):
             delivery_failures=self._delivery_failures,
             link_ups=self._link_ups,
             link_downs=self._link_downs,
-            commits=self._commits,
-            commit_failures=self._commit_failures,
-            commit_seconds=self._commit_seconds.snapshot(),
-            commit_batch=self._commit_batch.snapshot(),
+            commits=committer.commits,
+            commit_failures=committer.failures,
+            commit_seconds=committer.seconds.snapshot(),
+            commit_batch=committer.batch_sizes.snapshot(),
             delivery_seconds=self._delivery_seconds.snapshot(),
-            store_in_doubt=self._in_doubt,
+            store_in_doubt=committer.in_doubt,
         )
 
     # -- sending -------------------------------------------------------------
@@ -893,15 +898,15 @@ class ILM(Service):
         d: Deferred[Receipt] = Deferred()
         pending = peer.pending
         if not pending:
-            self._send_peers[peer.peer_id] = peer
+            self._committer.outboxes[peer.peer_id] = peer
             peer.accepted_at = self._clock.seconds()
         pending.append(contents)
         peer.pending_deferreds.append(d)
         peer.outbox_count += 1
         peer.outbox_bytes += size
-        if not self._flush_now:
-            self._flush_now = True
-            self._schedule_flush(0)
+        committer = self._committer
+        if not committer.asked_now:
+            committer.commit_now()
         return d
 
     def _dialled_peers(self) -> frozenset[PeerId] | None:
@@ -955,93 +960,12 @@ class ILM(Service):
 
     # -- group commit --------------------------------------------------------
 
-    def _schedule_flush(self, delay: float = 0) -> None:
-        """
-        Ask for a commit within ``delay`` seconds.  Requests share commits:
-        whatever is pending when the earliest deadline comes goes into one
-        batch, and while a commit runs, the next waits for it to finish.
-        """
-        now = self._clock.seconds()
-        due = now + delay
-        if due < self._retry_at:
-            due = self._retry_at
-            delay = due - now
-        if due >= self._flush_due:
-            return
-        self._flush_due = due
-        if self._committing:
-            return
-        call = self._flush_call
-        if call is not None and call.active():
-            call.reset(delay)
-        else:
-            self._flush_call = self._later(delay, self._flush)
-
-    def _schedule_pending_flush(self) -> None:
-        """
-        After a commit: schedule the next one for the earliest deadline asked
-        for while it ran.
-        """
-        due = self._flush_due
-        if due == math.inf:
-            return
-        self._flush_due = math.inf
-        self._schedule_flush(max(0.0, due - self._clock.seconds()))
-
-    def _flush(self) -> None:
-        self._flush_call = None
-        self._flush_due = math.inf
-        self._flush_now = False
-        if self._committing or self._state not in (_RUNNING, _STOPPING):
-            return
-        batch = self._bookkeeping
-        self._bookkeeping = StoreBatch()
-        sends = []
-        for peer in self._send_peers.values():
-            first = peer.out.stored + 1
-            batch.messages[peer.peer_id] = (first, peer.pending)
-            sends.append((peer, first, peer.pending, peer.pending_deferreds))
-            peer.sent_total += len(peer.pending)
-            peer.accept_times.append((first + len(peer.pending) - 1, peer.accepted_at))
-            peer.pending = []
-            peer.pending_deferreds = []
-        self._send_peers = {}
-        problems = batch_problems(batch)
-        if problems:
-            sends = self._drop_unstorable(batch, sends, problems)
-        waiters, self._next_commit_waiters = self._next_commit_waiters, []
-        if not batch:
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        self._committing = True
-        self._committing_sends = sends
-        self._commit_started = self._clock.seconds()
-        self._commit_batch.observe(
-            sum(len(contents) for _, _, contents, _ in sends)
-            + len(batch.acked)
-            + len(batch.delivered)
-            + len(batch.retired)
-            + len(batch.forgotten)
-        )
-        try:
-            d = self._backend.commit(batch)
-        except Exception:
-            d = fail()
-        d.addCallbacks(
-            self._committed,
-            self._commit_failed,
-            callbackArgs=(batch, sends, waiters),
-            errbackArgs=(batch, sends, waiters),
-        )
-        d.addErrback(self._unexpected, "processing a commit")
-
     def _drop_unstorable(
         self,
         batch: StoreBatch,
-        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+        sends: list[Send],
         problems: dict[PeerId, str],
-    ) -> list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]]:
+    ) -> list[Send]:
         """
         Take out of ``batch`` the entries of every peer that no store could
         hold (a position beyond ``2**63 - 1``, which the frame decoders
@@ -1087,19 +1011,8 @@ class ILM(Service):
         return kept
 
     def _committed(
-        self,
-        result: CommitResult,
-        batch: StoreBatch,
-        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
-        waiters: list[Deferred[None]],
+        self, result: CommitResult, batch: StoreBatch, sends: list[Send]
     ) -> None:
-        self._committing = False
-        self._committing_sends = []
-        self._commits += 1
-        self._in_doubt = False
-        self._commit_seconds.observe(self._clock.seconds() - self._commit_started)
-        self._store_delay = self._config.store_retry
-        self._retry_at = 0.0
         peers = self._peers
         if result is not None:
             for peer_id, released in result.released_bytes.items():
@@ -1122,37 +1035,13 @@ class ILM(Service):
             self._send_ack(peer)
             self._drop_drained_streams(peer)
         for peer, first, contents, deferreds in sends:
-            self._stored += len(contents)
             peer.out.on_stored(first, contents)
             self._pump(peer)
             peer_id = peer.peer_id
             for offset, d in enumerate(deferreds):
                 d.callback(Receipt(self, peer_id, first + offset))
-        self._schedule_pending_flush()
-        for waiter in waiters:
-            waiter.callback(None)
-        self._check_drained()
 
-    def _commit_failed(
-        self,
-        reason: Failure,
-        batch: StoreBatch,
-        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
-        waiters: list[Deferred[None]],
-    ) -> None:
-        self._committing = False
-        self._committing_sends = []
-        self._commit_failures += 1
-        self._commit_seconds.observe(self._clock.seconds() - self._commit_started)
-        if reason.check(StoreInDoubt):
-            self._in_doubt = True
-        # What the barrier waiters were waiting for is retried: they wait for
-        # the retry.
-        self._next_commit_waiters[:0] = waiters
-        if not reason.check(StoreError):
-            error = StoreError(f"store commit failed: {reason.getErrorMessage()}")
-            error.__cause__ = reason.value
-            reason = Failure(error)
+    def _commit_failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
         refused = 0
         for peer, first, contents, deferreds in sends:
             peer.outbox_count -= len(contents)
@@ -1161,9 +1050,6 @@ class ILM(Service):
             _forget_accept_time(peer, first + len(contents) - 1)
             for d in deferreds:
                 d.errback(reason)
-        delay = self._store_delay
-        self._store_delay = min(delay * 2, self._config.max_store_retry)
-        self._retry_at = self._clock.seconds() + delay
         self._limited(
             ("store_commit_failed", type(reason.value).__name__),
             LogLevel.critical,
@@ -1174,26 +1060,6 @@ class ILM(Service):
             delay=delay,
             ilm_event="store_commit_failed",
         )
-        self._bookkeeping.merge_bookkeeping(batch)
-        self._schedule_pending_flush()
-        if self._bookkeeping or self._next_commit_waiters:
-            self._schedule_flush(delay)
-        self._check_drained()
-
-    def _commit_barrier(self) -> Deferred[None]:
-        """
-        :return: a Deferred that fires once a commit that starts after this
-            call has succeeded (so everything pending now is durable; a failed
-            commit's bookkeeping is retried and waited for), or at once if
-            nothing is pending.  It does not wait for work that arrives
-            later, so a busy node still gets there.
-        """
-        if not self._committing and not self._bookkeeping and not self._send_peers:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._next_commit_waiters.append(d)
-        self._schedule_flush(0)
-        return d
 
     # -- transmission --------------------------------------------------------
 
@@ -1222,7 +1088,7 @@ class ILM(Service):
             if last > peer.sent_high:
                 peer.sent_high = last
             self._network.send_frames(
-                peer.peer_id, _frames.encode_data(first, chunk, self._frame_target)
+                peer.peer_id, _frames.encode_messages(first, chunk, self._frame_target)
             )
             if peer.retransmit_call is None:
                 peer.retransmit_call = self._later(
@@ -1461,7 +1327,7 @@ class ILM(Service):
         if peer.paused:
             peer.owed_hello = max(peer.owed_hello, 2 if reply_requested else 1)
         else:
-            self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
+            self._network.send_frames(peer.peer_id, [_frames.encode_resume(hello)])
         if peer.link == _HELLO_SENT and peer.handshake_call is None:
             peer.handshake_call = self._later(
                 self._config.handshake_retry, self._handshake_retry, peer
@@ -1551,17 +1417,17 @@ class ILM(Service):
             if len(frame) > self._config.max_frame_size:
                 raise FrameTooLarge(len(frame), self._config.max_frame_size)
             kind = _frames.frame_type(frame)
-            if kind == _frames.DATA:
+            if kind == _frames.MESSAGES:
                 if peer.link == _READY:
-                    first, contents = _frames.decode_data(
+                    first, contents = _frames.decode_messages(
                         frame, self._config.max_message_size
                     )
                     self._on_data(peer, first, contents)
             elif kind == _frames.ACK:
                 if peer.link == _READY:
                     self._on_ack(peer, *_frames.decode_ack(frame))
-            elif kind == _frames.HELLO:
-                self._on_hello(peer, _frames.decode_hello(frame))
+            elif kind == _frames.RESUME:
+                self._on_hello(peer, _frames.decode_resume(frame))
             elif peer.link == _READY:
                 expected = _frames.decode_nack(frame)
                 if peer.out.on_nack(
@@ -1636,7 +1502,7 @@ class ILM(Service):
             for old in peer.inbound:
                 peer.retired.pop(old.incarnation, None)
                 peer.retired[old.incarnation] = None
-                self._bookkeeping.retired.add((pid, old.incarnation))
+                self._committer.bookkeeping.retired.add((pid, old.incarnation))
                 self._limited(
                     ("peer_new_incarnation", pid),
                     LogLevel.info,
@@ -1649,9 +1515,9 @@ class ILM(Service):
                 )
             peer.inbound = [old for old in peer.inbound if old.queue]
             peer.inbound.append(stream)
-            self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+            self._committer.bookkeeping.delivered[(pid, incarnation)] = resume.delivered
             self._forget_retired(peer)
-            self._schedule_flush()
+            self._committer.schedule()
         elif peer.inbound[-1] is not stream:
             peer.inbound.remove(stream)
             peer.inbound.append(stream)
@@ -1681,8 +1547,8 @@ class ILM(Service):
             )
             stream.jump(resume.delivered)
             peer.arrivals = deque(a for a in peer.arrivals if a[0] is not stream)
-            self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
-            self._schedule_flush()
+            self._committer.bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+            self._committer.schedule()
         peer.peer_incarnation = incarnation
         peer.seen_incarnation = incarnation
         peer.link = _READY
@@ -1745,11 +1611,11 @@ class ILM(Service):
         times = peer.accept_times
         while times and times[0][0] <= acked:
             times.popleft()
-        self._bookkeeping.acked[peer.peer_id] = acked
+        self._committer.bookkeeping.acked[peer.peer_id] = acked
         # Deleting acknowledged messages can wait to share a commit: if it is
         # lost in a crash, they are sent again and the peer takes them as
         # duplicates.
-        self._schedule_flush(self._config.delete_delay)
+        self._committer.schedule(self._config.delete_delay)
         waiters = peer.waiters
         while waiters and waiters[0][0] <= acked:
             _, _, d, receipt = heapq.heappop(waiters)
@@ -1886,11 +1752,12 @@ class ILM(Service):
         for stream in peer.inbound:
             if stream.delivered > stream.marked:
                 key = (peer.peer_id, stream.incarnation)
-                if self._bookkeeping.delivered.get(key, -1) < stream.delivered:
-                    self._bookkeeping.delivered[key] = stream.delivered
+                delivered = self._committer.bookkeeping.delivered
+                if delivered.get(key, -1) < stream.delivered:
+                    delivered[key] = stream.delivered
                     marks = True
         if marks:
-            self._schedule_flush(self._config.mark_delay)
+            self._committer.schedule(self._config.mark_delay)
         stream_now = peer.current_stream()
         if (
             stream_now is not None
@@ -1961,7 +1828,7 @@ class ILM(Service):
         if excess <= 0:
             return
         draining = {stream.incarnation for stream in peer.inbound}
-        bookkeeping = self._bookkeeping
+        bookkeeping = self._committer.bookkeeping
         for incarnation in list(peer.retired):
             if excess <= 0:
                 break
@@ -1980,7 +1847,7 @@ class ILM(Service):
                 ilm_event="incarnation_forgotten",
             )
         if bookkeeping.forgotten:
-            self._schedule_flush(self._config.delete_delay)
+            self._committer.schedule(self._config.delete_delay)
 
     # -- start and stop --------------------------------------------------------
 
@@ -2224,7 +2091,7 @@ class ILM(Service):
             drained = await self._within(waiter, deadline)
         # Commit outstanding delivery marks while the links are still up, so
         # that their acknowledgements reach the peers before we go.
-        idle = await self._within(self._commit_barrier(), deadline)
+        idle = await self._within(self._committer.barrier(), deadline)
         drained = drained and idle
         pending = self.pending_outbound()
         grace = max(deadline, self._clock.seconds() + 1.0)
@@ -2240,7 +2107,7 @@ class ILM(Service):
                 call.cancel()
             peer.delivery_call = None
         settled = await self._within(self._deliveries_settled(), grace)
-        committed = await self._within(self._commit_barrier(), grace)
+        committed = await self._within(self._committer.barrier(), grace)
         self._state = _STOPPED
         self._stop_everything()
         try:
@@ -2263,9 +2130,7 @@ class ILM(Service):
         return d
 
     def _stop_everything(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._committer.stop()
         self._stop_limiter()
         stopped = NotRunning(f"ILM node {self._local_id!r} stopped")
         for peer in self._peers.values():
@@ -2290,9 +2155,7 @@ class ILM(Service):
             peer.link = _DOWN
             peer.cancel_timers()
             peer.waiters = []
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._committer.stop()
         self._stop_limiter()
 
     async def _within(
