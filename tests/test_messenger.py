@@ -26,6 +26,7 @@ from ilm.errors import (
     SendRefused,
     SendToSelf,
     ShutdownTimeout,
+    StoppedBeforeAcknowledged,
     StoreError,
     UnknownPeer,
     WrongSource,
@@ -551,27 +552,41 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual((attempts, done), ([b"x", b"x"], [b"x"]))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
-    def test_bad_delivery_result(self) -> None:
+    def test_other_delivery_results(self) -> None:
         """
-        A provider returning something other than None, a Deferred or an
-        awaitable has not delivered: the failure is logged (TypeError) and
-        the message is retried, not acknowledged.
+        One rule for what a delivery returned, for providers and callables
+        alike (``delivery_outcome``): a value that is neither a Deferred
+        nor an awaitable means delivered, at once, not retried.
         """
-        c = Cluster()
-        a = c.start(1)
-        results: list[object] = [42, None]
 
         @implementer(ILocalDelivery)
-        class Confused:
-            def deliver(self, message: Message) -> object:
-                return results.pop(0)
+        class Returns42:
+            def __init__(self) -> None:
+                self.taken: list[Message] = []
 
-        node = ILM(InMemoryBackend(), Confused(), c.network.add_peer(2), clock=c.clock)
-        node.startService()
-        a.send_to(2, b"x")
+            def deliver(self, message: Message) -> object:
+                self.taken.append(message)
+                return 42
+
+        provider = Returns42()
+        taken: list[Message] = []
+
+        def function(message: Message) -> object:
+            taken.append(message)
+            return 42
+
+        c = Cluster()
+        a = c.start(1)
+        for peer_id, target in ((2, provider), (3, function)):
+            node = ILM(
+                InMemoryBackend(), target, c.network.add_peer(peer_id), clock=c.clock
+            )
+            node.startService()
+            a.send_to(peer_id, b"x")
         c.run_until(lambda: not a.pending_outbound())
-        self.assertEqual(results, [])
-        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertEqual([m.contents for m in provider.taken], [b"x"])
+        self.assertEqual([m.contents for m in taken], [b"x"])
+        self.assertEqual(a.stats().acknowledged, 2)
 
     def test_deferred_queue_target(self) -> None:
         """
@@ -1135,7 +1150,9 @@ class ShutdownTests(SynchronousTestCase):
         c.run_until(lambda: d.called)
         failure = self.failureResultOf(d, ShutdownTimeout)
         self.assertEqual(failure.value.pending, {2: 7})
-        self.failureResultOf(ack, NotRunning)
+        stopped = self.failureResultOf(ack, StoppedBeforeAcknowledged)
+        self.assertNotIsInstance(stopped.value, SendRefused)
+        self.assertEqual((stopped.value.peer_id, stopped.value.message_id), (2, 1))
         self.assertEqual(c.outbox(1, 2), numbered(7))
         c.start(1)
         c.start(2)

@@ -48,6 +48,7 @@ from ilm.errors import (
     NotRunning,
     OutboxFull,
     SendToSelf,
+    StoppedBeforeAcknowledged,
     StoreError,
     StoreFull,
     StoreInDoubt,
@@ -514,7 +515,7 @@ class ApiSite(Site):
             return 202, answer
         try:
             await receipt.acknowledged
-        except NotRunning as e:
+        except (StoppedBeforeAcknowledged, NotRunning) as e:
             error = ApiError(
                 "not_running",
                 f"message {receipt.message_id} is stored, but the node stopped "

@@ -10,7 +10,6 @@ timers (retransmission, handshake retry, delivery backoff, store backoff).
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
 import os
 from collections import deque
@@ -20,7 +19,6 @@ from typing import Any, overload
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
-    ensureDeferred,
     fail,
     maybeDeferred,
     succeed,
@@ -35,9 +33,9 @@ from ilm import _frames
 from ilm._backoff import Backoff
 from ilm._committer import GroupCommitter, Send
 from ilm._config import Config
+from ilm._deliverer import PeerDeliverer, one_line
 from ilm._delivery import as_delivery
 from ilm._logging import EventLimiter
-from ilm._message import Message
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
 from ilm._session import (
     PROTOCOL_VERSION,
@@ -71,6 +69,7 @@ from ilm.errors import (
     SendRefused,
     SendToSelf,
     ShutdownTimeout,
+    StoppedBeforeAcknowledged,
     StoreError,
     UnexpectedFrame,
     UnknownPeer,
@@ -106,8 +105,8 @@ class Receipt:
     ``peer_id`` and ``message_id`` identify the message; ``acknowledged`` is
     a new ``Deferred`` (each time it is read) that fires with this receipt
     once the peer has durably received the message, or fails with
-    :class:`ilm.errors.NotRunning` if this messenger stops first (the message
-    stays stored and is sent after the next start).
+    :class:`ilm.errors.StoppedBeforeAcknowledged` if this node stops first
+    (the message stays stored and is sent after the next start).
     """
 
     __slots__ = ("_ilm", "message_id", "peer_id")
@@ -125,19 +124,6 @@ class Receipt:
         return f"Receipt(peer_id={self.peer_id!r}, message_id={self.message_id})"
 
 
-def _as_deferred(result: object) -> Deferred[Any] | None:
-    """
-    What a delivery returned, as a Deferred: itself, or an awaitable (an
-    ``async def`` deliver) driven by ``ensureDeferred``; ``None`` for
-    anything else.
-    """
-    if isinstance(result, Deferred):
-        return result
-    if inspect.isawaitable(result):
-        return ensureDeferred(result)  # type: ignore[arg-type]
-    return None
-
-
 def _forget_accept_time(peer: _Peer, last: int) -> None:
     """
     The messages up to ``last`` of a commit that failed were not stored:
@@ -146,20 +132,6 @@ def _forget_accept_time(peer: _Peer, last: int) -> None:
     times = peer.accept_times
     if times and times[-1][0] == last:
         times.pop()
-
-
-def _one_line(reason: object) -> str:
-    """
-    A failure or an error in one line: its type and its message.
-    """
-    error = reason.value if isinstance(reason, Failure) else reason
-    if isinstance(error, BaseException):
-        text = str(error).strip()
-        kind = type(error).__name__
-        line = f"{kind}: {text}" if text else kind
-    else:
-        line = str(error)
-    return " ".join(line.split())
 
 
 class _Abandoned(Exception):
@@ -176,20 +148,11 @@ class _Peer:
     __slots__ = (
         "accept_times",
         "accepted_at",
-        "ack_call",
         "acked_total",
-        "arrivals",
-        "delivered_total",
-        "delivering",
-        "delivery_call",
-        "delivery_delay",
+        "deliverer",
         "handshake_call",
         "held",
-        "held_reason",
-        "held_retries",
-        "held_since",
         "hold_reported",
-        "in_loop",
         "inbound",
         "incarnations",
         "link",
@@ -254,20 +217,14 @@ class _Peer:
         self.retransmit_call: IDelayedCall | None = None
         self.retransmit_delay = config.retransmit_timeout
         self.handshake_call: IDelayedCall | None = None
-        self.ack_call: IDelayedCall | None = None
         self.read_call: IDelayedCall | None = None
         self.read_delay = config.store_retry
-        self.delivering = False
-        self.in_loop = False
-        self.delivery_call: IDelayedCall | None = None
-        self.delivery_delay = config.delivery_retry
         # What peer_status() reports.  Counters since the node started.
         self.link_since: float | None = None
         self.lost_reason: str | None = None
         self.sent_total = 0
         self.acked_total = 0
         self.retransmitted = 0
-        self.delivered_total = 0
         # The highest position transmitted since start: a chunk below it
         # is a retransmission.
         self.sent_high = out.acked
@@ -275,12 +232,8 @@ class _Peer:
         # (last position stored, when its first message was accepted).
         self.accepted_at = 0.0
         self.accept_times: deque[tuple[int, float]] = deque()
-        # Per data frame queued for delivery: [stream, last position,
-        # position observed up to, arrival time] (delivery_seconds).
-        self.arrivals: deque[list[Any]] = deque()
-        self.held_since: float | None = None
-        self.held_reason: str | None = None
-        self.held_retries = 0
+        # Set by the node once it is built.
+        self.deliverer: PeerDeliverer = None  # type: ignore[assignment]
         self.seen_incarnation: str | None = None
 
     def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Receipt]]]:
@@ -311,17 +264,12 @@ class _Peer:
         )
 
     def cancel_timers(self) -> None:
-        for name in (
-            "retransmit_call",
-            "handshake_call",
-            "ack_call",
-            "read_call",
-            "delivery_call",
-        ):
+        for name in ("retransmit_call", "handshake_call", "read_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+        self.deliverer.cancel_timers()
 
 
 @implementer(IFrameReceiver)
@@ -350,6 +298,41 @@ class _LinkEvents:
 
     def link_resumed(self, peer_id: object) -> None:
         self._ilm._guard(self._ilm._link_resumed, peer_id)
+
+
+class _Host:
+    """
+    The :class:`DeliveryHost` ILM hands to its deliverers; keeps those
+    methods off ILM's public surface.
+    """
+
+    __slots__ = ("_ilm",)
+
+    def __init__(self, ilm: ILM) -> None:
+        self._ilm = ilm
+
+    @property
+    def deliveries_allowed(self) -> bool:
+        return self._ilm._deliveries_allowed
+
+    def delivery_settled(self) -> None:
+        self._ilm._notify_settled()
+
+    def limited(
+        self,
+        key: tuple[object, ...],
+        level: LogLevel,
+        format: str,
+        failure: Failure | None = None,
+        **fields: Any,
+    ) -> None:
+        self._ilm._limited(key, level, format, failure, **fields)
+
+    def guard(self, function: Callable[..., object], *args: object) -> None:
+        self._ilm._guard(function, *args)
+
+    def unexpected(self, reason: Failure, doing: str) -> None:
+        self._ilm._unexpected(reason, doing)
 
 
 class ILM(Service):
@@ -449,6 +432,12 @@ class ILM(Service):
         self._next_commit_waiters: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
         self._deliveries_allowed = True
+        self._host = _Host(self)
+        self._delivery_backoff = Backoff(
+            initial=config.delivery_retry,
+            maximum=max(config.delivery_retry, config.max_delivery_retry),
+            jitter=0.0,
+        )
         self._shutdown_waiters: list[Deferred[None]] | None = None
         self._shutdown_result: Failure | None = None
         self._events = _LinkEvents(self)
@@ -471,7 +460,6 @@ class ILM(Service):
         # What stats() reports: counters since the start, kept plain.
         self._started_at: float | None = None
         self._refused: dict[str, int] = {}
-        self._delivery_failures = 0
         self._link_ups = 0
         self._link_downs = 0
         self._delivery_seconds = HistogramCounter(DELIVERY_SECONDS_BOUNDS)
@@ -692,6 +680,7 @@ class ILM(Service):
                 unstored += sum(map(len, contents))
         stream = peer.current_stream()
         link = peer.link
+        deliverer = peer.deliverer
         return PeerStatus(
             peer_id=peer_id,
             link=(
@@ -714,12 +703,12 @@ class ILM(Service):
             sent=peer.sent_total + len(peer.pending),
             acknowledged=peer.acked_total,
             retransmitted=peer.retransmitted,
-            delivered=peer.delivered_total,
+            delivered=deliverer.delivered,
             last_delivered=stream.delivered if stream is not None else 0,
-            delivery_held=peer.held_retries > 0,
-            delivery_held_reason=peer.held_reason,
-            delivery_held_since=peer.held_since,
-            delivery_retries=peer.held_retries,
+            delivery_held=deliverer.held,
+            delivery_held_reason=deliverer.held_reason,
+            delivery_held_since=deliverer.held_since,
+            delivery_retries=deliverer.retry.failures,
             peer_incarnation=(
                 peer.seen_incarnation
                 if peer.seen_incarnation is not None
@@ -742,11 +731,11 @@ class ILM(Service):
             state=self._state,
             sent=sum(peer.sent_total + len(peer.pending) for peer in peers),
             stored=committer.stored,
-            delivered=sum(peer.delivered_total for peer in peers),
+            delivered=sum(peer.deliverer.delivered for peer in peers),
             acknowledged=sum(peer.acked_total for peer in peers),
             retransmitted=sum(peer.retransmitted for peer in peers),
             refused=self._refused,
-            delivery_failures=self._delivery_failures,
+            delivery_failures=sum(peer.deliverer.failures for peer in peers),
             link_ups=self._link_ups,
             link_downs=self._link_downs,
             commits=committer.commits,
@@ -955,7 +944,28 @@ class ILM(Service):
             cache_messages=2 * config.window,
             cache_bytes=2 * config.window_bytes,
         )
+        return self._add_peer(peer_id, out)
+
+    def _add_peer(self, peer_id: PeerId, out: OutboundStream) -> _Peer:
+        config = self._config
         peer = self._peers[peer_id] = _Peer(peer_id, out, config)
+        peer.deliverer = PeerDeliverer(
+            peer_id,
+            self._local_id,
+            target=self._delivery,
+            streams=lambda: peer.inbound,
+            ready=lambda: peer.link == _READY,
+            acknowledge=lambda: self._send_ack(peer),
+            unstarve=lambda stream: self._unstarve(peer, stream),
+            committer=self._committer,
+            host=self._host,
+            clock=self._clock,
+            later=self._later,
+            backoff=self._delivery_backoff,
+            ack_delay=config.ack_delay,
+            mark_delay=config.mark_delay,
+            latency=self._delivery_seconds,
+        )
         return peer
 
     # -- group commit --------------------------------------------------------
@@ -1199,10 +1209,7 @@ class ILM(Service):
             or stream.incarnation != peer.peer_incarnation
         ):
             return
-        if peer.ack_call is not None:
-            if peer.ack_call.active():
-                peer.ack_call.cancel()
-            peer.ack_call = None
+        peer.deliverer.cancel_ack()
         if peer.paused:
             # A peer that does not read gets no pile of ACKs: one, computed
             # afresh, when the link resumes.
@@ -1217,10 +1224,6 @@ class ILM(Service):
             peer.owed_nack = position
             return
         self._network.send_frames(peer.peer_id, [_frames.encode_nack(position)])
-
-    def _delayed_ack(self, peer: _Peer) -> None:
-        peer.ack_call = None
-        self._send_ack(peer)
 
     # -- link events -----------------------------------------------------------
 
@@ -1350,7 +1353,7 @@ class ILM(Service):
             self._link_downs += 1
         if peer.link != _CLOSING:
             peer.link_since = self._clock.seconds()
-            peer.lost_reason = _one_line(reason)
+            peer.lost_reason = one_line(reason)
         peer.link = _DOWN
         peer.paused = False
         peer.owed_ack = False
@@ -1359,12 +1362,13 @@ class ILM(Service):
         peer.hold_reported = False
         peer.peer_incarnation = None
         peer.out.link_lost()
-        for name in ("retransmit_call", "handshake_call", "ack_call"):
+        for name in ("retransmit_call", "handshake_call"):
             call = getattr(peer, name)
             if call is not None:
                 if call.active():
                     call.cancel()
                 setattr(peer, name, None)
+        peer.deliverer.cancel_ack()
         peer.retransmit_delay = self._config.retransmit_timeout
         log.debug(
             "link to {peer_id!r} lost: {reason}",
@@ -1458,13 +1462,13 @@ class ILM(Service):
                 peer_id=peer.peer_id,
                 kind=type(violation).__name__,
                 reason=str(violation),
-                ilm_event="protocol_violation",
+                ilm_event=violation.ilm_event,
             )
         if peer.link == _READY:
             self._link_downs += 1
         peer.link = _CLOSING
         peer.link_since = self._clock.seconds()
-        peer.lost_reason = _one_line(violation)
+        peer.lost_reason = one_line(violation)
         self._network.close_link(peer.peer_id, violation)
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
@@ -1546,7 +1550,7 @@ class ILM(Service):
                 ilm_event="stream_jumped",
             )
             stream.jump(resume.delivered)
-            peer.arrivals = deque(a for a in peer.arrivals if a[0] is not stream)
+            peer.deliverer.jumped(stream)
             self._committer.bookkeeping.delivered[(pid, incarnation)] = resume.delivered
             self._committer.schedule()
         peer.peer_incarnation = incarnation
@@ -1572,20 +1576,19 @@ class ILM(Service):
             position=out.acked,
         )
         self._pump(peer)
-        self._deliver(peer)
+        peer.deliverer.deliver()
 
     def _on_data(self, peer: _Peer, first: int, contents: list[bytes]) -> None:
         stream = peer.inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
         if accepted:
-            last = stream.received
-            peer.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
+            peer.deliverer.arrived(stream, accepted)
         if nack:
             self._send_nack(peer, nack)
         if acknowledge_now:
             self._send_ack(peer)
         if accepted:
-            self._deliver(peer)
+            peer.deliverer.deliver()
 
     def _on_ack(self, peer: _Peer, delivered: int, received: int) -> None:
         newly, progress = peer.out.on_ack(delivered, received)
@@ -1629,7 +1632,13 @@ class ILM(Service):
         if receipt.message_id <= peer.out.acked:
             return succeed(receipt)
         if self._state in (_STOPPED, _FAILED):
-            return fail(NotRunning(f"ILM node {self._local_id!r} is {self._state}"))
+            return fail(
+                StoppedBeforeAcknowledged(
+                    receipt.peer_id,
+                    receipt.message_id,
+                    f"ILM node {self._local_id!r} {self._state}",
+                )
+            )
         d: Deferred[Receipt] = Deferred()
         heapq.heappush(
             peer.waiters, (receipt.message_id, next(self._waiter_order), d, receipt)
@@ -1637,157 +1646,6 @@ class ILM(Service):
         return d
 
     # -- delivery ------------------------------------------------------------
-
-    def _deliver(self, peer: _Peer) -> None:
-        if peer.delivering or peer.delivery_call is not None:
-            return
-        if not self._deliveries_allowed:
-            self._after_delivery(peer)
-            return
-        deliver = self._delivery.deliver
-        local_id = self._local_id
-        peer_id = peer.peer_id
-        peer.in_loop = True
-        try:
-            for stream in peer.inbound:
-                queue = stream.queue
-                while queue:
-                    message = Message(
-                        peer_id,
-                        local_id,
-                        stream.delivered + 1,
-                        queue[0],
-                        stream.incarnation,
-                    )
-                    try:
-                        result = deliver(message)
-                    except Exception:
-                        self._delivery_failed(Failure(), peer, message)
-                        return
-                    if result is not None:
-                        pending = _as_deferred(result)
-                        if pending is None:
-                            self._delivery_failed(
-                                Failure(
-                                    TypeError(
-                                        "ILocalDelivery.deliver must return None, a "
-                                        f"Deferred or an awaitable, not "
-                                        f"{type(result).__name__}"
-                                    )
-                                ),
-                                peer,
-                                message,
-                            )
-                            return
-                        peer.delivering = True
-                        pending.addBoth(
-                            self._delivery_settled, peer, stream, message
-                        ).addErrback(self._unexpected, "settling a delivery")
-                        if peer.delivering or peer.delivery_call is not None:
-                            return
-                        continue
-                    stream.pop_delivered()
-                    peer.delivered_total += 1
-                    if peer.held_retries:
-                        self._release_hold(peer)
-        finally:
-            peer.in_loop = False
-            self._after_delivery(peer)
-
-    def _delivery_settled(
-        self, result: object, peer: _Peer, stream: InboundStream, message: Message
-    ) -> None:
-        peer.delivering = False
-        if isinstance(result, Failure):
-            self._delivery_failed(result, peer, message)
-        elif stream.queue and stream.delivered + 1 == message.message_id:
-            stream.pop_delivered()
-            peer.delivered_total += 1
-            if peer.held_retries:
-                self._release_hold(peer)
-        if not peer.in_loop:
-            self._guard(self._deliver, peer)
-            self._notify_settled()
-
-    def _release_hold(self, peer: _Peer) -> None:
-        """
-        A delivery succeeded after failures: the hold is over.
-        """
-        peer.delivery_delay = self._config.delivery_retry
-        peer.held_retries = 0
-        peer.held_since = None
-        peer.held_reason = None
-
-    def _delivery_failed(self, reason: Failure, peer: _Peer, message: Message) -> None:
-        self._delivery_failures += 1
-        if not peer.held_retries:
-            peer.held_since = self._clock.seconds()
-        peer.held_retries += 1
-        peer.held_reason = _one_line(reason)
-        delay = peer.delivery_delay
-        peer.delivery_delay = min(delay * 2, self._config.max_delivery_retry)
-        self._limited(
-            ("delivery_failed", peer.peer_id),
-            LogLevel.critical,
-            "delivery of message {message_id} from {peer_id!r} failed; later "
-            "messages from it wait; retrying in {delay:.2f}s",
-            reason,
-            message_id=message.message_id,
-            peer_id=peer.peer_id,
-            delay=delay,
-            ilm_event="delivery_failed",
-        )
-        if self._deliveries_allowed:
-            peer.delivery_call = self._later(delay, self._retry_delivery, peer)
-
-    def _retry_delivery(self, peer: _Peer) -> None:
-        peer.delivery_call = None
-        self._deliver(peer)
-
-    def _after_delivery(self, peer: _Peer) -> None:
-        arrivals = peer.arrivals
-        if arrivals:
-            self._observe_deliveries(arrivals)
-        marks = False
-        for stream in peer.inbound:
-            if stream.delivered > stream.marked:
-                key = (peer.peer_id, stream.incarnation)
-                delivered = self._committer.bookkeeping.delivered
-                if delivered.get(key, -1) < stream.delivered:
-                    delivered[key] = stream.delivered
-                    marks = True
-        if marks:
-            self._committer.schedule(self._config.mark_delay)
-        stream_now = peer.current_stream()
-        if (
-            stream_now is not None
-            and stream_now.queue
-            and peer.link == _READY
-            and peer.ack_call is None
-        ):
-            peer.ack_call = self._later(self._config.ack_delay, self._delayed_ack, peer)
-        if stream_now is not None and stream_now.starved:
-            self._unstarve(peer, stream_now)
-
-    def _observe_deliveries(self, arrivals: deque[list[Any]]) -> None:
-        """
-        Count the delivery latency of what was delivered since the last
-        look: one observation per arrived frame, not per message.  Frames
-        are delivered in the order they arrived (one incarnation's stream
-        after another's), so only the head can have moved.
-        """
-        now = self._clock.seconds()
-        histogram = self._delivery_seconds
-        while arrivals:
-            arrival = arrivals[0]
-            stream, last, observed, at = arrival
-            done = min(stream.delivered, last)
-            if done > observed:
-                histogram.observe(now - at, done - observed)
-                arrival[2] = done
-            if done < last:
-                return
-            arrivals.popleft()
 
     def _unstarve(self, peer: _Peer, stream: InboundStream) -> None:
         """
@@ -1873,7 +1731,7 @@ class ILM(Service):
                 cache_messages=2 * config.window,
                 cache_bytes=2 * config.window_bytes,
             )
-            peer = self._peers[record.peer_id] = _Peer(record.peer_id, out, config)
+            peer = self._add_peer(record.peer_id, out)
             peer.outbox_bytes = record.pending_bytes
             if record.last_position > record.acked:
                 peer.accept_times.append((record.last_position, now))
@@ -1998,7 +1856,7 @@ class ILM(Service):
 
     def _notify_settled(self) -> None:
         if self._settled_waiters and not any(
-            p.delivering for p in self._peers.values()
+            p.deliverer.delivering for p in self._peers.values()
         ):
             waiters, self._settled_waiters = self._settled_waiters, []
             for d in waiters:
@@ -2102,10 +1960,7 @@ class ILM(Service):
         # marks of everything delivered so that it is not delivered again.
         self._deliveries_allowed = False
         for peer in self._peers.values():
-            call = peer.delivery_call
-            if call is not None and call.active():
-                call.cancel()
-            peer.delivery_call = None
+            peer.deliverer.stop_retrying()
         settled = await self._within(self._deliveries_settled(), grace)
         committed = await self._within(self._committer.barrier(), grace)
         self._state = _STOPPED
@@ -2123,7 +1978,7 @@ class ILM(Service):
             raise ShutdownTimeout(timeout, pending or self.pending_outbound())
 
     def _deliveries_settled(self) -> Deferred[None]:
-        if not any(peer.delivering for peer in self._peers.values()):
+        if not any(peer.deliverer.delivering for peer in self._peers.values()):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._settled_waiters.append(d)
@@ -2132,12 +1987,16 @@ class ILM(Service):
     def _stop_everything(self) -> None:
         self._committer.stop()
         self._stop_limiter()
-        stopped = NotRunning(f"ILM node {self._local_id!r} stopped")
+        detail = f"ILM node {self._local_id!r} stopped"
         for peer in self._peers.values():
             peer.cancel_timers()
             waiters, peer.waiters = peer.waiters, []
-            for _, _, d, _receipt in waiters:
-                d.errback(stopped)
+            for _, _, d, receipt in waiters:
+                d.errback(
+                    StoppedBeforeAcknowledged(
+                        receipt.peer_id, receipt.message_id, detail
+                    )
+                )
 
     def _abandon(self) -> None:
         """
