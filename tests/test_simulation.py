@@ -25,12 +25,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-import ilm._messenger
+import ilm._peer
 import ilm.simulation
 from ilm import _frames
 from ilm._committer import GroupCommitter
 from ilm._deliverer import PeerDeliverer
-from ilm._messenger import _READY
+from ilm._peer import READY
 from ilm._session import Hello, OutboundStream
 from ilm._store import StoreBatch, StoredState
 from ilm.backends import InMemoryStorage
@@ -262,7 +262,7 @@ def ack_before_mark(original: object) -> object:
         stream = peer.current_stream()
         if (
             stream is not None
-            and peer.link == _READY
+            and peer.link == READY
             and stream.incarnation == peer.peer_incarnation
             and stream.delivered > stream.marked
         ):
@@ -337,7 +337,7 @@ class BrokenVariantTests(SynchronousTestCase):
         A sender that accepts a delivery mark meant for an older incarnation
         of itself is caught once some node loses its store.
         """
-        self.patch(ilm._messenger, "resume_outbound", ignore_incarnation)
+        self.patch(ilm._peer, "resume_outbound", ignore_incarnation)
         failure = self._caught("beyond the receiver's durable mark")
         self.assertGreater(failure.stats["fault_store_loss"], 0)
 

@@ -30,22 +30,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
-from ilm._backoff import Backoff
+from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter, Send
 from ilm._config import Config
 from ilm._deliverer import PeerDeliverer, one_line
 from ilm._delivery import as_delivery
 from ilm._logging import EventLimiter
+from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY, PeerSession
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
 from ilm._session import (
-    PROTOCOL_VERSION,
-    HeldTotal,
     Hello,
     InboundStream,
-    NewIncarnations,
     OutboundStream,
-    resume_inbound,
-    resume_outbound,
 )
 from ilm._status import (
     DELIVERY_SECONDS_BOUNDS,
@@ -71,20 +67,12 @@ from ilm.errors import (
     ShutdownTimeout,
     StoppedBeforeAcknowledged,
     StoreError,
-    UnexpectedFrame,
     UnknownPeer,
-    UnsupportedVersion,
     WrongSource,
 )
 from ilm.interfaces import IBackend, IFrameReceiver, IMessage, INetwork
 
 log = Logger(namespace="ilm")
-
-# Link states, per peer.
-_DOWN = 0
-_HELLO_SENT = 1
-_READY = 2
-_CLOSING = 3
 
 # Messenger states.
 _NEW = "new"
@@ -140,9 +128,10 @@ class _Abandoned(Exception):
     """
 
 
-class _Peer:
+class _Peer(PeerSession):
     """
-    Everything the messenger tracks about one peer.
+    One peer: its pure :class:`PeerSession`, plus what the messenger's I/O
+    keeps about it (the outbox waiting for a commit, timers, counters).
     """
 
     __slots__ = (
@@ -151,74 +140,46 @@ class _Peer:
         "acked_total",
         "deliverer",
         "handshake_call",
-        "held",
-        "hold_reported",
-        "inbound",
-        "incarnations",
-        "link",
         "link_since",
         "lost_reason",
-        "max_message",
-        "out",
         "outbox_bytes",
         "outbox_count",
-        "owed_ack",
-        "owed_hello",
-        "owed_nack",
-        "paused",
-        "peer_id",
-        "peer_incarnation",
         "pending",
         "pending_deferreds",
         "read_call",
-        "read_delay",
-        "retired",
+        "read_retry",
         "retransmit_call",
-        "retransmit_delay",
+        "retransmit_retry",
         "retransmitted",
-        "seen_incarnation",
-        "sendable",
         "sent_high",
         "sent_total",
         "waiters",
     )
 
     def __init__(self, peer_id: PeerId, out: OutboundStream, config: Config) -> None:
-        self.peer_id = peer_id
-        self.out = out
-        self.inbound: list[InboundStream] = []
-        # Retired incarnations, oldest retirement first.
-        self.retired: dict[str, None] = {}
-        # What the streams of all its incarnations hold together.
-        self.held = HeldTotal(
-            config.window, config.window_bytes + config.max_frame_size
-        )
-        self.incarnations = NewIncarnations(
-            config.max_new_incarnations, config.new_incarnation_period
-        )
-        self.link = _DOWN
-        self.paused = False
-        # Whether the network said it could ever link to this peer (asked
-        # once, at the first send).
-        self.sendable = False
-        # Replies not written while the link is paused, sent on resume: an
-        # ACK, the last NACK position, a HELLO (1; 2: asking for a reply).
-        self.owed_ack = False
-        self.owed_nack = 0
-        self.owed_hello = 0
-        self.hold_reported = False
-        self.max_message = config.max_message_size
-        self.peer_incarnation: str | None = None
+        super().__init__(peer_id, out, config)
         self.pending: list[bytes] = []
         self.pending_deferreds: list[Deferred[Receipt]] = []
         self.outbox_count = out.stored - out.acked
         self.outbox_bytes = 0
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
         self.retransmit_call: IDelayedCall | None = None
-        self.retransmit_delay = config.retransmit_timeout
+        self.retransmit_retry = Retry(
+            Backoff(
+                initial=config.retransmit_timeout,
+                maximum=max(config.retransmit_timeout, config.max_retransmit_timeout),
+                jitter=0.0,
+            )
+        )
         self.handshake_call: IDelayedCall | None = None
         self.read_call: IDelayedCall | None = None
-        self.read_delay = config.store_retry
+        self.read_retry = Retry(
+            Backoff(
+                initial=config.store_retry,
+                maximum=max(config.store_retry, config.max_store_retry),
+                jitter=0.0,
+            )
+        )
         # What peer_status() reports.  Counters since the node started.
         self.link_since: float | None = None
         self.lost_reason: str | None = None
@@ -234,7 +195,6 @@ class _Peer:
         self.accept_times: deque[tuple[int, float]] = deque()
         # Set by the node once it is built.
         self.deliverer: PeerDeliverer = None  # type: ignore[assignment]
-        self.seen_incarnation: str | None = None
 
     def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Receipt]]]:
         """
@@ -247,21 +207,6 @@ class _Peer:
         self.sent_total += len(contents)
         self.accept_times.append((first + len(contents) - 1, self.accepted_at))
         return first, contents, deferreds
-
-    def current_stream(self) -> InboundStream | None:
-        return self.inbound[-1] if self.inbound else None
-
-    def new_stream(
-        self, incarnation: str, delivered: int, config: Config
-    ) -> InboundStream:
-        return InboundStream(
-            incarnation,
-            delivered,
-            window=config.window,
-            window_bytes=config.window_bytes,
-            max_frame_size=config.max_frame_size,
-            held=self.held,
-        )
 
     def cancel_timers(self) -> None:
         for name in ("retransmit_call", "handshake_call", "read_call"):
@@ -555,9 +500,7 @@ class ILM(Service):
         """
         :return: the ids of peers with a link up whose handshake is complete.
         """
-        return frozenset(
-            pid for pid, peer in self._peers.items() if peer.link == _READY
-        )
+        return frozenset(pid for pid, peer in self._peers.items() if peer.link == READY)
 
     def pending_outbound(self) -> dict[PeerId, int]:
         """
@@ -685,9 +628,9 @@ class ILM(Service):
             peer_id=peer_id,
             link=(
                 LINK_UP
-                if link == _READY
+                if link == READY
                 else LINK_CONNECTING
-                if link == _HELLO_SENT
+                if link == HELLO_SENT
                 else LINK_DOWN
             ),
             link_since=peer.link_since,
@@ -697,7 +640,7 @@ class ILM(Service):
             oldest_pending_age=(
                 now - peer.accept_times[0][1] if peer.accept_times else None
             ),
-            in_flight=out.sent - out.acked if link == _READY else 0,
+            in_flight=out.sent - out.acked if link == READY else 0,
             last_message_id=out.stored,
             last_acknowledged=out.acked,
             sent=peer.sent_total + len(peer.pending),
@@ -954,7 +897,7 @@ class ILM(Service):
             self._local_id,
             target=self._delivery,
             streams=lambda: peer.inbound,
-            ready=lambda: peer.link == _READY,
+            ready=lambda: peer.link == READY,
             acknowledge=lambda: self._send_ack(peer),
             unstarve=lambda stream: self._unstarve(peer, stream),
             committer=self._committer,
@@ -1012,7 +955,7 @@ class ILM(Service):
                 ilm_event="store_entry_dropped",
             )
             holder = self._peers.get(peer_id)
-            if holder is not None and holder.link in (_HELLO_SENT, _READY):
+            if holder is not None and holder.link in (HELLO_SENT, READY):
                 self._violation(
                     holder,
                     MalformedFrame(f"{problem}: beyond what a store holds"),
@@ -1035,15 +978,13 @@ class ILM(Service):
         acknowledge: dict[_Peer, None] = {}
         for (peer_id, incarnation), position in batch.delivered.items():
             peer = peers[peer_id]
-            for stream in peer.inbound:
-                if stream.incarnation == incarnation:
-                    if position > stream.marked:
-                        stream.marked = position
-                    if stream is peer.inbound[-1]:
-                        acknowledge[peer] = None
+            if peer.marked(incarnation, position):
+                acknowledge[peer] = None
         for peer in acknowledge:
             self._send_ack(peer)
-            self._drop_drained_streams(peer)
+            forgotten = peer.drop_drained_streams()
+            if forgotten:
+                self._forgotten(peer, forgotten)
         for peer, first, contents, deferreds in sends:
             peer.out.on_stored(first, contents)
             self._pump(peer)
@@ -1074,7 +1015,7 @@ class ILM(Service):
     # -- transmission --------------------------------------------------------
 
     def _pump(self, peer: _Peer) -> None:
-        if peer.link != _READY or peer.paused:
+        if peer.link != READY or peer.paused:
             return
         out = peer.out
         first, chunk = out.take()
@@ -1102,7 +1043,7 @@ class ILM(Service):
             )
             if peer.retransmit_call is None:
                 peer.retransmit_call = self._later(
-                    peer.retransmit_delay, self._retransmit, peer
+                    peer.retransmit_retry.next_delay, self._retransmit, peer
                 )
         if peer.read_call is None:
             request = out.read_request(self._config.read_batch)
@@ -1131,7 +1072,7 @@ class ILM(Service):
             # Only a read that returned something ends the backoff: an
             # outbox that keeps answering nothing (a damaged or tampered
             # store) is asked again ever more slowly.
-            peer.read_delay = self._config.store_retry
+            peer.read_retry.succeeded()
         if not contents and out.cache_end < out.stored and after >= out.acked:
             self._read_failed(
                 Failure(
@@ -1164,8 +1105,7 @@ class ILM(Service):
             )
             self._pump(peer)
             return
-        delay = peer.read_delay
-        peer.read_delay = min(delay * 2, self._config.max_store_retry)
+        delay = peer.read_retry.failed()
         self._limited(
             ("outbox_read_failed", peer.peer_id),
             LogLevel.critical,
@@ -1183,7 +1123,7 @@ class ILM(Service):
 
     def _retransmit(self, peer: _Peer) -> None:
         peer.retransmit_call = None
-        if peer.link != _READY:
+        if peer.link != READY:
             return
         out = peer.out
         if out.retransmit(self._clock.seconds(), self._config.retransmit_timeout):
@@ -1192,22 +1132,16 @@ class ILM(Service):
                 peer_id=peer.peer_id,
                 position=out.sent + 1,
             )
-            peer.retransmit_delay = min(
-                peer.retransmit_delay * 2, self._config.max_retransmit_timeout
-            )
+            peer.retransmit_retry.failed()
             self._pump(peer)
         elif out.outstanding:
             peer.retransmit_call = self._later(
-                peer.retransmit_delay, self._retransmit, peer
+                peer.retransmit_retry.next_delay, self._retransmit, peer
             )
 
     def _send_ack(self, peer: _Peer) -> None:
-        stream = peer.current_stream()
-        if (
-            peer.link != _READY
-            or stream is None
-            or stream.incarnation != peer.peer_incarnation
-        ):
+        ack = peer.ack()
+        if ack is None:
             return
         peer.deliverer.cancel_ack()
         if peer.paused:
@@ -1215,9 +1149,7 @@ class ILM(Service):
             # afresh, when the link resumes.
             peer.owed_ack = True
             return
-        self._network.send_frames(
-            peer.peer_id, [_frames.encode_ack(stream.marked, stream.received)]
-        )
+        self._network.send_frames(peer.peer_id, [_frames.encode_ack(*ack)])
 
     def _send_nack(self, peer: _Peer, position: int) -> None:
         if peer.paused:
@@ -1303,42 +1235,29 @@ class ILM(Service):
         peer = self._peer_for_link(peer_id)
         if peer is None:
             return
-        if peer.link != _DOWN:
+        if peer.link != DOWN:
             self._link_lost(
                 peer.peer_id, Failure(ConnectionError("replaced by a new link"))
             )
-        peer.link = _HELLO_SENT
+        peer.link = HELLO_SENT
         peer.link_since = self._clock.seconds()
         log.debug("link to {peer_id!r} established", peer_id=peer.peer_id)
         self._send_hello(peer, reply_requested=False)
 
     def _send_hello(self, peer: _Peer, reply_requested: bool) -> None:
-        out = peer.out
-        stream = peer.current_stream()
-        hello = Hello(
-            version=PROTOCOL_VERSION,
-            incarnation=self._incarnation,
-            window=self._config.window,
-            window_bytes=self._config.window_bytes,
-            first_unacked=out.acked + 1,
-            last_position=out.stored,
-            known_incarnation=stream.incarnation if stream is not None else None,
-            delivered=stream.marked if stream is not None else 0,
-            reply_requested=reply_requested,
-            max_message_size=self._config.max_message_size,
-        )
+        hello = peer.hello(self._incarnation, reply_requested)
         if peer.paused:
             peer.owed_hello = max(peer.owed_hello, 2 if reply_requested else 1)
         else:
             self._network.send_frames(peer.peer_id, [_frames.encode_resume(hello)])
-        if peer.link == _HELLO_SENT and peer.handshake_call is None:
+        if peer.link == HELLO_SENT and peer.handshake_call is None:
             peer.handshake_call = self._later(
                 self._config.handshake_retry, self._handshake_retry, peer
             )
 
     def _handshake_retry(self, peer: _Peer) -> None:
         peer.handshake_call = None
-        if peer.link == _HELLO_SENT:
+        if peer.link == HELLO_SENT:
             self._send_hello(peer, reply_requested=True)
 
     def _link_lost(self, peer_id: object, reason: object) -> None:
@@ -1347,21 +1266,14 @@ class ILM(Service):
         except (TypeError, ILMError):
             return
         peer = self._peers.get(pid)
-        if peer is None or peer.link == _DOWN:
+        if peer is None or peer.link == DOWN:
             return
-        if peer.link == _READY:
+        if peer.link == READY:
             self._link_downs += 1
-        if peer.link != _CLOSING:
+        if peer.link != CLOSING:
             peer.link_since = self._clock.seconds()
             peer.lost_reason = one_line(reason)
-        peer.link = _DOWN
-        peer.paused = False
-        peer.owed_ack = False
-        peer.owed_nack = 0
-        peer.owed_hello = 0
-        peer.hold_reported = False
-        peer.peer_incarnation = None
-        peer.out.link_lost()
+        peer.link_lost()
         for name in ("retransmit_call", "handshake_call"):
             call = getattr(peer, name)
             if call is not None:
@@ -1369,7 +1281,7 @@ class ILM(Service):
                     call.cancel()
                 setattr(peer, name, None)
         peer.deliverer.cancel_ack()
-        peer.retransmit_delay = self._config.retransmit_timeout
+        peer.retransmit_retry.succeeded()
         log.debug(
             "link to {peer_id!r} lost: {reason}",
             peer_id=pid,
@@ -1415,24 +1327,24 @@ class ILM(Service):
                 ilm_event="internal_error",
             )
             return
-        if peer is None or peer.link == _DOWN or peer.link == _CLOSING:
+        if peer is None or peer.link == DOWN or peer.link == CLOSING:
             return
         try:
             if len(frame) > self._config.max_frame_size:
                 raise FrameTooLarge(len(frame), self._config.max_frame_size)
             kind = _frames.frame_type(frame)
             if kind == _frames.MESSAGES:
-                if peer.link == _READY:
+                if peer.link == READY:
                     first, contents = _frames.decode_messages(
                         frame, self._config.max_message_size
                     )
                     self._on_data(peer, first, contents)
             elif kind == _frames.ACK:
-                if peer.link == _READY:
+                if peer.link == READY:
                     self._on_ack(peer, *_frames.decode_ack(frame))
             elif kind == _frames.RESUME:
                 self._on_hello(peer, _frames.decode_resume(frame))
-            elif peer.link == _READY:
+            elif peer.link == READY:
                 expected = _frames.decode_nack(frame)
                 if peer.out.on_nack(
                     expected, self._clock.seconds(), self._config.retransmit_timeout
@@ -1464,68 +1376,41 @@ class ILM(Service):
                 reason=str(violation),
                 ilm_event=violation.ilm_event,
             )
-        if peer.link == _READY:
+        if peer.link == READY:
             self._link_downs += 1
-        peer.link = _CLOSING
+        peer.link = CLOSING
         peer.link_since = self._clock.seconds()
         peer.lost_reason = one_line(violation)
         self._network.close_link(peer.peer_id, violation)
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
-        if hello.version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(
-                f"peer speaks protocol version {hello.version}; this node speaks "
-                f"{PROTOCOL_VERSION}"
-            )
-        if peer.link == _READY:
-            if hello.incarnation != peer.peer_incarnation:
-                raise UnexpectedFrame(
-                    "peer changed incarnation in the middle of a link"
-                )
-            if hello.reply_requested:
+        ready = peer.link == READY
+        outcome = peer.on_hello(hello, self._incarnation, self._clock.seconds())
+        if ready:
+            if outcome.reply:
                 self._send_hello(peer, reply_requested=False)
             return
-        incarnation = hello.incarnation
-        stream = None
-        for candidate in peer.inbound:
-            if candidate.incarnation == incarnation:
-                stream = candidate
-        resume = resume_inbound(
-            hello,
-            stream.marked if stream is not None else None,
-            incarnation in peer.retired,
-        )
-        out = peer.out
-        resume_after = resume_outbound(hello, self._incarnation, out.acked, out.stored)
-        if stream is None:
-            peer.incarnations.admit(self._clock.seconds(), incarnation)
-        # Decided; from here on nothing raises.
         pid = peer.peer_id
-        if stream is None:
-            stream = peer.new_stream(incarnation, resume.delivered, self._config)
-            for old in peer.inbound:
-                peer.retired.pop(old.incarnation, None)
-                peer.retired[old.incarnation] = None
-                self._committer.bookkeeping.retired.add((pid, old.incarnation))
-                self._limited(
-                    ("peer_new_incarnation", pid),
-                    LogLevel.info,
-                    "peer {peer_id!r} came back with a new store (incarnation "
-                    "{incarnation}); its old incarnation {old} is retired",
-                    peer_id=pid,
-                    incarnation=incarnation,
-                    old=old.incarnation,
-                    ilm_event="peer_new_incarnation",
-                )
-            peer.inbound = [old for old in peer.inbound if old.queue]
-            peer.inbound.append(stream)
-            self._committer.bookkeeping.delivered[(pid, incarnation)] = resume.delivered
-            self._forget_retired(peer)
-            self._committer.schedule()
-        elif peer.inbound[-1] is not stream:
-            peer.inbound.remove(stream)
-            peer.inbound.append(stream)
-        if resume.lost is not None:
+        incarnation = hello.incarnation
+        bookkeeping = self._committer.bookkeeping
+        for old in outcome.retired:
+            bookkeeping.retired.add((pid, old))
+            self._limited(
+                ("peer_new_incarnation", pid),
+                LogLevel.info,
+                "peer {peer_id!r} came back with a new store (incarnation "
+                "{incarnation}); its old incarnation {old} is retired",
+                peer_id=pid,
+                incarnation=incarnation,
+                old=old,
+                ilm_event="peer_new_incarnation",
+            )
+        if outcome.mark is not None:
+            bookkeeping.delivered[(pid, incarnation)] = outcome.mark[1]
+        if outcome.forgotten:
+            self._forgotten(peer, outcome.forgotten)
+        if outcome.lost is not None and outcome.mark is not None:
+            first, _last = outcome.lost
             self._limited(
                 ("messages_lost", pid),
                 LogLevel.critical,
@@ -1533,8 +1418,8 @@ class ILM(Service):
                 "stream, which this node's store does not record as delivered: "
                 "this node's store lost committed data; continuing after them",
                 peer_id=pid,
-                first=resume.lost[0],
-                last=resume.lost[1],
+                first=first,
+                last=outcome.lost[1],
                 ilm_event="messages_lost",
             )
             # The same, unlimited, at debug level: each jump of a stream,
@@ -1545,35 +1430,28 @@ class ILM(Service):
                 "{first} to {position}",
                 peer_id=pid,
                 incarnation=incarnation,
-                first=resume.lost[0],
-                position=resume.delivered,
+                first=first,
+                position=outcome.mark[1],
                 ilm_event="stream_jumped",
             )
-            stream.jump(resume.delivered)
-            peer.deliverer.jumped(stream)
-            self._committer.bookkeeping.delivered[(pid, incarnation)] = resume.delivered
+        if outcome.jumped is not None:
+            peer.deliverer.jumped(outcome.jumped)
+        if outcome.mark is not None:
             self._committer.schedule()
-        peer.peer_incarnation = incarnation
-        peer.seen_incarnation = incarnation
-        peer.link = _READY
         peer.link_since = self._clock.seconds()
         self._link_ups += 1
         if peer.handshake_call is not None:
             if peer.handshake_call.active():
                 peer.handshake_call.cancel()
             peer.handshake_call = None
-        newly = out.link_ready(
-            resume_after, hello.window, hello.window_bytes, hello.max_message_size
-        )
-        peer.max_message = min(self._config.max_message_size, hello.max_message_size)
-        if newly:
-            self._acknowledged(peer, newly)
-        if hello.reply_requested:
+        if outcome.newly_acked:
+            self._acknowledged(peer, outcome.newly_acked)
+        if outcome.reply:
             self._send_hello(peer, reply_requested=False)
         log.debug(
             "handshake with {peer_id!r} complete: resuming after {position}",
             peer_id=pid,
-            position=out.acked,
+            position=peer.out.acked,
         )
         self._pump(peer)
         peer.deliverer.deliver()
@@ -1595,7 +1473,7 @@ class ILM(Service):
         if newly:
             self._acknowledged(peer, newly)
         if progress:
-            peer.retransmit_delay = self._config.retransmit_timeout
+            peer.retransmit_retry.succeeded()
             call = peer.retransmit_call
             if call is not None:
                 if call.active():
@@ -1603,7 +1481,7 @@ class ILM(Service):
                 peer.retransmit_call = None
             if peer.out.outstanding:
                 peer.retransmit_call = self._later(
-                    peer.retransmit_delay, self._retransmit, peer
+                    peer.retransmit_retry.next_delay, self._retransmit, peer
                 )
         self._pump(peer)
 
@@ -1648,64 +1526,28 @@ class ILM(Service):
     # -- delivery ------------------------------------------------------------
 
     def _unstarve(self, peer: _Peer, stream: InboundStream) -> None:
-        """
-        ``stream`` dropped data that did not fit in what the peer's
-        incarnations hold together: once the older streams have drained, or
-        half the budget is free, ask the peer to send it again.
-        """
-        held = stream.held
-        if len(peer.inbound) > 1 and (
-            held.messages * 2 > held.max_messages or held.bytes * 2 > held.max_bytes
-        ):
-            return
-        if peer.link != _READY or stream.incarnation != peer.peer_incarnation:
-            return
-        stream.starved = False
-        self._send_nack(peer, stream.received + 1)
+        position = peer.unstarve(stream)
+        if position:
+            self._send_nack(peer, position)
 
-    def _drop_drained_streams(self, peer: _Peer) -> None:
-        if len(peer.inbound) > 1:
-            current = peer.inbound[-1]
-            peer.inbound = [
-                s
-                for s in peer.inbound
-                if s is current or s.queue or s.delivered > s.marked
-            ]
-            if len(peer.retired) > self._config.max_retired_incarnations:
-                self._forget_retired(peer)
-
-    def _forget_retired(self, peer: _Peer) -> None:
+    def _forgotten(self, peer: _Peer, incarnations: list[str]) -> None:
         """
-        Keep at most ``max_retired_incarnations`` retired incarnations of
-        ``peer``: forget the oldest retirements (in memory, and in the store
-        with the next commit), except those whose messages are still being
-        delivered.  A forgotten incarnation that comes back is taken for a
-        new one (docs/protocol.md says what that costs).
+        The session forgot these retired incarnations of ``peer``: so does
+        the store, with the next commit.
         """
-        excess = len(peer.retired) - self._config.max_retired_incarnations
-        if excess <= 0:
-            return
-        draining = {stream.incarnation for stream in peer.inbound}
         bookkeeping = self._committer.bookkeeping
-        for incarnation in list(peer.retired):
-            if excess <= 0:
-                break
-            if incarnation in draining:
-                continue
-            del peer.retired[incarnation]
+        for incarnation in incarnations:
             key = (peer.peer_id, incarnation)
             bookkeeping.retired.discard(key)
             bookkeeping.delivered.pop(key, None)
             bookkeeping.forgotten.add(key)
-            excess -= 1
             log.debug(
                 "forgot the retired incarnation {incarnation} of {peer_id!r}",
                 peer_id=peer.peer_id,
                 incarnation=incarnation,
                 ilm_event="incarnation_forgotten",
             )
-        if bookkeeping.forgotten:
-            self._committer.schedule(self._config.delete_delay)
+        self._committer.schedule(self._config.delete_delay)
 
     # -- start and stop --------------------------------------------------------
 
@@ -1740,12 +1582,12 @@ class ILM(Service):
             if inbound.retired:
                 peer.retired[inbound.incarnation] = None
             else:
-                peer.inbound.append(
-                    peer.new_stream(inbound.incarnation, inbound.delivered, config)
-                )
+                peer.add_stream(inbound.incarnation, inbound.delivered)
         for peer in self._peers.values():
             # A store written with a larger limit (or by an older ILM).
-            self._forget_retired(peer)
+            forgotten = peer.forget_retired()
+            if forgotten:
+                self._forgotten(peer, forgotten)
         self._state = _RUNNING
         try:
             return self._network.start(self._events)
@@ -2011,7 +1853,7 @@ class ILM(Service):
         self._deliveries_allowed = False
         self._early = []
         for peer in self._peers.values():
-            peer.link = _DOWN
+            peer.link = DOWN
             peer.cancel_timers()
             peer.waiters = []
         self._committer.stop()
