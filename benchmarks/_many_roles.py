@@ -66,7 +66,7 @@ class LeanPeer:
 
         self.network = network
         self.frames = _frames
-        self.hello = _frames.encode_hello(
+        self.hello = _frames.encode_resume(
             Hello(
                 version=PROTOCOL_VERSION,
                 incarnation=uuid.uuid4().hex,
@@ -93,8 +93,8 @@ class LeanPeer:
     def frame_received(self, peer_id: Any, frame: bytes) -> None:
         frames = self.frames
         kind = frames.frame_type(frame)
-        if kind == frames.HELLO:
-            hello = frames.decode_hello(frame)
+        if kind == frames.RESUME:
+            hello = frames.decode_resume(frame)
             self.window = hello.window
             self.up = True
             if hello.reply_requested:
@@ -118,7 +118,7 @@ class LeanPeer:
             return
         self.sent += 1
         self.network.send_frames(
-            NODE, self.frames.encode_data(self.sent, [contents], 1 << 20)
+            NODE, self.frames.encode_messages(self.sent, [contents], 1 << 20)
         )
 
 

@@ -220,9 +220,9 @@ class Attacker:
 
     def frame_received(self, peer_id: PeerId, frame: bytes) -> None:
         self.frames.append(frame)
-        if frame[:1] == bytes([_frames.DATA]):
+        if frame[:1] == bytes([_frames.MESSAGES]):
             self.data_bytes += len(frame)
-        elif frame[:1] == bytes([_frames.HELLO]):
+        elif frame[:1] == bytes([_frames.RESUME]):
             self.hellos += 1
             for entry in list(self._hellos):
                 if self.hellos >= entry[0]:
@@ -244,7 +244,7 @@ def hello(
     window_bytes: int = 1 << 22,
     reply_requested: bool = False,
 ) -> bytes:
-    return _frames.encode_hello(
+    return _frames.encode_resume(
         Hello(
             version=PROTOCOL_VERSION,
             incarnation=incarnation_id,
@@ -412,7 +412,7 @@ class PositionAttackTests(AttackCase):
             4,
             lambda a: a.send(
                 hello(incarnation(2), last_position=10),
-                _frames.encode_data(2**63 - 1, [b"x", b"y"], 1 << 20)[0],
+                _frames.encode_messages(2**63 - 1, [b"x", b"y"], 1 << 20)[0],
             ),
         )
         for peer_id in (2, 4):
@@ -469,7 +469,7 @@ class FlappingTests(AttackCase):
                 inc = incarnation(100 + n)
                 a.send(
                     hello(inc, last_position=window),
-                    *_frames.encode_data(
+                    *_frames.encode_messages(
                         1, [bytes([n % 256]) * payload] * window, 256 * 1024
                     ),
                     hello(inc, last_position=window, reply_requested=True),

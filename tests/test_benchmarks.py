@@ -260,15 +260,16 @@ class LeanPeerTests(SynchronousTestCase):
             known_incarnation=None,
             delivered=0,
         )
-        peer.frame_received(NODE, _frames.encode_hello(hello))
+        peer.frame_received(NODE, _frames.encode_resume(hello))
         for contents in (b"one", b"two", b"three"):
             peer.send(contents)
         peer.frame_received(NODE, _frames.encode_ack(1, 2))
         peer.send(b"four")
         kinds = [_frames.frame_type(f) for f in network.sent]
         self.assertEqual(
-            kinds, [_frames.HELLO, _frames.DATA, _frames.DATA, _frames.DATA]
+            kinds,
+            [_frames.RESUME, _frames.MESSAGES, _frames.MESSAGES, _frames.MESSAGES],
         )
-        data = [_frames.decode_data(f, 1 << 20) for f in network.sent[1:]]
+        data = [_frames.decode_messages(f, 1 << 20) for f in network.sent[1:]]
         self.assertEqual(data, [(1, [b"one"]), (2, [b"two"]), (3, [b"four"])])
         self.assertEqual(peer.held, 2)

@@ -27,7 +27,8 @@ class AdapterTests(SynchronousTestCase):
     def test_callable_results(self) -> None:
         """
         CallableDelivery passes None and Deferreds through, turns coroutines
-        into Deferreds, and ignores other return values.
+        into Deferreds, and takes other return values for "delivered"
+        (``delivery_outcome``, the rule providers follow too).
         """
         self.assertIsNone(CallableDelivery(lambda m: None).deliver(MESSAGE))
         d: Deferred[None] = succeed(None)

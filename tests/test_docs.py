@@ -160,6 +160,21 @@ class GuideTests(SynchronousTestCase):
         missing = sorted(name for name in events if f"`{name}`" not in listed)
         self.assertEqual(missing, [])
 
+    def test_every_error_names_a_listed_event(self) -> None:
+        """
+        Every ILM error class names, in ``ilm_event``, a log event the
+        guide (or docs/daemon.md) lists.
+        """
+        import ilm.errors
+
+        listed = (ROOT / "docs" / "guide.md").read_text() + (
+            ROOT / "docs" / "daemon.md"
+        ).read_text()
+        for name in ilm.errors.__all__:
+            error = getattr(ilm.errors, name)
+            self.assertIn(f"`{error.ilm_event}`", listed, name)
+        self.assertEqual(ilm.errors.StoreCorrupt.ilm_event, "store_broken")
+
     def test_examples_exist(self) -> None:
         """
         Every example file the guide links exists, and the guide's code

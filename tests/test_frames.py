@@ -25,10 +25,10 @@ INC = "0123456789abcdef" * 2
 
 def decode_any(frame: bytes, max_message: int = 1 << 20) -> object:
     kind = _frames.frame_type(frame)
-    if kind == _frames.HELLO:
-        return _frames.decode_hello(frame)
-    if kind == _frames.DATA:
-        return _frames.decode_data(frame, max_message)
+    if kind == _frames.RESUME:
+        return _frames.decode_resume(frame)
+    if kind == _frames.MESSAGES:
+        return _frames.decode_messages(frame, max_message)
     if kind == _frames.ACK:
         return _frames.decode_ack(frame)
     return _frames.decode_nack(frame)
@@ -43,15 +43,15 @@ class RoundTripTests(SynchronousTestCase):
             hello = Hello(
                 PROTOCOL_VERSION, INC, 64, 1 << 20, 5, 90, known, delivered, reply, 4096
             )
-            self.assertEqual(_frames.decode_hello(_frames.encode_hello(hello)), hello)
+            self.assertEqual(_frames.decode_resume(_frames.encode_resume(hello)), hello)
 
     def test_data(self) -> None:
         """
         DATA frames round-trip, including empty messages.
         """
         contents = [b"", b"a", b"x" * 1000]
-        [frame] = _frames.encode_data(2**40, contents, 1 << 20)
-        self.assertEqual(_frames.decode_data(frame, 1000), (2**40, contents))
+        [frame] = _frames.encode_messages(2**40, contents, 1 << 20)
+        self.assertEqual(_frames.decode_messages(frame, 1000), (2**40, contents))
 
     def test_data_split(self) -> None:
         """
@@ -59,11 +59,11 @@ class RoundTripTests(SynchronousTestCase):
         target gets a frame of its own.
         """
         contents = [b"x" * 30] * 10 + [b"y" * 500] + [b"z"]
-        frames = _frames.encode_data(7, contents, 100)
+        frames = _frames.encode_messages(7, contents, 100)
         decoded: list[bytes] = []
         position = 7
         for frame in frames:
-            first, part = _frames.decode_data(frame, 1000)
+            first, part = _frames.decode_messages(frame, 1000)
             self.assertEqual(first, position)
             position += len(part)
             decoded += part
@@ -87,8 +87,8 @@ class RoundTripTests(SynchronousTestCase):
         Any batch of messages survives encoding and decoding.
         """
         decoded: list[bytes] = []
-        for frame in _frames.encode_data(first, contents, 200):
-            decoded += _frames.decode_data(frame, 50)[1]
+        for frame in _frames.encode_messages(first, contents, 200):
+            decoded += _frames.decode_messages(frame, 50)[1]
         self.assertEqual(decoded, contents)
 
 
@@ -104,8 +104,8 @@ class HostileTests(SynchronousTestCase):
         """
         Every truncation of a valid frame and any trailing byte is refused.
         """
-        hello = _frames.encode_hello(Hello(PROTOCOL_VERSION, INC, 1, 1, 1, 0, None, 0))
-        [data] = _frames.encode_data(1, [b"abc", b"defg"], 1000)
+        hello = _frames.encode_resume(Hello(PROTOCOL_VERSION, INC, 1, 1, 1, 0, None, 0))
+        [data] = _frames.encode_messages(1, [b"abc", b"defg"], 1000)
         for frame in (hello, data, _frames.encode_ack(1, 1), _frames.encode_nack(1)):
             for cut in range(1, len(frame)):
                 self.assertRaises(MalformedFrame, decode_any, frame[:cut])
@@ -116,16 +116,18 @@ class HostileTests(SynchronousTestCase):
         A count or a length that does not fit the frame is refused without
         reading past the end; so is a message over the size limit.
         """
-        head = struct.pack(">BHQI", _frames.DATA, 0, 1, 2**32 - 1)
-        self.assertRaises(MalformedFrame, _frames.decode_data, head + b"\x00" * 8, 100)
+        head = struct.pack(">BHQI", _frames.MESSAGES, 0, 1, 2**32 - 1)
+        self.assertRaises(
+            MalformedFrame, _frames.decode_messages, head + b"\x00" * 8, 100
+        )
         frame = (
-            struct.pack(">BHQI", _frames.DATA, 0, 1, 1)
+            struct.pack(">BHQI", _frames.MESSAGES, 0, 1, 1)
             + struct.pack(">I", 2**31)
             + b"x"
         )
-        self.assertRaises(MalformedFrame, _frames.decode_data, frame, 100)
-        [big] = _frames.encode_data(1, [b"x" * 101], 1000)
-        self.assertRaises(MalformedFrame, _frames.decode_data, big, 100)
+        self.assertRaises(MalformedFrame, _frames.decode_messages, frame, 100)
+        [big] = _frames.encode_messages(1, [b"x" * 101], 1000)
+        self.assertRaises(MalformedFrame, _frames.decode_messages, big, 100)
 
     def test_bad_fields(self) -> None:
         """
@@ -135,27 +137,27 @@ class HostileTests(SynchronousTestCase):
         """
         self.assertRaises(
             MalformedFrame,
-            _frames.decode_data,
-            struct.pack(">BHQI", _frames.DATA, 0, 0, 1) + b"\x00" * 4,
+            _frames.decode_messages,
+            struct.pack(">BHQI", _frames.MESSAGES, 0, 0, 1) + b"\x00" * 4,
             10,
         )
         self.assertRaises(
             MalformedFrame,
-            _frames.decode_data,
-            struct.pack(">BHQI", _frames.DATA, 0, 2**64 - 1, 2) + b"\x00" * 8,
+            _frames.decode_messages,
+            struct.pack(">BHQI", _frames.MESSAGES, 0, 2**64 - 1, 2) + b"\x00" * 8,
             10,
         )
         self.assertRaises(
             UnexpectedFrame,
-            _frames.decode_data,
-            struct.pack(">BHQI", _frames.DATA, 1, 1, 1) + b"\x00" * 4,
+            _frames.decode_messages,
+            struct.pack(">BHQI", _frames.MESSAGES, 1, 1, 1) + b"\x00" * 4,
             10,
         )
         self.assertRaises(MalformedFrame, _frames.decode_ack, _frames.encode_ack(5, 4))
         self.assertRaises(MalformedFrame, _frames.decode_nack, _frames.encode_nack(0))
         raw = bytes.fromhex(INC)
         pack = struct.Struct(">BH16sIIQQB16sQI").pack
-        _frames.decode_hello(pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 0, 1))
+        _frames.decode_resume(pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 0, 1))
         bad = [
             pack(1, 1, raw, 1, 1, 0, 0, 0, bytes(16), 0, 1),  # first_unacked 0
             pack(1, 1, raw, 1, 1, 5, 2, 0, bytes(16), 0, 1),  # last below first - 1
@@ -165,7 +167,7 @@ class HostileTests(SynchronousTestCase):
             pack(1, 1, raw, 1, 1, 1, 0, 0, bytes(16), 0, 0),  # no message fits
         ]
         for frame in bad:
-            self.assertRaises(MalformedFrame, _frames.decode_hello, frame)
+            self.assertRaises(MalformedFrame, _frames.decode_resume, frame)
 
     def test_positions_below_2_63(self) -> None:
         """
@@ -178,7 +180,7 @@ class HostileTests(SynchronousTestCase):
         self.assertEqual(top, 2**63 - 1)
         raw = bytes.fromhex(INC)
         pack = struct.Struct(">BH16sIIQQB16sQI").pack
-        hello = _frames.decode_hello(
+        hello = _frames.decode_resume(
             pack(1, 1, raw, 1, 1, top + 1, top, 1, raw, top, 1)
         )
         self.assertEqual((hello.first_unacked, hello.delivered), (top + 1, top))
@@ -192,15 +194,17 @@ class HostileTests(SynchronousTestCase):
             frame = pack(
                 1, 1, raw, 1, 1, first_unacked, last, flags, known, delivered, 1
             )
-            self.assertRaises(MalformedFrame, _frames.decode_hello, frame)
+            self.assertRaises(MalformedFrame, _frames.decode_resume, frame)
         data = struct.Struct(">BHQI")
         self.assertEqual(
-            _frames.decode_data(data.pack(_frames.DATA, 0, top, 1) + bytes(4), 10),
+            _frames.decode_messages(
+                data.pack(_frames.MESSAGES, 0, top, 1) + bytes(4), 10
+            ),
             (top, [b""]),
         )
         for first, count in ((top, 2), (top + 1, 1), (2**64 - 1, 1)):
-            frame = data.pack(_frames.DATA, 0, first, count) + bytes(4 * count)
-            self.assertRaises(MalformedFrame, _frames.decode_data, frame, 10)
+            frame = data.pack(_frames.MESSAGES, 0, first, count) + bytes(4 * count)
+            self.assertRaises(MalformedFrame, _frames.decode_messages, frame, 10)
         self.assertEqual(_frames.decode_ack(_frames.encode_ack(top, top)), (top, top))
         self.assertRaises(
             MalformedFrame, _frames.decode_ack, _frames.encode_ack(0, top + 1)
@@ -235,7 +239,7 @@ class HostileTests(SynchronousTestCase):
 
     @settings(max_examples=1000, deadline=None)
     @given(
-        st.sampled_from([_frames.HELLO, _frames.DATA, _frames.ACK, _frames.NACK]),
+        st.sampled_from([_frames.RESUME, _frames.MESSAGES, _frames.ACK, _frames.NACK]),
         st.binary(max_size=120),
     )
     def test_fuzz_typed(self, kind: int, body: bytes) -> None:

@@ -134,7 +134,7 @@ class StoreEntryTests(SynchronousTestCase):
         c.start(3)
         c.run_until(lambda: node.connected_peers() == {2, 3})
         peer2_incarnation = c.nodes[2].incarnation
-        node._bookkeeping.delivered[(2, peer2_incarnation)] = 2**63 + 1
+        node._committer.bookkeeping.delivered[(2, peer2_incarnation)] = 2**63 + 1
         sent = [node.send_to(3, p) for p in numbered(5)]
         c.clock.advance(0)
         for d in sent:
@@ -347,7 +347,7 @@ class FakePeer:
             known_incarnation=None,
             delivered=0,
         )
-        self.network.receive(self.peer_id, _frames.encode_hello(hello))
+        self.network.receive(self.peer_id, _frames.encode_resume(hello))
 
     def disconnect(self) -> None:
         assert self.network.receiver is not None
@@ -355,7 +355,7 @@ class FakePeer:
         self.network.receiver.link_lost(self.peer_id, Failure(ConnectionDone()))
 
     def data(self, first: int, contents: list[bytes]) -> None:
-        for frame in _frames.encode_data(first, contents, 256 * 1024):
+        for frame in _frames.encode_messages(first, contents, 256 * 1024):
             self.network.receive(self.peer_id, frame)
 
 
@@ -587,7 +587,7 @@ class PausedLinkTests(SynchronousTestCase):
         )
         for _ in range(200):
             peer.data(1, [b"1", b"2", b"3"])
-            network.receive(2, _frames.encode_hello(hello))
+            network.receive(2, _frames.encode_resume(hello))
             clock.advance(0.01)
         received = 3
         for _ in range(18):
@@ -604,9 +604,9 @@ class PausedLinkTests(SynchronousTestCase):
         replies = network.sent[before:]
         self.assertEqual(
             [frame[0] for frame in replies],
-            [_frames.HELLO, _frames.ACK, _frames.NACK],
+            [_frames.RESUME, _frames.ACK, _frames.NACK],
         )
-        self.assertFalse(_frames.decode_hello(replies[0]).reply_requested)
+        self.assertFalse(_frames.decode_resume(replies[0]).reply_requested)
         self.assertEqual(_frames.decode_ack(replies[1]), (39, 39))
         self.assertEqual(_frames.decode_nack(replies[2]), 40)
         peer.data(40, [b"40", b"41"])
@@ -639,7 +639,7 @@ class NackFloodTests(SynchronousTestCase):
         clock.advance(0)
 
         def data_bytes() -> int:
-            return sum(len(f) for f in network.sent if f[0] == _frames.DATA)
+            return sum(len(f) for f in network.sent if f[0] == _frames.MESSAGES)
 
         first = data_bytes()
         self.assertGreater(first, 64_000)

@@ -26,6 +26,7 @@ from ilm.errors import (
     SendRefused,
     SendToSelf,
     ShutdownTimeout,
+    StoppedBeforeAcknowledged,
     StoreError,
     UnknownPeer,
     WrongSource,
@@ -551,27 +552,41 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual((attempts, done), ([b"x", b"x"], [b"x"]))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
-    def test_bad_delivery_result(self) -> None:
+    def test_other_delivery_results(self) -> None:
         """
-        A provider returning something other than None, a Deferred or an
-        awaitable has not delivered: the failure is logged (TypeError) and
-        the message is retried, not acknowledged.
+        One rule for what a delivery returned, for providers and callables
+        alike (``delivery_outcome``): a value that is neither a Deferred
+        nor an awaitable means delivered, at once, not retried.
         """
-        c = Cluster()
-        a = c.start(1)
-        results: list[object] = [42, None]
 
         @implementer(ILocalDelivery)
-        class Confused:
-            def deliver(self, message: Message) -> object:
-                return results.pop(0)
+        class Returns42:
+            def __init__(self) -> None:
+                self.taken: list[Message] = []
 
-        node = ILM(InMemoryBackend(), Confused(), c.network.add_peer(2), clock=c.clock)
-        node.startService()
-        a.send_to(2, b"x")
+            def deliver(self, message: Message) -> object:
+                self.taken.append(message)
+                return 42
+
+        provider = Returns42()
+        taken: list[Message] = []
+
+        def function(message: Message) -> object:
+            taken.append(message)
+            return 42
+
+        c = Cluster()
+        a = c.start(1)
+        for peer_id, target in ((2, provider), (3, function)):
+            node = ILM(
+                InMemoryBackend(), target, c.network.add_peer(peer_id), clock=c.clock
+            )
+            node.startService()
+            a.send_to(peer_id, b"x")
         c.run_until(lambda: not a.pending_outbound())
-        self.assertEqual(results, [])
-        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertEqual([m.contents for m in provider.taken], [b"x"])
+        self.assertEqual([m.contents for m in taken], [b"x"])
+        self.assertEqual(a.stats().acknowledged, 2)
 
     def test_deferred_queue_target(self) -> None:
         """
@@ -919,7 +934,7 @@ class FaultTests(SynchronousTestCase):
         c.start(2)
         c.run_until(lambda: c.network.linked(1, 2))
         c.clock.advance(0.1)
-        hello = _frames.encode_hello(
+        hello = _frames.encode_resume(
             Hello(PROTOCOL_VERSION, "ab" * 16, 1, 1, 1, 0, None, 0)
         )
         c.network._transmit(1, 2, [hello])
@@ -1053,7 +1068,7 @@ class StoreTests(SynchronousTestCase):
             known_incarnation="a" * 32,
             delivered=0,
         )
-        network.receive(2, _frames.encode_hello(hello))
+        network.receive(2, _frames.encode_resume(hello))
         clock.advance(0)
         self.assertEqual(backend.pending(), [(2, 0)])
         # The peer acknowledges 6 (delivered in an earlier life of this
@@ -1068,9 +1083,9 @@ class StoreTests(SynchronousTestCase):
         backend.release()
         clock.advance(0)
         sent = [
-            _frames.decode_data(frame, 1 << 20)
+            _frames.decode_messages(frame, 1 << 20)
             for frame in network.sent
-            if frame[0] == _frames.DATA
+            if frame[0] == _frames.MESSAGES
         ]
         self.assertEqual(sent, [(7, numbered(4, start=6))])
 
@@ -1135,7 +1150,9 @@ class ShutdownTests(SynchronousTestCase):
         c.run_until(lambda: d.called)
         failure = self.failureResultOf(d, ShutdownTimeout)
         self.assertEqual(failure.value.pending, {2: 7})
-        self.failureResultOf(ack, NotRunning)
+        stopped = self.failureResultOf(ack, StoppedBeforeAcknowledged)
+        self.assertNotIsInstance(stopped.value, SendRefused)
+        self.assertEqual((stopped.value.peer_id, stopped.value.message_id), (2, 1))
         self.assertEqual(c.outbox(1, 2), numbered(7))
         c.start(1)
         c.start(2)

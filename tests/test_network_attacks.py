@@ -184,7 +184,7 @@ def session_hello(reply_requested: bool = False) -> bytes:
     from ilm import _frames
     from ilm._session import Hello
 
-    return _frames.encode_hello(
+    return _frames.encode_resume(
         Hello(
             version=1,
             incarnation="ab" * 16,

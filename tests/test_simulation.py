@@ -25,10 +25,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-import ilm._messenger
+import ilm._peer
 import ilm.simulation
 from ilm import _frames
-from ilm._messenger import _READY, ILM, _Peer
+from ilm._committer import GroupCommitter
+from ilm._deliverer import PeerDeliverer
+from ilm._peer import READY
 from ilm._session import Hello, OutboundStream
 from ilm._store import StoreBatch, StoredState
 from ilm.backends import InMemoryStorage
@@ -253,20 +255,22 @@ def ack_before_mark(original: object) -> object:
     is durable.
     """
 
-    def _after_delivery(self: ILM, peer: _Peer) -> None:
-        original(self, peer)  # type: ignore[operator]
+    def _after(self: PeerDeliverer) -> None:
+        original(self)  # type: ignore[operator]
+        node = self._host._ilm  # type: ignore[attr-defined]
+        peer = node._peers[self.peer_id]
         stream = peer.current_stream()
         if (
             stream is not None
-            and peer.link == _READY
+            and peer.link == READY
             and stream.incarnation == peer.peer_incarnation
             and stream.delivered > stream.marked
         ):
-            self._network.send_frames(
+            node._network.send_frames(
                 peer.peer_id, [_frames.encode_ack(stream.delivered, stream.received)]
             )
 
-    return _after_delivery
+    return _after
 
 
 def mark_on_receipt(original: object) -> object:
@@ -276,16 +280,17 @@ def mark_on_receipt(original: object) -> object:
     processing).
     """
 
-    def _after_delivery(self: ILM, peer: _Peer) -> None:
-        for stream in peer.inbound:
+    def _after(self: PeerDeliverer) -> None:
+        for stream in self._streams():
             if stream.received > stream.marked:
-                key = (peer.peer_id, stream.incarnation)
-                if self._bookkeeping.delivered.get(key, -1) < stream.received:
-                    self._bookkeeping.delivered[key] = stream.received
-                    self._schedule_flush()
-        original(self, peer)  # type: ignore[operator]
+                key = (self.peer_id, stream.incarnation)
+                delivered = self._committer.bookkeeping.delivered
+                if delivered.get(key, -1) < stream.received:
+                    delivered[key] = stream.received
+                    self._committer.schedule()
+        original(self)  # type: ignore[operator]
 
-    return _after_delivery
+    return _after
 
 
 def ignore_incarnation(hello: Hello, incarnation: str, acked: int, stored: int) -> int:
@@ -315,7 +320,7 @@ class BrokenVariantTests(SynchronousTestCase):
         Acknowledging before the delivery mark is durable is caught (the
         receiver's ACK exceeds its durable mark).
         """
-        self.patch(ILM, "_after_delivery", ack_before_mark(ILM._after_delivery))
+        self.patch(PeerDeliverer, "_after", ack_before_mark(PeerDeliverer._after))
         failure = self._caught("but its durable mark is")
         self.assertLess(failure.seed, 20)
 
@@ -324,7 +329,7 @@ class BrokenVariantTests(SynchronousTestCase):
         Recording the delivery mark when data arrives rather than when it is
         delivered is caught (a mark beyond what the application took).
         """
-        self.patch(ILM, "_after_delivery", mark_on_receipt(ILM._after_delivery))
+        self.patch(PeerDeliverer, "_after", mark_on_receipt(PeerDeliverer._after))
         self._caught("but its application took only up to")
 
     def test_sender_ignores_incarnation(self) -> None:
@@ -332,7 +337,7 @@ class BrokenVariantTests(SynchronousTestCase):
         A sender that accepts a delivery mark meant for an older incarnation
         of itself is caught once some node loses its store.
         """
-        self.patch(ilm._messenger, "resume_outbound", ignore_incarnation)
+        self.patch(ilm._peer, "resume_outbound", ignore_incarnation)
         failure = self._caught("beyond the receiver's durable mark")
         self.assertGreater(failure.stats["fault_store_loss"], 0)
 
@@ -342,7 +347,7 @@ class BrokenVariantTests(SynchronousTestCase):
         is caught (what it delivered would be delivered again after a clean
         stop).
         """
-        self.patch(ILM, "_commit_barrier", lambda self: succeed(None))
+        self.patch(GroupCommitter, "barrier", lambda self: succeed(None))
         self._caught("a clean shutdown left positions")
 
     def test_store_forgets_marks(self) -> None:
@@ -363,7 +368,7 @@ class BrokenVariantTests(SynchronousTestCase):
         A failure found among many seeds is reproduced exactly by running
         its seed alone, as the printed replay command does.
         """
-        self.patch(ILM, "_after_delivery", ack_before_mark(ILM._after_delivery))
+        self.patch(PeerDeliverer, "_after", ack_before_mark(PeerDeliverer._after))
         summary = run_seeds(range(50), stop_after=1)
         [failure] = summary.failures
         again = run_seed(failure.seed)
@@ -759,7 +764,7 @@ class CommandLineTests(SynchronousTestCase):
         and the exact command that replays it; running that command
         reproduces the violation with the full trace.
         """
-        self.patch(ILM, "_after_delivery", ack_before_mark(ILM._after_delivery))
+        self.patch(PeerDeliverer, "_after", ack_before_mark(PeerDeliverer._after))
         status, out, _ = self.run_main("--seeds", "5", "--nodes", "3")
         self.assertEqual(status, 1)
         self.assertIn("FAILED:", out)

@@ -109,7 +109,7 @@ class HostileSessionTests(SynchronousTestCase):
         from ilm._session import Hello
 
         raw = authenticate(self.nodes, 1, 2, pair_key(1, 2))
-        hello = _frames.encode_hello(
+        hello = _frames.encode_resume(
             Hello(
                 version=1,
                 incarnation="ab" * 16,
@@ -150,7 +150,7 @@ class HostileSessionTests(SynchronousTestCase):
         """
         from ilm import _frames
 
-        [frame] = _frames.encode_data(5000, [b"x"], 1 << 16)
+        [frame] = _frames.encode_messages(5000, [b"x"], 1 << 16)
         self.attack(frame)
         self.assertEqual(self.violations(), ["OutOfWindow"])
 

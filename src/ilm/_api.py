@@ -49,6 +49,7 @@ from ilm.errors import (
     NotRunning,
     OutboxFull,
     SendToSelf,
+    StoppedBeforeAcknowledged,
     StoreError,
     StoreFull,
     StoreInDoubt,
@@ -517,7 +518,7 @@ class ApiSite(Site):
             return 202, answer
         try:
             await receipt.acknowledged
-        except NotRunning as e:
+        except (StoppedBeforeAcknowledged, NotRunning) as e:
             error = ApiError(
                 "not_running",
                 f"message {receipt.message_id} is stored, but the node stopped "

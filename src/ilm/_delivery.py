@@ -42,27 +42,45 @@ class CallableDelivery:
     Deliver by calling ``function(message)``.
 
     The function may return ``None``, a ``Deferred`` or a coroutine (an
-    ``async def`` function); raising or failing means "not delivered".
+    ``async def`` function); raising or failing means "not delivered";
+    any other value means delivered (:func:`delivery_outcome`).
     """
 
     def __init__(self, function: Callable[[IMessage], object]) -> None:
         self.function = function
 
     def deliver(self, message: IMessage) -> Deferred[Any] | None:
-        result = self.function(message)
-        if result is None:
-            return None
-        if isinstance(result, Deferred):
-            return result
-        if inspect.isawaitable(result):
-            return ensureDeferred(result)  # type: ignore[arg-type]
-        return None
+        return delivery_outcome(self.function(message))
 
     def __repr__(self) -> str:
         return f"CallableDelivery({self.function!r})"
 
 
 registerAdapter(QueueDelivery, DeferredQueue, ILocalDelivery)
+
+
+def delivery_outcome(result: object) -> Deferred[Any] | None:
+    """
+    The one rule for what a delivery returned, the same for an
+    ``ILocalDelivery`` provider's ``deliver`` and for a plain callable:
+
+    - a ``Deferred``: delivered once it fires; not delivered if it fails;
+    - an awaitable (an ``async def`` function's coroutine): the same, run
+      by ``ensureDeferred``;
+    - anything else (``None``, ``42``, the cursor ``execute`` returned):
+      delivered, now.  Returning normally means the message was taken, as
+      ``docs/guide.md`` says; only raising or a failing Deferred means "not
+      delivered".
+
+    :return: ``None`` (delivered) or a Deferred that settles the delivery.
+    """
+    if result is None:
+        return None
+    if isinstance(result, Deferred):
+        return result
+    if inspect.isawaitable(result):
+        return ensureDeferred(result)  # type: ignore[arg-type]
+    return None
 
 
 def as_delivery(target: object) -> ILocalDelivery:

@@ -5,19 +5,23 @@ A frame is one ``bytes`` value; networks carry frames whole (the stream
 transports add a length prefix, see ``docs/protocol.md``).  All integers are
 big-endian.  Every frame starts with a type byte:
 
-====  =======  ============================================================
-type  name     body
-====  =======  ============================================================
-0x01  HELLO    version u16, incarnation 16 bytes, window u32,
-               window_bytes u32, first_unacked u64, last_position u64,
-               flags u8 (bit 0: known incarnation present, bit 1: reply
-               requested), known_incarnation 16 bytes, delivered u64,
-               max_message_size u32
-0x02  DATA     lane u16 (0), first position u64, count u32, then count
-               times: length u32, contents
-0x03  ACK      lane u16 (0), delivered u64, received u64
-0x04  NACK     lane u16 (0), expected position u64
-====  =======  ============================================================
+========  ========  ==========================================================
+type      name      body
+========  ========  ==========================================================
+0x01      RESUME    version u16, incarnation 16 bytes, window u32,
+                    window_bytes u32, first_unacked u64, last_position u64,
+                    flags u8 (bit 0: known incarnation present, bit 1: reply
+                    requested), known_incarnation 16 bytes, delivered u64,
+                    max_message_size u32
+0x02      MESSAGES  lane u16 (0), first position u64, count u32, then count
+                    times: length u32, contents
+0x03      ACK       lane u16 (0), delivered u64, received u64
+0x04      NACK      lane u16 (0), expected position u64
+========  ========  ==========================================================
+
+The names differ from the stream network's link frames (its HELLO and DATA,
+``ilm.network._wire``), which carry these frames: RESUME is the session's
+hello (called HELLO before; the bytes are the same), MESSAGES its data.
 
 Decoding never trusts a length: every field is checked against the frame's
 size and the configured limits, and any inconsistency raises a typed
@@ -34,12 +38,12 @@ import struct
 from ilm._session import Hello
 from ilm.errors import FrameTooLarge, MalformedFrame, UnexpectedFrame, UnknownFrameType
 
-HELLO = 0x01
-DATA = 0x02
+RESUME = 0x01
+MESSAGES = 0x02
 ACK = 0x03
 NACK = 0x04
 
-_HELLO = struct.Struct(">BH16sIIQQB16sQI")
+_RESUME = struct.Struct(">BH16sIIQQB16sQI")
 _DATA_HEAD = struct.Struct(">BHQI")
 _ACK = struct.Struct(">BHQQ")
 _NACK = struct.Struct(">BHQ")
@@ -56,9 +60,9 @@ Every decoder refuses a larger one.
 """
 
 DATA_OVERHEAD = _DATA_HEAD.size
-"""Bytes of a DATA frame besides its messages."""
+"""Bytes of a MESSAGES frame besides its messages."""
 PER_MESSAGE_OVERHEAD = _LEN.size
-"""Bytes a DATA frame adds per message besides its contents."""
+"""Bytes a MESSAGES frame adds per message besides its contents."""
 
 
 def incarnation_to_bytes(incarnation: str) -> bytes:
@@ -74,7 +78,7 @@ def incarnation_to_bytes(incarnation: str) -> bytes:
     return raw
 
 
-def encode_hello(hello: Hello) -> bytes:
+def encode_resume(hello: Hello) -> bytes:
     flags = (_FLAG_KNOWN if hello.known_incarnation is not None else 0) | (
         _FLAG_REPLY if hello.reply_requested else 0
     )
@@ -83,8 +87,8 @@ def encode_hello(hello: Hello) -> bytes:
         if hello.known_incarnation is not None
         else _ZERO_INCARNATION
     )
-    return _HELLO.pack(
-        HELLO,
+    return _RESUME.pack(
+        RESUME,
         hello.version,
         incarnation_to_bytes(hello.incarnation),
         hello.window,
@@ -98,9 +102,9 @@ def encode_hello(hello: Hello) -> bytes:
     )
 
 
-def encode_data(first: int, contents: list[bytes], target_size: int) -> list[bytes]:
+def encode_messages(first: int, contents: list[bytes], target_size: int) -> list[bytes]:
     """
-    Encode messages at consecutive positions from ``first`` into DATA frames
+    Encode messages at consecutive positions from ``first`` into MESSAGES frames
     of at most ``target_size`` bytes each (a single larger message gets a
     frame of its own).
     """
@@ -123,7 +127,7 @@ def encode_data(first: int, contents: list[bytes], target_size: int) -> list[byt
             append(pack_len(len(item)))
             append(item)
             stop += 1
-        parts[0] = pack_head(DATA, 0, first + start, stop - start)
+        parts[0] = pack_head(MESSAGES, 0, first + start, stop - start)
         frames.append(b"".join(parts))
         start = stop
     return frames
@@ -154,7 +158,7 @@ def frame_type(frame: bytes) -> int:
     if not frame:
         raise MalformedFrame("empty frame")
     kind = frame[0]
-    if kind not in (HELLO, DATA, ACK, NACK):
+    if kind not in (RESUME, MESSAGES, ACK, NACK):
         raise UnknownFrameType(f"unknown frame type 0x{kind:02x}")
     return kind
 
@@ -164,10 +168,10 @@ def _check_lane(lane: int) -> None:
         raise UnexpectedFrame(f"lane {lane} is not supported (only lane 0)")
 
 
-def decode_hello(frame: bytes) -> Hello:
-    if len(frame) != _HELLO.size:
+def decode_resume(frame: bytes) -> Hello:
+    if len(frame) != _RESUME.size:
         raise MalformedFrame(
-            f"HELLO frame of {len(frame)} bytes, expected {_HELLO.size}"
+            f"RESUME frame of {len(frame)} bytes, expected {_RESUME.size}"
         )
     (
         _,
@@ -181,26 +185,26 @@ def decode_hello(frame: bytes) -> Hello:
         known,
         delivered,
         max_message_size,
-    ) = _HELLO.unpack(frame)
+    ) = _RESUME.unpack(frame)
     if flags & ~(_FLAG_KNOWN | _FLAG_REPLY):
-        raise MalformedFrame(f"HELLO has unknown flags 0x{flags:02x}")
+        raise MalformedFrame(f"RESUME has unknown flags 0x{flags:02x}")
     if last_position > MAX_POSITION or delivered > MAX_POSITION:
         raise MalformedFrame(
-            f"HELLO position beyond 2**63 - 1: last {last_position}, "
+            f"RESUME position beyond 2**63 - 1: last {last_position}, "
             f"delivered {delivered}"
         )
     if first_unacked < 1 or last_position < first_unacked - 1:
         raise MalformedFrame(
-            f"HELLO positions inconsistent: first unacked {first_unacked}, "
+            f"RESUME positions inconsistent: first unacked {first_unacked}, "
             f"last {last_position}"
         )
     if window < 1 or window_bytes < 1:
-        raise MalformedFrame("HELLO announces an empty window")
+        raise MalformedFrame("RESUME announces an empty window")
     if max_message_size < 1:
-        raise MalformedFrame("HELLO announces a zero message size limit")
+        raise MalformedFrame("RESUME announces a zero message size limit")
     has_known = bool(flags & _FLAG_KNOWN)
     if not has_known and delivered:
-        raise MalformedFrame("HELLO carries a delivery mark without an incarnation")
+        raise MalformedFrame("RESUME carries a delivery mark without an incarnation")
     return Hello(
         version=version,
         incarnation=incarnation.hex(),
@@ -215,22 +219,24 @@ def decode_hello(frame: bytes) -> Hello:
     )
 
 
-def decode_data(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
+def decode_messages(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
     """
     :return: ``(first_position, [contents, ...])``.
     """
     size = len(frame)
     if size < DATA_OVERHEAD:
-        raise MalformedFrame(f"DATA frame of {size} bytes is truncated")
+        raise MalformedFrame(f"MESSAGES frame of {size} bytes is truncated")
     _, lane, first, count = _DATA_HEAD.unpack_from(frame)
     _check_lane(lane)
     if first < 1 or count < 1:
-        raise MalformedFrame(f"DATA frame with first position {first}, count {count}")
+        raise MalformedFrame(
+            f"MESSAGES frame with first position {first}, count {count}"
+        )
     if count > (size - DATA_OVERHEAD) // 4:
-        raise MalformedFrame(f"DATA frame claims {count} messages in {size} bytes")
+        raise MalformedFrame(f"MESSAGES frame claims {count} messages in {size} bytes")
     if first + count - 1 > MAX_POSITION:
         raise MalformedFrame(
-            f"DATA positions {first}..{first + count - 1} go beyond 2**63 - 1"
+            f"MESSAGES positions {first}..{first + count - 1} go beyond 2**63 - 1"
         )
     contents: list[bytes] = []
     append = contents.append
@@ -238,12 +244,12 @@ def decode_data(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
     offset = DATA_OVERHEAD
     for _ in range(count):
         if offset + 4 > size:
-            raise MalformedFrame("DATA frame truncated in a length field")
+            raise MalformedFrame("MESSAGES frame truncated in a length field")
         (length,) = unpack(frame, offset)
         offset += 4
         end = offset + length
         if end > size:
-            raise MalformedFrame("DATA frame truncated in a message")
+            raise MalformedFrame("MESSAGES frame truncated in a message")
         if length > max_message_size:
             raise MalformedFrame(
                 f"message of {length} bytes exceeds the limit of {max_message_size}"
@@ -251,7 +257,9 @@ def decode_data(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
         append(frame[offset:end])
         offset = end
     if offset != size:
-        raise MalformedFrame(f"{size - offset} trailing bytes after DATA messages")
+        raise MalformedFrame(
+            f"{size - offset} trailing bytes after the messages of a MESSAGES frame"
+        )
     return first, contents
 
 

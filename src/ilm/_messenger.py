@@ -10,9 +10,7 @@ timers (retransmission, handshake retry, delivery backoff, store backoff).
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
-import math
 import os
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -21,7 +19,6 @@ from typing import Any, overload
 from twisted.application.service import Service
 from twisted.internet.defer import (
     Deferred,
-    ensureDeferred,
     fail,
     maybeDeferred,
     succeed,
@@ -33,24 +30,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
+from ilm._backoff import Backoff, Retry
+from ilm._committer import GroupCommitter, Send
 from ilm._config import Config
+from ilm._deliverer import PeerDeliverer, one_line
 from ilm._delivery import as_delivery
 from ilm._logging import EventLimiter
-from ilm._message import Message
+from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY, PeerSession
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
 from ilm._session import (
-    PROTOCOL_VERSION,
-    HeldTotal,
     Hello,
     InboundStream,
-    NewIncarnations,
     OutboundStream,
-    resume_inbound,
-    resume_outbound,
 )
 from ilm._status import (
-    COMMIT_BATCH_BOUNDS,
-    COMMIT_SECONDS_BOUNDS,
     DELIVERY_SECONDS_BOUNDS,
     LINK_CONNECTING,
     LINK_DOWN,
@@ -59,7 +52,7 @@ from ilm._status import (
     NodeStats,
     PeerStatus,
 )
-from ilm._store import CommitResult, StoreBatch, StoredState, batch_problems
+from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
@@ -72,22 +65,14 @@ from ilm.errors import (
     SendRefused,
     SendToSelf,
     ShutdownTimeout,
+    StoppedBeforeAcknowledged,
     StoreError,
-    StoreInDoubt,
-    UnexpectedFrame,
     UnknownPeer,
-    UnsupportedVersion,
     WrongSource,
 )
 from ilm.interfaces import IBackend, IFrameReceiver, IMessage, INetwork
 
 log = Logger(namespace="ilm")
-
-# Link states, per peer.
-_DOWN = 0
-_HELLO_SENT = 1
-_READY = 2
-_CLOSING = 3
 
 # Messenger states.
 _NEW = "new"
@@ -108,8 +93,8 @@ class Receipt:
     ``peer_id`` and ``message_id`` identify the message; ``acknowledged`` is
     a new ``Deferred`` (each time it is read) that fires with this receipt
     once the peer has durably received the message, or fails with
-    :class:`ilm.errors.NotRunning` if this messenger stops first (the message
-    stays stored and is sent after the next start).
+    :class:`ilm.errors.StoppedBeforeAcknowledged` if this node stops first
+    (the message stays stored and is sent after the next start).
     """
 
     __slots__ = ("_ilm", "message_id", "peer_id")
@@ -127,19 +112,6 @@ class Receipt:
         return f"Receipt(peer_id={self.peer_id!r}, message_id={self.message_id})"
 
 
-def _as_deferred(result: object) -> Deferred[Any] | None:
-    """
-    What a delivery returned, as a Deferred: itself, or an awaitable (an
-    ``async def`` deliver) driven by ``ensureDeferred``; ``None`` for
-    anything else.
-    """
-    if isinstance(result, Deferred):
-        return result
-    if inspect.isawaitable(result):
-        return ensureDeferred(result)  # type: ignore[arg-type]
-    return None
-
-
 def _forget_accept_time(peer: _Peer, last: int) -> None:
     """
     The messages up to ``last`` of a commit that failed were not stored:
@@ -150,126 +122,70 @@ def _forget_accept_time(peer: _Peer, last: int) -> None:
         times.pop()
 
 
-def _one_line(reason: object) -> str:
-    """
-    A failure or an error in one line: its type and its message.
-    """
-    error = reason.value if isinstance(reason, Failure) else reason
-    if isinstance(error, BaseException):
-        text = str(error).strip()
-        kind = type(error).__name__
-        line = f"{kind}: {text}" if text else kind
-    else:
-        line = str(error)
-    return " ".join(line.split())
-
-
 class _Abandoned(Exception):
     """
     Unwinds a shutdown in progress when the node is abandoned (crashed).
     """
 
 
-class _Peer:
+class _Peer(PeerSession):
     """
-    Everything the messenger tracks about one peer.
+    One peer: its pure :class:`PeerSession`, plus what the messenger's I/O
+    keeps about it (the outbox waiting for a commit, timers, counters).
     """
 
     __slots__ = (
         "accept_times",
         "accepted_at",
-        "ack_call",
         "acked_total",
-        "arrivals",
-        "delivered_total",
-        "delivering",
-        "delivery_call",
-        "delivery_delay",
+        "deliverer",
         "handshake_call",
-        "held",
-        "held_reason",
-        "held_retries",
-        "held_since",
-        "hold_reported",
-        "in_loop",
-        "inbound",
-        "incarnations",
-        "link",
         "link_since",
         "lost_reason",
-        "max_message",
-        "out",
         "outbox_bytes",
         "outbox_count",
-        "owed_ack",
-        "owed_hello",
-        "owed_nack",
-        "paused",
-        "peer_id",
-        "peer_incarnation",
         "pending",
         "pending_deferreds",
         "read_call",
-        "read_delay",
-        "retired",
+        "read_retry",
         "retransmit_call",
-        "retransmit_delay",
+        "retransmit_retry",
         "retransmitted",
-        "seen_incarnation",
-        "sendable",
         "sent_high",
         "sent_total",
         "waiters",
     )
 
     def __init__(self, peer_id: PeerId, out: OutboundStream, config: Config) -> None:
-        self.peer_id = peer_id
-        self.out = out
-        self.inbound: list[InboundStream] = []
-        # Retired incarnations, oldest retirement first.
-        self.retired: dict[str, None] = {}
-        # What the streams of all its incarnations hold together.
-        self.held = HeldTotal(
-            config.window, config.window_bytes + config.max_frame_size
-        )
-        self.incarnations = NewIncarnations(
-            config.max_new_incarnations, config.new_incarnation_period
-        )
-        self.link = _DOWN
-        self.paused = False
-        # Whether the network said it could ever link to this peer (asked
-        # once, at the first send).
-        self.sendable = False
-        # Replies not written while the link is paused, sent on resume: an
-        # ACK, the last NACK position, a HELLO (1; 2: asking for a reply).
-        self.owed_ack = False
-        self.owed_nack = 0
-        self.owed_hello = 0
-        self.hold_reported = False
-        self.max_message = config.max_message_size
-        self.peer_incarnation: str | None = None
+        super().__init__(peer_id, out, config)
         self.pending: list[bytes] = []
         self.pending_deferreds: list[Deferred[Receipt]] = []
         self.outbox_count = out.stored - out.acked
         self.outbox_bytes = 0
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
         self.retransmit_call: IDelayedCall | None = None
-        self.retransmit_delay = config.retransmit_timeout
+        self.retransmit_retry = Retry(
+            Backoff(
+                initial=config.retransmit_timeout,
+                maximum=max(config.retransmit_timeout, config.max_retransmit_timeout),
+                jitter=0.0,
+            )
+        )
         self.handshake_call: IDelayedCall | None = None
-        self.ack_call: IDelayedCall | None = None
         self.read_call: IDelayedCall | None = None
-        self.read_delay = config.store_retry
-        self.delivering = False
-        self.in_loop = False
-        self.delivery_call: IDelayedCall | None = None
-        self.delivery_delay = config.delivery_retry
+        self.read_retry = Retry(
+            Backoff(
+                initial=config.store_retry,
+                maximum=max(config.store_retry, config.max_store_retry),
+                jitter=0.0,
+            )
+        )
         # What peer_status() reports.  Counters since the node started.
         self.link_since: float | None = None
         self.lost_reason: str | None = None
         self.sent_total = 0
         self.acked_total = 0
         self.retransmitted = 0
-        self.delivered_total = 0
         # The highest position transmitted since start: a chunk below it
         # is a retransmission.
         self.sent_high = out.acked
@@ -277,41 +193,28 @@ class _Peer:
         # (last position stored, when its first message was accepted).
         self.accepted_at = 0.0
         self.accept_times: deque[tuple[int, float]] = deque()
-        # Per data frame queued for delivery: [stream, last position,
-        # position observed up to, arrival time] (delivery_seconds).
-        self.arrivals: deque[list[Any]] = deque()
-        self.held_since: float | None = None
-        self.held_reason: str | None = None
-        self.held_retries = 0
-        self.seen_incarnation: str | None = None
+        # Set by the node once it is built.
+        self.deliverer: PeerDeliverer = None  # type: ignore[assignment]
 
-    def current_stream(self) -> InboundStream | None:
-        return self.inbound[-1] if self.inbound else None
-
-    def new_stream(
-        self, incarnation: str, delivered: int, config: Config
-    ) -> InboundStream:
-        return InboundStream(
-            incarnation,
-            delivered,
-            window=config.window,
-            window_bytes=config.window_bytes,
-            max_frame_size=config.max_frame_size,
-            held=self.held,
-        )
+    def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Receipt]]]:
+        """
+        The messages accepted since the last commit, for the next one.
+        """
+        first = self.out.stored + 1
+        contents, deferreds = self.pending, self.pending_deferreds
+        self.pending = []
+        self.pending_deferreds = []
+        self.sent_total += len(contents)
+        self.accept_times.append((first + len(contents) - 1, self.accepted_at))
+        return first, contents, deferreds
 
     def cancel_timers(self) -> None:
-        for name in (
-            "retransmit_call",
-            "handshake_call",
-            "ack_call",
-            "read_call",
-            "delivery_call",
-        ):
+        for name in ("retransmit_call", "handshake_call", "read_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+        self.deliverer.cancel_timers()
 
 
 @implementer(IFrameReceiver)
@@ -340,6 +243,41 @@ class _LinkEvents:
 
     def link_resumed(self, peer_id: object) -> None:
         self._ilm._guard(self._ilm._link_resumed, peer_id)
+
+
+class _Host:
+    """
+    The :class:`DeliveryHost` ILM hands to its deliverers; keeps those
+    methods off ILM's public surface.
+    """
+
+    __slots__ = ("_ilm",)
+
+    def __init__(self, ilm: ILM) -> None:
+        self._ilm = ilm
+
+    @property
+    def deliveries_allowed(self) -> bool:
+        return self._ilm._deliveries_allowed
+
+    def delivery_settled(self) -> None:
+        self._ilm._notify_settled()
+
+    def limited(
+        self,
+        key: tuple[object, ...],
+        level: LogLevel,
+        format: str,
+        failure: Failure | None = None,
+        **fields: Any,
+    ) -> None:
+        self._ilm._limited(key, level, format, failure, **fields)
+
+    def guard(self, function: Callable[..., object], *args: object) -> None:
+        self._ilm._guard(function, *args)
+
+    def unexpected(self, reason: Failure, doing: str) -> None:
+        self._ilm._unexpected(reason, doing)
 
 
 class ILM(Service):
@@ -419,22 +357,32 @@ class ILM(Service):
         self._start_waiters: list[Deferred[None]] = []
         self._start_failure: Failure | None = None
         self._early: list[tuple[PeerId, bytes, Deferred[Receipt]]] = []
-        self._send_peers: dict[PeerId, _Peer] = {}
-        self._bookkeeping = StoreBatch()
-        self._committing = False
-        self._flush_call: IDelayedCall | None = None
-        # The earliest moment some pending work asked to be committed by, and
-        # whether a send asked for "now" since the last flush.
-        self._flush_due = math.inf
-        self._flush_now = False
-        self._store_delay = config.store_retry
-        # After a failed commit, no commit starts before this moment (the
-        # backoff), whatever asks for one.
-        self._retry_at = 0.0
+        self._committer = GroupCommitter(
+            backend,
+            self._clock,
+            Backoff(
+                initial=config.store_retry,
+                maximum=max(config.store_retry, config.max_store_retry),
+                jitter=0.0,
+            ),
+            later=self._later,
+            may_commit=lambda: self._state in (_RUNNING, _STOPPING),
+            drop_unstorable=self._drop_unstorable,
+            committed=self._committed,
+            failed=self._commit_failed,
+            settled=self._check_drained,
+            unexpected=self._unexpected,
+        )
         self._drain_waiters: list[Deferred[None]] = []
         self._next_commit_waiters: list[Deferred[None]] = []
         self._settled_waiters: list[Deferred[None]] = []
         self._deliveries_allowed = True
+        self._host = _Host(self)
+        self._delivery_backoff = Backoff(
+            initial=config.delivery_retry,
+            maximum=max(config.delivery_retry, config.max_delivery_retry),
+            jitter=0.0,
+        )
         self._shutdown_waiters: list[Deferred[None]] | None = None
         self._shutdown_result: Failure | None = None
         self._events = _LinkEvents(self)
@@ -456,20 +404,9 @@ class ILM(Service):
         )
         # What stats() reports: counters since the start, kept plain.
         self._started_at: float | None = None
-        self._stored = 0
         self._refused: dict[str, int] = {}
-        self._delivery_failures = 0
         self._link_ups = 0
         self._link_downs = 0
-        self._commits = 0
-        self._commit_failures = 0
-        self._in_doubt = False
-        self._commit_started = 0.0
-        self._committing_sends: list[
-            tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]
-        ] = []
-        self._commit_seconds = HistogramCounter(COMMIT_SECONDS_BOUNDS)
-        self._commit_batch = HistogramCounter(COMMIT_BATCH_BOUNDS)
         self._delivery_seconds = HistogramCounter(DELIVERY_SECONDS_BOUNDS)
 
     # -- construction and service ----------------------------------------------
@@ -563,9 +500,7 @@ class ILM(Service):
         """
         :return: the ids of peers with a link up whose handshake is complete.
         """
-        return frozenset(
-            pid for pid, peer in self._peers.items() if peer.link == _READY
-        )
+        return frozenset(pid for pid, peer in self._peers.items() if peer.link == READY)
 
     def pending_outbound(self) -> dict[PeerId, int]:
         """
@@ -683,18 +618,19 @@ class ILM(Service):
             )
         out = peer.out
         unstored = sum(map(len, peer.pending))
-        for holder, _first, contents, _deferreds in self._committing_sends:
+        for holder, _first, contents, _deferreds in self._committer.in_commit:
             if holder is peer:
                 unstored += sum(map(len, contents))
         stream = peer.current_stream()
         link = peer.link
+        deliverer = peer.deliverer
         return PeerStatus(
             peer_id=peer_id,
             link=(
                 LINK_UP
-                if link == _READY
+                if link == READY
                 else LINK_CONNECTING
-                if link == _HELLO_SENT
+                if link == HELLO_SENT
                 else LINK_DOWN
             ),
             link_since=peer.link_since,
@@ -704,18 +640,18 @@ class ILM(Service):
             oldest_pending_age=(
                 now - peer.accept_times[0][1] if peer.accept_times else None
             ),
-            in_flight=out.sent - out.acked if link == _READY else 0,
+            in_flight=out.sent - out.acked if link == READY else 0,
             last_message_id=out.stored,
             last_acknowledged=out.acked,
             sent=peer.sent_total + len(peer.pending),
             acknowledged=peer.acked_total,
             retransmitted=peer.retransmitted,
-            delivered=peer.delivered_total,
+            delivered=deliverer.delivered,
             last_delivered=stream.delivered if stream is not None else 0,
-            delivery_held=peer.held_retries > 0,
-            delivery_held_reason=peer.held_reason,
-            delivery_held_since=peer.held_since,
-            delivery_retries=peer.held_retries,
+            delivery_held=deliverer.held,
+            delivery_held_reason=deliverer.held_reason,
+            delivery_held_since=deliverer.held_since,
+            delivery_retries=deliverer.retry.failures,
             peer_incarnation=(
                 peer.seen_incarnation
                 if peer.seen_incarnation is not None
@@ -732,24 +668,25 @@ class ILM(Service):
             frozen :class:`ilm.NodeStats`.
         """
         peers = self._peers.values()
+        committer = self._committer
         return NodeStats(
             started_at=self._started_at,
             state=self._state,
             sent=sum(peer.sent_total + len(peer.pending) for peer in peers),
-            stored=self._stored,
-            delivered=sum(peer.delivered_total for peer in peers),
+            stored=committer.stored,
+            delivered=sum(peer.deliverer.delivered for peer in peers),
             acknowledged=sum(peer.acked_total for peer in peers),
             retransmitted=sum(peer.retransmitted for peer in peers),
             refused=self._refused,
-            delivery_failures=self._delivery_failures,
+            delivery_failures=sum(peer.deliverer.failures for peer in peers),
             link_ups=self._link_ups,
             link_downs=self._link_downs,
-            commits=self._commits,
-            commit_failures=self._commit_failures,
-            commit_seconds=self._commit_seconds.snapshot(),
-            commit_batch=self._commit_batch.snapshot(),
+            commits=committer.commits,
+            commit_failures=committer.failures,
+            commit_seconds=committer.seconds.snapshot(),
+            commit_batch=committer.batch_sizes.snapshot(),
             delivery_seconds=self._delivery_seconds.snapshot(),
-            store_in_doubt=self._in_doubt,
+            store_in_doubt=committer.in_doubt,
         )
 
     # -- sending -------------------------------------------------------------
@@ -893,15 +830,15 @@ class ILM(Service):
         d: Deferred[Receipt] = Deferred()
         pending = peer.pending
         if not pending:
-            self._send_peers[peer.peer_id] = peer
+            self._committer.outboxes[peer.peer_id] = peer
             peer.accepted_at = self._clock.seconds()
         pending.append(contents)
         peer.pending_deferreds.append(d)
         peer.outbox_count += 1
         peer.outbox_bytes += size
-        if not self._flush_now:
-            self._flush_now = True
-            self._schedule_flush(0)
+        committer = self._committer
+        if not committer.asked_now:
+            committer.commit_now()
         return d
 
     def _dialled_peers(self) -> frozenset[PeerId] | None:
@@ -950,98 +887,38 @@ class ILM(Service):
             cache_messages=2 * config.window,
             cache_bytes=2 * config.window_bytes,
         )
+        return self._add_peer(peer_id, out)
+
+    def _add_peer(self, peer_id: PeerId, out: OutboundStream) -> _Peer:
+        config = self._config
         peer = self._peers[peer_id] = _Peer(peer_id, out, config)
+        peer.deliverer = PeerDeliverer(
+            peer_id,
+            self._local_id,
+            target=self._delivery,
+            streams=lambda: peer.inbound,
+            ready=lambda: peer.link == READY,
+            acknowledge=lambda: self._send_ack(peer),
+            unstarve=lambda stream: self._unstarve(peer, stream),
+            committer=self._committer,
+            host=self._host,
+            clock=self._clock,
+            later=self._later,
+            backoff=self._delivery_backoff,
+            ack_delay=config.ack_delay,
+            mark_delay=config.mark_delay,
+            latency=self._delivery_seconds,
+        )
         return peer
 
     # -- group commit --------------------------------------------------------
 
-    def _schedule_flush(self, delay: float = 0) -> None:
-        """
-        Ask for a commit within ``delay`` seconds.  Requests share commits:
-        whatever is pending when the earliest deadline comes goes into one
-        batch, and while a commit runs, the next waits for it to finish.
-        """
-        now = self._clock.seconds()
-        due = now + delay
-        if due < self._retry_at:
-            due = self._retry_at
-            delay = due - now
-        if due >= self._flush_due:
-            return
-        self._flush_due = due
-        if self._committing:
-            return
-        call = self._flush_call
-        if call is not None and call.active():
-            call.reset(delay)
-        else:
-            self._flush_call = self._later(delay, self._flush)
-
-    def _schedule_pending_flush(self) -> None:
-        """
-        After a commit: schedule the next one for the earliest deadline asked
-        for while it ran.
-        """
-        due = self._flush_due
-        if due == math.inf:
-            return
-        self._flush_due = math.inf
-        self._schedule_flush(max(0.0, due - self._clock.seconds()))
-
-    def _flush(self) -> None:
-        self._flush_call = None
-        self._flush_due = math.inf
-        self._flush_now = False
-        if self._committing or self._state not in (_RUNNING, _STOPPING):
-            return
-        batch = self._bookkeeping
-        self._bookkeeping = StoreBatch()
-        sends = []
-        for peer in self._send_peers.values():
-            first = peer.out.stored + 1
-            batch.messages[peer.peer_id] = (first, peer.pending)
-            sends.append((peer, first, peer.pending, peer.pending_deferreds))
-            peer.sent_total += len(peer.pending)
-            peer.accept_times.append((first + len(peer.pending) - 1, peer.accepted_at))
-            peer.pending = []
-            peer.pending_deferreds = []
-        self._send_peers = {}
-        problems = batch_problems(batch)
-        if problems:
-            sends = self._drop_unstorable(batch, sends, problems)
-        waiters, self._next_commit_waiters = self._next_commit_waiters, []
-        if not batch:
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        self._committing = True
-        self._committing_sends = sends
-        self._commit_started = self._clock.seconds()
-        self._commit_batch.observe(
-            sum(len(contents) for _, _, contents, _ in sends)
-            + len(batch.acked)
-            + len(batch.delivered)
-            + len(batch.retired)
-            + len(batch.forgotten)
-        )
-        try:
-            d = self._backend.commit(batch)
-        except Exception:
-            d = fail()
-        d.addCallbacks(
-            self._committed,
-            self._commit_failed,
-            callbackArgs=(batch, sends, waiters),
-            errbackArgs=(batch, sends, waiters),
-        )
-        d.addErrback(self._unexpected, "processing a commit")
-
     def _drop_unstorable(
         self,
         batch: StoreBatch,
-        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
+        sends: list[Send],
         problems: dict[PeerId, str],
-    ) -> list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]]:
+    ) -> list[Send]:
         """
         Take out of ``batch`` the entries of every peer that no store could
         hold (a position beyond ``2**63 - 1``, which the frame decoders
@@ -1078,7 +955,7 @@ class ILM(Service):
                 ilm_event="store_entry_dropped",
             )
             holder = self._peers.get(peer_id)
-            if holder is not None and holder.link in (_HELLO_SENT, _READY):
+            if holder is not None and holder.link in (HELLO_SENT, READY):
                 self._violation(
                     holder,
                     MalformedFrame(f"{problem}: beyond what a store holds"),
@@ -1087,19 +964,8 @@ class ILM(Service):
         return kept
 
     def _committed(
-        self,
-        result: CommitResult,
-        batch: StoreBatch,
-        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
-        waiters: list[Deferred[None]],
+        self, result: CommitResult, batch: StoreBatch, sends: list[Send]
     ) -> None:
-        self._committing = False
-        self._committing_sends = []
-        self._commits += 1
-        self._in_doubt = False
-        self._commit_seconds.observe(self._clock.seconds() - self._commit_started)
-        self._store_delay = self._config.store_retry
-        self._retry_at = 0.0
         peers = self._peers
         if result is not None:
             for peer_id, released in result.released_bytes.items():
@@ -1112,47 +978,21 @@ class ILM(Service):
         acknowledge: dict[_Peer, None] = {}
         for (peer_id, incarnation), position in batch.delivered.items():
             peer = peers[peer_id]
-            for stream in peer.inbound:
-                if stream.incarnation == incarnation:
-                    if position > stream.marked:
-                        stream.marked = position
-                    if stream is peer.inbound[-1]:
-                        acknowledge[peer] = None
+            if peer.marked(incarnation, position):
+                acknowledge[peer] = None
         for peer in acknowledge:
             self._send_ack(peer)
-            self._drop_drained_streams(peer)
+            forgotten = peer.drop_drained_streams()
+            if forgotten:
+                self._forgotten(peer, forgotten)
         for peer, first, contents, deferreds in sends:
-            self._stored += len(contents)
             peer.out.on_stored(first, contents)
             self._pump(peer)
             peer_id = peer.peer_id
             for offset, d in enumerate(deferreds):
                 d.callback(Receipt(self, peer_id, first + offset))
-        self._schedule_pending_flush()
-        for waiter in waiters:
-            waiter.callback(None)
-        self._check_drained()
 
-    def _commit_failed(
-        self,
-        reason: Failure,
-        batch: StoreBatch,
-        sends: list[tuple[_Peer, int, list[bytes], list[Deferred[Receipt]]]],
-        waiters: list[Deferred[None]],
-    ) -> None:
-        self._committing = False
-        self._committing_sends = []
-        self._commit_failures += 1
-        self._commit_seconds.observe(self._clock.seconds() - self._commit_started)
-        if reason.check(StoreInDoubt):
-            self._in_doubt = True
-        # What the barrier waiters were waiting for is retried: they wait for
-        # the retry.
-        self._next_commit_waiters[:0] = waiters
-        if not reason.check(StoreError):
-            error = StoreError(f"store commit failed: {reason.getErrorMessage()}")
-            error.__cause__ = reason.value
-            reason = Failure(error)
+    def _commit_failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
         refused = 0
         for peer, first, contents, deferreds in sends:
             peer.outbox_count -= len(contents)
@@ -1161,9 +1001,6 @@ class ILM(Service):
             _forget_accept_time(peer, first + len(contents) - 1)
             for d in deferreds:
                 d.errback(reason)
-        delay = self._store_delay
-        self._store_delay = min(delay * 2, self._config.max_store_retry)
-        self._retry_at = self._clock.seconds() + delay
         self._limited(
             ("store_commit_failed", type(reason.value).__name__),
             LogLevel.critical,
@@ -1174,31 +1011,11 @@ class ILM(Service):
             delay=delay,
             ilm_event="store_commit_failed",
         )
-        self._bookkeeping.merge_bookkeeping(batch)
-        self._schedule_pending_flush()
-        if self._bookkeeping or self._next_commit_waiters:
-            self._schedule_flush(delay)
-        self._check_drained()
-
-    def _commit_barrier(self) -> Deferred[None]:
-        """
-        :return: a Deferred that fires once a commit that starts after this
-            call has succeeded (so everything pending now is durable; a failed
-            commit's bookkeeping is retried and waited for), or at once if
-            nothing is pending.  It does not wait for work that arrives
-            later, so a busy node still gets there.
-        """
-        if not self._committing and not self._bookkeeping and not self._send_peers:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._next_commit_waiters.append(d)
-        self._schedule_flush(0)
-        return d
 
     # -- transmission --------------------------------------------------------
 
     def _pump(self, peer: _Peer) -> None:
-        if peer.link != _READY or peer.paused:
+        if peer.link != READY or peer.paused:
             return
         out = peer.out
         first, chunk = out.take()
@@ -1222,11 +1039,11 @@ class ILM(Service):
             if last > peer.sent_high:
                 peer.sent_high = last
             self._network.send_frames(
-                peer.peer_id, _frames.encode_data(first, chunk, self._frame_target)
+                peer.peer_id, _frames.encode_messages(first, chunk, self._frame_target)
             )
             if peer.retransmit_call is None:
                 peer.retransmit_call = self._later(
-                    peer.retransmit_delay, self._retransmit, peer
+                    peer.retransmit_retry.next_delay, self._retransmit, peer
                 )
         if peer.read_call is None:
             request = out.read_request(self._config.read_batch)
@@ -1255,7 +1072,7 @@ class ILM(Service):
             # Only a read that returned something ends the backoff: an
             # outbox that keeps answering nothing (a damaged or tampered
             # store) is asked again ever more slowly.
-            peer.read_delay = self._config.store_retry
+            peer.read_retry.succeeded()
         if not contents and out.cache_end < out.stored and after >= out.acked:
             self._read_failed(
                 Failure(
@@ -1288,8 +1105,7 @@ class ILM(Service):
             )
             self._pump(peer)
             return
-        delay = peer.read_delay
-        peer.read_delay = min(delay * 2, self._config.max_store_retry)
+        delay = peer.read_retry.failed()
         self._limited(
             ("outbox_read_failed", peer.peer_id),
             LogLevel.critical,
@@ -1307,7 +1123,7 @@ class ILM(Service):
 
     def _retransmit(self, peer: _Peer) -> None:
         peer.retransmit_call = None
-        if peer.link != _READY:
+        if peer.link != READY:
             return
         out = peer.out
         if out.retransmit(self._clock.seconds(), self._config.retransmit_timeout):
@@ -1316,45 +1132,30 @@ class ILM(Service):
                 peer_id=peer.peer_id,
                 position=out.sent + 1,
             )
-            peer.retransmit_delay = min(
-                peer.retransmit_delay * 2, self._config.max_retransmit_timeout
-            )
+            peer.retransmit_retry.failed()
             self._pump(peer)
         elif out.outstanding:
             peer.retransmit_call = self._later(
-                peer.retransmit_delay, self._retransmit, peer
+                peer.retransmit_retry.next_delay, self._retransmit, peer
             )
 
     def _send_ack(self, peer: _Peer) -> None:
-        stream = peer.current_stream()
-        if (
-            peer.link != _READY
-            or stream is None
-            or stream.incarnation != peer.peer_incarnation
-        ):
+        ack = peer.ack()
+        if ack is None:
             return
-        if peer.ack_call is not None:
-            if peer.ack_call.active():
-                peer.ack_call.cancel()
-            peer.ack_call = None
+        peer.deliverer.cancel_ack()
         if peer.paused:
             # A peer that does not read gets no pile of ACKs: one, computed
             # afresh, when the link resumes.
             peer.owed_ack = True
             return
-        self._network.send_frames(
-            peer.peer_id, [_frames.encode_ack(stream.marked, stream.received)]
-        )
+        self._network.send_frames(peer.peer_id, [_frames.encode_ack(*ack)])
 
     def _send_nack(self, peer: _Peer, position: int) -> None:
         if peer.paused:
             peer.owed_nack = position
             return
         self._network.send_frames(peer.peer_id, [_frames.encode_nack(position)])
-
-    def _delayed_ack(self, peer: _Peer) -> None:
-        peer.ack_call = None
-        self._send_ack(peer)
 
     # -- link events -----------------------------------------------------------
 
@@ -1434,42 +1235,29 @@ class ILM(Service):
         peer = self._peer_for_link(peer_id)
         if peer is None:
             return
-        if peer.link != _DOWN:
+        if peer.link != DOWN:
             self._link_lost(
                 peer.peer_id, Failure(ConnectionError("replaced by a new link"))
             )
-        peer.link = _HELLO_SENT
+        peer.link = HELLO_SENT
         peer.link_since = self._clock.seconds()
         log.debug("link to {peer_id!r} established", peer_id=peer.peer_id)
         self._send_hello(peer, reply_requested=False)
 
     def _send_hello(self, peer: _Peer, reply_requested: bool) -> None:
-        out = peer.out
-        stream = peer.current_stream()
-        hello = Hello(
-            version=PROTOCOL_VERSION,
-            incarnation=self._incarnation,
-            window=self._config.window,
-            window_bytes=self._config.window_bytes,
-            first_unacked=out.acked + 1,
-            last_position=out.stored,
-            known_incarnation=stream.incarnation if stream is not None else None,
-            delivered=stream.marked if stream is not None else 0,
-            reply_requested=reply_requested,
-            max_message_size=self._config.max_message_size,
-        )
+        hello = peer.hello(self._incarnation, reply_requested)
         if peer.paused:
             peer.owed_hello = max(peer.owed_hello, 2 if reply_requested else 1)
         else:
-            self._network.send_frames(peer.peer_id, [_frames.encode_hello(hello)])
-        if peer.link == _HELLO_SENT and peer.handshake_call is None:
+            self._network.send_frames(peer.peer_id, [_frames.encode_resume(hello)])
+        if peer.link == HELLO_SENT and peer.handshake_call is None:
             peer.handshake_call = self._later(
                 self._config.handshake_retry, self._handshake_retry, peer
             )
 
     def _handshake_retry(self, peer: _Peer) -> None:
         peer.handshake_call = None
-        if peer.link == _HELLO_SENT:
+        if peer.link == HELLO_SENT:
             self._send_hello(peer, reply_requested=True)
 
     def _link_lost(self, peer_id: object, reason: object) -> None:
@@ -1478,28 +1266,22 @@ class ILM(Service):
         except (TypeError, ILMError):
             return
         peer = self._peers.get(pid)
-        if peer is None or peer.link == _DOWN:
+        if peer is None or peer.link == DOWN:
             return
-        if peer.link == _READY:
+        if peer.link == READY:
             self._link_downs += 1
-        if peer.link != _CLOSING:
+        if peer.link != CLOSING:
             peer.link_since = self._clock.seconds()
-            peer.lost_reason = _one_line(reason)
-        peer.link = _DOWN
-        peer.paused = False
-        peer.owed_ack = False
-        peer.owed_nack = 0
-        peer.owed_hello = 0
-        peer.hold_reported = False
-        peer.peer_incarnation = None
-        peer.out.link_lost()
-        for name in ("retransmit_call", "handshake_call", "ack_call"):
+            peer.lost_reason = one_line(reason)
+        peer.link_lost()
+        for name in ("retransmit_call", "handshake_call"):
             call = getattr(peer, name)
             if call is not None:
                 if call.active():
                     call.cancel()
                 setattr(peer, name, None)
-        peer.retransmit_delay = self._config.retransmit_timeout
+        peer.deliverer.cancel_ack()
+        peer.retransmit_retry.succeeded()
         log.debug(
             "link to {peer_id!r} lost: {reason}",
             peer_id=pid,
@@ -1545,24 +1327,24 @@ class ILM(Service):
                 ilm_event="internal_error",
             )
             return
-        if peer is None or peer.link == _DOWN or peer.link == _CLOSING:
+        if peer is None or peer.link == DOWN or peer.link == CLOSING:
             return
         try:
             if len(frame) > self._config.max_frame_size:
                 raise FrameTooLarge(len(frame), self._config.max_frame_size)
             kind = _frames.frame_type(frame)
-            if kind == _frames.DATA:
-                if peer.link == _READY:
-                    first, contents = _frames.decode_data(
+            if kind == _frames.MESSAGES:
+                if peer.link == READY:
+                    first, contents = _frames.decode_messages(
                         frame, self._config.max_message_size
                     )
                     self._on_data(peer, first, contents)
             elif kind == _frames.ACK:
-                if peer.link == _READY:
+                if peer.link == READY:
                     self._on_ack(peer, *_frames.decode_ack(frame))
-            elif kind == _frames.HELLO:
-                self._on_hello(peer, _frames.decode_hello(frame))
-            elif peer.link == _READY:
+            elif kind == _frames.RESUME:
+                self._on_hello(peer, _frames.decode_resume(frame))
+            elif peer.link == READY:
                 expected = _frames.decode_nack(frame)
                 if peer.out.on_nack(
                     expected, self._clock.seconds(), self._config.retransmit_timeout
@@ -1592,70 +1374,43 @@ class ILM(Service):
                 peer_id=peer.peer_id,
                 kind=type(violation).__name__,
                 reason=str(violation),
-                ilm_event="protocol_violation",
+                ilm_event=violation.ilm_event,
             )
-        if peer.link == _READY:
+        if peer.link == READY:
             self._link_downs += 1
-        peer.link = _CLOSING
+        peer.link = CLOSING
         peer.link_since = self._clock.seconds()
-        peer.lost_reason = _one_line(violation)
+        peer.lost_reason = one_line(violation)
         self._network.close_link(peer.peer_id, violation)
 
     def _on_hello(self, peer: _Peer, hello: Hello) -> None:
-        if hello.version != PROTOCOL_VERSION:
-            raise UnsupportedVersion(
-                f"peer speaks protocol version {hello.version}; this node speaks "
-                f"{PROTOCOL_VERSION}"
-            )
-        if peer.link == _READY:
-            if hello.incarnation != peer.peer_incarnation:
-                raise UnexpectedFrame(
-                    "peer changed incarnation in the middle of a link"
-                )
-            if hello.reply_requested:
+        ready = peer.link == READY
+        outcome = peer.on_hello(hello, self._incarnation, self._clock.seconds())
+        if ready:
+            if outcome.reply:
                 self._send_hello(peer, reply_requested=False)
             return
-        incarnation = hello.incarnation
-        stream = None
-        for candidate in peer.inbound:
-            if candidate.incarnation == incarnation:
-                stream = candidate
-        resume = resume_inbound(
-            hello,
-            stream.marked if stream is not None else None,
-            incarnation in peer.retired,
-        )
-        out = peer.out
-        resume_after = resume_outbound(hello, self._incarnation, out.acked, out.stored)
-        if stream is None:
-            peer.incarnations.admit(self._clock.seconds(), incarnation)
-        # Decided; from here on nothing raises.
         pid = peer.peer_id
-        if stream is None:
-            stream = peer.new_stream(incarnation, resume.delivered, self._config)
-            for old in peer.inbound:
-                peer.retired.pop(old.incarnation, None)
-                peer.retired[old.incarnation] = None
-                self._bookkeeping.retired.add((pid, old.incarnation))
-                self._limited(
-                    ("peer_new_incarnation", pid),
-                    LogLevel.info,
-                    "peer {peer_id!r} came back with a new store (incarnation "
-                    "{incarnation}); its old incarnation {old} is retired",
-                    peer_id=pid,
-                    incarnation=incarnation,
-                    old=old.incarnation,
-                    ilm_event="peer_new_incarnation",
-                )
-            peer.inbound = [old for old in peer.inbound if old.queue]
-            peer.inbound.append(stream)
-            self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
-            self._forget_retired(peer)
-            self._schedule_flush()
-        elif peer.inbound[-1] is not stream:
-            peer.inbound.remove(stream)
-            peer.inbound.append(stream)
-        if resume.lost is not None:
+        incarnation = hello.incarnation
+        bookkeeping = self._committer.bookkeeping
+        for old in outcome.retired:
+            bookkeeping.retired.add((pid, old))
+            self._limited(
+                ("peer_new_incarnation", pid),
+                LogLevel.info,
+                "peer {peer_id!r} came back with a new store (incarnation "
+                "{incarnation}); its old incarnation {old} is retired",
+                peer_id=pid,
+                incarnation=incarnation,
+                old=old,
+                ilm_event="peer_new_incarnation",
+            )
+        if outcome.mark is not None:
+            bookkeeping.delivered[(pid, incarnation)] = outcome.mark[1]
+        if outcome.forgotten:
+            self._forgotten(peer, outcome.forgotten)
+        if outcome.lost is not None and outcome.mark is not None:
+            first, _last = outcome.lost
             self._limited(
                 ("messages_lost", pid),
                 LogLevel.critical,
@@ -1663,8 +1418,8 @@ class ILM(Service):
                 "stream, which this node's store does not record as delivered: "
                 "this node's store lost committed data; continuing after them",
                 peer_id=pid,
-                first=resume.lost[0],
-                last=resume.lost[1],
+                first=first,
+                last=outcome.lost[1],
                 ilm_event="messages_lost",
             )
             # The same, unlimited, at debug level: each jump of a stream,
@@ -1675,58 +1430,50 @@ class ILM(Service):
                 "{first} to {position}",
                 peer_id=pid,
                 incarnation=incarnation,
-                first=resume.lost[0],
-                position=resume.delivered,
+                first=first,
+                position=outcome.mark[1],
                 ilm_event="stream_jumped",
             )
-            stream.jump(resume.delivered)
-            peer.arrivals = deque(a for a in peer.arrivals if a[0] is not stream)
-            self._bookkeeping.delivered[(pid, incarnation)] = resume.delivered
-            self._schedule_flush()
-        peer.peer_incarnation = incarnation
-        peer.seen_incarnation = incarnation
-        peer.link = _READY
+        if outcome.jumped is not None:
+            peer.deliverer.jumped(outcome.jumped)
+        if outcome.mark is not None:
+            self._committer.schedule()
         peer.link_since = self._clock.seconds()
         self._link_ups += 1
         if peer.handshake_call is not None:
             if peer.handshake_call.active():
                 peer.handshake_call.cancel()
             peer.handshake_call = None
-        newly = out.link_ready(
-            resume_after, hello.window, hello.window_bytes, hello.max_message_size
-        )
-        peer.max_message = min(self._config.max_message_size, hello.max_message_size)
-        if newly:
-            self._acknowledged(peer, newly)
-        if hello.reply_requested:
+        if outcome.newly_acked:
+            self._acknowledged(peer, outcome.newly_acked)
+        if outcome.reply:
             self._send_hello(peer, reply_requested=False)
         log.debug(
             "handshake with {peer_id!r} complete: resuming after {position}",
             peer_id=pid,
-            position=out.acked,
+            position=peer.out.acked,
         )
         self._pump(peer)
-        self._deliver(peer)
+        peer.deliverer.deliver()
 
     def _on_data(self, peer: _Peer, first: int, contents: list[bytes]) -> None:
         stream = peer.inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
         if accepted:
-            last = stream.received
-            peer.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
+            peer.deliverer.arrived(stream, accepted)
         if nack:
             self._send_nack(peer, nack)
         if acknowledge_now:
             self._send_ack(peer)
         if accepted:
-            self._deliver(peer)
+            peer.deliverer.deliver()
 
     def _on_ack(self, peer: _Peer, delivered: int, received: int) -> None:
         newly, progress = peer.out.on_ack(delivered, received)
         if newly:
             self._acknowledged(peer, newly)
         if progress:
-            peer.retransmit_delay = self._config.retransmit_timeout
+            peer.retransmit_retry.succeeded()
             call = peer.retransmit_call
             if call is not None:
                 if call.active():
@@ -1734,7 +1481,7 @@ class ILM(Service):
                 peer.retransmit_call = None
             if peer.out.outstanding:
                 peer.retransmit_call = self._later(
-                    peer.retransmit_delay, self._retransmit, peer
+                    peer.retransmit_retry.next_delay, self._retransmit, peer
                 )
         self._pump(peer)
 
@@ -1745,11 +1492,11 @@ class ILM(Service):
         times = peer.accept_times
         while times and times[0][0] <= acked:
             times.popleft()
-        self._bookkeeping.acked[peer.peer_id] = acked
+        self._committer.bookkeeping.acked[peer.peer_id] = acked
         # Deleting acknowledged messages can wait to share a commit: if it is
         # lost in a crash, they are sent again and the peer takes them as
         # duplicates.
-        self._schedule_flush(self._config.delete_delay)
+        self._committer.schedule(self._config.delete_delay)
         waiters = peer.waiters
         while waiters and waiters[0][0] <= acked:
             _, _, d, receipt = heapq.heappop(waiters)
@@ -1763,7 +1510,13 @@ class ILM(Service):
         if receipt.message_id <= peer.out.acked:
             return succeed(receipt)
         if self._state in (_STOPPED, _FAILED):
-            return fail(NotRunning(f"ILM node {self._local_id!r} is {self._state}"))
+            return fail(
+                StoppedBeforeAcknowledged(
+                    receipt.peer_id,
+                    receipt.message_id,
+                    f"ILM node {self._local_id!r} {self._state}",
+                )
+            )
         d: Deferred[Receipt] = Deferred()
         heapq.heappush(
             peer.waiters, (receipt.message_id, next(self._waiter_order), d, receipt)
@@ -1772,215 +1525,29 @@ class ILM(Service):
 
     # -- delivery ------------------------------------------------------------
 
-    def _deliver(self, peer: _Peer) -> None:
-        if peer.delivering or peer.delivery_call is not None:
-            return
-        if not self._deliveries_allowed:
-            self._after_delivery(peer)
-            return
-        deliver = self._delivery.deliver
-        local_id = self._local_id
-        peer_id = peer.peer_id
-        peer.in_loop = True
-        try:
-            for stream in peer.inbound:
-                queue = stream.queue
-                while queue:
-                    message = Message(
-                        peer_id,
-                        local_id,
-                        stream.delivered + 1,
-                        queue[0],
-                        stream.incarnation,
-                    )
-                    try:
-                        result = deliver(message)
-                    except Exception:
-                        self._delivery_failed(Failure(), peer, message)
-                        return
-                    if result is not None:
-                        pending = _as_deferred(result)
-                        if pending is None:
-                            self._delivery_failed(
-                                Failure(
-                                    TypeError(
-                                        "ILocalDelivery.deliver must return None, a "
-                                        f"Deferred or an awaitable, not "
-                                        f"{type(result).__name__}"
-                                    )
-                                ),
-                                peer,
-                                message,
-                            )
-                            return
-                        peer.delivering = True
-                        pending.addBoth(
-                            self._delivery_settled, peer, stream, message
-                        ).addErrback(self._unexpected, "settling a delivery")
-                        if peer.delivering or peer.delivery_call is not None:
-                            return
-                        continue
-                    stream.pop_delivered()
-                    peer.delivered_total += 1
-                    if peer.held_retries:
-                        self._release_hold(peer)
-        finally:
-            peer.in_loop = False
-            self._after_delivery(peer)
-
-    def _delivery_settled(
-        self, result: object, peer: _Peer, stream: InboundStream, message: Message
-    ) -> None:
-        peer.delivering = False
-        if isinstance(result, Failure):
-            self._delivery_failed(result, peer, message)
-        elif stream.queue and stream.delivered + 1 == message.message_id:
-            stream.pop_delivered()
-            peer.delivered_total += 1
-            if peer.held_retries:
-                self._release_hold(peer)
-        if not peer.in_loop:
-            self._guard(self._deliver, peer)
-            self._notify_settled()
-
-    def _release_hold(self, peer: _Peer) -> None:
-        """
-        A delivery succeeded after failures: the hold is over.
-        """
-        peer.delivery_delay = self._config.delivery_retry
-        peer.held_retries = 0
-        peer.held_since = None
-        peer.held_reason = None
-
-    def _delivery_failed(self, reason: Failure, peer: _Peer, message: Message) -> None:
-        self._delivery_failures += 1
-        if not peer.held_retries:
-            peer.held_since = self._clock.seconds()
-        peer.held_retries += 1
-        peer.held_reason = _one_line(reason)
-        delay = peer.delivery_delay
-        peer.delivery_delay = min(delay * 2, self._config.max_delivery_retry)
-        self._limited(
-            ("delivery_failed", peer.peer_id),
-            LogLevel.critical,
-            "delivery of message {message_id} from {peer_id!r} failed; later "
-            "messages from it wait; retrying in {delay:.2f}s",
-            reason,
-            message_id=message.message_id,
-            peer_id=peer.peer_id,
-            delay=delay,
-            ilm_event="delivery_failed",
-        )
-        if self._deliveries_allowed:
-            peer.delivery_call = self._later(delay, self._retry_delivery, peer)
-
-    def _retry_delivery(self, peer: _Peer) -> None:
-        peer.delivery_call = None
-        self._deliver(peer)
-
-    def _after_delivery(self, peer: _Peer) -> None:
-        arrivals = peer.arrivals
-        if arrivals:
-            self._observe_deliveries(arrivals)
-        marks = False
-        for stream in peer.inbound:
-            if stream.delivered > stream.marked:
-                key = (peer.peer_id, stream.incarnation)
-                if self._bookkeeping.delivered.get(key, -1) < stream.delivered:
-                    self._bookkeeping.delivered[key] = stream.delivered
-                    marks = True
-        if marks:
-            self._schedule_flush(self._config.mark_delay)
-        stream_now = peer.current_stream()
-        if (
-            stream_now is not None
-            and stream_now.queue
-            and peer.link == _READY
-            and peer.ack_call is None
-        ):
-            peer.ack_call = self._later(self._config.ack_delay, self._delayed_ack, peer)
-        if stream_now is not None and stream_now.starved:
-            self._unstarve(peer, stream_now)
-
-    def _observe_deliveries(self, arrivals: deque[list[Any]]) -> None:
-        """
-        Count the delivery latency of what was delivered since the last
-        look: one observation per arrived frame, not per message.  Frames
-        are delivered in the order they arrived (one incarnation's stream
-        after another's), so only the head can have moved.
-        """
-        now = self._clock.seconds()
-        histogram = self._delivery_seconds
-        while arrivals:
-            arrival = arrivals[0]
-            stream, last, observed, at = arrival
-            done = min(stream.delivered, last)
-            if done > observed:
-                histogram.observe(now - at, done - observed)
-                arrival[2] = done
-            if done < last:
-                return
-            arrivals.popleft()
-
     def _unstarve(self, peer: _Peer, stream: InboundStream) -> None:
-        """
-        ``stream`` dropped data that did not fit in what the peer's
-        incarnations hold together: once the older streams have drained, or
-        half the budget is free, ask the peer to send it again.
-        """
-        held = stream.held
-        if len(peer.inbound) > 1 and (
-            held.messages * 2 > held.max_messages or held.bytes * 2 > held.max_bytes
-        ):
-            return
-        if peer.link != _READY or stream.incarnation != peer.peer_incarnation:
-            return
-        stream.starved = False
-        self._send_nack(peer, stream.received + 1)
+        position = peer.unstarve(stream)
+        if position:
+            self._send_nack(peer, position)
 
-    def _drop_drained_streams(self, peer: _Peer) -> None:
-        if len(peer.inbound) > 1:
-            current = peer.inbound[-1]
-            peer.inbound = [
-                s
-                for s in peer.inbound
-                if s is current or s.queue or s.delivered > s.marked
-            ]
-            if len(peer.retired) > self._config.max_retired_incarnations:
-                self._forget_retired(peer)
-
-    def _forget_retired(self, peer: _Peer) -> None:
+    def _forgotten(self, peer: _Peer, incarnations: list[str]) -> None:
         """
-        Keep at most ``max_retired_incarnations`` retired incarnations of
-        ``peer``: forget the oldest retirements (in memory, and in the store
-        with the next commit), except those whose messages are still being
-        delivered.  A forgotten incarnation that comes back is taken for a
-        new one (docs/protocol.md says what that costs).
+        The session forgot these retired incarnations of ``peer``: so does
+        the store, with the next commit.
         """
-        excess = len(peer.retired) - self._config.max_retired_incarnations
-        if excess <= 0:
-            return
-        draining = {stream.incarnation for stream in peer.inbound}
-        bookkeeping = self._bookkeeping
-        for incarnation in list(peer.retired):
-            if excess <= 0:
-                break
-            if incarnation in draining:
-                continue
-            del peer.retired[incarnation]
+        bookkeeping = self._committer.bookkeeping
+        for incarnation in incarnations:
             key = (peer.peer_id, incarnation)
             bookkeeping.retired.discard(key)
             bookkeeping.delivered.pop(key, None)
             bookkeeping.forgotten.add(key)
-            excess -= 1
             log.debug(
                 "forgot the retired incarnation {incarnation} of {peer_id!r}",
                 peer_id=peer.peer_id,
                 incarnation=incarnation,
                 ilm_event="incarnation_forgotten",
             )
-        if bookkeeping.forgotten:
-            self._schedule_flush(self._config.delete_delay)
+        self._committer.schedule(self._config.delete_delay)
 
     # -- start and stop --------------------------------------------------------
 
@@ -2006,7 +1573,7 @@ class ILM(Service):
                 cache_messages=2 * config.window,
                 cache_bytes=2 * config.window_bytes,
             )
-            peer = self._peers[record.peer_id] = _Peer(record.peer_id, out, config)
+            peer = self._add_peer(record.peer_id, out)
             peer.outbox_bytes = record.pending_bytes
             if record.last_position > record.acked:
                 peer.accept_times.append((record.last_position, now))
@@ -2015,12 +1582,12 @@ class ILM(Service):
             if inbound.retired:
                 peer.retired[inbound.incarnation] = None
             else:
-                peer.inbound.append(
-                    peer.new_stream(inbound.incarnation, inbound.delivered, config)
-                )
+                peer.add_stream(inbound.incarnation, inbound.delivered)
         for peer in self._peers.values():
             # A store written with a larger limit (or by an older ILM).
-            self._forget_retired(peer)
+            forgotten = peer.forget_retired()
+            if forgotten:
+                self._forgotten(peer, forgotten)
         self._state = _RUNNING
         try:
             return self._network.start(self._events)
@@ -2131,7 +1698,7 @@ class ILM(Service):
 
     def _notify_settled(self) -> None:
         if self._settled_waiters and not any(
-            p.delivering for p in self._peers.values()
+            p.deliverer.delivering for p in self._peers.values()
         ):
             waiters, self._settled_waiters = self._settled_waiters, []
             for d in waiters:
@@ -2224,7 +1791,7 @@ class ILM(Service):
             drained = await self._within(waiter, deadline)
         # Commit outstanding delivery marks while the links are still up, so
         # that their acknowledgements reach the peers before we go.
-        idle = await self._within(self._commit_barrier(), deadline)
+        idle = await self._within(self._committer.barrier(), deadline)
         drained = drained and idle
         pending = self.pending_outbound()
         grace = max(deadline, self._clock.seconds() + 1.0)
@@ -2235,12 +1802,9 @@ class ILM(Service):
         # marks of everything delivered so that it is not delivered again.
         self._deliveries_allowed = False
         for peer in self._peers.values():
-            call = peer.delivery_call
-            if call is not None and call.active():
-                call.cancel()
-            peer.delivery_call = None
+            peer.deliverer.stop_retrying()
         settled = await self._within(self._deliveries_settled(), grace)
-        committed = await self._within(self._commit_barrier(), grace)
+        committed = await self._within(self._committer.barrier(), grace)
         self._state = _STOPPED
         self._stop_everything()
         try:
@@ -2256,23 +1820,25 @@ class ILM(Service):
             raise ShutdownTimeout(timeout, pending or self.pending_outbound())
 
     def _deliveries_settled(self) -> Deferred[None]:
-        if not any(peer.delivering for peer in self._peers.values()):
+        if not any(peer.deliverer.delivering for peer in self._peers.values()):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._settled_waiters.append(d)
         return d
 
     def _stop_everything(self) -> None:
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._committer.stop()
         self._stop_limiter()
-        stopped = NotRunning(f"ILM node {self._local_id!r} stopped")
+        detail = f"ILM node {self._local_id!r} stopped"
         for peer in self._peers.values():
             peer.cancel_timers()
             waiters, peer.waiters = peer.waiters, []
-            for _, _, d, _receipt in waiters:
-                d.errback(stopped)
+            for _, _, d, receipt in waiters:
+                d.errback(
+                    StoppedBeforeAcknowledged(
+                        receipt.peer_id, receipt.message_id, detail
+                    )
+                )
 
     def _abandon(self) -> None:
         """
@@ -2287,12 +1853,10 @@ class ILM(Service):
         self._deliveries_allowed = False
         self._early = []
         for peer in self._peers.values():
-            peer.link = _DOWN
+            peer.link = DOWN
             peer.cancel_timers()
             peer.waiters = []
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._committer.stop()
         self._stop_limiter()
 
     async def _within(

@@ -34,6 +34,12 @@ wrong and what the caller can do about it:
 - :class:`ShutdownTimeout` fails the Deferred returned by
   :meth:`ilm.ILM.shutdown` when pending messages could not be drained in time;
   they stay in the store and are sent after the next start.
+- :class:`StoppedBeforeAcknowledged` fails a receipt's ``acknowledged`` when
+  the node stopped before the peer acknowledged the message: the message
+  was stored and stays stored (it is not a refusal).
+
+Every class names, in its ``ilm_event`` attribute, the log event under which
+ILM reports it (see ``docs/guide.md``).
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class ILMError(Exception):
     Base class of every error raised or reported by ILM.
     """
 
+    #: The log event ILM reports this error under.
+    ilm_event: ClassVar[str] = "internal_error"
+
 
 # --- refusals of one message -------------------------------------------------
 
@@ -58,6 +67,8 @@ class SendRefused(ILMError):
 
     #: Why, in one stable word (metrics labels, the HTTP API's error code).
     reason: ClassVar[str] = "refused"
+    #: Refusals are the caller's to report: the HTTP API logs them so.
+    ilm_event = "api_error"
 
 
 class SendToSelf(SendRefused, ValueError):
@@ -132,12 +143,36 @@ class NotRunning(SendRefused):
     """
     The messenger is shutting down, has stopped, or failed to start.
 
-    Also used to fail a receipt's ``acknowledged`` Deferred when the messenger
-    stops before the peer acknowledged the message (the message itself stays
-    in the store and is sent after the next start).
+    A receipt's ``acknowledged`` whose node stops first fails with
+    :class:`StoppedBeforeAcknowledged` instead (it failed with this class
+    before, which wrongly said the message was refused).
     """
 
     reason = "not_running"
+
+
+class StoppedBeforeAcknowledged(ILMError):
+    """
+    A receipt's ``acknowledged``: the node stopped (or crashed, or failed)
+    before the peer acknowledged the message.  The message was stored and
+    stays stored: it is sent after the next start, and
+    ``ILM.receipt(peer_id, message_id).acknowledged`` on the restarted node
+    waits for its acknowledgement.
+
+    Not a :class:`SendRefused`: nothing was refused.  (Earlier versions
+    failed with :class:`NotRunning` here; code that caught ``NotRunning``
+    on ``acknowledged`` catches this class now.)
+    """
+
+    ilm_event = "stopped"
+
+    def __init__(self, peer_id: object, message_id: int, detail: str) -> None:
+        super().__init__(
+            f"message {message_id} to {peer_id!r} is stored, but {detail} before "
+            f"the peer acknowledged it; it is sent after the next start"
+        )
+        self.peer_id = peer_id
+        self.message_id = message_id
 
 
 # --- configuration ------------------------------------------------------------
@@ -149,6 +184,8 @@ class ConfigurationError(ILMError, ValueError):
     peers, a key file others can read.  Raised when the object is built,
     before anything is opened, with one line naming the option or peer.
     """
+
+    ilm_event = "daemon_start_failed"
 
 
 # --- delivery -------------------------------------------------------------------
@@ -165,6 +202,8 @@ class DeliveryFailed(ILMError):
     long (up to ``Config.max_retry_after``).
     """
 
+    ilm_event = "delivery_failed"
+
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
@@ -179,17 +218,23 @@ class StoreError(ILMError):
     operation was applied (except with :class:`StoreInDoubt`).
     """
 
+    ilm_event = "store_commit_failed"
+
 
 class StoreCorrupt(StoreError):
     """
     The store's file is not a valid ILM store (damaged, or not a database).
     """
 
+    ilm_event = "store_broken"
+
 
 class StoreLocked(StoreError):
     """
     Another process holds the store (it is locked).
     """
+
+    ilm_event = "start_failed"
 
 
 class StoreReadOnly(StoreError):
@@ -219,6 +264,8 @@ class StoreSchemaTooNew(StoreError):
     The store was written by a newer version of ILM than this one.
     """
 
+    ilm_event = "start_failed"
+
     def __init__(self, found: int, supported: int) -> None:
         super().__init__(
             f"store schema version {found} is newer than the newest this "
@@ -237,7 +284,9 @@ class ProtocolViolation(ILMError):
     already accepted is lost.
     """
 
-    ilm_event: ClassVar[str] = "link_protocol_violation"
+    #: The messenger's event for a session violation; a stream network logs
+    #: (and counts) a link-level one as ``link_protocol_violation``.
+    ilm_event: ClassVar[str] = "protocol_violation"
 
 
 class MalformedFrame(ProtocolViolation):
@@ -402,6 +451,8 @@ class ShutdownTimeout(ILMError):
     acknowledgement; they remain in the store.
     """
 
+    ilm_event = "stopped"
+
     def __init__(self, timeout: float, pending: Mapping[Any, int]) -> None:
         total = sum(pending.values())
         super().__init__(
@@ -436,6 +487,7 @@ __all__ = [
     "ShutdownTimeout",
     "SpoofedPeer",
     "StaleIncarnation",
+    "StoppedBeforeAcknowledged",
     "StoreBehindPeer",
     "StoreCorrupt",
     "StoreError",

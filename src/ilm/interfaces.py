@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.python.failure import Failure
 
-    from ilm._message import PeerId
+    from ilm._peerid import PeerId
     from ilm._store import CommitResult, StoreBatch, StoredState
 
 

@@ -35,7 +35,11 @@ def refusal_reason(error: BaseException) -> str:
         counted: the error's ``ilm_event`` (the log event's name).
     """
     reason = getattr(type(error), "ilm_event", None)
-    return reason if isinstance(reason, str) else _DEFAULT_REASON
+    if not isinstance(reason, str) or reason == "protocol_violation":
+        # The base class's event is the messenger's; the network logs a
+        # link-level violation under its own name.
+        return _DEFAULT_REASON
+    return reason
 
 
 @attr.s(slots=True, auto_attribs=True)

@@ -84,8 +84,8 @@ _DECODERS: dict[int, Callable[[bytes], object]] = {
 
 
 _SESSION_DECODERS: dict[int, Callable[[bytes], object]] = {
-    _frames.HELLO: _frames.decode_hello,
-    _frames.DATA: lambda frame: _frames.decode_data(frame, 1 << 20),
+    _frames.RESUME: _frames.decode_resume,
+    _frames.MESSAGES: lambda frame: _frames.decode_messages(frame, 1 << 20),
     _frames.ACK: _frames.decode_ack,
     _frames.NACK: _frames.decode_nack,
 }
@@ -113,7 +113,7 @@ def _hello(
     rng: random.Random, incarnation: str, known: str | None, expected: int
 ) -> bytes:
     first = max(1, _position(rng, expected))
-    return _frames.encode_hello(
+    return _frames.encode_resume(
         Hello(
             version=PROTOCOL_VERSION if rng.random() < 0.95 else rng.randrange(4),
             incarnation=incarnation,
@@ -144,7 +144,7 @@ def _session_frame(rng: random.Random, known: str | None, expected: int) -> byte
         if first + count - 1 > _frames.MAX_POSITION:
             first = _frames.MAX_POSITION
             contents = contents[:1]
-        return b"".join(_frames.encode_data(first, contents, 1 << 20))
+        return b"".join(_frames.encode_messages(first, contents, 1 << 20))
     if kind < 9:
         delivered = _position(rng, rng.choice([1, 25, 50]))
         received = min(_frames.MAX_POSITION, delivered + rng.choice([0, 0, 1, 7]))
@@ -190,7 +190,7 @@ def session_input(
     frames = [_hello(rng, incarnation, known, expected)]
     for _ in range(rng.randint(0, 5)):
         frame = _session_frame(rng, known, expected)
-        if frame[0] == _frames.DATA and int.from_bytes(frame[3:11]) == expected:
+        if frame[0] == _frames.MESSAGES and int.from_bytes(frame[3:11]) == expected:
             expected = min(
                 _frames.MAX_POSITION, expected + int.from_bytes(frame[11:15])
             )

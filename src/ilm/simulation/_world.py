@@ -1042,8 +1042,8 @@ class World:
     def _check_frame(self, source: PeerId, destination: PeerId, frame: bytes) -> None:
         kind = frame[0] if frame else 0
         try:
-            if kind == _frames.DATA:
-                first, contents = _frames.decode_data(
+            if kind == _frames.MESSAGES:
+                first, contents = _frames.decode_messages(
                     frame, self.config.max_message_size
                 )
                 self.ledger.check_data(source, destination, first, contents)

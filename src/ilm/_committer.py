@@ -1,0 +1,276 @@
+"""
+Group commit: the one caller of ``IBackend.commit``.
+
+Sends accepted by ``send_to`` and the node's bookkeeping (acknowledged
+positions, delivery marks, retired and forgotten incarnations) wait here
+for the next commit.  Requests give a deadline; whatever is pending when
+the earliest comes goes into one batch, one commit runs at a time, a
+failed commit's bookkeeping is merged into the next batch and retried
+after a backoff, and a barrier waits for everything pending now to be
+durable.  Per message, only a list append happens here (in the sender);
+everything else is per commit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from ilm._backoff import Backoff, Retry
+from ilm._observer import OneShotObserver
+from ilm._peerid import PeerId
+from ilm._status import COMMIT_BATCH_BOUNDS, COMMIT_SECONDS_BOUNDS, HistogramCounter
+from ilm._store import CommitResult, StoreBatch, batch_problems
+from ilm.errors import StoreError, StoreInDoubt
+from ilm.interfaces import IBackend
+
+__all__ = ["GroupCommitter", "Outbox", "Send"]
+
+
+class Outbox(Protocol):
+    """
+    What the committer needs of one peer's outbox.
+    """
+
+    peer_id: PeerId
+
+    def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Any]]]:
+        """
+        :return: the messages accepted since the last call, the position
+            the first takes, and the Deferreds of their ``send_to`` calls.
+        """
+
+
+#: One peer's messages in a batch: (outbox, first position, contents,
+#: the Deferreds of their send_to calls).
+Send = tuple[Any, int, list[bytes], list[Deferred[Any]]]
+
+
+class GroupCommitter:
+    """
+    Batches sends and bookkeeping into commits of ``backend``.
+
+    :param later: schedules a call (``IReactorTime.callLater`` that logs
+        what the call raises).
+    :param may_commit: whether a commit may start now (the node runs).
+    :param drop_unstorable: takes the sends of peers whose entries no store
+        can hold out of a batch (``(batch, sends, problems) -> sends``).
+    :param committed: after a commit succeeded (``(result, batch, sends)``).
+    :param failed: after a commit failed, to refuse its sends
+        (``(reason, sends, delay)``).
+    :param settled: last, after every commit's outcome was handled.
+    """
+
+    def __init__(
+        self,
+        backend: IBackend,
+        clock: IReactorTime,
+        backoff: Backoff,
+        *,
+        later: Callable[..., IDelayedCall],
+        may_commit: Callable[[], bool],
+        drop_unstorable: Callable[
+            [StoreBatch, list[Send], dict[PeerId, str]], list[Send]
+        ],
+        committed: Callable[[CommitResult, StoreBatch, list[Send]], None],
+        failed: Callable[[Failure, list[Send], float], None],
+        settled: Callable[[], None],
+        unexpected: Callable[[Failure, str], None],
+    ) -> None:
+        self._backend = backend
+        self._clock = clock
+        self._retry = Retry(backoff)
+        self._later = later
+        self._may_commit = may_commit
+        self._drop_unstorable = drop_unstorable
+        self._committed = committed
+        self._failed = failed
+        self._settled = settled
+        self._unexpected = unexpected
+        #: Bookkeeping for the next commit; callers add to it directly.
+        self.bookkeeping = StoreBatch()
+        #: Outboxes with pending sends, in the order they got them.
+        self.outboxes: dict[PeerId, Outbox] = {}
+        #: Whether a send asked for a commit "now" since the last one began.
+        self.asked_now = False
+        self.committing = False
+        #: The sends of the commit in flight.
+        self.in_commit: list[Send] = []
+        self._call: IDelayedCall | None = None
+        # The earliest moment some pending work asked to be committed by.
+        self._due = math.inf
+        # After a failed commit, no commit starts before this moment.
+        self._retry_at = 0.0
+        self._next_commit: OneShotObserver[None] = OneShotObserver()
+        self._started_at = 0.0
+        # What stats() reports.
+        self.commits = 0
+        self.failures = 0
+        self.stored = 0
+        self.in_doubt = False
+        self.seconds = HistogramCounter(COMMIT_SECONDS_BOUNDS)
+        self.batch_sizes = HistogramCounter(COMMIT_BATCH_BOUNDS)
+
+    def commit_now(self) -> None:
+        """
+        A send was accepted: commit as soon as possible (per message: one
+        attribute test once the first send asked).
+        """
+        if not self.asked_now:
+            self.asked_now = True
+            self.schedule(0)
+
+    def schedule(self, delay: float = 0) -> None:
+        """
+        Ask for a commit within ``delay`` seconds.  Requests share commits:
+        whatever is pending when the earliest deadline comes goes into one
+        batch, and while a commit runs, the next waits for it to finish.
+        """
+        now = self._clock.seconds()
+        due = now + delay
+        if due < self._retry_at:
+            due = self._retry_at
+            delay = due - now
+        if due >= self._due:
+            return
+        self._due = due
+        if self.committing:
+            return
+        call = self._call
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
+            self._call = self._later(delay, self._flush)
+
+    def barrier(self) -> Deferred[None]:
+        """
+        :return: a Deferred that fires once a commit that starts after this
+            call has succeeded (so everything pending now is durable; a failed
+            commit's bookkeeping is retried and waited for), or at once if
+            nothing is pending.  It does not wait for work that arrives
+            later, so a busy node still gets there.
+        """
+        if not self.committing and not self.bookkeeping and not self.outboxes:
+            return succeed(None)
+        d = self._next_commit.when_fired()
+        self.schedule(0)
+        return d
+
+    def stop(self) -> None:
+        """
+        Start no more commits (the one in flight completes).
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule_pending(self) -> None:
+        """
+        After a commit: schedule the next one for the earliest deadline asked
+        for while it ran.
+        """
+        due = self._due
+        if due == math.inf:
+            return
+        self._due = math.inf
+        self.schedule(max(0.0, due - self._clock.seconds()))
+
+    def _flush(self) -> None:
+        self._call = None
+        self._due = math.inf
+        self.asked_now = False
+        if self.committing or not self._may_commit():
+            return
+        batch = self.bookkeeping
+        self.bookkeeping = StoreBatch()
+        sends: list[Send] = []
+        for outbox in self.outboxes.values():
+            first, contents, deferreds = outbox.take_pending()
+            batch.messages[outbox.peer_id] = (first, contents)
+            sends.append((outbox, first, contents, deferreds))
+        self.outboxes = {}
+        problems = batch_problems(batch)
+        if problems:
+            sends = self._drop_unstorable(batch, sends, problems)
+        barrier, self._next_commit = self._next_commit, OneShotObserver()
+        if not batch:
+            barrier.fire(None)
+            return
+        self.committing = True
+        self.in_commit = sends
+        self._started_at = self._clock.seconds()
+        self.batch_sizes.observe(
+            sum(len(contents) for _, _, contents, _ in sends)
+            + len(batch.acked)
+            + len(batch.delivered)
+            + len(batch.retired)
+            + len(batch.forgotten)
+        )
+        try:
+            d = self._backend.commit(batch)
+        except Exception:
+            d = fail()
+        d.addCallbacks(
+            self._done,
+            self._commit_failed,
+            callbackArgs=(batch, sends, barrier),
+            errbackArgs=(batch, sends, barrier),
+        )
+        d.addErrback(self._unexpected, "processing a commit")
+
+    def _done(
+        self,
+        result: CommitResult,
+        batch: StoreBatch,
+        sends: list[Send],
+        barrier: OneShotObserver[None],
+    ) -> None:
+        self.committing = False
+        self.in_commit = []
+        self.commits += 1
+        self.in_doubt = False
+        self.seconds.observe(self._clock.seconds() - self._started_at)
+        self._retry.succeeded()
+        self._retry_at = 0.0
+        for _, _, contents, _ in sends:
+            self.stored += len(contents)
+        self._committed(result, batch, sends)
+        self._schedule_pending()
+        barrier.fire(None)
+        self._settled()
+
+    def _commit_failed(
+        self,
+        reason: Failure,
+        batch: StoreBatch,
+        sends: list[Send],
+        barrier: OneShotObserver[None],
+    ) -> None:
+        self.committing = False
+        self.in_commit = []
+        self.failures += 1
+        self.seconds.observe(self._clock.seconds() - self._started_at)
+        if reason.check(StoreInDoubt):
+            self.in_doubt = True
+        # What the barrier's waiters waited for is retried: they wait for
+        # the retry, before those who came during the failed commit.
+        later, self._next_commit = self._next_commit, barrier
+        if later:
+            barrier.when_fired().addCallback(lambda _: later.fire(None))
+        if not reason.check(StoreError):
+            error = StoreError(f"store commit failed: {reason.getErrorMessage()}")
+            error.__cause__ = reason.value
+            reason = Failure(error)
+        delay = self._retry.failed()
+        self._retry_at = self._clock.seconds() + delay
+        self._failed(reason, sends, delay)
+        self.bookkeeping.merge_bookkeeping(batch)
+        self._schedule_pending()
+        if self.bookkeeping or self._next_commit:
+            self.schedule(delay)
+        self._settled()

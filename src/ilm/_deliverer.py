@@ -1,0 +1,344 @@
+"""
+In-order delivery of one peer's messages to the local application.
+
+A :class:`PeerDeliverer` hands the messages its peer's inbound streams
+queue (oldest incarnation first) to the node's ``ILocalDelivery``, one at a
+time and in order; a failed delivery holds the line and is retried with
+the shared :class:`ilm._backoff.Backoff`.  What was delivered becomes a
+delivery mark in the next group commit; the acknowledgement of marks that
+wait for a commit is delayed by the ack timer.  What a delivery's return
+value means is :func:`ilm._delivery.delivery_outcome`'s one rule.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+
+from ilm._backoff import Backoff, Retry
+from ilm._committer import GroupCommitter
+from ilm._delivery import delivery_outcome
+from ilm._message import Message
+from ilm._peerid import PeerId
+from ilm._session import InboundStream
+from ilm._status import HistogramCounter
+from ilm.interfaces import ILocalDelivery
+
+__all__ = ["DeliveryHost", "PeerDeliverer", "one_line"]
+
+
+def one_line(reason: object) -> str:
+    """
+    A failure or an error in one line: its type and its message.
+    """
+    error = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(error, BaseException):
+        text = str(error).strip()
+        kind = type(error).__name__
+        line = f"{kind}: {text}" if text else kind
+    else:
+        line = str(error)
+    return " ".join(line.split())
+
+
+class DeliveryHost(Protocol):
+    """
+    What a :class:`PeerDeliverer` needs of the node around it.
+    """
+
+    @property
+    def deliveries_allowed(self) -> bool:
+        """Whether a new delivery may start (not while the node stops)."""
+
+    def delivery_settled(self) -> None:
+        """A delivery that was in progress settled."""
+
+    def limited(
+        self,
+        key: tuple[object, ...],
+        level: LogLevel,
+        format: str,
+        failure: Failure | None = None,
+        **fields: Any,
+    ) -> None:
+        """Log through the node's event limiter."""
+
+    def guard(self, function: Callable[..., object], *args: object) -> None:
+        """Run ``function``, logging what it raises."""
+
+    def unexpected(self, reason: Failure, doing: str) -> None:
+        """Log an internal error."""
+
+
+class PeerDeliverer:
+    """
+    Delivers one peer's queued messages in order.
+
+    :param streams: the peer's inbound streams, oldest first (read afresh
+        each time: the session replaces the list).
+    :param ready: whether the link to the peer is up (the session
+        handshake done).
+    :param acknowledge: sends an acknowledgement now.
+    :param unstarve: asks the peer to send again what a starved stream
+        dropped (``(stream)``).
+    """
+
+    __slots__ = (
+        "_ack_delay",
+        "_acknowledge",
+        "_clock",
+        "_committer",
+        "_host",
+        "_latency",
+        "_later",
+        "_local_id",
+        "_mark_delay",
+        "_ready",
+        "_streams",
+        "_target",
+        "_unstarve",
+        "ack_call",
+        "arrivals",
+        "delivered",
+        "delivering",
+        "failures",
+        "held_reason",
+        "held_since",
+        "in_loop",
+        "peer_id",
+        "retry",
+        "retry_call",
+    )
+
+    def __init__(
+        self,
+        peer_id: PeerId,
+        local_id: PeerId,
+        *,
+        target: ILocalDelivery,
+        streams: Callable[[], list[InboundStream]],
+        ready: Callable[[], bool],
+        acknowledge: Callable[[], None],
+        unstarve: Callable[[InboundStream], None],
+        committer: GroupCommitter,
+        host: DeliveryHost,
+        clock: IReactorTime,
+        later: Callable[..., IDelayedCall],
+        backoff: Backoff,
+        ack_delay: float,
+        mark_delay: float,
+        latency: HistogramCounter,
+    ) -> None:
+        self.peer_id = peer_id
+        self._local_id = local_id
+        self._target = target
+        self._streams = streams
+        self._ready = ready
+        self._acknowledge = acknowledge
+        self._unstarve = unstarve
+        self._committer = committer
+        self._host = host
+        self._clock = clock
+        self._later = later
+        self._ack_delay = ack_delay
+        self._mark_delay = mark_delay
+        self._latency = latency
+        self.retry = Retry(backoff)
+        self.delivering = False
+        self.in_loop = False
+        self.retry_call: IDelayedCall | None = None
+        self.ack_call: IDelayedCall | None = None
+        #: Messages delivered, deliveries failed, since start.
+        self.delivered = 0
+        self.failures = 0
+        self.held_since: float | None = None
+        self.held_reason: str | None = None
+        #: Per data frame queued for delivery: [stream, last position,
+        #: position observed up to, arrival time] (the latency histogram).
+        self.arrivals: deque[list[Any]] = deque()
+
+    @property
+    def held(self) -> bool:
+        """Whether delivery is held behind a failed delivery."""
+        return self.retry.failures > 0
+
+    def arrived(self, stream: InboundStream, accepted: int) -> None:
+        """
+        ``accepted`` new messages were queued on ``stream``.
+        """
+        last = stream.received
+        self.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
+
+    def jumped(self, stream: InboundStream) -> None:
+        """
+        ``stream`` skipped what it queued (the sender lost it).
+        """
+        self.arrivals = deque(a for a in self.arrivals if a[0] is not stream)
+
+    def deliver(self) -> None:
+        """
+        Deliver what is queued, in order, until a delivery is in progress,
+        fails, or nothing is left.
+        """
+        if self.delivering or self.retry_call is not None:
+            return
+        if not self._host.deliveries_allowed:
+            self._after()
+            return
+        deliver = self._target.deliver
+        local_id = self._local_id
+        peer_id = self.peer_id
+        self.in_loop = True
+        try:
+            for stream in self._streams():
+                queue = stream.queue
+                while queue:
+                    message = Message(
+                        peer_id,
+                        local_id,
+                        stream.delivered + 1,
+                        queue[0],
+                        stream.incarnation,
+                    )
+                    try:
+                        pending = delivery_outcome(deliver(message))
+                    except Exception:
+                        self._failed(Failure(), message)
+                        return
+                    if pending is not None:
+                        self.delivering = True
+                        pending.addBoth(self._settled, stream, message).addErrback(
+                            self._host.unexpected, "settling a delivery"
+                        )
+                        if self.delivering or self.retry_call is not None:
+                            return
+                        continue
+                    stream.pop_delivered()
+                    self.delivered += 1
+                    if self.retry.failures:
+                        self._release()
+        finally:
+            self.in_loop = False
+            self._after()
+
+    def stop_retrying(self) -> None:
+        """
+        Start no new delivery (the node stops): cancel the retry timer.
+        """
+        call, self.retry_call = self.retry_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def cancel_ack(self) -> None:
+        """
+        An acknowledgement goes out now (or the link went): no delayed one.
+        """
+        call, self.ack_call = self.ack_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def cancel_timers(self) -> None:
+        self.stop_retrying()
+        self.cancel_ack()
+
+    def _settled(self, result: object, stream: InboundStream, message: Message) -> None:
+        self.delivering = False
+        if isinstance(result, Failure):
+            self._failed(result, message)
+        elif stream.queue and stream.delivered + 1 == message.message_id:
+            stream.pop_delivered()
+            self.delivered += 1
+            if self.retry.failures:
+                self._release()
+        if not self.in_loop:
+            self._host.guard(self.deliver)
+            self._host.delivery_settled()
+
+    def _release(self) -> None:
+        """
+        A delivery succeeded after failures: the hold is over.
+        """
+        self.retry.succeeded()
+        self.held_since = None
+        self.held_reason = None
+
+    def _failed(self, reason: Failure, message: Message) -> None:
+        self.failures += 1
+        if not self.retry.failures:
+            self.held_since = self._clock.seconds()
+        self.held_reason = one_line(reason)
+        delay = self.retry.failed()
+        self._host.limited(
+            ("delivery_failed", self.peer_id),
+            LogLevel.critical,
+            "delivery of message {message_id} from {peer_id!r} failed; later "
+            "messages from it wait; retrying in {delay:.2f}s",
+            reason,
+            message_id=message.message_id,
+            peer_id=self.peer_id,
+            delay=delay,
+            ilm_event="delivery_failed",
+        )
+        if self._host.deliveries_allowed:
+            self.retry_call = self._later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self.retry_call = None
+        self.deliver()
+
+    def _after(self) -> None:
+        """
+        After a round of deliveries: count their latency, record their marks
+        for the next commit, start the ack timer, ask again for what a
+        starved stream dropped.
+        """
+        arrivals = self.arrivals
+        if arrivals:
+            self._observe(arrivals)
+        streams = self._streams()
+        marks = False
+        delivered = self._committer.bookkeeping.delivered
+        for stream in streams:
+            if stream.delivered > stream.marked:
+                key = (self.peer_id, stream.incarnation)
+                if delivered.get(key, -1) < stream.delivered:
+                    delivered[key] = stream.delivered
+                    marks = True
+        if marks:
+            self._committer.schedule(self._mark_delay)
+        if not streams:
+            return
+        current = streams[-1]
+        if current.queue and self.ack_call is None and self._ready():
+            self.ack_call = self._later(self._ack_delay, self._delayed_ack)
+        if current.starved:
+            self._unstarve(current)
+
+    def _delayed_ack(self) -> None:
+        self.ack_call = None
+        self._acknowledge()
+
+    def _observe(self, arrivals: deque[list[Any]]) -> None:
+        """
+        Count the delivery latency of what was delivered since the last
+        look: one observation per arrived frame, not per message.  Frames
+        are delivered in the order they arrived (one incarnation's stream
+        after another's), so only the head can have moved.
+        """
+        now = self._clock.seconds()
+        histogram = self._latency
+        while arrivals:
+            arrival = arrivals[0]
+            stream, last, observed, at = arrival
+            done = min(stream.delivered, last)
+            if done > observed:
+                histogram.observe(now - at, done - observed)
+                arrival[2] = done
+            if done < last:
+                return
+            arrivals.popleft()
