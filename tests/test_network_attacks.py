@@ -250,7 +250,7 @@ class NeverReadingPeerTests(TestCase):
         transport.pauseProducing()  # never read again
         transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         attacker.send(attacker.data(session_hello()))
-        ping = lambda: attacker.frame(_wire.PING, b"\x00" * 8)  # noqa: E731
+        ping = lambda: attacker.frame(_wire.LINK_PING, b"\x00" * 8)  # noqa: E731
         ask = lambda: attacker.data(session_hello(reply_requested=True))  # noqa: E731
         peak = 0
         flooded_at = reactor.seconds()
@@ -951,7 +951,7 @@ class Relay:
         if self.held is not None:
             held, self.held = self.held, None
             return [frame, held]
-        if self.done or frame[4] != _wire.DATA or self.marker not in frame:
+        if self.done or frame[4] != _wire.CARRY or self.marker not in frame:
             return [frame]
         self.done = True
         if self.fault == "alter":

@@ -614,13 +614,15 @@ class NeverReadingPeerTests(SynchronousTestCase):
         """
         nodes, raw, pipe, reading = self.paused_link()
         waiting = pipe.in_flight(0)
-        raw.send(*(raw.frame(_wire.PING, _wire.encode_token(n)) for n in range(1000)))
+        raw.send(
+            *(raw.frame(_wire.LINK_PING, _wire.encode_token(n)) for n in range(1000))
+        )
         nodes.settle(0.1)
         self.assertEqual(pipe.in_flight(0), waiting)
         pipe.stall(0, False)
         nodes.settle(0.1)
         self.assertEqual(nodes.receivers[2].kinds(1)[-1], "resumed")
-        pongs = [body for kind, body in raw.frames if kind == _wire.PONG]
+        pongs = [body for kind, body in raw.frames if kind == _wire.LINK_PONG]
         self.assertEqual(pongs, [_wire.encode_token(999)])
         self.assertEqual(reading, [])
 
@@ -637,7 +639,9 @@ class NeverReadingPeerTests(SynchronousTestCase):
         nodes.start(3, dial=(2,))
         nodes.settle(0.1)
         for _ in range(40):
-            raw.send(*(raw.frame(_wire.PING, _wire.encode_token(1)) for _ in range(50)))
+            raw.send(
+                *(raw.frame(_wire.LINK_PING, _wire.encode_token(1)) for _ in range(50))
+            )
             nodes.settle(0.1)
             if raw.lost is not None:
                 break
@@ -694,7 +698,9 @@ class AuthenticationTests(SynchronousTestCase):
 
     def assert_refused(self, nodes: Nodes, raw: RawPeer) -> None:
         self.assertIsNotNone(raw.lost)
-        self.assertEqual([kind for kind, _ in frames(raw.received)], [_wire.CHALLENGE])
+        self.assertEqual(
+            [kind for kind, _ in frames(raw.received)], [_wire.LINK_CHALLENGE]
+        )
         self.assertEqual(nodes.receivers[2].events, [])
 
     def test_wrong_key(self) -> None:
@@ -951,7 +957,7 @@ class HostileInputTests(SynchronousTestCase):
         Before authentication, a frame over 1 KiB is refused on its length
         prefix alone.
         """
-        raw = self.send_raw(_wire.data_header(2000))
+        raw = self.send_raw(_wire.carry_header(2000))
         self.assert_closed(raw, FrameTooLarge)
 
     def test_oversized_after_authentication(self) -> None:
@@ -959,7 +965,7 @@ class HostileInputTests(SynchronousTestCase):
         After authentication, a frame over max_frame_size is refused on its
         length prefix; ILM is told the link was lost.
         """
-        raw = self.send_linked(lambda raw: _wire.data_header(2**21))
+        raw = self.send_linked(lambda raw: _wire.carry_header(2**21))
         self.assert_closed(raw, FrameTooLarge)
         self.assertEqual(self.nodes.receivers[2].kinds(1), ["established", "lost"])
 
@@ -975,7 +981,7 @@ class HostileInputTests(SynchronousTestCase):
         """
         DATA before the handshake is UnexpectedFrame and reaches nobody.
         """
-        raw = self.send_raw(_wire.data_header(3) + b"abc")
+        raw = self.send_raw(_wire.carry_header(3) + b"abc")
         self.assert_closed(raw, UnexpectedFrame)
         self.assertNotIn(1, self.nodes.receivers[2].frames)
 
@@ -987,7 +993,7 @@ class HostileInputTests(SynchronousTestCase):
         raw = self.send_linked(
             lambda raw: (
                 raw.data(b"ok")
-                + raw.frame(_wire.CHALLENGE, b"c" * 33)
+                + raw.frame(_wire.LINK_CHALLENGE, b"c" * 33)
                 + raw.data(b"late")
             )
         )
@@ -1010,14 +1016,14 @@ class HostileInputTests(SynchronousTestCase):
         """
         A PING of the wrong size is MalformedFrame.
         """
-        raw = self.send_linked(lambda raw: raw.frame(_wire.PING, b"xyz"))
+        raw = self.send_linked(lambda raw: raw.frame(_wire.LINK_PING, b"xyz"))
         self.assert_closed(raw, MalformedFrame)
 
     def test_empty_data(self) -> None:
         """
         A DATA link frame without a session frame is MalformedFrame.
         """
-        raw = self.send_linked(lambda raw: raw.frame(_wire.DATA))
+        raw = self.send_linked(lambda raw: raw.frame(_wire.CARRY))
         self.assert_closed(raw, MalformedFrame)
 
     def test_link_up_from_larger_id(self) -> None:
@@ -1060,7 +1066,7 @@ class HostileInputTests(SynchronousTestCase):
         cases: dict[str, Callable[[RawLink], bytes]] = {
             "replayed": lambda raw: (lambda f: f + f)(raw.data(b"once")),
             "dropped": lambda raw: (raw.data(b"lost"), raw.data(b"after"))[1],
-            "untagged": lambda raw: _wire.data_header(4) + b"bare",
+            "untagged": lambda raw: _wire.carry_header(4) + b"bare",
         }
         receiver = self.nodes.receivers[2]
         for name, make in cases.items():
@@ -1095,7 +1101,7 @@ class HostileInputTests(SynchronousTestCase):
         nodes = Nodes(frame_integrity=False)
         nodes.start(2, known=(1,))
         raw = authenticate(nodes, 1, 2, pair_key(1, 2), frame_integrity=False)
-        raw.send(_wire.data_header(5) + b"plain")
+        raw.send(_wire.carry_header(5) + b"plain")
         nodes.settle(0.1)
         self.assertEqual(nodes.receivers[2].frames[1], [b"plain"])
 

@@ -557,7 +557,7 @@ class ILMProtocol(Protocol):
                         if frame is None:
                             return
                         kind, body = frame
-                        if kind == _wire.DATA and body and receiver is not None:
+                        if kind == _wire.CARRY and body and receiver is not None:
                             receiver.frame_received(peer, body)
                         else:
                             self._open_frame(kind, body)
@@ -609,18 +609,18 @@ class ILMProtocol(Protocol):
             )
 
     def _open_frame(self, kind: int, body: bytes) -> None:
-        if kind == _wire.PING:
-            token = _wire.decode_token(body, "PING")
+        if kind == _wire.LINK_PING:
+            token = _wire.decode_token(body, "LINK_PING")
             if self._paused:
                 # The peer is not reading: owe it one PONG (the latest),
                 # written when the link resumes, instead of one per PING.
                 self._pending_pong = token
             else:
-                self._send(_wire.PONG, _wire.encode_token(token))
-        elif kind == _wire.PONG:
-            _wire.decode_token(body, "PONG")
-        elif kind == _wire.DATA:
-            _wire.decode_data(body)
+                self._send(_wire.LINK_PONG, _wire.encode_token(token))
+        elif kind == _wire.LINK_PONG:
+            _wire.decode_token(body, "LINK_PONG")
+        elif kind == _wire.CARRY:
+            _wire.decode_carry(body)
         else:
             raise UnexpectedFrame(
                 f"{_wire.FRAME_NAMES[kind]} frame on a link that is up"
@@ -812,11 +812,11 @@ class ILMProtocol(Protocol):
         sealer = self._sealer
         if sealer is not None:
             extend = parts.extend
-            data_parts = sealer.data_parts
+            data_parts = sealer.carry_parts
             for frame in frames:
                 extend(data_parts(frame))
         else:
-            header = _wire.data_header
+            header = _wire.carry_header
             append = parts.append
             for frame in frames:
                 append(header(len(frame)))
@@ -1018,7 +1018,7 @@ class ILMProtocol(Protocol):
                 self.fail(LinkTimeout(reason))
                 return
         if not self._sent and not self._paused:
-            self._send(_wire.PING, _wire.encode_token(next(self._tokens)))
+            self._send(_wire.LINK_PING, _wire.encode_token(next(self._tokens)))
         self._sent = False
         self._keepalive_call = self._later(settings.keepalive_interval, self._keepalive)
 
@@ -1038,7 +1038,7 @@ class ILMProtocol(Protocol):
                 self._resume_reading()
             token, self._pending_pong = self._pending_pong, None
             if token is not None:
-                self._send(_wire.PONG, _wire.encode_token(token))
+                self._send(_wire.LINK_PONG, _wire.encode_token(token))
             self._network._report("link_resumed", self.peer_id)
 
     def stopProducing(self) -> None:
