@@ -185,7 +185,7 @@ class Chaos:
                 p
                 for node in self.nodes.values()
                 if node.network is not None
-                for p in node.network._protocols
+                for p in node.network.connections()
                 if p.transport is not None and p.state != "closed"
             ]
             if connections:

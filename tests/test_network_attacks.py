@@ -166,7 +166,7 @@ def unsent(network: StreamNetwork, peer_id: PeerId) -> int:
     Bytes written to the link with ``peer_id`` that its TCP transport has
     not sent yet (0 without a link).
     """
-    link = network._links.get(peer_id)
+    link = network.link(peer_id)
     if link is None or link.transport is None:
         return 0
     transport: Any = link.transport
@@ -564,7 +564,7 @@ class TLSRefusalTests(TestCase):
                     peer = await made
                 await peer.closed
         await sleep(0.1)
-        node.network._limiter.flush()
+        node.network.flush_log()
         failures = logs.named("tls_handshake_failed")
         by_host: dict[str, list[LogEvent]] = {}
         for event in failures:
@@ -619,7 +619,7 @@ class KeySearchTests(TestCase):
             await sleep(0.01)
         exchange = Exchange(node, friend)
         exchange.start(self)
-        budget = node.network._key_budget
+        budget = node.network.key_search_budget
         self.assertEqual(len(keys), 256)
         stranger = Stranger(node.port, [f"127.0.0.{n}" for n in (30, 31)], 4, 2.0)
         wrong = b"a key node 2 does not hold, 32 b"

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
@@ -34,6 +34,8 @@ from ilm.errors import (
 from ilm.interfaces import INetwork
 from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wire
 from ilm.network._handshake import LinkHandshake
+from ilm.network._keepalive import Keepalive
+from ilm.network._protocol import IConnectionOwner
 from ilm.testing import settle
 
 from .stream_support import Pipe, RawLink, RawPeer, RecordingReceiver, Switchboard
@@ -159,18 +161,19 @@ def authenticate(
 class LinkTests(SynchronousTestCase):
     def test_provides_inetwork(self) -> None:
         """
-        StreamNetwork provides INetwork; its protocol is an IPushProducer
-        (and an IProtocol); its dialling endpoint an IStreamClientEndpoint.
+        StreamNetwork provides INetwork and IConnectionOwner (what its
+        connections talk to); its protocol is an IPushProducer (and an
+        IProtocol).
         """
         nodes = Nodes()
         network = nodes.start(1, dial=(2,))
         verifyObject(INetwork, network)
         nodes.start(2, known=(1,))
         nodes.settle()
-        protocol = network._links[2]
+        protocol = network.link(2)
         verifyObject(IPushProducer, protocol)
         verifyObject(IProtocol, protocol)
-        verifyObject(IStreamClientEndpoint, network._dialers[2].endpoint)
+        verifyObject(IConnectionOwner, network)
 
     def test_link_and_frames_both_ways(self) -> None:
         """
@@ -406,7 +409,7 @@ class SimultaneousDialTests(SynchronousTestCase):
         [pipe] = nodes.board.pipes
         # The client end of the surviving pipe belongs to node 1.
         self.assertEqual(pipe.ends[0].protocol.initiated, True)  # type: ignore[union-attr]
-        self.assertEqual(pipe.ends[0].protocol._network.local_id, 1)  # type: ignore[union-attr]
+        self.assertEqual(pipe.ends[0].protocol.local_id, 1)  # type: ignore[union-attr]
 
     def test_string_and_int_ids(self) -> None:
         """
@@ -420,7 +423,7 @@ class SimultaneousDialTests(SynchronousTestCase):
         self.assertEqual(nodes.receivers["alpha"].kinds(), ["established"])
         self.assertEqual(nodes.receivers[7].kinds(), ["established"])
         [pipe] = nodes.board.pipes
-        self.assertEqual(pipe.ends[0].protocol._network.local_id, 7)  # type: ignore[union-attr]
+        self.assertEqual(pipe.ends[0].protocol.local_id, 7)  # type: ignore[union-attr]
 
     def test_no_dialling_while_peer_linked(self) -> None:
         """
@@ -511,18 +514,16 @@ class InternalErrorTests(SynchronousTestCase):
         nodes.start(1, dial=(2,))
         nodes.start(2, known=(1,))
         nodes.settle(0.5)
-        [link] = [p for p in nodes.networks[1]._protocols if p.peer_id == 2]
         broken = [True]
-        real_write = link._write
+        real_silence = Keepalive.silence
 
-        def write(frames: list[bytes]) -> None:
-            if broken[0]:
+        def silence(keepalive: Keepalive) -> str | None:
+            if broken[0] and keepalive.peer_id == 2:
                 broken[0] = False
                 raise RuntimeError("simulated bug in the keepalive path")
-            real_write(frames)
+            return real_silence(keepalive)
 
-        link._write = write  # type: ignore[method-assign]
-        link._sent = False  # the next tick writes a PING
+        self.patch(Keepalive, "silence", silence)
         nodes.settle(1.0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         [event] = logs.named("internal_error")
@@ -531,25 +532,6 @@ class InternalErrorTests(SynchronousTestCase):
         nodes.settle(5.0)
         self.assertEqual(nodes.receivers[1].kinds()[-1], "established")
         self.assertEqual(len(logs.named("internal_error")), 1)
-
-    def test_network_timer_raising_is_logged(self) -> None:
-        """
-        An exception in a network-level timer (the dialer synchronisation)
-        is logged with what it was doing, not raised into the reactor.
-        """
-        logs = LogCapture(self)
-        nodes = Nodes()
-        network = nodes.start(1, dial=(2,))
-
-        def sync(peer_id: PeerId) -> None:
-            raise RuntimeError(f"simulated bug syncing {peer_id!r}")
-
-        network._sync_dialer = sync  # type: ignore[method-assign]
-        network._schedule_sync(2)
-        nodes.settle(0.1)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        [event] = logs.named("internal_error")
-        self.assertEqual(event["doing"], "synchronising a dialer")
 
 
 class BackpressureTests(SynchronousTestCase):
@@ -567,7 +549,7 @@ class BackpressureTests(SynchronousTestCase):
         pipe = next(
             p
             for p in nodes.board.pipes
-            if p.ends[1].protocol._network.local_id == 2  # type: ignore[union-attr]
+            if p.ends[1].protocol.local_id == 2  # type: ignore[union-attr]
         )
         pipe.stall(1)
         for _ in range(40):
@@ -749,7 +731,7 @@ class AuthenticationTests(SynchronousTestCase):
         claimed = "\x01" * 255
         nodes, _raw, logs = self.attempt(claimed, b"u" * 32)
         self.attempt(claimed, b"u" * 32, nodes)
-        nodes.networks[2]._limiter.flush()
+        nodes.networks[2].flush_log()
         full, summary = logs.named("authentication_failed")
         self.assertEqual(full["claimed_id"], claimed)
         self.assertEqual(summary["suppressed"], 1)
@@ -848,20 +830,17 @@ class UnauthenticatedCapTests(SynchronousTestCase):
             raws = [raw_connect(nodes, "2") for _ in range(6)]
             alive = [raw for raw in raws if raw.lost is None]
             self.assertEqual(len(alive), admitted)
-            self.assertEqual(len(network._unauthenticated), admitted)
-            self.assertEqual(
-                dict(network._unauthenticated_hosts), {"127.0.0.1": admitted}
-            )
+            self.assertEqual(network.stats().connections, admitted)
+            self.assertEqual(network.stats().refusals["connection_limit"], 6 - admitted)
             [limited] = logs.named("connection_limit")
             self.assertEqual(limited["kind"], "ConnectionLimitReached")
             self.assertIn("refused at once", limited["reason"])
             nodes.settle(11.0)  # the handshake timeout ends the others
-            self.assertEqual(network._unauthenticated, {})
-            self.assertEqual(dict(network._unauthenticated_hosts), {})
+            self.assertEqual(network.stats().connections, 0)
             nodes.start(1, dial=(2,))
             nodes.settle(0.5)
             self.assertEqual(network.connected_peers(), frozenset({1}))
-            self.assertEqual(network._unauthenticated, {})
+            self.assertEqual(network.stats().connections, 1)
 
 
 class LogFieldTests(SynchronousTestCase):

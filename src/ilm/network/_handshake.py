@@ -42,6 +42,7 @@ import hmac
 import os
 from collections.abc import Callable, Mapping
 
+import ilm.network._wire as _wire
 from ilm._peerid import PeerId, check_peer_id
 from ilm.errors import (
     AuthenticationFailed,
@@ -51,7 +52,6 @@ from ilm.errors import (
     SpoofedPeer,
     UnexpectedFrame,
 )
-from ilm.network import _wire
 
 SPOOF_SEARCH_MAX_KEYS = 256
 """Up to this many configured keys, a failed proof may be checked against

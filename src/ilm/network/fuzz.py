@@ -63,13 +63,13 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import ilm.network._wire as _wire
 from ilm import _frames
 from ilm._peerid import PeerId
 from ilm._session import PROTOCOL_VERSION, Hello
 from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.errors import ProtocolViolation, ShutdownTimeout
 from ilm.interfaces import IBackend, IFrameReceiver, IMessage
-from ilm.network import _wire
 
 _DECODERS: dict[int, Callable[[bytes], object]] = {
     _wire.LINK_HELLO: _wire.decode_hello,
