@@ -18,7 +18,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 import ilm.errors
-import ilm.network._stream
 from ilm import PeerId
 from ilm.errors import (
     FrameAuthenticationFailed,
@@ -32,7 +31,14 @@ from ilm.errors import (
     UnsupportedVersion,
 )
 from ilm.interfaces import INetwork
-from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wire
+from ilm.network import (
+    Backoff,
+    ILMProtocol,
+    LinkSettings,
+    PreSharedKeys,
+    StreamNetwork,
+    _wire,
+)
 from ilm.network._handshake import LinkHandshake
 from ilm.network._keepalive import Keepalive
 from ilm.network._protocol import IConnectionOwner
@@ -1106,7 +1112,7 @@ class DeterminismTests(SynchronousTestCase):
             # set would list them newest first.
             return hashes.setdefault(id(protocol), 1000 - len(hashes))
 
-        self.patch(ilm.network._stream.ILMProtocol, "__hash__", reversed_hash)
+        self.patch(ILMProtocol, "__hash__", reversed_hash)
         for how in ("abort", "stop"):
             nodes = Nodes()
             peers = (2, 3, 4, 5, 6)
