@@ -54,6 +54,7 @@ RECEIVER = 2
 KEY = b"crash test pre-shared key 32 b.."
 EXIT_ADDRESS_IN_USE = 75
 TORN = "!torn"
+TORN_BYTES = TORN.encode("ascii")
 
 
 class LineLog:
@@ -78,6 +79,9 @@ class LineLog:
         self._file.write(line + "\n")
         self._file.flush()
 
+    def close(self) -> None:
+        self._file.close()
+
 
 def last_accepted(path: str) -> int:
     """
@@ -101,7 +105,13 @@ def last_accepted(path: str) -> int:
             lines = data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]
             for line in reversed(lines if position == 0 else lines[1:]):
                 words = line.split()
-                if len(words) == 6 and words[0] == b"accepted":
+                # A line a kill cut short is marked torn when the log is
+                # reopened; cut after "incarn", it also has six words.
+                if (
+                    len(words) == 6
+                    and words[0] == b"accepted"
+                    and words[-1] != TORN_BYTES
+                ):
                     return int(words[1])
     return 0
 

@@ -185,7 +185,7 @@ class Chaos:
                 p
                 for node in self.nodes.values()
                 if node.network is not None
-                for p in node.network._protocols
+                for p in node.network.connections()
                 if p.transport is not None and p.state != "closed"
             ]
             if connections:
@@ -201,7 +201,7 @@ class Chaos:
         assert node.ilm is not None and node.network is not None
         self.crashes += 1
         self.crashes_by_node[node.node_id] += 1
-        for protocol in node.network._protocols:
+        for protocol in node.network.connections():
             if protocol.state == "open":
                 self.cuts += 1
             elif protocol.state != "closed":

@@ -147,9 +147,9 @@ class RawLink(RawPeer):
             kind, body = frame
             if self.handshake.done:
                 self.frames.append((kind, body))
-                if kind == _wire.PING and self.answer_pings:
+                if kind == _wire.LINK_PING and self.answer_pings:
                     assert self.transport is not None
-                    self.transport.write(self.frame(_wire.PONG, body))
+                    self.transport.write(self.frame(_wire.LINK_PONG, body))
                 continue
             assert self.transport is not None
             for reply in self.handshake.receive(kind, body, lambda: self.remote):
@@ -176,7 +176,7 @@ class RawLink(RawPeer):
         """
         :return: a DATA link frame carrying ``session_frame``.
         """
-        return self.frame(_wire.DATA, session_frame)
+        return self.frame(_wire.CARRY, session_frame)
 
     def send(self, *frames: bytes) -> None:
         """

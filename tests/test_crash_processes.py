@@ -353,6 +353,24 @@ class NodeLogTests(SynchronousTestCase):
         self.assertEqual(crash_node.last_accepted(path), 20000)
         self.assertEqual(crash_node.last_accepted(path + ".missing"), 0)
 
+    def test_resume_skips_marked_torn_line(self) -> None:
+        """
+        A line cut short by a kill and marked torn on the next start is not
+        taken for a whole ``accepted`` line, even when the cut left it with
+        as many words as one ("accepted 7 position 7 incarn !torn").
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("start pid 1 next 1\n")
+            f.write("accepted 6 position 6 incarnation A\n")
+            f.write("accepted 7 position 7 incarn")
+        log = crash_node.LineLog(path)
+        log.write("start pid 2 next 7")
+        log.close()
+        with open(path) as f:
+            self.assertIn("accepted 7 position 7 incarn !torn\n", f.read())
+        self.assertEqual(crash_node.last_accepted(path), 6)
+
     def test_torn_line_marked(self) -> None:
         """
         A log reopened after a kill that cut a line short marks that line

@@ -166,7 +166,7 @@ def unsent(network: StreamNetwork, peer_id: PeerId) -> int:
     Bytes written to the link with ``peer_id`` that its TCP transport has
     not sent yet (0 without a link).
     """
-    link = network._links.get(peer_id)
+    link = network.link(peer_id)
     if link is None or link.transport is None:
         return 0
     transport: Any = link.transport
@@ -250,7 +250,7 @@ class NeverReadingPeerTests(TestCase):
         transport.pauseProducing()  # never read again
         transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         attacker.send(attacker.data(session_hello()))
-        ping = lambda: attacker.frame(_wire.PING, b"\x00" * 8)  # noqa: E731
+        ping = lambda: attacker.frame(_wire.LINK_PING, b"\x00" * 8)  # noqa: E731
         ask = lambda: attacker.data(session_hello(reply_requested=True))  # noqa: E731
         peak = 0
         flooded_at = reactor.seconds()
@@ -564,7 +564,7 @@ class TLSRefusalTests(TestCase):
                     peer = await made
                 await peer.closed
         await sleep(0.1)
-        node.network._limiter.flush()
+        node.network.flush_log()
         failures = logs.named("tls_handshake_failed")
         by_host: dict[str, list[LogEvent]] = {}
         for event in failures:
@@ -619,7 +619,7 @@ class KeySearchTests(TestCase):
             await sleep(0.01)
         exchange = Exchange(node, friend)
         exchange.start(self)
-        budget = node.network._key_budget
+        budget = node.network.key_search_budget
         self.assertEqual(len(keys), 256)
         stranger = Stranger(node.port, [f"127.0.0.{n}" for n in (30, 31)], 4, 2.0)
         wrong = b"a key node 2 does not hold, 32 b"
@@ -951,7 +951,7 @@ class Relay:
         if self.held is not None:
             held, self.held = self.held, None
             return [frame, held]
-        if self.done or frame[4] != _wire.DATA or self.marker not in frame:
+        if self.done or frame[4] != _wire.CARRY or self.marker not in frame:
             return [frame]
         self.done = True
         if self.fault == "alter":

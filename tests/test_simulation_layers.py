@@ -38,7 +38,8 @@ from ilm.errors import (
     StoreReadOnly,
 )
 from ilm.interfaces import IBackend, INetwork
-from ilm.network import StreamNetwork, _stream, _wire
+from ilm.network import StreamNetwork
+from ilm.network._keepalive import Keepalive
 from ilm.simulation import (
     CrashableBackend,
     Scenario,
@@ -395,19 +396,11 @@ def acknowledge_before_applying(original: object) -> object:
     return commit
 
 
-def never_notice_silence(self: _stream.ILMProtocol) -> None:
+def never_notice_silence(self: Keepalive) -> None:
     """
     A keepalive that keeps pinging but never declares a silent link dead.
     """
-    self._keepalive_call = None
-    if self.state != "open":
-        return
-    if not self._sent:
-        self._write([_wire.encode_ping(next(self._tokens))])
-    self._sent = False
-    self._keepalive_call = self._clock.callLater(
-        self._settings.keepalive_interval, self._keepalive
-    )
+    return None
 
 
 class BrokenVariantTests(SynchronousTestCase):
@@ -439,7 +432,7 @@ class BrokenVariantTests(SynchronousTestCase):
         A stream network whose keepalive never declares a silent connection
         dead is caught (a half-open link stalls its streams for good).
         """
-        self.patch(_stream.ILMProtocol, "_keepalive", never_notice_silence)
+        self.patch(Keepalive, "silence", never_notice_silence)
         # A stalled stream is reported once heal_timeout has passed: two
         # simulated minutes are plenty for a sound network to converge.
         scenario = Scenario(network=stream_network, heal_timeout=120.0)

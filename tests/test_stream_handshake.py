@@ -102,7 +102,12 @@ class PreSharedKeyTests(SynchronousTestCase):
         transcript = exchange(a, b)
         self.assertEqual(
             [kind for kind, _ in transcript],
-            [_wire.HELLO, _wire.CHALLENGE, _wire.PROOF, _wire.ACCEPT],
+            [
+                _wire.LINK_HELLO,
+                _wire.LINK_CHALLENGE,
+                _wire.LINK_PROOF,
+                _wire.LINK_ACCEPT,
+            ],
         )
         self.assertTrue(a.done and b.done)
         self.assertEqual((a.peer_id, b.peer_id), (2, 1))
@@ -131,7 +136,7 @@ class PreSharedKeyTests(SynchronousTestCase):
         stranger = node(9, 2, {2: b"z" * 32})
         [(kind, body)] = frames_of(stranger.start())
         challenge = frames_of(b.receive(kind, body, no_certificate))
-        self.assertEqual([k for k, _ in challenge], [_wire.CHALLENGE])
+        self.assertEqual([k for k, _ in challenge], [_wire.LINK_CHALLENGE])
         [(kind, body)] = frames_of(stranger.receive(*challenge[0], no_certificate))
         error = self.assertRaises(
             AuthenticationFailed, b.receive, kind, body, no_certificate
@@ -211,7 +216,7 @@ class PreSharedKeyTests(SynchronousTestCase):
         self.assertRaises(
             AuthenticationFailed,
             victim.receive,
-            _wire.PROOF,
+            _wire.LINK_PROOF,
             accept_mac,
             no_certificate,
         )
@@ -228,7 +233,11 @@ class PreSharedKeyTests(SynchronousTestCase):
         [(kind, body)] = frames_of(impostor.receive(kind, body, no_certificate))
         a.receive(kind, body, no_certificate)
         self.assertRaises(
-            AuthenticationFailed, a.receive, _wire.ACCEPT, b"\x00" * 32, no_certificate
+            AuthenticationFailed,
+            a.receive,
+            _wire.LINK_ACCEPT,
+            b"\x00" * 32,
+            no_certificate,
         )
 
     def test_wrong_destination_and_self(self) -> None:
@@ -246,10 +255,12 @@ class PreSharedKeyTests(SynchronousTestCase):
             )
             [(kind, body)] = frames_of([hello])
             [reply] = frames_of(b.receive(kind, body, no_certificate))
-            self.assertEqual(reply[0], _wire.CHALLENGE)
+            self.assertEqual(reply[0], _wire.LINK_CHALLENGE)
             if (source, destination) == (1, 2):
                 continue  # the correct HELLO, for comparison
-            proof = frames_of([_wire.encode_frame(_wire.PROOF, b"m" * _wire.MAC_SIZE)])
+            proof = frames_of(
+                [_wire.encode_frame(_wire.LINK_PROOF, b"m" * _wire.MAC_SIZE)]
+            )
             [(kind, body)] = proof
             self.assertRaises(
                 AuthenticationFailed, b.receive, kind, body, no_certificate
@@ -266,7 +277,7 @@ class PreSharedKeyTests(SynchronousTestCase):
         )[0][1]
         bad = hello[:4] + b"\x00\x07" + hello[6:]
         self.assertRaises(
-            UnsupportedVersion, b.receive, _wire.HELLO, bad, no_certificate
+            UnsupportedVersion, b.receive, _wire.LINK_HELLO, bad, no_certificate
         )
 
     def test_out_of_order(self) -> None:
@@ -276,13 +287,17 @@ class PreSharedKeyTests(SynchronousTestCase):
         """
         b = node(2, None, {1: AB})
         b.start()
-        self.assertRaises(UnexpectedFrame, b.receive, _wire.PROOF, b"", no_certificate)
-        self.assertRaises(UnexpectedFrame, b.receive, _wire.DATA, b"x", no_certificate)
+        self.assertRaises(
+            UnexpectedFrame, b.receive, _wire.LINK_PROOF, b"", no_certificate
+        )
+        self.assertRaises(UnexpectedFrame, b.receive, _wire.CARRY, b"x", no_certificate)
         a = node(1, 2, {2: AB})
         a.start()
-        self.assertRaises(UnexpectedFrame, a.receive, _wire.HELLO, b"", no_certificate)
         self.assertRaises(
-            MalformedFrame, a.receive, _wire.CHALLENGE, b"x", no_certificate
+            UnexpectedFrame, a.receive, _wire.LINK_HELLO, b"", no_certificate
+        )
+        self.assertRaises(
+            MalformedFrame, a.receive, _wire.LINK_CHALLENGE, b"x", no_certificate
         )
 
     def test_frame_keys(self) -> None:
@@ -319,7 +334,7 @@ class PreSharedKeyTests(SynchronousTestCase):
             [(kind, body)] = frames_of(a.start())
             [(kind, body)] = frames_of(b.receive(kind, body, no_certificate))
             [(kind, body)] = frames_of(a.receive(kind, body, no_certificate))
-            self.assertEqual(kind, _wire.PROOF)
+            self.assertEqual(kind, _wire.LINK_PROOF)
             self.assertIsInstance(a.refusal, FrameIntegrityMismatch)
             error = self.assertRaises(
                 FrameIntegrityMismatch, b.receive, kind, body, no_certificate
@@ -343,7 +358,9 @@ class PreSharedKeyTests(SynchronousTestCase):
         nonce, _flags = _wire.decode_challenge(body)
         [(kind, body)] = frames_of(
             a.receive(
-                _wire.CHALLENGE, nonce + bytes([_wire.FLAG_FRAME_TAGS]), no_certificate
+                _wire.LINK_CHALLENGE,
+                nonce + bytes([_wire.FLAG_FRAME_TAGS]),
+                no_certificate,
             )
         )
         self.assertIsNone(a.refusal)

@@ -13,8 +13,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm import ILM, Config, Message, PeerId
-from ilm.network import LinkSettings, StreamNetwork
-from ilm.network._stream import ILMFactory, ILMProtocol
+from ilm.network import ILMFactory, ILMProtocol, LinkSettings, StreamNetwork
 from ilm.testing import InMemoryBackend, InMemoryStorage
 
 KEY = b"iosim pre-shared key of 32 bytes"

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IProtocol, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
@@ -18,7 +18,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 import ilm.errors
-import ilm.network._stream
 from ilm import PeerId
 from ilm.errors import (
     FrameAuthenticationFailed,
@@ -32,8 +31,17 @@ from ilm.errors import (
     UnsupportedVersion,
 )
 from ilm.interfaces import INetwork
-from ilm.network import Backoff, LinkSettings, PreSharedKeys, StreamNetwork, _wire
+from ilm.network import (
+    Backoff,
+    ILMProtocol,
+    LinkSettings,
+    PreSharedKeys,
+    StreamNetwork,
+    _wire,
+)
 from ilm.network._handshake import LinkHandshake
+from ilm.network._keepalive import Keepalive
+from ilm.network._protocol import IConnectionOwner
 from ilm.testing import settle
 
 from .stream_support import Pipe, RawLink, RawPeer, RecordingReceiver, Switchboard
@@ -159,18 +167,19 @@ def authenticate(
 class LinkTests(SynchronousTestCase):
     def test_provides_inetwork(self) -> None:
         """
-        StreamNetwork provides INetwork; its protocol is an IPushProducer
-        (and an IProtocol); its dialling endpoint an IStreamClientEndpoint.
+        StreamNetwork provides INetwork and IConnectionOwner (what its
+        connections talk to); its protocol is an IPushProducer (and an
+        IProtocol).
         """
         nodes = Nodes()
         network = nodes.start(1, dial=(2,))
         verifyObject(INetwork, network)
         nodes.start(2, known=(1,))
         nodes.settle()
-        protocol = network._links[2]
+        protocol = network.link(2)
         verifyObject(IPushProducer, protocol)
         verifyObject(IProtocol, protocol)
-        verifyObject(IStreamClientEndpoint, network._dialers[2].endpoint)
+        verifyObject(IConnectionOwner, network)
 
     def test_link_and_frames_both_ways(self) -> None:
         """
@@ -406,7 +415,7 @@ class SimultaneousDialTests(SynchronousTestCase):
         [pipe] = nodes.board.pipes
         # The client end of the surviving pipe belongs to node 1.
         self.assertEqual(pipe.ends[0].protocol.initiated, True)  # type: ignore[union-attr]
-        self.assertEqual(pipe.ends[0].protocol._network.local_id, 1)  # type: ignore[union-attr]
+        self.assertEqual(pipe.ends[0].protocol.local_id, 1)  # type: ignore[union-attr]
 
     def test_string_and_int_ids(self) -> None:
         """
@@ -420,7 +429,7 @@ class SimultaneousDialTests(SynchronousTestCase):
         self.assertEqual(nodes.receivers["alpha"].kinds(), ["established"])
         self.assertEqual(nodes.receivers[7].kinds(), ["established"])
         [pipe] = nodes.board.pipes
-        self.assertEqual(pipe.ends[0].protocol._network.local_id, 7)  # type: ignore[union-attr]
+        self.assertEqual(pipe.ends[0].protocol.local_id, 7)  # type: ignore[union-attr]
 
     def test_no_dialling_while_peer_linked(self) -> None:
         """
@@ -511,18 +520,16 @@ class InternalErrorTests(SynchronousTestCase):
         nodes.start(1, dial=(2,))
         nodes.start(2, known=(1,))
         nodes.settle(0.5)
-        [link] = [p for p in nodes.networks[1]._protocols if p.peer_id == 2]
         broken = [True]
-        real_write = link._write
+        real_silence = Keepalive.silence
 
-        def write(frames: list[bytes]) -> None:
-            if broken[0]:
+        def silence(keepalive: Keepalive) -> str | None:
+            if broken[0] and keepalive.peer_id == 2:
                 broken[0] = False
                 raise RuntimeError("simulated bug in the keepalive path")
-            real_write(frames)
+            return real_silence(keepalive)
 
-        link._write = write  # type: ignore[method-assign]
-        link._sent = False  # the next tick writes a PING
+        self.patch(Keepalive, "silence", silence)
         nodes.settle(1.0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         [event] = logs.named("internal_error")
@@ -531,25 +538,6 @@ class InternalErrorTests(SynchronousTestCase):
         nodes.settle(5.0)
         self.assertEqual(nodes.receivers[1].kinds()[-1], "established")
         self.assertEqual(len(logs.named("internal_error")), 1)
-
-    def test_network_timer_raising_is_logged(self) -> None:
-        """
-        An exception in a network-level timer (the dialer synchronisation)
-        is logged with what it was doing, not raised into the reactor.
-        """
-        logs = LogCapture(self)
-        nodes = Nodes()
-        network = nodes.start(1, dial=(2,))
-
-        def sync(peer_id: PeerId) -> None:
-            raise RuntimeError(f"simulated bug syncing {peer_id!r}")
-
-        network._sync_dialer = sync  # type: ignore[method-assign]
-        network._schedule_sync(2)
-        nodes.settle(0.1)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        [event] = logs.named("internal_error")
-        self.assertEqual(event["doing"], "synchronising a dialer")
 
 
 class BackpressureTests(SynchronousTestCase):
@@ -567,7 +555,7 @@ class BackpressureTests(SynchronousTestCase):
         pipe = next(
             p
             for p in nodes.board.pipes
-            if p.ends[1].protocol._network.local_id == 2  # type: ignore[union-attr]
+            if p.ends[1].protocol.local_id == 2  # type: ignore[union-attr]
         )
         pipe.stall(1)
         for _ in range(40):
@@ -614,13 +602,15 @@ class NeverReadingPeerTests(SynchronousTestCase):
         """
         nodes, raw, pipe, reading = self.paused_link()
         waiting = pipe.in_flight(0)
-        raw.send(*(raw.frame(_wire.PING, _wire.encode_token(n)) for n in range(1000)))
+        raw.send(
+            *(raw.frame(_wire.LINK_PING, _wire.encode_token(n)) for n in range(1000))
+        )
         nodes.settle(0.1)
         self.assertEqual(pipe.in_flight(0), waiting)
         pipe.stall(0, False)
         nodes.settle(0.1)
         self.assertEqual(nodes.receivers[2].kinds(1)[-1], "resumed")
-        pongs = [body for kind, body in raw.frames if kind == _wire.PONG]
+        pongs = [body for kind, body in raw.frames if kind == _wire.LINK_PONG]
         self.assertEqual(pongs, [_wire.encode_token(999)])
         self.assertEqual(reading, [])
 
@@ -637,7 +627,9 @@ class NeverReadingPeerTests(SynchronousTestCase):
         nodes.start(3, dial=(2,))
         nodes.settle(0.1)
         for _ in range(40):
-            raw.send(*(raw.frame(_wire.PING, _wire.encode_token(1)) for _ in range(50)))
+            raw.send(
+                *(raw.frame(_wire.LINK_PING, _wire.encode_token(1)) for _ in range(50))
+            )
             nodes.settle(0.1)
             if raw.lost is not None:
                 break
@@ -694,7 +686,9 @@ class AuthenticationTests(SynchronousTestCase):
 
     def assert_refused(self, nodes: Nodes, raw: RawPeer) -> None:
         self.assertIsNotNone(raw.lost)
-        self.assertEqual([kind for kind, _ in frames(raw.received)], [_wire.CHALLENGE])
+        self.assertEqual(
+            [kind for kind, _ in frames(raw.received)], [_wire.LINK_CHALLENGE]
+        )
         self.assertEqual(nodes.receivers[2].events, [])
 
     def test_wrong_key(self) -> None:
@@ -743,7 +737,7 @@ class AuthenticationTests(SynchronousTestCase):
         claimed = "\x01" * 255
         nodes, _raw, logs = self.attempt(claimed, b"u" * 32)
         self.attempt(claimed, b"u" * 32, nodes)
-        nodes.networks[2]._limiter.flush()
+        nodes.networks[2].flush_log()
         full, summary = logs.named("authentication_failed")
         self.assertEqual(full["claimed_id"], claimed)
         self.assertEqual(summary["suppressed"], 1)
@@ -842,20 +836,17 @@ class UnauthenticatedCapTests(SynchronousTestCase):
             raws = [raw_connect(nodes, "2") for _ in range(6)]
             alive = [raw for raw in raws if raw.lost is None]
             self.assertEqual(len(alive), admitted)
-            self.assertEqual(len(network._unauthenticated), admitted)
-            self.assertEqual(
-                dict(network._unauthenticated_hosts), {"127.0.0.1": admitted}
-            )
+            self.assertEqual(network.stats().connections, admitted)
+            self.assertEqual(network.stats().refusals["connection_limit"], 6 - admitted)
             [limited] = logs.named("connection_limit")
             self.assertEqual(limited["kind"], "ConnectionLimitReached")
             self.assertIn("refused at once", limited["reason"])
             nodes.settle(11.0)  # the handshake timeout ends the others
-            self.assertEqual(network._unauthenticated, {})
-            self.assertEqual(dict(network._unauthenticated_hosts), {})
+            self.assertEqual(network.stats().connections, 0)
             nodes.start(1, dial=(2,))
             nodes.settle(0.5)
             self.assertEqual(network.connected_peers(), frozenset({1}))
-            self.assertEqual(network._unauthenticated, {})
+            self.assertEqual(network.stats().connections, 1)
 
 
 class LogFieldTests(SynchronousTestCase):
@@ -951,7 +942,7 @@ class HostileInputTests(SynchronousTestCase):
         Before authentication, a frame over 1 KiB is refused on its length
         prefix alone.
         """
-        raw = self.send_raw(_wire.data_header(2000))
+        raw = self.send_raw(_wire.carry_header(2000))
         self.assert_closed(raw, FrameTooLarge)
 
     def test_oversized_after_authentication(self) -> None:
@@ -959,7 +950,7 @@ class HostileInputTests(SynchronousTestCase):
         After authentication, a frame over max_frame_size is refused on its
         length prefix; ILM is told the link was lost.
         """
-        raw = self.send_linked(lambda raw: _wire.data_header(2**21))
+        raw = self.send_linked(lambda raw: _wire.carry_header(2**21))
         self.assert_closed(raw, FrameTooLarge)
         self.assertEqual(self.nodes.receivers[2].kinds(1), ["established", "lost"])
 
@@ -975,7 +966,7 @@ class HostileInputTests(SynchronousTestCase):
         """
         DATA before the handshake is UnexpectedFrame and reaches nobody.
         """
-        raw = self.send_raw(_wire.data_header(3) + b"abc")
+        raw = self.send_raw(_wire.carry_header(3) + b"abc")
         self.assert_closed(raw, UnexpectedFrame)
         self.assertNotIn(1, self.nodes.receivers[2].frames)
 
@@ -987,7 +978,7 @@ class HostileInputTests(SynchronousTestCase):
         raw = self.send_linked(
             lambda raw: (
                 raw.data(b"ok")
-                + raw.frame(_wire.CHALLENGE, b"c" * 33)
+                + raw.frame(_wire.LINK_CHALLENGE, b"c" * 33)
                 + raw.data(b"late")
             )
         )
@@ -1010,14 +1001,14 @@ class HostileInputTests(SynchronousTestCase):
         """
         A PING of the wrong size is MalformedFrame.
         """
-        raw = self.send_linked(lambda raw: raw.frame(_wire.PING, b"xyz"))
+        raw = self.send_linked(lambda raw: raw.frame(_wire.LINK_PING, b"xyz"))
         self.assert_closed(raw, MalformedFrame)
 
     def test_empty_data(self) -> None:
         """
         A DATA link frame without a session frame is MalformedFrame.
         """
-        raw = self.send_linked(lambda raw: raw.frame(_wire.DATA))
+        raw = self.send_linked(lambda raw: raw.frame(_wire.CARRY))
         self.assert_closed(raw, MalformedFrame)
 
     def test_link_up_from_larger_id(self) -> None:
@@ -1060,7 +1051,7 @@ class HostileInputTests(SynchronousTestCase):
         cases: dict[str, Callable[[RawLink], bytes]] = {
             "replayed": lambda raw: (lambda f: f + f)(raw.data(b"once")),
             "dropped": lambda raw: (raw.data(b"lost"), raw.data(b"after"))[1],
-            "untagged": lambda raw: _wire.data_header(4) + b"bare",
+            "untagged": lambda raw: _wire.carry_header(4) + b"bare",
         }
         receiver = self.nodes.receivers[2]
         for name, make in cases.items():
@@ -1095,7 +1086,7 @@ class HostileInputTests(SynchronousTestCase):
         nodes = Nodes(frame_integrity=False)
         nodes.start(2, known=(1,))
         raw = authenticate(nodes, 1, 2, pair_key(1, 2), frame_integrity=False)
-        raw.send(_wire.data_header(5) + b"plain")
+        raw.send(_wire.carry_header(5) + b"plain")
         nodes.settle(0.1)
         self.assertEqual(nodes.receivers[2].frames[1], [b"plain"])
 
@@ -1121,7 +1112,7 @@ class DeterminismTests(SynchronousTestCase):
             # set would list them newest first.
             return hashes.setdefault(id(protocol), 1000 - len(hashes))
 
-        self.patch(ilm.network._stream.ILMProtocol, "__hash__", reversed_hash)
+        self.patch(ILMProtocol, "__hash__", reversed_hash)
         for how in ("abort", "stop"):
             nodes = Nodes()
             peers = (2, 3, 4, 5, 6)

@@ -362,7 +362,9 @@ class RealAuthenticationTests(TestCase):
         client = await self.dial(1, keys={2: pair_key(1, 2)})
         await self.waiter.wait("link_established", count=2)
         for network, peer in ((server, 1), (client, 2)):
-            transport = network._links[peer].transport
+            link = network.link(peer)
+            assert link is not None
+            transport = link.transport
             self.assertTrue(transport.getTcpNoDelay())  # type: ignore[union-attr]
 
     async def test_psk_wrong_key_over_tcp(self) -> None:

@@ -77,7 +77,7 @@ class FrameTests(SynchronousTestCase):
         """
         hello = LinkHello(_wire.LINK_VERSION, NONCE, "alice", 7)
         [(kind, body)] = parse_all(_wire.encode_hello(hello))
-        self.assertEqual(kind, _wire.HELLO)
+        self.assertEqual(kind, _wire.LINK_HELLO)
         self.assertEqual(_wire.decode_hello(body), hello)
 
     def test_hello_rejections(self) -> None:
@@ -118,17 +118,17 @@ class FrameTests(SynchronousTestCase):
         self.assertRaises(MalformedFrame, _wire.check_empty, b"x", "LINK_UP")
         [(kind, body)] = parse_all(_wire.encode_ping(2**64 - 1))
         self.assertEqual(
-            (kind, _wire.decode_token(body, "PING")), (_wire.PING, 2**64 - 1)
+            (kind, _wire.decode_token(body, "LINK_PING")), (_wire.LINK_PING, 2**64 - 1)
         )
         self.assertRaises(MalformedFrame, _wire.decode_token, b"1234567", "PONG")
-        self.assertRaises(MalformedFrame, _wire.decode_data, b"")
+        self.assertRaises(MalformedFrame, _wire.decode_carry, b"")
 
     def test_data_header(self) -> None:
         """
         A DATA header followed by a session frame is one DATA link frame.
         """
-        wire = _wire.data_header(3) + b"abc" + _wire.data_header(1) + b"z"
-        self.assertEqual(parse_all(wire), [(_wire.DATA, b"abc"), (_wire.DATA, b"z")])
+        wire = _wire.carry_header(3) + b"abc" + _wire.carry_header(1) + b"z"
+        self.assertEqual(parse_all(wire), [(_wire.CARRY, b"abc"), (_wire.CARRY, b"z")])
 
     def test_mac_binds_everything(self) -> None:
         """
@@ -187,8 +187,8 @@ class FrameTests(SynchronousTestCase):
         )
         sealer = _wire.FrameSealer(send)
         wire = [
-            sealer.seal(_wire.PING, b"12345678"),
-            b"".join(sealer.data_parts(b"session frame")),
+            sealer.seal(_wire.LINK_PING, b"12345678"),
+            b"".join(sealer.carry_parts(b"session frame")),
             sealer.seal(_wire.LINK_UP),
         ]
 
@@ -203,7 +203,7 @@ class FrameTests(SynchronousTestCase):
 
         self.assertEqual(
             parse(wire),
-            [(_wire.PING, b"12345678"), (_wire.DATA, b"session frame"), (5, b"")],
+            [(_wire.LINK_PING, b"12345678"), (_wire.CARRY, b"session frame"), (5, b"")],
         )
         for position in range(len(wire[1])):
             altered = bytearray(wire[1])
@@ -213,7 +213,7 @@ class FrameTests(SynchronousTestCase):
             except (FrameAuthenticationFailed, FrameTooLarge, MalformedFrame):
                 continue
             # A longer length prefix: the frame never completes.
-            self.assertEqual(parsed, [(_wire.PING, b"12345678")], position)
+            self.assertEqual(parsed, [(_wire.LINK_PING, b"12345678")], position)
         bad = {
             "replayed": [wire[0], wire[0]],
             "skipped": [wire[0], wire[2]],
@@ -232,7 +232,7 @@ class ParserTests(SynchronousTestCase):
         """
         wire = (
             _wire.encode_ping(5)
-            + _wire.data_header(10)
+            + _wire.carry_header(10)
             + b"0123456789"
             + _wire.encode_frame(_wire.LINK_UP)
         )
@@ -266,7 +266,7 @@ class ParserTests(SynchronousTestCase):
         """
         body = b"x" * 99
         self.assertEqual(
-            parse_all(_wire.data_header(99) + body, limit=100), [(6, body)]
+            parse_all(_wire.carry_header(99) + body, limit=100), [(6, body)]
         )
 
     def test_zero_length_and_unknown_type(self) -> None:
@@ -284,7 +284,7 @@ class ParserTests(SynchronousTestCase):
         parsed once complete, and the buffer holds no more than it.
         """
         size = 1024 * 1024 + 4096
-        wire = _wire.data_header(size) + b"y" * size
+        wire = _wire.carry_header(size) + b"y" * size
         parser = FrameParser(_wire.frame_limit(size))
         for offset in range(0, len(wire), 1024):
             self.assertIsNone(parser.next_frame())
@@ -314,18 +314,18 @@ def decode_everything(data: bytes, cuts: list[int], limit: int) -> int:
 
 
 def decode_body(kind: int, body: bytes) -> None:
-    if kind == _wire.HELLO:
+    if kind == _wire.LINK_HELLO:
         _wire.decode_hello(body)
-    elif kind == _wire.CHALLENGE:
+    elif kind == _wire.LINK_CHALLENGE:
         _wire.decode_challenge(body)
-    elif kind in (_wire.PROOF, _wire.ACCEPT):
+    elif kind in (_wire.LINK_PROOF, _wire.LINK_ACCEPT):
         _wire.decode_mac(body, "MAC")
     elif kind == _wire.LINK_UP:
         _wire.check_empty(body, "LINK_UP")
-    elif kind in (_wire.PING, _wire.PONG):
-        _wire.decode_token(body, "PING")
+    elif kind in (_wire.LINK_PING, _wire.LINK_PONG):
+        _wire.decode_token(body, "LINK_PING")
     else:
-        _wire.decode_data(body)
+        _wire.decode_carry(body)
 
 
 valid_frames = st.one_of(
@@ -341,7 +341,7 @@ valid_frames = st.one_of(
         st.sampled_from([0, _wire.FLAG_FRAME_TAGS]),
     ),
     st.builds(_wire.encode_ping, st.integers(0, 2**64 - 1)),
-    st.builds(lambda b: _wire.data_header(len(b)) + b, st.binary(min_size=1)),
+    st.builds(lambda b: _wire.carry_header(len(b)) + b, st.binary(min_size=1)),
 )
 
 

@@ -13,15 +13,12 @@ Networks: how ILM frames travel between nodes.
 """
 
 from ilm._backoff import Backoff
+from ilm.network._dial_failure import DialFailure
 from ilm.network._handshake import PreSharedKeys
 from ilm.network._memory import FaultPolicy, InMemoryNetwork, InMemoryPeerNetwork
-from ilm.network._stream import (
-    DialFailure,
-    ILMFactory,
-    ILMProtocol,
-    LinkSettings,
-    StreamNetwork,
-)
+from ilm.network._protocol import ILMFactory, ILMProtocol
+from ilm.network._settings import LinkSettings
+from ilm.network._stream import StreamNetwork
 from ilm.network._tls import TLSCredentials, fingerprint, node_uri
 
 __all__ = [

@@ -42,6 +42,7 @@ import hmac
 import os
 from collections.abc import Callable, Mapping
 
+import ilm.network._wire as _wire
 from ilm._peerid import PeerId, check_peer_id
 from ilm.errors import (
     AuthenticationFailed,
@@ -51,7 +52,6 @@ from ilm.errors import (
     SpoofedPeer,
     UnexpectedFrame,
 )
-from ilm.network import _wire
 
 SPOOF_SEARCH_MAX_KEYS = 256
 """Up to this many configured keys, a failed proof may be checked against
@@ -323,14 +323,14 @@ class LinkHandshake:
         :raises ProtocolViolation: a typed reason to close the link.
         """
         state = self._state
-        if kind == _wire.HELLO and state == _AWAIT_HELLO:
+        if kind == _wire.LINK_HELLO and state == _AWAIT_HELLO:
             return self._on_hello(_wire.decode_hello(body), certificate_identity)
-        if kind == _wire.CHALLENGE and state == _AWAIT_CHALLENGE:
+        if kind == _wire.LINK_CHALLENGE and state == _AWAIT_CHALLENGE:
             nonce, flags = _wire.decode_challenge(body)
             return self._on_challenge(nonce, flags, certificate_identity)
-        if kind == _wire.PROOF and state == _AWAIT_PROOF:
+        if kind == _wire.LINK_PROOF and state == _AWAIT_PROOF:
             return self._on_proof(_wire.decode_mac(body, "PROOF"))
-        if kind == _wire.ACCEPT and state == _AWAIT_ACCEPT:
+        if kind == _wire.LINK_ACCEPT and state == _AWAIT_ACCEPT:
             self._on_accept(_wire.decode_mac(body, "ACCEPT"))
             return []
         raise UnexpectedFrame(
@@ -402,7 +402,7 @@ class LinkHandshake:
         self._check_flags(claimed)
         self.peer_id = claimed
         self._state = _DONE
-        return [_wire.encode_frame(_wire.ACCEPT, reply)]
+        return [_wire.encode_frame(_wire.LINK_ACCEPT, reply)]
 
     def _search_holder(self, keys: PreSharedKeys, mac: bytes) -> PeerId | None:
         if len(mac) != _wire.MAC_SIZE or len(keys) > SPOOF_SEARCH_MAX_KEYS:
@@ -437,7 +437,7 @@ class LinkHandshake:
             # peer can then tell its operator, for a peer it authenticated,
             # why the link is refused.
             self.refusal = self._mismatch(destination)
-        return [_wire.encode_frame(_wire.PROOF, proof)]
+        return [_wire.encode_frame(_wire.LINK_PROOF, proof)]
 
     def _on_accept(self, mac: bytes) -> None:
         destination = self._destination

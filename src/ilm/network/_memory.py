@@ -20,10 +20,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ilm._backoff import Backoff
 from ilm._peerid import PeerId, check_peer_id
 from ilm._status import NetworkStats
 from ilm.interfaces import IFrameReceiver, INetwork
 from ilm.network._counters import NetworkCounters, refusal_reason
+from ilm.network._refusal import RefusalPolicy
 
 log = Logger(namespace="ilm.network.memory")
 
@@ -105,7 +107,13 @@ class InMemoryNetwork:
         self._drop: dict[tuple[PeerId, PeerId], int] = {}
         self._duplicate: dict[tuple[PeerId, PeerId], int] = {}
         self._order = itertools.count()
-        self._closes: dict[frozenset[PeerId], int] = {}
+        # A link closed by a node comes back after the hold of the refusal
+        # policy both networks share (no jitter: a seeded run replays).
+        self._refusal: RefusalPolicy[frozenset[PeerId]] = RefusalPolicy(
+            Backoff(initial=reconnect_delay, factor=2.0, maximum=30.0, jitter=0.0),
+            60.0,
+            clock.seconds,
+        )
         self._generations = itertools.count(1)
         self.frames_sent = 0
         self.frames_dropped = 0
@@ -242,6 +250,7 @@ class InMemoryNetwork:
         link = self._links[key] = _Link(
             a, b, next(self._generations), self.clock.seconds()
         )
+        self._refusal.link_up(key)
         self.clock.callLater(0, self._announce, key, link)
 
     def _announce(self, key: frozenset[PeerId], link: _Link) -> None:
@@ -289,11 +298,7 @@ class InMemoryNetwork:
         node = self._nodes.get(closer)
         if node is not None:
             node.counters.refused(reason_name)
-        closes = self._closes.get(key, 0) + 1
-        if self.clock.seconds() - link.started >= 60.0:
-            closes = 1
-        self._closes[key] = closes
-        delay = min(self.reconnect_delay * 2 ** min(closes - 1, 20), 30.0)
+        delay = self._refusal.violation(key)
 
         def later() -> None:
             if self._links.get(key) is link:

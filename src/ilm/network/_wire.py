@@ -9,22 +9,25 @@ anything is buffered, and :class:`FrameParser` parses from one
 ``bytearray`` so a large frame arriving in many small chunks costs linear
 time.
 
-==== ========= ============================================================
-type name      body
-==== ========= ============================================================
-0x01 HELLO     magic ``b"ILMs"``, version u16, flags u8, nonce 32 B,
-               source id, destination id (initiator to responder)
-0x02 CHALLENGE nonce 32 B, flags u8 (responder to initiator)
-0x03 PROOF     MAC: 0 or 32 B (initiator to responder)
-0x04 ACCEPT    MAC: 0 or 32 B (responder to initiator)
-0x05 LINK_UP   empty: "this connection is the link" (from the node whose
-               id is smaller)
-0x06 DATA      one ILM session frame (at least 1 byte)
-0x07 PING      token u64
-0x08 PONG      token u64 (the PING's)
-==== ========= ============================================================
+============== =======================================================
+type name           body
+============== =======================================================
+0x01 LINK_HELLO      magic ``b"ILMs"``, version u16, flags u8, nonce 32 B,
+                     source id, destination id (initiator to responder)
+0x02 LINK_CHALLENGE  nonce 32 B, flags u8 (responder to initiator)
+0x03 LINK_PROOF      MAC: 0 or 32 B (initiator to responder)
+0x04 LINK_ACCEPT     MAC: 0 or 32 B (responder to initiator)
+0x05 LINK_UP         empty: "this connection is the link" (from the node
+                     whose id is smaller)
+0x06 CARRY           one ILM session frame (at least 1 byte)
+0x07 LINK_PING       token u64
+0x08 LINK_PONG       token u64 (the LINK_PING's)
+============== =======================================================
 
-The flags byte of HELLO and CHALLENGE says whether its sender tags every
+The link frames' names are distinct from the session frames'
+(:mod:`ilm._frames`): a session frame travels inside a CARRY link frame.
+
+The flags byte of LINK_HELLO and LINK_CHALLENGE says whether its sender tags every
 frame after the handshake (:data:`FLAG_FRAME_TAGS`); both ends must agree.
 The tags are keyed BLAKE2b-128 over an implicit per-direction frame counter,
 the type byte and the body, under keys derived from the pre-shared key and
@@ -58,7 +61,7 @@ from ilm.errors import (
 )
 
 LINK_VERSION = 2
-"""The stream transport's protocol version (2: flags in CHALLENGE, frame
+"""The stream transport's protocol version (2: flags in LINK_CHALLENGE, frame
 integrity tags)."""
 
 MAGIC = b"ILMs"
@@ -68,27 +71,27 @@ TAG_SIZE = 16
 """Bytes of the integrity tag at the end of every frame of a tagged link."""
 
 FLAG_FRAME_TAGS = 0x01
-"""HELLO/CHALLENGE flag: the sender tags every frame after the handshake."""
+"""LINK_HELLO/LINK_CHALLENGE flag: the sender tags every frame after the handshake."""
 _KNOWN_FLAGS = FLAG_FRAME_TAGS
 
-HELLO = 0x01
-CHALLENGE = 0x02
-PROOF = 0x03
-ACCEPT = 0x04
+LINK_HELLO = 0x01
+LINK_CHALLENGE = 0x02
+LINK_PROOF = 0x03
+LINK_ACCEPT = 0x04
 LINK_UP = 0x05
-DATA = 0x06
-PING = 0x07
-PONG = 0x08
+CARRY = 0x06
+LINK_PING = 0x07
+LINK_PONG = 0x08
 
 FRAME_NAMES = {
-    HELLO: "HELLO",
-    CHALLENGE: "CHALLENGE",
-    PROOF: "PROOF",
-    ACCEPT: "ACCEPT",
+    LINK_HELLO: "LINK_HELLO",
+    LINK_CHALLENGE: "LINK_CHALLENGE",
+    LINK_PROOF: "LINK_PROOF",
+    LINK_ACCEPT: "LINK_ACCEPT",
     LINK_UP: "LINK_UP",
-    DATA: "DATA",
-    PING: "PING",
-    PONG: "PONG",
+    CARRY: "CARRY",
+    LINK_PING: "LINK_PING",
+    LINK_PONG: "LINK_PONG",
 }
 
 HANDSHAKE_FRAME_LIMIT = 1024
@@ -184,18 +187,18 @@ def encode_frame(kind: int, body: bytes = b"") -> bytes:
     return _HEADER.pack(len(body) + 1, kind) + body
 
 
-def data_header(session_frame_size: int) -> bytes:
+def carry_header(session_frame_size: int) -> bytes:
     """
     The 5 bytes that precede a session frame of ``session_frame_size`` bytes
-    in a DATA link frame (the frame itself follows unchanged, so a sequence
+    in a CARRY link frame (the frame itself follows unchanged, so a sequence
     of frames goes out with one ``writeSequence``).
     """
-    return _HEADER.pack(session_frame_size + 1, DATA)
+    return _HEADER.pack(session_frame_size + 1, CARRY)
 
 
 def encode_hello(hello: LinkHello) -> bytes:
     return encode_frame(
-        HELLO,
+        LINK_HELLO,
         _HELLO_HEAD.pack(MAGIC, hello.version, hello.flags, hello.nonce)
         + encode_id(hello.source)
         + encode_id(hello.destination),
@@ -208,20 +211,20 @@ def decode_hello(body: bytes) -> LinkHello:
     :raises UnsupportedVersion: another version of the stream transport.
     """
     if len(body) < _HELLO_HEAD.size:
-        raise MalformedFrame(f"HELLO of {len(body)} bytes is truncated")
+        raise MalformedFrame(f"LINK_HELLO of {len(body)} bytes is truncated")
     magic, version, flags, nonce = _HELLO_HEAD.unpack_from(body)
     if magic != MAGIC:
-        raise MalformedFrame("HELLO without the ILM stream magic: not an ILM peer")
+        raise MalformedFrame("LINK_HELLO without the ILM stream magic: not an ILM peer")
     if version != LINK_VERSION:
         raise UnsupportedVersion(
             f"peer speaks stream transport version {version}; this node speaks "
             f"{LINK_VERSION}"
         )
-    _check_flags(flags, "HELLO")
+    _check_flags(flags, "LINK_HELLO")
     source, offset = decode_id(body, _HELLO_HEAD.size)
     destination, offset = decode_id(body, offset)
     if offset != len(body):
-        raise MalformedFrame(f"{len(body) - offset} trailing bytes after HELLO")
+        raise MalformedFrame(f"{len(body) - offset} trailing bytes after LINK_HELLO")
     return LinkHello(version, bytes(nonce), source, destination, flags)
 
 
@@ -231,7 +234,7 @@ def _check_flags(flags: int, name: str) -> None:
 
 
 def encode_challenge(nonce: bytes, flags: int = 0) -> bytes:
-    return encode_frame(CHALLENGE, nonce + bytes((flags,)))
+    return encode_frame(LINK_CHALLENGE, nonce + bytes((flags,)))
 
 
 def decode_challenge(body: bytes) -> tuple[bytes, int]:
@@ -240,16 +243,16 @@ def decode_challenge(body: bytes) -> tuple[bytes, int]:
     """
     if len(body) != NONCE_SIZE + 1:
         raise MalformedFrame(
-            f"CHALLENGE of {len(body)} bytes, expected {NONCE_SIZE + 1}"
+            f"LINK_CHALLENGE of {len(body)} bytes, expected {NONCE_SIZE + 1}"
         )
     flags = body[NONCE_SIZE]
-    _check_flags(flags, "CHALLENGE")
+    _check_flags(flags, "LINK_CHALLENGE")
     return bytes(body[:NONCE_SIZE]), flags
 
 
 def decode_mac(body: bytes, name: str) -> bytes:
     """
-    Decode a PROOF or ACCEPT body: an empty MAC or one of ``MAC_SIZE`` bytes.
+    Decode a LINK_PROOF or LINK_ACCEPT body: an empty MAC or one of ``MAC_SIZE`` bytes.
     """
     if len(body) not in (0, MAC_SIZE):
         raise MalformedFrame(f"{name} of {len(body)} bytes, expected 0 or {MAC_SIZE}")
@@ -263,17 +266,17 @@ def check_empty(body: bytes, name: str) -> None:
 
 def encode_token(token: int) -> bytes:
     """
-    The body of a PING or PONG.
+    The body of a LINK_PING or LINK_PONG.
     """
     return _TOKEN.pack(token)
 
 
 def encode_ping(token: int) -> bytes:
-    return encode_frame(PING, _TOKEN.pack(token))
+    return encode_frame(LINK_PING, _TOKEN.pack(token))
 
 
 def encode_pong(token: int) -> bytes:
-    return encode_frame(PONG, _TOKEN.pack(token))
+    return encode_frame(LINK_PONG, _TOKEN.pack(token))
 
 
 def decode_token(body: bytes, name: str) -> int:
@@ -282,9 +285,9 @@ def decode_token(body: bytes, name: str) -> int:
     return int(_TOKEN.unpack(body)[0])
 
 
-def decode_data(body: bytes) -> bytes:
+def decode_carry(body: bytes) -> bytes:
     if not body:
-        raise MalformedFrame("DATA link frame without a session frame")
+        raise MalformedFrame("CARRY link frame without a session frame")
     return body
 
 
@@ -396,15 +399,15 @@ class FrameSealer:
             _HEADER.pack(len(body) + 1 + TAG_SIZE, kind) + body + self.tag(kind, body)
         )
 
-    def data_parts(self, session_frame: bytes) -> tuple[bytes, bytes, bytes]:
+    def carry_parts(self, session_frame: bytes) -> tuple[bytes, bytes, bytes]:
         """
-        :return: a tagged DATA link frame in three parts (header, the
+        :return: a tagged CARRY link frame in three parts (header, the
             session frame unchanged, tag) for ``writeSequence``.
         """
         return (
-            _HEADER.pack(len(session_frame) + 1 + TAG_SIZE, DATA),
+            _HEADER.pack(len(session_frame) + 1 + TAG_SIZE, CARRY),
             session_frame,
-            self.tag(DATA, session_frame),
+            self.tag(CARRY, session_frame),
         )
 
 

@@ -13,7 +13,7 @@ Each input is one of:
 - random bytes, or valid link frames with mutations (bytes flipped,
   inserted or removed, lengths changed, truncation);
 - valid ILM session frames (HELLO, DATA, ACK, NACK), each mutated the same
-  way, wrapped in well-formed link DATA frames, so that the session decoders
+  way, wrapped in well-formed CARRY link frames, so that the session decoders
   see the damage.
 
 Every input is fed in random chunks to
@@ -63,23 +63,23 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import ilm.network._wire as _wire
 from ilm import _frames
 from ilm._peerid import PeerId
 from ilm._session import PROTOCOL_VERSION, Hello
 from ilm._store import CommitResult, StoreBatch, StoredState
 from ilm.errors import ProtocolViolation, ShutdownTimeout
 from ilm.interfaces import IBackend, IFrameReceiver, IMessage
-from ilm.network import _wire
 
 _DECODERS: dict[int, Callable[[bytes], object]] = {
-    _wire.HELLO: _wire.decode_hello,
-    _wire.CHALLENGE: _wire.decode_challenge,
-    _wire.PROOF: lambda body: _wire.decode_mac(body, "PROOF"),
-    _wire.ACCEPT: lambda body: _wire.decode_mac(body, "ACCEPT"),
+    _wire.LINK_HELLO: _wire.decode_hello,
+    _wire.LINK_CHALLENGE: _wire.decode_challenge,
+    _wire.LINK_PROOF: lambda body: _wire.decode_mac(body, "PROOF"),
+    _wire.LINK_ACCEPT: lambda body: _wire.decode_mac(body, "ACCEPT"),
     _wire.LINK_UP: lambda body: _wire.check_empty(body, "LINK_UP"),
-    _wire.DATA: _wire.decode_data,
-    _wire.PING: lambda body: _wire.decode_token(body, "PING"),
-    _wire.PONG: lambda body: _wire.decode_token(body, "PONG"),
+    _wire.CARRY: _wire.decode_carry,
+    _wire.LINK_PING: lambda body: _wire.decode_token(body, "LINK_PING"),
+    _wire.LINK_PONG: lambda body: _wire.decode_token(body, "LINK_PONG"),
 }
 
 
@@ -181,7 +181,7 @@ def session_input(
     expected: int = 1,
 ) -> bytes:
     """
-    One fuzz input of session frames in well-formed link DATA frames: a
+    One fuzz input of session frames in well-formed CARRY link frames: a
     HELLO from ``incarnation`` (naming ``known``, the receiver's
     incarnation), then DATA mostly at ``expected`` and on, ACKs and NACKs;
     each frame mutated or not.
@@ -202,7 +202,7 @@ def session_input(
             _mutate(rng, damaged, 1)
             frame = bytes(damaged)
         if frame:
-            out.append(_wire.data_header(len(frame)) + frame)
+            out.append(_wire.carry_header(len(frame)) + frame)
     return b"".join(out)
 
 
@@ -223,14 +223,18 @@ def _valid_frame(rng: random.Random) -> bytes:
     if kind == 1:
         return _wire.encode_challenge(rng.randbytes(32))
     if kind == 2:
-        return _wire.encode_frame(_wire.PROOF, rng.choice([b"", rng.randbytes(32)]))
+        return _wire.encode_frame(
+            _wire.LINK_PROOF, rng.choice([b"", rng.randbytes(32)])
+        )
     if kind == 3:
-        return _wire.encode_frame(_wire.ACCEPT, rng.choice([b"", rng.randbytes(32)]))
+        return _wire.encode_frame(
+            _wire.LINK_ACCEPT, rng.choice([b"", rng.randbytes(32)])
+        )
     if kind == 4:
         return _wire.encode_frame(_wire.LINK_UP)
     if kind == 5:
         body = rng.randbytes(rng.randint(1, 64))
-        return _wire.data_header(len(body)) + body
+        return _wire.carry_header(len(body)) + body
     if kind == 6:
         return _wire.encode_ping(rng.randrange(2**64))
     return _wire.encode_pong(rng.randrange(2**64))
@@ -276,7 +280,7 @@ def decode(rng: random.Random, data: bytes, limit: int) -> int:
                 kind, body = frame
                 _DECODERS[kind](body)
                 frames += 1
-                if kind == _wire.DATA:
+                if kind == _wire.CARRY:
                     try:
                         _SESSION_DECODERS[_frames.frame_type(body)](body)
                     except ProtocolViolation:
@@ -431,7 +435,7 @@ class _ProtocolFuzzer:
         if self.receiver.events:
             return "an unauthenticated peer reached ILM"
         written = frames_of(transport.value())
-        if any(kind != _wire.CHALLENGE for kind, _ in written) or len(written) > 1:
+        if any(kind != _wire.LINK_CHALLENGE for kind, _ in written) or len(written) > 1:
             return f"an unauthenticated peer was sent {written!r}"
         return None
 
@@ -572,7 +576,7 @@ class _SessionFuzzer:
         for _ in range(4):
             written = frames_of(transport.value())
             for kind, body in written[seen:]:
-                if kind in (_wire.LINK_UP, _wire.DATA, _wire.PING):
+                if kind in (_wire.LINK_UP, _wire.CARRY, _wire.LINK_PING):
                     continue
                 for reply in handshake.receive(kind, body, lambda: 2):
                     protocol.dataReceived(reply)  # type: ignore[attr-defined]

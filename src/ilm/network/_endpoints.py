@@ -1,0 +1,101 @@
+"""
+Endpoints from configuration: ``serverFromString``/``clientFromString``
+strings parsed when the network is made (a malformed one fails there,
+naming the option), and peer addresses as plain text for logs and the
+per-source caps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+
+from ilm._peerid import PeerId
+from ilm.errors import ConfigurationError
+
+__all__ = ["address_text", "client_endpoint", "server_endpoint"]
+
+
+def _check_port(endpoint: object, description: str, server: bool) -> None:
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not (0 if server else 1) <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+
+
+def server_endpoint(
+    reactor: Any, description: str | IStreamServerEndpoint
+) -> IStreamServerEndpoint:
+    """
+    A listening endpoint from ``serverFromString`` syntax (or as given).
+
+    :raises ConfigurationError: naming the string and what is wrong with it.
+    """
+    if not isinstance(description, str):
+        return description
+    try:
+        endpoint = serverFromString(reactor, description)
+        _check_port(endpoint, description, server=True)
+    except Exception as e:
+        raise ConfigurationError(
+            f"listen endpoint {description!r} is not valid: {_reason(e)} "
+            f"(expected serverFromString syntax, such as 'tcp:9001' or "
+            f"'tcp:9001:interface=127.0.0.1')"
+        ) from None
+    return endpoint  # type: ignore[no-any-return]
+
+
+def client_endpoint(
+    reactor: Any, peer_id: PeerId, description: str | IStreamClientEndpoint
+) -> IStreamClientEndpoint:
+    """
+    A peer's endpoint from ``clientFromString`` syntax (or as given).
+
+    :raises ConfigurationError: naming the peer, the string and what is
+        wrong with it.
+    """
+    if not isinstance(description, str):
+        if not IStreamClientEndpoint.providedBy(description):
+            raise ConfigurationError(
+                f"the endpoint of peer {peer_id!r} must be a string or an "
+                f"IStreamClientEndpoint, not {type(description).__name__}"
+            )
+        return description
+    try:
+        endpoint = clientFromString(reactor, description)
+        _check_port(endpoint, description, server=False)
+    except Exception as e:
+        raise ConfigurationError(
+            f"endpoint of peer {peer_id!r}, {description!r}, is not valid: "
+            f"{_reason(e)} (expected clientFromString syntax, such as "
+            f"'tcp:host=10.0.0.2:port=9001')"
+        ) from None
+    return endpoint  # type: ignore[no-any-return]
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, TypeError) and "missing" in str(error):
+        # clientFromString("tcp:host=h") -> "__init__() missing 1 required
+        # positional argument: 'port'"
+        return "a required part is missing (" + str(error).split("missing ", 1)[1] + ")"
+    return str(error) or type(error).__name__
+
+
+def address_text(address: object) -> tuple[str, str]:
+    """
+    :return: ``(host, "host:port")`` of a peer address as plain strings
+        (``host`` keys the per-source caps and log limits; a UNIX socket's
+        peers are all one source, ``"unix"``).
+    """
+    if isinstance(address, IPv4Address):
+        return address.host, f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return address.host, f"[{address.host}]:{address.port}"
+    if isinstance(address, UNIXAddress):
+        raw = address.name
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        return "unix", f"unix:{name}" if name else "unix"
+    text = str(address)
+    return text, text
