@@ -243,6 +243,26 @@ class Statements:
             f"ORDER BY position LIMIT %s) r "
             f"WHERE n = 1 OR total <= %s ORDER BY position"
         ).encode()
+        self.nodes = (
+            f"SELECT node_key, int_id, str_id, incarnation FROM {s}.node "
+            f"ORDER BY node_key"
+        ).encode()
+        self.inspect_outbound = (
+            f"SELECT o.peer_key, o.acked, o.last_position, o.pending_bytes, "
+            f"(SELECT extract(epoch FROM b.stored_at)::float8 FROM {s}.outbox b "
+            f"WHERE b.node_key = o.node_key AND b.peer_key = o.peer_key "
+            f"AND b.position > o.acked ORDER BY position LIMIT 1) "
+            f"FROM {s}.outbound o WHERE o.node_key = %s AND o.recorded "
+            f"ORDER BY o.peer_key"
+        ).encode()
+        """Each recorded stream, with when its oldest pending message was stored."""
+        self.inspect_leases = (
+            f"SELECT peer_key, owner, epoch, "
+            f"CASE WHEN isfinite(expires_at) "
+            f"THEN extract(epoch FROM expires_at)::float8 END, "
+            f"owner IS NOT NULL AND expires_at > now() "
+            f"FROM {s}.lease WHERE node_key = %s ORDER BY peer_key"
+        ).encode()
         self.outbound_of = by_id(
             f"SELECT o.acked, o.last_position, o.pending_bytes FROM {s}.peer p "
             f"JOIN {s}.outbound o USING (node_key, peer_key) "

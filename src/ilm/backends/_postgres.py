@@ -27,8 +27,8 @@ shared by every gateway process of that node, with leases and fencing
 module: the schema and migrations (``_pg_schema``), the statements
 (``_pg_sql``), the connections and interaction wrapper
 (``_pg_connections``), the node's rows (``_pg_node``), the commit path
-(``_pg_commit``), the leases (``_pg_leases``), the reads (``_pg_reads``)
-and the append hints (``_pg_listener``).
+(``_pg_commit``), the leases (``_pg_leases``), the reads (``_pg_reads``),
+the append hints (``_pg_listener``) and inspection (``_pg_inspect``).
 
 docs/scaling.md explains the design, the failure cases and the figures.
 """

@@ -12,8 +12,8 @@ import uuid
 
 import attr
 
-from ilm._peerid import PeerId
 from ilm._store import InboundRecord
+from ilm.backends._report import OutboxReport
 from ilm.backends._sqlite_file import (
     SQLITE_HEADER,
     LockHolder,
@@ -47,26 +47,6 @@ def _ilm_version(conn: sqlite3.Connection, path: str) -> int:
     if version == 0:
         raise StoreError(f"{path} is an empty database, not yet an ILM store")
     return version
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class OutboxReport:
-    """
-    The outbound stream to one peer, as ``ilm inspect`` shows it.
-
-    ``oldest_stored_at``: when (seconds since the epoch) the oldest pending
-    message was committed; ``None`` when nothing is pending.
-    """
-
-    peer_id: PeerId
-    acked: int
-    last_position: int
-    pending_bytes: int
-    oldest_stored_at: float | None
-
-    @property
-    def pending(self) -> int:
-        return self.last_position - self.acked
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
