@@ -32,7 +32,7 @@ from ilm.backends import (
     LeaseHeld,
     PostgresBackend,
     SharedCommitResult,
-    _postgres,
+    _pg_commit,
 )
 from ilm.backends._postgres import (
     MIGRATIONS,
@@ -240,7 +240,7 @@ async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> 
 
 
 def writer_pid(backend: PostgresBackend) -> int:
-    conn = backend._writer
+    conn = backend._connections.writer
     assert conn is not None
     pid: int = conn.info.backend_pid
     return pid
@@ -451,7 +451,7 @@ class FaultTests(PostgresCase):
         )
 
         def session(value: str) -> None:
-            backend._writer_conn().execute(
+            backend._connections.writer_conn().execute(
                 f"SET default_transaction_read_only = {value}".encode()
             )
 
@@ -693,7 +693,7 @@ class FaultTests(PostgresCase):
         backend, _ = await self.opened(self.new_schema())
         await backend.commit(StoreBatch(messages={2: (1, [b"one"])}))
         self.assertEqual(await backend.read_outbound(2, 0, 5), [b"one"])
-        reader = backend._reader
+        reader = backend._connections.reader
         assert reader is not None
         for pid in (writer_pid(backend), reader.info.backend_pid):
             self.sql("SELECT pg_terminate_backend(%s)", pid)
@@ -770,7 +770,7 @@ class FaultTests(PostgresCase):
         positions (sent as arrays, split by size when large) and reads back
         in order; the pending bytes add up.
         """
-        self.patch(_postgres, "_INSERT_CHUNK_BYTES", 64 * 1000)
+        self.patch(_pg_commit, "_INSERT_CHUNK_BYTES", 64 * 1000)
         backend, _ = await self.opened(self.new_schema())
         contents = [b"%063d" % i for i in range(20_000)]
         await backend.commit(StoreBatch(messages={9: (1, contents)}))

@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-import ilm.backends._sqlite
+import ilm.backends._lifecycle
 from ilm import ILM, CommitResult, PeerId, StoreBatch
 from ilm.backends import SQLiteBackend
 from ilm.backends._sqlite import inspect_store
@@ -209,7 +209,7 @@ class SQLiteRegressionTests(SynchronousTestCase):
         self.assertIn("outbox_read_failed", violation)
         self.assertIn("below acknowledged", violation)
         self.patch(ILM, "_read_failed", read_failed)
-        self.patch(ilm.backends._sqlite, "StoreInDoubt", StoreError)
+        self.patch(ilm.backends._lifecycle, "StoreInDoubt", StoreError)
         for seed in (73, 77):
             [violation] = run_seed(seed, scenario).violations
             self.assertIn("was refused although its store holds it", violation)

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ilm import StoreBatch
-from ilm.backends import SQLiteBackend
+from ilm.backends import SQLiteBackend, _sqlite_commit, _sqlite_file, _sqlite_reads
 from ilm.backends._sqlite import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -639,14 +639,15 @@ class OpenTests(StoreCase):
         path = self.store_path()
         await self.filled(path)
         statements: list[str] = []
-        connect = SQLiteBackend._connect
+        connect = _sqlite_file.connect
 
-        def traced(backend: SQLiteBackend, **kwargs: Any) -> sqlite3.Connection:
-            conn = connect(backend, **kwargs)
+        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(path, **kwargs)
             conn.set_trace_callback(statements.append)
             return conn
 
-        self.patch(SQLiteBackend, "_connect", traced)
+        self.patch(_sqlite_commit, "connect", traced)
+        self.patch(_sqlite_reads, "connect", traced)
         backend, state = await self.opened(path)
         self.assertEqual(state.outbound[0].last_position, 30)
         self.assertTrue(any("FROM outbox" in s for s in statements), statements)

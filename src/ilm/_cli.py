@@ -5,7 +5,9 @@ The ``ilm`` command (also ``python -m ilm``).
   and SIGKILLs, and the result is verified (see :mod:`ilm._demo`).
 - ``ilm inspect PATH [--json]``: what an SQLite store holds, read-only and
   without taking its lock (so it works on the store of a running node), and
-  whether a live process holds it.
+  whether a live process holds it.  ``ilm inspect postgresql://...
+  [--json] [--node ID] [--schema NAME]``: the same per node of a PostgreSQL
+  store, with each stream's lease, from one read-only transaction.
 - ``ilm reincarnate PATH``: give a store restored from a backup a new
   incarnation (refused while a process holds the store).
 - ``ilm send PEER [FILE|-]`` and ``ilm status [PEER]``: send a message
@@ -62,21 +64,47 @@ def _status(args: argparse.Namespace) -> int:
     return status(args)
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from ilm.backends._sqlite import inspect_store
-    from ilm.errors import StoreError
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ilm._peerid import peer_id_from_text
+    from ilm.errors import ILMError, StoreError
+
+    postgres = args.path.startswith(_POSTGRES_SCHEMES)
+    if not postgres and (args.node is not None or args.schema is not None):
+        print(
+            "ilm inspect: --node and --schema apply to a PostgreSQL store "
+            "(postgresql://...)",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        report = inspect_store(args.path)
-    except StoreError as e:
+        if postgres:
+            from ilm.backends._pg_inspect import inspect_postgres
+
+            node = None if args.node is None else peer_id_from_text(args.node)
+            report: Any = inspect_postgres(
+                args.path, schema=args.schema or "ilm", node_id=node
+            )
+        else:
+            from ilm.backends._sqlite import inspect_store
+
+            report = inspect_store(args.path)
+    except (StoreError, ILMError) as e:
         print(f"ilm inspect: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    now = time.time()
+    if postgres:
+        now = report.database_time
+        data, write = postgres_report_json, write_postgres_report
+    else:
+        now = time.time()
+        data, write = report_json, write_report
     if args.json:
-        json.dump(report_json(report, now), sys.stdout, indent=2)
+        json.dump(data(report, now), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        write_report(report, now, sys.stdout)
+        write(report, now, sys.stdout)
     return 0
 
 
@@ -121,6 +149,13 @@ def report_json(report: Any, now: float) -> dict[str, Any]:
         "incarnation": report.incarnation,
         "held": report.holder.held,
         "held_by_pid": report.holder.pid,
+        **_streams_json(report, now),
+    }
+
+
+def _streams_json(report: Any, now: float) -> dict[str, Any]:
+    """The ``outbound`` and ``inbound`` entries of a store's or a node's report."""
+    return {
         "outbound": [
             {
                 "peer_id": out.peer_id,
@@ -153,31 +188,115 @@ def write_report(report: Any, now: float, out: TextIO) -> None:
     out.write(f"  schema version {report.schema_version}\n")
     out.write(f"  incarnation {report.incarnation}\n")
     out.write(f"  {_holder_text(report.holder)}\n")
-    out.write("outbound (messages stored, awaiting the peer's acknowledgement):\n")
+    _write_streams(report, now, out, "")
+
+
+def _write_streams(report: Any, now: float, out: TextIO, indent: str) -> None:
+    """The outbound and inbound sections of a store's or a node's report."""
+    out.write(
+        f"{indent}outbound (messages stored, awaiting the peer's acknowledgement):\n"
+    )
     if not report.outbound:
-        out.write("  none\n")
+        out.write(f"{indent}  none\n")
     for box in report.outbound:
         if box.pending:
             age = _age(box.oldest_stored_at, now)
             out.write(
-                f"  peer {box.peer_id!r}: {box.pending:,} pending "
+                f"{indent}  peer {box.peer_id!r}: {box.pending:,} pending "
                 f"(positions {box.acked + 1:,}..{box.last_position:,}, "
                 f"{box.pending_bytes:,} bytes), oldest stored {age:,.1f} s ago\n"
             )
         else:
             out.write(
-                f"  peer {box.peer_id!r}: none pending "
+                f"{indent}  peer {box.peer_id!r}: none pending "
                 f"(all {box.last_position:,} acknowledged)\n"
             )
-    out.write("inbound (delivery marks, per peer incarnation):\n")
+    out.write(f"{indent}inbound (delivery marks, per peer incarnation):\n")
     if not report.inbound:
-        out.write("  none\n")
+        out.write(f"{indent}  none\n")
     for mark in report.inbound:
         retired = " (retired)" if mark.retired else ""
         out.write(
-            f"  peer {mark.peer_id!r} incarnation {mark.incarnation}: "
+            f"{indent}  peer {mark.peer_id!r} incarnation {mark.incarnation}: "
             f"delivered up to {mark.delivered:,}{retired}\n"
         )
+
+
+def _expires_in(lease: Any, now: float) -> float | None:
+    if lease.expires_at is None:
+        return None
+    return round(float(lease.expires_at) - now, 3)
+
+
+def postgres_report_json(report: Any, now: float) -> dict[str, Any]:
+    """
+    A PostgreSQL store report as JSON-ready data: per node, what
+    :func:`report_json` gives for an SQLite store, and the leases.  Times
+    are the database's: ``database_time`` and ``expires_at`` in seconds
+    since the epoch, ``expires_in`` in seconds from ``database_time``
+    (negative once expired; ``null`` for a stream never taken).
+    """
+    return {
+        "database": report.database,
+        "schema": report.schema,
+        "schema_version": report.schema_version,
+        "database_time": report.database_time,
+        "nodes": [
+            {
+                "node_id": node.node_id,
+                "incarnation": node.incarnation,
+                **_streams_json(node, now),
+                "leases": [
+                    {
+                        "peer_id": lease.peer_id,
+                        "owner": lease.owner,
+                        "epoch": lease.epoch,
+                        "expires_at": lease.expires_at,
+                        "expires_in": _expires_in(lease, now),
+                        "live": lease.live,
+                    }
+                    for lease in node.leases
+                ],
+            }
+            for node in report.nodes
+        ],
+    }
+
+
+def _lease_text(lease: Any, now: float) -> str:
+    owner = "no owner" if lease.owner is None else f"owner {lease.owner!r}"
+    expires_in = _expires_in(lease, now)
+    if expires_in is None:
+        when = "never taken"
+    elif expires_in > 0:
+        when = f"expires in {expires_in:,.1f} s"
+    else:
+        when = f"expired {-expires_in:,.1f} s ago"
+    live = "live" if lease.live else "not live"
+    return f"peer {lease.peer_id!r}: {owner}, epoch {lease.epoch:,}, {when} ({live})"
+
+
+def write_postgres_report(report: Any, now: float, out: TextIO) -> None:
+    """
+    Write a PostgreSQL store report for people: per node, what
+    :func:`write_report` shows for an SQLite store, and each stream's
+    lease (times in the database's clock).
+    """
+    out.write(f"ILM PostgreSQL store, schema {report.schema!r} at {report.database}\n")
+    out.write(f"  schema version {report.schema_version}\n")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(report.database_time))
+    out.write(f"  database time {stamp} UTC\n")
+    if not report.nodes:
+        out.write("no nodes\n")
+    for node in report.nodes:
+        out.write(f"node {node.node_id!r}\n")
+        out.write(f"  incarnation {node.incarnation}\n")
+        _write_streams(node, now, out, "  ")
+        out.write("  leases (stream ownership, database time):\n")
+        if not node.leases:
+            out.write("    none\n")
+        for lease in node.leases:
+            out.write(f"    {_lease_text(lease, now)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     inspect = commands.add_parser(
         "inspect",
-        help="show what an SQLite store holds (read-only; works while a node runs)",
+        help="show what a store holds, SQLite or PostgreSQL (read-only; works "
+        "while nodes run)",
+        description="Show what a store holds: an SQLite store's file, or a "
+        "PostgreSQL store given as postgresql://... (every node in it, or the "
+        "one --node names, with each stream's lease). Read-only: it takes no "
+        "lock and writes nothing, so it works while nodes and gateways run.",
     )
-    inspect.add_argument("path", help="the store's file")
+    inspect.add_argument(
+        "path", help="the store's file, or a PostgreSQL URI (postgresql://...)"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON for machines")
+    inspect.add_argument(
+        "--node",
+        metavar="ID",
+        help="PostgreSQL: show only this node (an id as text: 7, str:7, orders)",
+    )
+    inspect.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="PostgreSQL: the schema holding ILM's tables (default: ilm)",
+    )
     inspect.set_defaults(run=_inspect)
     reincarnate = commands.add_parser(
         "reincarnate",

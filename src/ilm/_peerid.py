@@ -39,6 +39,7 @@ __all__ = [
     "id_order_key",
     "peer_id_from_text",
     "peer_id_to_text",
+    "stored_id",
 ]
 
 PeerId = int | str
@@ -108,6 +109,16 @@ def id_from_bytes(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidPeerId(f"string peer id {raw!r} is not valid UTF-8") from None
+
+
+def stored_id(peer_id: PeerId) -> int | bytes:
+    """
+    A (valid) peer id as a store's column holds it: the ``int`` itself, or
+    the UTF-8 bytes of a ``str`` (so ``1`` and ``"1"`` stay different).
+    """
+    if type(peer_id) is int:
+        return peer_id
+    return id_bytes(str(peer_id))
 
 
 def id_order_key(peer_id: PeerId) -> tuple[int, int | bytes]:

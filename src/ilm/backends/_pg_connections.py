@@ -1,0 +1,249 @@
+"""
+The PostgreSQL store's connections, each used only on its own thread of
+:class:`ilm.backends._threads.StoreThreads`, and the interaction wrapper
+that runs a transaction on them.
+
+- The writer connection (commits, leases) runs :meth:`interaction`: a
+  ``READ COMMITTED`` transaction retried on a serialization failure or a
+  deadlock (SQLSTATE 40001, 40P01), a lost ``COMMIT`` handed to the caller
+  (it is :class:`ilm.errors.StoreInDoubt` for a commit).
+- The reader connection (outbox reads) runs :meth:`reading`: one
+  read-only snapshot.
+- A connection found lost before its transaction could commit is replaced
+  and the transaction run once more.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.logger import Logger, LogLevel
+
+from ilm._logging import EventLimiter
+from ilm.backends._pg_schema import _Conn, psycopg, rollback, store_error
+from ilm.backends._threads import StoreThreads
+from ilm.errors import StoreError
+
+__all__ = ["RETRIED_SQLSTATES", "PostgresConnections"]
+
+log = Logger(namespace="ilm.backends.postgres")
+
+_T = TypeVar("_T")
+
+RETRIED_SQLSTATES = frozenset({"40001", "40P01"})
+"""Serialization failure and deadlock: the transaction is run again."""
+
+
+class PostgresConnections:
+    """
+    The writer and reader connections of one PostgreSQL store.
+
+    :param dsn: libpq's connection string or URI.
+    :param gateway: names the connections (``application_name``).
+    :param where: names the store in errors.
+    :param threads: the store's threads (logging retries goes through the
+        reactor's).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        gateway: str,
+        where: str,
+        threads: StoreThreads,
+        lock_timeout: float,
+        retries: int,
+        connect_timeout: float,
+        network_timeout: float,
+        prepare_threshold: int | None,
+    ) -> None:
+        self.dsn = dsn
+        self.gateway = gateway
+        self.where = where
+        self.threads = threads
+        self.lock_timeout = lock_timeout
+        self.retries = retries
+        self.connect_timeout = connect_timeout
+        self.network_timeout = network_timeout
+        self.prepare_threshold = prepare_threshold
+        self.writer: _Conn | None = None
+        self.reader: _Conn | None = None
+        self.limiter: EventLimiter | None = None
+        self.retried = 0
+        """Transactions run again after a serialization failure or deadlock."""
+        self.reconnected = 0
+        """Transactions run again on a new connection after losing theirs."""
+
+    def start(self) -> None:
+        """The threads started: log through the reactor from now on."""
+        self.limiter = EventLimiter(log, self.threads.reactor)
+
+    def stop(self) -> None:
+        if self.limiter is not None:
+            self.limiter.stop()
+            self.limiter = None
+
+    def connect(self, role: str) -> _Conn:
+        """A new autocommit connection, with keepalives unless the DSN sets them."""
+        options: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, math.ceil(self.connect_timeout)),
+            "application_name": f"ilm {role} {self.gateway}"[:63],
+        }
+        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        timeout = self.network_timeout
+        for key, value in (
+            ("keepalives", 1),
+            ("keepalives_idle", max(1, int(timeout / 3))),
+            ("keepalives_interval", max(1, int(timeout / 9))),
+            ("keepalives_count", 3),
+            ("tcp_user_timeout", int(timeout * 1000)),
+        ):
+            if key not in given:
+                options[key] = value
+        try:
+            conn = psycopg.connect(self.dsn, **options)
+        except psycopg.Error as e:
+            raise store_error(e, self.where, "cannot connect to") from e
+        conn.prepare_threshold = self.prepare_threshold
+        return conn
+
+    def _replaced(self, conn: _Conn | None, role: str) -> _Conn:
+        """``conn`` if it is usable, else a new connection."""
+        if conn is not None and not (conn.closed or conn.broken):
+            return conn
+        if conn is not None:
+            conn.close()
+        return self.connect(role)
+
+    def writer_conn(self) -> _Conn:
+        """The writer connection (on the writer thread), replaced if lost."""
+        conn = self.writer
+        self.writer = None
+        conn = self.writer = self._replaced(conn, "writer")
+        return conn
+
+    def reader_conn(self) -> _Conn:
+        """The reader connection (on the reader thread), replaced if lost."""
+        conn = self.reader
+        self.reader = None
+        conn = self.reader = self._replaced(conn, "reader")
+        return conn
+
+    def close_writer(self) -> None:
+        conn, self.writer = self.writer, None
+        if conn is not None:
+            conn.close()
+
+    def close_reader(self) -> None:
+        conn, self.reader = self.reader, None
+        if conn is not None:
+            conn.close()
+
+    def begin(self, conn: _Conn) -> None:
+        """Begin a write transaction, with the store's lock timeout."""
+        conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
+        conn.execute(
+            f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000):d}".encode()
+        )
+
+    def _retrying(self, doing: str, sqlstate: str, attempt: int) -> None:
+        """Count and log (rate-limited, in the reactor thread) one retry."""
+        self.retried += 1
+        limiter = self.limiter
+        if limiter is None:
+            return
+        self.threads.reactor.callFromThread(
+            limiter.emit,
+            ("store_retried", sqlstate),
+            LogLevel.info,
+            "PostgreSQL transaction ({doing}) met SQLSTATE {sqlstate}; "
+            "running it again (attempt {attempt})",
+            doing=doing,
+            sqlstate=sqlstate,
+            attempt=attempt,
+            ilm_event="store_retried",
+        )
+
+    def interaction(
+        self,
+        doing: str,
+        body: Callable[[_Conn], _T],
+        *,
+        in_doubt: Callable[[StoreError], StoreError] | None = None,
+    ) -> _T:
+        """
+        Run ``body(conn)`` in a transaction on the writer connection and
+        commit it: the interaction wrapper.  ``body`` begins the
+        transaction and does everything but ``COMMIT``.  A serialization
+        failure or deadlock before ``COMMIT`` rolls back and runs ``body``
+        again, at most :attr:`retries` times in all, after a short random
+        pause; any other error rolls back and is raised as a
+        :class:`ilm.errors.StoreError`.  A failure of ``COMMIT`` itself is
+        never retried: it goes to ``in_doubt(error)``, which returns the
+        error to raise.
+
+        A connection found lost before ``COMMIT`` was sent (the server
+        restarted or failed over since the last transaction, a pooler
+        dropped it) is replaced and ``body`` run once more: the lost
+        transaction can never commit, so nothing can be applied twice.
+        """
+        attempt = 0
+        reconnected = False
+        while True:
+            attempt += 1
+            conn = self.writer_conn()
+            try:
+                result = body(conn)
+            except StoreError:
+                rollback(conn)
+                raise
+            except Exception as e:
+                lost = conn.broken
+                rollback(conn)
+                sqlstate = getattr(e, "sqlstate", None)
+                if sqlstate in RETRIED_SQLSTATES and attempt < self.retries:
+                    assert isinstance(sqlstate, str)
+                    self._retrying(doing, sqlstate, attempt + 1)
+                    time.sleep(random.uniform(0, 0.002 * 2**attempt))
+                    continue
+                if lost and not reconnected:
+                    reconnected = True
+                    self.reconnected += 1
+                    continue
+                raise store_error(e, self.where, doing) from e
+            try:
+                conn.execute(b"COMMIT", prepare=False)
+            except Exception as e:
+                rollback(conn)
+                error = store_error(e, self.where, doing)
+                if in_doubt is not None:
+                    raise in_doubt(error) from e
+                raise error from e
+            return result
+
+    def reading(self, body: Callable[[_Conn], _T]) -> _T:
+        """
+        Run ``body(conn)`` on the reader connection (read-only, one
+        snapshot), replacing the connection once if it is found lost.
+        """
+        reconnected = False
+        while True:
+            conn = self.reader_conn()
+            try:
+                return body(conn)
+            except StoreError:
+                raise
+            except Exception as e:
+                if conn.broken and not reconnected:
+                    reconnected = True
+                    self.reconnected += 1
+                    continue
+                raise store_error(e, self.where, "cannot read from") from e
+            finally:
+                rollback(conn)
