@@ -48,6 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="messages each way (default: 100,000)",
     )
     parser.add_argument(
+        "--http-messages",
+        type=_positive,
+        default=2_000,
+        metavar="N",
+        help="messages on the HTTP leg: posted to one twistd ilm daemon's "
+        "HTTP API, delivered by another to a webhook (default: 2,000)",
+    )
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help="skip the HTTP leg (no twistd daemons)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         metavar="S",
