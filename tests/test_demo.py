@@ -14,20 +14,29 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, CommitResult, PeerId, StoreBatch, StoredState
+from ilm import ILM, CommitResult, Message, PeerId, StoreBatch, StoredState
+from ilm._demo._http import (
+    STREAM,
+    HttpLegError,
+    HttpSender,
+    WebhookReceiver,
+    leg_evidence,
+)
 from ilm._demo._node import DeliveryRecorder, DemoSender
 from ilm._demo._plan import CUT, Fault, credit, fault_plan, lead
 from ilm._demo._progress import (
@@ -252,6 +261,46 @@ class VerifierTests(SynchronousTestCase):
         )
         self.assertTrue(result.ok, result.problems)
         self.assertEqual(result.repeats, 5)
+
+    def test_webhook_ids(self) -> None:
+        """
+        A stream whose deliveries carry a ``webhook-id`` passes when each
+        repeat carries its first delivery's id; a repeat with another id, or
+        two numbers with one id, is a mismatch that fails the stream.
+        """
+        first = ReceiverLife(deliveries(1, 2, 3), killed=True, ids=("a", "b", "c"))
+        good = verify_stream(
+            stream(4, first, ReceiverLife(deliveries(3, 4), ids=("c", "d"))), 4096
+        )
+        self.assertTrue(good.ok, good.problems)
+        self.assertEqual(
+            (good.repeats, good.id_mismatches, good.checks_ids), (1, 0, True)
+        )
+        mismatched = stream(4, first, ReceiverLife(deliveries(3, 4), ids=("x", "d")))
+        other = verify_stream(mismatched, 4096)
+        self.assertEqual((other.repeats, other.id_mismatches), (1, 1))
+        self.assertFalse(other.ok)
+        self.assertIn("3 delivered with x, first delivered with c", other.problems[0])
+        shared = verify_stream(
+            stream(4, first, ReceiverLife(deliveries(4), ids=("a",))), 4096
+        )
+        self.assertEqual(shared.id_mismatches, 1)
+        self.assertIn("the id of 1", shared.problems[0])
+        summary = summarize(
+            [stream(1, ReceiverLife(deliveries(1))), mismatched],
+            window=4096,
+            link_cuts=0,
+            kills={},
+            reconnects=0,
+            seconds=1.0,
+            notes=["in over HTTP, out over a webhook"],
+        )
+        table = summary_table(summary)
+        self.assertIn("repeats with another webhook-id", table)
+        self.assertIn("in over HTTP, out over a webhook", table)
+        self.assertIn("FAILED", table)
+        self.assertEqual(summary_json(summary)["id_mismatches"], 1)
+        self.assertEqual(exit_status(summary), 1)
 
     def test_corrupt(self) -> None:
         """
@@ -625,6 +674,187 @@ class SenderTests(SynchronousTestCase):
 _DONE = Failure(ConnectionDone())
 
 
+class _Response:
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self._body = body
+
+    def content(self) -> Deferred[bytes]:
+        return succeed(self._body)
+
+
+class _Api:
+    """
+    Daemon A's API as the sender sees it: answers each POST from a script
+    (per number, the answers before it is stored: an exception or a status
+    and body), then ``202`` with the next message id.
+    """
+
+    def __init__(self, script: dict[int, list[Any]]) -> None:
+        self.script = script
+        self.posts: list[tuple[int, str]] = []  # number, Idempotency-Key
+        self.stored = 0
+
+    def post(
+        self, url: str, *, data: bytes, headers: dict[str, str], timeout: float
+    ) -> Deferred[_Response]:
+        decoded = decode(data)
+        assert decoded is not None
+        number = decoded[0]
+        self.posts.append((number, headers["Idempotency-Key"]))
+        answers = self.script.get(number, [])
+        if answers:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                return fail(answer)
+            return succeed(_Response(*answer))
+        self.stored += 1
+        body = json.dumps({"peer": "B", "message_id": self.stored}).encode()
+        return succeed(_Response(202, body))
+
+
+class HttpLegTests(TestCase):
+    """
+    The HTTP leg's parts: the sender that POSTs to daemon A, the webhook
+    receiver that daemon B delivers to, and the evidence they give the
+    verifier.
+    """
+
+    def test_sender_retries_with_the_same_key(self) -> None:
+        """
+        A POST that got no answer, or ``429``/``503``, is sent again with
+        the same ``Idempotency-Key``; each number has its own key; the
+        sender never goes past its credit, and records the position A
+        answered for each number.
+        """
+        clock = Clock()
+        api = _Api(
+            {
+                1: [ConnectionRefusedError()],
+                2: [(429, b"{}"), (503, b"{}")],
+            }
+        )
+        sender = HttpSender(
+            clock, api, "http://a/v1/peers/B/messages", "token", 3, 2, "run",
+            concurrency=2, retry_delay=0.1,
+        )  # fmt: skip
+        done = Deferred.fromCoroutine(sender.run())
+        clock.advance(0.1)
+        clock.advance(0.1)
+        self.assertNoResult(done)
+        self.assertEqual((sender.sent, sender.answered), (2, 2))
+        sender.set_credit(3)
+        self.successResultOf(done)
+        self.assertEqual(sender.stored_at, {1: 1, 2: 2, 3: 3})
+        self.assertEqual(sender.retries, 3)
+        keys: dict[int, set[str]] = {}
+        for number, key in api.posts:
+            keys.setdefault(number, set()).add(key)
+        self.assertEqual([len(keys[n]) for n in (1, 2, 3)], [1, 1, 1])
+        self.assertEqual(len(set().union(*keys.values())), 3)
+        self.assertEqual([n for n, _ in api.posts].count(2), 3)
+
+    def test_sender_stops_on_a_refusal(self) -> None:
+        """
+        Any other answer (here ``400``) fails the sender with
+        :class:`HttpLegError`, saying what A answered.
+        """
+        api = _Api({1: [(400, b'{"error": {"code": "bad_request"}}')]})
+        sender = HttpSender(
+            Clock(), api, "http://a/v1/peers/B/messages", "t", 5, 5, "r",
+            concurrency=1,
+        )  # fmt: skip
+        failure = self.failureResultOf(
+            Deferred.fromCoroutine(sender.run()), HttpLegError
+        )
+        self.assertIn("answered 400", failure.getErrorMessage())
+        self.assertIn("bad_request", failure.getErrorMessage())
+
+    async def test_webhook_receiver(self) -> None:
+        """
+        The receiver takes what :class:`ilm.WebhookDelivery` (daemon B's
+        delivery) POSTs: each signature checked, each delivery recorded in
+        the life its URL names, with its ``webhook-id``, and in the record
+        file.  A bad or stale signature, or another source, is recorded as
+        corrupt (and answered 200: the run fails, it does not stall); an
+        unknown life's URL is refused.
+        """
+        from ilm import WebhookDelivery
+        from ilm._webhook import WebhookFailed, webhook_id
+
+        key = os.urandom(32)
+        skew = [0.0]
+        receiver = WebhookReceiver(key, wall=lambda: time.time() + skew[0])
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        records = os.path.join(directory, "1.records")
+        receiver.open_life(1, records, 111)
+        port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/hook/"
+
+        def delivery(life: int, secret: bytes) -> WebhookDelivery:
+            d = WebhookDelivery(url + str(life), reactor, secret=secret)
+            self.addCleanup(d.close)
+            return d
+
+        good = delivery(1, key)
+        message = Message("A", "B", 1, encode(1, 123), "inc")
+        await good.deliver(message)
+        await good.deliver(message)  # a repeat
+        await delivery(1, os.urandom(32)).deliver(
+            Message("A", "B", 2, encode(2, 0), "inc")
+        )
+        await good.deliver(Message("C", "B", 3, encode(3, 0), "inc"))
+        skew[0] = 400.0
+        await good.deliver(Message("A", "B", 4, encode(4, 0), "inc"))
+        await self.assertFailure(delivery(2, key).deliver(message), WebhookFailed)
+        self.assertEqual([d[:3] for d in receiver.lives[1]], [
+            (1, 1, 123), (1, 1, 123), (2, None, 0), (3, None, 0), (4, None, 0),
+        ])  # fmt: skip
+        self.assertEqual(receiver.ids[1][:2], [webhook_id(message)] * 2)
+        self.assertEqual(receiver.positions, {1})
+        self.assertEqual((receiver.requests, receiver.bad_signatures), (6, 2))
+        receiver.close()
+        with open(records, "rb") as f:
+            [life] = parse_records(f.read())
+        self.assertEqual(life.pid, 111)
+        self.assertEqual(list(life.deliveries), receiver.lives[1])
+
+    def test_evidence(self) -> None:
+        """
+        Each webhook delivery's number is replaced by the position A
+        answered for it, so messages A stored in another order than their
+        numbers (concurrent POSTs) verify; a number A never answered for is
+        corrupt; lives follow daemon B's processes and their kills.
+        """
+        receiver = WebhookReceiver(b"k" * 32)
+        receiver.lives = {
+            1: [(1, 2, 0, 5), (2, 1, 0, 6)],
+            2: [(2, 1, 0, 7), (3, 3, 0, 8)],
+        }
+        receiver.ids = {1: ["x", "y"], 2: ["y", "z"]}
+        pids = [(11, True), (12, False)]
+        stored_at = {2: 1, 1: 2, 3: 3}
+        evidence = leg_evidence(receiver, pids, stored_at, sent=3, accepted=3)
+        self.assertEqual(evidence.name, STREAM)
+        self.assertEqual(
+            [life.deliveries for life in evidence.lives],
+            [((1, 1, 0, 5), (2, 2, 0, 6)), ((2, 2, 0, 7), (3, 3, 0, 8))],
+        )
+        self.assertEqual([life.killed for life in evidence.lives], [True, False])
+        result = verify_stream(evidence, 4096)
+        self.assertTrue(result.ok, result.problems)
+        self.assertEqual((result.delivered, result.repeats), (3, 1))
+        receiver.lives[2].append((4, 9, 0, 9))
+        receiver.ids[2].append("w")
+        result = verify_stream(
+            leg_evidence(receiver, pids, stored_at, sent=4, accepted=4), 4096
+        )
+        self.assertEqual((result.corrupt, result.missing), (1, 1))
+        self.assertFalse(result.ok)
+
+
 class _Collect(Protocol):
     def __init__(self) -> None:
         self.data = b""
@@ -707,6 +937,38 @@ class RelayTests(TestCase):
         await refused.lost
         self.assertEqual(len(servers), 1)
         self.assertEqual(relay.linked(), 0)
+
+    async def test_hold(self) -> None:
+        """
+        A relay that holds keeps a connection made while its node is down
+        waiting, unread, and relays it once :meth:`Relay.retarget` names
+        the node's port.
+        """
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        servers: list[_Collect] = []
+        made: Deferred[None] = Deferred()
+
+        def server() -> _Collect:
+            servers.append(_Collect())
+            servers[-1].made.chainDeferred(made)
+            return servers[-1]
+
+        port = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        relay = Relay(reactor, hold=True)
+        self.addCleanup(relay.close)
+        client = _Collect()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay.port)
+        await connectProtocol(endpoint, client)
+        client.transport.write(b"early")
+        await deferLater(reactor, 0.1)
+        self.assertEqual((servers, relay.linked(), client.reason), ([], 0, None))
+        relay.retarget(port.getHost().port)
+        await made
+        await servers[0].until(5)
+        self.assertEqual(servers[0].data, b"early")
+        self.assertEqual(relay.linked(), 1)
 
 
 class ProgressTests(SynchronousTestCase):
@@ -856,21 +1118,11 @@ class DemoProcessTests(TestCase):
 
     def assertCleanedUp(self, tmp: str) -> None:
         """
-        The demo's temporary directory is gone and no node process of it is
-        left.
+        The demo's temporary directory is gone and no node or daemon process
+        of it is left (none names it or runs in it).
         """
         self.assertEqual(os.listdir(tmp), [])
-        if not os.path.isdir("/proc"):
-            return
-        left = []
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if tmp.encode() in f.read():
-                        left.append(pid)
-            except OSError:
-                continue
-        self.assertEqual(left, [])
+        self.assertEqual(_processes_in(tmp), [])
 
     async def run_demo(self, *args: str) -> tuple[int, dict[str, Any], str]:
         process, tmp = self.spawn(*args, "--json")
@@ -885,17 +1137,42 @@ class DemoProcessTests(TestCase):
         """
         ``ilm demo --messages 5000 --json``: two node processes stream 5,000
         messages each way while the link is cut and each node is SIGKILLed
-        and restarted; everything accepted was delivered, in order, with
-        repeats only inside the window; the last line is the JSON summary,
-        the exit status 0, and nothing is left behind.
+        and restarted, and 1,000 messages posted over HTTP to one twistd
+        daemon reach a webhook from another, SIGKILLed and restarted on the
+        way; everything accepted was delivered, in order, with repeats only
+        inside the window (over the webhook, each with its first delivery's
+        webhook-id); the last line is the JSON summary, the exit status 0,
+        and nothing is left behind.
         """
         code, summary, err = await self.run_demo("--messages", "5000", "--seed", "14")
         self.assertEqual(code, 0, err)
         self.assertLessEqual(SUMMARY_KEYS, set(summary))
         self.assertEqual(
             {key: summary[key] for key in ("sent", "accepted", "delivered")},
-            {"sent": 10_000, "accepted": 10_000, "delivered": 10_000},
+            {"sent": 11_000, "accepted": 11_000, "delivered": 11_000},
         )
+        # The HTTP leg: in over HTTP, out over a webhook, verified alike.
+        [http] = [s for s in summary["streams"] if s["name"] == STREAM]
+        self.assertEqual(
+            {key: http[key] for key in ("sent", "accepted", "delivered")},
+            {"sent": 1_000, "accepted": 1_000, "delivered": 1_000},
+        )
+        self.assertEqual(
+            (
+                http["missing"],
+                http["out_of_order"],
+                http["repeats_outside_window"],
+                http["corrupt"],
+                http["id_mismatches"],
+            ),
+            (0, 0, 0, 0, 0),
+        )
+        self.assertGreaterEqual(summary["kills_by_node"]["daemon B"], 1)
+        leg = summary["http"]
+        self.assertEqual((leg["answered_202"], leg["bad_signatures"]), (1_000, 0))
+        self.assertGreaterEqual(leg["webhook_requests"], 1_000)
+        self.assertIn("in over HTTP", err)
+        self.assertIn("out over a webhook", err)
         self.assertEqual(
             (
                 summary["missing"],
@@ -930,9 +1207,10 @@ class DemoProcessTests(TestCase):
         for tamper, key in expected.items():
             code, summary, err = await self.run_demo(
                 *("--messages", "1000", "--cuts", "1", "--kills", "1", "--seed", "3"),
-                *("--tamper", tamper),
+                *("--tamper", tamper, "--no-http"),
             )
             self.assertEqual(code, 1, tamper)
+            self.assertEqual((summary["http"], len(summary["streams"])), (None, 2))
             self.assertEqual(summary[key], 1, (tamper, summary))
             self.assertFalse(summary["ok"])
             self.assertIn("FAILED", err)
@@ -944,6 +1222,25 @@ class DemoProcessTests(TestCase):
         code = await process.ended
         self.assertEqual(code, 128 + signum, process.err.decode())
         self.assertIn(b"interrupted", process.out)
+        self.assertCleanedUp(tmp)
+
+    async def test_driver_killed(self) -> None:
+        """
+        If the driver itself is SIGKILLed, nothing of it outlives it for
+        long: the node processes see their standard input end, stop and
+        remove the directory, and the twistd daemons see theirs end and
+        exit.
+        """
+        process, tmp = self.spawn("--messages", "5000000")
+        await process.printed(b"progress: ")
+        self.assertNotEqual(_processes_in(tmp), [])
+        os.kill(process.transport.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        self.assertEqual(await process.ended, -1)
+        deadline = time.monotonic() + 60
+        while _processes_in(tmp) or os.listdir(tmp):
+            if time.monotonic() > deadline:
+                break
+            await deferLater(reactor, 0.1)
         self.assertCleanedUp(tmp)
 
     async def test_sigint(self) -> None:
@@ -958,3 +1255,25 @@ class DemoProcessTests(TestCase):
         SIGTERM while the streams flow: the same, with status 143.
         """
         await self.interrupt(signal.SIGTERM)
+
+
+def _processes_in(directory: str) -> list[str]:
+    """
+    The processes whose command line names ``directory`` or that run in it
+    (on systems with ``/proc``).
+    """
+    if not os.path.isdir("/proc"):
+        return []
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                named = directory.encode() in f.read()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if named or cwd.startswith(directory):
+            found.append(pid)
+    return found

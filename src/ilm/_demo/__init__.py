@@ -1,8 +1,10 @@
 """
 ``ilm demo``: two ILM nodes as separate processes stream messages to each
 other over TCP while their link is cut and each is SIGKILLed and restarted;
-at the end, what each application received is verified against what was
-accepted.
+beside them, messages go in over HTTP to one ``twistd ilm`` daemon and out
+of another through a webhook while the receiving daemon is SIGKILLed and
+restarted; at the end, what each application received is verified against
+what was accepted.
 
 - :mod:`ilm._demo._driver`: runs the processes, the faults, the progress
   and the verdict.
@@ -12,12 +14,13 @@ accepted.
 - :mod:`ilm._demo._records`: message contents and delivery records.
 - :mod:`ilm._demo._relay`: the TCP relay that cuts the link.
 - :mod:`ilm._demo._progress`: the live progress lines.
+- :mod:`ilm._demo._http`: the HTTP leg (two daemons, the HTTP sender, the
+  webhook receiver).
 
 The verifier knows nothing of how a stream travelled: it takes, per stream,
 what the sender's store accepted and what the receiving application
-recorded.  A later stream that enters over HTTP and leaves through a
-webhook needs only a sender that posts the numbered messages and a receiver
-that records them the same way.
+recorded.  The HTTP leg has a sender that posts the numbered messages to a
+daemon's API and a webhook receiver that records them the same way.
 
 This module imports nothing heavy: ``ilm --help`` stays fast.
 """
@@ -36,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run two ILM nodes as separate processes, each with its own SQLite "
         "store, streaming numbered messages to each other over TCP loopback "
-        "while their link is cut and each is SIGKILLed and restarted; then "
-        "check what each application received against what was accepted. "
+        "while their link is cut and each is SIGKILLed and restarted; beside "
+        "them, post messages over HTTP to one twistd ilm daemon and receive "
+        "them from another through a signed webhook while the receiving "
+        "daemon is SIGKILLed and restarted; then check what each application "
+        "received against what was accepted. "
         "Exit status: 0 verified, 1 not, 128 + N if stopped by signal N."
     )
     parser.add_argument(
@@ -46,6 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100_000,
         metavar="N",
         help="messages each way (default: 100,000)",
+    )
+    parser.add_argument(
+        "--http-messages",
+        type=_positive,
+        default=1_000,
+        metavar="N",
+        help="messages on the HTTP leg: posted to one twistd ilm daemon's "
+        "HTTP API, delivered by another to a webhook (default: 1,000)",
+    )
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help="skip the HTTP leg (no twistd daemons)",
     )
     parser.add_argument(
         "--seed",

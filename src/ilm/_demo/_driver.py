@@ -66,6 +66,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from ilm import Config
+from ilm._demo._http import RECEIVER, HttpLeg
 from ilm._demo._plan import CUT, Fault, credit, fault_plan
 from ilm._demo._progress import Progress, ProgressView, StreamProgress
 from ilm._demo._records import parse_records
@@ -216,6 +217,7 @@ class Demo:
         self.failures: list[str] = []
         self.signalled: int | None = None
         self.progress: ProgressView | None = None
+        self.http: HttpLeg | None = None
         self._finished: Deferred[None] = Deferred()
         self._done = False
         self._stopping = False
@@ -271,9 +273,23 @@ class Demo:
             f"of each node on the way (seed {self.seed}: --seed {self.seed} "
             f"replays this schedule)."
         )
+        if not options.no_http:
+            self.http = HttpLeg(
+                self,
+                self.reactor,
+                self.directory,
+                messages=options.http_messages,
+                seed=self.seed,
+                cuts=min(1, options.cuts),
+                kills=min(1, options.kills),
+            )
+            self.progress.event(self.http.describe())
         for node in self.nodes:
             self.spawn(node, key_file)
         self._key_file = key_file
+        if self.http is not None:
+            leg = Deferred.fromCoroutine(self.http.start())
+            leg.addErrback(self._http_failed)
         self.progress.start()
         watchdog = LoopingCall(self._watch)
         watchdog.clock = self.reactor
@@ -296,7 +312,9 @@ class Demo:
         self.out.write("\n" + summary_table(summary) + "\n")
         self.out.flush()
         if options.json:
-            self.json_out.write(json.dumps(summary_json(summary)) + "\n")
+            data = summary_json(summary)
+            data["http"] = None if self.http is None else self.http.report()
+            self.json_out.write(json.dumps(data) + "\n")
             self.json_out.flush()
         return exit_status(summary)
 
@@ -408,7 +426,7 @@ class Demo:
             value
             for node in self.nodes
             for value in (node.accepted, node.delivered, node.total_links)
-        )
+        ) + (() if self.http is None else self.http.figures())
         if figures != self._figures:
             self._figures = figures
             self._last_progress = time.monotonic()
@@ -417,7 +435,7 @@ class Demo:
             if self.fault_due(fault):
                 self.inject(fault)
             return
-        if all(
+        if (self.http is None or self.http.done()) and all(
             self.linked_again(sender)
             and sender.accepted == self.messages
             and sender.pending == 0
@@ -425,6 +443,11 @@ class Demo:
             for sender, receiver in self.streams()
         ):
             self.finish(None)
+
+    def _http_failed(self, reason: Failure) -> None:
+        self.finish(
+            f"HTTP leg: {type(reason.value).__name__}: {reason.getErrorMessage()}"
+        )
 
     def linked_again(self, node: _Node) -> bool:
         """
@@ -510,6 +533,7 @@ class Demo:
                 if self.pending_faults
                 else "waiting for the streams to finish"
             )
+            leg = self.http
             self.finish(
                 f"stalled: nothing moved for {idle:.0f} s ({waiting}); "
                 + "; ".join(
@@ -517,6 +541,15 @@ class Demo:
                     f"{n.accepted:,}, pending {n.pending:,}, delivered "
                     f"{n.delivered:,}; log: {_tail(n.stderr)}"
                     for n in self.nodes
+                )
+                + (
+                    ""
+                    if leg is None
+                    else f"; HTTP leg: faults left {leg.pending_faults}, daemon B "
+                    f"running {leg.b.running}, linked {leg.linked}, accepted "
+                    f"{leg.accepted:,}, pending {leg.pending:,}, at the webhook "
+                    f"{leg.delivered:,}; logs: {_tail(leg.a.log_path)} / "
+                    f"{_tail(leg.b.log_path)}"
                 )
             )
 
@@ -539,6 +572,8 @@ class Demo:
         for node in self.nodes:
             if node.process is not None:
                 node.process.signal("KILL")
+        if self.http is not None:
+            self.http.kill_all()
         self.finish(None)
 
     # -- showing ---------------------------------------------------------------
@@ -574,20 +609,38 @@ class Demo:
                 cuts += 1
             else:
                 planned[fault.kind] += 1
-        return Progress(
-            streams=tuple(
+        streams = [
+            StreamProgress(
+                f"{sender.name} -> {receiver.name}",
+                receiver.delivered,
+                self.messages,
+                self._rate(receiver),
+                sender.pending,
+            )
+            for sender, receiver in self.streams()
+        ]
+        kills = [(n.name, n.kills, planned[n.name]) for n in self.nodes]
+        cuts_done = self.link_cuts
+        leg = self.http
+        if leg is not None:
+            streams.append(
                 StreamProgress(
-                    f"{sender.name} -> {receiver.name}",
-                    receiver.delivered,
-                    self.messages,
-                    self._rate(receiver),
-                    sender.pending,
+                    "HTTP -> A -> B -> webhook",
+                    leg.delivered,
+                    leg.messages,
+                    leg.rate(),
+                    leg.pending,
                 )
-                for sender, receiver in self.streams()
-            ),
-            cuts=self.link_cuts,
+            )
+            leg_cuts, leg_kills = leg.planned()
+            cuts += leg_cuts
+            cuts_done += leg.cuts
+            kills.append((RECEIVER, leg.b.kills, leg_kills))
+        return Progress(
+            streams=tuple(streams),
+            cuts=cuts_done,
             cuts_planned=cuts,
-            kills=tuple((n.name, n.kills, planned[n.name]) for n in self.nodes),
+            kills=tuple(kills),
             reconnects=self.reconnects(),
             seconds=time.monotonic() - self._started,
         )
@@ -598,7 +651,8 @@ class Demo:
         they see established; a killed process may not have reported its
         last one, so the larger count is the better one.
         """
-        return max(0, max((n.total_links for n in self.nodes), default=0) - 1)
+        nodes = max(0, max((n.total_links for n in self.nodes), default=0) - 1)
+        return nodes + (0 if self.http is None else self.http.reconnects())
 
     # -- ending ----------------------------------------------------------------
 
@@ -615,6 +669,9 @@ class Demo:
                 continue
             process.signal("KILL" if kill else "TERM")
             stopping.append((node, process))
+        leg: Deferred[list[str]] | None = None
+        if self.http is not None:
+            leg = Deferred.fromCoroutine(self.http.stop(kill, STOP_GRACE))
         timer = self.reactor.callLater(STOP_GRACE, self._kill_all)
         for _, process in stopping:
             await process.ended
@@ -622,6 +679,8 @@ class Demo:
             timer.cancel()
         for relay in self.relays:
             await relay.close()
+        if leg is not None:
+            self.failures.extend(await leg)
         if kill:
             return
         for node, process in stopping:
@@ -666,6 +725,8 @@ class Demo:
                     lives=tuple(lives),
                 )
             )
+        if self.http is not None:
+            streams.append(self.http.evidence())
         if self.options.tamper:
             streams[0] = tampered(streams[0], self.options.tamper)
         return streams
@@ -678,16 +739,41 @@ class Demo:
                     f"{sender.name} stored only {sender.accepted:,} of "
                     f"{self.messages:,} messages"
                 )
+        kills = {node.name: node.kills for node in self.nodes}
+        link_cuts = self.link_cuts
+        logs = [node.stderr for node in self.nodes]
+        notes = []
+        leg = self.http
+        if leg is not None:
+            if not failures and leg.accepted < leg.messages:
+                failures.append(
+                    f"daemon A stored only {leg.accepted:,} of {leg.messages:,} "
+                    "messages posted to it"
+                )
+            failures.extend(leg.problems())
+            kills[RECEIVER] = leg.b.kills
+            link_cuts += leg.cuts
+            logs.extend(leg.logs())
+            notes.append(
+                f"HTTP -> A -> B -> webhook: in over HTTP (POST "
+                f"/v1/peers/B/messages to daemon A, an Idempotency-Key each: "
+                f"{leg.report()['answered_202']:,} answered 202, "
+                f"{leg.report()['post_retries']:,} retried), out over a webhook "
+                f"(daemon B, {leg.receiver.requests:,} signed requests, "
+                f"{leg.receiver.bad_signatures:,} bad signatures); link cuts "
+                f"{leg.cuts}, SIGKILLs of daemon B {leg.b.kills}"
+            )
         return summarize(
             self.evidence(),
             window=self.window,
-            link_cuts=self.link_cuts,
-            kills={node.name: node.kills for node in self.nodes},
+            link_cuts=link_cuts,
+            kills=kills,
             reconnects=self.reconnects(),
             seconds=time.monotonic() - self._started,
             seed=self.seed,
             failures=failures,
-            node_errors=[line for node in self.nodes for line in _errors(node.stderr)],
+            node_errors=[line for path in logs for line in _errors(path)],
+            notes=notes,
         )
 
     def cleanup(self) -> None:
@@ -703,6 +789,8 @@ class Demo:
                     os.waitpid(process.pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
+        if self.http is not None:
+            self.http.kill_now()
         self.remove_directory()
 
     def remove_directory(self) -> None:

@@ -83,8 +83,17 @@ class _Pair:
         transport.pauseProducing()
         port = self.relay.target
         if port is None:
-            side.close(abort=True)
+            if self.relay.hold:
+                self.relay.waiting.add(self)
+            else:
+                side.close(abort=True)
             return
+        self.connect(port)
+
+    def connect(self, port: int) -> None:
+        """
+        Connect the node's side, to ``port``.
+        """
         endpoint = TCP4ClientEndpoint(self.relay.reactor, "127.0.0.1", port, timeout=5)
         self.outbound = _Side(self)
         self.connecting = endpoint.connect(_OneConnection(self.outbound))
@@ -115,6 +124,7 @@ class _Pair:
             other.transport.write(data)
 
     def side_lost(self, side: _Side, reason: Failure) -> None:
+        self.relay.waiting.discard(self)
         other = self.outbound if side is self.inbound else self.inbound
         if other is not None:
             other.close(abort=not reason.check(ConnectionDone))
@@ -152,15 +162,20 @@ class Relay:
     A TCP relay on the loopback interface, in front of one node.
 
     ``target`` is the port the node's current process listens on, ``None``
-    while it is down (connections are then refused with a reset).
+    while it is down: connections are then refused with a reset, or with
+    ``hold``, kept waiting (unread) until :meth:`retarget` names the port of
+    the node's next process, so that the peer's link comes up as soon as
+    the node is back, whatever the peer's redial backoff.
 
     :param reactor: an ``IReactorTCP``.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, hold: bool = False) -> None:
         self.reactor = reactor
+        self.hold = hold
         self.target: int | None = None
         self.pairs: set[_Pair] = set()
+        self.waiting: set[_Pair] = set()
         self._port: IListeningPort = reactor.listenTCP(
             0, _RelayFactory(self), interface="127.0.0.1"
         )
@@ -170,6 +185,19 @@ class Relay:
         """The port peers dial."""
         port: int = self._port.getHost().port  # type: ignore[attr-defined]
         return port
+
+    def retarget(self, port: int | None) -> None:
+        """
+        Relay to ``port`` from now on (``None``: the node is down), and
+        connect the connections held waiting.
+        """
+        self.target = port
+        if port is None:
+            return
+        waiting, self.waiting = self.waiting, set()
+        for pair in waiting:
+            if not pair.inbound.closed:
+                pair.connect(port)
 
     def linked(self) -> int:
         """
@@ -193,6 +221,7 @@ class Relay:
         Stop listening and abort every connection.
         """
         self.target = None
+        self.hold = False
         self.cut()
         done: Deferred[None] = Deferred()
         stopped = self._port.stopListening()

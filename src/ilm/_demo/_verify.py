@@ -25,10 +25,15 @@ recorded is checked, in the order it was recorded:
   a clean restart, not contiguous, or reaching back further than the
   window);
 - **missing**: a number 1..``accepted`` never delivered;
-- **never accepted**: a number delivered beyond ``accepted``.
+- **never accepted**: a number delivered beyond ``accepted``;
+- **webhook-id mismatch** (only for a stream whose deliveries carry an
+  identifier, such as the webhook leg's ``webhook-id``): a repeat that does
+  not carry the identifier of its number's first delivery, or two numbers
+  with the same identifier: a receiver de-duplicating on it would be fooled.
 
 The run passes when there is nothing missing, out of order, repeated outside
-the window, corrupt or never accepted, and the driver reported no failure.
+the window, corrupt, never accepted or with a mismatched identifier, and
+the driver reported no failure.
 """
 
 from __future__ import annotations
@@ -50,10 +55,14 @@ class ReceiverLife:
     recorded them: ``(position, number, sent_ns, received_ns)``, ``number``
     ``None`` where the contents failed their checksum.  ``killed``: the
     process ended with a SIGKILL (so the next one may repeat the window).
+    ``ids``: empty, or each delivery's identifier (a webhook's
+    ``webhook-id``), which must be the same for every delivery of a number
+    and differ between numbers.
     """
 
     deliveries: Sequence[tuple[int, int | None, int, int]]
     killed: bool = False
+    ids: Sequence[str] = ()
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -81,7 +90,8 @@ class StreamResult:
     ``latencies_ns`` (sorted) are send to first delivery;
     ``first_sent_ns`` / ``last_received_ns`` bound the stream in time
     (0 if nothing was delivered).  ``problems`` describes a few of each
-    kind of problem.
+    kind of problem.  ``checks_ids``: the deliveries carried identifiers
+    (``id_mismatches`` counts the wrong ones).
     """
 
     name: str
@@ -100,6 +110,8 @@ class StreamResult:
     first_sent_ns: int
     last_received_ns: int
     problems: tuple[str, ...]
+    id_mismatches: int = 0
+    checks_ids: bool = False
 
     @property
     def ok(self) -> bool:
@@ -109,6 +121,7 @@ class StreamResult:
             or self.repeats_outside_window
             or self.corrupt
             or self.never_accepted
+            or self.id_mismatches
         )
 
     @property
@@ -130,7 +143,10 @@ def verify_stream(evidence: StreamEvidence, window: int) -> StreamResult:
     accepted = evidence.accepted
     seen: set[int] = set()
     highest = 0
-    deliveries = out_of_order = repeats = outside = corrupt = 0
+    deliveries = out_of_order = repeats = outside = corrupt = mismatches = 0
+    first_ids: dict[int, str] = {}
+    id_numbers: dict[str, int] = {}
+    checks_ids = False
     largest_run = 0
     latencies: list[int] = []
     first_sent = last_received = 0
@@ -148,13 +164,31 @@ def verify_stream(evidence: StreamEvidence, window: int) -> StreamResult:
         repeating = previous_killed
         run_next: int | None = None
         run = 0
-        for position, number, sent_ns, received_ns in life.deliveries:
+        ids = life.ids or ()
+        if ids:
+            checks_ids = True
+        for i, (position, number, sent_ns, received_ns) in enumerate(life.deliveries):
             deliveries += 1
             if number is None or number != position:
                 corrupt += 1
                 what = "failed its checksum" if number is None else f"held {number}"
                 note("corrupt", f"position {position} {what}")
                 continue
+            if i < len(ids):
+                identity = ids[i]
+                first = first_ids.setdefault(number, identity)
+                owner = id_numbers.setdefault(identity, number)
+                if first != identity or owner != number:
+                    mismatches += 1
+                    note(
+                        "webhook-id mismatch",
+                        f"{number} delivered with {identity}"
+                        + (
+                            f", first delivered with {first}"
+                            if first != identity
+                            else f", the id of {owner}"
+                        ),
+                    )
             if number not in seen:
                 seen.add(number)
                 latencies.append(received_ns - sent_ns)
@@ -215,6 +249,8 @@ def verify_stream(evidence: StreamEvidence, window: int) -> StreamResult:
         latencies_ns=tuple(latencies),
         first_sent_ns=first_sent,
         last_received_ns=last_received,
+        id_mismatches=mismatches,
+        checks_ids=checks_ids,
         problems=tuple(
             f"{evidence.name}: {kind}: {text}"
             for kind, texts in problems.items()
@@ -245,6 +281,8 @@ class Summary:
     - ``seconds``: the run's wall time, start to verdict.
     - ``failures``: what went wrong besides the deliveries (a node that died
       on its own, a stall, an interruption).
+    - ``notes``: lines the table shows before the verdict (how a stream
+      travelled).
     """
 
     streams: tuple[StreamResult, ...]
@@ -256,6 +294,7 @@ class Summary:
     seed: int | None = None
     failures: tuple[str, ...] = ()
     node_errors: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def total(self, name: str) -> int:
         result: int = sum(getattr(stream, name) for stream in self.streams)
@@ -298,6 +337,7 @@ def summarize(
     seed: int | None = None,
     failures: Sequence[str] = (),
     node_errors: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> Summary:
     """
     Verify every stream and gather the run's figures into a :class:`Summary`.
@@ -312,6 +352,7 @@ def summarize(
         seed=seed,
         failures=tuple(failures),
         node_errors=tuple(node_errors),
+        notes=tuple(notes),
     )
 
 
@@ -350,6 +391,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
             "largest_repeat_run": s.largest_repeat_run,
             "corrupt": s.corrupt,
             "never_accepted": s.never_accepted,
+            "id_mismatches": s.id_mismatches,
             "msgs_per_s": round(s.msgs_per_s, 1),
             "p50_ms": _ms(percentile(s.latencies_ns, 0.5)),
             "p99_ms": _ms(percentile(s.latencies_ns, 0.99)),
@@ -374,6 +416,7 @@ def summary_json(summary: Summary) -> dict[str, Any]:
         "window": summary.window,
         "corrupt": summary.total("corrupt"),
         "never_accepted": summary.total("never_accepted"),
+        "id_mismatches": summary.total("id_mismatches"),
         "kills_by_node": dict(summary.kills),
         "seed": summary.seed,
         "failures": list(summary.failures),
@@ -408,6 +451,17 @@ def summary_table(summary: Summary) -> str:
         ("repeats outside the window", count("repeats_outside_window")),
         ("corrupt", count("corrupt")),
         ("delivered but never accepted", count("never_accepted")),
+        *(
+            [
+                (
+                    "repeats with another webhook-id",
+                    [f"{s.id_mismatches:,}" if s.checks_ids else "-" for s in streams]
+                    + [f"{summary.total('id_mismatches'):,}"],
+                )
+            ]
+            if any(s.checks_ids for s in streams)
+            else []
+        ),
         (
             "throughput (msg/s)",
             [f"{s.msgs_per_s:,.0f}" for s in streams] + [f"{summary.msgs_per_s:,.0f}"],
@@ -435,6 +489,7 @@ def summary_table(summary: Summary) -> str:
         f"elapsed {summary.seconds:.1f} s"
         + ("" if summary.seed is None else f", seed {summary.seed}")
     )
+    lines.extend(summary.notes)
     for error in summary.node_errors:
         lines.append(f"node log: {error}")
     if summary.ok:
