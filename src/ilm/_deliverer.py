@@ -27,7 +27,12 @@ from ilm._message import Message
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
 from ilm._status import HistogramCounter
+from ilm.errors import DeliveryFailed
 from ilm.interfaces import ILocalDelivery
+
+#: The longest wait a delivery target's ``retry_after`` (an HTTP
+#: ``Retry-After``) can impose before the next attempt, in seconds.
+MAX_RETRY_AFTER = 3600.0
 
 __all__ = ["DeliveryHost", "PeerDeliverer", "one_line"]
 
@@ -273,6 +278,12 @@ class PeerDeliverer:
             self.held_since = self._clock.seconds()
         self.held_reason = one_line(reason)
         delay = self.retry.failed()
+        error = reason.value
+        if isinstance(error, DeliveryFailed) and error.retry_after is not None:
+            # The target said when to come back (an HTTP Retry-After): wait
+            # at least that long, but never longer than MAX_RETRY_AFTER, so
+            # a wrong header cannot hold the stream for days.
+            delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER))
         self._host.limited(
             ("delivery_failed", self.peer_id),
             LogLevel.critical,
