@@ -36,6 +36,7 @@ from ilm._config import Config
 from ilm._deliverer import PeerDeliverer, one_line
 from ilm._delivery import as_delivery
 from ilm._logging import EventLimiter
+from ilm._ownership_guard import GatedHost, OwnershipGuard
 from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY, PeerSession
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
 from ilm._session import (
@@ -52,7 +53,13 @@ from ilm._status import (
     NodeStats,
     PeerStatus,
 )
-from ilm._store import CommitResult, StoreBatch, StoredState
+from ilm._store import (
+    CommitResult,
+    InboundRecord,
+    OutboundRecord,
+    StoreBatch,
+    StoredState,
+)
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
@@ -378,6 +385,19 @@ class ILM(Service):
         self._settled_waiters: list[Deferred[None]] = []
         self._deliveries_allowed = True
         self._host = _Host(self)
+        # Several gateways of one node sharing the store: who may deliver
+        # for which peer (ilm._ownership_guard); None for any other store.
+        self._ownership = OwnershipGuard.for_backend(
+            backend,
+            clock=self._clock,
+            proceed=self._link_taken,
+            restart=self._restart_peer,
+            replay=self._frame_received,
+            drop=self._drop_stream,
+            wake=lambda peer_id: self._guard(self._wake_peer, peer_id),
+            barrier=self._committer.barrier,
+            linked=lambda peer_id: peer_id in self._network.connected_peers(),
+        )
         self._delivery_backoff = Backoff(
             initial=config.delivery_retry,
             maximum=max(config.delivery_retry, config.max_delivery_retry),
@@ -901,7 +921,11 @@ class ILM(Service):
             acknowledge=lambda: self._send_ack(peer),
             unstarve=lambda stream: self._unstarve(peer, stream),
             committer=self._committer,
-            host=self._host,
+            host=(
+                self._host
+                if self._ownership is None
+                else GatedHost(self._host, self._ownership, peer_id)
+            ),
             clock=self._clock,
             later=self._later,
             backoff=self._delivery_backoff,
@@ -993,6 +1017,9 @@ class ILM(Service):
                 d.callback(Receipt(self, peer_id, first + offset))
 
     def _commit_failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
+        if self._ownership is not None and self._ownership.commit_failed(reason):
+            if not sends:
+                return  # the fenced streams were dropped, and that logged
         refused = 0
         for peer, first, contents, deferreds in sends:
             peer.outbox_count -= len(contents)
@@ -1235,6 +1262,14 @@ class ILM(Service):
         peer = self._peer_for_link(peer_id)
         if peer is None:
             return
+        if self._ownership is not None:
+            # Take the peer's stream first; then _link_taken.
+            self._ownership.link_established(peer.peer_id)
+            return
+        self._link_taken(peer.peer_id)
+
+    def _link_taken(self, peer_id: PeerId) -> None:
+        peer = self._peers.get(peer_id) or self._new_peer(peer_id)
         if peer.link != DOWN:
             self._link_lost(
                 peer.peer_id, Failure(ConnectionError("replaced by a new link"))
@@ -1243,6 +1278,47 @@ class ILM(Service):
         peer.link_since = self._clock.seconds()
         log.debug("link to {peer_id!r} established", peer_id=peer.peer_id)
         self._send_hello(peer, reply_requested=False)
+
+    # -- several gateways (ilm._ownership_guard) ---------------------------------
+
+    def _restart_peer(self, peer_id: PeerId, taken: Any) -> None:
+        """
+        This gateway took ``peer_id``'s stream: its state restarts from what
+        the grant read (``taken``, an ``ilm.backends.StreamTaken``), as after
+        a restart of the node; receipts waited for carry over.
+        """
+        old = self._peers.pop(peer_id, None)
+        if old is not None:
+            old.cancel_timers()
+        self._load_peers(
+            () if taken.outbound is None else (taken.outbound,), taken.inbound
+        )
+        peer = self._peers.get(peer_id) or self._new_peer(peer_id)
+        if old is not None:
+            peer.waiters = old.waiters
+            peer.pending, peer.pending_deferreds = old.pending, old.pending_deferreds
+            peer.outbox_count += len(old.pending)
+            if peer_id in self._committer.outboxes:
+                self._committer.outboxes[peer_id] = peer
+
+    def _drop_stream(self, peer_id: PeerId, reason: Exception) -> None:
+        """
+        This gateway no longer owns ``peer_id``'s stream: close its link,
+        forget its state and its bookkeeping not yet committed.
+        """
+        peer = self._peers.pop(peer_id, None)
+        self._committer.bookkeeping.drop_peer(peer_id)
+        if peer is not None:
+            peer.cancel_timers()
+            if peer.link == READY:
+                self._link_downs += 1
+            peer.link = CLOSING
+        self._network.close_link(peer_id, reason)
+
+    def _wake_peer(self, peer_id: PeerId) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.deliverer.deliver()
 
     def _send_hello(self, peer: _Peer, reply_requested: bool) -> None:
         hello = peer.hello(self._incarnation, reply_requested)
@@ -1265,6 +1341,8 @@ class ILM(Service):
             pid = check_peer_id(peer_id)
         except (TypeError, ILMError):
             return
+        if self._ownership is not None:
+            self._ownership.link_lost(pid)
         peer = self._peers.get(pid)
         if peer is None or peer.link == DOWN:
             return
@@ -1328,6 +1406,8 @@ class ILM(Service):
             )
             return
         if peer is None or peer.link == DOWN or peer.link == CLOSING:
+            if self._ownership is not None:
+                self._ownership.taking(peer_id, frame)  # type: ignore[arg-type]
             return
         try:
             if len(frame) > self._config.max_frame_size:
@@ -1556,15 +1636,32 @@ class ILM(Service):
         if self._start_abandoned:
             raise NotRunning("shut down before its store had opened")
         self._incarnation = state.incarnation
-        config = self._config
-        now = self._clock.seconds()
         ids = [r.peer_id for r in state.outbound] + [r.peer_id for r in state.inbound]
         if self._local_id in ids:
             raise StoreError(
                 f"this store holds state for a peer with this node's own id "
                 f"{self._local_id!r}: it belongs to another node"
             )
-        for record in state.outbound:
+        self._load_peers(state.outbound, state.inbound)
+        self._state = _RUNNING
+        try:
+            return self._network.start(self._events)
+        except Exception:
+            self._state = _STARTING
+            raise
+
+    def _load_peers(
+        self,
+        outbound: tuple[OutboundRecord, ...],
+        inbound: tuple[InboundRecord, ...],
+    ) -> None:
+        """
+        Build the peers of these stored records (at start, or when a
+        gateway takes a stream).
+        """
+        config = self._config
+        now = self._clock.seconds()
+        for record in outbound:
             out = OutboundStream(
                 record.acked,
                 record.last_position,
@@ -1577,23 +1674,22 @@ class ILM(Service):
             peer.outbox_bytes = record.pending_bytes
             if record.last_position > record.acked:
                 peer.accept_times.append((record.last_position, now))
-        for inbound in state.inbound:
-            peer = self._peers.get(inbound.peer_id) or self._new_peer(inbound.peer_id)
-            if inbound.retired:
-                peer.retired[inbound.incarnation] = None
+        for mark in inbound:
+            peer = self._peers.get(mark.peer_id) or self._new_peer(mark.peer_id)
+            if mark.retired:
+                peer.retired[mark.incarnation] = None
             else:
-                peer.add_stream(inbound.incarnation, inbound.delivered)
-        for peer in self._peers.values():
+                peer.add_stream(mark.incarnation, mark.delivered)
+        # In the records' order (a dict, not a set: runs replay exactly).
+        loaded = dict.fromkeys(
+            [*(r.peer_id for r in outbound), *(r.peer_id for r in inbound)]
+        )
+        for peer_id in loaded:
+            peer = self._peers[peer_id]
             # A store written with a larger limit (or by an older ILM).
             forgotten = peer.forget_retired()
             if forgotten:
                 self._forgotten(peer, forgotten)
-        self._state = _RUNNING
-        try:
-            return self._network.start(self._events)
-        except Exception:
-            self._state = _STARTING
-            raise
 
     def _started(self, _: object) -> None:
         if self._start_abandoned:
@@ -1628,6 +1724,8 @@ class ILM(Service):
         )
         self._accepting = self._shutdown_waiters is None
         self._started_at = self._clock.seconds()
+        if self._ownership is not None:
+            self._ownership.start()
         # Sends made before the start take their positions before anything a
         # start callback sends.
         early, self._early = self._early, []
@@ -1828,6 +1926,8 @@ class ILM(Service):
 
     def _stop_everything(self) -> None:
         self._committer.stop()
+        if self._ownership is not None:
+            self._ownership.stop()
         self._stop_limiter()
         detail = f"ILM node {self._local_id!r} stopped"
         for peer in self._peers.values():
@@ -1857,6 +1957,8 @@ class ILM(Service):
             peer.cancel_timers()
             peer.waiters = []
         self._committer.stop()
+        if self._ownership is not None:
+            self._ownership.stop()
         self._stop_limiter()
 
     async def _within(
