@@ -43,11 +43,19 @@ class FakeOwnership:
         self.acquiring.append((peer_id, d))
         return d
 
-    def grant(self, deliver_after: float = 0.0, index: int = -1) -> None:
+    def grant(
+        self,
+        deliver_after: float = 0.0,
+        index: int = -1,
+        epoch: int = 1,
+        previous: tuple[str | None, int] = (None, 0),
+    ) -> None:
         peer_id, d = self.acquiring.pop(index)
         now = self.clock.seconds()
         self.windows[peer_id] = (now + deliver_after, now + self.lease_duration)
-        d.callback(StreamTaken(peer_id, 1, None, 0, deliver_after, now + 3.0, None, ()))
+        d.callback(
+            StreamTaken(peer_id, epoch, *previous, deliver_after, now + 3.0, None, ())
+        )
 
     def renew(self) -> Deferred[Any]:
         d: Deferred[Renewal] = Deferred()
@@ -88,6 +96,7 @@ class Messenger:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.links: set[PeerId] = set()
+        self.busy: set[PeerId] = set()
         self.barriers: list[Deferred[None]] = []
 
     def callbacks(self) -> dict[str, Any]:
@@ -104,6 +113,7 @@ class Messenger:
             wake=lambda p: self.calls.append(("wake", p)),
             barrier=barrier,
             linked=lambda p: p in self.links,
+            delivering=lambda p: p in self.busy,
         )
 
 
@@ -258,3 +268,50 @@ class GuardTests(SynchronousTestCase):
         host.deliveries_allowed = False
         self.assertFalse(gated.deliveries_allowed)
         self.assertEqual(gated.delivery_settled, gated.delivery_settled)
+
+    def test_no_delivery_starts_near_the_deadline(self) -> None:
+        """
+        No delivery starts in the last fifth of the lease before the local
+        deadline, so one in progress ends before the lease does.
+        """
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant()
+        self.clock.advance(2.3)
+        self.assertTrue(self.ownership.holds(2))
+        self.assertTrue(self.guard.may_deliver(2))
+        self.clock.advance(0.2)
+        self.assertTrue(self.ownership.holds(2))
+        self.assertFalse(self.guard.may_deliver(2))
+
+    def test_release_waits_for_the_delivery_in_progress(self) -> None:
+        """
+        A link that ends with a delivery in progress releases the stream
+        only once that delivery settled.
+        """
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant()
+        self.messenger.busy.add(2)
+        self.guard.link_lost(2)
+        self.assertEqual(self.messenger.barriers, [])
+        self.messenger.busy.discard(2)
+        self.guard.delivery_settled(2)
+        self.messenger.barriers.pop().callback(None)
+        self.assertEqual(self.ownership.released, [2])
+
+    def test_taken_back_with_nothing_in_between(self) -> None:
+        """
+        A stream this gateway takes back from itself (or from its own
+        release) keeps its state here, ahead of the store; taken from
+        another gateway's epoch, it restarts from the grant.
+        """
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant(epoch=1)
+        self.guard.link_established(2)
+        self.ownership.grant(epoch=2, previous=("g1", 1))
+        self.guard.link_established(2)
+        self.ownership.grant(epoch=4, previous=("g2", 3))
+        restarts = [c for c in self.messenger.calls if c[0] == "restart"]
+        self.assertEqual(restarts, [("restart", 2, 1), ("restart", 2, 4)])

@@ -397,6 +397,9 @@ class ILM(Service):
             wake=lambda peer_id: self._guard(self._wake_peer, peer_id),
             barrier=self._committer.barrier,
             linked=lambda peer_id: peer_id in self._network.connected_peers(),
+            delivering=lambda peer_id: (
+                peer_id in self._peers and self._peers[peer_id].deliverer.delivering
+            ),
         )
         self._delivery_backoff = Backoff(
             initial=config.delivery_retry,
@@ -1001,8 +1004,9 @@ class ILM(Service):
         # exactly on a Clock).
         acknowledge: dict[_Peer, None] = {}
         for (peer_id, incarnation), position in batch.delivered.items():
-            peer = peers[peer_id]
-            if peer.marked(incarnation, position):
+            peer = peers.get(peer_id)
+            # (None: a stream this gateway dropped meanwhile.)
+            if peer is not None and peer.marked(incarnation, position):
                 acknowledge[peer] = None
         for peer in acknowledge:
             self._send_ack(peer)

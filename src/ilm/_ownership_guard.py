@@ -65,6 +65,10 @@ class _Stream:
     held: list[bytes] | None = None
     #: The link ended: deliver nothing more until a new link takes it.
     leaving: bool = False
+    #: The epoch of the last grant (0: none yet).
+    epoch: int = 0
+    #: The link ended with a delivery in progress: release once it settles.
+    release_when_settled: bool = False
     wake_call: IDelayedCall | None = None
 
 
@@ -85,6 +89,11 @@ class OwnershipGuard:
     :ivar wake: the messenger delivers what is queued for a peer.
     :ivar barrier: fires once what is pending now is committed.
     :ivar linked: whether the network has a link with a peer now.
+    :ivar delivering: whether a delivery for a peer is in progress.
+    :ivar margin: the fraction of the lease before its local deadline at
+        which no new delivery starts, so that a delivery in progress (an
+        asynchronous target) ends before the lease does and never overlaps
+        the next owner's first one (default a fifth).
     """
 
     ownership: Any
@@ -96,7 +105,9 @@ class OwnershipGuard:
     wake: Callable[[PeerId], None]
     barrier: Callable[[], Deferred[None]]
     linked: Callable[[PeerId], bool]
+    delivering: Callable[[PeerId], bool] = lambda peer_id: False
     monotonic: Callable[[], float] = time.monotonic
+    margin: float = 0.2
     _streams: dict[PeerId, _Stream] = attr.ib(factory=dict, init=False)
     _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
     _renewing: bool = attr.ib(default=False, init=False)
@@ -110,9 +121,10 @@ class OwnershipGuard:
         """
         if not IStreamOwnership.providedBy(backend):
             return None
-        leases = getattr(backend, "_leases", None)
-        monotonic = getattr(leases, "monotonic", None) or getattr(
-            leases, "_monotonic", None
+        # The backend's clock of lease deadlines: its own ``monotonic``, or
+        # PostgresBackend's (kept by its leases part).
+        monotonic = getattr(backend, "monotonic", None) or getattr(
+            getattr(backend, "_leases", None), "_monotonic", None
         )
         if callable(monotonic):
             callbacks.setdefault("monotonic", monotonic)
@@ -232,7 +244,17 @@ class OwnershipGuard:
             deliver_after=taken.deliver_after,
             ilm_event="stream_taken",
         )
-        self.restart(peer_id, taken)
+        if not (
+            stream.epoch
+            and taken.previous_epoch == stream.epoch
+            and taken.previous_owner in (None, self.ownership.gateway)
+        ):
+            # Another gateway may have written since this one last held the
+            # stream: its state restarts from what the grant read.  (Taken
+            # back with nothing in between, the state here is still right,
+            # and ahead of the store: marks not yet committed.)
+            self.restart(peer_id, taken)
+        stream.epoch = taken.epoch
         self.proceed(peer_id)
         for frame in held:
             if stream.generation != generation:
@@ -269,12 +291,25 @@ class OwnershipGuard:
         stream.leaving = True
         stream.held = None
         self._cancel_wake(stream)
+        self._release_when_done(peer_id, stream)
+
+    def _release_when_done(self, peer_id: PeerId, stream: _Stream) -> None:
+        """
+        Release the stream once no delivery is in progress and what is
+        pending is committed, unless a new link came meanwhile.
+        """
         generation = stream.generation
         if peer_id not in self.ownership.owned():
+            return
+        if self.delivering(peer_id):
+            stream.release_when_settled = True
             return
 
         def release(_: object) -> Deferred[bool] | None:
             if stream.generation != generation or self._stopped:
+                return None
+            if self.delivering(peer_id):
+                stream.release_when_settled = True
                 return None
             return self.ownership.release(peer_id)  # type: ignore[no-any-return]
 
@@ -294,12 +329,30 @@ class OwnershipGuard:
 
     def may_deliver(self, peer_id: PeerId) -> bool:
         """
-        :return: whether this gateway may deliver for ``peer_id`` now.
+        :return: whether this gateway may start a delivery for ``peer_id``
+            now: it holds the stream, the link is here, and the local
+            deadline is more than the margin away.
         """
         stream = self._streams.get(peer_id)
         if stream is None or stream.leaving or stream.held is not None:
             return False
-        return bool(self.ownership.holds(peer_id))
+        if not self.ownership.holds(peer_id):
+            return False
+        window = self.ownership.delivery_window(peer_id)
+        if window is None:
+            return False
+        margin = self.margin * float(self.ownership.lease_duration)
+        return bool(self.monotonic() < window[1] - margin)
+
+    def delivery_settled(self, peer_id: PeerId) -> None:
+        """
+        A delivery for ``peer_id`` ended: a release waiting for it goes on.
+        """
+        stream = self._streams.get(peer_id)
+        if stream is not None and stream.release_when_settled and stream.leaving:
+            if not self.delivering(peer_id):
+                stream.release_when_settled = False
+                self._release_when_done(peer_id, stream)
 
     def _wake_at_window(self, peer_id: PeerId) -> None:
         stream = self._streams.get(peer_id)
@@ -310,7 +363,7 @@ class OwnershipGuard:
             return
         deliver_from, valid_until = window
         now = self.monotonic()
-        if now >= valid_until:
+        if now >= valid_until - self.margin * float(self.ownership.lease_duration):
             return
         self._cancel_wake(stream)
         if deliver_from <= now:
@@ -386,6 +439,10 @@ class GatedHost:
         return bool(self._host.deliveries_allowed) and self._guard.may_deliver(
             self._peer_id
         )
+
+    def delivery_settled(self) -> None:
+        self._guard.delivery_settled(self._peer_id)
+        self._host.delivery_settled()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
