@@ -218,6 +218,7 @@ class GuardTests(SynchronousTestCase):
             self.ownership.grant(index=0)
         self.clock.advance(1.0)
         self.assertEqual(len(self.ownership.renewing), 1)
+        del self.ownership.windows[2]  # as a backend forgets a lost stream
         self.ownership.renewing.pop().callback(
             Renewal(frozenset({3}), frozenset({2}), 4.0)
         )
@@ -315,3 +316,36 @@ class GuardTests(SynchronousTestCase):
         self.ownership.grant(epoch=4, previous=("g2", 3))
         restarts = [c for c in self.messenger.calls if c[0] == "restart"]
         self.assertEqual(restarts, [("restart", 2, 1), ("restart", 2, 4)])
+
+    def test_renewal_does_not_drop_a_newer_grant(self) -> None:
+        """
+        A renewal that reports a stream lost, answered after the stream was
+        taken again (a new link), leaves the newer grant alone.
+        """
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant()
+        self.clock.advance(1.0)
+        renewal = self.ownership.renewing.pop()
+        self.guard.link_established(2)
+        self.ownership.grant(epoch=3, previous=("g2", 2))
+        renewal.callback(Renewal(frozenset(), frozenset({2}), 4.0))
+        self.assertNotIn(("drop", 2, Fenced), self.messenger.calls)
+        self.assertTrue(self.guard.may_deliver(2))
+
+    def test_old_release_spares_a_stream_taken_again(self) -> None:
+        """
+        A release waiting for a commit, from a link that ended before the
+        stream was dropped and taken again, does not release the new grant.
+        """
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant()
+        self.guard.link_lost(2)
+        barrier = self.messenger.barriers.pop()
+        self.guard.commit_failed(Failure(Fenced({2: (2, "g2")})))
+        self.guard.link_established(2)
+        self.ownership.grant(epoch=3, previous=("g2", 2))
+        barrier.callback(None)
+        self.assertEqual(self.ownership.released, [])
+        self.assertTrue(self.guard.may_deliver(2))

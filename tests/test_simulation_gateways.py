@@ -120,7 +120,7 @@ class SeedTests(SynchronousTestCase):
         out = io.StringIO()
         self.assertEqual(run_gateway_seeds(0, 30, 2, out), 0, out.getvalue())
         self.assertIn("30 multi-gateway seed(s)", out.getvalue())
-        for kind in ("kill", "partition", "cut"):
+        for kind in ("kill", "partition", "cut", "freeze"):
             self.assertIn(f"fault {kind}", out.getvalue())
         first, again = run_gateway_seed(7), run_gateway_seed(7)
         self.assertEqual(first.trace, again.trace)

@@ -164,7 +164,12 @@ class OwnershipGuard:
 
     def _renewed(self, renewal: Renewal) -> None:
         self._renewing = False
+        owned = self.ownership.owned()
         for peer_id in sorted(renewal.lost, key=repr):
+            if peer_id in owned:
+                # Taken again meanwhile (a new link): that newer grant
+                # stands; the renewal only saw the older one.
+                continue
             self._drop(
                 peer_id,
                 Fenced({peer_id: (0, None)}),
@@ -306,7 +311,15 @@ class OwnershipGuard:
             return
 
         def release(_: object) -> Deferred[bool] | None:
-            if stream.generation != generation or self._stopped:
+            current = self._streams.get(peer_id)
+            if (
+                current is not stream
+                or stream.generation != generation
+                or not stream.leaving
+                or self._stopped
+            ):
+                # A new link came (or the stream was dropped and taken
+                # again) meanwhile: the grant held now is not this one.
                 return None
             if self.delivering(peer_id):
                 stream.release_when_settled = True

@@ -603,7 +603,7 @@ class GatewayWorld:
         rng = self.random
         name = rng.choice(self.names)
         gateway = self.gateways[name]
-        kind = rng.choice(["kill", "kill", "partition", "partition", "cut"])
+        kind = rng.choice(["kill", "kill", "partition", "partition", "cut", "freeze"])
         if kind == "kill":
             if gateway.node is None:
                 return
@@ -624,6 +624,8 @@ class GatewayWorld:
                     self.note(f"{name} reaches the store again")
 
             self.clock.callLater(span, heal)
+        elif kind == "freeze":
+            self.freeze(name)
         else:
             pipes = self.board.pipes_between("remote", name)
             if not pipes:
@@ -632,6 +634,38 @@ class GatewayWorld:
             self.count("cut")
             for pipe in pipes:
                 pipe.cut()
+
+    def freeze(self, name: str) -> None:
+        """
+        The gateway stops answering, as a process stopped (SIGSTOP) or
+        frozen (a VM paused) would look from outside: nothing it writes to
+        the remote node or to the store gets through, nothing reaches it,
+        for 0.1 to 4 s (often past its lease); then everything flows again,
+        and it carries on, possibly deposed.
+        """
+        gateway = self.gateways[name]
+        backend = gateway.backend
+        if backend is None or backend.partitioned:
+            return
+        rng = self.random
+        span = rng.choice([0.1, 0.5, 1.0, 4.0]) * rng.uniform(0.5, 1.0)
+        pipes = self.board.pipes_between("remote", name)
+        self.note(f"{name} frozen for {span:.3f} s ({len(pipes)} connection(s))")
+        self.count("freeze")
+        backend.partitioned = True
+        for pipe in pipes:
+            for side in (0, 1):
+                pipe.stall(side)
+
+        def thaw() -> None:
+            for pipe in pipes:
+                for side in (0, 1):
+                    pipe.stall(side, False)
+            if not backend.crashed:
+                backend.partitioned = False
+                self.note(f"{name} runs again")
+
+        self.clock.callLater(span, thaw)
 
     def _restart(self, name: str) -> None:
         if self.gateways[name].node is None:
@@ -758,11 +792,14 @@ _BAD_EVENTS = frozenset(
 )
 
 
-def run_gateway_seed(seed: int, gateways: int = 2) -> GatewaySeedResult:
+def run_gateway_seed(
+    seed: int, gateways: int = 2, events: bool = False
+) -> GatewaySeedResult:
     """
-    Run one multi-gateway seed.  ILM's log events go to the seed's trace
-    while it runs (an event that means a bug is a violation), and an error
-    logged anywhere else is a violation too.
+    Run one multi-gateway seed.  ILM's log events are watched while it
+    runs (an event that means a bug is a violation; with ``events``, every
+    one goes to the trace), and an error logged anywhere else is a
+    violation too.
 
     :return: its :class:`GatewaySeedResult` (``ok`` when no violation).
     """
@@ -776,6 +813,9 @@ def run_gateway_seed(seed: int, gateways: int = 2) -> GatewaySeedResult:
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         name = event.get("ilm_event")
+        if events:
+            namespace = str(event.get("log_namespace", ""))
+            world.note(f"[{namespace}] {formatEvent(event)}")
         if name in _BAD_EVENTS:
             world.violation(f"{name}: {formatEvent(event)}")
 
@@ -832,7 +872,7 @@ def run_gateway_seeds(
     failed: list[int] = []
     began = time.perf_counter()
     for seed in range(start, start + count):
-        result = run_gateway_seed(seed, gateways)
+        result = run_gateway_seed(seed, gateways, events=verbose)
         if verbose:
             out.write(f"--- seed {seed}\n" + "\n".join(result.trace) + "\n")
         for key, value in (
