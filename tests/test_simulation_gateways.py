@@ -126,6 +126,16 @@ class SeedTests(SynchronousTestCase):
         self.assertEqual(first.trace, again.trace)
         self.assertEqual(first.violations, [])
 
+    def test_seeds_that_found_bugs(self) -> None:
+        """
+        The seeds that found bugs in the messenger's ownership handling
+        pass: a renewal or a release racing a new grant (269 and 290, 561
+        with three gateways), a replaced link taken for a lost one (2612).
+        """
+        for seed, gateways in ((269, 2), (2612, 2), (290, 3), (561, 3)):
+            result = run_gateway_seed(seed, gateways)
+            self.assertEqual(result.violations, [], f"seed {seed}")
+
     def test_command(self) -> None:
         """
         ``python -m ilm.simulation --gateways 2`` runs the mode.

@@ -240,7 +240,7 @@ class _LinkEvents:
         self._ilm._guard(self._ilm._link_established, peer_id)
 
     def link_lost(self, peer_id: object, reason: object) -> None:
-        self._ilm._guard(self._ilm._link_lost, peer_id, reason)
+        self._ilm._guard(self._ilm._network_link_lost, peer_id, reason)
 
     def frame_received(self, peer_id: object, frame: bytes) -> None:
         self._ilm._frame_received(peer_id, frame)
@@ -1340,13 +1340,20 @@ class ILM(Service):
         if peer.link == HELLO_SENT:
             self._send_hello(peer, reply_requested=True)
 
+    def _network_link_lost(self, peer_id: object, reason: object) -> None:
+        """The network lost the link (not a link replaced here)."""
+        if self._ownership is not None:
+            try:
+                self._ownership.link_lost(check_peer_id(peer_id))
+            except (TypeError, ILMError):
+                pass
+        self._link_lost(peer_id, reason)
+
     def _link_lost(self, peer_id: object, reason: object) -> None:
         try:
             pid = check_peer_id(peer_id)
         except (TypeError, ILMError):
             return
-        if self._ownership is not None:
-            self._ownership.link_lost(pid)
         peer = self._peers.get(pid)
         if peer is None or peer.link == DOWN:
             return
