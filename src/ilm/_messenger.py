@@ -129,6 +129,19 @@ def _forget_accept_time(peer: _Peer, last: int) -> None:
         times.pop()
 
 
+def _ahead_of_stream(peer: _Peer, incarnation: str, position: int) -> bool:
+    """
+    Whether a durable mark is beyond what ``peer``'s stream of
+    ``incarnation`` received: a mark of deliveries made before the peer
+    restarted from a shared store (a take-over), which this state has not
+    seen again yet; acknowledging it would be an ACK beyond what it holds.
+    """
+    return any(
+        stream.incarnation == incarnation and position > stream.received
+        for stream in peer.inbound
+    )
+
+
 class _Abandoned(Exception):
     """
     Unwinds a shutdown in progress when the node is abandoned (crashed).
@@ -379,6 +392,7 @@ class ILM(Service):
             failed=self._commit_failed,
             settled=self._check_drained,
             unexpected=self._unexpected,
+            shared=OwnershipGuard.shares(backend),
         )
         self._drain_waiters: list[Deferred[None]] = []
         self._next_commit_waiters: list[Deferred[None]] = []
@@ -399,6 +413,14 @@ class ILM(Service):
             linked=lambda peer_id: peer_id in self._network.connected_peers(),
             delivering=lambda peer_id: (
                 peer_id in self._peers and self._peers[peer_id].deliverer.delivering
+            ),
+            waiting=lambda: [
+                p
+                for p, peer in self._peers.items()
+                if peer.link != READY and (peer.waiters or peer.outbox_count)
+            ],
+            caught_up=lambda peer_id, record: self._guard(
+                self._store_caught_up, peer_id, record
             ),
         )
         self._delivery_backoff = Backoff(
@@ -1006,17 +1028,29 @@ class ILM(Service):
         for (peer_id, incarnation), position in batch.delivered.items():
             peer = peers.get(peer_id)
             # (None: a stream this gateway dropped meanwhile.)
-            if peer is not None and peer.marked(incarnation, position):
+            if peer is None or (
+                self._ownership is not None
+                and _ahead_of_stream(peer, incarnation, position)
+            ):
+                continue
+            if peer.marked(incarnation, position):
                 acknowledge[peer] = None
         for peer in acknowledge:
             self._send_ack(peer)
             forgotten = peer.drop_drained_streams()
             if forgotten:
                 self._forgotten(peer, forgotten)
+        positions = getattr(result, "positions", None)
         for peer, first, contents, deferreds in sends:
-            peer.out.on_stored(first, contents)
-            self._pump(peer)
             peer_id = peer.peer_id
+            if positions is not None and peer_id in positions:
+                # A shared store put them where the outbox ended (other
+                # gateways may have appended since this one last looked).
+                first = positions[peer_id][0]
+                self._stored_up_to(peer, first - 1)
+            if first == peer.out.stored + 1:
+                peer.out.on_stored(first, contents)
+            self._pump(peer)
             for offset, d in enumerate(deferreds):
                 d.callback(Receipt(self, peer_id, first + offset))
 
@@ -1318,6 +1352,43 @@ class ILM(Service):
                 self._link_downs += 1
             peer.link = CLOSING
         self._network.close_link(peer_id, reason)
+
+    def _stored_up_to(self, peer: _Peer, last: int) -> None:
+        """
+        The store holds messages to ``peer`` up to ``last``, some appended by
+        other gateways: transmit them too (read from the store).
+        """
+        out = peer.out
+        if last > out.stored:
+            if peer.link == READY:
+                # The owner transmits them (and waits for them at shutdown).
+                peer.outbox_count += last - out.stored
+            out.stored = last
+
+    def _store_caught_up(self, peer_id: PeerId, record: Any) -> None:
+        """
+        A look at ``peer_id``'s outbound record in a shared store: messages
+        other gateways appended are transmitted from here; receipts waited
+        for on a gateway without the peer's link resolve as the owner's
+        acknowledgements reach the store.
+        """
+        peer = self._peers.get(peer_id)
+        if peer is None or record is None:
+            return
+        self._stored_up_to(peer, record.last_position)
+        if peer.link == READY:
+            self._pump(peer)
+            return
+        # Another gateway serves the peer: what this one accepted is done
+        # once the store records it acknowledged.
+        peer.outbox_count = max(
+            0, min(peer.outbox_count, peer.out.stored - record.acked)
+        )
+        waiters = peer.waiters
+        while waiters and waiters[0][0] <= record.acked:
+            _, _, d, receipt = heapq.heappop(waiters)
+            d.callback(receipt)
+        self._check_drained()
 
     def _wake_peer(self, peer_id: PeerId) -> None:
         peer = self._peers.get(peer_id)
