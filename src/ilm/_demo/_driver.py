@@ -77,7 +77,7 @@ from ilm._demo._http import HttpLeg
 from ilm._demo._nodes import DemoNode, NodeProcess
 from ilm._demo._outcome import leg_report, run_summary
 from ilm._demo._plan import FaultSchedule, fault_plan
-from ilm._demo._processes import kill_now, stop_processes, tail
+from ilm._demo._processes import kill_now, log_problems_only, stop_processes, tail
 from ilm._demo._progress import ProgressView
 from ilm._demo._relay import Relay
 from ilm._demo._verify import exit_status, summary_json, summary_table
@@ -442,20 +442,9 @@ def run(options: argparse.Namespace) -> int:
     :return: the exit status.
     """
     from twisted.internet import reactor
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
 
     # Only what went wrong: the progress and the summary are the output.
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
-        redirectStandardIO=False,
-    )
+    log_problems_only()
     out = sys.stderr if options.json else sys.stdout
     demo = Demo(reactor, options, out, sys.stdout)
     status = [1]

@@ -5,6 +5,8 @@ which keeps each process's pid and whether it was SIGKILLed), watch it end
 (:class:`ChildProcess`), stop them all at the end with a grace
 (:func:`stop_processes`), kill what is left once the reactor stopped
 (:func:`kill_now`), and read their logs (:func:`tail`, :func:`log_errors`).
+Every process of the demo, the driver's included, logs the same way
+(:func:`log_problems_only`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "Supervised",
     "kill_now",
     "log_errors",
+    "log_problems_only",
     "stop_processes",
     "tail",
 ]
@@ -184,3 +187,27 @@ _PROBLEMS = ("#error]", "#critical]", "Traceback", "Unhandled")
 def log_errors(path: str) -> list[str]:
     """The lines of the log ``path`` that say something went wrong."""
     return [line for line in _read(path) if any(p in line for p in _PROBLEMS)]
+
+
+def log_problems_only(*observers: Any) -> None:
+    """
+    Begin logging as every process of the demo does: warnings and worse as
+    text on standard error (the rest of the output is the demo's own), and
+    every event to ``observers`` too.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate]),
+            *observers,
+        ],
+        redirectStandardIO=False,
+    )

@@ -7,7 +7,8 @@ per-source caps.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -35,16 +36,17 @@ def server_endpoint(
     """
     if not isinstance(description, str):
         return description
-    try:
-        endpoint = serverFromString(reactor, description)
-        _check_port(endpoint, description, server=True)
-    except Exception as e:
-        raise ConfigurationError(
-            f"listen endpoint {description!r} is not valid: {_reason(e)} "
+    return _parse(  # type: ignore[no-any-return]
+        serverFromString,
+        reactor,
+        description,
+        server=True,
+        invalid=lambda reason: (
+            f"listen endpoint {description!r} is not valid: {reason} "
             f"(expected serverFromString syntax, such as 'tcp:9001' or "
             f"'tcp:9001:interface=127.0.0.1')"
-        ) from None
-    return endpoint  # type: ignore[no-any-return]
+        ),
+    )
 
 
 def client_endpoint(
@@ -63,16 +65,41 @@ def client_endpoint(
                 f"IStreamClientEndpoint, not {type(description).__name__}"
             )
         return description
-    try:
-        endpoint = clientFromString(reactor, description)
-        _check_port(endpoint, description, server=False)
-    except Exception as e:
-        raise ConfigurationError(
+    return _parse(  # type: ignore[no-any-return]
+        clientFromString,
+        reactor,
+        description,
+        server=False,
+        invalid=lambda reason: (
             f"endpoint of peer {peer_id!r}, {description!r}, is not valid: "
-            f"{_reason(e)} (expected clientFromString syntax, such as "
+            f"{reason} (expected clientFromString syntax, such as "
             f"'tcp:host=10.0.0.2:port=9001')"
-        ) from None
-    return endpoint  # type: ignore[no-any-return]
+        ),
+    )
+
+
+_Endpoint = TypeVar("_Endpoint")
+
+
+def _parse(
+    parse: Callable[[Any, str], _Endpoint],
+    reactor: Any,
+    description: str,
+    *,
+    server: bool,
+    invalid: Callable[[str], str],
+) -> _Endpoint:
+    """
+    ``parse(reactor, description)``, its port checked.
+
+    :raises ConfigurationError: with ``invalid(why)`` as its message.
+    """
+    try:
+        endpoint = parse(reactor, description)
+        _check_port(endpoint, description, server=server)
+    except Exception as e:
+        raise ConfigurationError(invalid(_reason(e))) from None
+    return endpoint
 
 
 def _reason(error: Exception) -> str:
