@@ -40,12 +40,8 @@ def server_endpoint(
         serverFromString,
         reactor,
         description,
-        server=True,
-        invalid=lambda reason: (
-            f"listen endpoint {description!r} is not valid: {reason} "
-            f"(expected serverFromString syntax, such as 'tcp:9001' or "
-            f"'tcp:9001:interface=127.0.0.1')"
-        ),
+        f"listen endpoint {description!r}",
+        "'tcp:9001' or 'tcp:9001:interface=127.0.0.1'",
     )
 
 
@@ -69,12 +65,8 @@ def client_endpoint(
         clientFromString,
         reactor,
         description,
-        server=False,
-        invalid=lambda reason: (
-            f"endpoint of peer {peer_id!r}, {description!r}, is not valid: "
-            f"{reason} (expected clientFromString syntax, such as "
-            f"'tcp:host=10.0.0.2:port=9001')"
-        ),
+        f"endpoint of peer {peer_id!r}, {description!r},",
+        "'tcp:host=10.0.0.2:port=9001'",
     )
 
 
@@ -85,20 +77,24 @@ def _parse(
     parse: Callable[[Any, str], _Endpoint],
     reactor: Any,
     description: str,
-    *,
-    server: bool,
-    invalid: Callable[[str], str],
+    what: str,
+    examples: str,
 ) -> _Endpoint:
     """
-    ``parse(reactor, description)``, its port checked.
+    ``parse(reactor, description)`` (``serverFromString`` or
+    ``clientFromString``), its port checked.
 
-    :raises ConfigurationError: with ``invalid(why)`` as its message.
+    :raises ConfigurationError: saying that ``what`` is not valid, why, and
+        the syntax expected (with ``examples``).
     """
     try:
         endpoint = parse(reactor, description)
-        _check_port(endpoint, description, server=server)
+        _check_port(endpoint, description, server=parse is serverFromString)
     except Exception as e:
-        raise ConfigurationError(invalid(_reason(e))) from None
+        raise ConfigurationError(
+            f"{what} is not valid: {_reason(e)} (expected {parse.__name__} "
+            f"syntax, such as {examples})"
+        ) from None
     return endpoint
 
 
