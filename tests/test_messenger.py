@@ -479,12 +479,12 @@ class DeliveryTests(SynchronousTestCase):
         def broken() -> None:
             raise RuntimeError("simulated bug after a delivery")
 
-        b._notify_settled = broken  # type: ignore[method-assign]
+        b._core.delivery_settled = broken  # type: ignore[method-assign]
         pending[0].callback(None)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         [event] = events.named("internal_error")
         self.assertEqual(event["doing"], "settling a delivery")
-        del b._notify_settled
+        del b._core.delivery_settled
         c.run_until(lambda: len(pending) == 2)
         pending[1].callback(None)
         c.run_until(lambda: len(pending) == 3)
@@ -499,7 +499,7 @@ class DeliveryTests(SynchronousTestCase):
         c = Cluster()
         a = c.start(1)
         events = Events(self)
-        a._events.frame_received([2], b"\x00")
+        a._router.frame_received([2], b"\x00")
         [event] = events.named("internal_error")
         self.assertEqual((event["peer_id"], event["peer_type"]), ("[2]", "list"))
 
@@ -1106,7 +1106,7 @@ class StoreTests(SynchronousTestCase):
         peak = 0
         while a.pending_outbound():
             c.clock.advance(0.001)
-            peak = max(peak, len(a._peers[2].out._buf) - a._peers[2].out._head)
+            peak = max(peak, a.peer_status(2).cached)
         self.assertLessEqual(peak, 128)
         self.assertGreater(reads.reads, 20_000 // 32 - 1)
         self.assertEqual(len(c.received(2, 1)), 20_000)
@@ -1238,7 +1238,7 @@ class ShutdownTests(SynchronousTestCase):
         c.run_until(lambda: a.connected_peers())
 
         def keep_sending() -> None:
-            if a._accepting:
+            if a.state == "running":
                 a.send_to(2, b"more")
                 c.clock.callLater(0.001, keep_sending)
 
@@ -1594,7 +1594,7 @@ class UnknownPeerTests(TestCase):
         await receipts[-1].acknowledged
         self.assertEqual(inbox, [b"m%d" % n for n in range(20)])
         self.assertEqual(asked, [3, "2", "reciever", 2])
-        self.assertEqual(set(sender._peers), {2})
+        self.assertEqual(set(sender.peer_status()), {2})
         self.assertEqual(sender.pending_outbound(), {})
 
 
@@ -1642,8 +1642,8 @@ class StartLineTests(SynchronousTestCase):
         seen: list[dict[str, object]] = []
         globalLogPublisher.addObserver(seen.append)
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        node._events.link_established(2)
-        node._events.link_lost(2, "gone")
+        node._router.link_established(2)
+        node._router.link_lost(2, "gone")
         self.assertEqual(
             [
                 e
