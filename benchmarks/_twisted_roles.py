@@ -307,20 +307,25 @@ def batch_api() -> str | None:
 
 def _batch_delivery(on_batch: Any) -> Any:
     """
-    A delivery target taking a list of messages, if this ILM offers one
-    (an ``ilm.interfaces`` interface or ``ilm`` class whose name speaks of
-    batches); else ``None``.
+    An ``ilm.interfaces.IBatchDelivery`` target handing each list of
+    messages to ``on_batch``, if this ILM has that interface; else ``None``.
     """
-    import ilm
     import ilm.interfaces
 
-    for module in (ilm, ilm.interfaces):
-        for name in dir(module):
-            if "Batch" in name and "Delivery" in name:
-                kind = getattr(module, name)
-                if callable(kind) and not name.startswith("I"):
-                    return kind(on_batch)
-    return None
+    interface = getattr(ilm.interfaces, "IBatchDelivery", None)
+    if interface is None:
+        return None
+    from zope.interface import implementer
+
+    @implementer(interface)
+    class Batches:
+        def deliver(self, message: Any) -> None:
+            on_batch([message])
+
+        def deliver_many(self, messages: Any) -> None:
+            on_batch(messages)
+
+    return Batches()
 
 
 async def ilm_inproc(reactor: Any, options: dict[str, Any]) -> None:

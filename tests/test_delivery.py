@@ -4,10 +4,18 @@ Tests for ilm._delivery: the delivery adapters.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
-from ilm import CallableDelivery, Message, QueueDelivery
+from ilm import BatchQueueDelivery, CallableDelivery, Config, Message, QueueDelivery
+from ilm._deliverer import MAX_RETRY_AFTER
+from ilm.errors import DeliveryFailed
+from ilm.interfaces import IBatchDelivery
+
+from .support import Cluster, numbered
 
 MESSAGE = Message(1, 2, 1, b"x")
 
@@ -54,3 +62,185 @@ class AdapterTests(SynchronousTestCase):
             raise ValueError("no")
 
         self.assertRaises(ValueError, CallableDelivery(refuse).deliver, MESSAGE)
+
+
+class RetryAfterTests(SynchronousTestCase):
+    """
+    A target that fails with ``DeliveryFailed(retry_after=...)`` (the
+    webhook's ``Retry-After``) is not tried again before that many seconds,
+    and never made to wait longer than an hour.
+    """
+
+    def attempts_after(self, retry_after: float) -> list[float]:
+        """
+        Send one message from "a" to "b", whose target refuses the first
+        attempt asking for ``retry_after`` seconds; the times of b's
+        attempts.
+        """
+        cluster = Cluster(Config(delivery_retry=0.1, max_delivery_retry=30.0))
+        attempts: list[float] = []
+
+        def target(message: Message) -> None:
+            attempts.append(cluster.clock.seconds())
+            if len(attempts) == 1:
+                raise DeliveryFailed("busy", retry_after=retry_after)
+
+        cluster.recorders["b"] = target  # type: ignore[assignment]
+        a = cluster.start("a")
+        cluster.start("b")
+        sent = a.send_to("b", b"x")
+        cluster.run_until(lambda: len(attempts) == 2, timeout=4 * 3600)
+        self.successResultOf(sent)
+        # The refusal was logged (with its traceback, the first time).
+        self.assertEqual(len(self.flushLoggedErrors(DeliveryFailed)), 1)
+        return attempts
+
+    def test_waits_as_asked(self) -> None:
+        """
+        ``retry_after`` longer than the backoff (0.1 s) sets the wait.
+        """
+        first, second = self.attempts_after(120.0)
+        self.assertGreaterEqual(second - first, 120.0)
+        self.assertLess(second - first, 121.0)
+
+    def test_short_request_keeps_backoff(self) -> None:
+        """
+        ``retry_after`` shorter than the backoff does not shorten it.
+        """
+        first, second = self.attempts_after(0.0)
+        self.assertGreaterEqual(second - first, 0.1)
+        self.assertLess(second - first, 1.0)
+
+    def test_capped_at_an_hour(self) -> None:
+        """
+        A target asking for a day is tried again after an hour.
+        """
+        first, second = self.attempts_after(86400.0)
+        self.assertAlmostEqual(second - first, MAX_RETRY_AFTER, delta=1.0)
+        self.assertEqual(MAX_RETRY_AFTER, 3600.0)
+
+
+@implementer(IBatchDelivery)
+class ListRecorder:
+    """
+    An ``IBatchDelivery`` target recording the lists it is given; it can
+    be told to fail some calls, or to hold them until a Deferred fires.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[list[Message]] = []
+        self.failures_left = 0
+        self.hold: Deferred[None] | None = None
+        self.pending = 0
+
+    def deliver(self, message: Message) -> None:
+        raise AssertionError("deliver_many is used for an IBatchDelivery")
+
+    def deliver_many(self, messages: Sequence[Message]) -> Deferred[None] | None:
+        assert self.pending == 0, "a call while the previous one is pending"
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("the batch was refused")
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            self.pending += 1
+
+            def taken(_: object) -> None:
+                self.pending -= 1
+                self.calls.append(list(messages))
+
+            return hold.addCallback(taken)
+        self.calls.append(list(messages))
+        return None
+
+    def contents(self) -> list[bytes]:
+        return [m.contents for call in self.calls for m in call]
+
+
+class BatchDeliveryTests(SynchronousTestCase):
+    """
+    A target providing ``IBatchDelivery`` gets lists of consecutive messages
+    from one sender, exactly once and in order, in fewer calls than
+    messages; a refused list is delivered again, whole, holding later ones.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = Cluster(Config(delivery_retry=0.1, max_delivery_retry=1.0))
+        self.target = ListRecorder()
+        self.cluster.recorders["b"] = self.target  # type: ignore[assignment]
+        self.a = self.cluster.start("a")
+        self.cluster.start("b")
+
+    def send(self, contents: list[bytes]) -> None:
+        for c in contents:
+            self.a.send_to("b", c)
+
+    def check_exactly_once_in_order(self, expected: list[bytes]) -> None:
+        self.assertEqual(self.target.contents(), expected)
+        ids = [m.message_id for call in self.target.calls for m in call]
+        self.assertEqual(ids, list(range(1, len(expected) + 1)))
+        for call in self.target.calls:
+            self.assertEqual({m.source_id for m in call}, {"a"})
+
+    def test_lists_in_order(self) -> None:
+        expected = numbered(500)
+        self.send(expected)
+        self.cluster.run_until(lambda: len(self.target.contents()) == 500)
+        self.check_exactly_once_in_order(expected)
+        self.assertLess(len(self.target.calls), 50)
+
+    def test_refused_list_delivered_again(self) -> None:
+        self.target.failures_left = 2
+        expected = numbered(100)
+        self.send(expected)
+        self.cluster.run_until(lambda: len(self.target.contents()) == 100)
+        self.check_exactly_once_in_order(expected)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIsNone(self.cluster.nodes["b"].peer_status("a").delivery_held_reason)
+
+    def test_pending_list_holds_the_next(self) -> None:
+        """
+        While a list is pending, what arrives goes in the next list, never
+        in a concurrent call.
+        """
+        hold: Deferred[None] = Deferred()
+        self.target.hold = hold
+        self.send(numbered(10))
+        self.cluster.run_until(lambda: self.target.pending == 1)
+        more = numbered(10, start=10)
+        self.send(more)
+        self.cluster.clock.advance(1)
+        self.assertEqual(self.target.calls, [])
+        hold.callback(None)
+        self.cluster.run_until(lambda: len(self.target.contents()) == 20)
+        self.check_exactly_once_in_order(numbered(20))
+        self.assertGreaterEqual(len(self.target.calls), 2)
+
+    def test_receiver_crash(self) -> None:
+        """
+        Lists resume where the durable marks left off after the receiver
+        crashes and restarts: nothing lost, ids consecutive.
+        """
+        self.send(numbered(100))
+        self.cluster.run_until(lambda: len(self.target.contents()) == 100)
+        self.cluster.run_until(lambda: self.a.pending_outbound().get("b", 0) == 0)
+        self.cluster.crash("b")
+        self.send(numbered(100, start=100))
+        self.cluster.start("b")
+        self.cluster.run_until(lambda: len(self.target.contents()) == 200)
+        self.check_exactly_once_in_order(numbered(200))
+
+
+class BatchQueueDeliveryTests(SynchronousTestCase):
+    def test_lists_on_the_queue(self) -> None:
+        """
+        BatchQueueDelivery puts each list (and a single message as a list
+        of one) on the queue as one item.
+        """
+        queue: DeferredQueue[list[Message]] = DeferredQueue()
+        delivery = BatchQueueDelivery(queue)
+        self.assertTrue(IBatchDelivery.providedBy(delivery))
+        self.assertIsNone(delivery.deliver_many([MESSAGE, MESSAGE]))
+        self.assertIsNone(delivery.deliver(MESSAGE))
+        self.assertEqual(self.successResultOf(queue.get()), [MESSAGE, MESSAGE])
+        self.assertEqual(self.successResultOf(queue.get()), [MESSAGE])

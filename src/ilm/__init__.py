@@ -7,7 +7,12 @@ and in send order, across disconnects, reconnects and crashes of either side.
 """
 
 from ilm._config import Config
-from ilm._delivery import CallableDelivery, QueueDelivery, as_delivery
+from ilm._delivery import (
+    BatchQueueDelivery,
+    CallableDelivery,
+    QueueDelivery,
+    as_delivery,
+)
 from ilm._exec import ExecDelivery
 from ilm._message import Message, PeerId
 from ilm._messenger import ILM, Receipt
@@ -37,6 +42,7 @@ __all__ = [
     "LINK_CONNECTING",
     "LINK_DOWN",
     "LINK_UP",
+    "BatchQueueDelivery",
     "CallableDelivery",
     "CommitResult",
     "Config",

@@ -27,7 +27,12 @@ from ilm._message import Message
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
 from ilm._status import HistogramCounter
-from ilm.interfaces import ILocalDelivery
+from ilm.errors import DeliveryFailed
+from ilm.interfaces import IBatchDelivery, ILocalDelivery
+
+#: The longest wait a delivery target's ``retry_after`` (an HTTP
+#: ``Retry-After``) can impose before the next attempt, in seconds.
+MAX_RETRY_AFTER = 3600.0
 
 __all__ = ["DeliveryHost", "PeerDeliverer", "one_line"]
 
@@ -93,6 +98,7 @@ class PeerDeliverer:
         "_acknowledge",
         "_clock",
         "_committer",
+        "_deliver_many",
         "_host",
         "_latency",
         "_later",
@@ -149,6 +155,9 @@ class PeerDeliverer:
         self._mark_delay = mark_delay
         self._latency = latency
         self.retry = Retry(backoff)
+        self._deliver_many: Callable[[list[Message]], object] | None = (
+            target.deliver_many if IBatchDelivery.providedBy(target) else None  # type: ignore[attr-defined]
+        )
         self.delivering = False
         self.in_loop = False
         self.retry_call: IDelayedCall | None = None
@@ -195,6 +204,9 @@ class PeerDeliverer:
         peer_id = self.peer_id
         self.in_loop = True
         try:
+            if self._deliver_many is not None:
+                self._deliver_lists(self._deliver_many)
+                return
             for stream in self._streams():
                 queue = stream.queue
                 while queue:
@@ -208,7 +220,7 @@ class PeerDeliverer:
                     try:
                         pending = delivery_outcome(deliver(message))
                     except Exception:
-                        self._failed(Failure(), message)
+                        self._failed(Failure(), message.message_id)
                         return
                     if pending is not None:
                         self.delivering = True
@@ -225,6 +237,58 @@ class PeerDeliverer:
         finally:
             self.in_loop = False
             self._after()
+
+    def _deliver_lists(self, deliver_many: Callable[[list[Message]], object]) -> None:
+        """
+        :meth:`deliver` for an :class:`ilm.interfaces.IBatchDelivery`
+        target: everything queued from one stream in one call.
+        """
+        local_id = self._local_id
+        peer_id = self.peer_id
+        for stream in self._streams():
+            while stream.queue:
+                first = stream.delivered + 1
+                incarnation = stream.incarnation
+                messages = [
+                    Message(peer_id, local_id, first + i, contents, incarnation)
+                    for i, contents in enumerate(stream.queue)
+                ]
+                try:
+                    pending = delivery_outcome(deliver_many(messages))
+                except Exception:
+                    self._failed(Failure(), first)
+                    return
+                if pending is not None:
+                    self.delivering = True
+                    pending.addBoth(
+                        self._settled_list, stream, first, len(messages)
+                    ).addErrback(self._host.unexpected, "settling a delivery")
+                    if self.delivering or self.retry_call is not None:
+                        return
+                    continue
+                self._taken(stream, len(messages))
+
+    def _taken(self, stream: InboundStream, count: int) -> None:
+        """
+        The first ``count`` messages queued on ``stream`` were delivered.
+        """
+        for _ in range(count):
+            stream.pop_delivered()
+        self.delivered += count
+        if self.retry.failures:
+            self._release()
+
+    def _settled_list(
+        self, result: object, stream: InboundStream, first: int, count: int
+    ) -> None:
+        self.delivering = False
+        if isinstance(result, Failure):
+            self._failed(result, first)
+        elif stream.delivered + 1 == first and len(stream.queue) >= count:
+            self._taken(stream, count)
+        if not self.in_loop:
+            self._host.guard(self.deliver)
+            self._host.delivery_settled()
 
     def stop_retrying(self) -> None:
         """
@@ -249,7 +313,7 @@ class PeerDeliverer:
     def _settled(self, result: object, stream: InboundStream, message: Message) -> None:
         self.delivering = False
         if isinstance(result, Failure):
-            self._failed(result, message)
+            self._failed(result, message.message_id)
         elif stream.queue and stream.delivered + 1 == message.message_id:
             stream.pop_delivered()
             self.delivered += 1
@@ -267,19 +331,25 @@ class PeerDeliverer:
         self.held_since = None
         self.held_reason = None
 
-    def _failed(self, reason: Failure, message: Message) -> None:
+    def _failed(self, reason: Failure, message_id: int) -> None:
         self.failures += 1
         if not self.retry.failures:
             self.held_since = self._clock.seconds()
         self.held_reason = one_line(reason)
         delay = self.retry.failed()
+        error = reason.value
+        if isinstance(error, DeliveryFailed) and error.retry_after is not None:
+            # The target said when to come back (an HTTP Retry-After): wait
+            # at least that long, but never longer than MAX_RETRY_AFTER, so
+            # a wrong header cannot hold the stream for days.
+            delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER))
         self._host.limited(
             ("delivery_failed", self.peer_id),
             LogLevel.critical,
             "delivery of message {message_id} from {peer_id!r} failed; later "
             "messages from it wait; retrying in {delay:.2f}s",
             reason,
-            message_id=message.message_id,
+            message_id=message_id,
             peer_id=self.peer_id,
             delay=delay,
             ilm_event="delivery_failed",

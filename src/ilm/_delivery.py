@@ -6,14 +6,14 @@ stand where an :class:`ilm.interfaces.ILocalDelivery` is expected.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.python.components import registerAdapter
 from zope.interface import implementer
 
-from ilm.interfaces import ILocalDelivery, IMessage
+from ilm.interfaces import IBatchDelivery, ILocalDelivery, IMessage
 
 
 @implementer(ILocalDelivery)
@@ -34,6 +34,30 @@ class QueueDelivery:
 
     def __repr__(self) -> str:
         return f"QueueDelivery({self.queue!r})"
+
+
+@implementer(IBatchDelivery)
+class BatchQueueDelivery:
+    """
+    Deliver by putting lists of messages on a ``DeferredQueue``: each item
+    the consumer gets is a list of consecutive messages from one sender
+    (:class:`ilm.interfaces.IBatchDelivery`), one ``get`` for many messages.
+
+    A queue created with a ``size`` counts lists, not messages; a full one
+    refuses the list (``QueueOverflow``) and ILM retries with backoff.
+    """
+
+    def __init__(self, queue: DeferredQueue[Any]) -> None:
+        self.queue = queue
+
+    def deliver(self, message: IMessage) -> None:
+        self.queue.put([message])
+
+    def deliver_many(self, messages: Sequence[IMessage]) -> None:
+        self.queue.put(list(messages))
+
+    def __repr__(self) -> str:
+        return f"BatchQueueDelivery({self.queue!r})"
 
 
 @implementer(ILocalDelivery)

@@ -199,7 +199,8 @@ class DeliveryFailed(ILMError):
 
     ``retry_after``: seconds the target asked ILM to wait before trying
     again (an HTTP ``Retry-After``), or ``None``; ILM waits at least that
-    long (up to ``Config.max_retry_after``).
+    long, and at most an hour, before the next attempt (its own backoff
+    applies when it is longer).
     """
 
     ilm_event = "delivery_failed"

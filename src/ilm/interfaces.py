@@ -61,6 +61,37 @@ class ILocalDelivery(Interface):
         """
 
 
+class IBatchDelivery(ILocalDelivery):
+    """
+    A delivery target that takes several messages from one sender at once:
+    for an application that stores what it receives in one transaction per
+    batch, or hands it on in bulk, and should not pay for a call (and a
+    Deferred) per message.
+
+    ILM calls :meth:`deliver_many` instead of ``deliver`` when the target
+    provides this interface.
+    """
+
+    def deliver_many(messages: Sequence[IMessage]) -> Deferred[object] | None:
+        """
+        Hand consecutive messages from one sender (one incarnation of it) to
+        the application, in order: ``messages[i + 1].message_id ==
+        messages[i].message_id + 1``.  A call carries at most what is queued
+        from that sender, which the receive window bounds.
+
+        The rule of ``ILocalDelivery.deliver`` applies to the whole list:
+        ``None`` or a ``Deferred`` that fires means every message was taken;
+        raising or a failing ``Deferred`` means none was: ILM delivers the
+        same messages again later (with backoff), perhaps in a list of a
+        different length, holding back later messages from the same sender.
+        A target that can take only part of a list must therefore take all
+        or nothing (one transaction), or de-duplicate by ``message_id``.
+
+        ILM never calls it while an earlier call for the same sender is
+        still pending.
+        """
+
+
 class IBackend(Interface):
     """
     Durable storage for one node: the outbox, the inbound delivery marks and
@@ -235,4 +266,11 @@ class INetwork(Interface):
         """
 
 
-__all__ = ["IBackend", "IFrameReceiver", "ILocalDelivery", "IMessage", "INetwork"]
+__all__ = [
+    "IBackend",
+    "IBatchDelivery",
+    "IFrameReceiver",
+    "ILocalDelivery",
+    "IMessage",
+    "INetwork",
+]
