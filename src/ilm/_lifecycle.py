@@ -135,9 +135,6 @@ class NodeLife:
 
     :param service: the node's ``IService`` (its ``running`` is cleared
         when the node stops or fails).
-    :param enqueue: ``send_to``'s checks and acceptance, for the sends held
-        until the start.
-    :param dialled_peers: the peers the network dials, if it can tell.
     """
 
     def __init__(
@@ -146,22 +143,19 @@ class NodeLife:
         router: PeerRouter,
         *,
         service: Service,
-        enqueue: Callable[[PeerId, bytes], Deferred[Any]],
-        dialled_peers: Callable[[], frozenset[PeerId] | None],
     ) -> None:
         self._core = core
         self._router = router
         self._committer = router.committer
         self._service = service
-        self._enqueue = enqueue
-        self._dialled_peers = dialled_peers
         self._machine = _machine(core)
         #: Whether sends are accepted (running, no shutdown asked).
         self.accepting = False
         self.started_at: float | None = None
         self._started: OneShotObserver[None] = OneShotObserver()
         self._start_failure: Failure | None = None
-        self._early: list[tuple[PeerId, bytes, Deferred[Any]]] = []
+        self._early: list[tuple[Callable[[], Deferred[Any]], Deferred[Any]]] = []
+        self._early_count = 0
         self._shutdown: OneShotObserver[None] | None = None
         self._shutdown_result: Failure | None = None
         self._backend_open = False
@@ -179,19 +173,24 @@ class NodeLife:
     def may_commit(self) -> bool:
         return self._machine.state() in (RUNNING, STOPPING)
 
-    def hold(self, peer_id: PeerId, contents: bytes) -> Deferred[Any] | None:
+    def hold(
+        self, send: Callable[[], Deferred[Any]], count: int
+    ) -> Deferred[Any] | None:
         """
-        A send made before the start: held until the node runs.
+        A send of ``count`` messages made before the start: ``send`` is
+        made once the node runs, in the order the sends were made.
 
-        :return: its Deferred, or ``None`` if it cannot be held (the node
-            is not new or starting, or too many sends are held).
+        :return: a Deferred with ``send``'s outcome, or ``None`` if it cannot
+            be held (the node is not new or starting, or too many messages
+            are held).
         """
         if self.state not in (NEW, STARTING) or self._shutdown is not None:
             return None
-        if len(self._early) >= self._core.config.max_outbox_messages:
+        if self._early_count + count > self._core.config.max_outbox_messages:
             return None
         d: Deferred[Any] = Deferred()
-        self._early.append((peer_id, contents, d))
+        self._early.append((send, d))
+        self._early_count += count
         return d
 
     # -- start -----------------------------------------------------------------
@@ -270,7 +269,7 @@ class NodeLife:
         if self.state != RUNNING:
             return
         stored = sorted(core.peers, key=lambda p: (type(p) is str, p))
-        dialled = self._dialled_peers()
+        dialled = core.dialled_peers()
         log.info(
             "ILM node {local_id!r} running (incarnation {incarnation}): its store "
             "holds state for {stored_count} peer(s)"
@@ -295,8 +294,9 @@ class NodeLife:
         # Sends made before the start take their positions before anything a
         # start callback sends.
         early, self._early = self._early, []
-        for peer_id, contents, d in early:
-            self._enqueue(peer_id, contents).chainDeferred(d)
+        self._early_count = 0
+        for send, d in early:
+            send().chainDeferred(d)
         self._started.fire(None)
 
     def _start_failed(self, reason: Failure) -> None:
@@ -326,12 +326,13 @@ class NodeLife:
             )
         self._started.fire(reason)
         early, self._early = self._early, []
+        self._early_count = 0
         if early:
             refusal = NotRunning(
                 f"ILM node {core.local_id!r} did not start: {reason.getErrorMessage()}"
             )
             refusal.__cause__ = reason.value
-            for _, _, d in early:
+            for _, d in early:
                 core.count_refusal(refusal.reason)
                 d.errback(refusal)
         if self._backend_open:
@@ -395,7 +396,8 @@ class NodeLife:
         self._machine.stop()
         self._service.running = 0
         early, self._early = self._early, []
-        for _, _, d in early:
+        self._early_count = 0
+        for _, d in early:
             refusal = NotRunning("ILM is shutting down")
             core.count_refusal(refusal.reason)
             d.errback(refusal)
@@ -465,6 +467,7 @@ class NodeLife:
         self.accepting = False
         core.deliveries_allowed = False
         self._early = []
+        self._early_count = 0
         for peer in core.peers.values():
             peer.link = DOWN
             peer.cancel_timers()

@@ -1,16 +1,16 @@
 """
-Routing: what the network and the group committer report, taken to the
-right peer's objects.  :class:`PeerRouter` is the node's
-:class:`ilm.interfaces.IFrameReceiver`.
+Routing: what the network reports, taken to the right peer's objects.
+:class:`PeerRouter` is the node's :class:`ilm.interfaces.IFrameReceiver`.
 
 A link established sends this node's RESUME and starts the handshake
 timer; the peer's RESUME goes to its :class:`ilm._peer.PeerSession`, whose
 decision is carried out here (retirements and marks for the store, the
 sender resumed, delivery restarted); MESSAGES go to the session's inbound
 stream and the :class:`ilm._deliverer.PeerDeliverer`, ACK and NACK to the
-:class:`ilm._sender.PeerSender`.  A commit's outcome comes back here too:
-stored sends to their senders, durable delivery marks become ACKs.  Frames
-and commit results are per frame and per commit, never per message.
+:class:`ilm._sender.PeerSender`.  The router also builds each peer's
+objects and the group committer, whose outcomes :mod:`ilm._outcomes`
+handles.  Everything here is per frame or per link event, never per
+message.
 """
 
 from __future__ import annotations
@@ -23,22 +23,20 @@ from zope.interface import implementer
 
 from ilm import _frames
 from ilm._backoff import Backoff
-from ilm._committer import GroupCommitter, Send
+from ilm._committer import GroupCommitter
 from ilm._deliverer import PeerDeliverer, one_line
 from ilm._node import NodeCore, Peer
 from ilm._nodelog import log
+from ilm._outcomes import CommitOutcomes
 from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY
 from ilm._peerid import PeerId, check_peer_id
 from ilm._sender import PeerSender
 from ilm._session import Hello, InboundStream, OutboundStream
 from ilm._status import HistogramCounter
-from ilm._store import CommitResult, StoreBatch
 from ilm.errors import (
     FrameTooLarge,
     ILMError,
-    MalformedFrame,
     ProtocolViolation,
-    StoreError,
 )
 from ilm.interfaces import IFrameReceiver, ILocalDelivery
 
@@ -81,6 +79,7 @@ class PeerRouter:
             jitter=0.0,
         )
         self.peers = core.peers
+        outcomes = CommitOutcomes(core, self)
         self.committer = GroupCommitter(
             core.backend,
             core.clock,
@@ -91,9 +90,9 @@ class PeerRouter:
             ),
             later=core.later,
             may_commit=may_commit,
-            drop_unstorable=self._drop_unstorable,
-            committed=self._committed,
-            failed=self._commit_failed,
+            drop_unstorable=outcomes.drop_unstorable,
+            committed=outcomes.committed,
+            failed=outcomes.failed,
             settled=core.check_drained,
             unexpected=core.unexpected,
         )
@@ -442,97 +441,3 @@ class PeerRouter:
                 ilm_event="incarnation_forgotten",
             )
         self.committer.schedule(self._config.delete_delay)
-
-    # -- commit outcomes -------------------------------------------------------
-
-    def _drop_unstorable(
-        self,
-        batch: StoreBatch,
-        sends: list[Send],
-        problems: dict[PeerId, str],
-    ) -> list[Send]:
-        """
-        Take out of ``batch`` the entries of every peer that no store could
-        hold (a position beyond ``2**63 - 1``, which the frame decoders
-        already refuse), so that one peer's entries never make the commit
-        fail for the others.  The peer's sends in it are refused and its
-        link is closed.
-
-        :return: the sends that stay in the batch.
-        """
-        kept = []
-        for entry in sends:
-            sender, first, contents, deferreds = entry
-            peer_id = sender.peer_id
-            if peer_id not in problems:
-                kept.append(entry)
-                continue
-            sender.refused(
-                first,
-                contents,
-                deferreds,
-                StoreError(
-                    f"messages to {peer_id!r} cannot be stored: "
-                    f"{problems[peer_id]} is beyond what a store holds"
-                ),
-            )
-        for peer_id, problem in problems.items():
-            batch.drop_peer(peer_id)
-            self._core.limited(
-                ("store_entry_dropped", peer_id),
-                LogLevel.error,
-                "dropped the store entries of peer {peer_id!r} before they "
-                "reached the store: {problem} cannot be stored",
-                peer_id=peer_id,
-                problem=problem,
-                ilm_event="store_entry_dropped",
-            )
-            holder = self.peers.get(peer_id)
-            if holder is not None and holder.link in (HELLO_SENT, READY):
-                self.violation(
-                    holder,
-                    MalformedFrame(f"{problem}: beyond what a store holds"),
-                    logged=True,
-                )
-        return kept
-
-    def _committed(
-        self, result: CommitResult, batch: StoreBatch, sends: list[Send]
-    ) -> None:
-        peers = self.peers
-        if result is not None:
-            for peer_id, released in result.released_bytes.items():
-                holder = peers.get(peer_id)
-                if holder is not None:
-                    holder.sender.outbox_bytes -= released
-        # A dict, not a set: peers are acknowledged in the batch's order, not
-        # in an order that depends on object addresses (runs must replay
-        # exactly on a Clock).
-        acknowledge: dict[Peer, None] = {}
-        for (peer_id, incarnation), position in batch.delivered.items():
-            peer = peers[peer_id]
-            if peer.marked(incarnation, position):
-                acknowledge[peer] = None
-        for peer in acknowledge:
-            self.send_ack(peer)
-            forgotten = peer.drop_drained_streams()
-            if forgotten:
-                self.forgotten(peer, forgotten)
-        for sender, first, contents, deferreds in sends:
-            sender.stored(first, contents, deferreds)
-
-    def _commit_failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
-        refused = 0
-        for sender, first, contents, deferreds in sends:
-            refused += len(contents)
-            sender.refused(first, contents, deferreds, reason)
-        self._core.limited(
-            ("store_commit_failed", type(reason.value).__name__),
-            LogLevel.critical,
-            "store commit failed: {refused} message(s) refused; acknowledgements "
-            "and delivery marks retried in {delay:.2f}s",
-            reason,
-            refused=refused,
-            delay=delay,
-            ilm_event="store_commit_failed",
-        )

@@ -12,8 +12,8 @@ the wiring of the node's pieces, each in its own module:
 - :mod:`ilm._deliverer`: in-order delivery of one peer's messages;
 - :mod:`ilm._committer`: the group commit, the only caller of
   ``IBackend.commit``;
-- :mod:`ilm._link`: link events, frames and commit outcomes routed to the
-  peer's objects;
+- :mod:`ilm._link`: link events and frames routed to the peer's objects;
+- :mod:`ilm._outcomes`: what a commit's outcome means for the peers;
 - :mod:`ilm._lifecycle`: start and stop, a typed state machine;
 - :mod:`ilm._snapshot`: the ``peer_status()`` and ``stats()`` snapshots.
 
@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import overload
+from typing import Any, overload
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.logger import LogLevel
-from twisted.python.failure import Failure
 
 from ilm._config import Config
 from ilm._delivery import as_delivery
@@ -40,7 +38,7 @@ from ilm._node import NodeCore
 from ilm._nodelog import log
 from ilm._peer import READY
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
-from ilm._sender import Receipt
+from ilm._sender import PeerSender, Receipt
 from ilm._snapshot import node_stats, peer_status
 from ilm._status import DELIVERY_SECONDS_BOUNDS, HistogramCounter, NodeStats, PeerStatus
 from ilm.errors import (
@@ -124,14 +122,6 @@ class ILM(Service):
         self._config = config
         self._clock: IReactorTime = clock  # type: ignore[assignment]
         self._local_id: PeerId = check_peer_id(network.local_id)
-        can_link = getattr(network, "can_link", None)
-        self._can_link: Callable[[PeerId], object] | None = (
-            can_link if callable(can_link) else None
-        )
-        link_error = getattr(network, "link_error", None)
-        self._link_error: Callable[[PeerId], object] | None = (
-            link_error if callable(link_error) else None
-        )
         core = self._core = NodeCore(
             self._local_id, config, self._clock, backend, network
         )
@@ -144,13 +134,7 @@ class ILM(Service):
             delivery_seconds=self._delivery_seconds,
         )
         self._committer = self._router.committer
-        self._life = NodeLife(
-            core,
-            self._router,
-            service=self,
-            enqueue=self._enqueue,
-            dialled_peers=self._dialled_peers,
-        )
+        self._life = NodeLife(core, self._router, service=self)
         self._peers = core.peers
         self._max_outbox_messages = config.max_outbox_messages
         self._max_outbox_bytes = config.max_outbox_bytes
@@ -289,35 +273,23 @@ class ILM(Service):
         now = self._clock.seconds()
         if peer_id is None:
             known = set(self._peers)
-            known.update(self._dialled_peers() or ())
+            known.update(self._core.dialled_peers() or ())
             known.discard(self._local_id)
             return {
-                pid: self._status_of(pid, now)
+                pid: peer_status(self._core, self._committer, pid, now)
                 for pid in sorted(known, key=lambda p: (type(p) is str, p))
             }
         try:
             pid = check_peer_id(peer_id)
         except TypeError as error:
             raise InvalidPeerId(str(error)) from error
+        core = self._core
         if pid not in self._peers and (
             pid == self._local_id
-            or (pid not in (self._dialled_peers() or ()) and not self._linkable(pid))
+            or (pid not in (core.dialled_peers() or ()) and not core.linkable(pid))
         ):
             raise UnknownPeer(f"this node knows nothing of peer {pid!r}")
-        return self._status_of(pid, now)
-
-    def _status_of(self, peer_id: PeerId, now: float) -> PeerStatus:
-        error = None
-        if self._link_error is not None:
-            try:
-                failure = self._link_error(peer_id)
-            except Exception:
-                failure = None
-            if failure is not None:
-                error = str(failure)
-        return peer_status(
-            peer_id, self._peers.get(peer_id), self._committer, now, error
-        )
+        return peer_status(self._core, self._committer, pid, now)
 
     def stats(self) -> NodeStats:
         """
@@ -405,99 +377,75 @@ class ILM(Service):
         return self.send_to(message.destination_id, message.contents)
 
     def _enqueue(self, peer_id: PeerId, contents: bytes) -> Deferred[Receipt]:
-        life = self._life
-        if not life.accepting:
-            held = life.hold(peer_id, contents)
-            if held is not None:
-                return held
-            if life.shutting_down:
-                return self._refuse(
-                    NotRunning(f"ILM node {self._local_id!r} is shutting down")
-                )
-            state = life.state
-            if state == "new" or state == "starting":
-                return self._refuse(
-                    OutboxFull(peer_id, "messages", self._config.max_outbox_messages)
-                )
-            return self._refuse(NotRunning(f"ILM node {self._local_id!r} is {state}"))
-        if peer_id == self._local_id:
-            return self._refuse(SendToSelf(f"{peer_id!r} is this node's own id"))
+        """
+        ``send_to``'s slow path: the node not running yet, a new peer, or a
+        refusal.
+        """
+        if not self._life.accepting:
+            return self._not_accepting(
+                peer_id, 1, lambda: self._enqueue(peer_id, contents)
+            )
         size = len(contents)
-        config = self._config
-        if size > config.max_message_size:
-            return self._refuse(MessageTooLarge(size, config.max_message_size))
+        admitted = self._admit(peer_id, 1, size, size)
+        if isinstance(admitted, SendRefused):
+            return self._refuse(admitted)
+        return admitted.append(contents, size)
+
+    def _not_accepting(
+        self, peer_id: PeerId, count: int, send: Callable[[], Deferred[Any]]
+    ) -> Deferred[Any]:
+        """
+        A send while the node does not accept them: held until the start
+        (``send`` is made then), or refused.
+        """
+        life = self._life
+        held = life.hold(send, count)
+        if held is not None:
+            return held
+        if life.shutting_down:
+            refusal: SendRefused = NotRunning(
+                f"ILM node {self._local_id!r} is shutting down"
+            )
+        elif life.state in ("new", "starting"):
+            refusal = OutboxFull(peer_id, "messages", self._config.max_outbox_messages)
+        else:
+            refusal = NotRunning(f"ILM node {self._local_id!r} is {life.state}")
+        return self._refuse(refusal)
+
+    def _admit(
+        self, peer_id: PeerId, count: int, size: int, largest: int
+    ) -> PeerSender | SendRefused:
+        """
+        Whether ``count`` messages of ``size`` bytes together (the largest
+        ``largest``) may be sent to ``peer_id`` now.
+
+        :return: the peer's sender, or the refusal.
+        """
+        if peer_id == self._local_id:
+            return SendToSelf(f"{peer_id!r} is this node's own id")
+        limit = self._config.max_message_size
+        if largest > limit:
+            return MessageTooLarge(largest, limit)
         peer = self._peers.get(peer_id)
         if peer is None or not peer.sendable:
-            if not self._linkable(peer_id):
-                return self._refuse(
-                    UnknownPeer(
-                        f"the network can never have a link to peer {peer_id!r} "
-                        f"(a {type(peer_id).__name__}): no key, certificate pin "
-                        f"or certificate authority could authenticate it; "
-                        f"check the peer id"
-                    )
+            if not self._core.linkable(peer_id):
+                return UnknownPeer(
+                    f"the network can never have a link to peer {peer_id!r} "
+                    f"(a {type(peer_id).__name__}): no key, certificate pin "
+                    f"or certificate authority could authenticate it; "
+                    f"check the peer id"
                 )
             if peer is None:
                 peer = self._router.new_peer(peer_id)
             peer.sendable = True
-        if size > peer.max_message:
-            return self._refuse(
-                MessageTooLarge(
-                    size,
-                    peer.max_message,
-                    f"message of {size} bytes exceeds the {peer.max_message} bytes "
-                    f"peer {peer_id!r} accepts",
-                )
-            )
-        sender = peer.sender
-        if sender.outbox_count >= config.max_outbox_messages:
-            return self._refuse(
-                OutboxFull(peer_id, "messages", config.max_outbox_messages)
-            )
-        if sender.outbox_bytes + size > config.max_outbox_bytes:
-            return self._refuse(OutboxFull(peer_id, "bytes", config.max_outbox_bytes))
-        return sender.append(contents, size)
+        return peer.sender.refusal(count, size, largest) or peer.sender
 
-    def _refuse(self, refusal: SendRefused) -> Deferred[Receipt]:
+    def _refuse(self, refusal: SendRefused) -> Deferred[Any]:
         """
         A send refused: counted by reason (``stats().refused``).
         """
         self._core.count_refusal(refusal.reason)
         return fail(refusal)
-
-    def _dialled_peers(self) -> frozenset[PeerId] | None:
-        """
-        The peers the network dials, if it can tell (its optional
-        ``dialled_peers``), for the start line.
-        """
-        dialled = getattr(self._network, "dialled_peers", None)
-        if not callable(dialled):
-            return None
-        try:
-            return frozenset(dialled())
-        except Exception:
-            return None
-
-    def _linkable(self, peer_id: PeerId) -> bool:
-        """
-        Whether the network could ever link to ``peer_id`` (its optional
-        ``can_link``; a network without it can link to anyone).
-        """
-        can_link = self._can_link
-        if can_link is None:
-            return True
-        try:
-            return bool(can_link(peer_id))
-        except Exception:
-            self._core.limited(
-                ("internal_error", "can_link"),
-                LogLevel.critical,
-                "the network's can_link({peer_id!r}) raised; accepting the send",
-                Failure(),
-                peer_id=peer_id,
-                ilm_event="internal_error",
-            )
-            return True
 
     # -- stop ------------------------------------------------------------------
 

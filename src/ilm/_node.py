@@ -158,6 +158,56 @@ class NodeCore:
             ilm_event="internal_error",
         )
 
+    # -- what the network can tell ------------------------------------------------
+
+    def dialled_peers(self) -> frozenset[PeerId] | None:
+        """
+        The peers the network dials, if it can tell (its optional
+        ``dialled_peers``).
+        """
+        dialled = getattr(self.network, "dialled_peers", None)
+        if not callable(dialled):
+            return None
+        try:
+            return frozenset(dialled())
+        except Exception:
+            return None
+
+    def linkable(self, peer_id: PeerId) -> bool:
+        """
+        Whether the network could ever link to ``peer_id`` (its optional
+        ``can_link``; a network without it can link to anyone).
+        """
+        can_link = getattr(self.network, "can_link", None)
+        if not callable(can_link):
+            return True
+        try:
+            return bool(can_link(peer_id))
+        except Exception:
+            self.limited(
+                ("internal_error", "can_link"),
+                LogLevel.critical,
+                "the network's can_link({peer_id!r}) raised; accepting the send",
+                Failure(),
+                peer_id=peer_id,
+                ilm_event="internal_error",
+            )
+            return True
+
+    def link_error(self, peer_id: PeerId) -> str | None:
+        """
+        Why the network last failed to reach ``peer_id``, if it says (its
+        optional ``link_error``).
+        """
+        link_error = getattr(self.network, "link_error", None)
+        if not callable(link_error):
+            return None
+        try:
+            failure = link_error(peer_id)
+        except Exception:
+            return None
+        return None if failure is None else str(failure)
+
     # -- the events a stop waits for -------------------------------------------
 
     def is_drained(self) -> bool:

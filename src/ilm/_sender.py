@@ -33,7 +33,13 @@ from ilm._config import Config
 from ilm._nodelog import log
 from ilm._peer import READY, PeerSession
 from ilm._peerid import PeerId
-from ilm.errors import StoppedBeforeAcknowledged, StoreError
+from ilm.errors import (
+    MessageTooLarge,
+    OutboxFull,
+    SendRefused,
+    StoppedBeforeAcknowledged,
+    StoreError,
+)
 from ilm.interfaces import IBackend, INetwork
 
 __all__ = ["PeerSender", "Receipt", "SenderHost"]
@@ -195,6 +201,28 @@ class PeerSender:
         self.accept_times: deque[tuple[int, float]] = deque()
 
     # -- accepting and storing -----------------------------------------------
+
+    def refusal(self, count: int, size: int, largest: int) -> SendRefused | None:
+        """
+        Whether ``count`` more messages of ``size`` bytes together, the
+        largest ``largest`` bytes, fit the peer's limits.
+
+        :return: the refusal, or ``None`` if they may be appended.
+        """
+        limit = self.session.max_message
+        if largest > limit:
+            return MessageTooLarge(
+                largest,
+                limit,
+                f"message of {largest} bytes exceeds the {limit} bytes "
+                f"peer {self.peer_id!r} accepts",
+            )
+        config = self._config
+        if self.outbox_count + count > config.max_outbox_messages:
+            return OutboxFull(self.peer_id, "messages", config.max_outbox_messages)
+        if self.outbox_bytes + size > config.max_outbox_bytes:
+            return OutboxFull(self.peer_id, "bytes", config.max_outbox_bytes)
+        return None
 
     def append(self, contents: bytes, size: int) -> Deferred[Receipt]:
         """

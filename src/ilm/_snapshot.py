@@ -25,18 +25,15 @@ __all__ = ["node_stats", "peer_status"]
 
 
 def peer_status(
-    peer_id: PeerId,
-    peer: Peer | None,
-    committer: GroupCommitter,
-    now: float,
-    link_error: str | None,
+    core: NodeCore, committer: GroupCommitter, peer_id: PeerId, now: float
 ) -> PeerStatus:
     """
     One peer's :class:`PeerStatus` (a blank one for a peer with no state).
-
-    :param link_error: why the network last failed to reach the peer, if it
-        says; else the reason the last link went is reported.
+    Its ``last_link_error`` is why the network last failed to reach the
+    peer, if the network says, else why the last link went.
     """
+    link_error = core.link_error(peer_id)
+    peer = core.peers.get(peer_id)
     if peer is None:
         return PeerStatus(
             peer_id=peer_id,
