@@ -1657,3 +1657,97 @@ class StartLineTests(SynchronousTestCase):
         done = node.shutdown(1)
         settle(clock, 10)
         self.failureResultOf(done, ShutdownTimeout)
+
+
+class SendManyTests(SynchronousTestCase):
+    def test_receipts_in_order_one_commit(self) -> None:
+        """
+        ``send_many`` stores its messages in one commit and fires once with
+        their receipts, consecutive ids in order after what ``send_to``
+        stored; the peer receives them in order.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        first = a.send_to(2, b"one")
+        commits = a.stats().commits
+        many = a.send_many(2, [b"two", bytearray(b"three"), memoryview(b"four")])
+        c.run_until(lambda: many.called)
+        receipts = self.successResultOf(many)
+        self.assertEqual(self.successResultOf(first).message_id, 1)
+        self.assertEqual(
+            [(r.peer_id, r.message_id) for r in receipts], [(2, 2), (2, 3), (2, 4)]
+        )
+        self.assertEqual(a.stats().commits, commits + 1)
+        acknowledged = receipts[-1].acknowledged
+        c.run_until(lambda: acknowledged.called)
+        self.assertEqual(c.received(2, 1), [b"one", b"two", b"three", b"four"])
+        self.assertEqual(a.stats().sent, 4)
+
+    def test_all_or_nothing(self) -> None:
+        """
+        A list that does not fit the outbox, or holds one message too large,
+        is refused whole (one refusal counted); nothing of it is stored.
+        """
+        c = Cluster(Config(max_outbox_messages=3, max_message_size=10))
+        a = c.start(1)
+        self.failureResultOf(a.send_many(2, numbered(4)), OutboxFull)
+        self.failureResultOf(a.send_many(2, [b"ok", b"x" * 11]), MessageTooLarge)
+        self.assertEqual(a.stats().refused, {"outbox_full": 1, "message_too_large": 1})
+        fits = a.send_many(2, numbered(3))
+        c.clock.advance(0)
+        self.assertEqual(len(self.successResultOf(fits)), 3)
+        self.assertEqual(a.last_message_id(2), 3)
+        self.failureResultOf(a.send_many(2, [b"more"]), OutboxFull)
+
+    def test_failed_commit_fails_the_list(self) -> None:
+        """
+        A commit that fails fails the list's one Deferred, once, and frees
+        its room in the outbox.
+        """
+        c = Cluster()
+        backend = FlakyBackend(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        a = c.start(1, backend)
+        backend.fail_commits = 1
+        many = a.send_many(2, numbered(5))
+        c.clock.advance(0)
+        self.failureResultOf(many, StoreError)
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
+        self.assertEqual(a.pending_outbound(), {})
+        again = a.send_many(2, numbered(2))
+        c.clock.advance(1)
+        self.assertEqual([r.message_id for r in self.successResultOf(again)], [1, 2])
+
+    def test_before_start_and_empty(self) -> None:
+        """
+        Before the start, a list waits in line with single sends and keeps
+        its place; an empty list gives an empty list; a lone bytes value or
+        a list of non-bytes is a TypeError.
+        """
+        c = Cluster()
+        storage = c.storages.setdefault(1, InMemoryStorage())
+        backend = PausedOpen(InMemoryBackend(storage))
+        a = c.start(1, backend)
+        one = a.send_to(2, b"a")
+        many = a.send_many(2, [b"b", b"c"])
+        last = a.send_to(2, b"d")
+        self.assertEqual(self.successResultOf(a.send_many(2, [])), [])
+        self.assertRaises(TypeError, a.send_many, 2, b"abc")
+        self.assertRaises(TypeError, a.send_many, 2, ["text"])
+        backend.release()
+        c.clock.advance(0)
+        self.assertEqual(self.successResultOf(one).message_id, 1)
+        self.assertEqual([r.message_id for r in self.successResultOf(many)], [2, 3])
+        self.assertEqual(self.successResultOf(last).message_id, 4)
+
+    def test_refused_when_not_running(self) -> None:
+        """
+        A list sent to a node shutting down, or to its own id, is refused.
+        """
+        c = Cluster()
+        a = c.start(1)
+        self.failureResultOf(a.send_many(1, [b"x"]), SendToSelf)
+        a.shutdown()
+        self.failureResultOf(a.send_many(2, [b"x"]), NotRunning)

@@ -23,11 +23,11 @@ the wiring of the node's pieces, each in its own module:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, overload
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 
 from ilm._config import Config
@@ -58,9 +58,10 @@ __all__ = ["ILM", "Receipt", "log"]
 
 class ILM(Service):
     """
-    An ILM node: stores every message handed to :meth:`send_to` until the
-    peer has durably received it, and delivers what peers send exactly once
-    and in order.
+    An ILM node: stores every message handed to :meth:`send_to` (or, a
+    list at a time, all or nothing, to :meth:`send_many`) until the peer
+    has durably received it, and delivers what peers send exactly once and
+    in order.
 
     Also a Twisted ``IService``: nest it in a ``MultiService``;
     ``startService`` opens the backend and starts the network,
@@ -353,6 +354,49 @@ class ILM(Service):
             ):
                 return sender.append(contents, size)
         return self._enqueue(peer_id, contents)
+
+    def send_many(
+        self, peer_id: PeerId, contents: Iterable[bytes]
+    ) -> Deferred[list[Receipt]]:
+        r"""
+        Send several messages to ``peer_id``, in order, all or none: one
+        admission check for the whole list (a refusal refuses every
+        message, and counts once in ``stats().refused``), one share of one
+        group commit.
+
+        :return: a ``Deferred`` that fires with their :class:`Receipt`\ s,
+            in order (consecutive ``message_id``\ s), once all are stored, or
+            fails as :meth:`send_to`'s does with nothing stored.  An empty
+            list gives an empty list.
+        :raises TypeError: if ``peer_id`` is not an ``int``/``str``, or
+            ``contents`` is not an iterable of bytes-like objects.
+        """
+        if isinstance(contents, bytes | bytearray | memoryview | str):
+            raise TypeError("contents must be an iterable of bytes, not one value")
+        messages = []
+        for each in contents:
+            if type(each) is not bytes:
+                if not isinstance(each, bytes | bytearray | memoryview):
+                    raise TypeError(
+                        f"contents must be bytes, not {type(each).__name__}"
+                    )
+                each = bytes(each)
+            messages.append(each)
+        try:
+            peer_id = check_peer_id(peer_id)
+        except SendRefused as refusal:
+            return self._refuse(refusal)
+        if not messages:
+            return succeed([])
+        if not self._life.accepting:
+            return self._not_accepting(
+                peer_id, len(messages), lambda: self.send_many(peer_id, messages)
+            )
+        size = sum(map(len, messages))
+        admitted = self._admit(peer_id, len(messages), size, max(map(len, messages)))
+        if isinstance(admitted, SendRefused):
+            return self._refuse(admitted)
+        return admitted.append_many(messages, size)
 
     def send_raw_message(self, message: IMessage) -> Deferred[Receipt]:
         """

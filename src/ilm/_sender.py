@@ -42,7 +42,7 @@ from ilm.errors import (
 )
 from ilm.interfaces import IBackend, INetwork
 
-__all__ = ["PeerSender", "Receipt", "SenderHost"]
+__all__ = ["PeerSender", "Receipt", "ReceiptWaiter", "SenderHost"]
 
 # Ties between waiters on the same position fire in the order they came.
 _waiter_order = itertools.count()
@@ -72,6 +72,39 @@ class Receipt:
 
     def __repr__(self) -> str:
         return f"Receipt(peer_id={self.peer_id!r}, message_id={self.message_id})"
+
+
+class ReceiptWaiter(Protocol):
+    """What waits for a stored message's receipt: a Deferred, or a batch."""
+
+    def callback(self, result: Receipt) -> object: ...
+
+    def errback(self, fail: Failure | Exception) -> object: ...
+
+
+class _Receipts:
+    """
+    The receipts of one ``send_many``, gathered for its one Deferred: it
+    stands for each of the batch's messages in the pending list, so that a
+    commit hands it one receipt per message, in order, or fails it.
+    """
+
+    __slots__ = ("_count", "_d", "_receipts")
+
+    def __init__(self, d: Deferred[list[Receipt]], count: int) -> None:
+        self._d = d
+        self._count = count
+        self._receipts: list[Receipt] = []
+
+    def callback(self, result: Receipt) -> None:
+        receipts = self._receipts
+        receipts.append(result)
+        if len(receipts) == self._count:
+            self._d.callback(receipts)
+
+    def errback(self, fail: Failure | Exception) -> None:
+        if not self._d.called:
+            self._d.errback(fail)
 
 
 class SenderHost(Protocol):
@@ -166,7 +199,7 @@ class PeerSender:
         self._frame_target = frame_target
         #: Accepted since the last commit, and their send_to Deferreds.
         self.pending: list[bytes] = []
-        self.pending_deferreds: list[Deferred[Receipt]] = []
+        self.pending_deferreds: list[ReceiptWaiter] = []
         #: Accepted and not acknowledged (the outbox limits count these).
         self.outbox_count = out.stored - out.acked
         self.outbox_bytes = 0
@@ -243,7 +276,28 @@ class PeerSender:
             committer.commit_now()
         return d
 
-    def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Receipt]]]:
+    def append_many(self, contents: list[bytes], size: int) -> Deferred[list[Receipt]]:
+        """
+        Accept messages (``size`` bytes together, checked against the
+        limits by the caller) for the next group commit, all in it: one
+        Deferred fires with their receipts, in order, or fails.
+        """
+        d: Deferred[list[Receipt]] = Deferred()
+        pending = self.pending
+        if not pending:
+            self._committer.outboxes[self.peer_id] = self
+            self.accepted_at = self._clock.seconds()
+        count = len(contents)
+        pending.extend(contents)
+        self.pending_deferreds.extend([_Receipts(d, count)] * count)
+        self.outbox_count += count
+        self.outbox_bytes += size
+        committer = self._committer
+        if not committer.asked_now:
+            committer.commit_now()
+        return d
+
+    def take_pending(self) -> tuple[int, list[bytes], list[ReceiptWaiter]]:
         """
         The messages accepted since the last commit, for the next one.
         """
@@ -256,7 +310,7 @@ class PeerSender:
         return first, contents, deferreds
 
     def stored(
-        self, first: int, contents: list[bytes], deferreds: list[Deferred[Receipt]]
+        self, first: int, contents: list[bytes], deferreds: list[ReceiptWaiter]
     ) -> None:
         """
         A commit stored ``contents`` from position ``first``: transmit them,
@@ -272,7 +326,7 @@ class PeerSender:
         self,
         first: int,
         contents: list[bytes],
-        deferreds: list[Deferred[Receipt]],
+        deferreds: list[ReceiptWaiter],
         reason: Failure | Exception,
     ) -> None:
         """
