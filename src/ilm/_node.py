@@ -33,6 +33,11 @@ from ilm.interfaces import IBackend, INetwork
 __all__ = ["NodeCore", "Peer"]
 
 
+def _optional(network: INetwork, name: str) -> Callable[..., Any] | None:
+    method = getattr(network, name, None)
+    return method if callable(method) else None
+
+
 class Peer(PeerSession):
     """
     One peer: its pure :class:`PeerSession`, its sender and deliverer,
@@ -82,6 +87,10 @@ class NodeCore:
         self.network = network
         self.incarnation = ""
         self.peers: dict[PeerId, Peer] = {}
+        # The network's optional methods (see INetwork's notes).
+        self._dialled_peers = _optional(network, "dialled_peers")
+        self._can_link = _optional(network, "can_link")
+        self._link_error = _optional(network, "link_error")
         #: How the node ended ("stopped", "failed"): receipts no longer wait.
         self.ended: str | None = None
         #: Whether a new delivery may start (not once the node stops).
@@ -165,8 +174,8 @@ class NodeCore:
         The peers the network dials, if it can tell (its optional
         ``dialled_peers``).
         """
-        dialled = getattr(self.network, "dialled_peers", None)
-        if not callable(dialled):
+        dialled = self._dialled_peers
+        if dialled is None:
             return None
         try:
             return frozenset(dialled())
@@ -178,8 +187,8 @@ class NodeCore:
         Whether the network could ever link to ``peer_id`` (its optional
         ``can_link``; a network without it can link to anyone).
         """
-        can_link = getattr(self.network, "can_link", None)
-        if not callable(can_link):
+        can_link = self._can_link
+        if can_link is None:
             return True
         try:
             return bool(can_link(peer_id))
@@ -199,8 +208,8 @@ class NodeCore:
         Why the network last failed to reach ``peer_id``, if it says (its
         optional ``link_error``).
         """
-        link_error = getattr(self.network, "link_error", None)
-        if not callable(link_error):
+        link_error = self._link_error
+        if link_error is None:
             return None
         try:
             failure = link_error(peer_id)
