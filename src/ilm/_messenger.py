@@ -35,7 +35,6 @@ from ilm._delivery import as_delivery
 from ilm._lifecycle import RUNNING, STOPPING, NodeLife
 from ilm._link import PeerRouter
 from ilm._node import NodeCore
-from ilm._nodelog import log
 from ilm._peer import READY
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
 from ilm._sender import PeerSender, Receipt
@@ -53,7 +52,7 @@ from ilm.errors import (
 )
 from ilm.interfaces import IBackend, IMessage, INetwork
 
-__all__ = ["ILM", "Receipt", "log"]
+__all__ = ["ILM", "Receipt"]
 
 
 class ILM(Service):
