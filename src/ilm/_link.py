@@ -73,21 +73,15 @@ class PeerRouter:
         self._accepts_links = accepts_links
         self._delivery_seconds = delivery_seconds
         self._frame_target = min(config.max_frame_size, _FRAME_TARGET)
-        self._delivery_backoff = Backoff(
-            initial=config.delivery_retry,
-            maximum=max(config.delivery_retry, config.max_delivery_retry),
-            jitter=0.0,
+        self._delivery_backoff = Backoff.exact(
+            config.delivery_retry, config.max_delivery_retry
         )
         self.peers = core.peers
         outcomes = CommitOutcomes(core, self)
         self.committer = GroupCommitter(
             core.backend,
             core.clock,
-            Backoff(
-                initial=config.store_retry,
-                maximum=max(config.store_retry, config.max_store_retry),
-                jitter=0.0,
-            ),
+            Backoff.exact(config.store_retry, config.max_store_retry),
             later=core.later,
             may_commit=may_commit,
             drop_unstorable=outcomes.drop_unstorable,

@@ -207,19 +207,11 @@ class PeerSender:
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
         self.retransmit_call: IDelayedCall | None = None
         self.retransmit_retry = Retry(
-            Backoff(
-                initial=config.retransmit_timeout,
-                maximum=max(config.retransmit_timeout, config.max_retransmit_timeout),
-                jitter=0.0,
-            )
+            Backoff.exact(config.retransmit_timeout, config.max_retransmit_timeout)
         )
         self.read_call: IDelayedCall | None = None
         self.read_retry = Retry(
-            Backoff(
-                initial=config.store_retry,
-                maximum=max(config.store_retry, config.max_store_retry),
-                jitter=0.0,
-            )
+            Backoff.exact(config.store_retry, config.max_store_retry)
         )
         # What peer_status() reports.  Counters since the node started.
         self.sent_total = 0
