@@ -1751,3 +1751,47 @@ class SendManyTests(SynchronousTestCase):
         self.failureResultOf(a.send_many(1, [b"x"]), SendToSelf)
         a.shutdown()
         self.failureResultOf(a.send_many(2, [b"x"]), NotRunning)
+
+
+class InternalErrorTests(SynchronousTestCase):
+    def test_internal_error_is_not_the_peers_fault(self) -> None:
+        """
+        A bug while handling a frame logs an internal_error and closes the
+        link with a plain ILMError, not a ProtocolViolation (which the
+        network would count against the peer); the link comes back and the
+        stream completes once the bug is gone.
+        """
+        from ilm._sender import PeerSender
+        from ilm.errors import ILMError, ProtocolViolation
+
+        c = Cluster()
+        a, b = c.start(1), c.start(2)
+        c.run_until(lambda: a.connected_peers() and b.connected_peers())
+        reasons: list[Exception] = []
+        close_link = b._network.close_link
+
+        def recording(peer_id: object, reason: Exception) -> None:
+            reasons.append(reason)
+            close_link(peer_id, reason)  # type: ignore[arg-type]
+
+        b._network.close_link = recording  # type: ignore[method-assign]
+        on_ack = PeerSender.on_ack
+
+        def broken(self: PeerSender, delivered: int, received: int) -> None:
+            raise RuntimeError("simulated bug")
+
+        self.patch(PeerSender, "on_ack", broken)
+        events = Events(self)
+        sent = b.send_to(1, b"m")
+        c.run_until(lambda: reasons)
+        [reason] = reasons
+        self.assertIsInstance(reason, ILMError)
+        self.assertNotIsInstance(reason, ProtocolViolation)
+        self.assertEqual(len(events.named("internal_error")), 1)
+        self.assertEqual(events.named("protocol_violation"), [])
+        self.flushLoggedErrors(RuntimeError)
+        self.patch(PeerSender, "on_ack", on_ack)
+        receipt = self.successResultOf(sent)
+        acknowledged = receipt.acknowledged
+        c.run_until(lambda: acknowledged.called)
+        self.assertEqual(c.received(1, 2), [b"m"])

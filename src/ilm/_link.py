@@ -192,7 +192,11 @@ class PeerRouter:
                 peer_id=peer.peer_id,
                 ilm_event="internal_error",
             )
-            self.violation(peer, ProtocolViolation("internal error"), logged=True)
+            # This node's fault, not the peer's: not a ProtocolViolation, so
+            # the network does not count it against the peer.
+            self.violation(
+                peer, ILMError("internal error handling a frame"), logged=True
+            )
 
     # -- link events -----------------------------------------------------------
 
@@ -288,10 +292,12 @@ class PeerRouter:
                 self._send_nack(peer, position)
             peer.sender.pump()
 
-    def violation(
-        self, peer: Peer, violation: ProtocolViolation, logged: bool = False
-    ) -> None:
-        """``peer`` broke the protocol: close its link."""
+    def violation(self, peer: Peer, violation: ILMError, logged: bool = False) -> None:
+        """
+        Close ``peer``'s link: it broke the protocol (a
+        :class:`ProtocolViolation`, which the network counts against it),
+        or this node cannot go on with it.
+        """
         if not logged:
             self._core.limited(
                 ("protocol_violation", peer.peer_id),

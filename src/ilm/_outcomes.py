@@ -21,7 +21,7 @@ from ilm._node import NodeCore, Peer
 from ilm._peer import HELLO_SENT, READY
 from ilm._peerid import PeerId
 from ilm._store import CommitResult, StoreBatch
-from ilm.errors import MalformedFrame, ProtocolViolation, StoreError
+from ilm.errors import ILMError, MalformedFrame, StoreError
 
 __all__ = ["CommitOutcomes", "Links"]
 
@@ -32,9 +32,7 @@ class Links(Protocol):
     def send_ack(self, peer: Peer) -> None:
         """Acknowledge what ``peer`` sent, now."""
 
-    def violation(
-        self, peer: Peer, violation: ProtocolViolation, logged: bool = False
-    ) -> None:
+    def violation(self, peer: Peer, violation: ILMError, logged: bool = False) -> None:
         """Close ``peer``'s link."""
 
     def forgotten(self, peer: Peer, incarnations: list[str]) -> None:
