@@ -125,7 +125,9 @@ class _Abandoned(Exception):
     """
 
 
-class Service(Protocol):
+class RunningFlag(Protocol):
+    """The node's ``IService``, as far as its ``running`` flag goes."""
+
     running: int
 
 
@@ -142,7 +144,7 @@ class NodeLife:
         core: NodeCore,
         router: PeerRouter,
         *,
-        service: Service,
+        service: RunningFlag,
     ) -> None:
         self._core = core
         self._router = router

@@ -15,6 +15,7 @@ the wiring of the node's pieces, each in its own module:
 - :mod:`ilm._link`: link events and frames routed to the peer's objects;
 - :mod:`ilm._outcomes`: what a commit's outcome means for the peers;
 - :mod:`ilm._lifecycle`: start and stop, a typed state machine;
+- :mod:`ilm._admission`: whether a send may go ahead;
 - :mod:`ilm._snapshot`: the ``peer_status()`` and ``stats()`` snapshots.
 
 ``docs/architecture.md`` draws who calls whom.
@@ -23,13 +24,14 @@ the wiring of the node's pieces, each in its own module:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, overload
+from collections.abc import Iterable, Mapping
+from typing import overload
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 
+from ilm._admission import Admission, as_bytes_list
 from ilm._config import Config
 from ilm._delivery import as_delivery
 from ilm._lifecycle import RUNNING, STOPPING, NodeLife
@@ -37,16 +39,12 @@ from ilm._link import PeerRouter
 from ilm._node import NodeCore
 from ilm._peer import READY
 from ilm._peerid import MAX_INT_ID, PeerId, check_peer_id
-from ilm._sender import PeerSender, Receipt
+from ilm._sender import Receipt
 from ilm._snapshot import node_stats, peer_status
 from ilm._status import DELIVERY_SECONDS_BOUNDS, HistogramCounter, NodeStats, PeerStatus
 from ilm.errors import (
     InvalidPeerId,
-    MessageTooLarge,
-    NotRunning,
-    OutboxFull,
     SendRefused,
-    SendToSelf,
     UnknownPeer,
     WrongSource,
 )
@@ -135,6 +133,7 @@ class ILM(Service):
         )
         self._committer = self._router.committer
         self._life = NodeLife(core, self._router, service=self)
+        self._admission = Admission(core, self._router, self._life)
         self._peers = core.peers
         self._max_outbox_messages = config.max_outbox_messages
         self._max_outbox_bytes = config.max_outbox_bytes
@@ -335,7 +334,7 @@ class ILM(Service):
             try:
                 peer_id = check_peer_id(peer_id)
             except SendRefused as refusal:
-                return self._refuse(refusal)
+                return self._admission.refuse(refusal)
         # The common case in one test; every refusal is sorted out in
         # _enqueue.  No peer exists for this node's own id.
         peer = self._peers.get(peer_id)
@@ -370,31 +369,23 @@ class ILM(Service):
         :raises TypeError: if ``peer_id`` is not an ``int``/``str``, or
             ``contents`` is not an iterable of bytes-like objects.
         """
-        if isinstance(contents, bytes | bytearray | memoryview | str):
-            raise TypeError("contents must be an iterable of bytes, not one value")
-        messages = []
-        for each in contents:
-            if type(each) is not bytes:
-                if not isinstance(each, bytes | bytearray | memoryview):
-                    raise TypeError(
-                        f"contents must be bytes, not {type(each).__name__}"
-                    )
-                each = bytes(each)
-            messages.append(each)
+        messages = as_bytes_list(contents)
         try:
             peer_id = check_peer_id(peer_id)
         except SendRefused as refusal:
-            return self._refuse(refusal)
+            return self._admission.refuse(refusal)
         if not messages:
             return succeed([])
         if not self._life.accepting:
-            return self._not_accepting(
+            return self._admission.not_accepting(
                 peer_id, len(messages), lambda: self.send_many(peer_id, messages)
             )
         size = sum(map(len, messages))
-        admitted = self._admit(peer_id, len(messages), size, max(map(len, messages)))
+        admitted = self._admission.admit(
+            peer_id, len(messages), size, max(map(len, messages))
+        )
         if isinstance(admitted, SendRefused):
-            return self._refuse(admitted)
+            return self._admission.refuse(admitted)
         return admitted.append_many(messages, size)
 
     def send_raw_message(self, message: IMessage) -> Deferred[Receipt]:
@@ -411,7 +402,7 @@ class ILM(Service):
                 f"expected an IMessage provider, not {type(message).__name__}"
             )
         if message.source_id != self._local_id:
-            return self._refuse(
+            return self._admission.refuse(
                 WrongSource(
                     f"message source {message.source_id!r} is not this node "
                     f"({self._local_id!r})"
@@ -425,70 +416,14 @@ class ILM(Service):
         refusal.
         """
         if not self._life.accepting:
-            return self._not_accepting(
+            return self._admission.not_accepting(
                 peer_id, 1, lambda: self._enqueue(peer_id, contents)
             )
         size = len(contents)
-        admitted = self._admit(peer_id, 1, size, size)
+        admitted = self._admission.admit(peer_id, 1, size, size)
         if isinstance(admitted, SendRefused):
-            return self._refuse(admitted)
+            return self._admission.refuse(admitted)
         return admitted.append(contents, size)
-
-    def _not_accepting(
-        self, peer_id: PeerId, count: int, send: Callable[[], Deferred[Any]]
-    ) -> Deferred[Any]:
-        """
-        A send while the node does not accept them: held until the start
-        (``send`` is made then), or refused.
-        """
-        life = self._life
-        held = life.hold(send, count)
-        if held is not None:
-            return held
-        if life.shutting_down:
-            refusal: SendRefused = NotRunning(
-                f"ILM node {self._local_id!r} is shutting down"
-            )
-        elif life.state in ("new", "starting"):
-            refusal = OutboxFull(peer_id, "messages", self._config.max_outbox_messages)
-        else:
-            refusal = NotRunning(f"ILM node {self._local_id!r} is {life.state}")
-        return self._refuse(refusal)
-
-    def _admit(
-        self, peer_id: PeerId, count: int, size: int, largest: int
-    ) -> PeerSender | SendRefused:
-        """
-        Whether ``count`` messages of ``size`` bytes together (the largest
-        ``largest``) may be sent to ``peer_id`` now.
-
-        :return: the peer's sender, or the refusal.
-        """
-        if peer_id == self._local_id:
-            return SendToSelf(f"{peer_id!r} is this node's own id")
-        limit = self._config.max_message_size
-        if largest > limit:
-            return MessageTooLarge(largest, limit)
-        peer = self._peers.get(peer_id)
-        if peer is None or not peer.sendable:
-            if not self._core.linkable(peer_id):
-                return UnknownPeer(
-                    f"the network can never have a link to peer {peer_id!r} "
-                    f"(a {type(peer_id).__name__}): no key, certificate pin "
-                    f"or certificate authority could authenticate it; "
-                    f"check the peer id"
-                )
-            if peer is None:
-                peer = self._router.new_peer(peer_id)
-            peer.sendable = True
-        return peer.sender.refusal(count, size, largest) or peer.sender
-
-    def _refuse(self, refusal: SendRefused) -> Deferred[Any]:
-        """
-        A send refused: counted by reason (``stats().refused``).
-        """
-        self._core.count_refusal(refusal.reason)
-        return fail(refusal)
 
     # -- stop ------------------------------------------------------------------
 
