@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ilm import ILM, Config, Message, PeerId, Receipt
 from ilm.network import StreamNetwork
@@ -93,6 +93,7 @@ class Chaos:
         self.failed_starts = 0
         self.chaos_over = False
         self.start_time = 0.0
+        self._send_call: IDelayedCall | None = None
         self._delivered_waiters: list[Deferred[None]] = []
         for node in self.nodes.values():
             node.on_delivery = self._check_delivered
@@ -107,7 +108,7 @@ class Chaos:
         self.start_time = self.clock.seconds()
         for node in self.nodes.values():
             self._start(node)
-        self.clock.callLater(self.send_interval, self._send_tick)
+        self._send_call = self.clock.callLater(self.send_interval, self._send_tick)
         self.clock.callLater(self._next_kill(), self._kill_tick)
 
     def _start(self, node: _Node) -> None:
@@ -156,7 +157,7 @@ class Chaos:
                 payload += b"." * self.random.randint(0, 200)
                 d = ilm.send_to(other, payload)
                 d.addCallbacks(self._accepted, lambda _: None, (node, other, payload))
-        self.clock.callLater(self.send_interval, self._send_tick)
+        self._send_call = self.clock.callLater(self.send_interval, self._send_tick)
 
     def _accepted(
         self, receipt: Receipt, node: _Node, other: PeerId, payload: bytes
@@ -165,6 +166,10 @@ class Chaos:
 
     def _kill_tick(self) -> None:
         if self.clock.seconds() - self.start_time >= self.duration:
+            # The last send tick may fall after this one: no sending once
+            # the chaos is over (and no call left behind when the run ends).
+            if self._send_call is not None and self._send_call.active():
+                self._send_call.cancel()
             self.chaos_over = True
             self._check_delivered()
             return

@@ -43,6 +43,17 @@ class BackoffTests(SynchronousTestCase):
         ):
             self.assertRaises(ValueError, Backoff, **kwargs)
 
+    def test_exact(self) -> None:
+        """
+        ``Backoff.exact`` doubles without jitter, and a maximum below the
+        initial delay means the initial delay every time.
+        """
+        self.assertEqual(
+            [Backoff.exact(0.5, 3.0).delay(n, 0.99) for n in (1, 2, 3, 4)],
+            [0.5, 1.0, 2.0, 3.0],
+        )
+        self.assertEqual(Backoff.exact(2.0, 1.0).delay(5), 2.0)
+
 
 class RetryTests(SynchronousTestCase):
     def test_counts_failures_and_starts_over(self) -> None:

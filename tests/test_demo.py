@@ -38,10 +38,11 @@ from ilm._demo._http import (
     leg_evidence,
 )
 from ilm._demo._node import DeliveryRecorder, DemoSender
-from ilm._demo._plan import CUT, Fault, credit, fault_plan, lead
+from ilm._demo._plan import CUT, Fault, FaultSchedule, credit, fault_plan, lead
 from ilm._demo._progress import (
     Progress,
     ProgressView,
+    RateMeter,
     StreamProgress,
     bar,
     plain_line,
@@ -507,6 +508,28 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(credit(1000, plan), plan[0].at + 50)
         self.assertEqual(credit(1000, ()), 1000)
         self.assertEqual(credit(1000, (Fault(CUT, 990),)), 1000)
+
+    def test_schedule(self) -> None:
+        """
+        A run's schedule hands out its faults in order; the credit follows
+        the next one; a fault is reached at its threshold (or at the end of
+        a stream shorter than it); the planned faults are counted by kind.
+        """
+        plan = (Fault(CUT, 100), Fault("node 1", 300), Fault(CUT, 2000))
+        schedule = FaultSchedule(plan, 1000)
+        self.assertEqual((schedule.planned(CUT), schedule.planned("node 1")), (2, 1))
+        self.assertEqual(schedule.next(), plan[0])
+        self.assertEqual(schedule.credit(), 150)
+        self.assertFalse(schedule.reached(99, plan[0]))
+        self.assertTrue(schedule.reached(100, plan[0]))
+        self.assertEqual(schedule.take(), plan[0])
+        self.assertEqual((schedule.next(), schedule.credit()), (plan[1], 350))
+        schedule.take()
+        self.assertTrue(schedule.reached(1000, plan[2]))
+        self.assertEqual(schedule.credit(), 1000)
+        schedule.take()
+        self.assertIsNone(schedule.next())
+        self.assertEqual(schedule.planned(CUT), 2)
 
 
 @implementer(IBackend)
@@ -975,6 +998,24 @@ class ProgressTests(SynchronousTestCase):
     """
     The progress lines.
     """
+
+    def test_rate(self) -> None:
+        """
+        A rate is over the samples of about the last second: none before
+        two samples, older ones dropped as new ones come.
+        """
+        meter = RateMeter()
+        self.assertEqual(meter.rate(), 0.0)
+        meter.sample(10.0, 0)
+        self.assertEqual(meter.rate(), 0.0)
+        meter.sample(10.5, 500)
+        self.assertEqual(meter.rate(), 1000.0)
+        meter.sample(11.0, 600)
+        self.assertEqual(meter.rate(), 600.0)
+        meter.sample(11.6, 1200)
+        # The oldest sample goes once the next one is a second old: the
+        # rate is from 10.5 on.
+        self.assertAlmostEqual(meter.rate(), 700 / 1.1)
 
     progress = Progress(
         streams=(

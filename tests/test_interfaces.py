@@ -15,7 +15,7 @@ from zope.interface.verify import verifyClass, verifyObject
 
 import ilm
 from ilm import ILM, CallableDelivery, Message, QueueDelivery, as_delivery
-from ilm._messenger import _LinkEvents
+from ilm._link import PeerRouter
 from ilm.interfaces import IBackend, IFrameReceiver, ILocalDelivery, IMessage, INetwork
 from ilm.testing import InMemoryBackend, InMemoryNetwork, TestMessage
 
@@ -35,7 +35,8 @@ class ProviderTests(SynchronousTestCase):
         network = InMemoryNetwork(Clock())
         verifyObject(INetwork, network.add_peer(1))
         node = ILM(InMemoryBackend(), print, network.add_peer(2), clock=Clock())
-        verifyObject(IFrameReceiver, _LinkEvents(node))
+        verifyObject(IFrameReceiver, node._router)
+        self.assertIsInstance(node._router, PeerRouter)
         verifyObject(IService, node)
 
     def test_internal_providers(self) -> None:

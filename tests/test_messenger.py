@@ -479,12 +479,12 @@ class DeliveryTests(SynchronousTestCase):
         def broken() -> None:
             raise RuntimeError("simulated bug after a delivery")
 
-        b._notify_settled = broken  # type: ignore[method-assign]
+        b._core.delivery_settled = broken  # type: ignore[method-assign]
         pending[0].callback(None)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         [event] = events.named("internal_error")
         self.assertEqual(event["doing"], "settling a delivery")
-        del b._notify_settled
+        del b._core.delivery_settled
         c.run_until(lambda: len(pending) == 2)
         pending[1].callback(None)
         c.run_until(lambda: len(pending) == 3)
@@ -499,7 +499,7 @@ class DeliveryTests(SynchronousTestCase):
         c = Cluster()
         a = c.start(1)
         events = Events(self)
-        a._events.frame_received([2], b"\x00")
+        a._router.frame_received([2], b"\x00")
         [event] = events.named("internal_error")
         self.assertEqual((event["peer_id"], event["peer_type"]), ("[2]", "list"))
 
@@ -1106,7 +1106,7 @@ class StoreTests(SynchronousTestCase):
         peak = 0
         while a.pending_outbound():
             c.clock.advance(0.001)
-            peak = max(peak, len(a._peers[2].out._buf) - a._peers[2].out._head)
+            peak = max(peak, a.peer_status(2).cached)
         self.assertLessEqual(peak, 128)
         self.assertGreater(reads.reads, 20_000 // 32 - 1)
         self.assertEqual(len(c.received(2, 1)), 20_000)
@@ -1238,7 +1238,7 @@ class ShutdownTests(SynchronousTestCase):
         c.run_until(lambda: a.connected_peers())
 
         def keep_sending() -> None:
-            if a._accepting:
+            if a.state == "running":
                 a.send_to(2, b"more")
                 c.clock.callLater(0.001, keep_sending)
 
@@ -1594,7 +1594,7 @@ class UnknownPeerTests(TestCase):
         await receipts[-1].acknowledged
         self.assertEqual(inbox, [b"m%d" % n for n in range(20)])
         self.assertEqual(asked, [3, "2", "reciever", 2])
-        self.assertEqual(set(sender._peers), {2})
+        self.assertEqual(set(sender.peer_status()), {2})
         self.assertEqual(sender.pending_outbound(), {})
 
 
@@ -1642,8 +1642,8 @@ class StartLineTests(SynchronousTestCase):
         seen: list[dict[str, object]] = []
         globalLogPublisher.addObserver(seen.append)
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        node._events.link_established(2)
-        node._events.link_lost(2, "gone")
+        node._router.link_established(2)
+        node._router.link_lost(2, "gone")
         self.assertEqual(
             [
                 e
@@ -1657,3 +1657,141 @@ class StartLineTests(SynchronousTestCase):
         done = node.shutdown(1)
         settle(clock, 10)
         self.failureResultOf(done, ShutdownTimeout)
+
+
+class SendManyTests(SynchronousTestCase):
+    def test_receipts_in_order_one_commit(self) -> None:
+        """
+        ``send_many`` stores its messages in one commit and fires once with
+        their receipts, consecutive ids in order after what ``send_to``
+        stored; the peer receives them in order.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        first = a.send_to(2, b"one")
+        commits = a.stats().commits
+        many = a.send_many(2, [b"two", bytearray(b"three"), memoryview(b"four")])
+        c.run_until(lambda: many.called)
+        receipts = self.successResultOf(many)
+        self.assertEqual(self.successResultOf(first).message_id, 1)
+        self.assertEqual(
+            [(r.peer_id, r.message_id) for r in receipts], [(2, 2), (2, 3), (2, 4)]
+        )
+        self.assertEqual(a.stats().commits, commits + 1)
+        acknowledged = receipts[-1].acknowledged
+        c.run_until(lambda: acknowledged.called)
+        self.assertEqual(c.received(2, 1), [b"one", b"two", b"three", b"four"])
+        self.assertEqual(a.stats().sent, 4)
+
+    def test_all_or_nothing(self) -> None:
+        """
+        A list that does not fit the outbox, or holds one message too large,
+        is refused whole (one refusal counted); nothing of it is stored.
+        """
+        c = Cluster(Config(max_outbox_messages=3, max_message_size=10))
+        a = c.start(1)
+        self.failureResultOf(a.send_many(2, numbered(4)), OutboxFull)
+        self.failureResultOf(a.send_many(2, [b"ok", b"x" * 11]), MessageTooLarge)
+        self.assertEqual(a.stats().refused, {"outbox_full": 1, "message_too_large": 1})
+        fits = a.send_many(2, numbered(3))
+        c.clock.advance(0)
+        self.assertEqual(len(self.successResultOf(fits)), 3)
+        self.assertEqual(a.last_message_id(2), 3)
+        self.failureResultOf(a.send_many(2, [b"more"]), OutboxFull)
+
+    def test_failed_commit_fails_the_list(self) -> None:
+        """
+        A commit that fails fails the list's one Deferred, once, and frees
+        its room in the outbox.
+        """
+        c = Cluster()
+        backend = FlakyBackend(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage()))
+        )
+        a = c.start(1, backend)
+        backend.fail_commits = 1
+        many = a.send_many(2, numbered(5))
+        c.clock.advance(0)
+        self.failureResultOf(many, StoreError)
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
+        self.assertEqual(a.pending_outbound(), {})
+        again = a.send_many(2, numbered(2))
+        c.clock.advance(1)
+        self.assertEqual([r.message_id for r in self.successResultOf(again)], [1, 2])
+
+    def test_before_start_and_empty(self) -> None:
+        """
+        Before the start, a list waits in line with single sends and keeps
+        its place; an empty list gives an empty list; a lone bytes value or
+        a list of non-bytes is a TypeError.
+        """
+        c = Cluster()
+        storage = c.storages.setdefault(1, InMemoryStorage())
+        backend = PausedOpen(InMemoryBackend(storage))
+        a = c.start(1, backend)
+        one = a.send_to(2, b"a")
+        many = a.send_many(2, [b"b", b"c"])
+        last = a.send_to(2, b"d")
+        self.assertEqual(self.successResultOf(a.send_many(2, [])), [])
+        self.assertRaises(TypeError, a.send_many, 2, b"abc")
+        self.assertRaises(TypeError, a.send_many, 2, ["text"])
+        backend.release()
+        c.clock.advance(0)
+        self.assertEqual(self.successResultOf(one).message_id, 1)
+        self.assertEqual([r.message_id for r in self.successResultOf(many)], [2, 3])
+        self.assertEqual(self.successResultOf(last).message_id, 4)
+
+    def test_refused_when_not_running(self) -> None:
+        """
+        A list sent to a node shutting down, or to its own id, is refused.
+        """
+        c = Cluster()
+        a = c.start(1)
+        self.failureResultOf(a.send_many(1, [b"x"]), SendToSelf)
+        a.shutdown()
+        self.failureResultOf(a.send_many(2, [b"x"]), NotRunning)
+
+
+class InternalErrorTests(SynchronousTestCase):
+    def test_internal_error_is_not_the_peers_fault(self) -> None:
+        """
+        A bug while handling a frame logs an internal_error and closes the
+        link with a plain ILMError, not a ProtocolViolation (which the
+        network would count against the peer); the link comes back and the
+        stream completes once the bug is gone.
+        """
+        from ilm._sender import PeerSender
+        from ilm.errors import ILMError, ProtocolViolation
+
+        c = Cluster()
+        a, b = c.start(1), c.start(2)
+        c.run_until(lambda: a.connected_peers() and b.connected_peers())
+        reasons: list[Exception] = []
+        close_link = b._network.close_link
+
+        def recording(peer_id: object, reason: Exception) -> None:
+            reasons.append(reason)
+            close_link(peer_id, reason)  # type: ignore[arg-type]
+
+        b._network.close_link = recording  # type: ignore[method-assign]
+        on_ack = PeerSender.on_ack
+
+        def broken(self: PeerSender, delivered: int, received: int) -> None:
+            raise RuntimeError("simulated bug")
+
+        self.patch(PeerSender, "on_ack", broken)
+        events = Events(self)
+        sent = b.send_to(1, b"m")
+        c.run_until(lambda: reasons)
+        [reason] = reasons
+        self.assertIsInstance(reason, ILMError)
+        self.assertNotIsInstance(reason, ProtocolViolation)
+        self.assertEqual(len(events.named("internal_error")), 1)
+        self.assertEqual(events.named("protocol_violation"), [])
+        self.flushLoggedErrors(RuntimeError)
+        self.patch(PeerSender, "on_ack", on_ack)
+        receipt = self.successResultOf(sent)
+        acknowledged = receipt.acknowledged
+        c.run_until(lambda: acknowledged.called)
+        self.assertEqual(c.received(1, 2), [b"m"])

@@ -257,8 +257,8 @@ def ack_before_mark(original: object) -> object:
 
     def _after(self: PeerDeliverer) -> None:
         original(self)  # type: ignore[operator]
-        node = self._host._ilm  # type: ignore[attr-defined]
-        peer = node._peers[self.peer_id]
+        core = self._host  # the node's NodeCore
+        peer = core.peers[self.peer_id]  # type: ignore[attr-defined]
         stream = peer.current_stream()
         if (
             stream is not None
@@ -266,7 +266,7 @@ def ack_before_mark(original: object) -> object:
             and stream.incarnation == peer.peer_incarnation
             and stream.delivered > stream.marked
         ):
-            node._network.send_frames(
+            core.network.send_frames(  # type: ignore[attr-defined]
                 peer.peer_id, [_frames.encode_ack(stream.delivered, stream.received)]
             )
 

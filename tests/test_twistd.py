@@ -697,10 +697,13 @@ class NodeServiceTests(SynchronousTestCase):
         options["inbox"] = os.path.join(self.mktemp(), "inbox.jsonl")
         pidfile = write(self.mktemp(), str(os.getpid()))
         fake = _FakeReactor()
-        service = makeService(options, reactor)
-        assert isinstance(service, NodeService)
-        service._reactor = fake
-        service._twistd = {"pidfile": pidfile}
+        built = makeService(options, reactor)
+        assert isinstance(built, NodeService)
+        # The same node and inbox, on a fake reactor, as twistd with a pid
+        # file would run them.
+        service = NodeService(
+            built.node, built.delivery, fake, twistd={"pidfile": pidfile}
+        )
         events: list[LogEvent] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)

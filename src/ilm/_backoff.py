@@ -43,6 +43,16 @@ class Backoff:
         if self.factor < 1:
             raise ValueError(f"factor must be at least 1, not {self.factor!r}")
 
+    @classmethod
+    def exact(cls, initial: float, maximum: float) -> Backoff:
+        """
+        Doubling from ``initial`` up to ``maximum`` (never below
+        ``initial``), with no jitter: the messenger's retries (commit,
+        outbox read, retransmission, delivery), which must replay exactly on
+        a ``Clock``.
+        """
+        return cls(initial=initial, maximum=max(initial, maximum), jitter=0.0)
+
     def delay(self, attempt: int, uniform: float = 0.0) -> float:
         """
         :param attempt: the number of failed attempts in a row (from 1).

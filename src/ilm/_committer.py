@@ -39,16 +39,17 @@ class Outbox(Protocol):
 
     peer_id: PeerId
 
-    def take_pending(self) -> tuple[int, list[bytes], list[Deferred[Any]]]:
+    def take_pending(self) -> tuple[int, list[bytes], list[Any]]:
         """
         :return: the messages accepted since the last call, the position
-            the first takes, and the Deferreds of their ``send_to`` calls.
+            the first takes, and per message what waits for its receipt
+            (the committer only hands them back).
         """
 
 
 #: One peer's messages in a batch: (outbox, first position, contents,
-#: the Deferreds of their send_to calls).
-Send = tuple[Any, int, list[bytes], list[Deferred[Any]]]
+#: per message what waits for its receipt).
+Send = tuple[Any, int, list[bytes], list[Any]]
 
 
 class GroupCommitter:

@@ -101,6 +101,14 @@ class PeerStatus:
         hello (``None``: never seen).
     :ivar incarnations: the peer's incarnations this node still holds state
         for (received, not yet all delivered or retired).
+    :ivar link_incarnation: the peer's incarnation on the current link, once
+        its handshake is done (``None``: no link up).
+    :ivar cached: messages to the peer held in memory (sent and not
+        acknowledged, or read from the store to be sent): at most twice the
+        window.
+    :ivar cached_bytes: their contents' total size.
+    :ivar queued: per incarnation of the peer this node holds a stream for,
+        oldest first, the messages received and not yet delivered.
     """
 
     peer_id: PeerId
@@ -124,6 +132,10 @@ class PeerStatus:
     delivery_retries: int
     peer_incarnation: str | None
     incarnations: int
+    link_incarnation: str | None = None
+    cached: int = 0
+    cached_bytes: int = 0
+    queued: tuple[int, ...] = ()
 
 
 @frozen

@@ -53,6 +53,15 @@ from ilm._sidecar import (
     check_sidecar_options,
     exposed_secret,
 )
+from ilm._twistd_checks import (
+    check_files,
+    check_store,
+    check_tls,
+    check_window,
+    is_postgres,
+    os_reason,
+    redact_dsn,
+)
 from ilm.errors import ILMError
 from ilm.interfaces import ILocalDelivery, IMessage
 
@@ -130,7 +139,7 @@ def read_keys(
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        found.append(f"cannot read the keys file {path}: {_os_reason(e)}")
+        found.append(f"cannot read the keys file {path}: {os_reason(e)}")
         lines = []
     owners: dict[bytes, PeerId] = {}
     for number, line in enumerate(lines, 1):
@@ -179,12 +188,6 @@ def read_keys(
     elif found:
         raise usage.UsageError(found[0])
     return keys
-
-
-def _os_reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error)
 
 
 @implementer(ILocalDelivery)
@@ -533,7 +536,7 @@ class Options(usage.Options):
             keys = read_keys(self.path(self.keys_path), local_id, problems)
             keys_read = len(problems) == before
         self["keys"] = keys
-        tls = self._check_tls(problems)
+        tls = check_tls(self, problems)
         self["tls"] = tls
         if keys is None and self["tls-certificate"] is None:
             problems.append(
@@ -546,10 +549,10 @@ class Options(usage.Options):
                 f"used: no peer could ever be authenticated"
             )
         self._check_endpoints(problems, local_id, keys if keys_read else None, tls)
-        self._check_window(problems)
-        self._check_store(problems)
+        check_window(self, problems)
+        check_store(self, problems)
         check_sidecar_options(self, problems)
-        self._check_files(problems)
+        check_files(self, problems)
         self._check_log_format(problems)
         if problems:
             raise usage.UsageError("\n".join(problems))
@@ -567,52 +570,6 @@ class Options(usage.Options):
         if local_id in self["peers"]:
             problems.append(f"--peer {local_id!r}: a node does not dial itself")
         return local_id
-
-    def _check_tls(self, problems: list[str]) -> Any:
-        certificate, key = self["tls-certificate"], self["tls-key"]
-        if (certificate is None) != (key is None):
-            problems.append("--tls-certificate and --tls-key go together")
-            return None
-        if certificate is None:
-            if self["tls-ca"] is not None or self["pins"]:
-                problems.append(
-                    "--tls-ca and --pin need --tls-certificate and --tls-key"
-                )
-            return None
-        if not self["pins"] and self["tls-ca"] is None:
-            problems.append(
-                "--tls-certificate needs --pin ID=FINGERPRINT or --tls-ca to "
-                "identify peers"
-            )
-            return None
-        exposed = exposed_secret(self.path(key), "TLS private key")
-        if exposed is not None:
-            problems.append(exposed)
-        pem: dict[str, bytes] = {}
-        for option in ("tls-certificate", "tls-key", "tls-ca"):
-            if self[option] is None:
-                continue
-            try:
-                with open(self.path(self[option]), "rb") as f:
-                    pem[option] = f.read()
-            except OSError as e:
-                problems.append(
-                    f"--{option}: cannot read {self[option]}: {_os_reason(e)}"
-                )
-        if len(pem) < 2 + (self["tls-ca"] is not None) or exposed is not None:
-            return None
-        from ilm.network import TLSCredentials
-
-        try:
-            return TLSCredentials.from_pem(
-                pem["tls-certificate"],
-                pem["tls-key"],
-                peer_fingerprints=self["pins"],
-                ca_certificates=pem.get("tls-ca"),
-            )
-        except (ValueError, TypeError) as e:
-            problems.append(f"bad TLS material: {e}")
-            return None
 
     def _check_endpoints(
         self,
@@ -690,62 +647,6 @@ class Options(usage.Options):
                     f"does not listen (--listen) and does not dial them (--peer)"
                 )
 
-    def _check_store(self, problems: list[str]) -> None:
-        """
-        A PostgreSQL URI parses, and names the gateway; ``--gateway``
-        without one is a mistake.
-        """
-        store, gateway = self["store"], self["gateway"]
-        if not is_postgres(store):
-            if gateway is not None:
-                problems.append(
-                    "--gateway names a gateway sharing a PostgreSQL store: give "
-                    "--store postgresql://..."
-                )
-            return
-        try:
-            import psycopg
-        except ImportError:
-            problems.append(
-                "--store postgresql://... needs psycopg 3: pip install 'ilm[postgres]'"
-            )
-            return
-        try:
-            settings = psycopg.conninfo.conninfo_to_dict(store)
-        except psycopg.ProgrammingError as e:
-            problems.append(f"--store {redact_dsn(store)}: {str(e).strip()}")
-        else:
-            port = str(settings.get("port", "5432"))
-            if not all(p.isdigit() for p in port.split(",")):
-                problems.append(
-                    f"--store {redact_dsn(store)}: port {port!r} is not a number"
-                )
-        if gateway is None:
-            import socket
-
-            self["gateway"] = socket.gethostname() or "gateway"
-        elif not 1 <= len(gateway) <= 255 or "\x00" in gateway:
-            problems.append(f"--gateway {gateway!r}: expected 1 to 255 characters")
-
-    def _check_window(self, problems: list[str]) -> None:
-        window = self["window"]
-        if window is None:
-            return
-        try:
-            value = int(window)
-        except ValueError:
-            problems.append(f"--window {window!r}: expected a whole number of messages")
-            return
-        if value < 1:
-            problems.append(f"--window {window}: must be at least 1")
-            return
-        try:
-            Config(window=value)
-        except (ValueError, TypeError) as e:
-            problems.append(f"--window {window}: {e}")
-            return
-        self["window"] = value
-
     def _check_log_format(self, problems: list[str]) -> None:
         """
         ``--log-format json`` fills in twistd's ``--logger`` with
@@ -773,32 +674,6 @@ class Options(usage.Options):
             return
         _json_log_settings[:] = [logfile, nodaemon]
         parent["logger"] = f"{__name__}.json_log_observer"
-
-    def _check_files(self, problems: list[str]) -> None:
-        parent = self.parent
-        if parent is not None and parent.get("chroot"):
-            return  # the paths are inside the chroot: checked when opened
-        files = []
-        if not is_postgres(self["store"]):
-            files.append(("store", self.path(self["store"]), True))
-        if self["inbox"] is not None:
-            files.append(("inbox", self.path(self["inbox"]), False))
-        if self["api"] is not None:
-            token = self.path(self["api-token-file"])
-            files.append(("api-token-file", token, not os.path.exists(token)))
-        seen: dict[str, str] = {}
-        for option, path, _ in files:
-            other = seen.setdefault(os.path.abspath(path), option)
-            if other != option:
-                problems.append(f"--{other} and --{option} name the same file")
-                return
-        for option, path, directory_needed in files:
-            if option == "api-token-file" and os.path.exists(path):
-                problem = None if os.access(path, os.R_OK) else "is not readable"
-            else:
-                problem = _writable_problem(path, directory_needed)
-            if problem is not None:
-                problems.append(f"--{option} {self[option]}: {problem}")
 
 
 # twistd's --logfile and -n, for json_log_observer (twistd calls a logger
@@ -832,27 +707,6 @@ def json_log_observer() -> Any:
 
         signal.signal(signal.SIGUSR1, rotate)
     return jsonFileLogObserver(output, recordSeparator="")  # type: ignore[arg-type]
-
-
-def _writable_problem(path: str, directory_needed: bool) -> str | None:
-    """
-    :return: why ``path`` could not be created or written, or ``None``.
-
-    :param directory_needed: the directory itself must be writable (SQLite
-        creates its ``-wal``, ``-shm`` and ``-lock`` files next to the
-        store).
-    """
-    if os.path.isdir(path):
-        return "is a directory"
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        return f"the directory {directory} does not exist"
-    exists = os.path.exists(path)
-    if (directory_needed or not exists) and not os.access(directory, os.W_OK | os.X_OK):
-        return f"the directory {directory} is not writable"
-    if exists and not os.access(path, os.W_OK):
-        return "is not writable"
-    return None
 
 
 class NodeService(MultiService):
@@ -1063,30 +917,6 @@ def _make_delivery(options: Mapping[str, Any], reactor: Any) -> Any:
 
         return ExecDelivery(options["exec"], _reactor(reactor))
     return FileDelivery(options["inbox"], fsync=bool(options["fsync"]))
-
-
-def is_postgres(store: str) -> bool:
-    """
-    Whether ``--store`` names a PostgreSQL database rather than a file.
-    """
-    return store.startswith(("postgresql://", "postgres://"))
-
-
-def redact_dsn(store: str) -> str:
-    """
-    ``store`` fit for logs and the API: a PostgreSQL URI's password
-    replaced by ``***``.
-    """
-    if not is_postgres(store):
-        return store
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(store)
-    if parts.password is None:
-        return store
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 def _make_store(options: Mapping[str, Any], reactor: Any) -> Any:

@@ -7,7 +7,11 @@ restarted; at the end, what each application received is verified against
 what was accepted.
 
 - :mod:`ilm._demo._driver`: runs the processes, the faults, the progress
-  and the verdict.
+  and the verdict, with :mod:`ilm._demo._nodes` (a node across its
+  processes), :mod:`ilm._demo._processes` (spawning, stopping and killing
+  them), :mod:`ilm._demo._faults` (injecting the faults as they fall due),
+  :mod:`ilm._demo._figures` (the figures shown) and
+  :mod:`ilm._demo._outcome` (the evidence handed to the verifier).
 - :mod:`ilm._demo._node`: one node's process (an ordinary ILM application).
 - :mod:`ilm._demo._verify`: the verifier, pure.
 - :mod:`ilm._demo._plan`: the seeded fault schedule, pure.

@@ -50,20 +50,25 @@ import os
 import random
 import signal
 import socket
-import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from ilm._demo._plan import CUT, Fault, credit, fault_plan
+from ilm._demo._plan import CUT, Fault, FaultSchedule, fault_plan
+from ilm._demo._processes import (
+    ChildProcess,
+    Supervised,
+    kill_now,
+    stop_processes,
+    tail,
+)
+from ilm._demo._progress import RateMeter
 from ilm._demo._records import RecordWriter, decode, encode
 from ilm._demo._relay import Relay
 from ilm._demo._verify import ReceiverLife, StreamEvidence
@@ -350,23 +355,19 @@ class HttpSender:
             )
 
 
-class _DaemonProtocol(ProcessProtocol):
+class _DaemonProcess(ChildProcess):
     """
     One process of a daemon: its log to a file, its start noticed.
     """
 
     def __init__(self, daemon: Daemon) -> None:
+        ChildProcess.__init__(self)
         self.daemon = daemon
-        self.pid = 0
-        self.alive = True
         self.running = False
-        self.status: int | None = None
-        self.signalled: int | None = None
-        self.ended: Deferred[None] = Deferred()
         self._tail = b""
 
     def outReceived(self, data: bytes) -> None:
-        self._log(data)
+        self.daemon.log(data)
         if not self.running:
             seen = self._tail + data
             if _RUNNING in seen:
@@ -375,40 +376,25 @@ class _DaemonProtocol(ProcessProtocol):
             self._tail = seen[-len(_RUNNING) :]
 
     def errReceived(self, data: bytes) -> None:
-        self._log(data)
-
-    def _log(self, data: bytes) -> None:
         self.daemon.log(data)
 
-    def processEnded(self, reason: Failure) -> None:
-        self.alive = False
-        self.status = getattr(reason.value, "exitCode", None)
-        self.signalled = getattr(reason.value, "signal", None)
+    def process_ended(self, reason: Failure) -> None:
         self.daemon.leg.daemon_ended(self.daemon, self, reason)
-        self.ended.callback(None)
-
-    def signal(self, name: str) -> None:
-        if self.alive and self.transport is not None:
-            try:
-                self.transport.signalProcess(name)
-            except OSError:
-                pass  # it has just exited
 
 
-class Daemon:
+class Daemon(Supervised):
     """
     One ``twistd -n ilm`` daemon across its processes.
     """
 
+    process: _DaemonProcess | None
+
     def __init__(self, leg: HttpLeg, name: str, directory: str) -> None:
+        Supervised.__init__(self)
         self.leg = leg
         self.name = name
         self.directory = directory
         self.log_path = os.path.join(directory, "twistd.log")
-        self.process: _DaemonProtocol | None = None
-        self.pids: list[tuple[int, bool]] = []  # each process: pid, killed
-        self.killing = False
-        self.kills = 0
 
     def log(self, data: bytes) -> None:
         try:
@@ -417,20 +403,15 @@ class Daemon:
         except OSError:
             pass  # its directory is gone already
 
-    def spawn(self, reactor: Any, arguments: list[str]) -> _DaemonProtocol:
-        protocol = _DaemonProtocol(self)
-        self.process = protocol
-        transport = reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            [sys.executable, "-c", _TWISTD, *_TWISTD_OPTIONS, *arguments],
-            env=dict(os.environ),
+    def spawn(self, reactor: Any, arguments: list[str]) -> _DaemonProcess:
+        process = _DaemonProcess(self)
+        self.start(
+            reactor,
+            process,
+            ["-c", _TWISTD, *_TWISTD_OPTIONS, *arguments],
             path=self.directory,
-            childFDs={0: "w", 1: "r", 2: "r"},
         )
-        protocol.pid = transport.pid
-        self.pids.append((protocol.pid, False))
-        return protocol
+        return process
 
     @property
     def running(self) -> bool:
@@ -438,6 +419,74 @@ class Daemon:
         if process is None or self.killing:
             return False
         return process.alive and process.running
+
+
+class DaemonApi:
+    """
+    Daemon A's HTTP API, as the leg uses it: waiting until it is ready,
+    one persistent connection pool, and the status of A's link to B.
+
+    :ivar status: A's last answer for peer B (``GET /v1/peers/B``).
+    """
+
+    def __init__(self, reactor: Any, port: int) -> None:
+        self._reactor = reactor
+        self.url = f"http://127.0.0.1:{port}"
+        self.client: Any = None
+        self.token = ""
+        self.status: dict[str, Any] = {}
+        self._pool: Any = None
+
+    async def wait_ready(self, alive: Callable[[], bool]) -> None:
+        """
+        Wait until ``/readyz`` answers ``200``, or ``alive()`` is false.
+        """
+        import treq
+
+        while alive():
+            try:
+                response = await treq.get(
+                    self.url + "/readyz", persistent=False, timeout=5
+                )
+                await response.content()
+                if response.code == 200:
+                    return
+            except Exception:
+                pass  # not listening yet
+            await deferLater(self._reactor, 0.05)
+
+    def connect(self, token: str) -> None:
+        """Use bearer ``token`` on a persistent pool from now on."""
+        import treq.client
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 64
+        self._pool.retryAutomatically = False
+        self.client = treq.client.HTTPClient(Agent(self._reactor, pool=self._pool))
+        self.token = token
+
+    async def peer_status(self) -> dict[str, Any] | None:
+        """
+        :return: A's status of peer B (also kept in :attr:`status`), or
+            ``None`` if A did not answer ``200``.
+        """
+        import treq
+
+        response = await self.client.get(
+            f"{self.url}/v1/peers/B",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=5,
+        )
+        status: dict[str, Any] = json.loads(await treq.content(response))
+        if response.code != 200:
+            return None
+        self.status = status
+        return status
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
 
 
 class _Host(Protocol):
@@ -477,10 +526,9 @@ class HttpLeg:
         self.reactor = reactor
         self.directory = directory
         self.messages = messages
-        self.plan: tuple[Fault, ...] = fault_plan(
-            seed ^ 0x4854, messages, cuts, kills, (RECEIVER,)
+        self.faults = FaultSchedule(
+            fault_plan(seed ^ 0x4854, messages, cuts, kills, (RECEIVER,)), messages
         )
-        self.pending_faults = list(self.plan)
         self.a = Daemon(self, SENDER, os.path.join(directory, "daemon-a"))
         self.b = Daemon(self, RECEIVER, os.path.join(directory, "daemon-b"))
         self.relay = Relay(reactor, hold=True)
@@ -489,32 +537,28 @@ class HttpLeg:
         self._secret = secret
         self.webhook_port: Any = None
         self.api_port = free_port()
+        self._api = DaemonApi(reactor, self.api_port)
         self.b_port = 0
         self.life = 0
         self.cuts = 0
         self.sender: HttpSender | None = None
-        self.status: dict[str, Any] = {}
         self.accepted = 0
         self.pending = 0
         self.linked = False
         self.link_times: set[float] = set()
         self._fault_time = 0.0
         self._at_fault = -1
-        self._pool: Any = None
-        self._client: Any = None
-        self._token = ""
         self._poll: LoopingCall | None = None
         self._polling = False
         self._done = False
         self._stopping = False
-        self._rates: deque[tuple[float, int]] = deque()
+        self._rate = RateMeter()
         self.failed = False
 
     # -- starting --------------------------------------------------------------
 
     def describe(self) -> str:
-        kills = sum(1 for f in self.plan if f.kind != CUT)
-        cuts = len(self.plan) - kills
+        cuts, kills = self.planned()
         return (
             f"HTTP leg: {self.messages:,} more messages go in over HTTP (POST "
             f"/v1/peers/B/messages to daemon A's API on 127.0.0.1:{self.api_port}, "
@@ -554,27 +598,19 @@ class HttpLeg:
                 "--api", f"tcp:{self.api_port}:interface=127.0.0.1",
             ],
         )  # fmt: skip
-        await self._wait_for_api()
-        if self._stopping or self.a.process is None or not self.a.process.alive:
+        await self._api.wait_ready(self._a_alive)
+        if self._stopping or not self._a_alive():
             return  # daemon_ended has said why
         with open(os.path.join(self.a.directory, "ilm-api.token")) as f:
             token = f.read().strip()
-        import treq.client
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self._pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 64
-        self._pool.retryAutomatically = False
-        client = treq.client.HTTPClient(Agent(self.reactor, pool=self._pool))
-        self._client = client
-        self._token = token
+        self._api.connect(token)
         self.sender = HttpSender(
             self.reactor,
-            client,
+            self._api.client,
             f"{self.api}/v1/peers/B/messages",
             token,
             self.messages,
-            self.credit(),
+            self.faults.credit(),
             os.urandom(8).hex(),
         )
         self._poll = LoopingCall(self._poll_status)
@@ -584,31 +620,17 @@ class HttpLeg:
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return self._api.url
 
-    async def _wait_for_api(self) -> None:
-        import treq
-
-        while not self._stopping:
-            process = self.a.process
-            if process is None or not process.alive:
-                return  # daemon_ended says why
-            try:
-                response = await treq.get(
-                    self.api + "/readyz", persistent=False, timeout=5
-                )
-                await response.content()
-                if response.code == 200:
-                    return
-            except Exception:
-                pass  # not listening yet
-            await deferLater(self.reactor, 0.05)
+    def _a_alive(self) -> bool:
+        process = self.a.process
+        return not self._stopping and process is not None and process.alive
 
     def spawn_b(self) -> None:
         self.life += 1
         self.b_port = free_port()
         port = self.webhook_port.getHost().port
-        process = self.b.spawn(
+        self.b.spawn(
             self.reactor,
             [
                 "ilm", "--id", "B", "--keys", "keys", "--store", "b.sqlite",
@@ -618,15 +640,16 @@ class HttpLeg:
                 "--webhook-secret-file", "webhook.secret",
             ],
         )  # fmt: skip
+        assert self.b.process is not None
         self.receiver.open_life(
             self.life,
             os.path.join(self.b.directory, f"webhook.{self.life}.records"),
-            process.pid,
+            self.b.process.pid,
         )
 
     # -- what the daemons do ---------------------------------------------------
 
-    def daemon_running(self, daemon: Daemon, process: _DaemonProtocol) -> None:
+    def daemon_running(self, daemon: Daemon, process: _DaemonProcess) -> None:
         if daemon is self.b and process is daemon.process and not daemon.killing:
             self.relay.retarget(self.b_port)
             if len(daemon.pids) > 1:
@@ -636,7 +659,7 @@ class HttpLeg:
                 )
 
     def daemon_ended(
-        self, daemon: Daemon, process: _DaemonProtocol, reason: Failure
+        self, daemon: Daemon, process: _DaemonProcess, reason: Failure
     ) -> None:
         if process is not daemon.process:
             return
@@ -653,21 +676,13 @@ class HttpLeg:
         self.failed = True
         self.host.finish(
             f"{daemon.name} (pid {process.pid}) exited on its own ({how}); "
-            f"its log: {_tail(daemon.log_path)}"
+            f"its log: {tail(daemon.log_path)}"
         )
 
     async def _status(self) -> None:
-        import treq
-
-        response = await self._client.get(
-            f"{self.api}/v1/peers/B",
-            headers={"Authorization": f"Bearer {self._token}"},
-            timeout=5,
-        )
-        status = json.loads(await treq.content(response))
-        if response.code != 200:
+        status = await self._api.peer_status()
+        if status is None:
             return
-        self.status = status
         self.accepted = max(self.accepted, int(status["last_message_id"]))
         self.pending = int(status["pending"])
         self.linked = status["link"] == "up"
@@ -695,14 +710,11 @@ class HttpLeg:
         """Distinct messages the webhook got."""
         return len(self.receiver.positions)
 
-    def credit(self) -> int:
-        return credit(self.messages, tuple(self.pending_faults))
-
     def linked_again(self) -> bool:
         """
         Whether B runs and A's link to it came up since the previous fault.
         """
-        since = self.status.get("link_since")
+        since = self._api.status.get("link_since")
         return (
             self.b.running
             and self.linked
@@ -718,7 +730,7 @@ class HttpLeg:
         sender = self.sender
         return (
             sender is not None
-            and not self.pending_faults
+            and self.faults.next() is None
             and sender.answered == self.messages
             and self.accepted == self.messages
             and self.pending == 0
@@ -729,12 +741,9 @@ class HttpLeg:
     def evaluate(self) -> None:
         if self._done or self._stopping:
             return
-        now = time.monotonic()
-        self._rates.append((now, self.delivered))
-        while len(self._rates) > 2 and now - self._rates[1][0] >= 1.0:
-            self._rates.popleft()
-        if self.pending_faults:
-            fault = self.pending_faults[0]
+        self._rate.sample(time.monotonic(), self.delivered)
+        fault = self.faults.next()
+        if fault is not None:
             if self.fault_due(fault):
                 self.inject(fault)
             return
@@ -745,12 +754,12 @@ class HttpLeg:
     def fault_due(self, fault: Fault) -> bool:
         if not self.linked_again() or not self.relay.linked():
             return False
-        if self.delivered < min(fault.at, self.messages):
+        if not self.faults.reached(self.delivered, fault):
             return False
-        return self.delivered > self._at_fault or self.delivered >= self.credit()
+        return self.delivered > self._at_fault or self.delivered >= self.faults.credit()
 
     def inject(self, fault: Fault) -> None:
-        self.pending_faults.pop(0)
+        self.faults.take()
         self._at_fault = self.delivered
         self._fault_time = time.time()
         self.linked = False
@@ -766,27 +775,18 @@ class HttpLeg:
                 f"connection(s) ({so_far})"
             )
         else:
-            b = self.b
-            assert b.process is not None
-            b.killing = True
-            b.kills += 1
             self.relay.retarget(None)
-            pid, _ = b.pids[-1]
-            b.pids[-1] = (pid, True)
-            b.process.signal("KILL")
+            pid = self.b.kill()
             self.host.event(
                 f"SIGKILL daemon B (pid {pid}) and restart it on its store ({so_far})"
             )
         if self.sender is not None:
-            self.sender.set_credit(self.credit())
+            self.sender.set_credit(self.faults.credit())
 
     # -- showing ---------------------------------------------------------------
 
     def rate(self) -> float:
-        if len(self._rates) < 2:
-            return 0.0
-        (t0, d0), (t1, d1) = self._rates[0], self._rates[-1]
-        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+        return self._rate.rate()
 
     def reconnects(self) -> int:
         """How many times A's link to B came up again (as A's status said)."""
@@ -803,8 +803,16 @@ class HttpLeg:
 
     def planned(self) -> tuple[int, int]:
         """Cuts, kills planned."""
-        kills = sum(1 for f in self.plan if f.kind != CUT)
-        return len(self.plan) - kills, kills
+        return self.faults.planned(CUT), self.faults.planned(RECEIVER)
+
+    def stalled(self) -> str:
+        """Where the leg stands, for the driver's message when a run stalls."""
+        return (
+            f"HTTP leg: faults left {self.faults.pending}, daemon B running "
+            f"{self.b.running}, linked {self.linked}, accepted {self.accepted:,}, "
+            f"pending {self.pending:,}, at the webhook {self.delivered:,}; logs: "
+            f"{tail(self.a.log_path)} / {tail(self.b.log_path)}"
+        )
 
     # -- ending ----------------------------------------------------------------
 
@@ -815,7 +823,7 @@ class HttpLeg:
 
         :return: what went wrong (a daemon that did not stop cleanly).
         """
-        if not kill and self._client_ready():
+        if not kill and self.sender is not None and self._a_alive():
             try:
                 await self._status()  # the final count of what A accepted
             except Exception:
@@ -825,26 +833,15 @@ class HttpLeg:
             self.sender.stop()
         if self._poll is not None and self._poll.running:
             self._poll.stop()
-        stopping = []
-        for daemon in (self.a, self.b):
-            process = daemon.process
-            if process is not None and process.alive:
-                process.signal("KILL" if kill else "TERM")
-                stopping.append((daemon, process))
-        timer = self.reactor.callLater(grace, self.kill_all)
-        for _, process in stopping:
-            await process.ended
-        if timer.active():
-            timer.cancel()
+        stopped = await stop_processes(self.reactor, (self.a, self.b), kill, grace)
         await self.relay.close()
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+        await self._api.close()
         if self.webhook_port is not None:
             await self.webhook_port.stopListening()
         self.receiver.close()
         failures = []
         if not kill:
-            for daemon, process in stopping:
+            for daemon, process in stopped:
                 # twistd ends a run stopped by SIGTERM by raising it again,
                 # so that its exit says how it was stopped.
                 if process.status != 0 and process.signalled != signal.SIGTERM:
@@ -856,16 +853,9 @@ class HttpLeg:
                     )
                     failures.append(
                         f"{daemon.name} did not stop cleanly ({how}); its log: "
-                        f"{_tail(daemon.log_path)}"
+                        f"{tail(daemon.log_path)}"
                     )
         return failures
-
-    def _client_ready(self) -> bool:
-        return (
-            self.sender is not None
-            and self.a.process is not None
-            and (self.a.process.alive)
-        )
 
     def kill_all(self) -> None:
         for daemon in (self.a, self.b):
@@ -876,54 +866,7 @@ class HttpLeg:
         """
         After the reactor stopped: SIGKILL any daemon process left.
         """
-        for daemon in (self.a, self.b):
-            process = daemon.process
-            if process is not None and process.alive and process.pid:
-                try:
-                    os.kill(process.pid, signal.SIGKILL)
-                    os.waitpid(process.pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
-
-    def evidence(self) -> StreamEvidence:
-        """
-        What the leg's applications did (see :func:`leg_evidence`).
-        """
-        sender = self.sender
-        return leg_evidence(
-            self.receiver,
-            self.b.pids,
-            {} if sender is None else sender.stored_at,
-            sent=0 if sender is None else sender.sent,
-            accepted=self.accepted,
-        )
-
-    def problems(self) -> list[str]:
-        """What the leg saw go wrong besides the deliveries."""
-        if self.receiver.bad_signatures:
-            return [
-                f"{self.receiver.bad_signatures:,} webhook request(s) with a bad "
-                "or stale signature"
-            ]
-        return []
-
-    def report(self) -> dict[str, Any]:
-        """The leg's own figures, for the JSON summary."""
-        sender = self.sender
-        return {
-            "messages": self.messages,
-            "posted": 0 if sender is None else sender.sent,
-            "answered_202": 0 if sender is None else sender.answered,
-            "post_retries": 0 if sender is None else sender.retries,
-            "accepted": self.accepted,
-            "delivered": self.delivered,
-            "webhook_requests": self.receiver.requests,
-            "bad_signatures": self.receiver.bad_signatures,
-            "link_cuts": self.cuts,
-            "kills": self.b.kills,
-            "reconnects": self.reconnects(),
-            "api": self.api,
-        }
+        kill_now((self.a, self.b))
 
     def logs(self) -> list[str]:
         return [self.a.log_path, self.b.log_path]
@@ -965,12 +908,3 @@ def _private(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-
-
-def _tail(path: str, lines: int = 5) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read().splitlines()
-    except FileNotFoundError:
-        return "(empty)"
-    return " | ".join(text[-lines:]) or "(empty)"

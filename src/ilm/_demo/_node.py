@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import ILM, Message, Receipt
+from ilm._demo._processes import log_problems_only
 from ilm._demo._records import RecordWriter, decode, encode
 
 STATUS_INTERVAL = 0.05
@@ -244,22 +245,7 @@ class NodeProcess:
         self._orphaned = False
 
     def begin_logging(self) -> None:
-        from twisted.logger import (
-            FilteringLogObserver,
-            LogLevel,
-            LogLevelFilterPredicate,
-            globalLogBeginner,
-            textFileLogObserver,
-        )
-
-        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
-        globalLogBeginner.beginLoggingTo(
-            [
-                FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate]),
-                self.links,
-            ],
-            redirectStandardIO=False,
-        )
+        log_problems_only(self.links)
 
     def start(self) -> None:
         self.begin_logging()

@@ -66,3 +66,41 @@ def credit(messages: int, pending: tuple[Fault, ...]) -> int:
     if not pending:
         return messages
     return min(messages, pending[0].at + lead(messages))
+
+
+class FaultSchedule:
+    """
+    The faults of one stream (or pair of streams) as a run goes: which
+    are still to happen, the senders' credit, and where the streams stood
+    at the previous fault.
+
+    :param plan: the faults, in order (:func:`fault_plan`).
+    :param messages: messages per stream.
+
+    :ivar pending: the faults still to happen, in order.
+    """
+
+    def __init__(self, plan: tuple[Fault, ...], messages: int) -> None:
+        self.plan = plan
+        self.pending = list(plan)
+        self._messages = messages
+
+    def next(self) -> Fault | None:
+        """The next fault to happen (``None``: they all happened)."""
+        return self.pending[0] if self.pending else None
+
+    def take(self) -> Fault:
+        """The next fault happens now: it is no longer pending."""
+        return self.pending.pop(0)
+
+    def credit(self) -> int:
+        """The highest number a sender may send now (:func:`credit`)."""
+        return credit(self._messages, tuple(self.pending))
+
+    def reached(self, delivered: int, fault: Fault) -> bool:
+        """Whether a stream that delivered ``delivered`` reached ``fault``."""
+        return delivered >= min(fault.at, self._messages)
+
+    def planned(self, kind: str) -> int:
+        """How many faults of ``kind`` (:data:`CUT`, or a name) are planned."""
+        return sum(1 for fault in self.plan if fault.kind == kind)

@@ -23,6 +23,7 @@ with no thread and no dependency, and runs in tests on a ``Clock``.
 from __future__ import annotations
 
 import shutil
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -30,6 +31,30 @@ import attr
 from twisted.internet.task import LoopingCall
 
 _BAR = 24
+
+
+class RateMeter:
+    """
+    A count's rate over about the last second, from samples taken a few
+    times a second.
+    """
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def sample(self, now: float, count: int) -> None:
+        """The count is ``count`` at ``now`` (seconds)."""
+        samples = self._samples
+        samples.append((now, count))
+        while len(samples) > 2 and now - samples[1][0] >= 1.0:
+            samples.popleft()
+
+    def rate(self) -> float:
+        """Per second, over the samples kept (0 before two)."""
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, d0), (t1, d1) = self._samples[0], self._samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

@@ -7,7 +7,8 @@ per-source caps.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from collections.abc import Callable
+from typing import Any, TypeAlias, TypeVar
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -47,16 +48,13 @@ def server_endpoint(
     """
     if not isinstance(description, str):
         return description
-    try:
-        endpoint = serverFromString(reactor, description)
-        _check_port(endpoint, description, server=True)
-    except Exception as e:
-        raise ConfigurationError(
-            f"listen endpoint {description!r} is not valid: {_reason(e)} "
-            f"(expected serverFromString syntax, such as 'tcp:9001' or "
-            f"'tcp:9001:interface=127.0.0.1')"
-        ) from None
-    return endpoint  # type: ignore[no-any-return]
+    return _parse(  # type: ignore[no-any-return]
+        serverFromString,
+        reactor,
+        description,
+        f"listen endpoint {description!r}",
+        "'tcp:9001' or 'tcp:9001:interface=127.0.0.1'",
+    )
 
 
 def client_endpoint(
@@ -75,16 +73,41 @@ def client_endpoint(
                 f"IStreamClientEndpoint, not {type(description).__name__}"
             )
         return description
+    return _parse(  # type: ignore[no-any-return]
+        clientFromString,
+        reactor,
+        description,
+        f"endpoint of peer {peer_id!r}, {description!r},",
+        "'tcp:host=10.0.0.2:port=9001'",
+    )
+
+
+_Endpoint = TypeVar("_Endpoint")
+
+
+def _parse(
+    parse: Callable[[Any, str], _Endpoint],
+    reactor: Any,
+    description: str,
+    what: str,
+    examples: str,
+) -> _Endpoint:
+    """
+    ``parse(reactor, description)`` (``serverFromString`` or
+    ``clientFromString``), its port checked.
+
+    :raises ConfigurationError: saying that ``what`` is not valid, why, and
+        the syntax expected (with ``examples``).
+    """
     try:
-        endpoint = clientFromString(reactor, description)
-        _check_port(endpoint, description, server=False)
+        endpoint = parse(reactor, description)
+        _check_port(endpoint, description, server=parse is serverFromString)
     except Exception as e:
         raise ConfigurationError(
-            f"endpoint of peer {peer_id!r}, {description!r}, is not valid: "
-            f"{_reason(e)} (expected clientFromString syntax, such as "
-            f"'tcp:host=10.0.0.2:port=9001')"
+            f"{what} is not valid: {_reason(e)} (expected {parse.__name__} "
+            f"syntax, such as {examples})"
         ) from None
-    return endpoint  # type: ignore[no-any-return]
+    return endpoint
 
 
 def client_endpoints(

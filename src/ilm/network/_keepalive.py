@@ -3,7 +3,8 @@
 goes out after every ``keepalive_interval`` in which nothing was written;
 a link on which nothing arrived (or nothing was read, while reading from a
 peer that does not read is stopped) for ``idle_timeout`` is dead, typically
-half-open after a host or network failure.
+half-open after a host or network failure.  It also answers the peer's
+LINK_PINGs (:meth:`Keepalive.link_frame`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall
 
+import ilm.network._wire as _wire
 from ilm._peerid import PeerId
+from ilm.errors import UnexpectedFrame
 from ilm.network._settings import LinkSettings
 from ilm.network._writer import LinkWriter
 
@@ -27,7 +30,7 @@ class Keepalive:
         flow control state).
     :param later: ``later(delay, function)`` schedules ``function`` on the
         connection's clock (guarded).
-    :param ping: writes a LINK_PING with the given token.
+    :param send: writes a link frame (kind, body).
     :param dead: the link is dead, for the given reason.
 
     :ivar received: whether anything arrived since the last interval (set
@@ -38,7 +41,7 @@ class Keepalive:
         "_call",
         "_dead",
         "_later",
-        "_ping",
+        "_send",
         "_settings",
         "_silent_ticks",
         "_tokens",
@@ -52,13 +55,13 @@ class Keepalive:
         settings: LinkSettings,
         writer: LinkWriter,
         later: Callable[[float, Callable[[], object]], IDelayedCall],
-        ping: Callable[[int], None],
+        send: Callable[[int, bytes], None],
         dead: Callable[[str], None],
     ) -> None:
         self._settings = settings
         self._writer = writer
         self._later = later
-        self._ping = ping
+        self._send = send
         self._dead = dead
         self._call: IDelayedCall | None = None
         self._silent_ticks = 0
@@ -86,9 +89,34 @@ class Keepalive:
             return
         writer = self._writer
         if not writer.sent and not writer.paused:
-            self._ping(next(self._tokens))
+            self._send(_wire.LINK_PING, _wire.encode_token(next(self._tokens)))
         writer.sent = False
         self._call = self._later(self._settings.keepalive_interval, self._tick)
+
+    def link_frame(self, kind: int, body: bytes) -> None:
+        """
+        A link frame other than a session frame arrived on the open link:
+        a LINK_PING is answered, a LINK_PONG (or an empty CARRY) checked.
+
+        :raises ProtocolViolation: the frame is malformed, or has no
+            business on an open link.
+        """
+        if kind == _wire.LINK_PING:
+            token = _wire.decode_token(body, "LINK_PING")
+            if self._writer.paused:
+                # The peer is not reading: owe it one LINK_PONG (the latest),
+                # written when the link resumes, instead of one per LINK_PING.
+                self._writer.pending_pong = token
+            else:
+                self._send(_wire.LINK_PONG, _wire.encode_token(token))
+        elif kind == _wire.LINK_PONG:
+            _wire.decode_token(body, "LINK_PONG")
+        elif kind == _wire.CARRY:
+            _wire.decode_carry(body)
+        else:
+            raise UnexpectedFrame(
+                f"{_wire.FRAME_NAMES[kind]} frame on a link that is up"
+            )
 
     def silence(self) -> str | None:
         """

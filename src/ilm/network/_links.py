@@ -18,7 +18,7 @@ import ilm.network._election as _election
 from ilm._peerid import PeerId
 from ilm.network._counters import REFUSAL_HOLD, NetworkCounters
 from ilm.network._election import Election, Verdict
-from ilm.network._log import log
+from ilm.network._log import internal_error, log
 from ilm.network._protocol import ILMProtocol
 from ilm.network._refusal import RefusalPolicy
 from ilm.network._states import AUTHENTICATED, CLOSED, HANDSHAKING
@@ -215,11 +215,7 @@ class LinkTable:
             ):
                 self._make_link(held, announce=True)
         except Exception:
-            log.failure(
-                "internal error while {doing}",
-                doing="releasing a held connection",
-                ilm_event="internal_error",
-            )
+            internal_error("releasing a held connection")
 
     def wanted(self, peer_id: PeerId) -> bool:
         """

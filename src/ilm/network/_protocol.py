@@ -1,6 +1,8 @@
 """
 :class:`ILMProtocol`: one stream connection.  It frames bytes, drives the
-link handshake, sends keepalives and is its transport's ``IPushProducer``;
+link handshake (through :class:`ilm.network._opening.LinkOpening`), keeps
+the link alive (:class:`ilm.network._keepalive.Keepalive`) and is its
+transport's ``IPushProducer``;
 what the connection means to the node (whether to admit it, what it
 becomes once authenticated, what a lost link changes) is its owner's
 business, asked through the narrow :class:`IConnectionOwner` interface.
@@ -35,19 +37,17 @@ from ilm.errors import (
     LinkTimeout,
     ProtocolViolation,
     TLSHandshakeFailed,
-    UnexpectedFrame,
 )
 from ilm.interfaces import IFrameReceiver
-from ilm.network._dial_failure import never_linked
-from ilm.network._election import decides
 from ilm.network._endpoints import address_text
 from ilm.network._handshake import LinkHandshake, PreSharedKeys
 from ilm.network._keepalive import Keepalive
 from ilm.network._log import log
+from ilm.network._opening import LinkOpening
 from ilm.network._refusal_log import RefusalLog
 from ilm.network._settings import LinkSettings
 from ilm.network._states import AUTHENTICATED, CLOSED, HANDSHAKING, OPEN
-from ilm.network._tls import TLSCredentials, certificate_identity, tls_error_text
+from ilm.network._tls import TLSCredentials, tls_error_text
 from ilm.network._waiters import ConnectionWaiters
 from ilm.network._writer import LinkWriter
 
@@ -163,21 +163,28 @@ class ILMProtocol(Protocol):
         self.initiated = destination is not None
         self.peer_id: PeerId | None = None
         self.state = HANDSHAKING
-        self._handshake = context.handshake(destination)
         self._parser = _wire.FrameParser()
         self._writer = LinkWriter(context.settings.max_unsent_bytes)
+        self._opening = LinkOpening(
+            context.handshake(destination),
+            local_id=context.local_id,
+            keys=context.keys,
+            tls=context.tls,
+            timeout=context.settings.handshake_timeout,
+            writer=self._writer,
+            parser=self._parser,
+        )
         self._waiters: ConnectionWaiters[ILMProtocol] = ConnectionWaiters(
             self._abort_quietly
         )
         self._clock = context.clock
         self._settings = context.settings
-        self._handshake_call: IDelayedCall | None = None
         self._grace_call: IDelayedCall | None = None
         self._keepalive = Keepalive(
             context.settings,
             self._writer,
             self._later,
-            lambda token: self._send(_wire.LINK_PING, _wire.encode_token(token)),
+            self._send,
             lambda reason: self.fail(LinkTimeout(reason)),
         )
         self._producing = False
@@ -208,16 +215,10 @@ class ILMProtocol(Protocol):
                 set_no_delay(True)
             except Exception:
                 pass
-        self._handshake_call = self._later(
-            self._settings.handshake_timeout, self._handshake_expired
-        )
         try:
-            frames = self._handshake.start()
+            self._opening.start(self._later, self._handshake_expired)
         except ProtocolViolation as violation:
             self.fail(violation)
-            return
-        if frames:
-            self._writer.write(frames)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == CLOSED:
@@ -244,7 +245,7 @@ class ILMProtocol(Protocol):
                         if kind == _wire.CARRY and body and receiver is not None:
                             receiver.frame_received(peer, body)
                         else:
-                            self._open_frame(kind, body)
+                            self._keepalive.link_frame(kind, body)
                     continue
                 if state == CLOSED:
                     return
@@ -292,57 +293,22 @@ class ILMProtocol(Protocol):
                 ilm_event="internal_error",
             )
 
-    def _open_frame(self, kind: int, body: bytes) -> None:
-        if kind == _wire.LINK_PING:
-            token = _wire.decode_token(body, "LINK_PING")
-            if self._writer.paused:
-                # The peer is not reading: owe it one LINK_PONG (the latest),
-                # written when the link resumes, instead of one per LINK_PING.
-                self._writer.pending_pong = token
-            else:
-                self._send(_wire.LINK_PONG, _wire.encode_token(token))
-        elif kind == _wire.LINK_PONG:
-            _wire.decode_token(body, "LINK_PONG")
-        elif kind == _wire.CARRY:
-            _wire.decode_carry(body)
-        else:
-            raise UnexpectedFrame(
-                f"{_wire.FRAME_NAMES[kind]} frame on a link that is up"
-            )
-
     def _frame(self, kind: int, body: bytes) -> None:
+        opening = self._opening
         if self.state == HANDSHAKING:
-            handshake = self._handshake
-            replies = handshake.receive(kind, body, self._certificate_identity)
-            if replies:
-                self._writer.write(replies)
-            if handshake.refusal is not None:
+            peer_id = opening.receive(kind, body, self.transport)
+            if opening.refusal is not None:
                 # Refused after replying (our proof must reach the peer).
-                self.fail(handshake.refusal, flush=True)
-                return
-            if handshake.done:
-                keys = handshake.frame_keys
-                if keys is not None:
-                    self._writer.sealer = _wire.FrameSealer(keys[0])
-                    self._parser.opener = _wire.FrameOpener(keys[1])
+                self.fail(opening.refusal, flush=True)
+            elif peer_id is not None:
                 self.state = AUTHENTICATED
-                self.peer_id = handshake.peer_id
+                self.peer_id = peer_id
                 self._owner.authenticated(self)
             return
         # AUTHENTICATED: only the decider's LINK_UP may come now.
         assert self.peer_id is not None
-        if kind == _wire.LINK_UP and not decides(self._context.local_id, self.peer_id):
-            _wire.check_empty(body, "LINK_UP")
-            self._owner.link_up_received(self)
-            return
-        raise UnexpectedFrame(
-            f"{_wire.FRAME_NAMES[kind]} frame while waiting for the link to be chosen"
-        )
-
-    def _certificate_identity(self) -> PeerId:
-        tls = self._context.tls
-        assert tls is not None
-        return certificate_identity(self.transport, tls)
+        opening.link_up(kind, body, self.peer_id)
+        self._owner.link_up_received(self)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         was = self.state
@@ -359,22 +325,11 @@ class ILMProtocol(Protocol):
                 self.refused(TLSHandshakeFailed(text))
         self._waiters.lost = True
         self._owner.connection_lost(self, was, reason)
-        context = self._context
         self._waiters.connection_lost(
             reason,
             # Why this dialled connection never became the link, for its
             # dialer: this node's own reason, or what the loss means.
-            lambda: (
-                self._close_reason
-                or never_linked(
-                    was,
-                    self._handshake.state,
-                    reason,
-                    local_id=context.local_id,
-                    keys=context.keys is not None,
-                    tls=context.tls is not None,
-                )
-            ),
+            lambda: self._close_reason or self._opening.never_linked(was, reason),
         )
 
     # -- link life ---------------------------------------------------------
@@ -493,7 +448,7 @@ class ILMProtocol(Protocol):
     @property
     def claimed_id(self) -> PeerId | None:
         """The id the peer claims (``None``: it claimed none yet)."""
-        return self._handshake.claimed_id
+        return self._opening.claimed_id
 
     def close(self, reason: Exception, abort: bool) -> None:
         """
@@ -528,25 +483,13 @@ class ILMProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _cancel_timers(self) -> None:
-        call, self._handshake_call = self._handshake_call, None
-        if call is not None and call.active():
-            call.cancel()
+        self._opening.cancel()
         self._keepalive.stop()
 
     def _handshake_expired(self) -> None:
-        self._handshake_call = None
+        self._opening.expired()
         if self.state in (HANDSHAKING, AUTHENTICATED):
-            stage = (
-                self._handshake.state
-                if self.state == HANDSHAKING
-                else "waiting for the link to be chosen"
-            )
-            self.fail(
-                LinkTimeout(
-                    f"link handshake not complete within "
-                    f"{self._settings.handshake_timeout} s (state: {stage})"
-                )
-            )
+            self.fail(self._opening.timed_out(self.state))
 
     # -- flow control (IPushProducer) ---------------------------------------
 

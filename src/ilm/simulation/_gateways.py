@@ -884,12 +884,12 @@ def run_gateway_seed(
 
     :return: its :class:`GatewaySeedResult` (``ok`` when no violation).
     """
-    import ilm._messenger
+    import ilm._nodelog
     import ilm._ownership_guard
     import ilm.network._stream
 
     world = GatewayWorld(seed, gateways)
-    loggers = (ilm._messenger.log, ilm.network._stream.log, ilm._ownership_guard.log)
+    loggers = (ilm._nodelog.log, ilm.network._stream.log, ilm._ownership_guard.log)
 
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:

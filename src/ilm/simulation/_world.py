@@ -23,15 +23,17 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import ilm._messenger
+import ilm._nodelog
 import ilm.backends._sqlite
 import ilm.network._memory
 import ilm.network._stream
 from ilm import _frames
 from ilm._config import Config
 from ilm._delivery import as_delivery
-from ilm._messenger import ILM, Receipt
+from ilm._messenger import ILM
 from ilm._peerid import PeerId
+from ilm._sender import Receipt
+from ilm._status import PeerStatus
 from ilm._store import StoreBatch, StoredState
 from ilm.errors import (
     ILMError,
@@ -39,6 +41,7 @@ from ilm.errors import (
     ShutdownTimeout,
     StoreError,
     StoreInDoubt,
+    UnknownPeer,
 )
 from ilm.interfaces import ILocalDelivery, IMessage, INetwork
 from ilm.network._memory import FaultPolicy, InMemoryNetwork
@@ -90,13 +93,26 @@ _BAD_EVENTS = frozenset(
 
 # The loggers whose events the simulator hears (counted, traced, checked).
 _LOGGERS = (
-    ilm._messenger.log,
+    ilm._nodelog.log,
     ilm.network._memory.log,
     ilm.network._stream.log,
     ilm.backends._sqlite.log,
 )
 
 _TRACE_TAIL = 400
+
+
+def _status(node: ILM | None, peer_id: PeerId) -> PeerStatus | None:
+    """
+    What ``node`` reports of ``peer_id`` (``None``: no node, or it knows
+    nothing of that peer).
+    """
+    if node is None:
+        return None
+    try:
+        return node.peer_status(peer_id)
+    except UnknownPeer:
+        return None
 
 
 class InjectedDeliveryFailure(Exception):
@@ -1051,13 +1067,15 @@ class World:
                 delivered, _received = _frames.decode_ack(frame)
                 sender = self.nodes[destination].ilm
                 acked = 0
-                if sender is not None and source in sender._peers:
-                    acked = sender._peers[source].out.acked
+                status = _status(sender, source)
+                if status is not None:
+                    acked = status.last_acknowledged
                 # The incarnation of the sender whose stream is acknowledged.
                 incarnation = None
                 receiver = self.nodes[source].ilm
-                if receiver is not None and destination in receiver._peers:
-                    incarnation = receiver._peers[destination].peer_incarnation
+                status = _status(receiver, destination)
+                if status is not None:
+                    incarnation = status.link_incarnation
                 self.ledger.check_ack(
                     source, destination, delivered, acked, incarnation
                 )
@@ -1076,34 +1094,34 @@ class World:
                 continue
             node_id = node.node_id
             generation = node.generation
-            for peer_id, peer in messenger._peers.items():
-                out = peer.out
-                cached = len(out._buf) - out._head
-                if cached > cache_messages or out.cached_bytes > cache_bytes:
+            for peer_id, status in messenger.peer_status().items():
+                cached = status.cached
+                if cached > cache_messages or status.cached_bytes > cache_bytes:
                     self._violation(
                         f"{node_id}->{peer_id}: sender caches {cached} messages "
-                        f"({out.cached_bytes} B), over 2 x window"
+                        f"({status.cached_bytes} B), over 2 x window"
                     )
                 stream = streams.get((node_id, generation, peer_id))
                 if stream is None:
                     max_mark, stored = 0, 0
                 else:
                     max_mark, stored = stream.max_mark, len(stream.stored)
-                if out.acked > max_mark:
+                acked = status.last_acknowledged
+                if acked > max_mark:
                     self._violation(
-                        f"{node_id}->{peer_id}: sender acknowledged {out.acked}, "
+                        f"{node_id}->{peer_id}: sender acknowledged {acked}, "
                         f"beyond the receiver's durable mark {max_mark}"
                     )
-                if out.stored > stored:
+                if status.last_message_id > stored:
                     self._violation(
-                        f"{node_id}->{peer_id}: sender counts {out.stored} stored, "
-                        f"its store holds {stored}"
+                        f"{node_id}->{peer_id}: sender counts "
+                        f"{status.last_message_id} stored, its store holds {stored}"
                     )
-                for inbound in peer.inbound:
-                    if len(inbound.queue) > window:
+                for queued in status.queued:
+                    if queued > window:
                         self._violation(
                             f"{peer_id}->{node_id}: receiver queues "
-                            f"{len(inbound.queue)} messages, over the window"
+                            f"{queued} messages, over the window"
                         )
         for problem in self.application.after_step(self.view):
             self._violation(f"application check: {problem}")
@@ -1115,10 +1133,9 @@ class World:
                 return False
             if messenger.pending_outbound() or node.backend.durable_outbox():
                 return False
-            for peer in messenger._peers.values():
-                for inbound in peer.inbound:
-                    if inbound.queue:
-                        return False
+            for status in messenger.peer_status().values():
+                if any(status.queued):
+                    return False
         for stream in self.ledger.streams.values():
             if not stream.sender_lost and (
                 stream.high < len(stream.stored) or stream.mark < len(stream.stored)
@@ -1139,7 +1156,7 @@ class World:
             durable = node.backend.durable_outbox()
             if durable:
                 parts.append(f"node {node.node_id} durable outbox {durable}")
-            links = {pid: peer.link for pid, peer in messenger._peers.items()}
+            links = {pid: s.link for pid, s in messenger.peer_status().items()}
             parts.append(f"node {node.node_id} links {links}")
         for stream in self.ledger.streams.values():
             if not stream.sender_lost and (
