@@ -299,6 +299,8 @@ class NodeLife:
         self._early_count = 0
         for send, d in early:
             send().chainDeferred(d)
+        if self._router.streams is not None:
+            self._router.streams.guard.start()
         self._started.fire(None)
 
     def _start_failed(self, reason: Failure) -> None:
@@ -449,6 +451,8 @@ class NodeLife:
     def _stop_everything(self) -> None:
         core = self._core
         self._committer.stop()
+        if self._router.streams is not None:
+            self._router.streams.guard.stop()
         core.stop_limiter()
         detail = f"ILM node {core.local_id!r} stopped"
         for peer in core.peers.values():
@@ -475,6 +479,8 @@ class NodeLife:
             peer.cancel_timers()
             peer.sender.waiters = []
         self._committer.stop()
+        if self._router.streams is not None:
+            self._router.streams.guard.stop()
         core.stop_limiter()
 
     async def _within(

@@ -28,6 +28,7 @@ from ilm._deliverer import PeerDeliverer, one_line
 from ilm._node import NodeCore, Peer
 from ilm._nodelog import log
 from ilm._outcomes import CommitOutcomes
+from ilm._ownership_guard import GatewayStreams, OwnershipGuard
 from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY
 from ilm._peerid import PeerId, check_peer_id
 from ilm._sender import PeerSender
@@ -78,6 +79,7 @@ class PeerRouter:
         )
         self.peers = core.peers
         outcomes = CommitOutcomes(core, self)
+        shared = OwnershipGuard.shares(core.backend)
         self.committer = GroupCommitter(
             core.backend,
             core.clock,
@@ -89,7 +91,12 @@ class PeerRouter:
             failed=outcomes.failed,
             settled=core.check_drained,
             unexpected=core.unexpected,
+            shared=shared,
         )
+        #: With a store shared by several gateways: stream ownership
+        #: (ilm._ownership_guard); None for any other store.
+        self.streams = GatewayStreams.for_node(core, self) if shared else None
+        outcomes.streams = self.streams
 
     # -- peers -----------------------------------------------------------------
 
@@ -130,7 +137,7 @@ class PeerRouter:
             acknowledge=lambda: self.send_ack(peer),
             unstarve=lambda stream: self._unstarve(peer, stream),
             committer=self.committer,
-            host=core,
+            host=core if self.streams is None else self.streams.host(peer_id),
             clock=core.clock,
             later=core.later,
             backoff=self._delivery_backoff,
@@ -146,6 +153,8 @@ class PeerRouter:
         self._core.guard(self._established, peer_id)
 
     def link_lost(self, peer_id: object, reason: object) -> None:
+        if self.streams is not None:
+            self._core.guard(self.streams.guard.link_lost, peer_id)
         self._core.guard(self.lost, peer_id, reason)
 
     def link_paused(self, peer_id: object) -> None:
@@ -162,6 +171,8 @@ class PeerRouter:
             self._invalid_id(peer_id, "a frame from")
             return
         if peer is None or peer.link == DOWN or peer.link == CLOSING:
+            if self.streams is not None:
+                self.streams.guard.taking(peer_id, frame)  # type: ignore[arg-type]
             return
         config = self._config
         try:
@@ -221,6 +232,14 @@ class PeerRouter:
         if pid is None or pid == self._core.local_id:
             self._invalid_id(peer_id, "a link with")
             return
+        if self.streams is not None:
+            # Take the peer's stream first; then taken().
+            self.streams.guard.link_established(pid)
+            return
+        self.taken(pid)
+
+    def taken(self, pid: PeerId) -> None:
+        """The link with ``pid`` is this node's: its handshake starts."""
         peer = self.peers.get(pid) or self.new_peer(pid)
         if peer.link != DOWN:
             self.lost(pid, Failure(ConnectionError("replaced by a new link")))

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from ilm._committer import Send
 from ilm._node import NodeCore, Peer
+from ilm._ownership_guard import GatewayStreams
 from ilm._peer import HELLO_SENT, READY
 from ilm._peerid import PeerId
 from ilm._store import CommitResult, StoreBatch
@@ -47,6 +48,8 @@ class CommitOutcomes:
     def __init__(self, core: NodeCore, router: Links) -> None:
         self._core = core
         self._router = router
+        #: Stream ownership, with a store shared by several gateways.
+        self.streams: GatewayStreams | None = None
 
     def drop_unstorable(
         self,
@@ -112,8 +115,15 @@ class CommitOutcomes:
         # in an order that depends on object addresses (runs must replay
         # exactly on a Clock).
         acknowledge: dict[Peer, None] = {}
+        streams = self.streams
         for (peer_id, incarnation), position in batch.delivered.items():
-            peer = peers[peer_id]
+            peer = peers.get(peer_id)
+            # (None: a stream this gateway dropped meanwhile.)
+            if peer is None or (
+                streams is not None
+                and streams.ahead_of_stream(peer, incarnation, position)
+            ):
+                continue
             if peer.marked(incarnation, position):
                 acknowledge[peer] = None
         for peer in acknowledge:
@@ -122,9 +132,14 @@ class CommitOutcomes:
             if forgotten:
                 self._router.forgotten(peer, forgotten)
         for sender, first, contents, deferreds in sends:
+            if streams is not None:
+                first = streams.stored_at(sender, first, result)
             sender.stored(first, contents, deferreds)
 
     def failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
+        if self.streams is not None and self.streams.guard.commit_failed(reason):
+            if not sends:
+                return  # the fenced streams were dropped, and that logged
         refused = 0
         for sender, first, contents, deferreds in sends:
             refused += len(contents)

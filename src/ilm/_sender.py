@@ -308,7 +308,10 @@ class PeerSender:
         A commit stored ``contents`` from position ``first``: transmit them,
         give their receipts.
         """
-        self.out.on_stored(first, contents)
+        if first == self.out.stored + 1:
+            # (Else a shared store's peer restarted from a state that
+            # already counts them: ilm._ownership_guard.)
+            self.out.on_stored(first, contents)
         self.pump()
         peer_id = self.peer_id
         for offset, d in enumerate(deferreds):
