@@ -24,6 +24,7 @@ from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter
 from ilm._delivery import delivery_outcome
 from ilm._message import Message
+from ilm._nodelog import NodeLogging
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
 from ilm._status import HistogramCounter
@@ -51,7 +52,7 @@ def one_line(reason: object) -> str:
     return " ".join(line.split())
 
 
-class DeliveryHost(Protocol):
+class DeliveryHost(NodeLogging, Protocol):
     """
     What a :class:`PeerDeliverer` needs of the node around it.
     """
@@ -63,21 +64,8 @@ class DeliveryHost(Protocol):
     def delivery_settled(self) -> None:
         """A delivery that was in progress settled."""
 
-    def limited(
-        self,
-        key: tuple[object, ...],
-        level: LogLevel,
-        format: str,
-        failure: Failure | None = None,
-        **fields: Any,
-    ) -> None:
-        """Log through the node's event limiter."""
-
     def guard(self, function: Callable[..., object], *args: object) -> None:
         """Run ``function``, logging what it raises."""
-
-    def unexpected(self, reason: Failure, doing: str) -> None:
-        """Log an internal error."""
 
 
 class PeerDeliverer:

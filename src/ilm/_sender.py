@@ -19,7 +19,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -30,7 +30,7 @@ from ilm import _frames
 from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter
 from ilm._config import Config
-from ilm._nodelog import log
+from ilm._nodelog import NodeLogging, log
 from ilm._peer import READY, PeerSession
 from ilm._peerid import PeerId
 from ilm.errors import (
@@ -107,7 +107,7 @@ class _Receipts:
             self._d.errback(fail)
 
 
-class SenderHost(Protocol):
+class SenderHost(NodeLogging, Protocol):
     """
     What a :class:`PeerSender` needs of the node around it.
     """
@@ -116,23 +116,10 @@ class SenderHost(Protocol):
     def ended(self) -> str | None:
         """How the node ended ("ILM node 1 stopped"), or ``None`` (it runs)."""
 
-    def limited(
-        self,
-        key: tuple[object, ...],
-        level: LogLevel,
-        format: str,
-        failure: Failure | None = None,
-        **fields: Any,
-    ) -> None:
-        """Log through the node's event limiter."""
-
     def later(
         self, delay: float, function: Callable[..., object], *args: object
     ) -> IDelayedCall:
         """Call ``function`` after ``delay`` seconds, logging what it raises."""
-
-    def unexpected(self, reason: Failure, doing: str) -> None:
-        """Log an internal error."""
 
     def check_drained(self) -> None:
         """Messages were acknowledged: the node may be drained."""
