@@ -216,6 +216,17 @@ def _backend(options: dict[str, Any], name: str) -> Any:
         from ilm.testing import InMemoryBackend
 
         return InMemoryBackend()
+    if options["backend"] == "postgres":
+        from ilm.backends import PostgresBackend
+
+        # Each side its own schema (the orchestrator drops them after).
+        role = name.split(".")[0]
+        return PostgresBackend(
+            options["dsn"],
+            node_id=1 if role == "sender" else 2,
+            gateway=f"bench-{role}",
+            schema=options["schemas"][role],
+        )
     from ilm import SQLiteBackend
 
     return SQLiteBackend(os.path.join(options["dir"], name), synchronous="FULL")

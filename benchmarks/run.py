@@ -7,7 +7,8 @@ Every scenario sends 64-byte messages one way and checks what arrived (see
 it reports throughput (median of ``--runs`` runs), latency p50/p99/p99.9 at a
 fixed offered load (``--rate``, 1,000 msg/s), CPU seconds per 100,000
 messages per process (the broker's included), and peak RSS; for ILM over
-TCP also the time to resume after a link cut, and for ILM on SQLite the
+TCP also the time to resume after a link cut (also on PostgreSQL: ``ilm-postgres``,
+each side in a schema of its own, dropped after), and for ILM on SQLite the
 time to the first delivery after a restart with a large backlog.  Ratios of
 ILM to each peer, and the issue's targets, are computed in the same run.
 
@@ -95,6 +96,7 @@ class Plan:
         self.mqtt = (mqtt_host or "127.0.0.1", int(mqtt_port))
         self.nats = args.nats
         self.directory = args.dir
+        self.postgres = args.postgres
 
     def describe(self) -> str:
         return (
@@ -407,6 +409,51 @@ def scenario_ilm_sqlite(plan: Plan) -> dict[str, Any]:
     return _ilm_tcp(plan, "sqlite")
 
 
+def scenario_ilm_postgres(plan: Plan) -> dict[str, Any]:
+    """
+    ILM over TCP, two processes, each on a ``PostgresBackend`` in a schema
+    of its own (fresh for every run, dropped after, also on failure).
+    """
+    try:
+        import psycopg
+    except ImportError:
+        raise Skipped("psycopg is not installed (pip install '.[postgres]')")
+    try:
+        with psycopg.connect(plan.postgres, autocommit=True, connect_timeout=5):
+            pass
+    except psycopg.Error as e:
+        raise Skipped(f"PostgreSQL not reachable: {str(e).strip().splitlines()[0]}")
+    schemas: list[str] = []
+
+    def fresh(options: dict[str, Any]) -> dict[str, Any]:
+        tag = uuid.uuid4().hex[:12]
+        run = {role: f"ilm_bench_{role}_{tag}" for role in ("sender", "receiver")}
+        schemas.extend(run.values())
+        return {**options, "schemas": run}
+
+    options = {"size": SIZE, "backend": "postgres", "dsn": plan.postgres}
+    try:
+        record = _measure(
+            plan,
+            "ilm-receiver",
+            "ilm-sender",
+            options,
+            plan.messages,
+            prepare=fresh,
+        )
+        record.update(_resume(plan, fresh(options)))
+    finally:
+        with psycopg.connect(plan.postgres, autocommit=True) as conn:
+            for schema in schemas:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
+    record["checked"] = (
+        "every message exactly once, in order, message ids 1..N, also across "
+        "the link cuts; both stores in PostgreSQL (synchronous_commit as the "
+        "server has it)"
+    )
+    return record
+
+
 def scenario_ilm_tcp_mac(plan: Plan) -> dict[str, Any]:
     from benchmarks._twisted_roles import mac_field
 
@@ -631,6 +678,11 @@ SCENARIOS: list[tuple[str, str, Callable[[Plan], dict[str, Any]]]] = [
     ),
     ("ilm-tcp", "3. ILM, TCP, 2 processes, memory stores", scenario_ilm_tcp),
     ("ilm-sqlite", "4. ILM, TCP, 2 processes, SQLite FULL", scenario_ilm_sqlite),
+    (
+        "ilm-postgres",
+        "4. ILM, TCP, 2 processes, PostgreSQL",
+        scenario_ilm_postgres,
+    ),
     ("mqtt-qos1", "5. MQTT QoS 1, Mosquitto, persistent", scenario_mqtt_qos1),
     ("mqtt-qos2", "5. MQTT QoS 2, Mosquitto, persistent", scenario_mqtt_qos2),
     ("jetstream", "6. NATS JetStream, file, pull consumer", scenario_jetstream),
@@ -903,6 +955,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mqtt", default="127.0.0.1:1883", help="broker host:port")
     parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS URL")
     parser.add_argument("--dir", help="where temporary stores go")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "ILM_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=test"
+        ),
+        help="PostgreSQL DSN of the ilm-postgres scenario (schemas created "
+        "and dropped there)",
+    )
     parser.add_argument("--verbose", action="store_true", help="children's output")
     parser.add_argument(
         "--profile",
@@ -986,7 +1046,7 @@ def _shown(arguments: list[str]) -> list[str]:
     """The command line as the report shows it: local paths as names."""
     shown = list(arguments)
     for index, argument in enumerate(shown[:-1]):
-        if argument in ("--json", "--dir", "--profile"):
+        if argument in ("--json", "--dir", "--profile", "--postgres"):
             shown[index + 1] = argument.lstrip("-").upper()
     return shown
 

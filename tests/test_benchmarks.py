@@ -273,3 +273,54 @@ class LeanPeerTests(SynchronousTestCase):
         data = [_frames.decode_messages(f, 1 << 20) for f in network.sent[1:]]
         self.assertEqual(data, [(1, [b"one"]), (2, [b"two"]), (3, [b"four"])])
         self.assertEqual(peer.held, 2)
+
+
+class PostgresScenarioTests(SynchronousTestCase):
+    def test_ilm_postgres(self) -> None:
+        """
+        ``--only ilm-postgres`` measures two processes on PostgreSQL stores
+        (every message checked) and drops the schemas it made; it is
+        skipped, saying why, when the server is not reachable.
+        """
+        from .test_postgres import DSN, admin, require_postgres
+
+        require_postgres()
+
+        def schemas() -> set[str]:
+            with admin() as conn:
+                rows = conn.execute(
+                    b"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'ilm_bench_%'"
+                ).fetchall()
+            return {row[0] for row in rows}
+
+        before = schemas()
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "figures.json")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [ROOT, os.path.join(ROOT, "src"), env.get("PYTHONPATH", "")]
+        )
+        try:
+            process = subprocess.run(
+                [
+                    sys.executable, "-m", "benchmarks", "--quick", "--only",
+                    "ilm-postgres", "--messages", "2000", "--latency-seconds",
+                    "0.2", "--postgres", DSN, "--json", path,
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=env,
+                timeout=180,
+            )  # fmt: skip
+            self.assertEqual(process.returncode, 0, process.stdout + process.stderr)
+            with open(path) as f:
+                (record,) = json.load(f)["scenarios"]
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+            os.rmdir(directory)
+        self.assertEqual(record["status"], "ok", record.get("reason"))
+        self.assertGreater(record["msgs_per_s"], 0)
+        self.assertIsNotNone(record["resume_ms"])
+        self.assertEqual(schemas() - before, set())

@@ -49,7 +49,7 @@ class DiallerTests(SynchronousTestCase):
         clock = Clock()
         board = Switchboard(clock)
         dialler = Dialler(
-            endpoints={2: (board.client("2"), "two")},
+            endpoints={2: [(board.client("2"), "two")]},
             tls=None,
             clock=clock,
             reconnect=Backoff(),
@@ -70,7 +70,7 @@ class DiallerTests(SynchronousTestCase):
         peer.
         """
         dialler, clock = self.dialler(set())
-        endpoint = _LinkEndpoint(dialler, 2, Switchboard(clock).client("2"), "two")
+        endpoint = _LinkEndpoint(dialler, 2, [(Switchboard(clock).client("2"), "two")])
         verifyObject(IStreamClientEndpoint, endpoint)
         self.assertEqual(endpoint.peer_id, 2)
         self.assertIn("two", repr(endpoint))

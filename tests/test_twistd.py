@@ -200,7 +200,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["id"], 2)
         self.assertEqual(options["listen"], ["tcp:0", "unix:/tmp/x.sock"])
         self.assertEqual(
-            options["peers"], {1: "tcp:host=h:port=1", "alice": "tcp:host=a:port=2"}
+            options["peers"],
+            {1: ["tcp:host=h:port=1"], "alice": ["tcp:host=a:port=2"]},
         )
         self.assertEqual(
             options["keys"],
@@ -313,9 +314,9 @@ class OptionsTests(SynchronousTestCase):
             "does not dial itself": [
                 "--id", "2", "--keys", self.keys, "--peer", "2=tcp:host=h:port=1",
             ],
-            "given twice": [
+            "endpoint 'tcp:host=h:port=1' of peer 1 is given twice": [
                 "--id", "2", "--keys", self.keys, "--peer", "1=tcp:host=h:port=1",
-                "--peer", "1=tcp:host=h:port=2",
+                "--peer", "1=tcp:host=h:port=1",
             ],
             "at least 16 are required": ["--id", "2", "--keys", short, *listen],
             "the key is not hex": ["--id", "2", "--keys", not_hex, *listen],

@@ -269,8 +269,10 @@ class GroupCommitter:
             reason = Failure(error)
         delay = self._retry.failed()
         self._retry_at = self._clock.seconds() + delay
-        self._failed(reason, sends, delay)
+        # The bookkeeping is retried: merged back before ``failed`` runs, so
+        # that it may take out what must not be retried (a fenced stream's).
         self.bookkeeping.merge_bookkeeping(batch)
+        self._failed(reason, sends, delay)
         self._schedule_pending()
         if self.bookkeeping or self._next_commit:
             self.schedule(delay)

@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
+from ilm._gateway import load_peers
 from ilm._link import PeerRouter
 from ilm._node import NodeCore
 from ilm._nodelog import log
@@ -233,29 +234,13 @@ class NodeLife:
         if self._start_abandoned:
             raise NotRunning("shut down before its store had opened")
         core.incarnation = state.incarnation
-        now = core.clock.seconds()
         ids = [r.peer_id for r in state.outbound] + [r.peer_id for r in state.inbound]
         if core.local_id in ids:
             raise StoreError(
                 f"this store holds state for a peer with this node's own id "
                 f"{core.local_id!r}: it belongs to another node"
             )
-        for record in state.outbound:
-            peer = router.add_peer(record.peer_id, record.acked, record.last_position)
-            peer.sender.outbox_bytes = record.pending_bytes
-            if record.last_position > record.acked:
-                peer.sender.accept_times.append((record.last_position, now))
-        for inbound in state.inbound:
-            peer = core.peers.get(inbound.peer_id) or router.new_peer(inbound.peer_id)
-            if inbound.retired:
-                peer.retired[inbound.incarnation] = None
-            else:
-                peer.add_stream(inbound.incarnation, inbound.delivered)
-        for peer in core.peers.values():
-            # A store written with a larger limit (or by an older ILM).
-            forgotten = peer.forget_retired()
-            if forgotten:
-                router.forgotten(peer, forgotten)
+        load_peers(core, router, state.outbound, state.inbound)
         self._machine.opened()
         return core.network.start(router)
 
@@ -293,6 +278,8 @@ class NodeLife:
         )
         self.accepting = self._shutdown is None
         self.started_at = core.clock.seconds()
+        if self._router.ownership is not None:
+            self._router.ownership.start()
         # Sends made before the start take their positions before anything a
         # start callback sends.
         early, self._early = self._early, []
@@ -449,6 +436,8 @@ class NodeLife:
     def _stop_everything(self) -> None:
         core = self._core
         self._committer.stop()
+        if self._router.ownership is not None:
+            self._router.ownership.stop()
         core.stop_limiter()
         detail = f"ILM node {core.local_id!r} stopped"
         for peer in core.peers.values():
@@ -475,6 +464,8 @@ class NodeLife:
             peer.cancel_timers()
             peer.sender.waiters = []
         self._committer.stop()
+        if self._router.ownership is not None:
+            self._router.ownership.stop()
         core.stop_limiter()
 
     async def _within(

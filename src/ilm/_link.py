@@ -28,6 +28,7 @@ from ilm._deliverer import PeerDeliverer, one_line
 from ilm._node import NodeCore, Peer
 from ilm._nodelog import log
 from ilm._outcomes import CommitOutcomes
+from ilm._ownership_guard import GatedHost, OwnershipGuard
 from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY
 from ilm._peerid import PeerId, check_peer_id
 from ilm._sender import PeerSender
@@ -77,6 +78,9 @@ class PeerRouter:
             config.delivery_retry, config.max_delivery_retry
         )
         self.peers = core.peers
+        #: With a store shared by several gateways, who may deliver for
+        #: which peer (set by the node: ilm._gateway); None for any other.
+        self.ownership: OwnershipGuard | None = None
         outcomes = CommitOutcomes(core, self)
         self.committer = GroupCommitter(
             core.backend,
@@ -130,7 +134,9 @@ class PeerRouter:
             acknowledge=lambda: self.send_ack(peer),
             unstarve=lambda stream: self._unstarve(peer, stream),
             committer=self.committer,
-            host=core,
+            host=core
+            if self.ownership is None
+            else GatedHost(core, self.ownership, peer_id),
             clock=core.clock,
             later=core.later,
             backoff=self._delivery_backoff,
@@ -146,7 +152,7 @@ class PeerRouter:
         self._core.guard(self._established, peer_id)
 
     def link_lost(self, peer_id: object, reason: object) -> None:
-        self._core.guard(self.lost, peer_id, reason)
+        self._core.guard(self._network_lost, peer_id, reason)
 
     def link_paused(self, peer_id: object) -> None:
         self._core.guard(self._paused, peer_id)
@@ -162,6 +168,8 @@ class PeerRouter:
             self._invalid_id(peer_id, "a frame from")
             return
         if peer is None or peer.link == DOWN or peer.link == CLOSING:
+            if self.ownership is not None:
+                self.ownership.taking(peer_id, frame)  # type: ignore[arg-type]
             return
         config = self._config
         try:
@@ -221,6 +229,15 @@ class PeerRouter:
         if pid is None or pid == self._core.local_id:
             self._invalid_id(peer_id, "a link with")
             return
+        self.peers.get(pid) or self.new_peer(pid)
+        if self.ownership is not None:
+            # Take the peer's stream first; then link_taken.
+            self.ownership.link_established(pid)
+            return
+        self.link_taken(pid)
+
+    def link_taken(self, pid: PeerId) -> None:
+        """The link with ``pid`` is this node's: its handshake starts."""
         peer = self.peers.get(pid) or self.new_peer(pid)
         if peer.link != DOWN:
             self.lost(pid, Failure(ConnectionError("replaced by a new link")))
@@ -244,6 +261,15 @@ class PeerRouter:
         peer.handshake_call = None
         if peer.link == HELLO_SENT:
             self._send_hello(peer, reply_requested=True)
+
+    def _network_lost(self, peer_id: object, reason: object) -> None:
+        """The network lost the link (not a link replaced or closed here)."""
+        if self.ownership is not None:
+            try:
+                self.ownership.link_lost(check_peer_id(peer_id))
+            except (TypeError, ILMError):
+                pass
+        self.lost(peer_id, reason)
 
     def lost(self, peer_id: object, reason: object) -> None:
         """The link to ``peer_id`` went down (or is taken down)."""

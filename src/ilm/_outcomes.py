@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from ilm._committer import Send
 from ilm._node import NodeCore, Peer
+from ilm._ownership_guard import OwnershipGuard
 from ilm._peer import HELLO_SENT, READY
 from ilm._peerid import PeerId
 from ilm._store import CommitResult, StoreBatch
@@ -28,6 +29,9 @@ __all__ = ["CommitOutcomes", "Links"]
 
 class Links(Protocol):
     """What the outcomes need of the link routing."""
+
+    #: The stream ownership of several gateways (None for other stores).
+    ownership: OwnershipGuard | None
 
     def send_ack(self, peer: Peer) -> None:
         """Acknowledge what ``peer`` sent, now."""
@@ -113,8 +117,9 @@ class CommitOutcomes:
         # exactly on a Clock).
         acknowledge: dict[Peer, None] = {}
         for (peer_id, incarnation), position in batch.delivered.items():
-            peer = peers[peer_id]
-            if peer.marked(incarnation, position):
+            peer = peers.get(peer_id)
+            # (None: a stream this gateway dropped meanwhile.)
+            if peer is not None and peer.marked(incarnation, position):
                 acknowledge[peer] = None
         for peer in acknowledge:
             self._router.send_ack(peer)
@@ -125,6 +130,9 @@ class CommitOutcomes:
             sender.stored(first, contents, deferreds)
 
     def failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
+        ownership = self._router.ownership
+        if ownership is not None and ownership.commit_failed(reason) and not sends:
+            return  # the fenced streams were dropped, and that logged
         refused = 0
         for sender, first, contents, deferreds in sends:
             refused += len(contents)

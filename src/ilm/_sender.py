@@ -158,6 +158,7 @@ class PeerSender:
         "accept_times",
         "accepted_at",
         "acked_total",
+        "moved_to",
         "out",
         "outbox_bytes",
         "outbox_count",
@@ -205,6 +206,9 @@ class PeerSender:
         self.outbox_bytes = 0
         #: (position, order, Deferred, receipt), a heap.
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
+        #: The sender that took over this peer's receipts (a gateway took
+        #: the stream again: ilm._gateway).
+        self.moved_to: PeerSender | None = None
         self.retransmit_call: IDelayedCall | None = None
         self.retransmit_retry = Retry(
             Backoff.exact(config.retransmit_timeout, config.max_retransmit_timeout)
@@ -519,6 +523,8 @@ class PeerSender:
         :return: a Deferred firing with ``receipt`` once its message is
             acknowledged (at once if it is).
         """
+        if self.moved_to is not None:
+            return self.moved_to.when_acknowledged(receipt)
         if receipt.message_id <= self.out.acked:
             return succeed(receipt)
         ended = self._host.ended

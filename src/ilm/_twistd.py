@@ -461,7 +461,10 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def opt_peer(self, value: str) -> None:
-        """Keep a link to peer ID at ENDPOINT: ID=ENDPOINT; repeatable."""
+        """
+        Keep a link to peer ID at ENDPOINT: ID=ENDPOINT; repeatable (given
+        several times for one ID: that peer's addresses, dialled in turn).
+        """
         peer, sep, endpoint = value.partition("=")
         if not sep or not endpoint:
             self._problems.append(
@@ -474,10 +477,13 @@ class Options(usage.Options):
         except usage.UsageError as e:
             self._problems.append(f"--peer {value!r}: {e}")
             return
-        if peer_id in self["peers"]:
-            self._problems.append(f"--peer: peer {peer_id!r} is given twice")
+        addresses = self["peers"].setdefault(peer_id, [])
+        if endpoint in addresses:
+            self._problems.append(
+                f"--peer: endpoint {endpoint!r} of peer {peer_id!r} is given twice"
+            )
             return
-        self["peers"][peer_id] = endpoint
+        addresses.append(endpoint)
 
     def opt_pin(self, value: str) -> None:
         """Pin peer ID's TLS certificate: ID=SHA256_FINGERPRINT; repeatable."""
@@ -588,18 +594,19 @@ class Options(usage.Options):
                 StreamNetwork(probe_id, listen=[endpoint], keys={}, reactor=reactor)
             except ILMError as e:
                 problems.append(f"--listen: {e}")
-        for peer_id, endpoint in self["peers"].items():
+        for peer_id, addresses in self["peers"].items():
             if peer_id == local_id:
                 continue
-            try:
-                StreamNetwork(
-                    probe_id,
-                    peers={peer_id: endpoint},
-                    keys={peer_id: b"\0" * _MIN_KEY_SIZE},
-                    reactor=reactor,
-                )
-            except ILMError as e:
-                problems.append(f"--peer: {e}")
+            for endpoint in addresses:
+                try:
+                    StreamNetwork(
+                        probe_id,
+                        peers={peer_id: endpoint},
+                        keys={peer_id: b"\0" * _MIN_KEY_SIZE},
+                        reactor=reactor,
+                    )
+                except ILMError as e:
+                    problems.append(f"--peer: {e}")
             if keys is not None and peer_id not in keys:
                 problems.append(
                     f"--peer {peer_id!r}: the keys file has no key for peer "

@@ -135,9 +135,6 @@ class PostgresCommitter:
             acknowledged: list[tuple[PeerId, int, Any]] = []
             with conn.pipeline():
                 self.connections.begin(conn)
-                leases = (
-                    conn.execute(sql.lock_leases, (node, fenced)) if fenced else None
-                )
                 # Stream rows are locked in key order, by every gateway.
                 for key, peer_id in outbound:
                     if peer_id in batch.messages:
@@ -160,6 +157,16 @@ class PostgresCommitter:
                         cursor = conn.execute(sql.acknowledge, values)
                         acknowledged.append((peer_id, batch.acked[peer_id], cursor))
                 self._bookkeeping(conn, batch, keys)
+                # The lease rows last, right before the pipeline's sync: a
+                # gateway stopped while sending the pipeline (a large batch
+                # goes out in several writes) then holds no lease row lock,
+                # which no server timeout would release (the session is not
+                # idle in a transaction until the sync).  Fencing holds in
+                # any order: the epochs are checked before COMMIT, under
+                # the share lock that a take-over waits for.
+                leases = (
+                    conn.execute(sql.lock_leases, (node, fenced)) if fenced else None
+                )
                 lease_rows = leases.fetchall() if leases is not None else []
                 bases = [(p, f, n, c.fetchone()) for p, f, n, c in appended]
                 acks = [(p, a, c.fetchone()) for p, a, c in acknowledged]

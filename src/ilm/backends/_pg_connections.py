@@ -61,8 +61,10 @@ class PostgresConnections:
         connect_timeout: float,
         network_timeout: float,
         prepare_threshold: int | None,
+        idle_in_transaction: float = 2.5,
     ) -> None:
         self.dsn = dsn
+        self.idle_in_transaction = idle_in_transaction
         self.gateway = gateway
         self.where = where
         self.threads = threads
@@ -146,10 +148,22 @@ class PostgresConnections:
             conn.close()
 
     def begin(self, conn: _Conn) -> None:
-        """Begin a write transaction, with the store's lock timeout."""
+        """
+        Begin a write transaction, with the store's lock timeout, and an
+        idle-in-transaction timeout: a gateway stopped in the middle of a
+        transaction (SIGSTOP, a VM paused) has its session ended by the
+        server after ``idle_in_transaction`` seconds, so the row locks it
+        holds do not block another gateway's take-over for longer (its
+        ``COMMIT``, if it ever comes, then fails: ``StoreInDoubt``).
+        """
         conn.execute(b"BEGIN ISOLATION LEVEL READ COMMITTED")
         conn.execute(
-            f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000):d}".encode()
+            (
+                f"SELECT set_config('lock_timeout', "
+                f"'{int(self.lock_timeout * 1000):d}', true), "
+                f"set_config('idle_in_transaction_session_timeout', "
+                f"'{max(1, int(self.idle_in_transaction * 1000)):d}', true)"
+            ).encode()
         )
 
     def _retrying(self, doing: str, sqlstate: str, attempt: int) -> None:

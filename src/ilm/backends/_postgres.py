@@ -187,6 +187,9 @@ class PostgresBackend:
             connect_timeout=connect_timeout,
             network_timeout=network_timeout,
             prepare_threshold=prepare_threshold,
+            # A transaction left open by a stopped gateway blocks take-overs
+            # of its streams (their lease rows) for at most half a lease.
+            idle_in_transaction=self.lease_duration / 2,
         )
         self._node = PostgresNode(
             self.node_id, schema, Statements(quote_schema(schema)), self._connections

@@ -42,7 +42,7 @@ per peer and the synchronisation of wanted peers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attr
@@ -163,31 +163,38 @@ class _LinkEndpoint:
     transport aborted) if the handshake fails or times out, and aborts the
     connection if cancelled.  Each failure is reported to the dialler
     (:meth:`Dialler.failed`) with why it failed.
+
+    A peer with several addresses (several gateways of one node) has them
+    dialled in turn: each ``connect`` uses the next one, so that the next
+    address is tried after a failed attempt and after a lost link.
     """
 
     def __init__(
         self,
         dialler: Dialler,
         peer_id: PeerId,
-        endpoint: IStreamClientEndpoint,
-        description: str,
+        endpoints: Sequence[tuple[IStreamClientEndpoint, str]],
     ) -> None:
         self._dialler = dialler
         self.peer_id = peer_id
-        self._endpoint = endpoint
-        self.description = description
+        self._endpoints = list(endpoints)
+        self._next = 0
+        self.description = self._endpoints[0][1]
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         dialler = self._dialler
         factory = dialler.factory_for(self.peer_id)
+        endpoint, description = self._endpoints[self._next]
+        self._next = (self._next + 1) % len(self._endpoints)
+        self.description = description
         wait = dialler.refused_for(self.peer_id)
         if wait:
             # A protocol violation closed the last link: dial again only once
             # the refusal has passed (cancelling the wait cancels the dial).
             attempt: Deferred[Any] = deferLater(dialler.clock, wait, lambda: None)
-            attempt.addCallback(lambda _: self._endpoint.connect(factory))
+            attempt.addCallback(lambda _: endpoint.connect(factory))
         else:
-            attempt = self._endpoint.connect(factory)
+            attempt = endpoint.connect(factory)
 
         def connected(protocol: ILMProtocol) -> Deferred[ILMProtocol]:
             return protocol.when_open()
@@ -204,7 +211,7 @@ class _LinkEndpoint:
 
         def failed(failure: Failure) -> Failure:
             if not failure.check(CancelledError) and failure.value is not None:
-                dialler.failed(self.peer_id, failure.value, self.description)
+                dialler.failed(self.peer_id, failure.value, description)
             return failure
 
         attempt.addCallback(connected)
@@ -230,8 +237,9 @@ class Dialler:
     Dials the configured peers: one ``ClientService`` per peer, running
     exactly while :attr:`wanted` says so.
 
-    :ivar endpoints: each peer's client endpoint, and its description (the
-        configured string, or the endpoint's type) for the log.
+    :ivar endpoints: each peer's client endpoints (one or more, dialled in
+        turn), each with its description (the configured string, or the
+        endpoint's type) for the log.
     :ivar factory_for: the protocol factory of a connection to a peer.
     :ivar wanted: whether this node is to dial a peer now (it is running,
         and has no link to the peer that the peer initiated).
@@ -240,7 +248,7 @@ class Dialler:
     :ivar refused_for: how long links with a peer are still refused.
     """
 
-    endpoints: Mapping[PeerId, tuple[IStreamClientEndpoint, str]]
+    endpoints: Mapping[PeerId, Sequence[tuple[IStreamClientEndpoint, str]]]
     tls: TLSCredentials | None
     clock: IReactorTime
     reconnect: Backoff
@@ -262,13 +270,15 @@ class Dialler:
             self.sync(peer_id)
 
     def _service(self, peer_id: PeerId) -> ClientService:
-        endpoint, description = self.endpoints[peer_id]
-        if self.tls is not None:
-            endpoint = wrapClientTLS(self.tls.creator(), endpoint, clock=self.clock)
+        endpoints = []
+        for endpoint, description in self.endpoints[peer_id]:
+            if self.tls is not None:
+                endpoint = wrapClientTLS(self.tls.creator(), endpoint, clock=self.clock)
+            endpoints.append((endpoint, description))
         backoff = self.reconnect
         uniform = self.uniform
         return _DialService(
-            _LinkEndpoint(self, peer_id, endpoint, description),
+            _LinkEndpoint(self, peer_id, endpoints),
             _WatcherFactory(),
             retryPolicy=lambda attempt: backoff.delay(attempt, uniform()),
             clock=self.clock,

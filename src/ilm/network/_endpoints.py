@@ -8,7 +8,7 @@ per-source caps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -17,7 +17,19 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 from ilm._peerid import PeerId
 from ilm.errors import ConfigurationError
 
-__all__ = ["address_text", "client_endpoint", "server_endpoint"]
+__all__ = [
+    "PeerAddresses",
+    "address_text",
+    "client_endpoint",
+    "client_endpoints",
+    "server_endpoint",
+]
+
+PeerAddresses: TypeAlias = (
+    "str | IStreamClientEndpoint | list[str | IStreamClientEndpoint]"
+    " | tuple[str | IStreamClientEndpoint, ...]"
+)
+"""A peer's entry in ``StreamNetwork(peers=...)``: one endpoint or several."""
 
 
 def _check_port(endpoint: object, description: str, server: bool) -> None:
@@ -96,6 +108,43 @@ def _parse(
             f"syntax, such as {examples})"
         ) from None
     return endpoint
+
+
+def client_endpoints(
+    reactor: Any, peer_id: PeerId, addresses: PeerAddresses
+) -> list[tuple[IStreamClientEndpoint, str]]:
+    """
+    A peer's endpoints, each with its description for the log (the string,
+    or the endpoint's type): one, or several from a list or tuple (dialled
+    in turn).  Every one is checked now.
+
+    :raises ConfigurationError: naming the peer and the first bad endpoint;
+        also for an empty list or a repeated string.
+    """
+    if isinstance(addresses, list | tuple):
+        given = list(addresses)
+        if not given:
+            raise ConfigurationError(f"peer {peer_id!r} has an empty list of endpoints")
+    else:
+        given = [addresses]
+    endpoints = []
+    seen: set[str] = set()
+    for description in given:
+        if isinstance(description, str):
+            if description in seen:
+                raise ConfigurationError(
+                    f"endpoint of peer {peer_id!r}, {description!r}, is given twice"
+                )
+            seen.add(description)
+        endpoints.append(
+            (
+                client_endpoint(reactor, peer_id, description),
+                description
+                if isinstance(description, str)
+                else type(description).__name__,
+            )
+        )
+    return endpoints
 
 
 def _reason(error: Exception) -> str:

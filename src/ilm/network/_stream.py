@@ -67,7 +67,12 @@ from ilm.network._admission import Admission
 from ilm.network._counters import NetworkCounters, refusal_reason
 from ilm.network._dial_failure import DialFailure
 from ilm.network._dialler import Dialler
-from ilm.network._endpoints import address_text, client_endpoint, server_endpoint
+from ilm.network._endpoints import (
+    PeerAddresses,
+    address_text,
+    client_endpoints,
+    server_endpoint,
+)
 from ilm.network._handshake import KeySearchBudget, PreSharedKeys
 from ilm.network._links import LinkTable
 from ilm.network._log import log
@@ -106,8 +111,10 @@ class StreamNetwork:
         ``IStreamServerEndpoint`` objects.
     :param peers: peer id to the client endpoint to dial it (a string for
         ``clientFromString`` such as ``"tcp:host=10.0.0.2:port=9000"``, or an
-        ``IStreamClientEndpoint``).  Peers that only dial this node need no
-        entry, only credentials.
+        ``IStreamClientEndpoint``), or to a list or tuple of them: the
+        addresses of a node served by several gateways, dialled in turn (the
+        next one after a failed attempt or a lost link).  Peers that only
+        dial this node need no entry, only credentials.
     :param keys: pre-shared keys (:class:`PreSharedKeys` or a mapping of
         peer id to key) for the challenge-response authentication.
     :param tls: :class:`TLSCredentials`: every link is mutual TLS and peers
@@ -123,7 +130,7 @@ class StreamNetwork:
         local_id: PeerId,
         *,
         listen: Sequence[str | IStreamServerEndpoint] = (),
-        peers: Mapping[PeerId, str | IStreamClientEndpoint] | None = None,
+        peers: Mapping[PeerId, PeerAddresses] | None = None,
         keys: PreSharedKeys | Mapping[PeerId, bytes] | None = None,
         tls: TLSCredentials | None = None,
         settings: LinkSettings | None = None,
@@ -214,19 +221,16 @@ class StreamNetwork:
         )
 
     def _peer_endpoints(
-        self, reactor: Any, peers: Mapping[PeerId, str | IStreamClientEndpoint]
-    ) -> dict[PeerId, tuple[IStreamClientEndpoint, str]]:
+        self, reactor: Any, peers: Mapping[PeerId, PeerAddresses]
+    ) -> dict[PeerId, list[tuple[IStreamClientEndpoint, str]]]:
         endpoints = {}
-        for peer_id, endpoint in peers.items():
+        for peer_id, addresses in peers.items():
             peer_id = check_peer_id(peer_id)
             if peer_id == self.local_id:
                 raise ConfigurationError("a node does not dial itself")
             if self._keys is not None and self._keys.key_for(peer_id) is None:
                 raise ConfigurationError(f"peer {peer_id!r} is dialled but has no key")
-            endpoints[peer_id] = (
-                client_endpoint(reactor, peer_id, endpoint),
-                endpoint if isinstance(endpoint, str) else type(endpoint).__name__,
-            )
+            endpoints[peer_id] = client_endpoints(reactor, peer_id, addresses)
         return endpoints
 
     # -- INetwork ------------------------------------------------------------

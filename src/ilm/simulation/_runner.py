@@ -401,6 +401,14 @@ def main(
         "real stream network over in-memory pipes",
     )
     parser.add_argument(
+        "--gateways",
+        type=int,
+        default=0,
+        help="the multi-gateway mode: a remote node streaming to one node "
+        "served by this many gateway processes over one store that enforces "
+        "epochs (take-overs, gateway-store partitions, deposed gateways)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="write every event of each seed (use it to replay one seed)",
@@ -411,6 +419,12 @@ def main(
         args = parser.parse_args(argv)
         if args.seeds < 1:
             parser.error("--seeds must be at least 1")
+        if args.gateways:
+            from ilm.simulation._gateways import run_gateway_seeds
+
+            return run_gateway_seeds(
+                args.start, args.seeds, args.gateways, out, args.verbose
+            )
         try:
             scenario = scenario_for(args.nodes, args.store, args.network)
         except ValueError as error:

@@ -1,0 +1,461 @@
+"""
+Stream ownership in the messenger, for a store shared by several gateway
+processes of one node (a backend providing
+:class:`ilm.backends.IStreamOwnership`).
+
+:class:`OwnershipGuard` holds the whole policy; the messenger calls it at
+a few points and it calls the messenger back through narrow callables:
+
+- **A link arrives** (:meth:`OwnershipGuard.link_established`): the
+  gateway takes the peer's stream (``acquire(peer_id, take_over=True)``,
+  raising the epoch) before anything of the link is handled; frames that
+  arrive meanwhile are held and replayed in order.  Once granted, the
+  messenger restarts the peer from the state the grant read
+  (``restart``): moving a stream is exactly "that stream crashed and
+  restarted from its store", which the resume handshake handles.
+- **Delivery** (:meth:`OwnershipGuard.may_deliver`): only while the
+  backend ``holds`` the stream (after a take-over's ``deliver_after``
+  wait, before its local deadline), and not while the link is leaving.
+  When the window opens, or a renewal moves the deadline, the peer's
+  deliveries are woken (``wake``).
+- **Renewal**: every third of the lease; each stream the store reports
+  lost is dropped.
+- **Fencing** (:meth:`OwnershipGuard.commit_failed`): a commit failing with
+  :class:`ilm.backends.Fenced` drops each fenced stream at once (``drop``:
+  close its link, forget its in-memory state, take its entries out of the
+  pending bookkeeping); it comes back only with a new link, reloaded from
+  the store.
+- **A link ends** (:meth:`OwnershipGuard.link_lost`): no more deliveries
+  for it; once what is pending is committed (``barrier``) and no new link
+  arrived meanwhile, the lease is released so that the gateway the peer
+  reaches next can deliver at once instead of waiting for the expiry.
+
+A backend without ``IStreamOwnership`` gets no guard: the messenger then
+behaves as with any single-process store.  docs/scaling.md has the design
+and the failure cases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ilm._peerid import PeerId
+from ilm.backends._ownership import Fenced, IStreamOwnership, Renewal, StreamTaken
+
+__all__ = ["GatedHost", "OwnershipGuard"]
+
+log = Logger(namespace="ilm.ownership")
+
+
+@attr.s(auto_attribs=True, kw_only=True, eq=False)
+class _Stream:
+    """What the guard keeps about one peer's stream on this gateway."""
+
+    #: Raised at every link and drop: a late answer for an older one is moot.
+    generation: int = 0
+    #: Frames that arrived while the stream was being taken.
+    held: list[bytes] | None = None
+    #: The link ended: deliver nothing more until a new link takes it.
+    leaving: bool = False
+    #: The epoch of the last grant (0: none yet).
+    epoch: int = 0
+    #: The link ended with a delivery in progress: release once it settles.
+    release_when_settled: bool = False
+    wake_call: IDelayedCall | None = None
+
+
+@attr.s(auto_attribs=True, kw_only=True, eq=False)
+class OwnershipGuard:
+    """
+    Takes, keeps, fences and gives up the streams of one gateway.
+
+    :ivar ownership: the backend, as :class:`IStreamOwnership`.
+    :ivar clock: timers (renewal, delivery windows).
+    :ivar monotonic: the backend's local clock of lease deadlines.
+    :ivar proceed: the messenger handles a link that is now this gateway's
+        (its handshake starts).
+    :ivar restart: the messenger rebuilds a peer's state from a grant.
+    :ivar replay: the messenger handles a frame held while taking.
+    :ivar drop: the messenger closes the peer's link (with the reason) and
+        forgets its in-memory state and pending bookkeeping.
+    :ivar wake: the messenger delivers what is queued for a peer.
+    :ivar barrier: fires once what is pending now is committed.
+    :ivar linked: whether the network has a link with a peer now.
+    :ivar delivering: whether a delivery for a peer is in progress.
+    :ivar margin: the fraction of the lease before its local deadline at
+        which no new delivery starts, so that a delivery in progress (an
+        asynchronous target) ends before the lease does and never overlaps
+        the next owner's first one (default a fifth).
+    """
+
+    ownership: Any
+    clock: IReactorTime
+    proceed: Callable[[PeerId], None]
+    restart: Callable[[PeerId, StreamTaken], None]
+    replay: Callable[[PeerId, bytes], None]
+    drop: Callable[[PeerId, Exception], None]
+    wake: Callable[[PeerId], None]
+    barrier: Callable[[], Deferred[None]]
+    linked: Callable[[PeerId], bool]
+    delivering: Callable[[PeerId], bool] = lambda peer_id: False
+    monotonic: Callable[[], float] = time.monotonic
+    margin: float = 0.2
+    _streams: dict[PeerId, _Stream] = attr.ib(factory=dict, init=False)
+    _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
+    _renewing: bool = attr.ib(default=False, init=False)
+    _stopped: bool = attr.ib(default=False, init=False)
+
+    @classmethod
+    def for_backend(cls, backend: object, **callbacks: Any) -> OwnershipGuard | None:
+        """
+        :return: a guard if ``backend`` provides :class:`IStreamOwnership`,
+            else ``None`` (nothing changes).
+        """
+        if not IStreamOwnership.providedBy(backend):
+            return None
+        # The backend's clock of lease deadlines: its own ``monotonic``, or
+        # PostgresBackend's (kept by its leases part).
+        monotonic = getattr(backend, "monotonic", None) or getattr(
+            getattr(backend, "_leases", None), "_monotonic", None
+        )
+        if callable(monotonic):
+            callbacks.setdefault("monotonic", monotonic)
+        return cls(ownership=backend, **callbacks)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Renew the leases held, every third of the lease."""
+        self._stopped = False
+        self._schedule_renewal()
+
+    def stop(self) -> None:
+        """No more renewals or wake-ups (the store releases on close)."""
+        self._stopped = True
+        if self._renew_call is not None and self._renew_call.active():
+            self._renew_call.cancel()
+        self._renew_call = None
+        for stream in self._streams.values():
+            self._cancel_wake(stream)
+
+    def _schedule_renewal(self) -> None:
+        if self._stopped:
+            return
+        interval = float(self.ownership.lease_duration) / 3
+        self._renew_call = self.clock.callLater(interval, self._renew)
+
+    def _renew(self) -> None:
+        self._renew_call = None
+        if self._renewing or not self.ownership.owned():
+            self._schedule_renewal()
+            return
+        self._renewing = True
+        d: Deferred[Renewal] = self.ownership.renew()
+        d.addCallbacks(self._renewed, self._renew_failed)
+        d.addErrback(self._unexpected, "renewing leases")
+
+    def _renewed(self, renewal: Renewal) -> None:
+        self._renewing = False
+        owned = self.ownership.owned()
+        for peer_id in sorted(renewal.lost, key=repr):
+            if peer_id in owned:
+                # Taken again meanwhile (a new link): that newer grant
+                # stands; the renewal only saw the older one.
+                continue
+            self._drop(
+                peer_id,
+                Fenced({peer_id: (0, None)}),
+                "its lease was taken over or released meanwhile",
+            )
+        for peer_id in renewal.renewed:
+            self._wake_at_window(peer_id)
+        self._schedule_renewal()
+
+    def _renew_failed(self, reason: Failure) -> None:
+        self._renewing = False
+        log.warn(
+            "renewing the stream leases failed: {reason}; deliveries stop "
+            "when the local deadlines pass",
+            reason=reason.getErrorMessage(),
+            ilm_event="lease_renewal_failed",
+        )
+        self._schedule_renewal()
+
+    def _unexpected(self, reason: Failure, doing: str) -> None:
+        self._renewing = False
+        log.failure(
+            "internal error while {doing}",
+            reason,
+            doing=doing,
+            ilm_event="internal_error",
+        )
+
+    # -- links ---------------------------------------------------------------------
+
+    def link_established(self, peer_id: PeerId) -> None:
+        """
+        A link with ``peer_id`` arrived: take its stream, then let the
+        messenger handle the link (frames that arrive meanwhile are held).
+        """
+        stream = self._streams.setdefault(peer_id, _Stream())
+        stream.generation += 1
+        stream.held = []
+        stream.leaving = False
+        self._cancel_wake(stream)
+        generation = stream.generation
+        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=True)
+        d.addCallbacks(
+            self._taken,
+            self._not_taken,
+            callbackArgs=(peer_id, generation),
+            errbackArgs=(peer_id, generation),
+        )
+        d.addErrback(self._unexpected, "taking a stream")
+
+    def taking(self, peer_id: PeerId, frame: bytes) -> bool:
+        """
+        :return: whether ``frame`` from ``peer_id`` was held, because the
+            stream is still being taken (it is replayed once taken).
+        """
+        stream = self._streams.get(peer_id)
+        if stream is None or stream.held is None:
+            return False
+        stream.held.append(frame)
+        return True
+
+    def _taken(self, taken: StreamTaken, peer_id: PeerId, generation: int) -> None:
+        stream = self._streams.get(peer_id)
+        if stream is None or stream.generation != generation:
+            return
+        held, stream.held = stream.held or [], None
+        if not self.linked(peer_id):
+            # The link ended while taking: give the stream up again.
+            self.link_lost(peer_id)
+            return
+        log.info(
+            "took the stream of {peer_id!r} (epoch {epoch}, from "
+            "{previous_owner}); delivering in {deliver_after:.3f} s",
+            peer_id=peer_id,
+            epoch=taken.epoch,
+            previous_owner=taken.previous_owner or "nobody",
+            deliver_after=taken.deliver_after,
+            ilm_event="stream_taken",
+        )
+        if not (
+            stream.epoch
+            and taken.previous_epoch == stream.epoch
+            and taken.previous_owner in (None, self.ownership.gateway)
+        ):
+            # Another gateway may have written since this one last held the
+            # stream: its state restarts from what the grant read.  (Taken
+            # back with nothing in between, the state here is still right,
+            # and ahead of the store: marks not yet committed.)
+            self.restart(peer_id, taken)
+        stream.epoch = taken.epoch
+        self.proceed(peer_id)
+        for frame in held:
+            if stream.generation != generation:
+                break
+            self.replay(peer_id, frame)
+        self._wake_at_window(peer_id)
+
+    def _not_taken(self, reason: Failure, peer_id: PeerId, generation: int) -> None:
+        stream = self._streams.get(peer_id)
+        if stream is None or stream.generation != generation:
+            return
+        stream.held = None
+        error = reason.value
+        self.drop(
+            peer_id,
+            error if isinstance(error, Exception) else Exception(str(error)),
+        )
+        log.warn(
+            "could not take the stream of {peer_id!r}: {reason}; link closed",
+            peer_id=peer_id,
+            reason=reason.getErrorMessage(),
+            ilm_event="stream_not_taken",
+        )
+
+    def link_lost(self, peer_id: PeerId) -> None:
+        """
+        The link with ``peer_id`` ended: deliver nothing more for it; once
+        what is pending is committed, and if no new link arrived, release
+        its lease.
+        """
+        stream = self._streams.get(peer_id)
+        if stream is None or stream.leaving:
+            return
+        stream.leaving = True
+        stream.held = None
+        self._cancel_wake(stream)
+        self._release_when_done(peer_id, stream)
+
+    def _release_when_done(self, peer_id: PeerId, stream: _Stream) -> None:
+        """
+        Release the stream once no delivery is in progress and what is
+        pending is committed, unless a new link came meanwhile.
+        """
+        generation = stream.generation
+        if peer_id not in self.ownership.owned():
+            return
+        if self.delivering(peer_id):
+            stream.release_when_settled = True
+            return
+
+        def release(_: object) -> Deferred[bool] | None:
+            current = self._streams.get(peer_id)
+            if (
+                current is not stream
+                or stream.generation != generation
+                or not stream.leaving
+                or self._stopped
+            ):
+                # A new link came (or the stream was dropped and taken
+                # again) meanwhile: the grant held now is not this one.
+                return None
+            if self.delivering(peer_id):
+                stream.release_when_settled = True
+                return None
+            return self.ownership.release(peer_id)  # type: ignore[no-any-return]
+
+        d = self.barrier()
+        d.addCallback(release)
+        d.addErrback(
+            lambda reason: log.info(
+                "releasing the stream of {peer_id!r} failed: {reason} (its "
+                "lease expires instead)",
+                peer_id=peer_id,
+                reason=reason.getErrorMessage(),
+                ilm_event="stream_release_failed",
+            )
+        )
+
+    # -- delivery --------------------------------------------------------------------
+
+    def may_deliver(self, peer_id: PeerId) -> bool:
+        """
+        :return: whether this gateway may start a delivery for ``peer_id``
+            now: it holds the stream, the link is here, and the local
+            deadline is more than the margin away.
+        """
+        stream = self._streams.get(peer_id)
+        if stream is None or stream.leaving or stream.held is not None:
+            return False
+        if not self.ownership.holds(peer_id):
+            return False
+        window = self.ownership.delivery_window(peer_id)
+        if window is None:
+            return False
+        margin = self.margin * float(self.ownership.lease_duration)
+        return bool(self.monotonic() < window[1] - margin)
+
+    def delivery_settled(self, peer_id: PeerId) -> None:
+        """
+        A delivery for ``peer_id`` ended: a release waiting for it goes on.
+        """
+        stream = self._streams.get(peer_id)
+        if stream is not None and stream.release_when_settled and stream.leaving:
+            if not self.delivering(peer_id):
+                stream.release_when_settled = False
+                self._release_when_done(peer_id, stream)
+
+    def _wake_at_window(self, peer_id: PeerId) -> None:
+        stream = self._streams.get(peer_id)
+        if stream is None or stream.leaving or self._stopped:
+            return
+        window = self.ownership.delivery_window(peer_id)
+        if window is None:
+            return
+        deliver_from, valid_until = window
+        now = self.monotonic()
+        if now >= valid_until - self.margin * float(self.ownership.lease_duration):
+            return
+        self._cancel_wake(stream)
+        if deliver_from <= now:
+            self.wake(peer_id)
+            return
+        # A hair late rather than early: holds() must be true by then.
+        delay = deliver_from - now + 0.001
+        stream.wake_call = self.clock.callLater(delay, self._woken, peer_id)
+
+    def _woken(self, peer_id: PeerId) -> None:
+        stream = self._streams.get(peer_id)
+        if stream is not None:
+            stream.wake_call = None
+        self._wake_at_window(peer_id)
+
+    @staticmethod
+    def _cancel_wake(stream: _Stream) -> None:
+        call, stream.wake_call = stream.wake_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- fencing ---------------------------------------------------------------------
+
+    def commit_failed(self, reason: Failure) -> bool:
+        """
+        A commit failed: if it was fenced, drop every fenced stream.
+
+        :return: whether it was fenced.
+        """
+        error = reason.value
+        if not isinstance(error, Fenced):
+            return False
+        for peer_id, (epoch, owner) in sorted(error.streams.items(), key=repr):
+            self._drop(
+                peer_id,
+                error,
+                f"the store holds epoch {epoch} owned by {owner or 'nobody'}",
+            )
+        return True
+
+    def _drop(self, peer_id: PeerId, error: Exception, why: str) -> None:
+        stream = self._streams.pop(peer_id, None)
+        if stream is not None:
+            self._cancel_wake(stream)
+        log.warn(
+            "dropped the stream of {peer_id!r}: this gateway no longer owns "
+            "it ({why}); its link is closed and its state reloads from the "
+            "store when it comes back",
+            peer_id=peer_id,
+            why=why,
+            ilm_event="stream_fenced",
+        )
+        self.drop(peer_id, error)
+
+
+class GatedHost:
+    """
+    The delivery host of one peer's deliverer on a gateway with a guard:
+    deliveries are allowed only when the node allows them and the guard
+    says this gateway may deliver for the peer; everything else is the
+    node's host.
+    """
+
+    __slots__ = ("_guard", "_host", "_peer_id")
+
+    def __init__(self, host: Any, guard: OwnershipGuard, peer_id: PeerId) -> None:
+        self._host = host
+        self._guard = guard
+        self._peer_id = peer_id
+
+    @property
+    def deliveries_allowed(self) -> bool:
+        return bool(self._host.deliveries_allowed) and self._guard.may_deliver(
+            self._peer_id
+        )
+
+    def delivery_settled(self) -> None:
+        self._guard.delivery_settled(self._peer_id)
+        self._host.delivery_settled()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
