@@ -374,3 +374,70 @@ class StoppedInATransactionTests(TestCase):
         self.assertLess(waited, 5.0)
         self.assertGreater(waited, 0.3)
         self.assertRaises(psycopg.Error, stopped.execute, b"SELECT 1")
+
+
+class SendThroughAnyGatewayTests(TestCase):
+    """
+    Two gateways of node 2 in this process, on one PostgreSQL schema; node
+    1 linked to the first.  Both send to node 1.
+    """
+
+    timeout = 60
+
+    async def test_both_gateways_send(self) -> None:
+        """
+        Messages sent through the gateway without node 1's link are stored
+        where the shared outbox ends and transmitted by the owner: node 1
+        gets every message once, in one order that keeps each gateway's
+        own; the receipts of the other gateway are acknowledged too.
+        """
+        require_postgres()
+        from ilm.backends import PostgresBackend
+
+        schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
+        self.addCleanup(drop_schema, schema)
+        key = bytes.fromhex(KEY_HEX)
+        gateways = []
+        for name in ("g1", "g2"):
+            network = StreamNetwork(
+                2, listen=["tcp:0:interface=127.0.0.1"], keys={1: key}
+            )
+            backend = PostgresBackend(
+                DSN, node_id=2, gateway=name, schema=schema, lease_duration=2.0
+            )
+            node = await ILM.create(backend, lambda m: None, network)
+            self.addCleanup(node.shutdown, 10)
+            gateways.append((node, network.listening_addresses()[0].port))
+        got: list[tuple[int, bytes]] = []
+        remote = await ILM.create(
+            os.path.join(self.mktemp() + ".sqlite"),
+            lambda m: got.append((m.message_id, m.contents)),
+            StreamNetwork(
+                1,
+                peers={2: [f"tcp:host=127.0.0.1:port={port}" for _, port in gateways]},
+                keys={2: key},
+            ),
+        )
+        self.addCleanup(remote.shutdown, 10)
+        (owner, _), (other, _) = gateways
+        deadline = time.monotonic() + 20
+        while 1 not in owner.connected_peers():
+            self.assertLess(time.monotonic(), deadline, "node 1 never linked")
+            await deferLater(reactor, 0.02)
+        sends = []
+        for k in range(20):
+            sends.append(other.send_to(1, b"g2:%d" % k))
+            sends.append(owner.send_to(1, b"g1:%d" % k))
+            await deferLater(reactor, 0.005)
+        receipts = await DeferredList(sends, fireOnOneErrback=True)
+        while len(got) < 40:
+            self.assertLess(time.monotonic(), deadline, f"got {len(got)} of 40")
+            await deferLater(reactor, 0.02)
+        await DeferredList(
+            [receipt.acknowledged for _, receipt in receipts],
+            fireOnOneErrback=True,
+        )
+        self.assertEqual([i for i, _ in got], list(range(1, 41)))
+        for name in (b"g1", b"g2"):
+            mine = [c for _, c in got if c.startswith(name + b":")]
+            self.assertEqual(mine, [b"%s:%d" % (name, k) for k in range(20)])

@@ -130,9 +130,20 @@ class SeedTests(SynchronousTestCase):
         """
         The seeds that found bugs in the messenger's ownership handling
         pass: a renewal or a release racing a new grant (269 and 290, 561
-        with three gateways), a replaced link taken for a lost one (2612).
+        with three gateways), a replaced link taken for a lost one (2612),
+        a stream taken back with an outbox end others had moved (171, 177),
+        a mark from before a take-over acknowledged beyond what the
+        restarted stream held (888).
         """
-        for seed, gateways in ((269, 2), (2612, 2), (290, 3), (561, 3)):
+        for seed, gateways in (
+            (269, 2),
+            (2612, 2),
+            (290, 3),
+            (561, 3),
+            (171, 2),
+            (177, 2),
+            (888, 2),
+        ):
             result = run_gateway_seed(seed, gateways)
             self.assertEqual(result.violations, [], f"seed {seed}")
 

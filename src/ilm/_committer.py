@@ -65,6 +65,9 @@ class GroupCommitter:
     :param failed: after a commit failed, to refuse its sends
         (``(reason, sends, delay)``).
     :param settled: last, after every commit's outcome was handled.
+    :param shared: commit with ``commit_shared`` (a store shared by several
+        gateways, ``ilm.backends.IStreamOwnership``): the store gives the
+        new messages their positions, reported in the result.
     """
 
     def __init__(
@@ -82,8 +85,13 @@ class GroupCommitter:
         failed: Callable[[Failure, list[Send], float], None],
         settled: Callable[[], None],
         unexpected: Callable[[Failure, str], None],
+        shared: bool = False,
     ) -> None:
         self._backend = backend
+        self._commit: Callable[[StoreBatch], Deferred[CommitResult]] = (
+            backend.commit_shared if shared else backend.commit  # type: ignore[attr-defined]
+        )
+        self._shared = shared
         self._clock = clock
         self._retry = Retry(backoff)
         self._later = later
@@ -195,7 +203,7 @@ class GroupCommitter:
             batch.messages[outbox.peer_id] = (first, contents)
             sends.append((outbox, first, contents, deferreds))
         self.outboxes = {}
-        problems = batch_problems(batch)
+        problems = batch_problems(batch, positions=not self._shared)
         if problems:
             sends = self._drop_unstorable(batch, sends, problems)
         barrier, self._next_commit = self._next_commit, OneShotObserver()
@@ -213,7 +221,7 @@ class GroupCommitter:
             + len(batch.forgotten)
         )
         try:
-            d = self._backend.commit(batch)
+            d = self._commit(batch)
         except Exception:
             d = fail()
         d.addCallbacks(

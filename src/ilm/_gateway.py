@@ -9,7 +9,9 @@ records its grant read).
 OwnershipGuard` when its store is shared by several gateways (a backend
 providing :class:`ilm.backends.IStreamOwnership`), with the callbacks the
 guard calls back through (:class:`_GuardedPeers`): a peer restarted from a
-grant, a stream dropped, a peer's deliveries woken.  Any other store gets
+grant, a stream dropped, a peer's deliveries woken, a peer's outbound
+record as the shared store holds it (other gateways' appends, the
+owner's acknowledgements).  Any other store gets
 no guard, and the node behaves as with a single process.  The guard's
 call sites are where their code lives: link events and frames in
 :mod:`ilm._link`, a failed commit in :mod:`ilm._outcomes`, renewals
@@ -18,10 +20,13 @@ started and stopped in :mod:`ilm._lifecycle`.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
+from typing import Any
 
 from ilm._link import PeerRouter
 from ilm._node import NodeCore
+from ilm._outcomes import stored_up_to
 from ilm._ownership_guard import OwnershipGuard
 from ilm._peer import CLOSING, READY
 from ilm._peerid import PeerId
@@ -84,6 +89,12 @@ def ownership_guard(core: NodeCore, router: PeerRouter) -> OwnershipGuard | None
         barrier=lambda: router.committer.barrier(),
         linked=lambda peer_id: peer_id in network.connected_peers(),
         delivering=peers.delivering,
+        waiting=lambda: [
+            peer_id
+            for peer_id, peer in core.peers.items()
+            if peer.link != READY and (peer.sender.waiters or peer.sender.outbox_count)
+        ],
+        caught_up=lambda peer_id, record: core.guard(peers.caught_up, peer_id, record),
     )
 
 
@@ -140,6 +151,32 @@ class _GuardedPeers:
                 core.link_downs += 1
             peer.link = CLOSING
         core.network.close_link(peer_id, reason)
+
+    def caught_up(self, peer_id: PeerId, record: Any) -> None:
+        """
+        A look at ``peer_id``'s outbound record in a shared store: messages
+        other gateways appended are transmitted from here; receipts waited
+        for on a gateway without the peer's link resolve as the owner's
+        acknowledgements reach the store.
+        """
+        peer = self._core.peers.get(peer_id)
+        if peer is None or record is None:
+            return
+        sender = peer.sender
+        stored_up_to(sender, record.last_position)
+        if peer.link == READY:
+            sender.pump()
+            return
+        # Another gateway serves the peer: what this one accepted is done
+        # once the store records it acknowledged.
+        sender.outbox_count = max(
+            0, min(sender.outbox_count, peer.out.stored - record.acked)
+        )
+        waiters = sender.waiters
+        while waiters and waiters[0][0] <= record.acked:
+            _, _, d, receipt = heapq.heappop(waiters)
+            d.callback(receipt)
+        self._core.check_drained()
 
     def wake(self, peer_id: PeerId) -> None:
         peer = self._core.peers.get(peer_id)

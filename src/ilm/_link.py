@@ -93,6 +93,7 @@ class PeerRouter:
             failed=outcomes.failed,
             settled=core.check_drained,
             unexpected=core.unexpected,
+            shared=OwnershipGuard.shares(core.backend),
         )
 
     # -- peers -----------------------------------------------------------------

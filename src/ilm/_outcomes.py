@@ -21,10 +21,56 @@ from ilm._node import NodeCore, Peer
 from ilm._ownership_guard import OwnershipGuard
 from ilm._peer import HELLO_SENT, READY
 from ilm._peerid import PeerId
+from ilm._sender import PeerSender, Receipt, ReceiptWaiter
 from ilm._store import CommitResult, StoreBatch
 from ilm.errors import ILMError, MalformedFrame, StoreError
 
-__all__ = ["CommitOutcomes", "Links"]
+__all__ = ["CommitOutcomes", "Links", "stored_up_to"]
+
+
+def stored_up_to(sender: PeerSender, last: int) -> None:
+    """
+    A shared store holds messages to the peer up to ``last``, some appended
+    by other gateways: they are transmitted too (read from the store).
+    """
+    out = sender.out
+    if last > out.stored:
+        if sender.session.link == READY:
+            # The owner transmits them (and waits for them at shutdown).
+            sender.outbox_count += last - out.stored
+        out.stored = last
+
+
+def _stored_shared(
+    sender: PeerSender,
+    first: int,
+    contents: list[bytes],
+    deferreds: list[ReceiptWaiter],
+) -> None:
+    """
+    A shared store put ``contents`` where the outbox ended, at ``first``
+    (other gateways may have appended since this one last looked).
+    """
+    stored_up_to(sender, first - 1)
+    if first == sender.out.stored + 1:
+        sender.out.on_stored(first, contents)
+    sender.pump()
+    peer_id = sender.peer_id
+    for offset, d in enumerate(deferreds):
+        d.callback(Receipt(sender, peer_id, first + offset))
+
+
+def _ahead_of_stream(peer: Peer, incarnation: str, position: int) -> bool:
+    """
+    Whether a durable mark is beyond what ``peer``'s stream of
+    ``incarnation`` received: a mark of deliveries made before the peer
+    restarted from a shared store (a take-over), which this state has not
+    seen again yet; acknowledging it would be an ACK beyond what it holds.
+    """
+    return any(
+        stream.incarnation == incarnation and position > stream.received
+        for stream in peer.inbound
+    )
 
 
 class Links(Protocol):
@@ -116,18 +162,29 @@ class CommitOutcomes:
         # in an order that depends on object addresses (runs must replay
         # exactly on a Clock).
         acknowledge: dict[Peer, None] = {}
+        shared = self._router.ownership is not None
         for (peer_id, incarnation), position in batch.delivered.items():
             peer = peers.get(peer_id)
             # (None: a stream this gateway dropped meanwhile.)
-            if peer is not None and peer.marked(incarnation, position):
+            if peer is None or (
+                shared and _ahead_of_stream(peer, incarnation, position)
+            ):
+                continue
+            if peer.marked(incarnation, position):
                 acknowledge[peer] = None
         for peer in acknowledge:
             self._router.send_ack(peer)
             forgotten = peer.drop_drained_streams()
             if forgotten:
                 self._router.forgotten(peer, forgotten)
+        positions = getattr(result, "positions", None)
         for sender, first, contents, deferreds in sends:
-            sender.stored(first, contents, deferreds)
+            if positions is not None and sender.peer_id in positions:
+                _stored_shared(
+                    sender, positions[sender.peer_id][0], contents, deferreds
+                )
+            else:
+                sender.stored(first, contents, deferreds)
 
     def failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
         ownership = self._router.ownership

@@ -90,6 +90,13 @@ class OwnershipGuard:
     :ivar barrier: fires once what is pending now is committed.
     :ivar linked: whether the network has a link with a peer now.
     :ivar delivering: whether a delivery for a peer is in progress.
+    :ivar waiting: the peers with receipts waiting for an acknowledgement.
+    :ivar caught_up: the messenger learns a peer's outbound record as the
+        shared store holds it (others' appends, the owner's
+        acknowledgements).
+    :ivar poll_interval: how often the outbound records of the streams
+        this gateway owns (and of peers with receipts waiting) are read;
+        the store's append hints (``watch``) wake a read sooner.
     :ivar margin: the fraction of the lease before its local deadline at
         which no new delivery starts, so that a delivery in progress (an
         asynchronous target) ends before the lease does and never overlaps
@@ -106,12 +113,22 @@ class OwnershipGuard:
     barrier: Callable[[], Deferred[None]]
     linked: Callable[[PeerId], bool]
     delivering: Callable[[PeerId], bool] = lambda peer_id: False
+    waiting: Callable[[], list[PeerId]] = list
+    caught_up: Callable[[PeerId, Any], None] = lambda peer_id, record: None
+    poll_interval: float = 0.2
     monotonic: Callable[[], float] = time.monotonic
     margin: float = 0.2
     _streams: dict[PeerId, _Stream] = attr.ib(factory=dict, init=False)
     _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
     _renewing: bool = attr.ib(default=False, init=False)
     _stopped: bool = attr.ib(default=False, init=False)
+    _poll_call: IDelayedCall | None = attr.ib(default=None, init=False)
+    _polling: set[PeerId] = attr.ib(factory=set, init=False)
+
+    @staticmethod
+    def shares(backend: object) -> bool:
+        """Whether ``backend`` is a store shared by several gateways."""
+        return bool(IStreamOwnership.providedBy(backend))
 
     @classmethod
     def for_backend(cls, backend: object, **callbacks: Any) -> OwnershipGuard | None:
@@ -133,9 +150,22 @@ class OwnershipGuard:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Renew the leases held, every third of the lease."""
+        """
+        Renew the leases held, every third of the lease; poll the streams
+        this gateway owns for others' appends, woken sooner by the store's
+        hints.
+        """
         self._stopped = False
         self._schedule_renewal()
+        self._poll_call = self.clock.callLater(self.poll_interval, self._poll)
+        d = self.ownership.watch(self._hinted)
+        d.addErrback(
+            lambda reason: log.info(
+                "no append hints from the store ({reason}): polling only",
+                reason=reason.getErrorMessage(),
+                ilm_event="append_hints_unavailable",
+            )
+        )
 
     def stop(self) -> None:
         """No more renewals or wake-ups (the store releases on close)."""
@@ -143,8 +173,56 @@ class OwnershipGuard:
         if self._renew_call is not None and self._renew_call.active():
             self._renew_call.cancel()
         self._renew_call = None
+        if self._poll_call is not None and self._poll_call.active():
+            self._poll_call.cancel()
+        self._poll_call = None
         for stream in self._streams.values():
             self._cancel_wake(stream)
+
+    # -- others' appends -------------------------------------------------------------
+
+    def _poll(self) -> None:
+        self._poll_call = None
+        if self._stopped:
+            return
+        peers = [
+            peer_id
+            for peer_id in self.ownership.owned()
+            if self.linked(peer_id) and self.may_look(peer_id)
+        ]
+        for peer_id in [*peers, *self.waiting()]:
+            self._look(peer_id)
+        self._poll_call = self.clock.callLater(self.poll_interval, self._poll)
+
+    def may_look(self, peer_id: PeerId) -> bool:
+        stream = self._streams.get(peer_id)
+        return stream is not None and not stream.leaving and stream.held is None
+
+    def _hinted(self, peer_id: PeerId) -> None:
+        if not self._stopped and self.may_look(peer_id):
+            self._look(peer_id)
+
+    def _look(self, peer_id: PeerId) -> None:
+        """Read ``peer_id``'s outbound record (one read at a time per peer)."""
+        if peer_id in self._polling:
+            return
+        self._polling.add(peer_id)
+
+        def done(result: object) -> None:
+            self._polling.discard(peer_id)
+            if not isinstance(result, Failure) and not self._stopped:
+                self.caught_up(peer_id, result)
+
+        d = self.ownership.outbound_state(peer_id)
+        d.addBoth(done)
+        d.addErrback(
+            lambda reason: log.failure(
+                "internal error while {doing}",
+                reason,
+                doing="reading an outbound record",
+                ilm_event="internal_error",
+            )
+        )
 
     def _schedule_renewal(self) -> None:
         if self._stopped:
@@ -257,8 +335,11 @@ class OwnershipGuard:
             # Another gateway may have written since this one last held the
             # stream: its state restarts from what the grant read.  (Taken
             # back with nothing in between, the state here is still right,
-            # and ahead of the store: marks not yet committed.)
+            # and ahead of the store: marks not yet committed; only other
+            # gateways' appends are news.)
             self.restart(peer_id, taken)
+        else:
+            self.caught_up(peer_id, taken.outbound)
         stream.epoch = taken.epoch
         self.proceed(peer_id)
         for frame in held:

@@ -109,9 +109,17 @@ class SharedStore:
     def lease(self, peer_id: PeerId) -> _Lease:
         return self.leases.setdefault(peer_id, _Lease())
 
-    def apply(self, gateway: str, epochs: dict[PeerId, int], batch: StoreBatch) -> Any:
+    def apply(
+        self,
+        gateway: str,
+        epochs: dict[PeerId, int],
+        batch: StoreBatch,
+        shared: bool = False,
+    ) -> Any:
         """
-        Apply a commit of ``gateway`` (granted ``epochs``) now, fenced.
+        Apply a commit of ``gateway`` (granted ``epochs``) now, fenced;
+        ``shared``: its messages go where each outbox ends, and the result
+        says where.
         """
         written = (
             set(batch.acked)
@@ -127,7 +135,16 @@ class SharedStore:
         if stale:
             self.fenced += 1
             raise Fenced(stale)
-        return self.storage.apply(batch)
+        if not shared:
+            return self.storage.apply(batch)
+        positions = {}
+        for peer, (_, contents) in list(batch.messages.items()):
+            box = self.storage.outboxes.get(peer)
+            first = (box.last if box is not None else 0) + 1
+            batch.messages[peer] = (first, contents)
+            positions[peer] = (first, first + len(contents) - 1)
+        result = self.storage.apply(batch)
+        return SharedCommitResult(result.released_bytes, positions)
 
 
 @implementer(IBackend, IStreamOwnership)
@@ -240,6 +257,12 @@ class GatewayBackend(InMemoryBackend):
         return self._request(self.store.storage.state)
 
     def commit(self, batch: StoreBatch) -> Deferred[CommitResult]:
+        return self._commit(batch, shared=False)
+
+    def commit_shared(self, batch: StoreBatch) -> Deferred[SharedCommitResult]:
+        return self._commit(batch, shared=True)
+
+    def _commit(self, batch: StoreBatch, shared: bool) -> Deferred[Any]:
         epochs = {peer: held[0] for peer, held in self.held.items()}
         snapshot = StoreBatch(
             messages={p: (f, list(c)) for p, (f, c) in batch.messages.items()},
@@ -253,7 +276,8 @@ class GatewayBackend(InMemoryBackend):
             return result
 
         d = self._request(
-            lambda: self.store.apply(self.gateway, epochs, snapshot), fenced_answer
+            lambda: self.store.apply(self.gateway, epochs, snapshot, shared),
+            fenced_answer,
         )
 
         def forget_fenced(failure: Any) -> Any:
@@ -389,11 +413,12 @@ class GatewayBackend(InMemoryBackend):
     def claimable(self, limit: int = 1000) -> Deferred[list[PeerId]]:
         return self._request(lambda: [])
 
-    def commit_shared(self, batch: StoreBatch) -> Deferred[SharedCommitResult]:
-        raise NotImplementedError("appends from several gateways are not simulated")
-
     def outbound_state(self, peer_id: PeerId) -> Deferred[Any]:
-        return self._request(lambda: None)
+        def look() -> Any:
+            state = self.store.storage.state()
+            return next((r for r in state.outbound if r.peer_id == peer_id), None)
+
+        return self._request(look)
 
     def watch(self, callback: Callable[[PeerId], None]) -> Deferred[None]:
         return succeed(None)
@@ -415,6 +440,9 @@ class GatewaySeedResult:
     fenced: int
     faults: dict[str, int]
     trace: list[str]
+    #: Messages the gateways sent to node 1 (through any gateway) that
+    #: node 1 got.
+    sent_back: int = 0
 
     @property
     def ok(self) -> bool:
@@ -479,6 +507,11 @@ class GatewayWorld:
         self.receipts: list[Deferred[Any]] = []
         self.accepted: list[int] = []
         self.sent = 0
+        # Messages the gateways send to node 1.
+        self.back_sent: dict[str, int] = {}
+        self.back_accepted: set[bytes] = set()
+        self.back_delivered: list[bytes] = []
+        self.back_last: dict[str, int] = {}
 
     def note(self, text: str) -> None:
         self.trace.append(f"{self.clock.seconds():9.4f} {text}")
@@ -501,7 +534,7 @@ class GatewayWorld:
         )
         node = ILM(
             InMemoryBackend(),
-            lambda m: None,
+            self._back,
             network,
             config=self.config,
             clock=self.clock,
@@ -685,6 +718,44 @@ class GatewayWorld:
         d.addCallbacks(accepted, lambda failure: None)
         self.receipts.append(d)
 
+    def send_back(self) -> None:
+        """
+        A gateway, any running one, sends to node 1 (whether or not it
+        serves node 1's link): the store puts the message at the end of
+        the shared outbox, and the owner transmits it.
+        """
+        running = [g for g in self.gateways.values() if g.node is not None]
+        if not running:
+            return
+        gateway = self.random.choice(running)
+        assert gateway.node is not None
+        count = self.back_sent[gateway.name] = self.back_sent.get(gateway.name, 0) + 1
+        contents = f"{gateway.name}:{count}".encode()
+        d = gateway.node.send_to(REMOTE, contents)
+
+        def accepted(receipt: Any) -> None:
+            self.back_accepted.add(contents)
+
+        d.addCallbacks(accepted, lambda failure: None)
+
+    def _back(self, message: Message) -> None:
+        """Node 1's delivery target: what the gateways sent it."""
+        expected = len(self.back_delivered) + 1
+        if message.message_id != expected:
+            self.violation(
+                f"node 1 got message {message.message_id} from node 2 after "
+                f"{expected - 1}"
+            )
+        name, _, count = message.contents.decode().partition(":")
+        last = self.back_last.get(name, 0)
+        if int(count) <= last:
+            self.violation(
+                f"node 1 got {message.contents!r} after {name}:{last}: out of "
+                f"the order {name} sent them in"
+            )
+        self.back_last[name] = int(count)
+        self.back_delivered.append(message.contents)
+
     # -- run -----------------------------------------------------------------------
 
     def run(self) -> None:
@@ -701,6 +772,8 @@ class GatewayWorld:
         messages = rng.randint(20, 300)
         for _ in range(messages):
             self.clock.callLater(rng.uniform(0, chaos), self.send)
+        for _ in range(rng.choice([0, 10, 50])):
+            self.clock.callLater(rng.uniform(0, chaos), self.send_back)
         rate = rng.choice([0.5, 2.0, 5.0])
         t = rng.expovariate(rate)
         while t < chaos:
@@ -727,6 +800,8 @@ class GatewayWorld:
         if not self.healed_all or self.remote is None:
             return False
         if len(self.receipts) < self.sent or not all(d.called for d in self.receipts):
+            return False
+        if not self.back_accepted <= set(self.back_delivered):
             return False
         return self.remote.pending_outbound().get(NODE, 0) == 0
 
@@ -774,6 +849,11 @@ class GatewayWorld:
         missing = sorted(i + 1 for i in self.accepted if i + 1 > len(delivered))
         if missing:
             self.violation(f"accepted but never delivered: {missing[:10]}")
+        lost = sorted(self.back_accepted - set(self.back_delivered))
+        if lost:
+            self.violation(f"sent by a gateway, never delivered to node 1: {lost[:5]}")
+        if len(set(self.back_delivered)) != len(self.back_delivered):
+            self.violation("node 1 got a message from node 2 twice")
         self.repeats = repeats
         self.delivered = len(delivered)
 
@@ -784,7 +864,8 @@ _BAD_EVENTS = frozenset(
         "internal_error",
         "messages_lost",
         "protocol_violation",
-        "outbox_read_failed",
+        # (Not outbox_read_failed: a gateway cut off from the store fails
+        # its reads, and retries.)
         "link_protocol_violation",
         "authentication_failed",
         "spoofed_peer",
@@ -852,6 +933,7 @@ def run_gateway_seed(
         fenced=world.store.fenced,
         faults=dict(world.faults),
         trace=world.trace,
+        sent_back=len(world.back_delivered),
     )
 
 
@@ -881,6 +963,7 @@ def run_gateway_seeds(
             ("repeated", result.repeats),
             ("epochs", result.takeovers),
             ("fenced commits", result.fenced),
+            ("sent by gateways", result.sent_back),
             *((f"fault {k}", v) for k, v in result.faults.items()),
         ):
             totals[key] = totals.get(key, 0) + value
