@@ -78,8 +78,7 @@ class PeerRouter:
             config.delivery_retry, config.max_delivery_retry
         )
         self.peers = core.peers
-        #: With a store shared by several gateways, who may deliver for
-        #: which peer (set by the node: ilm._gateway); None for any other.
+        #: Who may deliver for which peer on a shared store (ilm._gateway).
         self.ownership: OwnershipGuard | None = None
         outcomes = CommitOutcomes(core, self)
         self.committer = GroupCommitter(
@@ -153,7 +152,10 @@ class PeerRouter:
         self._core.guard(self._established, peer_id)
 
     def link_lost(self, peer_id: object, reason: object) -> None:
-        self._core.guard(self._network_lost, peer_id, reason)
+        # The network lost it: not a link replaced or closed here.
+        if self.ownership is not None and type(peer_id) in (int, str):
+            self._core.guard(self.ownership.link_lost, peer_id)
+        self._core.guard(self.lost, peer_id, reason)
 
     def link_paused(self, peer_id: object) -> None:
         self._core.guard(self._paused, peer_id)
@@ -166,7 +168,7 @@ class PeerRouter:
         try:
             peer = self.peers.get(peer_id)  # type: ignore[call-overload]
         except TypeError:
-            self._invalid_id(peer_id, "a frame from")
+            core.invalid_id(peer_id, "a frame from")
             return
         if peer is None or peer.link == DOWN or peer.link == CLOSING:
             if self.ownership is not None:
@@ -209,17 +211,6 @@ class PeerRouter:
 
     # -- link events -----------------------------------------------------------
 
-    def _invalid_id(self, peer_id: object, what: str) -> None:
-        self._core.limited(
-            ("internal_error", "invalid peer id"),
-            LogLevel.error,
-            "network reported " + what + " an invalid peer id {peer_id} "
-            "(a {peer_type})",
-            peer_id=str(peer_id),
-            peer_type=type(peer_id).__name__,
-            ilm_event="internal_error",
-        )
-
     def _established(self, peer_id: object) -> None:
         if not self._accepts_links():
             return
@@ -228,7 +219,7 @@ class PeerRouter:
         except (TypeError, ILMError):
             pid = None
         if pid is None or pid == self._core.local_id:
-            self._invalid_id(peer_id, "a link with")
+            self._core.invalid_id(peer_id, "a link with")
             return
         self.peers.get(pid) or self.new_peer(pid)
         if self.ownership is not None:
@@ -262,15 +253,6 @@ class PeerRouter:
         peer.handshake_call = None
         if peer.link == HELLO_SENT:
             self._send_hello(peer, reply_requested=True)
-
-    def _network_lost(self, peer_id: object, reason: object) -> None:
-        """The network lost the link (not a link replaced or closed here)."""
-        if self.ownership is not None:
-            try:
-                self.ownership.link_lost(check_peer_id(peer_id))
-            except (TypeError, ILMError):
-                pass
-        self.lost(peer_id, reason)
 
     def lost(self, peer_id: object, reason: object) -> None:
         """The link to ``peer_id`` went down (or is taken down)."""
