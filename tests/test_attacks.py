@@ -349,7 +349,7 @@ class AttackCase(TestCase):
         for attacker in self.attackers:
             await attacker.stop()
         await self.legit.shutdown(10)
-        if self.node._state == "running":
+        if self.node.state == "running":
             # Messages to an attacker that never acknowledges them stay
             # stored: the shutdown says so, which is not a failure here.
             shutdown = self.node.shutdown(2)
@@ -500,11 +500,11 @@ class FlappingTests(AttackCase):
         await self.flowing()
         await during
         await self.flowing()
-        peer = self.node._peers[5]
+        peer = self.node.peer_status(5)
         budget = self.config.window_bytes + self.config.max_frame_size
-        self.assertLessEqual(peer.held.bytes, budget)
-        self.assertLessEqual(peer.held.messages, self.config.window)
-        self.assertGreater(peer.held.bytes, 0)
+        self.assertLessEqual(peer.queued_bytes, budget)
+        self.assertLessEqual(sum(peer.queued), self.config.window)
+        self.assertGreater(peer.queued_bytes, 0)
         records = [m for m in inspect_store(self.path).inbound if m.peer_id == 5]
         self.assertLessEqual(len(records), self.config.max_retired_incarnations + 2)
         self.assertEqual(len(self.events.named("peer_new_incarnation", peer_id=5)), 1)

@@ -285,7 +285,7 @@ class OutboxReadTests(SynchronousTestCase):
         peak = [0]
 
         def drained() -> bool:
-            peak[0] = max(peak[0], node._peers[2].out.cached_bytes)
+            peak[0] = max(peak[0], node.peer_status(2).cached_bytes)
             return not node.pending_outbound()
 
         c.run_until(drained)
@@ -414,9 +414,9 @@ class IncarnationTests(SynchronousTestCase):
             attacker.connect(incarnation(n))
             attacker.data(1, [bytes([n]) * 16_000 for _ in range(64)])
             clock.advance(0.01)
-            held = node._peers[2].held
-            self.assertLessEqual(held.bytes, budget)
-            self.assertLessEqual(held.messages, config.window)
+            held = node.peer_status(2)
+            self.assertLessEqual(held.queued_bytes, budget)
+            self.assertLessEqual(sum(held.queued), config.window)
             other.data(n + 1, [b"other %d" % n])
             clock.advance(0.01)
         self.assertEqual(

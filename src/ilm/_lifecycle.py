@@ -28,7 +28,6 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
-from ilm._gateway import load_peers
 from ilm._link import PeerRouter
 from ilm._node import NodeCore
 from ilm._nodelog import log
@@ -234,13 +233,29 @@ class NodeLife:
         if self._start_abandoned:
             raise NotRunning("shut down before its store had opened")
         core.incarnation = state.incarnation
+        now = core.clock.seconds()
         ids = [r.peer_id for r in state.outbound] + [r.peer_id for r in state.inbound]
         if core.local_id in ids:
             raise StoreError(
                 f"this store holds state for a peer with this node's own id "
                 f"{core.local_id!r}: it belongs to another node"
             )
-        load_peers(core, router, state.outbound, state.inbound)
+        for record in state.outbound:
+            peer = router.add_peer(record.peer_id, record.acked, record.last_position)
+            peer.sender.outbox_bytes = record.pending_bytes
+            if record.last_position > record.acked:
+                peer.sender.accept_times.append((record.last_position, now))
+        for inbound in state.inbound:
+            peer = core.peers.get(inbound.peer_id) or router.new_peer(inbound.peer_id)
+            if inbound.retired:
+                peer.retired[inbound.incarnation] = None
+            else:
+                peer.add_stream(inbound.incarnation, inbound.delivered)
+        for peer in core.peers.values():
+            # A store written with a larger limit (or by an older ILM).
+            forgotten = peer.forget_retired()
+            if forgotten:
+                router.forgotten(peer, forgotten)
         self._machine.opened()
         return core.network.start(router)
 
@@ -278,14 +293,14 @@ class NodeLife:
         )
         self.accepting = self._shutdown is None
         self.started_at = core.clock.seconds()
-        if self._router.ownership is not None:
-            self._router.ownership.start()
         # Sends made before the start take their positions before anything a
         # start callback sends.
         early, self._early = self._early, []
         self._early_count = 0
         for send, d in early:
             send().chainDeferred(d)
+        if self._router.streams is not None:
+            self._router.streams.guard.start()
         self._started.fire(None)
 
     def _start_failed(self, reason: Failure) -> None:
@@ -436,8 +451,8 @@ class NodeLife:
     def _stop_everything(self) -> None:
         core = self._core
         self._committer.stop()
-        if self._router.ownership is not None:
-            self._router.ownership.stop()
+        if self._router.streams is not None:
+            self._router.streams.guard.stop()
         core.stop_limiter()
         detail = f"ILM node {core.local_id!r} stopped"
         for peer in core.peers.values():
@@ -464,8 +479,8 @@ class NodeLife:
             peer.cancel_timers()
             peer.sender.waiters = []
         self._committer.stop()
-        if self._router.ownership is not None:
-            self._router.ownership.stop()
+        if self._router.streams is not None:
+            self._router.streams.guard.stop()
         core.stop_limiter()
 
     async def _within(

@@ -28,7 +28,7 @@ from ilm._deliverer import PeerDeliverer, one_line
 from ilm._node import NodeCore, Peer
 from ilm._nodelog import log
 from ilm._outcomes import CommitOutcomes
-from ilm._ownership_guard import GatedHost, OwnershipGuard
+from ilm._ownership_guard import GatewayStreams, OwnershipGuard
 from ilm._peer import CLOSING, DOWN, HELLO_SENT, READY
 from ilm._peerid import PeerId, check_peer_id
 from ilm._sender import PeerSender
@@ -78,9 +78,8 @@ class PeerRouter:
             config.delivery_retry, config.max_delivery_retry
         )
         self.peers = core.peers
-        #: Who may deliver for which peer on a shared store (ilm._gateway).
-        self.ownership: OwnershipGuard | None = None
         outcomes = CommitOutcomes(core, self)
+        shared = OwnershipGuard.shares(core.backend)
         self.committer = GroupCommitter(
             core.backend,
             core.clock,
@@ -92,8 +91,12 @@ class PeerRouter:
             failed=outcomes.failed,
             settled=core.check_drained,
             unexpected=core.unexpected,
-            shared=OwnershipGuard.shares(core.backend),
+            shared=shared,
         )
+        #: With a store shared by several gateways: stream ownership
+        #: (ilm._ownership_guard); None for any other store.
+        self.streams = GatewayStreams.for_node(core, self) if shared else None
+        outcomes.streams = self.streams
 
     # -- peers -----------------------------------------------------------------
 
@@ -134,9 +137,7 @@ class PeerRouter:
             acknowledge=lambda: self.send_ack(peer),
             unstarve=lambda stream: self._unstarve(peer, stream),
             committer=self.committer,
-            host=core
-            if self.ownership is None
-            else GatedHost(core, self.ownership, peer_id),
+            host=core if self.streams is None else self.streams.host(peer_id),
             clock=core.clock,
             later=core.later,
             backoff=self._delivery_backoff,
@@ -152,9 +153,8 @@ class PeerRouter:
         self._core.guard(self._established, peer_id)
 
     def link_lost(self, peer_id: object, reason: object) -> None:
-        # The network lost it: not a link replaced or closed here.
-        if self.ownership is not None and type(peer_id) in (int, str):
-            self._core.guard(self.ownership.link_lost, peer_id)
+        if self.streams is not None:
+            self._core.guard(self.streams.guard.link_lost, peer_id)
         self._core.guard(self.lost, peer_id, reason)
 
     def link_paused(self, peer_id: object) -> None:
@@ -168,11 +168,11 @@ class PeerRouter:
         try:
             peer = self.peers.get(peer_id)  # type: ignore[call-overload]
         except TypeError:
-            core.invalid_id(peer_id, "a frame from")
+            self._invalid_id(peer_id, "a frame from")
             return
         if peer is None or peer.link == DOWN or peer.link == CLOSING:
-            if self.ownership is not None:
-                self.ownership.taking(peer_id, frame)  # type: ignore[arg-type]
+            if self.streams is not None:
+                self.streams.guard.taking(peer_id, frame)  # type: ignore[arg-type]
             return
         config = self._config
         try:
@@ -211,6 +211,17 @@ class PeerRouter:
 
     # -- link events -----------------------------------------------------------
 
+    def _invalid_id(self, peer_id: object, what: str) -> None:
+        self._core.limited(
+            ("internal_error", "invalid peer id"),
+            LogLevel.error,
+            "network reported " + what + " an invalid peer id {peer_id} "
+            "(a {peer_type})",
+            peer_id=str(peer_id),
+            peer_type=type(peer_id).__name__,
+            ilm_event="internal_error",
+        )
+
     def _established(self, peer_id: object) -> None:
         if not self._accepts_links():
             return
@@ -219,16 +230,15 @@ class PeerRouter:
         except (TypeError, ILMError):
             pid = None
         if pid is None or pid == self._core.local_id:
-            self._core.invalid_id(peer_id, "a link with")
+            self._invalid_id(peer_id, "a link with")
             return
-        self.peers.get(pid) or self.new_peer(pid)
-        if self.ownership is not None:
-            # Take the peer's stream first; then link_taken.
-            self.ownership.link_established(pid)
+        if self.streams is not None:
+            # Take the peer's stream first; then taken().
+            self.streams.guard.link_established(pid)
             return
-        self.link_taken(pid)
+        self.taken(pid)
 
-    def link_taken(self, pid: PeerId) -> None:
+    def taken(self, pid: PeerId) -> None:
         """The link with ``pid`` is this node's: its handshake starts."""
         peer = self.peers.get(pid) or self.new_peer(pid)
         if peer.link != DOWN:

@@ -34,7 +34,6 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from ilm._admission import Admission, as_bytes_list
 from ilm._config import Config
 from ilm._delivery import as_delivery
-from ilm._gateway import ownership_guard
 from ilm._lifecycle import RUNNING, STOPPING, NodeLife
 from ilm._link import PeerRouter
 from ilm._node import NodeCore
@@ -133,8 +132,6 @@ class ILM(Service):
             delivery_seconds=self._delivery_seconds,
         )
         self._committer = self._router.committer
-        # Several gateways of one node sharing the store (ilm._gateway).
-        self._router.ownership = ownership_guard(core, self._router)
         self._life = NodeLife(core, self._router, service=self)
         self._admission = Admission(core, self._router, self._life)
         self._peers = core.peers

@@ -153,18 +153,6 @@ class NodeCore:
                 ilm_event="internal_error",
             )
 
-    def invalid_id(self, peer_id: object, what: str) -> None:
-        """The network reported ``what`` (an event) an invalid peer id."""
-        self.limited(
-            ("internal_error", "invalid peer id"),
-            LogLevel.error,
-            "network reported " + what + " an invalid peer id {peer_id} "
-            "(a {peer_type})",
-            peer_id=str(peer_id),
-            peer_type=type(peer_id).__name__,
-            ilm_event="internal_error",
-        )
-
     def later(
         self, delay: float, function: Callable[..., object], *args: object
     ) -> IDelayedCall:

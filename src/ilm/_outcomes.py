@@ -18,66 +18,17 @@ from twisted.python.failure import Failure
 
 from ilm._committer import Send
 from ilm._node import NodeCore, Peer
-from ilm._ownership_guard import OwnershipGuard
+from ilm._ownership_guard import GatewayStreams
 from ilm._peer import HELLO_SENT, READY
 from ilm._peerid import PeerId
-from ilm._sender import PeerSender, Receipt, ReceiptWaiter
 from ilm._store import CommitResult, StoreBatch
 from ilm.errors import ILMError, MalformedFrame, StoreError
 
-__all__ = ["CommitOutcomes", "Links", "stored_up_to"]
-
-
-def stored_up_to(sender: PeerSender, last: int) -> None:
-    """
-    A shared store holds messages to the peer up to ``last``, some appended
-    by other gateways: they are transmitted too (read from the store).
-    """
-    out = sender.out
-    if last > out.stored:
-        if sender.session.link == READY:
-            # The owner transmits them (and waits for them at shutdown).
-            sender.outbox_count += last - out.stored
-        out.stored = last
-
-
-def _stored_shared(
-    sender: PeerSender,
-    first: int,
-    contents: list[bytes],
-    deferreds: list[ReceiptWaiter],
-) -> None:
-    """
-    A shared store put ``contents`` where the outbox ended, at ``first``
-    (other gateways may have appended since this one last looked).
-    """
-    stored_up_to(sender, first - 1)
-    if first == sender.out.stored + 1:
-        sender.out.on_stored(first, contents)
-    sender.pump()
-    peer_id = sender.peer_id
-    for offset, d in enumerate(deferreds):
-        d.callback(Receipt(sender, peer_id, first + offset))
-
-
-def _ahead_of_stream(peer: Peer, incarnation: str, position: int) -> bool:
-    """
-    Whether a durable mark is beyond what ``peer``'s stream of
-    ``incarnation`` received: a mark of deliveries made before the peer
-    restarted from a shared store (a take-over), which this state has not
-    seen again yet; acknowledging it would be an ACK beyond what it holds.
-    """
-    return any(
-        stream.incarnation == incarnation and position > stream.received
-        for stream in peer.inbound
-    )
+__all__ = ["CommitOutcomes", "Links"]
 
 
 class Links(Protocol):
     """What the outcomes need of the link routing."""
-
-    #: The stream ownership of several gateways (None for other stores).
-    ownership: OwnershipGuard | None
 
     def send_ack(self, peer: Peer) -> None:
         """Acknowledge what ``peer`` sent, now."""
@@ -97,6 +48,8 @@ class CommitOutcomes:
     def __init__(self, core: NodeCore, router: Links) -> None:
         self._core = core
         self._router = router
+        #: Stream ownership, with a store shared by several gateways.
+        self.streams: GatewayStreams | None = None
 
     def drop_unstorable(
         self,
@@ -162,12 +115,13 @@ class CommitOutcomes:
         # in an order that depends on object addresses (runs must replay
         # exactly on a Clock).
         acknowledge: dict[Peer, None] = {}
-        shared = self._router.ownership is not None
+        streams = self.streams
         for (peer_id, incarnation), position in batch.delivered.items():
             peer = peers.get(peer_id)
             # (None: a stream this gateway dropped meanwhile.)
             if peer is None or (
-                shared and _ahead_of_stream(peer, incarnation, position)
+                streams is not None
+                and streams.ahead_of_stream(peer, incarnation, position)
             ):
                 continue
             if peer.marked(incarnation, position):
@@ -177,19 +131,15 @@ class CommitOutcomes:
             forgotten = peer.drop_drained_streams()
             if forgotten:
                 self._router.forgotten(peer, forgotten)
-        positions = getattr(result, "positions", None)
         for sender, first, contents, deferreds in sends:
-            if positions is not None and sender.peer_id in positions:
-                _stored_shared(
-                    sender, positions[sender.peer_id][0], contents, deferreds
-                )
-            else:
-                sender.stored(first, contents, deferreds)
+            if streams is not None:
+                first = streams.stored_at(sender, first, result)
+            sender.stored(first, contents, deferreds)
 
     def failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
-        ownership = self._router.ownership
-        if ownership is not None and ownership.commit_failed(reason) and not sends:
-            return  # the fenced streams were dropped, and that logged
+        if self.streams is not None and self.streams.guard.commit_failed(reason):
+            if not sends:
+                return  # the fenced streams were dropped, and that logged
         refused = 0
         for sender, first, contents, deferreds in sends:
             refused += len(contents)

@@ -37,6 +37,7 @@ and the failure cases.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,10 +48,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ilm._peer import CLOSING, READY
 from ilm._peerid import PeerId
+from ilm._store import OutboundRecord
 from ilm.backends._ownership import Fenced, IStreamOwnership, Renewal, StreamTaken
 
-__all__ = ["GatedHost", "OwnershipGuard"]
+__all__ = ["GatedHost", "GatewayStreams", "OwnershipGuard"]
 
 log = Logger(namespace="ilm.ownership")
 
@@ -353,6 +356,9 @@ class OwnershipGuard:
         if stream is None or stream.generation != generation:
             return
         stream.held = None
+        # The messenger forgets the peer: so does the guard (a later grant
+        # restarts it from the store).
+        self._streams.pop(peer_id, None)
         error = reason.value
         self.drop(
             peer_id,
@@ -540,3 +546,176 @@ class GatedHost:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
+
+
+class GatewayStreams:
+    """
+    The messenger's side of stream ownership: what the guard's callbacks do
+    to the node's peers (built by :class:`ilm._link.PeerRouter` when its
+    store is shared, ``None`` otherwise: :meth:`for_node`).
+
+    :ivar guard: the :class:`OwnershipGuard`.
+    """
+
+    def __init__(self, core: Any, router: Any) -> None:
+        self._core = core
+        self._router = router
+        self.guard: OwnershipGuard = OwnershipGuard.for_backend(  # type: ignore[assignment]
+            core.backend,
+            clock=core.clock,
+            proceed=router.taken,
+            restart=self.restart,
+            replay=router.frame_received,
+            drop=self.drop,
+            wake=lambda peer_id: core.guard(self.wake, peer_id),
+            barrier=router.committer.barrier,
+            linked=lambda peer_id: peer_id in core.network.connected_peers(),
+            delivering=lambda peer_id: (
+                peer_id in core.peers and core.peers[peer_id].deliverer.delivering
+            ),
+            waiting=self.waiting,
+            caught_up=lambda peer_id, record: core.guard(
+                self.caught_up, peer_id, record
+            ),
+        )
+
+    @classmethod
+    def for_node(cls, core: Any, router: Any) -> GatewayStreams | None:
+        """A :class:`GatewayStreams` if the node's store is shared."""
+        if not OwnershipGuard.shares(core.backend):
+            return None
+        return cls(core, router)
+
+    def host(self, peer_id: PeerId) -> GatedHost:
+        """The delivery host of ``peer_id``'s deliverer."""
+        return GatedHost(self._core, self.guard, peer_id)
+
+    # -- the guard's callbacks -------------------------------------------------
+
+    def restart(self, peer_id: PeerId, taken: StreamTaken) -> None:
+        """
+        This gateway took ``peer_id``'s stream: its state restarts from what
+        the grant read, as after a restart of the node; sends not yet
+        committed and receipts waited for carry over.
+        """
+        core, router = self._core, self._router
+        old = core.peers.pop(peer_id, None)
+        if old is not None:
+            old.cancel_timers()
+        record = taken.outbound
+        if record is not None:
+            peer = router.add_peer(peer_id, record.acked, record.last_position)
+            peer.sender.outbox_bytes = record.pending_bytes
+        else:
+            peer = router.new_peer(peer_id)
+        for mark in taken.inbound:
+            if mark.retired:
+                peer.retired[mark.incarnation] = None
+            else:
+                peer.add_stream(mark.incarnation, mark.delivered)
+        forgotten = peer.forget_retired()
+        if forgotten:
+            router.forgotten(peer, forgotten)
+        if old is not None:
+            sender, previous = peer.sender, old.sender
+            sender.waiters = previous.waiters
+            sender.pending = previous.pending
+            sender.pending_deferreds = previous.pending_deferreds
+            sender.outbox_count += len(previous.pending)
+            outboxes = router.committer.outboxes
+            if peer_id in outboxes:
+                outboxes[peer_id] = sender
+
+    def drop(self, peer_id: PeerId, reason: Exception) -> None:
+        """
+        This gateway no longer owns ``peer_id``'s stream: close its link,
+        forget its state and its bookkeeping not yet committed.
+        """
+        core = self._core
+        peer = core.peers.pop(peer_id, None)
+        self._router.committer.bookkeeping.drop_peer(peer_id)
+        if peer is not None:
+            peer.cancel_timers()
+            if peer.link == READY:
+                core.link_downs += 1
+            peer.link = CLOSING
+        core.network.close_link(peer_id, reason)
+
+    def wake(self, peer_id: PeerId) -> None:
+        peer = self._core.peers.get(peer_id)
+        if peer is not None:
+            peer.deliverer.deliver()
+
+    def waiting(self) -> list[PeerId]:
+        """Peers served elsewhere whose sends from here are not yet done."""
+        return [
+            peer_id
+            for peer_id, peer in self._core.peers.items()
+            if peer.link != READY and (peer.sender.waiters or peer.sender.outbox_count)
+        ]
+
+    def caught_up(self, peer_id: PeerId, record: OutboundRecord | None) -> None:
+        """
+        A look at ``peer_id``'s outbound record in the shared store: what
+        other gateways appended is transmitted from here (on the owner);
+        receipts waited for on a gateway without the peer's link resolve as
+        the owner's acknowledgements reach the store.
+        """
+        peer = self._core.peers.get(peer_id)
+        if peer is None or record is None:
+            return
+        sender = peer.sender
+        self.stored_up_to(sender, record.last_position)
+        if peer.link == READY:
+            sender.pump()
+            return
+        sender.outbox_count = max(
+            0, min(sender.outbox_count, sender.out.stored - record.acked)
+        )
+        waiters = sender.waiters
+        while waiters and waiters[0][0] <= record.acked:
+            _, _, d, receipt = heapq.heappop(waiters)
+            d.callback(receipt)
+        self._core.check_drained()
+
+    # -- commits -----------------------------------------------------------------
+
+    @staticmethod
+    def stored_up_to(sender: Any, last: int) -> None:
+        """
+        The store holds messages to the peer up to ``last``, some appended
+        by other gateways: transmit them too (read from the store).
+        """
+        out = sender.out
+        if last > out.stored:
+            if sender.session.link == READY:
+                # The owner transmits them (and waits for them at shutdown).
+                sender.outbox_count += last - out.stored
+            out.stored = last
+
+    def stored_at(self, sender: Any, first: int, result: object) -> int:
+        """
+        Where a commit stored a sender's new messages: the shared store puts
+        them where the outbox ended (others may have appended since this
+        gateway last looked); the positions before are others'.
+        """
+        positions = getattr(result, "positions", None)
+        if positions is None or sender.peer_id not in positions:
+            return first
+        first = positions[sender.peer_id][0]
+        self.stored_up_to(sender, first - 1)
+        return int(first)
+
+    @staticmethod
+    def ahead_of_stream(peer: Any, incarnation: str, position: int) -> bool:
+        """
+        Whether a durable mark is beyond what ``peer``'s stream of
+        ``incarnation`` received: a mark of deliveries made before the peer
+        restarted from the shared store (a take-over), which this state
+        has not seen again yet; acknowledging it would be an ACK beyond
+        what it holds.
+        """
+        return any(
+            stream.incarnation == incarnation and position > stream.received
+            for stream in peer.inbound
+        )

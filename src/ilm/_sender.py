@@ -158,7 +158,6 @@ class PeerSender:
         "accept_times",
         "accepted_at",
         "acked_total",
-        "moved_to",
         "out",
         "outbox_bytes",
         "outbox_count",
@@ -206,9 +205,6 @@ class PeerSender:
         self.outbox_bytes = 0
         #: (position, order, Deferred, receipt), a heap.
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
-        #: The sender that took over this peer's receipts (a gateway took
-        #: the stream again: ilm._gateway).
-        self.moved_to: PeerSender | None = None
         self.retransmit_call: IDelayedCall | None = None
         self.retransmit_retry = Retry(
             Backoff.exact(config.retransmit_timeout, config.max_retransmit_timeout)
@@ -312,7 +308,10 @@ class PeerSender:
         A commit stored ``contents`` from position ``first``: transmit them,
         give their receipts.
         """
-        self.out.on_stored(first, contents)
+        if first == self.out.stored + 1:
+            # (Else a shared store's peer restarted from a state that
+            # already counts them: ilm._ownership_guard.)
+            self.out.on_stored(first, contents)
         self.pump()
         peer_id = self.peer_id
         for offset, d in enumerate(deferreds):
@@ -523,8 +522,6 @@ class PeerSender:
         :return: a Deferred firing with ``receipt`` once its message is
             acknowledged (at once if it is).
         """
-        if self.moved_to is not None:
-            return self.moved_to.when_acknowledged(receipt)
         if receipt.message_id <= self.out.acked:
             return succeed(receipt)
         ended = self._host.ended

@@ -109,6 +109,7 @@ def peer_status(
         cached=out.cache_end - acked,
         cached_bytes=out.cached_bytes,
         queued=tuple([len(s.queue) for s in inbound]),
+        queued_bytes=peer.held.bytes,
     )
 
 

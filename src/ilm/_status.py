@@ -109,6 +109,8 @@ class PeerStatus:
     :ivar cached_bytes: their contents' total size.
     :ivar queued: per incarnation of the peer this node holds a stream for,
         oldest first, the messages received and not yet delivered.
+    :ivar queued_bytes: the total size of those messages, across all the
+        peer's incarnations: at most ``window_bytes`` plus one frame.
     """
 
     peer_id: PeerId
@@ -136,6 +138,7 @@ class PeerStatus:
     cached: int = 0
     cached_bytes: int = 0
     queued: tuple[int, ...] = ()
+    queued_bytes: int = 0
 
 
 @frozen

@@ -73,7 +73,7 @@ from ilm._backoff import Backoff
 from ilm._peerid import PeerId
 from ilm.network._counters import NetworkCounters
 from ilm.network._dial_failure import DialFailure, dial_reason
-from ilm.network._log import log
+from ilm.network._log import internal_error, log
 from ilm.network._protocol import ILMProtocol
 from ilm.network._tls import TLSCredentials
 from ilm.network._waiters import chain
@@ -325,11 +325,7 @@ class Dialler:
         try:
             self.sync(peer_id)
         except Exception:
-            log.failure(
-                "internal error while {doing}",
-                doing="synchronising a dialer",
-                ilm_event="internal_error",
-            )
+            internal_error("synchronising a dialer")
 
     def sync(self, peer_id: PeerId) -> None:
         """
