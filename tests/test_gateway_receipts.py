@@ -1,0 +1,45 @@
+"""
+Receipts across a take-over: a gateway that takes a peer's stream again
+restarts the peer's state from the grant (``GatewayStreams.restart``); the
+receipts it gave before still fire once the message is acknowledged.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm import ILM
+from ilm._store import OutboundRecord
+from ilm.network import InMemoryNetwork
+from ilm.simulation._gateways import GatewayBackend, SharedStore
+from ilm.testing import settle
+
+
+class TakeOverReceiptTests(SynchronousTestCase):
+    def test_receipt_given_before_a_take_over(self) -> None:
+        """
+        A receipt given before the peer restarted from a grant still fires
+        once the shared store records its message acknowledged (by the
+        gateway that serves the peer), and nothing is left pending.
+        """
+        clock = Clock()
+        store = SharedStore(clock, lease_duration=1.0)
+        backend = GatewayBackend(store, "a", lambda: 0.01, lambda: True)
+        network = InMemoryNetwork(clock).add_peer(1)
+        node = ILM(backend, lambda message: None, network, clock=clock)
+        node.startService()
+        settle(clock, 0.1)
+        sent = node.send_to(2, b"x")
+        settle(clock, 0.1)
+        receipt = self.successResultOf(sent)
+        taken = backend.acquire(2)
+        settle(clock, 0.1)
+        streams = node._router.streams
+        assert streams is not None
+        streams.restart(2, self.successResultOf(taken))
+        acknowledged = receipt.acknowledged
+        self.assertNoResult(acknowledged)
+        streams.caught_up(2, OutboundRecord(2, 1, 1, 0))
+        self.assertIs(self.successResultOf(acknowledged), receipt)
+        self.assertEqual(node.pending_outbound(), {})
