@@ -43,3 +43,38 @@ class TakeOverReceiptTests(SynchronousTestCase):
         streams.caught_up(2, OutboundRecord(2, 1, 1, 0))
         self.assertIs(self.successResultOf(acknowledged), receipt)
         self.assertEqual(node.pending_outbound(), {})
+
+    def test_uncommitted_sends_keep_their_bytes(self) -> None:
+        """
+        Sends not yet committed when the stream is taken again carry over
+        with their size (the outbox byte limit keeps counting them) and
+        their acceptance time.
+        """
+        clock = Clock()
+        store = SharedStore(clock, lease_duration=1.0)
+        backend = GatewayBackend(store, "a", lambda: 0.01, lambda: True)
+        network = InMemoryNetwork(clock).add_peer(1)
+        node = ILM(backend, lambda message: None, network, clock=clock)
+        node.startService()
+        settle(clock, 0.1)
+        first = node.send_to(2, b"x")
+        settle(clock, 0.1)
+        self.successResultOf(first)
+        acquiring = backend.acquire(2)
+        settle(clock, 0.1)
+        taken = self.successResultOf(acquiring)
+        clock.advance(0.5)
+        before = node._core.peers[2].sender
+        sent = node.send_to(2, b"y" * 1000)
+        self.assertEqual(len(before.pending), 1)
+        accepted_at = before.accepted_at
+        streams = node._router.streams
+        assert streams is not None
+        streams.restart(2, taken)
+        after = node._core.peers[2].sender
+        self.assertIsNot(after, before)
+        self.assertEqual(after.pending, [b"y" * 1000])
+        self.assertGreaterEqual(after.outbox_bytes, 1000)
+        self.assertEqual(after.accepted_at, accepted_at)
+        settle(clock, 0.1)
+        self.assertEqual(self.successResultOf(sent).message_id, 2)

@@ -622,6 +622,11 @@ class GatewayStreams:
             sender.pending = previous.pending
             sender.pending_deferreds = previous.pending_deferreds
             sender.outbox_count += len(previous.pending)
+            # Their bytes count against the outbox limit as their number
+            # does, and their age from when they were accepted.
+            sender.outbox_bytes += sum(map(len, previous.pending))
+            if previous.pending:
+                sender.accepted_at = previous.accepted_at
             outboxes = router.committer.outboxes
             if peer_id in outboxes:
                 outboxes[peer_id] = sender
