@@ -75,6 +75,84 @@ class _Stream:
     wake_call: IDelayedCall | None = None
 
 
+@attr.s(auto_attribs=True, slots=True)
+class AppendWatcher:
+    """
+    Reads the outbound records of the streams a gateway owns (and of peers
+    with receipts waiting), every ``interval`` seconds and sooner when the
+    store hints at an append, and hands them to ``caught_up``: how an owner
+    learns what other gateways appended for its peers.
+    """
+
+    ownership: Any
+    clock: IReactorTime
+    may_look: Callable[[PeerId], bool]
+    linked: Callable[[PeerId], bool]
+    waiting: Callable[[], list[PeerId]]
+    caught_up: Callable[[PeerId, Any], None]
+    interval: float
+    _call: IDelayedCall | None = None
+    _reading: set[PeerId] = attr.ib(factory=set)
+    _stopped: bool = False
+
+    def start(self) -> None:
+        self._stopped = False
+        self._call = self.clock.callLater(self.interval, self._poll)
+        d = self.ownership.watch(self._hinted)
+        d.addErrback(
+            lambda reason: log.info(
+                "no append hints from the store ({reason}): polling only",
+                reason=reason.getErrorMessage(),
+                ilm_event="append_hints_unavailable",
+            )
+        )
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _poll(self) -> None:
+        self._call = None
+        if self._stopped:
+            return
+        peers = [
+            peer_id
+            for peer_id in self.ownership.owned()
+            if self.linked(peer_id) and self.may_look(peer_id)
+        ]
+        for peer_id in [*peers, *self.waiting()]:
+            self._look(peer_id)
+        self._call = self.clock.callLater(self.interval, self._poll)
+
+    def _hinted(self, peer_id: PeerId) -> None:
+        if not self._stopped and self.may_look(peer_id):
+            self._look(peer_id)
+
+    def _look(self, peer_id: PeerId) -> None:
+        """Read ``peer_id``'s outbound record (one read at a time per peer)."""
+        if peer_id in self._reading:
+            return
+        self._reading.add(peer_id)
+
+        def done(result: object) -> None:
+            self._reading.discard(peer_id)
+            if not isinstance(result, Failure) and not self._stopped:
+                self.caught_up(peer_id, result)
+
+        d = self.ownership.outbound_state(peer_id)
+        d.addBoth(done)
+        d.addErrback(
+            lambda reason: log.failure(
+                "internal error while {doing}",
+                reason,
+                doing="reading an outbound record",
+                ilm_event="internal_error",
+            )
+        )
+
+
 @attr.s(auto_attribs=True, kw_only=True, eq=False)
 class OwnershipGuard:
     """
@@ -125,8 +203,18 @@ class OwnershipGuard:
     _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
     _renewing: bool = attr.ib(default=False, init=False)
     _stopped: bool = attr.ib(default=False, init=False)
-    _poll_call: IDelayedCall | None = attr.ib(default=None, init=False)
-    _polling: set[PeerId] = attr.ib(factory=set, init=False)
+    _appends: AppendWatcher = attr.ib(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._appends = AppendWatcher(
+            ownership=self.ownership,
+            clock=self.clock,
+            may_look=self.may_look,
+            linked=self.linked,
+            waiting=self.waiting,
+            caught_up=self.caught_up,
+            interval=self.poll_interval,
+        )
 
     @staticmethod
     def shares(backend: object) -> bool:
@@ -160,15 +248,7 @@ class OwnershipGuard:
         """
         self._stopped = False
         self._schedule_renewal()
-        self._poll_call = self.clock.callLater(self.poll_interval, self._poll)
-        d = self.ownership.watch(self._hinted)
-        d.addErrback(
-            lambda reason: log.info(
-                "no append hints from the store ({reason}): polling only",
-                reason=reason.getErrorMessage(),
-                ilm_event="append_hints_unavailable",
-            )
-        )
+        self._appends.start()
 
     def stop(self) -> None:
         """No more renewals or wake-ups (the store releases on close)."""
@@ -176,56 +256,13 @@ class OwnershipGuard:
         if self._renew_call is not None and self._renew_call.active():
             self._renew_call.cancel()
         self._renew_call = None
-        if self._poll_call is not None and self._poll_call.active():
-            self._poll_call.cancel()
-        self._poll_call = None
+        self._appends.stop()
         for stream in self._streams.values():
             self._cancel_wake(stream)
-
-    # -- others' appends -------------------------------------------------------------
-
-    def _poll(self) -> None:
-        self._poll_call = None
-        if self._stopped:
-            return
-        peers = [
-            peer_id
-            for peer_id in self.ownership.owned()
-            if self.linked(peer_id) and self.may_look(peer_id)
-        ]
-        for peer_id in [*peers, *self.waiting()]:
-            self._look(peer_id)
-        self._poll_call = self.clock.callLater(self.poll_interval, self._poll)
 
     def may_look(self, peer_id: PeerId) -> bool:
         stream = self._streams.get(peer_id)
         return stream is not None and not stream.leaving and stream.held is None
-
-    def _hinted(self, peer_id: PeerId) -> None:
-        if not self._stopped and self.may_look(peer_id):
-            self._look(peer_id)
-
-    def _look(self, peer_id: PeerId) -> None:
-        """Read ``peer_id``'s outbound record (one read at a time per peer)."""
-        if peer_id in self._polling:
-            return
-        self._polling.add(peer_id)
-
-        def done(result: object) -> None:
-            self._polling.discard(peer_id)
-            if not isinstance(result, Failure) and not self._stopped:
-                self.caught_up(peer_id, result)
-
-        d = self.ownership.outbound_state(peer_id)
-        d.addBoth(done)
-        d.addErrback(
-            lambda reason: log.failure(
-                "internal error while {doing}",
-                reason,
-                doing="reading an outbound record",
-                ilm_event="internal_error",
-            )
-        )
 
     def _schedule_renewal(self) -> None:
         if self._stopped:
