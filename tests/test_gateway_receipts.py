@@ -17,11 +17,9 @@ from ilm.testing import settle
 
 
 class TakeOverReceiptTests(SynchronousTestCase):
-    def test_receipt_given_before_a_take_over(self) -> None:
+    def gateway(self) -> tuple[Clock, GatewayBackend, ILM]:
         """
-        A receipt given before the peer restarted from a grant still fires
-        once the shared store records its message acknowledged (by the
-        gateway that serves the peer), and nothing is left pending.
+        Gateway "a" of node 1 on a simulated shared store, started.
         """
         clock = Clock()
         store = SharedStore(clock, lease_duration=1.0)
@@ -30,6 +28,15 @@ class TakeOverReceiptTests(SynchronousTestCase):
         node = ILM(backend, lambda message: None, network, clock=clock)
         node.startService()
         settle(clock, 0.1)
+        return clock, backend, node
+
+    def test_receipt_given_before_a_take_over(self) -> None:
+        """
+        A receipt given before the peer restarted from a grant still fires
+        once the shared store records its message acknowledged (by the
+        gateway that serves the peer), and nothing is left pending.
+        """
+        clock, backend, node = self.gateway()
         sent = node.send_to(2, b"x")
         settle(clock, 0.1)
         receipt = self.successResultOf(sent)
@@ -50,13 +57,7 @@ class TakeOverReceiptTests(SynchronousTestCase):
         with their size (the outbox byte limit keeps counting them) and
         their acceptance time.
         """
-        clock = Clock()
-        store = SharedStore(clock, lease_duration=1.0)
-        backend = GatewayBackend(store, "a", lambda: 0.01, lambda: True)
-        network = InMemoryNetwork(clock).add_peer(1)
-        node = ILM(backend, lambda message: None, network, clock=clock)
-        node.startService()
-        settle(clock, 0.1)
+        clock, backend, node = self.gateway()
         first = node.send_to(2, b"x")
         settle(clock, 0.1)
         self.successResultOf(first)
