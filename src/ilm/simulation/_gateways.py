@@ -68,6 +68,7 @@ from ilm.errors import StoreError
 from ilm.interfaces import IBackend
 from ilm.network import LinkSettings, StreamNetwork
 from ilm.simulation._pipes import Switchboard
+from ilm.simulation._store import ScheduledCalls
 from ilm.testing import crash
 
 __all__ = [
@@ -148,7 +149,7 @@ class SharedStore:
 
 
 @implementer(IBackend, IStreamOwnership)
-class GatewayBackend(InMemoryBackend):
+class GatewayBackend(ScheduledCalls, InMemoryBackend):
     """
     One gateway's view of the :class:`SharedStore`, with latencies, a
     partition switch and a crash.
@@ -221,14 +222,6 @@ class GatewayBackend(InMemoryBackend):
         self._later(self.latency(), at_store)
         return d
 
-    def _later(self, delay: float, function: Callable[[], None]) -> None:
-        def run() -> None:
-            self._calls.remove(call)
-            function()
-
-        call = self.clock.callLater(delay, run)
-        self._calls.append(call)
-
     def crash(self) -> None:
         """
         The gateway dies: requests that had not reached the store apply or
@@ -236,19 +229,13 @@ class GatewayBackend(InMemoryBackend):
         """
         self.crashed = True
         pending, self._applying = list(self._applying), []
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._cancel_calls()
         self.partitioned_at_crash = self.partitioned
         for at_store in pending:
             if not self.partitioned and self.land():
                 self._applying.append(at_store)
                 at_store()
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._cancel_calls()
 
     # -- IBackend ------------------------------------------------------------------
 

@@ -107,20 +107,42 @@ def _snapshot(batch: StoreBatch) -> StoreBatch:
     )
 
 
-class SimulatedOperations:
+class ScheduledCalls:
+    """
+    Operations scheduled on the simulated clock, all cancelled at once when
+    the simulated process dies.
+    """
+
+    clock: IReactorTime
+    _calls: list[IDelayedCall]
+
+    def _later(self, delay: float, function: Callable[[], None]) -> None:
+        def run() -> None:
+            self._calls.remove(call)
+            function()
+
+        call = self.clock.callLater(delay, run)
+        self._calls.append(call)
+
+    def _cancel_calls(self) -> None:
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+
+
+class SimulatedOperations(ScheduledCalls):
     """
     What the simulator's backends share: operations scheduled on the
     simulated clock, all cancelled at once by a crash, and commits one at a
     time, each reported to the listener as it starts.
     """
 
-    clock: IReactorTime
     listener: StoreListener
     latency: Callable[[], float]
     commits_fail: bool
     crashed: bool
     in_flight: StoreBatch | None
-    _calls: list[IDelayedCall]
 
     def _begin_commit(self, batch: StoreBatch) -> tuple[StoreBatch, float, bool]:
         """
@@ -149,10 +171,7 @@ class SimulatedOperations:
         """
         self.crashed = True
         batch, self.in_flight = self.in_flight, None
-        for call in self._calls:
-            if call.active():
-                call.cancel()
-        self._calls = []
+        self._cancel_calls()
         return batch
 
 
@@ -185,14 +204,6 @@ class SimulatedBackend(SimulatedOperations, InMemoryBackend):
         self.crashed = False
         self.in_flight: StoreBatch | None = None
         self._calls: list[IDelayedCall] = []
-
-    def _later(self, delay: float, function: Callable[[], None]) -> None:
-        def run() -> None:
-            self._calls.remove(call)
-            function()
-
-        call = self.clock.callLater(delay, run)
-        self._calls.append(call)
 
     def open(self) -> Deferred[StoredState]:
         self.closed = False
