@@ -212,9 +212,9 @@ class PeerDeliverer:
                         return
                     if pending is not None:
                         self.delivering = True
-                        pending.addBoth(self._settled, stream, message).addErrback(
-                            self._host.unexpected, "settling a delivery"
-                        )
+                        pending.addBoth(
+                            self._settled, stream, message.message_id, 1
+                        ).addErrback(self._host.unexpected, "settling a delivery")
                         if self.delivering or self.retry_call is not None:
                             return
                         continue
@@ -249,7 +249,7 @@ class PeerDeliverer:
                 if pending is not None:
                     self.delivering = True
                     pending.addBoth(
-                        self._settled_list, stream, first, len(messages)
+                        self._settled, stream, first, len(messages)
                     ).addErrback(self._host.unexpected, "settling a delivery")
                     if self.delivering or self.retry_call is not None:
                         return
@@ -266,9 +266,13 @@ class PeerDeliverer:
         if self.retry.failures:
             self._release()
 
-    def _settled_list(
+    def _settled(
         self, result: object, stream: InboundStream, first: int, count: int
     ) -> None:
+        """
+        The delivery of ``count`` messages from ``first`` on settled (one
+        for ``deliver``, a list for ``deliver_many``).
+        """
         self.delivering = False
         if isinstance(result, Failure):
             self._failed(result, first)
@@ -297,19 +301,6 @@ class PeerDeliverer:
     def cancel_timers(self) -> None:
         self.stop_retrying()
         self.cancel_ack()
-
-    def _settled(self, result: object, stream: InboundStream, message: Message) -> None:
-        self.delivering = False
-        if isinstance(result, Failure):
-            self._failed(result, message.message_id)
-        elif stream.queue and stream.delivered + 1 == message.message_id:
-            stream.pop_delivered()
-            self.delivered += 1
-            if self.retry.failures:
-                self._release()
-        if not self.in_loop:
-            self._host.guard(self.deliver)
-            self._host.delivery_settled()
 
     def _release(self) -> None:
         """
