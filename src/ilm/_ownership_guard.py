@@ -28,7 +28,13 @@ a few points and it calls the messenger back through narrow callables:
 - **A link ends** (:meth:`OwnershipGuard.link_lost`): no more deliveries
   for it; once what is pending is committed (``barrier``) and no new link
   arrived meanwhile, the lease is released so that the gateway the peer
-  reaches next can deliver at once instead of waiting for the expiry.
+  reaches next can deliver at once instead of waiting for the expiry.  A
+  peer this gateway dials keeps its lease instead: the owner keeps
+  dialling it.
+- **Dialling** (:class:`ilm._dial_claims.DialClaims`): a configured peer is
+  dialled only while this gateway owns its stream; a stream with no live
+  lease is claimed (``acquire(peer_id, take_over=False)``) and then
+  dialled, so that only the lease decides who redials an offline peer.
 
 A backend without ``IStreamOwnership`` gets no guard: the messenger then
 behaves as with any single-process store.  docs/scaling.md has the design
@@ -48,10 +54,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ilm._dial_claims import DialClaims
 from ilm._peer import CLOSING, READY
 from ilm._peerid import PeerId
 from ilm._store import OutboundRecord
-from ilm.backends._ownership import Fenced, IStreamOwnership, Renewal, StreamTaken
+from ilm.backends._ownership import (
+    Fenced,
+    IStreamOwnership,
+    LeaseHeld,
+    Renewal,
+    StreamTaken,
+)
 
 __all__ = ["GatedHost", "GatewayStreams", "OwnershipGuard"]
 
@@ -170,6 +183,8 @@ class OwnershipGuard:
     :ivar wake: the messenger delivers what is queued for a peer.
     :ivar barrier: fires once what is pending now is committed.
     :ivar linked: whether the network has a link with a peer now.
+    :ivar initiated: whether the link with a peer is one this gateway
+        dialled.
     :ivar delivering: whether a delivery for a peer is in progress.
     :ivar waiting: the peers with receipts waiting for an acknowledgement.
     :ivar caught_up: the messenger learns a peer's outbound record as the
@@ -182,6 +197,13 @@ class OwnershipGuard:
         which no new delivery starts, so that a delivery in progress (an
         asynchronous target) ends before the lease does and never overlaps
         the next owner's first one (default a fifth).
+    :ivar dialled: the configured peers, which the network dials only
+        when told (``dial``): while this gateway owns their stream.
+    :ivar dial: ``dial(peer_id, True)``: the network dials the peer from
+        now on; ``False``: no more.
+    :ivar claim_interval: how often the store is asked for streams with
+        no live lease among the ``dialled`` peers (or with messages
+        waiting), to claim them.
     """
 
     ownership: Any
@@ -194,18 +216,32 @@ class OwnershipGuard:
     barrier: Callable[[], Deferred[None]]
     linked: Callable[[PeerId], bool]
     delivering: Callable[[PeerId], bool] = lambda peer_id: False
+    initiated: Callable[[PeerId], bool] = lambda peer_id: False
     waiting: Callable[[], list[PeerId]] = list
     caught_up: Callable[[PeerId, Any], None] = lambda peer_id, record: None
     poll_interval: float = 0.2
     monotonic: Callable[[], float] = time.monotonic
     margin: float = 0.2
+    dialled: frozenset[PeerId] = frozenset()
+    dial: Callable[[PeerId, bool], None] = lambda peer_id, wanted: None
+    claim_interval: float = 1.0
     _streams: dict[PeerId, _Stream] = attr.ib(factory=dict, init=False)
     _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
     _renewing: bool = attr.ib(default=False, init=False)
     _stopped: bool = attr.ib(default=False, init=False)
     _appends: AppendWatcher = attr.ib(init=False)
+    _claims: DialClaims = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._claims = DialClaims(
+            peers=frozenset(self.dialled),
+            owned=self.ownership.owned,
+            claimable=lambda peers: self.ownership.claimable(peers=peers),
+            claim=self._claim,
+            dial=self.dial,
+            clock=self.clock,
+            interval=self.claim_interval,
+        )
         self._appends = AppendWatcher(
             ownership=self.ownership,
             clock=self.clock,
@@ -249,6 +285,7 @@ class OwnershipGuard:
         self._stopped = False
         self._schedule_renewal()
         self._appends.start()
+        self._claims.start()
 
     def stop(self) -> None:
         """No more renewals or wake-ups (the store releases on close)."""
@@ -257,8 +294,13 @@ class OwnershipGuard:
             self._renew_call.cancel()
         self._renew_call = None
         self._appends.stop()
+        self._claims.stop()
         for stream in self._streams.values():
             self._cancel_wake(stream)
+
+    def dialling(self) -> frozenset[PeerId]:
+        """The configured peers the network is told to dial now."""
+        return self._claims.dialling()
 
     def may_look(self, peer_id: PeerId) -> bool:
         stream = self._streams.get(peer_id)
@@ -295,6 +337,8 @@ class OwnershipGuard:
             )
         for peer_id in renewal.renewed:
             self._wake_at_window(peer_id)
+        for peer_id in renewal.lost:
+            self._claims.sync(peer_id)
         self._schedule_renewal()
 
     def _renew_failed(self, reason: Failure) -> None:
@@ -322,6 +366,13 @@ class OwnershipGuard:
         """
         A link with ``peer_id`` arrived: take its stream, then let the
         messenger handle the link (frames that arrive meanwhile are held).
+
+        A link the peer dialled takes the stream whoever holds it (the peer
+        chose this gateway).  A link this gateway dialled only keeps the
+        stream it owns: if another gateway's lease is live (a link the peer
+        dialled reached it meanwhile), the link is closed and the dialling
+        stops, so that two gateways never take a stream from each other at
+        every link.
         """
         stream = self._streams.setdefault(peer_id, _Stream())
         stream.generation += 1
@@ -329,7 +380,8 @@ class OwnershipGuard:
         stream.leaving = False
         self._cancel_wake(stream)
         generation = stream.generation
-        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=True)
+        take_over = not (peer_id in self.dialled and self.initiated(peer_id))
+        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=take_over)
         d.addCallbacks(
             self._taken,
             self._not_taken,
@@ -354,6 +406,7 @@ class OwnershipGuard:
         if stream is None or stream.generation != generation:
             return
         held, stream.held = stream.held or [], None
+        self._claims.sync(peer_id)
         if not self.linked(peer_id):
             # The link ended while taking: give the stream up again.
             self.link_lost(peer_id)
@@ -396,6 +449,7 @@ class OwnershipGuard:
         # The messenger forgets the peer: so does the guard (a later grant
         # restarts it from the store).
         self._streams.pop(peer_id, None)
+        self._claims.sync(peer_id)
         error = reason.value
         self.drop(
             peer_id,
@@ -420,6 +474,11 @@ class OwnershipGuard:
         stream.leaving = True
         stream.held = None
         self._cancel_wake(stream)
+        if peer_id in self.dialled and peer_id in self.ownership.owned():
+            # This gateway dials the peer: it keeps the stream, and keeps
+            # dialling, until it loses the lease (only the lease decides
+            # who redials a peer that is offline).
+            return
         self._release_when_done(peer_id, stream)
 
     def _release_when_done(self, peer_id: PeerId, stream: _Stream) -> None:
@@ -450,8 +509,13 @@ class OwnershipGuard:
                 return None
             return self.ownership.release(peer_id)  # type: ignore[no-any-return]
 
+        def released(result: object) -> object:
+            self._claims.sync(peer_id)
+            return result
+
         d = self.barrier()
         d.addCallback(release)
+        d.addBoth(released)
         d.addErrback(
             lambda reason: log.info(
                 "releasing the stream of {peer_id!r} failed: {reason} (its "
@@ -461,6 +525,82 @@ class OwnershipGuard:
                 ilm_event="stream_release_failed",
             )
         )
+
+    # -- claiming offline peers --------------------------------------------------
+
+    def _claim(self, peer_id: PeerId) -> Deferred[None]:
+        """
+        Take the stream of ``peer_id`` (a configured peer) if nobody's lease
+        is live, without a link: its state restarts from the grant, and the
+        network dials it (the link, once up, takes the stream as any link
+        does).  A live lease elsewhere leaves it to its owner.
+        """
+        done: Deferred[None] = Deferred()
+        current = self._streams.get(peer_id)
+        if (
+            self._stopped
+            or peer_id in self.ownership.owned()
+            or (current is not None and current.held is not None)
+        ):
+            done.callback(None)
+            return done
+        stream = self._streams.setdefault(peer_id, _Stream())
+        stream.generation += 1
+        stream.leaving = True
+        generation = stream.generation
+
+        def claimed(taken: StreamTaken) -> None:
+            if self._streams.get(peer_id) is not stream or (
+                stream.generation != generation
+            ):
+                # A link arrived meanwhile: its own take-over decides.
+                return
+            log.info(
+                "claimed the stream of {peer_id!r} (epoch {epoch}, from "
+                "{previous_owner}): nobody served it; dialling it",
+                peer_id=peer_id,
+                epoch=taken.epoch,
+                previous_owner=taken.previous_owner or "nobody",
+                ilm_event="stream_claimed",
+            )
+            if not (
+                stream.epoch
+                and taken.previous_epoch == stream.epoch
+                and taken.previous_owner in (None, self.ownership.gateway)
+            ):
+                self.restart(peer_id, taken)
+            else:
+                self.caught_up(peer_id, taken.outbound)
+            stream.epoch = taken.epoch
+
+        def not_claimed(reason: Failure) -> None:
+            if reason.check(LeaseHeld):
+                log.debug(
+                    "the stream of {peer_id!r} is served elsewhere: {reason}",
+                    peer_id=peer_id,
+                    reason=reason.getErrorMessage(),
+                    ilm_event="stream_claim_refused",
+                )
+            else:
+                log.info(
+                    "could not claim the stream of {peer_id!r}: {reason}",
+                    peer_id=peer_id,
+                    reason=reason.getErrorMessage(),
+                    ilm_event="stream_claim_failed",
+                )
+
+        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=False)
+        d.addCallbacks(claimed, not_claimed)
+        d.addErrback(
+            lambda reason: log.failure(
+                "internal error while {doing}",
+                reason,
+                doing="claiming a stream",
+                ilm_event="internal_error",
+            )
+        )
+        d.addBoth(lambda _: done.callback(None))
+        return done
 
     # -- delivery --------------------------------------------------------------------
 
@@ -545,6 +685,7 @@ class OwnershipGuard:
         stream = self._streams.pop(peer_id, None)
         if stream is not None:
             self._cancel_wake(stream)
+        self._claims.sync(peer_id)
         log.warn(
             "dropped the stream of {peer_id!r}: this gateway no longer owns "
             "it ({why}); its link is closed and its state reloads from the "
@@ -597,8 +738,17 @@ class GatewayStreams:
     def __init__(self, core: Any, router: Any) -> None:
         self._core = core
         self._router = router
+        network = core.network
+        dialled: frozenset[PeerId] = frozenset()
+        if callable(getattr(network, "hold_dials", None)):
+            # The network dials a configured peer only while this gateway
+            # owns the peer's stream (the guard tells it).
+            network.hold_dials()
+            dialled = core.dialled_peers() or frozenset()
         self.guard: OwnershipGuard = OwnershipGuard.for_backend(  # type: ignore[assignment]
             core.backend,
+            dialled=dialled,
+            dial=self.dial,
             clock=core.clock,
             proceed=router.taken,
             restart=self.restart,
@@ -607,6 +757,7 @@ class GatewayStreams:
             wake=lambda peer_id: core.guard(self.wake, peer_id),
             barrier=router.committer.barrier,
             linked=lambda peer_id: peer_id in core.network.connected_peers(),
+            initiated=self.initiated,
             delivering=lambda peer_id: (
                 peer_id in core.peers and core.peers[peer_id].deliverer.delivering
             ),
@@ -667,6 +818,20 @@ class GatewayStreams:
             outboxes = router.committer.outboxes
             if peer_id in outboxes:
                 outboxes[peer_id] = sender
+
+    def initiated(self, peer_id: PeerId) -> bool:
+        """Whether the link with ``peer_id`` is one this gateway dialled."""
+        link = getattr(self._core.network, "link", None)
+        connection = link(peer_id) if callable(link) else None
+        return bool(getattr(connection, "initiated", False))
+
+    def dial(self, peer_id: PeerId, wanted: bool) -> None:
+        """Have the network dial ``peer_id`` (``wanted``) or not."""
+        network = self._core.network
+        if wanted:
+            network.dial(peer_id)
+        else:
+            network.stop_dialling(peer_id)
 
     def drop(self, peer_id: PeerId, reason: Exception) -> None:
         """

@@ -205,8 +205,13 @@ class Statements:
             f"JOIN {s}.outbound o USING (node_key, peer_key) "
             f"JOIN {s}.peer p USING (node_key, peer_key) "
             f"WHERE l.node_key = %s AND (l.owner IS NULL OR l.expires_at <= now()) "
-            f"AND o.last_position > o.acked ORDER BY l.peer_key LIMIT %s"
+            f"AND (o.last_position > o.acked OR p.int_id = ANY(%s::bigint[]) "
+            f"OR p.str_id = ANY(%s::bytea[])) ORDER BY l.peer_key LIMIT %s"
         ).encode()
+        """
+        The streams with no live lease that have messages waiting, or are
+        among the given peers (by ``int_id`` and by ``str_id``).
+        """
         self.load_peers = (
             f"SELECT peer_key, int_id, str_id FROM {s}.peer WHERE node_key = %s"
         ).encode()
