@@ -376,6 +376,121 @@ class StoppedInATransactionTests(TestCase):
         self.assertRaises(psycopg.Error, stopped.execute, b"SELECT 1")
 
 
+class StoppedMidPipelineTests(TestCase):
+    """
+    A gateway stopped between two writes of a pipeline (its transaction's
+    request not complete: the server waits for the rest, so no
+    idle-in-transaction timeout applies) holds the lease row locked for as
+    long as it stays stopped.  Taking the stream from it ends its session,
+    only once its lease has expired and only sessions of that gateway.
+    """
+
+    timeout = 60
+
+    async def gateways(self) -> tuple[Any, Any]:
+        require_postgres()
+        from ilm.backends import PostgresBackend
+
+        self.schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
+        self.addCleanup(drop_schema, self.schema)
+        backends = []
+        for gateway in ("g1", "g2"):
+            backend = PostgresBackend(
+                DSN, node_id=2, gateway=gateway, schema=self.schema,
+                lease_duration=1.0,
+            )  # fmt: skip
+            self.addCleanup(backend.close)
+            await backend.open()
+            backends.append(backend)
+        first, second = backends
+        await first.acquire(1)
+        return first, second
+
+    def stopped(self, backend: Any, role: str = "writer") -> Any:
+        """
+        A session named as ``backend``'s ``role`` connection, stopped in the
+        middle of a pipeline holding the lease rows ``FOR SHARE``.
+        """
+        conn = backend._connections.connect(role)
+        self.addCleanup(conn.close)
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        pgconn.send_query_params(b"BEGIN", None)
+        pgconn.send_query_params(
+            f'SELECT 1 FROM "{self.schema}".lease FOR SHARE'.encode(), None
+        )
+        pgconn.send_flush_request()
+        while pgconn.flush():
+            pass
+        return conn
+
+    def alive(self, conn: Any) -> bool:
+        import psycopg
+
+        with psycopg.connect(DSN, autocommit=True) as probe:
+            row = probe.execute(
+                b"SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                (conn.info.backend_pid,),
+            ).fetchone()
+        return bool(row and row[0])
+
+    async def expired(self) -> None:
+        """Wait until every lease has expired by the database's clock."""
+        import psycopg
+
+        with psycopg.connect(DSN, autocommit=True) as probe:
+            while probe.execute(
+                f'SELECT count(*) FROM "{self.schema}".lease '
+                f"WHERE expires_at > now()".encode()
+            ).fetchone() != (0,):
+                await deferLater(reactor, 0.05)
+
+    async def test_take_over_ends_the_stopped_holder(self) -> None:
+        """
+        g1 stopped mid-pipeline with the lease row locked and its lease
+        expired: g2 takes the stream (within a second or so, not after
+        lock timeouts for as long as g1 stays stopped), and g1's stopped
+        session is gone (its COMMIT could only fail).
+        """
+        first, second = await self.gateways()
+        stopped = self.stopped(first)
+        await self.expired()
+        began = time.monotonic()
+        taken = await second.acquire(1, take_over=False)
+        self.assertEqual((taken.previous_owner, taken.epoch), ("g1", 2))
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.assertFalse(self.alive(stopped))
+
+    async def test_live_lease_holder_is_left(self) -> None:
+        """
+        While g1's lease is live, its stopped session is not ended: the
+        take-over fails with StoreLocked (the peer redials; the lease then
+        runs out) and the session stays.
+        """
+        from ilm.errors import StoreLocked
+
+        first, second = await self.gateways()
+        await first.renew()
+        stopped = self.stopped(first)
+        with self.assertRaises(StoreLocked):
+            await second.acquire(1)
+        self.assertTrue(self.alive(stopped))
+
+    async def test_other_sessions_are_left(self) -> None:
+        """
+        A session holding the row that is not g1's writer (here one named
+        as g1's reader) is not ended, even with g1's lease expired.
+        """
+        from ilm.errors import StoreLocked
+
+        first, second = await self.gateways()
+        stopped = self.stopped(first, role="reader")
+        await self.expired()
+        with self.assertRaises(StoreLocked):
+            await second.acquire(1)
+        self.assertTrue(self.alive(stopped))
+
+
 class SendThroughAnyGatewayTests(TestCase):
     """
     Two gateways of node 2 in this process, on one PostgreSQL schema; node

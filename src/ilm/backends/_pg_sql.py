@@ -174,6 +174,26 @@ class Statements:
             f"THEN extract(epoch FROM expires_at - now())::float8 ELSE 0.0 END "
             f"FROM {s}.lease WHERE node_key = %s AND peer_key = %s FOR UPDATE"
         ).encode()
+        self.end_expired_holders = (
+            f"SELECT a.pid, a.application_name, l.owner, "
+            f"pg_terminate_backend(a.pid) FROM {s}.lease l "
+            f"JOIN pg_stat_activity a ON a.datname = current_database() "
+            f"AND a.application_name = left('ilm writer ' || l.owner, 63) "
+            f"WHERE l.node_key = %s AND l.peer_key = %s AND l.owner IS NOT NULL "
+            f"AND l.owner <> %s AND l.expires_at <= now() "
+            f"AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL "
+            f"AND (a.backend_xid = l.xmax OR NOT EXISTS (SELECT 1 FROM "
+            f"pg_stat_activity x WHERE x.backend_xid = l.xmax))"
+        ).encode()
+        """
+        Ends the sessions of a gateway whose lease on a stream has expired
+        (by the database's clock) and that hold the stream's lease row
+        locked inside a transaction: its writer connection (named by its
+        ``application_name``) with a transaction id, the one whose
+        transaction locked the row when the row names a live one (else,
+        several holders sharing the lock, any such writer of that
+        gateway).  Returns the sessions signalled.
+        """
         self.take = (
             f"UPDATE {s}.lease SET owner = %s, epoch = epoch + 1, "
             f"expires_at = now() + make_interval(secs => %s), acquired_at = now() "
