@@ -34,6 +34,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -748,6 +749,9 @@ class DiallingGatewaysTests(TestCase):
             lambda: links[other] == "up", f"{other} dialling node 1", timeout=20
         )
         took = time.monotonic() - killed_at
+        Logger().info(
+            "{other} dialled node 1 {took:.2f} s after the kill", other=other, took=took
+        )
         # Not before the lease could expire (renewed every third of it),
         # and within a claim poll (1 s) of its expiry.
         self.assertGreater(took, LEASE * 2 / 3 - 0.5, "taken before the lease ended")

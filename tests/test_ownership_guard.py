@@ -500,3 +500,13 @@ class DiallingTests(SynchronousTestCase):
         self.assertEqual(self.messenger.dials, [(7, True), (7, False)])
         self.clock.advance(5.0)
         self.assertEqual(self.ownership.listing, [])
+
+    def test_crash_tells_the_network_nothing(self) -> None:
+        """
+        Stopped because the node was abandoned (a simulated crash), the
+        guard says nothing more to the network.
+        """
+        self.claimed()
+        self.guard.stop(crashed=True)
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.assertEqual(self.guard.dialling(), frozenset())

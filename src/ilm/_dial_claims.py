@@ -78,12 +78,17 @@ class DialClaims:
             self._claim(peer_id)
         self._schedule()
 
-    def stop(self) -> None:
-        """No more claims or dialling."""
+    def stop(self, tell: bool = True) -> None:
+        """
+        No more claims or dialling (the network is told so, if ``tell``).
+        """
         self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        if not tell:
+            self._dialling.clear()
+            return
         for peer_id in sorted(self._dialling, key=repr):
             self.sync(peer_id)
 

@@ -287,14 +287,18 @@ class OwnershipGuard:
         self._appends.start()
         self._claims.start()
 
-    def stop(self) -> None:
-        """No more renewals or wake-ups (the store releases on close)."""
+    def stop(self, crashed: bool = False) -> None:
+        """
+        No more renewals, wake-ups or claims (the store releases on close);
+        the network is told to stop dialling, unless ``crashed`` (the node
+        was abandoned: nothing more is said to the network).
+        """
         self._stopped = True
         if self._renew_call is not None and self._renew_call.active():
             self._renew_call.cancel()
         self._renew_call = None
         self._appends.stop()
-        self._claims.stop()
+        self._claims.stop(tell=not crashed)
         for stream in self._streams.values():
             self._cancel_wake(stream)
 
