@@ -783,3 +783,79 @@ class DiallingGatewaysTests(TestCase):
             mine = [int(c.split(b":")[1]) for c in contents if c.startswith(name)]
             self.assertEqual(mine, sorted(mine))
             self.assertEqual(len(mine), len(set(mine)))
+
+
+class OutboxLimitsAcrossGatewaysTests(TestCase):
+    """
+    Two gateways of node 2 in this process on one PostgreSQL schema; node 1
+    never linked, so nothing is acknowledged.  The outbox limits count the
+    messages every gateway stored for node 1, as the store holds them.
+    """
+
+    timeout = 60
+
+    async def gateways(self, config: Config) -> list[Any]:
+        require_postgres()
+        from ilm.backends import PostgresBackend
+
+        schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
+        self.addCleanup(drop_schema, schema)
+        key = bytes.fromhex(KEY_HEX)
+        nodes = []
+        for name in ("g1", "g2"):
+            backend = PostgresBackend(
+                DSN, node_id=2, gateway=name, schema=schema, lease_duration=2.0
+            )
+            node = await ILM.create(
+                backend,
+                lambda m: None,
+                StreamNetwork(2, listen=["tcp:0:interface=127.0.0.1"], keys={1: key}),
+                config=config,
+            )
+            self.addCleanup(
+                lambda node=node: node.shutdown(0.1).addErrback(lambda _: None)
+            )
+            nodes.append(node)
+        return nodes
+
+    async def seen(self, node: Any, what: Callable[[Any], object]) -> None:
+        """Wait until ``node`` has looked at node 1's stream in the store."""
+        deadline = time.monotonic() + 10
+        while not what(node._core.peers[1].sender):
+            self.assertLess(time.monotonic(), deadline, "never looked")
+            await deferLater(reactor, 0.02)
+
+    async def test_messages_counted_across_gateways(self) -> None:
+        """
+        g1 fills node 1's outbox (10 messages, the limit); g2, once it has
+        looked at the store (within a poll of its first send), refuses
+        more with OutboxFull, although it accepted only one itself.
+        """
+        from ilm.errors import OutboxFull
+
+        first, second = await self.gateways(Config(max_outbox_messages=10))
+        for k in range(10):
+            await first.send_to(1, b"g1:%d" % k)
+        await second.send_to(1, b"g2:0")
+        await self.seen(second, lambda sender: sender.others_count)
+        failure = await self.assertFailure(second.send_to(1, b"g2:1"), OutboxFull)
+        self.assertIn("messages", str(failure))
+        await self.seen(first, lambda sender: sender.others_count)
+        await self.assertFailure(first.send_to(1, b"g1:10"), OutboxFull)
+
+    async def test_bytes_counted_across_gateways(self) -> None:
+        """
+        The byte limit too: 900 bytes stored through g1, then g2 refuses
+        a message that would take the stream past 1,000.
+        """
+        from ilm.errors import OutboxFull
+
+        first, second = await self.gateways(Config(max_outbox_bytes=1000))
+        for _ in range(10):
+            await first.send_to(1, b"x" * 90)
+        await second.send_to(1, b"y" * 10)
+        await self.seen(second, lambda sender: sender.others_bytes)
+        self.assertEqual(second._core.peers[1].sender.others_bytes, 900)
+        failure = await self.assertFailure(second.send_to(1, b"y" * 91), OutboxFull)
+        self.assertIn("bytes", str(failure))
+        await second.send_to(1, b"y" * 90)

@@ -858,12 +858,37 @@ class GatewayStreams:
             peer.deliverer.deliver()
 
     def waiting(self) -> list[PeerId]:
-        """Peers served elsewhere whose sends from here are not yet done."""
+        """
+        Peers served elsewhere whose sends from here are not yet done, or
+        for which the store held other gateways' messages at the last look
+        (the outbox limits count them).
+        """
         return [
             peer_id
             for peer_id, peer in self._core.peers.items()
-            if peer.link != READY and (peer.sender.waiters or peer.sender.outbox_count)
+            if peer.link != READY
+            and (
+                peer.sender.waiters
+                or peer.sender.outbox_count
+                or peer.sender.others_count
+                or peer.sender.others_bytes
+            )
         ]
+
+    @staticmethod
+    def count_others(sender: Any, record: OutboundRecord) -> None:
+        """
+        The outbox limits count every gateway's messages: what the shared
+        store holds for the peer (``record``) beyond what this gateway
+        counts as committed is other gateways', counted as
+        ``others_count`` and ``others_bytes`` until the next look.
+        """
+        pending = sender.pending
+        own_count = sender.outbox_count - len(pending)
+        own_bytes = sender.outbox_bytes - sum(map(len, pending))
+        stored = record.last_position - record.acked
+        sender.others_count = max(0, stored - own_count)
+        sender.others_bytes = max(0, record.pending_bytes - own_bytes)
 
     def caught_up(self, peer_id: PeerId, record: OutboundRecord | None) -> None:
         """
@@ -878,11 +903,17 @@ class GatewayStreams:
         sender = peer.sender
         self.stored_up_to(sender, record.last_position)
         if peer.link == READY:
+            self.count_others(sender, record)
             sender.pump()
             return
         sender.outbox_count = max(
             0, min(sender.outbox_count, sender.out.stored - record.acked)
         )
+        # What the owner acknowledged no longer weighs here either.
+        sender.outbox_bytes = min(
+            sender.outbox_bytes, record.pending_bytes + sum(map(len, sender.pending))
+        )
+        self.count_others(sender, record)
         waiters = sender.waiters
         while waiters and waiters[0][0] <= record.acked:
             _, _, d, receipt = heapq.heappop(waiters)
