@@ -285,6 +285,33 @@ class GuardTests(SynchronousTestCase):
         self.assertFalse(gated.deliveries_allowed)
         self.assertEqual(gated.delivery_settled, gated.delivery_settled)
 
+    def test_gated_host_of_a_replaced_peer(self) -> None:
+        """
+        The host of a peer's state replaced by a take-over's restart (or
+        dropped) allows no more deliveries, even while the guard allows
+        them for the peer: a delivery of the old state that settles starts
+        no other (two deliverers of one peer took turns, found by the
+        simulator with three gateways dialling node 1).
+        """
+
+        class Host:
+            deliveries_allowed = True
+            peers: dict[PeerId, object] = {}
+
+        host = Host()
+        old, new = object(), object()
+        host.peers = {2: old}
+        gated = GatedHost(host, self.guard, 2, old)
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant()
+        self.assertTrue(gated.deliveries_allowed)
+        host.peers[2] = new
+        self.assertFalse(gated.deliveries_allowed)
+        self.assertTrue(GatedHost(host, self.guard, 2, new).deliveries_allowed)
+        del host.peers[2]
+        self.assertFalse(GatedHost(host, self.guard, 2, new).deliveries_allowed)
+
     def test_no_delivery_starts_near_the_deadline(self) -> None:
         """
         No delivery starts in the last fifth of the lease before the local
@@ -510,3 +537,21 @@ class DiallingTests(SynchronousTestCase):
         self.guard.stop(crashed=True)
         self.assertEqual(self.messenger.dials, [(7, True)])
         self.assertEqual(self.guard.dialling(), frozenset())
+
+    def test_deadline_passed_stops_dialling(self) -> None:
+        """
+        Renewals failing (cut off from the store), the gateway stops
+        dialling once the local deadline of its lease has passed, before
+        another gateway may claim the stream (its expiry in the store is
+        later); a link it dialled is closed with the dialling.
+        """
+        self.claimed()
+        self.clock.advance(1.0)
+        self.ownership.renewing.pop().errback(StoreError("cut off"))
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.clock.advance(1.0)
+        self.ownership.renewing.pop().errback(StoreError("cut off"))
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.clock.advance(1.0)
+        self.ownership.renewing.pop().errback(StoreError("cut off"))
+        self.assertEqual(self.messenger.dials, [(7, True), (7, False)])

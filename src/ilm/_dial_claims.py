@@ -44,6 +44,9 @@ class DialClaims:
 
     :ivar peers: the configured peers (those the network would dial).
     :ivar owned: the streams this gateway owns now.
+    :ivar live: whether this gateway owns a peer's stream within the local
+        deadline of its lease (a gateway whose renewals fail stops dialling
+        when the deadline passes, before another may claim the stream).
     :ivar claimable: the store's ``claimable(peers=...)``.
     :ivar claim: take one peer's stream if nobody's lease is live; fires
         once done, whatever the outcome.
@@ -54,6 +57,7 @@ class DialClaims:
 
     peers: frozenset[PeerId]
     owned: Callable[[], frozenset[PeerId]]
+    live: Callable[[PeerId], bool]
     claimable: Callable[[Iterable[PeerId]], Deferred[list[PeerId]]]
     claim: Callable[[PeerId], Deferred[None]]
     dial: Callable[[PeerId, bool], None]
@@ -97,7 +101,7 @@ class DialClaims:
         Ownership of ``peer_id``'s stream may have changed: dial it exactly
         while it is owned here.
         """
-        wanted = not self._stopped and peer_id in self.peers and peer_id in self.owned()
+        wanted = not self._stopped and peer_id in self.peers and self.live(peer_id)
         if wanted == (peer_id in self._dialling):
             return
         if wanted:
@@ -143,10 +147,14 @@ class DialClaims:
         if not self._stopped:
             self._call = self.clock.callLater(self.interval, self._tick)
 
-    def _tick(self) -> None:
-        self._call = None
+    def sync_all(self) -> None:
+        """Ownership may have changed for any peer (a renewal ran)."""
         for peer_id in sorted(self.peers, key=repr):
             self.sync(peer_id)
+
+    def _tick(self) -> None:
+        self._call = None
+        self.sync_all()
         self.look()
         self._schedule()
 

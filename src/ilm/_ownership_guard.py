@@ -236,6 +236,7 @@ class OwnershipGuard:
         self._claims = DialClaims(
             peers=frozenset(self.dialled),
             owned=self.ownership.owned,
+            live=self._live,
             claimable=lambda peers: self.ownership.claimable(peers=peers),
             claim=self._claim,
             dial=self.dial,
@@ -306,6 +307,16 @@ class OwnershipGuard:
         """The configured peers the network is told to dial now."""
         return self._claims.dialling()
 
+    def _live(self, peer_id: PeerId) -> bool:
+        """
+        Whether this gateway owns ``peer_id``'s stream within the local
+        deadline of its lease (the condition for dialling it).
+        """
+        if peer_id not in self.ownership.owned():
+            return False
+        window = self.ownership.delivery_window(peer_id)
+        return window is not None and bool(self.monotonic() < window[1])
+
     def may_look(self, peer_id: PeerId) -> bool:
         stream = self._streams.get(peer_id)
         return stream is not None and not stream.leaving and stream.held is None
@@ -341,8 +352,7 @@ class OwnershipGuard:
             )
         for peer_id in renewal.renewed:
             self._wake_at_window(peer_id)
-        for peer_id in renewal.lost:
-            self._claims.sync(peer_id)
+        self._claims.sync_all()
         self._schedule_renewal()
 
     def _renew_failed(self, reason: Failure) -> None:
@@ -353,6 +363,8 @@ class OwnershipGuard:
             reason=reason.getErrorMessage(),
             ilm_event="lease_renewal_failed",
         )
+        # Past its local deadline, a stream is no longer dialled from here.
+        self._claims.sync_all()
         self._schedule_renewal()
 
     def _unexpected(self, reason: Failure, doing: str) -> None:
@@ -704,22 +716,30 @@ class OwnershipGuard:
 class GatedHost:
     """
     The delivery host of one peer's deliverer on a gateway with a guard:
-    deliveries are allowed only when the node allows them and the guard
-    says this gateway may deliver for the peer; everything else is the
-    node's host.
+    deliveries are allowed only when the node allows them, the guard says
+    this gateway may deliver for the peer, and the peer's state is still
+    the node's (not replaced by a take-over's restart, nor dropped: a
+    delivery of the old state that settles then starts no other);
+    everything else is the node's host.
     """
 
-    __slots__ = ("_guard", "_host", "_peer_id")
+    __slots__ = ("_guard", "_host", "_peer", "_peer_id")
 
-    def __init__(self, host: Any, guard: OwnershipGuard, peer_id: PeerId) -> None:
+    def __init__(
+        self, host: Any, guard: OwnershipGuard, peer_id: PeerId, peer: Any = None
+    ) -> None:
         self._host = host
         self._guard = guard
         self._peer_id = peer_id
+        self._peer = peer
 
     @property
     def deliveries_allowed(self) -> bool:
-        return bool(self._host.deliveries_allowed) and self._guard.may_deliver(
-            self._peer_id
+        host, peer_id = self._host, self._peer_id
+        return (
+            bool(host.deliveries_allowed)
+            and (self._peer is None or host.peers.get(peer_id) is self._peer)
+            and self._guard.may_deliver(peer_id)
         )
 
     def delivery_settled(self) -> None:
@@ -778,9 +798,9 @@ class GatewayStreams:
             return None
         return cls(core, router)
 
-    def host(self, peer_id: PeerId) -> GatedHost:
-        """The delivery host of ``peer_id``'s deliverer."""
-        return GatedHost(self._core, self.guard, peer_id)
+    def host(self, peer: Any) -> GatedHost:
+        """The delivery host of ``peer``'s deliverer."""
+        return GatedHost(self._core, self.guard, peer.peer_id, peer)
 
     # -- the guard's callbacks -------------------------------------------------
 

@@ -334,10 +334,15 @@ class GatewayBackend(ScheduledCalls, InMemoryBackend):
                 inbound,
             )
 
+        before = self.held.get(peer_id)
+
         def not_taken(failure: Any) -> Any:
             # As the contract says: a failed acquire leaves this backend
-            # without the stream, whatever the store holds.
-            self.held.pop(peer_id, None)
+            # without the stream, whatever the store holds; unless another
+            # acquire granted it meanwhile (PostgresBackend runs them one
+            # at a time, so a failure there never follows a later grant).
+            if self.held.get(peer_id) is before:
+                self.held.pop(peer_id, None)
             return failure
 
         return self._request(apply, answer).addErrback(not_taken)
@@ -477,7 +482,9 @@ class _Gateway:
 class GatewayWorld:
     """One seed's world: the remote node, the gateways, the shared store."""
 
-    def __init__(self, seed: int, gateways: int = 2) -> None:
+    def __init__(
+        self, seed: int, gateways: int = 2, topology: str | None = None
+    ) -> None:
         self.seed = seed
         rng = self.random = random.Random(seed)
         self.clock = Clock()
@@ -527,8 +534,12 @@ class GatewayWorld:
         self.back_last: dict[str, int] = {}
         # Who dials whom: node 1 dials the gateways (each an address of its
         # peer), the gateways dial node 1 (each has it as a configured
-        # peer: only the owner of its stream dials it), or both.
-        self.topology = rng.choice(TOPOLOGIES)
+        # peer: only the owner of its stream dials it), or both.  Drawn
+        # apart from the rest, so that a seed with node 1 dialling runs as
+        # it did before the gateways could dial.
+        if topology is None:
+            topology = random.Random(f"topology {seed}").choice(TOPOLOGIES)
+        self.topology = topology
 
     def note(self, text: str) -> None:
         self.trace.append(f"{self.clock.seconds():9.4f} {text}")
@@ -911,7 +922,10 @@ _BAD_EVENTS = frozenset(
 
 
 def run_gateway_seed(
-    seed: int, gateways: int = 2, events: bool = False
+    seed: int,
+    gateways: int = 2,
+    events: bool = False,
+    topology: str | None = None,
 ) -> GatewaySeedResult:
     """
     Run one multi-gateway seed.  ILM's log events are watched while it
@@ -926,7 +940,7 @@ def run_gateway_seed(
     import ilm._ownership_guard
     import ilm.network._stream
 
-    world = GatewayWorld(seed, gateways)
+    world = GatewayWorld(seed, gateways, topology)
     loggers = (
         ilm._nodelog.log,
         ilm.network._stream.log,
