@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ilm._peerid import PeerId
+from ilm.backends._ownership import LeaseHeld, StreamTaken
 
 __all__ = ["DialClaims"]
 
@@ -48,8 +49,12 @@ class DialClaims:
         deadline of its lease (a gateway whose renewals fail stops dialling
         when the deadline passes, before another may claim the stream).
     :ivar claimable: the store's ``claimable(peers=...)``.
-    :ivar claim: take one peer's stream if nobody's lease is live; fires
-        once done, whatever the outcome.
+    :ivar acquire: the store's ``acquire(peer_id, take_over=False)``.
+    :ivar claiming: a claim of a peer's stream begins (the guard returns a
+        token for :attr:`claimed`, or ``None``: a link is taking the
+        stream, no claim).
+    :ivar claimed: the claim was granted: the peer's state restarts from
+        the grant.
     :ivar dial: ``dial(peer_id, True)`` starts dialling a peer,
         ``dial(peer_id, False)`` stops.
     :ivar interval: seconds between two looks at ``claimable``.
@@ -59,12 +64,14 @@ class DialClaims:
     owned: Callable[[], frozenset[PeerId]]
     live: Callable[[PeerId], bool]
     claimable: Callable[[Iterable[PeerId]], Deferred[list[PeerId]]]
-    claim: Callable[[PeerId], Deferred[None]]
+    acquire: Callable[[PeerId], Deferred[StreamTaken]]
+    claiming: Callable[[PeerId], int | None]
+    claimed: Callable[[PeerId, int, StreamTaken], None]
     dial: Callable[[PeerId, bool], None]
     clock: IReactorTime
     interval: float = 1.0
     _dialling: set[PeerId] = attr.ib(factory=set, init=False)
-    _claiming: set[PeerId] = attr.ib(factory=set, init=False)
+    _claims: set[PeerId] = attr.ib(factory=set, init=False)
     _call: IDelayedCall | None = attr.ib(default=None, init=False)
     _looking: bool = attr.ib(default=False, init=False)
     _stopped: bool = attr.ib(default=True, init=False)
@@ -175,12 +182,57 @@ class DialClaims:
         )
 
     def _claim(self, peer_id: PeerId) -> None:
-        if self._stopped or peer_id in self._claiming:
+        """
+        Take ``peer_id``'s stream if nobody's lease is live, without a link;
+        then dial it (the link, once up, takes the stream as any link
+        does).  A live lease elsewhere leaves it to its owner.
+        """
+        if self._stopped or peer_id in self._claims or peer_id in self.owned():
             return
-        self._claiming.add(peer_id)
+        token = self.claiming(peer_id)
+        if token is None:
+            return
+        self._claims.add(peer_id)
+
+        def claimed(taken: StreamTaken) -> None:
+            log.info(
+                "claimed the stream of {peer_id!r} (epoch {epoch}, from "
+                "{previous_owner}): nobody served it; dialling it",
+                peer_id=peer_id,
+                epoch=taken.epoch,
+                previous_owner=taken.previous_owner or "nobody",
+                ilm_event="stream_claimed",
+            )
+            self.claimed(peer_id, token, taken)
+
+        def not_claimed(reason: Failure) -> None:
+            if reason.check(LeaseHeld):
+                log.debug(
+                    "the stream of {peer_id!r} is served elsewhere: {reason}",
+                    peer_id=peer_id,
+                    reason=reason.getErrorMessage(),
+                    ilm_event="stream_claim_refused",
+                )
+            else:
+                log.info(
+                    "could not claim the stream of {peer_id!r}: {reason}",
+                    peer_id=peer_id,
+                    reason=reason.getErrorMessage(),
+                    ilm_event="stream_claim_failed",
+                )
 
         def done(_: object) -> None:
-            self._claiming.discard(peer_id)
+            self._claims.discard(peer_id)
             self.sync(peer_id)
 
-        self.claim(peer_id).addBoth(done)
+        d = self.acquire(peer_id)
+        d.addCallbacks(claimed, not_claimed)
+        d.addErrback(
+            lambda reason: log.failure(
+                "internal error while {doing}",
+                reason,
+                doing="claiming a stream",
+                ilm_event="internal_error",
+            )
+        )
+        d.addBoth(done)

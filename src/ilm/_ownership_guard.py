@@ -58,13 +58,7 @@ from ilm._dial_claims import DialClaims
 from ilm._peer import CLOSING, READY
 from ilm._peerid import PeerId
 from ilm._store import OutboundRecord
-from ilm.backends._ownership import (
-    Fenced,
-    IStreamOwnership,
-    LeaseHeld,
-    Renewal,
-    StreamTaken,
-)
+from ilm.backends._ownership import Fenced, IStreamOwnership, Renewal, StreamTaken
 
 __all__ = ["GatedHost", "GatewayStreams", "OwnershipGuard"]
 
@@ -238,7 +232,9 @@ class OwnershipGuard:
             owned=self.ownership.owned,
             live=self._live,
             claimable=lambda peers: self.ownership.claimable(peers=peers),
-            claim=self._claim,
+            acquire=lambda peer_id: self.ownership.acquire(peer_id, take_over=False),
+            claiming=self._claiming,
+            claimed=self._claimed,
             dial=self.dial,
             clock=self.clock,
             interval=self.claim_interval,
@@ -436,20 +432,7 @@ class OwnershipGuard:
             deliver_after=taken.deliver_after,
             ilm_event="stream_taken",
         )
-        if not (
-            stream.epoch
-            and taken.previous_epoch == stream.epoch
-            and taken.previous_owner in (None, self.ownership.gateway)
-        ):
-            # Another gateway may have written since this one last held the
-            # stream: its state restarts from what the grant read.  (Taken
-            # back with nothing in between, the state here is still right,
-            # and ahead of the store: marks not yet committed; only other
-            # gateways' appends are news.)
-            self.restart(peer_id, taken)
-        else:
-            self.caught_up(peer_id, taken.outbound)
-        stream.epoch = taken.epoch
+        self._reload(peer_id, stream, taken)
         self.proceed(peer_id)
         for frame in held:
             if stream.generation != generation:
@@ -477,6 +460,23 @@ class OwnershipGuard:
             reason=reason.getErrorMessage(),
             ilm_event="stream_not_taken",
         )
+
+    def _reload(self, peer_id: PeerId, stream: _Stream, taken: StreamTaken) -> None:
+        """A grant of ``peer_id``'s stream: its state as the grant read it."""
+        if not (
+            stream.epoch
+            and taken.previous_epoch == stream.epoch
+            and taken.previous_owner in (None, self.ownership.gateway)
+        ):
+            # Another gateway may have written since this one last held the
+            # stream: its state restarts from what the grant read.  (Taken
+            # back with nothing in between, the state here is still right,
+            # and ahead of the store: marks not yet committed; only other
+            # gateways' appends are news.)
+            self.restart(peer_id, taken)
+        else:
+            self.caught_up(peer_id, taken.outbound)
+        stream.epoch = taken.epoch
 
     def link_lost(self, peer_id: PeerId) -> None:
         """
@@ -544,79 +544,30 @@ class OwnershipGuard:
 
     # -- claiming offline peers --------------------------------------------------
 
-    def _claim(self, peer_id: PeerId) -> Deferred[None]:
+    def _claiming(self, peer_id: PeerId) -> int | None:
         """
-        Take the stream of ``peer_id`` (a configured peer) if nobody's lease
-        is live, without a link: its state restarts from the grant, and the
-        network dials it (the link, once up, takes the stream as any link
-        does).  A live lease elsewhere leaves it to its owner.
+        A claim of ``peer_id``'s stream begins: nothing is delivered for it
+        until a link arrives.
+
+        :return: the claim's generation, or ``None`` if a link is taking
+            the stream now (its own take-over decides).
         """
-        done: Deferred[None] = Deferred()
         current = self._streams.get(peer_id)
-        if (
-            self._stopped
-            or peer_id in self.ownership.owned()
-            or (current is not None and current.held is not None)
-        ):
-            done.callback(None)
-            return done
+        if self._stopped or (current is not None and current.held is not None):
+            return None
         stream = self._streams.setdefault(peer_id, _Stream())
         stream.generation += 1
         stream.leaving = True
-        generation = stream.generation
+        return stream.generation
 
-        def claimed(taken: StreamTaken) -> None:
-            if self._streams.get(peer_id) is not stream or (
-                stream.generation != generation
-            ):
-                # A link arrived meanwhile: its own take-over decides.
-                return
-            log.info(
-                "claimed the stream of {peer_id!r} (epoch {epoch}, from "
-                "{previous_owner}): nobody served it; dialling it",
-                peer_id=peer_id,
-                epoch=taken.epoch,
-                previous_owner=taken.previous_owner or "nobody",
-                ilm_event="stream_claimed",
-            )
-            if not (
-                stream.epoch
-                and taken.previous_epoch == stream.epoch
-                and taken.previous_owner in (None, self.ownership.gateway)
-            ):
-                self.restart(peer_id, taken)
-            else:
-                self.caught_up(peer_id, taken.outbound)
-            stream.epoch = taken.epoch
-
-        def not_claimed(reason: Failure) -> None:
-            if reason.check(LeaseHeld):
-                log.debug(
-                    "the stream of {peer_id!r} is served elsewhere: {reason}",
-                    peer_id=peer_id,
-                    reason=reason.getErrorMessage(),
-                    ilm_event="stream_claim_refused",
-                )
-            else:
-                log.info(
-                    "could not claim the stream of {peer_id!r}: {reason}",
-                    peer_id=peer_id,
-                    reason=reason.getErrorMessage(),
-                    ilm_event="stream_claim_failed",
-                )
-
-        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=False)
-        d.addCallbacks(claimed, not_claimed)
-        d.addErrback(
-            lambda reason: log.failure(
-                "internal error while {doing}",
-                reason,
-                doing="claiming a stream",
-                ilm_event="internal_error",
-            )
-        )
-        d.addBoth(lambda _: done.callback(None))
-        return done
+    def _claimed(self, peer_id: PeerId, generation: int, taken: StreamTaken) -> None:
+        """
+        A claim granted: the peer's state restarts from the grant (unless
+        a link arrived meanwhile: its own take-over decides).
+        """
+        stream = self._streams.get(peer_id)
+        if stream is not None and stream.generation == generation:
+            self._reload(peer_id, stream, taken)
 
     # -- delivery --------------------------------------------------------------------
 
