@@ -34,6 +34,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -376,6 +377,121 @@ class StoppedInATransactionTests(TestCase):
         self.assertRaises(psycopg.Error, stopped.execute, b"SELECT 1")
 
 
+class StoppedMidPipelineTests(TestCase):
+    """
+    A gateway stopped between two writes of a pipeline (its transaction's
+    request not complete: the server waits for the rest, so no
+    idle-in-transaction timeout applies) holds the lease row locked for as
+    long as it stays stopped.  Taking the stream from it ends its session,
+    only once its lease has expired and only sessions of that gateway.
+    """
+
+    timeout = 60
+
+    async def gateways(self) -> tuple[Any, Any]:
+        require_postgres()
+        from ilm.backends import PostgresBackend
+
+        self.schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
+        self.addCleanup(drop_schema, self.schema)
+        backends = []
+        for gateway in ("g1", "g2"):
+            backend = PostgresBackend(
+                DSN, node_id=2, gateway=gateway, schema=self.schema,
+                lease_duration=1.0,
+            )  # fmt: skip
+            self.addCleanup(backend.close)
+            await backend.open()
+            backends.append(backend)
+        first, second = backends
+        await first.acquire(1)
+        return first, second
+
+    def stopped(self, backend: Any, role: str = "writer") -> Any:
+        """
+        A session named as ``backend``'s ``role`` connection, stopped in the
+        middle of a pipeline holding the lease rows ``FOR SHARE``.
+        """
+        conn = backend._connections.connect(role)
+        self.addCleanup(conn.close)
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        pgconn.send_query_params(b"BEGIN", None)
+        pgconn.send_query_params(
+            f'SELECT 1 FROM "{self.schema}".lease FOR SHARE'.encode(), None
+        )
+        pgconn.send_flush_request()
+        while pgconn.flush():
+            pass
+        return conn
+
+    def alive(self, conn: Any) -> bool:
+        import psycopg
+
+        with psycopg.connect(DSN, autocommit=True) as probe:
+            row = probe.execute(
+                b"SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                (conn.info.backend_pid,),
+            ).fetchone()
+        return bool(row and row[0])
+
+    async def expired(self) -> None:
+        """Wait until every lease has expired by the database's clock."""
+        import psycopg
+
+        with psycopg.connect(DSN, autocommit=True) as probe:
+            while probe.execute(
+                f'SELECT count(*) FROM "{self.schema}".lease '
+                f"WHERE expires_at > now()".encode()
+            ).fetchone() != (0,):
+                await deferLater(reactor, 0.05)
+
+    async def test_take_over_ends_the_stopped_holder(self) -> None:
+        """
+        g1 stopped mid-pipeline with the lease row locked and its lease
+        expired: g2 takes the stream (within a second or so, not after
+        lock timeouts for as long as g1 stays stopped), and g1's stopped
+        session is gone (its COMMIT could only fail).
+        """
+        first, second = await self.gateways()
+        stopped = self.stopped(first)
+        await self.expired()
+        began = time.monotonic()
+        taken = await second.acquire(1, take_over=False)
+        self.assertEqual((taken.previous_owner, taken.epoch), ("g1", 2))
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.assertFalse(self.alive(stopped))
+
+    async def test_live_lease_holder_is_left(self) -> None:
+        """
+        While g1's lease is live, its stopped session is not ended: the
+        take-over fails with StoreLocked (the peer redials; the lease then
+        runs out) and the session stays.
+        """
+        from ilm.errors import StoreLocked
+
+        first, second = await self.gateways()
+        await first.renew()
+        stopped = self.stopped(first)
+        with self.assertRaises(StoreLocked):
+            await second.acquire(1)
+        self.assertTrue(self.alive(stopped))
+
+    async def test_other_sessions_are_left(self) -> None:
+        """
+        A session holding the row that is not g1's writer (here one named
+        as g1's reader) is not ended, even with g1's lease expired.
+        """
+        from ilm.errors import StoreLocked
+
+        first, second = await self.gateways()
+        stopped = self.stopped(first, role="reader")
+        await self.expired()
+        with self.assertRaises(StoreLocked):
+            await second.acquire(1)
+        self.assertTrue(self.alive(stopped))
+
+
 class SendThroughAnyGatewayTests(TestCase):
     """
     Two gateways of node 2 in this process, on one PostgreSQL schema; node
@@ -441,3 +557,305 @@ class SendThroughAnyGatewayTests(TestCase):
         for name in (b"g1", b"g2"):
             mine = [c for _, c in got if c.startswith(name + b":")]
             self.assertEqual(mine, [b"%s:%d" % (name, k) for k in range(20)])
+
+
+class DiallingGatewaysTests(TestCase):
+    """
+    Two ``twistd ilm`` gateways of node 2 on one PostgreSQL schema, both
+    given ``--peer 1=...`` for node 1 (in this process, listening only):
+    only the gateway that owns node 1's stream dials it.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        require_postgres()
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        keys = os.path.join(self.directory, "keys")
+        with open(keys, "w") as f:
+            f.write(f"1 {KEY_HEX}\n")
+        os.chmod(keys, 0o600)
+        self.token = "t" * 32
+        token = os.path.join(self.directory, "token")
+        with open(token, "w") as f:
+            f.write(self.token + "\n")
+        os.chmod(token, 0o600)
+        self.schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
+        self.addCleanup(drop_schema, self.schema)
+        self.api = {"g1": free_port(), "g2": free_port()}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start_gateway(self, name: str, node_port: int) -> None:
+        log = open(os.path.join(self.directory, f"{name}.log"), "ab")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [
+                sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
+                "ilm", "--id", "2", "--keys", "keys",
+                "--api", f"tcp:{self.api[name]}:interface=127.0.0.1",
+                "--api-token-file", "token",
+                "--store", _uri(), "--schema", self.schema, "--gateway", name,
+                "--peer", f"1=tcp:host=127.0.0.1:port={node_port}",
+            ],
+            cwd=self.directory,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.processes[name] = process
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(stop)
+
+    def logs(self) -> str:
+        text = []
+        for name in ("g1", "g2"):
+            path = os.path.join(self.directory, f"{name}.log")
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    text.append(f"--- {name}\n" + f.read()[-4000:])
+        return "\n".join(text)
+
+    async def request(
+        self, method: str, name: str, path: str, body: bytes = b""
+    ) -> tuple[int, bytes]:
+        import treq
+
+        response = await treq.request(
+            method,
+            f"http://127.0.0.1:{self.api[name]}{path}",
+            data=body or None,
+            headers={"Authorization": [f"Bearer {self.token}"]},
+            persistent=False,
+        )
+        content = await response.content()
+        return response.code, content
+
+    async def link_of(self, name: str) -> str | None:
+        """Gateway ``name``'s link with node 1 (``None``: no answer)."""
+        import json
+
+        try:
+            code, body = await self.request("GET", name, "/v1/peers/1")
+        except Exception:
+            return None
+        if code != 200:
+            return None
+        return str(json.loads(body)["link"])
+
+    async def wait_for(
+        self, condition: Callable[[], object], what: str, timeout: float = 30
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}\n{self.logs()}")
+            await deferLater(reactor, 0.05)
+
+    def epoch(self) -> int:
+        import psycopg
+
+        with psycopg.connect(DSN, autocommit=True) as conn:
+            row = conn.execute(
+                f'SELECT max(epoch) FROM "{self.schema}".lease'.encode()
+            ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def test_only_the_owner_dials(self) -> None:
+        """
+        Both gateways have node 1 as ``--peer``: one claims its stream and
+        dials it, the other does not (never both linked, sampled every
+        0.1 s; the epoch stays at a few per take-over).  Messages sent
+        through either gateway reach node 1 once each, in each gateway's
+        order.  SIGKILLed, the dialling gateway is replaced by the other
+        once its lease has expired; restarted, it does not take the stream
+        back.
+        """
+        got: list[tuple[int, bytes]] = []
+        network = StreamNetwork(
+            1, listen=["tcp:0:interface=127.0.0.1"], keys={2: bytes.fromhex(KEY_HEX)}
+        )
+        node = await ILM.create(
+            os.path.join(self.directory, "node1.sqlite"),
+            lambda m: got.append((m.message_id, m.contents)),
+            network,
+        )
+        self.addCleanup(lambda: node.shutdown(10).addErrback(lambda _: None))
+        node_port = network.listening_addresses()[0].port
+        for name in ("g1", "g2"):
+            self.start_gateway(name, node_port)
+
+        links: dict[str, str | None] = {"g1": None, "g2": None}
+        both: list[float] = []
+        sampling = [True]
+
+        async def sample() -> None:
+            while sampling[0]:
+                for name in ("g1", "g2"):
+                    links[name] = await self.link_of(name)
+                if links["g1"] == links["g2"] == "up":
+                    both.append(time.monotonic())
+                await deferLater(reactor, 0.1)
+
+        sampler = Deferred.fromCoroutine(sample())
+
+        def stop_sampling() -> Deferred[None]:
+            sampling[0] = False
+            return sampler
+
+        self.addCleanup(stop_sampling)
+        accepted: list[bytes] = []
+        counts = {"g1": 0, "g2": 0}
+        alive = {"g1": True, "g2": True}
+
+        async def send() -> None:
+            for name in ("g1", "g2"):
+                if not alive[name]:
+                    continue
+                contents = b"%s:%d" % (name.encode(), counts[name])
+                try:
+                    code, _ = await self.request(
+                        "POST", name, "/v1/peers/1/messages", contents
+                    )
+                except Exception:
+                    continue
+                if code == 202:
+                    counts[name] += 1
+                    accepted.append(contents)
+
+        sending = LoopingCall(lambda: Deferred.fromCoroutine(send()))
+        sending.start(0.05)
+        self.addCleanup(lambda: sending.running and sending.stop())
+
+        def linked() -> list[str]:
+            return [name for name, link in links.items() if link == "up"]
+
+        await self.wait_for(lambda: len(got) >= 40, "node 1 getting messages")
+        await self.wait_for(lambda: len(linked()) == 1, "one gateway linked")
+        (dialler,) = linked()
+        other = "g2" if dialler == "g1" else "g1"
+        epoch_before = self.epoch()
+        self.assertLessEqual(epoch_before, 3, "the stream changed hands at start")
+
+        alive[dialler] = False
+        self.processes[dialler].kill()
+        self.processes[dialler].wait()
+        killed_at = time.monotonic()
+        await self.wait_for(
+            lambda: links[other] == "up", f"{other} dialling node 1", timeout=20
+        )
+        took = time.monotonic() - killed_at
+        Logger().info(
+            "{other} dialled node 1 {took:.2f} s after the kill", other=other, took=took
+        )
+        # Not before the lease could expire (renewed every third of it),
+        # and within a claim poll (1 s) of its expiry.
+        self.assertGreater(took, LEASE * 2 / 3 - 0.5, "taken before the lease ended")
+        self.assertLess(took, LEASE + 3.0)
+        count = len(got)
+        await self.wait_for(lambda: len(got) >= count + 40, f"messages via {other}")
+
+        # Restarted, the killed gateway leaves the stream to the other.
+        links[dialler] = None
+        self.start_gateway(dialler, node_port)
+        await self.wait_for(lambda: links[dialler] is not None, f"{dialler} back")
+        alive[dialler] = True
+        epoch_after = self.epoch()
+        await deferLater(reactor, LEASE)
+        self.assertEqual(linked(), [other])
+        self.assertEqual(self.epoch(), epoch_after, "the stream moved again")
+
+        sending.stop()
+        await self.wait_for(lambda: len(got) >= len(accepted), "every message")
+        await stop_sampling()
+        self.assertEqual(both, [], "both gateways linked to node 1 at once")
+        self.assertLessEqual(self.epoch(), epoch_before + 3)
+        # Exactly once, in order: node 1 numbers them 1, 2, ...; every
+        # accepted message once, each gateway's in the order it took them.
+        self.assertEqual([i for i, _ in got], list(range(1, len(got) + 1)))
+        contents = [c for _, c in got]
+        self.assertEqual(sorted(contents), sorted(accepted))
+        for name in (b"g1", b"g2"):
+            mine = [int(c.split(b":")[1]) for c in contents if c.startswith(name)]
+            self.assertEqual(mine, sorted(mine))
+            self.assertEqual(len(mine), len(set(mine)))
+
+
+class OutboxLimitsAcrossGatewaysTests(TestCase):
+    """
+    Two gateways of node 2 in this process on one PostgreSQL schema; node 1
+    never linked, so nothing is acknowledged.  The outbox limits count the
+    messages every gateway stored for node 1, as the store holds them.
+    """
+
+    timeout = 60
+
+    async def gateways(self, config: Config) -> list[Any]:
+        require_postgres()
+        from ilm.backends import PostgresBackend
+
+        schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
+        self.addCleanup(drop_schema, schema)
+        key = bytes.fromhex(KEY_HEX)
+        nodes = []
+        for name in ("g1", "g2"):
+            backend = PostgresBackend(
+                DSN, node_id=2, gateway=name, schema=schema, lease_duration=2.0
+            )
+            node = await ILM.create(
+                backend,
+                lambda m: None,
+                StreamNetwork(2, listen=["tcp:0:interface=127.0.0.1"], keys={1: key}),
+                config=config,
+            )
+            self.addCleanup(
+                lambda node=node: node.shutdown(0.1).addErrback(lambda _: None)
+            )
+            nodes.append(node)
+        return nodes
+
+    async def seen(self, node: Any, what: Callable[[Any], object]) -> None:
+        """Wait until ``node`` has looked at node 1's stream in the store."""
+        deadline = time.monotonic() + 10
+        while not what(node._core.peers[1].sender):
+            self.assertLess(time.monotonic(), deadline, "never looked")
+            await deferLater(reactor, 0.02)
+
+    async def test_messages_counted_across_gateways(self) -> None:
+        """
+        g1 fills node 1's outbox (10 messages, the limit); g2, once it has
+        looked at the store (within a poll of its first send), refuses
+        more with OutboxFull, although it accepted only one itself.
+        """
+        from ilm.errors import OutboxFull
+
+        first, second = await self.gateways(Config(max_outbox_messages=10))
+        for k in range(10):
+            await first.send_to(1, b"g1:%d" % k)
+        await second.send_to(1, b"g2:0")
+        await self.seen(second, lambda sender: sender.others_count)
+        failure = await self.assertFailure(second.send_to(1, b"g2:1"), OutboxFull)
+        self.assertIn("messages", str(failure))
+        await self.seen(first, lambda sender: sender.others_count)
+        await self.assertFailure(first.send_to(1, b"g1:10"), OutboxFull)
+
+    async def test_bytes_counted_across_gateways(self) -> None:
+        """
+        The byte limit too: 900 bytes stored through g1, then g2 refuses
+        a message that would take the stream past 1,000.
+        """
+        from ilm.errors import OutboxFull
+
+        first, second = await self.gateways(Config(max_outbox_bytes=1000))
+        for _ in range(10):
+            await first.send_to(1, b"x" * 90)
+        await second.send_to(1, b"y" * 10)
+        await self.seen(second, lambda sender: sender.others_bytes)
+        self.assertEqual(second._core.peers[1].sender.others_bytes, 900)
+        failure = await self.assertFailure(second.send_to(1, b"y" * 91), OutboxFull)
+        self.assertIn("bytes", str(failure))
+        await second.send_to(1, b"y" * 90)

@@ -133,6 +133,46 @@ class DialInTurnTests(SynchronousTestCase):
         self.assertEqual(gateways.dialler.connected_peers(), frozenset({2}))
 
 
+class HeldDialsTests(SynchronousTestCase):
+    def test_dial_only_when_told(self) -> None:
+        """
+        After hold_dials, a configured peer is dialled only between dial()
+        and stop_dialling(); stopping closes the link this node dialled,
+        and a link the peer dialled is left alone.
+        """
+        gateways = Gateways()
+        gateways.start_gateway("gw-a")
+        dialler = gateways.dialler
+        dialler.hold_dials()
+        dialler.start(gateways.dialler_receiver)
+        gateways.settle()
+        self.assertEqual(gateways.board.attempts.get("gw-a", 0), 0)
+        self.assertEqual(gateways.linked_at(), [])
+        dialler.dial(2)
+        gateways.settle()
+        self.assertEqual(gateways.linked_at(), ["gw-a"])
+        dialler.stop_dialling(2)
+        gateways.settle()
+        self.assertEqual(gateways.linked_at(), [])
+        attempts = gateways.board.attempts.get("gw-a", 0)
+        gateways.settle(2.0)
+        self.assertEqual(gateways.board.attempts.get("gw-a", 0), attempts)
+        self.assertEqual(gateways.dialler_receiver.kinds(), ["established", "lost"])
+        # Dialling again after stopping links again.
+        dialler.dial(2)
+        gateways.settle()
+        self.assertEqual(gateways.linked_at(), ["gw-a"])
+
+    def test_not_held_dials_every_peer(self) -> None:
+        """Without hold_dials, dial() and stop_dialling() change nothing."""
+        gateways = Gateways()
+        gateways.start_gateway("gw-a")
+        gateways.dialler.start(gateways.dialler_receiver)
+        gateways.dialler.stop_dialling(2)
+        gateways.settle()
+        self.assertEqual(gateways.linked_at(), ["gw-a"])
+
+
 class ValidationTests(SynchronousTestCase):
     def network(self, addresses: object) -> StreamNetwork:
         return StreamNetwork(

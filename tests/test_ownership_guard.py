@@ -17,7 +17,7 @@ from zope.interface import implementer
 from ilm._ownership_guard import GatedHost, OwnershipGuard
 from ilm._peerid import PeerId
 from ilm.backends import IStreamOwnership
-from ilm.backends._ownership import Fenced, Renewal, StreamTaken
+from ilm.backends._ownership import Fenced, LeaseHeld, Renewal, StreamTaken
 from ilm.errors import StoreError
 
 
@@ -34,6 +34,8 @@ class FakeOwnership:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.acquiring: list[tuple[PeerId, Deferred[StreamTaken]]] = []
+        self.take_overs: list[bool] = []
+        self.listing: list[tuple[frozenset[PeerId], Deferred[list[PeerId]]]] = []
         self.renewing: list[Deferred[Renewal]] = []
         self.released: list[PeerId] = []
         self.windows: dict[PeerId, tuple[float, float]] = {}
@@ -41,7 +43,14 @@ class FakeOwnership:
     def acquire(self, peer_id: PeerId, take_over: bool = True) -> Deferred[Any]:
         d: Deferred[StreamTaken] = Deferred()
         self.acquiring.append((peer_id, d))
+        self.take_overs.append(take_over)
         return d
+
+    def refuse(self, error: Exception, index: int = -1) -> None:
+        """Fail an acquire: the backend then does not hold the stream."""
+        peer_id, d = self.acquiring.pop(index)
+        self.windows.pop(peer_id, None)
+        d.errback(error)
 
     def grant(
         self,
@@ -77,8 +86,10 @@ class FakeOwnership:
     def owned(self) -> frozenset[PeerId]:
         return frozenset(self.windows)
 
-    def claimable(self, limit: int = 1000) -> Deferred[Any]:
-        return succeed([])
+    def claimable(self, limit: int = 1000, peers: Any = ()) -> Deferred[Any]:
+        d: Deferred[list[PeerId]] = Deferred()
+        self.listing.append((frozenset(peers), d))
+        return d
 
     def commit_shared(self, batch: Any) -> Deferred[Any]:
         raise NotImplementedError
@@ -98,6 +109,8 @@ class Messenger:
         self.links: set[PeerId] = set()
         self.busy: set[PeerId] = set()
         self.barriers: list[Deferred[None]] = []
+        self.initiated: set[PeerId] = set()
+        self.dials: list[tuple[PeerId, bool]] = []
 
     def callbacks(self) -> dict[str, Any]:
         def barrier() -> Deferred[None]:
@@ -114,6 +127,8 @@ class Messenger:
             barrier=barrier,
             linked=lambda p: p in self.links,
             delivering=lambda p: p in self.busy,
+            initiated=lambda p: p in self.initiated,
+            dial=lambda p, wanted: self.dials.append((p, wanted)),
         )
 
 
@@ -270,6 +285,33 @@ class GuardTests(SynchronousTestCase):
         self.assertFalse(gated.deliveries_allowed)
         self.assertEqual(gated.delivery_settled, gated.delivery_settled)
 
+    def test_gated_host_of_a_replaced_peer(self) -> None:
+        """
+        The host of a peer's state replaced by a take-over's restart (or
+        dropped) allows no more deliveries, even while the guard allows
+        them for the peer: a delivery of the old state that settles starts
+        no other (two deliverers of one peer took turns, found by the
+        simulator with three gateways dialling node 1).
+        """
+
+        class Host:
+            deliveries_allowed = True
+            peers: dict[PeerId, object] = {}
+
+        host = Host()
+        old, new = object(), object()
+        host.peers = {2: old}
+        gated = GatedHost(host, self.guard, 2, old)
+        self.messenger.links.add(2)
+        self.guard.link_established(2)
+        self.ownership.grant()
+        self.assertTrue(gated.deliveries_allowed)
+        host.peers[2] = new
+        self.assertFalse(gated.deliveries_allowed)
+        self.assertTrue(GatedHost(host, self.guard, 2, new).deliveries_allowed)
+        del host.peers[2]
+        self.assertFalse(GatedHost(host, self.guard, 2, new).deliveries_allowed)
+
     def test_no_delivery_starts_near_the_deadline(self) -> None:
         """
         No delivery starts in the last fifth of the lease before the local
@@ -349,3 +391,167 @@ class GuardTests(SynchronousTestCase):
         barrier.callback(None)
         self.assertEqual(self.ownership.released, [])
         self.assertTrue(self.guard.may_deliver(2))
+
+
+class DiallingTests(SynchronousTestCase):
+    """
+    A gateway dials its configured peer 7 only while it owns 7's stream.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.ownership = FakeOwnership(self.clock)
+        self.messenger = Messenger()
+        guard = OwnershipGuard.for_backend(
+            self.ownership,
+            clock=self.clock,
+            monotonic=self.clock.seconds,
+            dialled=frozenset({7}),
+            claim_interval=1.0,
+            **self.messenger.callbacks(),
+        )
+        assert guard is not None
+        self.guard = guard
+        self.guard.start()
+        self.addCleanup(self.guard.stop)
+
+    def claimed(self) -> None:
+        """The claim made at start is granted."""
+        self.assertEqual(self.ownership.take_overs, [False])
+        self.ownership.grant()
+
+    def test_claims_at_start_then_dials(self) -> None:
+        """
+        At start every configured peer is claimed (take_over=False); once
+        granted, the peer restarts from the grant and is dialled; nothing
+        is delivered before a link arrives.
+        """
+        self.assertEqual(self.messenger.dials, [])
+        self.claimed()
+        self.assertEqual(self.messenger.calls, [("restart", 7, 1)])
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.assertEqual(self.guard.dialling(), frozenset({7}))
+        self.assertFalse(self.guard.may_deliver(7))
+
+    def test_lease_held_elsewhere_leaves_it(self) -> None:
+        """
+        A claim refused with LeaseHeld leaves the peer alone: no dial, no
+        restart; the next look at claimable claims it once it is listed.
+        """
+        self.ownership.refuse(LeaseHeld(7, "g2", 3, 2.0))
+        self.assertEqual(self.messenger.dials, [])
+        self.assertEqual(self.messenger.calls, [])
+        self.clock.advance(1.0)
+        (peers, listed) = self.ownership.listing.pop()
+        self.assertEqual(peers, frozenset({7}))
+        listed.callback([])
+        self.assertEqual(self.ownership.acquiring, [])
+        self.clock.advance(1.0)
+        self.ownership.listing.pop()[1].callback([7, 9])
+        # Only configured peers are claimed (9 is someone else's to dial).
+        self.assertEqual([p for p, _ in self.ownership.acquiring], [7])
+        self.assertEqual(self.ownership.take_overs[-1], False)
+        self.ownership.grant()
+        self.assertEqual(self.messenger.dials, [(7, True)])
+
+    def test_link_dialled_keeps_the_stream(self) -> None:
+        """
+        The link this gateway dialled takes the stream only with
+        take_over=False; when it ends, the lease is kept (not released) and
+        the dialling goes on.
+        """
+        self.claimed()
+        self.messenger.links.add(7)
+        self.messenger.initiated.add(7)
+        self.guard.link_established(7)
+        self.assertEqual(self.ownership.take_overs, [False, False])
+        self.ownership.grant(epoch=2, previous=("g1", 1))
+        self.assertTrue(self.guard.may_deliver(7))
+        self.messenger.links.discard(7)
+        self.guard.link_lost(7)
+        self.assertFalse(self.guard.may_deliver(7))
+        self.assertEqual(self.messenger.barriers, [])
+        self.assertEqual(self.ownership.released, [])
+        self.assertEqual(self.messenger.dials, [(7, True)])
+
+    def test_dialled_link_refused_stops_dialling(self) -> None:
+        """
+        The link this gateway dialled arrives after another gateway took
+        the stream (a link the peer dialled reached it): the take is
+        refused, the link closed, and the dialling stops; no ping-pong.
+        """
+        self.claimed()
+        self.messenger.links.add(7)
+        self.messenger.initiated.add(7)
+        self.guard.link_established(7)
+        self.ownership.refuse(LeaseHeld(7, "g2", 5, 3.0))
+        self.assertEqual(self.messenger.calls[-1], ("drop", 7, LeaseHeld))
+        self.assertEqual(self.messenger.dials, [(7, True), (7, False)])
+        self.assertEqual(self.guard.dialling(), frozenset())
+
+    def test_peer_dialled_link_takes_over(self) -> None:
+        """
+        A link the peer dialled takes the stream whoever holds it
+        (take_over=True), and this gateway then dials the peer too.
+        """
+        self.ownership.refuse(LeaseHeld(7, "g2", 3, 2.0))
+        self.messenger.links.add(7)
+        self.guard.link_established(7)
+        self.assertEqual(self.ownership.take_overs, [False, True])
+        self.ownership.grant(epoch=4, previous=("g2", 3))
+        self.assertEqual(self.messenger.dials, [(7, True)])
+
+    def test_stream_lost_stops_dialling(self) -> None:
+        """
+        The stream lost at a renewal, or fenced, the dialling stops; a
+        later claim starts it again.
+        """
+        self.claimed()
+        self.clock.advance(1.0)
+        del self.ownership.windows[7]
+        self.ownership.renewing.pop().callback(
+            Renewal(frozenset(), frozenset({7}), 4.0)
+        )
+        self.assertEqual(self.messenger.dials, [(7, True), (7, False)])
+        self.ownership.listing.pop()[1].callback([7])
+        self.ownership.grant(epoch=3, previous=("g2", 2))
+        self.assertEqual(self.messenger.dials[-1], (7, True))
+        del self.ownership.windows[7]
+        self.guard.commit_failed(Failure(Fenced({7: (4, "g2")})))
+        self.assertEqual(self.messenger.dials[-1], (7, False))
+
+    def test_stop_stops_dialling(self) -> None:
+        """Stopping the guard stops the dialling and the looks."""
+        self.claimed()
+        self.guard.stop()
+        self.assertEqual(self.messenger.dials, [(7, True), (7, False)])
+        self.clock.advance(5.0)
+        self.assertEqual(self.ownership.listing, [])
+
+    def test_crash_tells_the_network_nothing(self) -> None:
+        """
+        Stopped because the node was abandoned (a simulated crash), the
+        guard says nothing more to the network.
+        """
+        self.claimed()
+        self.guard.stop(crashed=True)
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.assertEqual(self.guard.dialling(), frozenset())
+
+    def test_deadline_passed_stops_dialling(self) -> None:
+        """
+        Renewals failing (cut off from the store), the gateway stops
+        dialling once the local deadline of its lease has passed, before
+        another gateway may claim the stream (its expiry in the store is
+        later); a link it dialled is closed with the dialling.
+        """
+        self.claimed()
+        self.clock.advance(1.0)
+        self.ownership.renewing.pop().errback(StoreError("cut off"))
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.clock.advance(1.0)
+        self.ownership.renewing.pop().errback(StoreError("cut off"))
+        self.assertEqual(self.messenger.dials, [(7, True)])
+        self.clock.advance(1.0)
+        self.ownership.renewing.pop().errback(StoreError("cut off"))
+        self.assertEqual(self.messenger.dials, [(7, True), (7, False)])

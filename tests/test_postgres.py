@@ -1128,6 +1128,23 @@ class OwnershipTests(PostgresCase):
         await b.release(6)
         self.assertEqual(await a.claimable(), [5, 6])
 
+    async def test_claimable_lists_dialled_peers(self) -> None:
+        """
+        claimable(peers=...) also lists those peers with no live lease and
+        nothing waiting (a gateway keeps a link to the peers it dials), int
+        and str ids alike; not when their lease is live.
+        """
+        a, b = await self.gateways("a", "b")
+        await a.acquire(5)
+        await a.acquire("five")
+        await a.acquire(8)
+        await a.release(5)
+        await a.release("five")
+        self.assertEqual(await b.claimable(), [])
+        self.assertEqual(await b.claimable(peers=[5, "five", 8, 9]), [5, "five"])
+        await b.acquire("five", take_over=False)
+        self.assertEqual(await a.claimable(peers=[5, "five"]), [5])
+
     async def test_close_releases_leases(self) -> None:
         """
         Closing a backend releases its leases: another gateway takes the

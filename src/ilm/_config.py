@@ -44,7 +44,9 @@ class Config:
         ``max_message_size``: largest ``contents`` accepted by ``send_to``.
         ``max_outbox_messages`` / ``max_outbox_bytes``: per peer, messages
         accepted but not yet acknowledged; ``send_to`` fails with
-        :class:`ilm.errors.OutboxFull` beyond them.
+        :class:`ilm.errors.OutboxFull` beyond them.  With a store shared
+        by several gateways, they count every gateway's messages as the
+        store held them at the last look (docs/scaling.md).
         ``max_frame_size``: largest frame sent or accepted (the wire layer
         refuses larger frames with :class:`ilm.errors.FrameTooLarge`).
 

@@ -480,7 +480,7 @@ class NodeLife:
             peer.sender.waiters = []
         self._committer.stop()
         if self._router.streams is not None:
-            self._router.streams.guard.stop()
+            self._router.streams.guard.stop(crashed=True)
         core.stop_limiter()
 
     async def _within(

@@ -137,7 +137,7 @@ class PeerRouter:
             acknowledge=lambda: self.send_ack(peer),
             unstarve=lambda stream: self._unstarve(peer, stream),
             committer=self.committer,
-            host=core if self.streams is None else self.streams.host(peer_id),
+            host=core if self.streams is None else self.streams.host(peer),
             clock=core.clock,
             later=core.later,
             backoff=self._delivery_backoff,

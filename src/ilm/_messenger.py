@@ -347,8 +347,9 @@ class ILM(Service):
         ):
             sender = peer.sender
             if (
-                sender.outbox_count < self._max_outbox_messages
-                and sender.outbox_bytes + size <= self._max_outbox_bytes
+                sender.outbox_count + sender.others_count < self._max_outbox_messages
+                and sender.outbox_bytes + sender.others_bytes + size
+                <= self._max_outbox_bytes
             ):
                 return sender.append(contents, size)
         return self._enqueue(peer_id, contents)

@@ -28,7 +28,13 @@ a few points and it calls the messenger back through narrow callables:
 - **A link ends** (:meth:`OwnershipGuard.link_lost`): no more deliveries
   for it; once what is pending is committed (``barrier``) and no new link
   arrived meanwhile, the lease is released so that the gateway the peer
-  reaches next can deliver at once instead of waiting for the expiry.
+  reaches next can deliver at once instead of waiting for the expiry.  A
+  peer this gateway dials keeps its lease instead: the owner keeps
+  dialling it.
+- **Dialling** (:class:`ilm._dial_claims.DialClaims`): a configured peer is
+  dialled only while this gateway owns its stream; a stream with no live
+  lease is claimed (``acquire(peer_id, take_over=False)``) and then
+  dialled, so that only the lease decides who redials an offline peer.
 
 A backend without ``IStreamOwnership`` gets no guard: the messenger then
 behaves as with any single-process store.  docs/scaling.md has the design
@@ -48,6 +54,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ilm._dial_claims import DialClaims
 from ilm._peer import CLOSING, READY
 from ilm._peerid import PeerId
 from ilm._store import OutboundRecord
@@ -170,6 +177,8 @@ class OwnershipGuard:
     :ivar wake: the messenger delivers what is queued for a peer.
     :ivar barrier: fires once what is pending now is committed.
     :ivar linked: whether the network has a link with a peer now.
+    :ivar initiated: whether the link with a peer is one this gateway
+        dialled.
     :ivar delivering: whether a delivery for a peer is in progress.
     :ivar waiting: the peers with receipts waiting for an acknowledgement.
     :ivar caught_up: the messenger learns a peer's outbound record as the
@@ -182,6 +191,13 @@ class OwnershipGuard:
         which no new delivery starts, so that a delivery in progress (an
         asynchronous target) ends before the lease does and never overlaps
         the next owner's first one (default a fifth).
+    :ivar dialled: the configured peers, which the network dials only
+        when told (``dial``): while this gateway owns their stream.
+    :ivar dial: ``dial(peer_id, True)``: the network dials the peer from
+        now on; ``False``: no more.
+    :ivar claim_interval: how often the store is asked for streams with
+        no live lease among the ``dialled`` peers (or with messages
+        waiting), to claim them.
     """
 
     ownership: Any
@@ -194,18 +210,35 @@ class OwnershipGuard:
     barrier: Callable[[], Deferred[None]]
     linked: Callable[[PeerId], bool]
     delivering: Callable[[PeerId], bool] = lambda peer_id: False
+    initiated: Callable[[PeerId], bool] = lambda peer_id: False
     waiting: Callable[[], list[PeerId]] = list
     caught_up: Callable[[PeerId, Any], None] = lambda peer_id, record: None
     poll_interval: float = 0.2
     monotonic: Callable[[], float] = time.monotonic
     margin: float = 0.2
+    dialled: frozenset[PeerId] = frozenset()
+    dial: Callable[[PeerId, bool], None] = lambda peer_id, wanted: None
+    claim_interval: float = 1.0
     _streams: dict[PeerId, _Stream] = attr.ib(factory=dict, init=False)
     _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
     _renewing: bool = attr.ib(default=False, init=False)
     _stopped: bool = attr.ib(default=False, init=False)
     _appends: AppendWatcher = attr.ib(init=False)
+    _claims: DialClaims = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._claims = DialClaims(
+            peers=frozenset(self.dialled),
+            owned=self.ownership.owned,
+            live=self._live,
+            claimable=lambda peers: self.ownership.claimable(peers=peers),
+            acquire=lambda peer_id: self.ownership.acquire(peer_id, take_over=False),
+            claiming=self._claiming,
+            claimed=self._claimed,
+            dial=self.dial,
+            clock=self.clock,
+            interval=self.claim_interval,
+        )
         self._appends = AppendWatcher(
             ownership=self.ownership,
             clock=self.clock,
@@ -249,16 +282,36 @@ class OwnershipGuard:
         self._stopped = False
         self._schedule_renewal()
         self._appends.start()
+        self._claims.start()
 
-    def stop(self) -> None:
-        """No more renewals or wake-ups (the store releases on close)."""
+    def stop(self, crashed: bool = False) -> None:
+        """
+        No more renewals, wake-ups or claims (the store releases on close);
+        the network is told to stop dialling, unless ``crashed`` (the node
+        was abandoned: nothing more is said to the network).
+        """
         self._stopped = True
         if self._renew_call is not None and self._renew_call.active():
             self._renew_call.cancel()
         self._renew_call = None
         self._appends.stop()
+        self._claims.stop(tell=not crashed)
         for stream in self._streams.values():
             self._cancel_wake(stream)
+
+    def dialling(self) -> frozenset[PeerId]:
+        """The configured peers the network is told to dial now."""
+        return self._claims.dialling()
+
+    def _live(self, peer_id: PeerId) -> bool:
+        """
+        Whether this gateway owns ``peer_id``'s stream within the local
+        deadline of its lease (the condition for dialling it).
+        """
+        if peer_id not in self.ownership.owned():
+            return False
+        window = self.ownership.delivery_window(peer_id)
+        return window is not None and bool(self.monotonic() < window[1])
 
     def may_look(self, peer_id: PeerId) -> bool:
         stream = self._streams.get(peer_id)
@@ -295,6 +348,7 @@ class OwnershipGuard:
             )
         for peer_id in renewal.renewed:
             self._wake_at_window(peer_id)
+        self._claims.sync_all()
         self._schedule_renewal()
 
     def _renew_failed(self, reason: Failure) -> None:
@@ -305,6 +359,8 @@ class OwnershipGuard:
             reason=reason.getErrorMessage(),
             ilm_event="lease_renewal_failed",
         )
+        # Past its local deadline, a stream is no longer dialled from here.
+        self._claims.sync_all()
         self._schedule_renewal()
 
     def _unexpected(self, reason: Failure, doing: str) -> None:
@@ -322,6 +378,13 @@ class OwnershipGuard:
         """
         A link with ``peer_id`` arrived: take its stream, then let the
         messenger handle the link (frames that arrive meanwhile are held).
+
+        A link the peer dialled takes the stream whoever holds it (the peer
+        chose this gateway).  A link this gateway dialled only keeps the
+        stream it owns: if another gateway's lease is live (a link the peer
+        dialled reached it meanwhile), the link is closed and the dialling
+        stops, so that two gateways never take a stream from each other at
+        every link.
         """
         stream = self._streams.setdefault(peer_id, _Stream())
         stream.generation += 1
@@ -329,7 +392,8 @@ class OwnershipGuard:
         stream.leaving = False
         self._cancel_wake(stream)
         generation = stream.generation
-        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=True)
+        take_over = not (peer_id in self.dialled and self.initiated(peer_id))
+        d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=take_over)
         d.addCallbacks(
             self._taken,
             self._not_taken,
@@ -354,6 +418,7 @@ class OwnershipGuard:
         if stream is None or stream.generation != generation:
             return
         held, stream.held = stream.held or [], None
+        self._claims.sync(peer_id)
         if not self.linked(peer_id):
             # The link ended while taking: give the stream up again.
             self.link_lost(peer_id)
@@ -367,20 +432,7 @@ class OwnershipGuard:
             deliver_after=taken.deliver_after,
             ilm_event="stream_taken",
         )
-        if not (
-            stream.epoch
-            and taken.previous_epoch == stream.epoch
-            and taken.previous_owner in (None, self.ownership.gateway)
-        ):
-            # Another gateway may have written since this one last held the
-            # stream: its state restarts from what the grant read.  (Taken
-            # back with nothing in between, the state here is still right,
-            # and ahead of the store: marks not yet committed; only other
-            # gateways' appends are news.)
-            self.restart(peer_id, taken)
-        else:
-            self.caught_up(peer_id, taken.outbound)
-        stream.epoch = taken.epoch
+        self._reload(peer_id, stream, taken)
         self.proceed(peer_id)
         for frame in held:
             if stream.generation != generation:
@@ -396,6 +448,7 @@ class OwnershipGuard:
         # The messenger forgets the peer: so does the guard (a later grant
         # restarts it from the store).
         self._streams.pop(peer_id, None)
+        self._claims.sync(peer_id)
         error = reason.value
         self.drop(
             peer_id,
@@ -407,6 +460,23 @@ class OwnershipGuard:
             reason=reason.getErrorMessage(),
             ilm_event="stream_not_taken",
         )
+
+    def _reload(self, peer_id: PeerId, stream: _Stream, taken: StreamTaken) -> None:
+        """A grant of ``peer_id``'s stream: its state as the grant read it."""
+        if not (
+            stream.epoch
+            and taken.previous_epoch == stream.epoch
+            and taken.previous_owner in (None, self.ownership.gateway)
+        ):
+            # Another gateway may have written since this one last held the
+            # stream: its state restarts from what the grant read.  (Taken
+            # back with nothing in between, the state here is still right,
+            # and ahead of the store: marks not yet committed; only other
+            # gateways' appends are news.)
+            self.restart(peer_id, taken)
+        else:
+            self.caught_up(peer_id, taken.outbound)
+        stream.epoch = taken.epoch
 
     def link_lost(self, peer_id: PeerId) -> None:
         """
@@ -420,6 +490,11 @@ class OwnershipGuard:
         stream.leaving = True
         stream.held = None
         self._cancel_wake(stream)
+        if peer_id in self.dialled and peer_id in self.ownership.owned():
+            # This gateway dials the peer: it keeps the stream, and keeps
+            # dialling, until it loses the lease (only the lease decides
+            # who redials a peer that is offline).
+            return
         self._release_when_done(peer_id, stream)
 
     def _release_when_done(self, peer_id: PeerId, stream: _Stream) -> None:
@@ -450,8 +525,13 @@ class OwnershipGuard:
                 return None
             return self.ownership.release(peer_id)  # type: ignore[no-any-return]
 
+        def released(result: object) -> object:
+            self._claims.sync(peer_id)
+            return result
+
         d = self.barrier()
         d.addCallback(release)
+        d.addBoth(released)
         d.addErrback(
             lambda reason: log.info(
                 "releasing the stream of {peer_id!r} failed: {reason} (its "
@@ -461,6 +541,33 @@ class OwnershipGuard:
                 ilm_event="stream_release_failed",
             )
         )
+
+    # -- claiming offline peers --------------------------------------------------
+
+    def _claiming(self, peer_id: PeerId) -> int | None:
+        """
+        A claim of ``peer_id``'s stream begins: nothing is delivered for it
+        until a link arrives.
+
+        :return: the claim's generation, or ``None`` if a link is taking
+            the stream now (its own take-over decides).
+        """
+        current = self._streams.get(peer_id)
+        if self._stopped or (current is not None and current.held is not None):
+            return None
+        stream = self._streams.setdefault(peer_id, _Stream())
+        stream.generation += 1
+        stream.leaving = True
+        return stream.generation
+
+    def _claimed(self, peer_id: PeerId, generation: int, taken: StreamTaken) -> None:
+        """
+        A claim granted: the peer's state restarts from the grant (unless
+        a link arrived meanwhile: its own take-over decides).
+        """
+        stream = self._streams.get(peer_id)
+        if stream is not None and stream.generation == generation:
+            self._reload(peer_id, stream, taken)
 
     # -- delivery --------------------------------------------------------------------
 
@@ -545,6 +652,7 @@ class OwnershipGuard:
         stream = self._streams.pop(peer_id, None)
         if stream is not None:
             self._cancel_wake(stream)
+        self._claims.sync(peer_id)
         log.warn(
             "dropped the stream of {peer_id!r}: this gateway no longer owns "
             "it ({why}); its link is closed and its state reloads from the "
@@ -559,22 +667,30 @@ class OwnershipGuard:
 class GatedHost:
     """
     The delivery host of one peer's deliverer on a gateway with a guard:
-    deliveries are allowed only when the node allows them and the guard
-    says this gateway may deliver for the peer; everything else is the
-    node's host.
+    deliveries are allowed only when the node allows them, the guard says
+    this gateway may deliver for the peer, and the peer's state is still
+    the node's (not replaced by a take-over's restart, nor dropped: a
+    delivery of the old state that settles then starts no other);
+    everything else is the node's host.
     """
 
-    __slots__ = ("_guard", "_host", "_peer_id")
+    __slots__ = ("_guard", "_host", "_peer", "_peer_id")
 
-    def __init__(self, host: Any, guard: OwnershipGuard, peer_id: PeerId) -> None:
+    def __init__(
+        self, host: Any, guard: OwnershipGuard, peer_id: PeerId, peer: Any = None
+    ) -> None:
         self._host = host
         self._guard = guard
         self._peer_id = peer_id
+        self._peer = peer
 
     @property
     def deliveries_allowed(self) -> bool:
-        return bool(self._host.deliveries_allowed) and self._guard.may_deliver(
-            self._peer_id
+        host, peer_id = self._host, self._peer_id
+        return (
+            bool(host.deliveries_allowed)
+            and (self._peer is None or host.peers.get(peer_id) is self._peer)
+            and self._guard.may_deliver(peer_id)
         )
 
     def delivery_settled(self) -> None:
@@ -597,8 +713,17 @@ class GatewayStreams:
     def __init__(self, core: Any, router: Any) -> None:
         self._core = core
         self._router = router
+        network = core.network
+        dialled: frozenset[PeerId] = frozenset()
+        if callable(getattr(network, "hold_dials", None)):
+            # The network dials a configured peer only while this gateway
+            # owns the peer's stream (the guard tells it).
+            network.hold_dials()
+            dialled = core.dialled_peers() or frozenset()
         self.guard: OwnershipGuard = OwnershipGuard.for_backend(  # type: ignore[assignment]
             core.backend,
+            dialled=dialled,
+            dial=self.dial,
             clock=core.clock,
             proceed=router.taken,
             restart=self.restart,
@@ -607,6 +732,7 @@ class GatewayStreams:
             wake=lambda peer_id: core.guard(self.wake, peer_id),
             barrier=router.committer.barrier,
             linked=lambda peer_id: peer_id in core.network.connected_peers(),
+            initiated=self.initiated,
             delivering=lambda peer_id: (
                 peer_id in core.peers and core.peers[peer_id].deliverer.delivering
             ),
@@ -623,9 +749,9 @@ class GatewayStreams:
             return None
         return cls(core, router)
 
-    def host(self, peer_id: PeerId) -> GatedHost:
-        """The delivery host of ``peer_id``'s deliverer."""
-        return GatedHost(self._core, self.guard, peer_id)
+    def host(self, peer: Any) -> GatedHost:
+        """The delivery host of ``peer``'s deliverer."""
+        return GatedHost(self._core, self.guard, peer.peer_id, peer)
 
     # -- the guard's callbacks -------------------------------------------------
 
@@ -668,6 +794,20 @@ class GatewayStreams:
             if peer_id in outboxes:
                 outboxes[peer_id] = sender
 
+    def initiated(self, peer_id: PeerId) -> bool:
+        """Whether the link with ``peer_id`` is one this gateway dialled."""
+        link = getattr(self._core.network, "link", None)
+        connection = link(peer_id) if callable(link) else None
+        return bool(getattr(connection, "initiated", False))
+
+    def dial(self, peer_id: PeerId, wanted: bool) -> None:
+        """Have the network dial ``peer_id`` (``wanted``) or not."""
+        network = self._core.network
+        if wanted:
+            network.dial(peer_id)
+        else:
+            network.stop_dialling(peer_id)
+
     def drop(self, peer_id: PeerId, reason: Exception) -> None:
         """
         This gateway no longer owns ``peer_id``'s stream: close its link,
@@ -689,12 +829,37 @@ class GatewayStreams:
             peer.deliverer.deliver()
 
     def waiting(self) -> list[PeerId]:
-        """Peers served elsewhere whose sends from here are not yet done."""
+        """
+        Peers served elsewhere whose sends from here are not yet done, or
+        for which the store held other gateways' messages at the last look
+        (the outbox limits count them).
+        """
         return [
             peer_id
             for peer_id, peer in self._core.peers.items()
-            if peer.link != READY and (peer.sender.waiters or peer.sender.outbox_count)
+            if peer.link != READY
+            and (
+                peer.sender.waiters
+                or peer.sender.outbox_count
+                or peer.sender.others_count
+                or peer.sender.others_bytes
+            )
         ]
+
+    @staticmethod
+    def count_others(sender: Any, record: OutboundRecord) -> None:
+        """
+        The outbox limits count every gateway's messages: what the shared
+        store holds for the peer (``record``) beyond what this gateway
+        counts as committed is other gateways', counted as
+        ``others_count`` and ``others_bytes`` until the next look.
+        """
+        pending = sender.pending
+        own_count = sender.outbox_count - len(pending)
+        own_bytes = sender.outbox_bytes - sum(map(len, pending))
+        stored = record.last_position - record.acked
+        sender.others_count = max(0, stored - own_count)
+        sender.others_bytes = max(0, record.pending_bytes - own_bytes)
 
     def caught_up(self, peer_id: PeerId, record: OutboundRecord | None) -> None:
         """
@@ -709,11 +874,17 @@ class GatewayStreams:
         sender = peer.sender
         self.stored_up_to(sender, record.last_position)
         if peer.link == READY:
+            self.count_others(sender, record)
             sender.pump()
             return
         sender.outbox_count = max(
             0, min(sender.outbox_count, sender.out.stored - record.acked)
         )
+        # What the owner acknowledged no longer weighs here either.
+        sender.outbox_bytes = min(
+            sender.outbox_bytes, record.pending_bytes + sum(map(len, sender.pending))
+        )
+        self.count_others(sender, record)
         waiters = sender.waiters
         while waiters and waiters[0][0] <= record.acked:
             _, _, d, receipt = heapq.heappop(waiters)

@@ -145,6 +145,8 @@ class PeerSender:
         "accept_times",
         "accepted_at",
         "acked_total",
+        "others_bytes",
+        "others_count",
         "out",
         "outbox_bytes",
         "outbox_count",
@@ -190,6 +192,11 @@ class PeerSender:
         #: Accepted and not acknowledged (the outbox limits count these).
         self.outbox_count = out.stored - out.acked
         self.outbox_bytes = 0
+        #: With a store shared by several gateways: what it held for the
+        #: peer at the last look beyond this gateway's own counts (other
+        #: gateways' messages); the outbox limits count these too.
+        self.others_count = 0
+        self.others_bytes = 0
         #: (position, order, Deferred, receipt), a heap.
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
         self.retransmit_call: IDelayedCall | None = None
@@ -230,9 +237,9 @@ class PeerSender:
                 f"peer {self.peer_id!r} accepts",
             )
         config = self._config
-        if self.outbox_count + count > config.max_outbox_messages:
+        if self.outbox_count + self.others_count + count > config.max_outbox_messages:
             return OutboxFull(self.peer_id, "messages", config.max_outbox_messages)
-        if self.outbox_bytes + size > config.max_outbox_bytes:
+        if self.outbox_bytes + self.others_bytes + size > config.max_outbox_bytes:
             return OutboxFull(self.peer_id, "bytes", config.max_outbox_bytes)
         return None
 

@@ -234,6 +234,12 @@ class INetwork(Interface):
     # A network that dials a fixed set of peers may also expose
     # ``dialled_peers() -> frozenset[PeerId]``: ILM's start line then says
     # how many it dials (the network logs who and where).
+    #
+    # Such a network may also expose ``hold_dials()``, ``dial(peer_id)`` and
+    # ``stop_dialling(peer_id)``: with a store shared by several gateways
+    # (``ilm.backends.IStreamOwnership``), ILM then holds every dial and has
+    # a configured peer dialled only while this gateway owns its stream
+    # (docs/scaling.md).
 
     def start(receiver: IFrameReceiver) -> Deferred[None] | None:
         """

@@ -26,7 +26,7 @@ and its errors; :class:`ilm.backends.PostgresBackend` provides it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import attr
@@ -257,12 +257,20 @@ class IStreamOwnership(Interface):
         :return: the streams this backend holds (deadline passed or not).
         """
 
-    def claimable(limit: int = 1000) -> Deferred[list[PeerId]]:
+    def claimable(
+        limit: int = 1000, peers: Iterable[PeerId] = ()
+    ) -> Deferred[list[PeerId]]:
         """
+        :param peers: peers to list whenever their stream has no live
+            lease, messages waiting or not (the peers a gateway dials,
+            whose link is kept up even when idle).  Only streams the store
+            has rows for are listed (any ``acquire`` or message makes
+            them).
         :return: a ``Deferred`` firing with up to ``limit`` peers whose
-            stream has messages waiting and no live lease (never owned,
-            released, or expired): the peers some gateway should take (with
-            ``acquire(peer_id, take_over=False)``) and dial.
+            stream has no live lease (never owned, released, or expired)
+            and messages waiting (or is among ``peers``): the peers some
+            gateway should take (with ``acquire(peer_id,
+            take_over=False)``) and dial.
         """
 
     def commit_shared(batch: StoreBatch) -> Deferred[SharedCommitResult]:

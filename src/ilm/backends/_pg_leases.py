@@ -20,7 +20,7 @@ from ilm.backends._ownership import LeaseHeld, Renewal, StreamTaken
 from ilm.backends._pg_connections import PostgresConnections
 from ilm.backends._pg_node import PostgresNode
 from ilm.backends._pg_schema import _Conn
-from ilm.errors import StoreCorrupt, StoreError
+from ilm.errors import StoreCorrupt, StoreError, StoreLocked
 
 __all__ = ["PostgresLeases"]
 
@@ -112,6 +112,7 @@ class PostgresLeases:
             started[0] = self._monotonic()
             with conn.pipeline():
                 self.connections.begin(conn)
+                conn.execute(wait_for_lease)
                 row = conn.execute(sql.lock_lease, (node, key)).fetchone()
             if row is None:
                 raise StoreCorrupt(f"the lease row of {peer_id!r} is missing")
@@ -149,10 +150,24 @@ class PostgresLeases:
         def doubt(error: StoreError) -> StoreError:
             return StoreError(f"{error}: whether the stream was taken is unknown")
 
+        # The lease row's lock is held for milliseconds by a live owner's
+        # commit.  Waiting past the idle-in-transaction timeout (half a
+        # lease) means its holder is stuck where no server timeout ends it
+        # (stopped in the middle of a pipeline).
+        wait = min(self.connections.lock_timeout, 0.6 * self.lease_duration)
+        wait_for_lease = (
+            f"SELECT set_config('lock_timeout', '{int(wait * 1000):d}', true)"
+        ).encode()
         try:
-            taken = self.connections.interaction(
-                "cannot take a stream in", body, in_doubt=doubt
-            )
+            for attempt in range(3):
+                try:
+                    taken = self.connections.interaction(
+                        "cannot take a stream in", body, in_doubt=doubt
+                    )
+                    break
+                except StoreLocked:
+                    if attempt == 2 or not self._end_expired_holders(peer_id, key):
+                        raise
         except StoreError:
             self.drop([peer_id])
             raise
@@ -162,6 +177,57 @@ class PostgresLeases:
         held = _Held(taken.epoch, taken.valid_until, deliver_from)
         self._held = {**self._held, peer_id: held}
         return taken
+
+    def _end_expired_holders(self, peer_id: PeerId, key: int) -> bool:
+        """
+        Taking ``peer_id``'s stream waited too long for its lease row: if
+        the gateway holding the row locked is one whose lease has expired
+        (by the database's clock), end its sessions that hold it, so that
+        the take-over can go on.
+
+        A gateway stopped in the middle of a transaction (SIGSTOP, a paused
+        VM, between two writes of a pipeline) holds its row locks for as
+        long as it stays stopped: the server's idle-in-transaction timeout
+        covers only a session waiting after a complete request, not one
+        waiting for the rest of a pipeline.  Ending its session is safe:
+        nothing of its transaction was committed, so nothing it
+        acknowledged is lost; if it resumes, its ``COMMIT`` fails
+        (``StoreInDoubt``) and it reopens, reading the truth.  Only the
+        writer sessions of the expired owner (named by their
+        ``application_name``) inside a transaction are ended.
+
+        :return: whether any session was ended (then try again).
+        """
+        sql = self.node.sql
+        conn = self.connections.writer_conn()
+        try:
+            rows = conn.execute(
+                sql.end_expired_holders, (self.node.key, key, self.gateway)
+            ).fetchall()
+        except Exception as e:
+            log.warn(
+                "could not look for the stopped holder of the lease of "
+                "{peer_id!r} in {where}: {error}",
+                peer_id=peer_id,
+                where=self.connections.where,
+                error=str(e),
+                ilm_event="lease_holder_check_failed",
+            )
+            return False
+        ended = [(pid, owner) for pid, _, owner, signalled in rows if signalled]
+        if ended:
+            log.warn(
+                "ended {count} session(s) of gateway {owner!r} (pids {pids}) "
+                "holding the lease row of {peer_id!r} locked after its lease "
+                "expired (a gateway stopped in a transaction); taking the "
+                "stream again",
+                count=len(ended),
+                owner=ended[0][1],
+                pids=[pid for pid, _ in ended],
+                peer_id=peer_id,
+                ilm_event="stopped_holder_ended",
+            )
+        return bool(ended)
 
     def renew(self) -> Renewal:
         held = self._held

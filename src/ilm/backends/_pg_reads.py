@@ -7,13 +7,15 @@ gateway may read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ilm._peerid import PeerId, check_peer_id
 from ilm._store import MAX_POSITION, OutboundRecord
 from ilm.backends._lifecycle import check_read_after, checked_run
 from ilm.backends._pg_connections import PostgresConnections
 from ilm.backends._pg_node import PostgresNode
 from ilm.backends._pg_schema import _Conn
-from ilm.backends._pg_sql import decode_id, id_value
+from ilm.backends._pg_sql import decode_id, id_columns, id_value
 from ilm.errors import ILMError, StoreError
 
 __all__ = ["PostgresReads", "checked_peer_id", "read_problem"]
@@ -90,10 +92,18 @@ class PostgresReads:
         )
         return None if row is None else OutboundRecord(peer_id, *row)
 
-    def claimable(self, limit: int) -> list[PeerId]:
+    def claimable(self, limit: int, peers: Iterable[PeerId] = ()) -> list[PeerId]:
+        ints: list[int] = []
+        strs: list[bytes] = []
+        for peer_id in peers:
+            int_id, str_id = id_columns(peer_id)
+            if int_id is not None:
+                ints.append(int_id)
+            elif str_id is not None:
+                strs.append(str_id)
         rows = self.connections.reading(
             lambda conn: conn.execute(
-                self.node.sql.claimable, (self.node.key, limit)
+                self.node.sql.claimable, (self.node.key, ints, strs, limit)
             ).fetchall()
         )
         return [decode_id(int_id, str_id) for int_id, str_id in rows]

@@ -174,6 +174,26 @@ class Statements:
             f"THEN extract(epoch FROM expires_at - now())::float8 ELSE 0.0 END "
             f"FROM {s}.lease WHERE node_key = %s AND peer_key = %s FOR UPDATE"
         ).encode()
+        self.end_expired_holders = (
+            f"SELECT a.pid, a.application_name, l.owner, "
+            f"pg_terminate_backend(a.pid) FROM {s}.lease l "
+            f"JOIN pg_stat_activity a ON a.datname = current_database() "
+            f"AND a.application_name = left('ilm writer ' || l.owner, 63) "
+            f"WHERE l.node_key = %s AND l.peer_key = %s AND l.owner IS NOT NULL "
+            f"AND l.owner <> %s AND l.expires_at <= now() "
+            f"AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL "
+            f"AND (a.backend_xid = l.xmax OR NOT EXISTS (SELECT 1 FROM "
+            f"pg_stat_activity x WHERE x.backend_xid = l.xmax))"
+        ).encode()
+        """
+        Ends the sessions of a gateway whose lease on a stream has expired
+        (by the database's clock) and that hold the stream's lease row
+        locked inside a transaction: its writer connection (named by its
+        ``application_name``) with a transaction id, the one whose
+        transaction locked the row when the row names a live one (else,
+        several holders sharing the lock, any such writer of that
+        gateway).  Returns the sessions signalled.
+        """
         self.take = (
             f"UPDATE {s}.lease SET owner = %s, epoch = epoch + 1, "
             f"expires_at = now() + make_interval(secs => %s), acquired_at = now() "
@@ -205,8 +225,13 @@ class Statements:
             f"JOIN {s}.outbound o USING (node_key, peer_key) "
             f"JOIN {s}.peer p USING (node_key, peer_key) "
             f"WHERE l.node_key = %s AND (l.owner IS NULL OR l.expires_at <= now()) "
-            f"AND o.last_position > o.acked ORDER BY l.peer_key LIMIT %s"
+            f"AND (o.last_position > o.acked OR p.int_id = ANY(%s::bigint[]) "
+            f"OR p.str_id = ANY(%s::bytea[])) ORDER BY l.peer_key LIMIT %s"
         ).encode()
+        """
+        The streams with no live lease that have messages waiting, or are
+        among the given peers (by ``int_id`` and by ``str_id``).
+        """
         self.load_peers = (
             f"SELECT peer_key, int_id, str_id FROM {s}.peer WHERE node_key = %s"
         ).encode()

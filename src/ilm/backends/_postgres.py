@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -400,15 +400,19 @@ class PostgresBackend:
         """
         return self._leases.epoch(peer_id)
 
-    def claimable(self, limit: int = 1000) -> Deferred[list[PeerId]]:
+    def claimable(
+        self, limit: int = 1000, peers: Iterable[PeerId] = ()
+    ) -> Deferred[list[PeerId]]:
         """
-        Streams with messages waiting and no live lease; see
-        :meth:`ilm.backends.IStreamOwnership.claimable`.
+        Streams with no live lease and messages waiting (or among
+        ``peers``); see :meth:`ilm.backends.IStreamOwnership.claimable`.
         """
         refused = self._life.refuse()
         if refused is not None:
             return refused
-        return self._threads.on_reader(self._reads.claimable, int(limit))
+        return self._threads.on_reader(
+            self._reads.claimable, int(limit), [check_peer_id(p) for p in peers]
+        )
 
     def outbound_state(self, peer_id: PeerId) -> Deferred[OutboundRecord | None]:
         """

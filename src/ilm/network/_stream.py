@@ -165,6 +165,8 @@ class StreamNetwork:
         self._listen = [server_endpoint(reactor, d) for d in listen]
         self._peers = self._peer_endpoints(reactor, peers or {})
         self._receiver: IFrameReceiver | None = None
+        # The peers to dial, once told (hold_dials); None: every one.
+        self._chosen: set[PeerId] | None = None
         self._running = False
         self._stopping: Deferred[None] | None = None
         self._ports: list[IListeningPort] = []
@@ -215,7 +217,7 @@ class StreamNetwork:
             uniform=uniform,
             counters=self._counters,
             factory_for=lambda peer_id: ILMFactory(self, peer_id),
-            wanted=self._table.wanted,
+            wanted=self._wanted,
             moot=lambda peer_id: peer_id in self._links or not self._running,
             refused_for=self._refusal.refused_for,
         )
@@ -406,6 +408,40 @@ class StreamNetwork:
             Refusals are counted before the log's rate limit: every one.
         """
         return self._counters.snapshot(len(self._protocols), len(self._links))
+
+    def hold_dials(self) -> None:
+        """
+        Dial none of the configured peers until told to (:meth:`dial`):
+        for a gateway on a shared store, which dials a peer only while it
+        owns the peer's stream.  Call it before :meth:`start`.
+        """
+        if self._chosen is None:
+            self._chosen = set()
+            for peer_id in self._peers:
+                self._dialler.schedule_sync(peer_id)
+
+    def dial(self, peer_id: PeerId) -> None:
+        """
+        After :meth:`hold_dials`: dial ``peer_id`` (a configured peer) from
+        now on, keeping its link up as without the hold.
+        """
+        if self._chosen is not None and peer_id in self._peers:
+            self._chosen.add(peer_id)
+            self._dialler.schedule_sync(peer_id)
+
+    def stop_dialling(self, peer_id: PeerId) -> None:
+        """
+        After :meth:`hold_dials`: dial ``peer_id`` no more.  An attempt in
+        progress is abandoned, and a link this node dialled is closed
+        cleanly; a link the peer dialled stays.
+        """
+        if self._chosen is not None and peer_id in self._chosen:
+            self._chosen.discard(peer_id)
+            self._dialler.schedule_sync(peer_id)
+
+    def _wanted(self, peer_id: PeerId) -> bool:
+        chosen = self._chosen
+        return (chosen is None or peer_id in chosen) and self._table.wanted(peer_id)
 
     def dialled_peers(self) -> frozenset[PeerId]:
         """

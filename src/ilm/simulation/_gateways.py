@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import attr
@@ -81,6 +81,7 @@ __all__ = [
 
 REMOTE: PeerId = 1
 NODE: PeerId = 2
+TOPOLOGIES = ("remote dials", "gateways dial", "both dial")
 
 
 class Unreachable(StoreError):
@@ -333,7 +334,18 @@ class GatewayBackend(ScheduledCalls, InMemoryBackend):
                 inbound,
             )
 
-        return self._request(apply, answer)
+        before = self.held.get(peer_id)
+
+        def not_taken(failure: Any) -> Any:
+            # As the contract says: a failed acquire leaves this backend
+            # without the stream, whatever the store holds; unless another
+            # acquire granted it meanwhile (PostgresBackend runs them one
+            # at a time, so a failure there never follows a later grant).
+            if self.held.get(peer_id) is before:
+                self.held.pop(peer_id, None)
+            return failure
+
+        return self._request(apply, answer).addErrback(not_taken)
 
     def renew(self) -> Deferred[Renewal]:
         sent = self.monotonic()
@@ -397,8 +409,27 @@ class GatewayBackend(ScheduledCalls, InMemoryBackend):
     def owned(self) -> frozenset[PeerId]:
         return frozenset(self.held)
 
-    def claimable(self, limit: int = 1000) -> Deferred[list[PeerId]]:
-        return self._request(lambda: [])
+    def claimable(
+        self, limit: int = 1000, peers: Iterable[PeerId] = ()
+    ) -> Deferred[list[PeerId]]:
+        wanted = set(peers)
+        store = self.store
+
+        def look() -> list[PeerId]:
+            now = self.clock.seconds()
+            waiting = {
+                r.peer_id
+                for r in store.storage.state().outbound
+                if r.last_position > r.acked
+            }
+            listed = []
+            for peer in sorted(waiting | (wanted & set(store.leases)), key=repr):
+                lease = store.leases.get(peer)
+                if lease is None or lease.owner is None or lease.expires_at <= now:
+                    listed.append(peer)
+            return listed[:limit]
+
+        return self._request(look)
 
     def outbound_state(self, peer_id: PeerId) -> Deferred[Any]:
         def look() -> Any:
@@ -451,7 +482,9 @@ class _Gateway:
 class GatewayWorld:
     """One seed's world: the remote node, the gateways, the shared store."""
 
-    def __init__(self, seed: int, gateways: int = 2) -> None:
+    def __init__(
+        self, seed: int, gateways: int = 2, topology: str | None = None
+    ) -> None:
         self.seed = seed
         rng = self.random = random.Random(seed)
         self.clock = Clock()
@@ -499,6 +532,14 @@ class GatewayWorld:
         self.back_accepted: set[bytes] = set()
         self.back_delivered: list[bytes] = []
         self.back_last: dict[str, int] = {}
+        # Who dials whom: node 1 dials the gateways (each an address of its
+        # peer), the gateways dial node 1 (each has it as a configured
+        # peer: only the owner of its stream dials it), or both.  Drawn
+        # apart from the rest, so that a seed with node 1 dialling runs as
+        # it did before the gateways could dial.
+        if topology is None:
+            topology = random.Random(f"topology {seed}").choice(TOPOLOGIES)
+        self.topology = topology
 
     def note(self, text: str) -> None:
         self.trace.append(f"{self.clock.seconds():9.4f} {text}")
@@ -510,9 +551,15 @@ class GatewayWorld:
     # -- nodes --------------------------------------------------------------------
 
     def start_remote(self) -> None:
+        dials = self.topology != "gateways dial"
         network = StreamNetwork(
             REMOTE,
-            peers={NODE: [self.board.client(n, source="remote") for n in self.names]},
+            listen=[]
+            if self.topology == "remote dials"
+            else [self.board.server("remote")],
+            peers={NODE: [self.board.client(n, source="remote") for n in self.names]}
+            if dials
+            else {},
             keys={NODE: self.key},
             settings=self.settings,
             reactor=self.clock,
@@ -541,6 +588,9 @@ class GatewayWorld:
         network = StreamNetwork(
             NODE,
             listen=[self.board.server(name)],
+            peers={REMOTE: self.board.client("remote", source=name)}
+            if self.topology != "remote dials"
+            else {},
             keys={REMOTE: self.key},
             settings=self.settings,
             reactor=self.clock,
@@ -750,7 +800,8 @@ class GatewayWorld:
         self.note(
             f"seed {self.seed}: lease {self.lease}s, store latency "
             f"{self.store_latency}s, network latency {self.board.latency}s, "
-            f"window {self.config.window}, async delivery {self.async_delivery}"
+            f"window {self.config.window}, async delivery {self.async_delivery}, "
+            f"{self.topology}"
         )
         for name in self.names:
             self.start_gateway(name)
@@ -841,6 +892,16 @@ class GatewayWorld:
             self.violation(f"sent by a gateway, never delivered to node 1: {lost[:5]}")
         if len(set(self.back_delivered)) != len(self.back_delivered):
             self.violation("node 1 got a message from node 2 twice")
+        # No ping-pong: the stream changes hands (a claim, a link) a few
+        # times per fault, not at every link of gateways taking it from
+        # each other.
+        epochs = self.store.lease(REMOTE).epoch
+        faults = sum(self.faults.values())
+        if epochs > 3 * faults + 4 * len(self.names):
+            self.violation(
+                f"{epochs} epochs for {faults} faults: gateways take the "
+                f"stream from each other"
+            )
         self.repeats = repeats
         self.delivered = len(delivered)
 
@@ -861,7 +922,10 @@ _BAD_EVENTS = frozenset(
 
 
 def run_gateway_seed(
-    seed: int, gateways: int = 2, events: bool = False
+    seed: int,
+    gateways: int = 2,
+    events: bool = False,
+    topology: str | None = None,
 ) -> GatewaySeedResult:
     """
     Run one multi-gateway seed.  ILM's log events are watched while it
@@ -871,12 +935,18 @@ def run_gateway_seed(
 
     :return: its :class:`GatewaySeedResult` (``ok`` when no violation).
     """
+    import ilm._dial_claims
     import ilm._nodelog
     import ilm._ownership_guard
     import ilm.network._stream
 
-    world = GatewayWorld(seed, gateways)
-    loggers = (ilm._nodelog.log, ilm.network._stream.log, ilm._ownership_guard.log)
+    world = GatewayWorld(seed, gateways, topology)
+    loggers = (
+        ilm._nodelog.log,
+        ilm.network._stream.log,
+        ilm._ownership_guard.log,
+        ilm._dial_claims.log,
+    )
 
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
