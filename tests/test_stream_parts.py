@@ -1,7 +1,8 @@
 """
-The stream network's small parts, each on its own: the dialler, the
-refusal policy shared with the in-memory network, the admission caps and
-the link writer's flow control.
+The stream network's small parts, each on its own: the dialler, which
+peers are dialled (held or not), the listeners, the refusal policy shared
+with the in-memory network, the admission caps and the link writer's flow
+control.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from zope.interface.verify import verifyObject
 
 from ilm._backoff import Backoff
 from ilm._peerid import PeerId
+from ilm.errors import ConfigurationError
 from ilm.network import _wire
 from ilm.network._admission import Admission
 from ilm.network._counters import NetworkCounters
 from ilm.network._dialler import Dialler, _LinkEndpoint
+from ilm.network._handshake import PreSharedKeys
+from ilm.network._listeners import Listeners
+from ilm.network._peer_dials import PeerDials, peer_endpoints
 from ilm.network._refusal import RefusalPolicy
 from ilm.network._writer import LinkWriter
 
@@ -113,6 +118,112 @@ class DiallerTests(SynchronousTestCase):
         self.assertEqual(len(events.named("dial_failed_again")), 2)
         dialler.linked(2)
         self.assertIsNone(dialler.link_error(2))
+
+
+class PeerDialsTests(SynchronousTestCase):
+    def dials(self, linkable: set[PeerId]) -> tuple[PeerDials, Switchboard]:
+        """Dials of peers 2 and 3, neither reachable; started."""
+        clock = Clock()
+        board = Switchboard(clock)
+        dials = PeerDials(
+            endpoints={
+                2: [(board.client("2"), "two")],
+                3: [(board.client("3"), "three")],
+            },
+            tls=None,
+            clock=clock,
+            reconnect=Backoff(initial=0.5, factor=1.0, maximum=0.5, jitter=0.0),
+            uniform=lambda: 0.0,
+            counters=NetworkCounters(),
+            factory_for=lambda peer_id: Factory(),
+            linkable=lambda peer_id: peer_id in linkable,
+            moot=lambda peer_id: False,
+            refused_for=lambda peer_id: 0.0,
+        )
+        self.board = board
+        self.clock = clock
+        return dials, board
+
+    def attempts(self) -> dict[str, int]:
+        """Attempts per peer during the next two seconds."""
+        before = dict(self.board.attempts)
+        self.clock.advance(0)
+        for _ in range(20):
+            self.clock.advance(0.1)
+        return {
+            name: self.board.attempts.get(name, 0) - before.get(name, 0)
+            for name in ("2", "3")
+        }
+
+    def test_every_linkable_peer_dialled(self) -> None:
+        """
+        Without a hold, each configured peer is dialled while linkable;
+        ``dial`` and ``stop_dialling`` change nothing.
+        """
+        dials, _ = self.dials({2, 3})
+        self.assertEqual(dials.peers(), frozenset({2, 3}))
+        dials.start()
+        self.addCleanup(dials.abort)
+        dials.stop_dialling(2)
+        attempts = self.attempts()
+        self.assertGreater(attempts["2"], 0)
+        self.assertGreater(attempts["3"], 0)
+
+    def test_held_dials_only_the_peers_told(self) -> None:
+        """
+        Once held, a peer is dialled only between ``dial`` and
+        ``stop_dialling``, and only while linkable; a peer that is not
+        configured cannot be chosen.
+        """
+        dials, _ = self.dials({2})
+        dials.hold()
+        dials.start()
+        self.addCleanup(dials.abort)
+        self.assertEqual(self.attempts(), {"2": 0, "3": 0})
+        dials.dial(2)
+        dials.dial(3)  # configured, but not linkable
+        dials.dial(9)  # not configured: ignored
+        attempts = self.attempts()
+        self.assertGreater(attempts["2"], 0)
+        self.assertEqual(attempts["3"], 0)
+        dials.stop_dialling(2)
+        self.clock.advance(0)
+        self.assertEqual(self.attempts(), {"2": 0, "3": 0})
+        self.assertEqual(dials.peers(), frozenset({2, 3}))
+
+    def test_peer_endpoints_checked(self) -> None:
+        """
+        A node does not dial itself, nor (with keys) a peer without a key;
+        each peer's endpoints come with their descriptions.
+        """
+        clock = Clock()
+        keys = PreSharedKeys({2: b"k" * 32})
+        with self.assertRaises(ConfigurationError):
+            peer_endpoints(clock, 1, None, {1: "tcp:host=127.0.0.1:port=9001"})
+        with self.assertRaises(ConfigurationError) as caught:
+            peer_endpoints(clock, 1, keys, {3: "tcp:host=127.0.0.1:port=9003"})
+        self.assertIn("no key", str(caught.exception))
+        endpoints = peer_endpoints(clock, 1, keys, {2: "tcp:host=127.0.0.1:port=9002"})
+        [(_, description)] = endpoints[2]
+        self.assertEqual(description, "tcp:host=127.0.0.1:port=9002")
+
+
+class ListenersTests(SynchronousTestCase):
+    def test_failures_reported_ports_kept(self) -> None:
+        """
+        Listening reports the endpoints that failed; the ports opened are
+        kept (their addresses known) until stopped.
+        """
+        board = Switchboard(Clock())
+        listeners = Listeners([board.server("a"), board.server("a")], None, Clock())
+        failures = self.successResultOf(listeners.listen(Factory()))
+        [failure] = failures
+        self.assertIsInstance(failure.value, OSError)
+        self.assertEqual(len(listeners.addresses()), 1)
+        self.assertIn("a", board.listeners)
+        for d in listeners.stop():
+            self.successResultOf(d)
+        self.assertNotIn("a", board.listeners)
 
 
 class RefusalPolicyTests(SynchronousTestCase):

@@ -1,7 +1,10 @@
 """
 Which configured peers a gateway on a shared store dials: only those whose
 stream it owns (:class:`DialClaims`, driven by
-:class:`ilm._ownership_guard.OwnershipGuard`).
+:class:`ilm._ownership_guard.OwnershipGuard`), and the two rules that
+follow for their links: a link this gateway dialled does not take the
+stream from a live lease elsewhere (:meth:`DialClaims.takes_over`), and a
+dialled peer's lease outlives its link (:meth:`DialClaims.keeps`).
 
 Two gateways dialling one peer would take its stream from each other at
 every link (a link arriving takes the stream, raising the epoch).  So a
@@ -48,6 +51,8 @@ class DialClaims:
     :ivar live: whether this gateway owns a peer's stream within the local
         deadline of its lease (a gateway whose renewals fail stops dialling
         when the deadline passes, before another may claim the stream).
+    :ivar initiated: whether the link with a peer is one this gateway
+        dialled.
     :ivar claimable: the store's ``claimable(peers=...)``.
     :ivar acquire: the store's ``acquire(peer_id, take_over=False)``.
     :ivar claiming: a claim of a peer's stream begins (the guard returns a
@@ -63,6 +68,7 @@ class DialClaims:
     peers: frozenset[PeerId]
     owned: Callable[[], frozenset[PeerId]]
     live: Callable[[PeerId], bool]
+    initiated: Callable[[PeerId], bool]
     claimable: Callable[[Iterable[PeerId]], Deferred[list[PeerId]]]
     acquire: Callable[[PeerId], Deferred[StreamTaken]]
     claiming: Callable[[PeerId], int | None]
@@ -130,6 +136,29 @@ class DialClaims:
     def dialling(self) -> frozenset[PeerId]:
         """The configured peers the network is told to dial now."""
         return frozenset(self._dialling)
+
+    def takes_over(self, peer_id: PeerId) -> bool:
+        """
+        Whether a link with ``peer_id`` that just arrived takes its stream
+        whoever holds it (``acquire(peer_id, take_over=True)``).
+
+        A link the peer dialled does: the peer chose this gateway.  A link
+        this gateway dialled only keeps the stream it owns: if another
+        gateway's lease is live (a link the peer dialled reached it
+        meanwhile), the grant is refused, the link closed and the dialling
+        stops, so that two gateways never take a stream from each other at
+        every link.
+        """
+        return not (peer_id in self.peers and self.initiated(peer_id))
+
+    def keeps(self, peer_id: PeerId) -> bool:
+        """
+        Whether the lease of ``peer_id``'s stream is kept when its link
+        ends: yes for a configured peer whose stream this gateway owns (it
+        keeps dialling it until it loses the lease: only the lease decides
+        who redials a peer that is offline).
+        """
+        return peer_id in self.peers and peer_id in self.owned()
 
     def look(self) -> None:
         """

@@ -4,7 +4,12 @@ processes of one node (a backend providing
 :class:`ilm.backends.IStreamOwnership`).
 
 :class:`OwnershipGuard` holds the whole policy; the messenger calls it at
-a few points and it calls the messenger back through narrow callables:
+a few points and it calls the messenger back through narrow callables.
+It keeps a record of each stream on this gateway and makes the take-overs
+and the drops; its parts do the rest: :class:`ilm._lease_keeper.LeaseKeeper`
+(renewals, local deadlines, wake-ups, releases),
+:class:`ilm._dial_claims.DialClaims` (claims and dialling) and
+:class:`AppendWatcher` (others' appends):
 
 - **A link arrives** (:meth:`OwnershipGuard.link_established`): the
   gateway takes the peer's stream (``acquire(peer_id, take_over=True)``,
@@ -18,8 +23,8 @@ a few points and it calls the messenger back through narrow callables:
   wait, before its local deadline), and not while the link is leaving.
   When the window opens, or a renewal moves the deadline, the peer's
   deliveries are woken (``wake``).
-- **Renewal**: every third of the lease; each stream the store reports
-  lost is dropped.
+- **Renewal** (:class:`ilm._lease_keeper.LeaseKeeper`): every third of
+  the lease; each stream the store reports lost is dropped.
 - **Fencing** (:meth:`OwnershipGuard.commit_failed`): a commit failing with
   :class:`ilm.backends.Fenced` drops each fenced stream at once (``drop``:
   close its link, forget its in-memory state, take its entries out of the
@@ -55,31 +60,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ilm._dial_claims import DialClaims
+from ilm._lease_keeper import LeaseKeeper, StreamRecord
 from ilm._peer import CLOSING, READY
 from ilm._peerid import PeerId
 from ilm._store import OutboundRecord
-from ilm.backends._ownership import Fenced, IStreamOwnership, Renewal, StreamTaken
+from ilm.backends._ownership import Fenced, IStreamOwnership, StreamTaken
 
 __all__ = ["GatedHost", "GatewayStreams", "OwnershipGuard"]
 
 log = Logger(namespace="ilm.ownership")
-
-
-@attr.s(auto_attribs=True, kw_only=True, eq=False)
-class _Stream:
-    """What the guard keeps about one peer's stream on this gateway."""
-
-    #: Raised at every link and drop: a late answer for an older one is moot.
-    generation: int = 0
-    #: Frames that arrived while the stream was being taken.
-    held: list[bytes] | None = None
-    #: The link ended: deliver nothing more until a new link takes it.
-    leaving: bool = False
-    #: The epoch of the last grant (0: none yet).
-    epoch: int = 0
-    #: The link ended with a delivery in progress: release once it settles.
-    release_when_settled: bool = False
-    wake_call: IDelayedCall | None = None
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -89,6 +78,18 @@ class AppendWatcher:
     with receipts waiting), every ``interval`` seconds and sooner when the
     store hints at an append, and hands them to ``caught_up``: how an owner
     learns what other gateways appended for its peers.
+
+    :ivar may_look: whether a peer's stream is taken here and its link up
+        (not being taken, not leaving).
+    :ivar linked: whether the network has a link with a peer now.
+    :ivar waiting: the peers to look at whose stream is not served here:
+        receipts waiting for an acknowledgement, or messages (this
+        gateway's or others') counted against the outbox limits.
+    :ivar caught_up: the messenger learns a peer's outbound record as the
+        shared store holds it (others' appends, the owner's
+        acknowledgements).
+    :ivar interval: seconds between two polls; the store's append hints
+        (``watch``) wake a read sooner.
     """
 
     ownership: Any
@@ -163,10 +164,14 @@ class AppendWatcher:
 @attr.s(auto_attribs=True, kw_only=True, eq=False)
 class OwnershipGuard:
     """
-    Takes, keeps, fences and gives up the streams of one gateway.
+    Takes, keeps, fences and gives up the streams of one gateway: the
+    stream records, the take-overs and the drops are its own; renewals,
+    the local deadlines and releases are its :class:`LeaseKeeper`'s, the
+    claims and the dialling its :class:`DialClaims`'s, the reads of
+    others' appends its :class:`AppendWatcher`'s.
 
     :ivar ownership: the backend, as :class:`IStreamOwnership`.
-    :ivar clock: timers (renewal, delivery windows).
+    :ivar clock: timers (renewal, delivery windows, claims, polls).
     :ivar monotonic: the backend's local clock of lease deadlines.
     :ivar proceed: the messenger handles a link that is now this gateway's
         (its handshake starts).
@@ -177,27 +182,17 @@ class OwnershipGuard:
     :ivar wake: the messenger delivers what is queued for a peer.
     :ivar barrier: fires once what is pending now is committed.
     :ivar linked: whether the network has a link with a peer now.
-    :ivar initiated: whether the link with a peer is one this gateway
-        dialled.
-    :ivar delivering: whether a delivery for a peer is in progress.
-    :ivar waiting: the peers with receipts waiting for an acknowledgement.
-    :ivar caught_up: the messenger learns a peer's outbound record as the
-        shared store holds it (others' appends, the owner's
-        acknowledgements).
-    :ivar poll_interval: how often the outbound records of the streams
-        this gateway owns (and of peers with receipts waiting) are read;
-        the store's append hints (``watch``) wake a read sooner.
     :ivar margin: the fraction of the lease before its local deadline at
         which no new delivery starts, so that a delivery in progress (an
         asynchronous target) ends before the lease does and never overlaps
         the next owner's first one (default a fifth).
     :ivar dialled: the configured peers, which the network dials only
         when told (``dial``): while this gateway owns their stream.
-    :ivar dial: ``dial(peer_id, True)``: the network dials the peer from
-        now on; ``False``: no more.
-    :ivar claim_interval: how often the store is asked for streams with
-        no live lease among the ``dialled`` peers (or with messages
-        waiting), to claim them.
+
+    The others are its parts': ``delivering`` the :class:`LeaseKeeper`'s;
+    ``initiated``, ``dial`` and ``claim_interval`` (its ``interval``) the
+    :class:`DialClaims`'; ``waiting``, ``caught_up`` and ``poll_interval``
+    (its ``interval``) the :class:`AppendWatcher`'s.
     """
 
     ownership: Any
@@ -219,18 +214,31 @@ class OwnershipGuard:
     dialled: frozenset[PeerId] = frozenset()
     dial: Callable[[PeerId, bool], None] = lambda peer_id, wanted: None
     claim_interval: float = 1.0
-    _streams: dict[PeerId, _Stream] = attr.ib(factory=dict, init=False)
-    _renew_call: IDelayedCall | None = attr.ib(default=None, init=False)
-    _renewing: bool = attr.ib(default=False, init=False)
+    _streams: dict[PeerId, StreamRecord] = attr.ib(factory=dict, init=False)
     _stopped: bool = attr.ib(default=False, init=False)
+    _leases: LeaseKeeper = attr.ib(init=False)
     _appends: AppendWatcher = attr.ib(init=False)
     _claims: DialClaims = attr.ib(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._leases = LeaseKeeper(
+            ownership=self.ownership,
+            streams=self._streams,
+            clock=self.clock,
+            monotonic=self.monotonic,
+            margin=self.margin,
+            lost=self._lease_lost,
+            renewal_ended=lambda: self._claims.sync_all(),
+            released=lambda peer_id: self._claims.sync(peer_id),
+            wake=self.wake,
+            delivering=self.delivering,
+            barrier=self.barrier,
+        )
         self._claims = DialClaims(
             peers=frozenset(self.dialled),
             owned=self.ownership.owned,
-            live=self._live,
+            live=self._leases.live,
+            initiated=self.initiated,
             claimable=lambda peers: self.ownership.claimable(peers=peers),
             acquire=lambda peer_id: self.ownership.acquire(peer_id, take_over=False),
             claiming=self._claiming,
@@ -277,10 +285,10 @@ class OwnershipGuard:
         """
         Renew the leases held, every third of the lease; poll the streams
         this gateway owns for others' appends, woken sooner by the store's
-        hints.
+        hints; claim the configured peers nobody serves.
         """
         self._stopped = False
-        self._schedule_renewal()
+        self._leases.start()
         self._appends.start()
         self._claims.start()
 
@@ -291,80 +299,19 @@ class OwnershipGuard:
         was abandoned: nothing more is said to the network).
         """
         self._stopped = True
-        if self._renew_call is not None and self._renew_call.active():
-            self._renew_call.cancel()
-        self._renew_call = None
+        self._leases.stop()
         self._appends.stop()
         self._claims.stop(tell=not crashed)
-        for stream in self._streams.values():
-            self._cancel_wake(stream)
 
     def dialling(self) -> frozenset[PeerId]:
         """The configured peers the network is told to dial now."""
         return self._claims.dialling()
 
-    def _live(self, peer_id: PeerId) -> bool:
-        """
-        Whether this gateway owns ``peer_id``'s stream within the local
-        deadline of its lease (the condition for dialling it).
-        """
-        if peer_id not in self.ownership.owned():
-            return False
-        window = self.ownership.delivery_window(peer_id)
-        return window is not None and bool(self.monotonic() < window[1])
-
     def may_look(self, peer_id: PeerId) -> bool:
         stream = self._streams.get(peer_id)
         return stream is not None and not stream.leaving and stream.held is None
 
-    def _schedule_renewal(self) -> None:
-        if self._stopped:
-            return
-        interval = float(self.ownership.lease_duration) / 3
-        self._renew_call = self.clock.callLater(interval, self._renew)
-
-    def _renew(self) -> None:
-        self._renew_call = None
-        if self._renewing or not self.ownership.owned():
-            self._schedule_renewal()
-            return
-        self._renewing = True
-        d: Deferred[Renewal] = self.ownership.renew()
-        d.addCallbacks(self._renewed, self._renew_failed)
-        d.addErrback(self._unexpected, "renewing leases")
-
-    def _renewed(self, renewal: Renewal) -> None:
-        self._renewing = False
-        owned = self.ownership.owned()
-        for peer_id in sorted(renewal.lost, key=repr):
-            if peer_id in owned:
-                # Taken again meanwhile (a new link): that newer grant
-                # stands; the renewal only saw the older one.
-                continue
-            self._drop(
-                peer_id,
-                Fenced({peer_id: (0, None)}),
-                "its lease was taken over or released meanwhile",
-            )
-        for peer_id in renewal.renewed:
-            self._wake_at_window(peer_id)
-        self._claims.sync_all()
-        self._schedule_renewal()
-
-    def _renew_failed(self, reason: Failure) -> None:
-        self._renewing = False
-        log.warn(
-            "renewing the stream leases failed: {reason}; deliveries stop "
-            "when the local deadlines pass",
-            reason=reason.getErrorMessage(),
-            ilm_event="lease_renewal_failed",
-        )
-        # Past its local deadline, a stream is no longer dialled from here.
-        self._claims.sync_all()
-        self._schedule_renewal()
-
     def _unexpected(self, reason: Failure, doing: str) -> None:
-        self._renewing = False
         log.failure(
             "internal error while {doing}",
             reason,
@@ -379,20 +326,17 @@ class OwnershipGuard:
         A link with ``peer_id`` arrived: take its stream, then let the
         messenger handle the link (frames that arrive meanwhile are held).
 
-        A link the peer dialled takes the stream whoever holds it (the peer
-        chose this gateway).  A link this gateway dialled only keeps the
-        stream it owns: if another gateway's lease is live (a link the peer
-        dialled reached it meanwhile), the link is closed and the dialling
-        stops, so that two gateways never take a stream from each other at
-        every link.
+        A link the peer dialled takes the stream whoever holds it; a link
+        this gateway dialled only keeps the stream it owns
+        (:meth:`DialClaims.takes_over`).
         """
-        stream = self._streams.setdefault(peer_id, _Stream())
+        stream = self._streams.setdefault(peer_id, StreamRecord())
         stream.generation += 1
         stream.held = []
         stream.leaving = False
-        self._cancel_wake(stream)
+        self._leases.cancel_wake(stream)
         generation = stream.generation
-        take_over = not (peer_id in self.dialled and self.initiated(peer_id))
+        take_over = self._claims.takes_over(peer_id)
         d: Deferred[StreamTaken] = self.ownership.acquire(peer_id, take_over=take_over)
         d.addCallbacks(
             self._taken,
@@ -438,7 +382,7 @@ class OwnershipGuard:
             if stream.generation != generation:
                 break
             self.replay(peer_id, frame)
-        self._wake_at_window(peer_id)
+        self._leases.wake_at_window(peer_id)
 
     def _not_taken(self, reason: Failure, peer_id: PeerId, generation: int) -> None:
         stream = self._streams.get(peer_id)
@@ -461,7 +405,9 @@ class OwnershipGuard:
             ilm_event="stream_not_taken",
         )
 
-    def _reload(self, peer_id: PeerId, stream: _Stream, taken: StreamTaken) -> None:
+    def _reload(
+        self, peer_id: PeerId, stream: StreamRecord, taken: StreamTaken
+    ) -> None:
         """A grant of ``peer_id``'s stream: its state as the grant read it."""
         if not (
             stream.epoch
@@ -482,65 +428,18 @@ class OwnershipGuard:
         """
         The link with ``peer_id`` ended: deliver nothing more for it; once
         what is pending is committed, and if no new link arrived, release
-        its lease.
+        its lease (unless this gateway dials the peer:
+        :meth:`DialClaims.keeps`).
         """
         stream = self._streams.get(peer_id)
         if stream is None or stream.leaving:
             return
         stream.leaving = True
         stream.held = None
-        self._cancel_wake(stream)
-        if peer_id in self.dialled and peer_id in self.ownership.owned():
-            # This gateway dials the peer: it keeps the stream, and keeps
-            # dialling, until it loses the lease (only the lease decides
-            # who redials a peer that is offline).
+        self._leases.cancel_wake(stream)
+        if self._claims.keeps(peer_id):
             return
-        self._release_when_done(peer_id, stream)
-
-    def _release_when_done(self, peer_id: PeerId, stream: _Stream) -> None:
-        """
-        Release the stream once no delivery is in progress and what is
-        pending is committed, unless a new link came meanwhile.
-        """
-        generation = stream.generation
-        if peer_id not in self.ownership.owned():
-            return
-        if self.delivering(peer_id):
-            stream.release_when_settled = True
-            return
-
-        def release(_: object) -> Deferred[bool] | None:
-            current = self._streams.get(peer_id)
-            if (
-                current is not stream
-                or stream.generation != generation
-                or not stream.leaving
-                or self._stopped
-            ):
-                # A new link came (or the stream was dropped and taken
-                # again) meanwhile: the grant held now is not this one.
-                return None
-            if self.delivering(peer_id):
-                stream.release_when_settled = True
-                return None
-            return self.ownership.release(peer_id)  # type: ignore[no-any-return]
-
-        def released(result: object) -> object:
-            self._claims.sync(peer_id)
-            return result
-
-        d = self.barrier()
-        d.addCallback(release)
-        d.addBoth(released)
-        d.addErrback(
-            lambda reason: log.info(
-                "releasing the stream of {peer_id!r} failed: {reason} (its "
-                "lease expires instead)",
-                peer_id=peer_id,
-                reason=reason.getErrorMessage(),
-                ilm_event="stream_release_failed",
-            )
-        )
+        self._leases.release_when_done(peer_id, stream)
 
     # -- claiming offline peers --------------------------------------------------
 
@@ -555,7 +454,7 @@ class OwnershipGuard:
         current = self._streams.get(peer_id)
         if self._stopped or (current is not None and current.held is not None):
             return None
-        stream = self._streams.setdefault(peer_id, _Stream())
+        stream = self._streams.setdefault(peer_id, StreamRecord())
         stream.generation += 1
         stream.leaving = True
         return stream.generation
@@ -577,57 +476,13 @@ class OwnershipGuard:
             now: it holds the stream, the link is here, and the local
             deadline is more than the margin away.
         """
-        stream = self._streams.get(peer_id)
-        if stream is None or stream.leaving or stream.held is not None:
-            return False
-        if not self.ownership.holds(peer_id):
-            return False
-        window = self.ownership.delivery_window(peer_id)
-        if window is None:
-            return False
-        margin = self.margin * float(self.ownership.lease_duration)
-        return bool(self.monotonic() < window[1] - margin)
+        return self._leases.may_deliver(peer_id)
 
     def delivery_settled(self, peer_id: PeerId) -> None:
         """
         A delivery for ``peer_id`` ended: a release waiting for it goes on.
         """
-        stream = self._streams.get(peer_id)
-        if stream is not None and stream.release_when_settled and stream.leaving:
-            if not self.delivering(peer_id):
-                stream.release_when_settled = False
-                self._release_when_done(peer_id, stream)
-
-    def _wake_at_window(self, peer_id: PeerId) -> None:
-        stream = self._streams.get(peer_id)
-        if stream is None or stream.leaving or self._stopped:
-            return
-        window = self.ownership.delivery_window(peer_id)
-        if window is None:
-            return
-        deliver_from, valid_until = window
-        now = self.monotonic()
-        if now >= valid_until - self.margin * float(self.ownership.lease_duration):
-            return
-        self._cancel_wake(stream)
-        if deliver_from <= now:
-            self.wake(peer_id)
-            return
-        # A hair late rather than early: holds() must be true by then.
-        delay = deliver_from - now + 0.001
-        stream.wake_call = self.clock.callLater(delay, self._woken, peer_id)
-
-    def _woken(self, peer_id: PeerId) -> None:
-        stream = self._streams.get(peer_id)
-        if stream is not None:
-            stream.wake_call = None
-        self._wake_at_window(peer_id)
-
-    @staticmethod
-    def _cancel_wake(stream: _Stream) -> None:
-        call, stream.wake_call = stream.wake_call, None
-        if call is not None and call.active():
-            call.cancel()
+        self._leases.delivery_settled(peer_id)
 
     # -- fencing ---------------------------------------------------------------------
 
@@ -648,10 +503,18 @@ class OwnershipGuard:
             )
         return True
 
+    def _lease_lost(self, peer_id: PeerId) -> None:
+        """A renewal found ``peer_id``'s lease lost: drop its stream."""
+        self._drop(
+            peer_id,
+            Fenced({peer_id: (0, None)}),
+            "its lease was taken over or released meanwhile",
+        )
+
     def _drop(self, peer_id: PeerId, error: Exception, why: str) -> None:
         stream = self._streams.pop(peer_id, None)
         if stream is not None:
-            self._cancel_wake(stream)
+            self._leases.cancel_wake(stream)
         self._claims.sync(peer_id)
         log.warn(
             "dropped the stream of {peer_id!r}: this gateway no longer owns "

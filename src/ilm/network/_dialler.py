@@ -242,7 +242,8 @@ class Dialler:
         endpoint's type) for the log.
     :ivar factory_for: the protocol factory of a connection to a peer.
     :ivar wanted: whether this node is to dial a peer now (it is running,
-        and has no link to the peer that the peer initiated).
+        has no link to the peer that the peer initiated, and, once dials
+        are held, was told to dial it: :class:`ilm.network._peer_dials.PeerDials`).
     :ivar moot: whether a failed attempt to reach a peer is moot (another
         connection is the link, or the node is stopping).
     :ivar refused_for: how long links with a peer are still refused.

@@ -3,7 +3,8 @@ The link table: a stream network's connections, its links (one per peer)
 and the connections held for a peer, with the link election
 (:mod:`ilm.network._election`) applied to them: which connection becomes
 the link, which is closed as a duplicate or replaced, what a lost link
-changes (``link_lost`` reported, the dialler told).
+changes (``link_lost`` reported, the dialler told), and closing a link
+(after a violation, with the refusal policy's hold).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from twisted.python.failure import Failure
 
 import ilm.network._election as _election
 from ilm._peerid import PeerId
-from ilm.network._counters import REFUSAL_HOLD, NetworkCounters
+from ilm.errors import ProtocolViolation
+from ilm.network._counters import REFUSAL_HOLD, NetworkCounters, refusal_reason
 from ilm.network._election import Election, Verdict
 from ilm.network._log import internal_error, log
 from ilm.network._protocol import ILMProtocol
@@ -216,6 +218,30 @@ class LinkTable:
                 self._make_link(held, announce=True)
         except Exception:
             internal_error("releasing a held connection")
+
+    def close_link(self, peer_id: PeerId, reason: Exception) -> None:
+        """
+        Close the link to ``peer_id`` at once (``link_lost`` is reported
+        before this returns); after a :class:`ProtocolViolation`, the peer
+        is held off (the refusal policy) and the refusal counted.
+        """
+        protocol = self.links.get(peer_id)
+        if protocol is None:
+            return
+        hold = 0.0
+        if isinstance(reason, ProtocolViolation):
+            hold = self._refusal.violation(peer_id)
+            self._counters.refused(refusal_reason(reason))
+        log.warn(
+            "closing the link to {peer_id!r}: {kind}: {reason}; its links are "
+            "refused for {hold:.2f}s",
+            peer_id=peer_id,
+            kind=type(reason).__name__,
+            reason=str(reason),
+            hold=hold,
+            ilm_event="link_closed",
+        )
+        protocol.close(reason, abort=True)
 
     def wanted(self, peer_id: PeerId) -> bool:
         """

@@ -13,10 +13,14 @@ draws the pieces:
 - :mod:`ilm.network._protocol`: :class:`ILMProtocol`, one connection
   (framing, handshake driving, keepalive, flow control), which talks to this
   facade through :class:`IConnectionOwner` only;
-- :mod:`ilm.network._election`: what an authenticated connection becomes
-  (one link per peer), pure;
-- :mod:`ilm.network._dialler`: one ``ClientService`` per peer, and the
-  workaround ``ClientService`` needs for links;
+- :mod:`ilm.network._links`: the connections and the link per peer, with
+  :mod:`ilm.network._election` (what an authenticated connection becomes,
+  one link per peer, pure) applied, and closing a link;
+- :mod:`ilm.network._peer_dials`: the configured peers and which of them
+  are dialled now (all, or after ``hold_dials`` only those told), driving
+  :mod:`ilm.network._dialler` (one ``ClientService`` per peer, and the
+  workaround ``ClientService`` needs for links);
+- :mod:`ilm.network._listeners`: the server endpoints listened on;
 - :mod:`ilm.network._refusal` (the hold after a violation, shared with the
   in-memory network), :mod:`ilm.network._refusal_log` (counted and
   rate-limited refusals), :mod:`ilm.network._admission` (caps on
@@ -43,17 +47,12 @@ import random as _random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
-    IListeningPort,
-    IProtocolFactory,
-    IReactorTime,
-    IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -61,21 +60,21 @@ from ilm._backoff import Backoff
 from ilm._logging import EventLimiter
 from ilm._peerid import PeerId, check_peer_id, id_order_key
 from ilm._status import NetworkStats
-from ilm.errors import ConfigurationError, ConnectionLimitReached, ProtocolViolation
+from ilm.errors import ConnectionLimitReached
 from ilm.interfaces import IFrameReceiver, INetwork
 from ilm.network._admission import Admission
-from ilm.network._counters import NetworkCounters, refusal_reason
+from ilm.network._counters import NetworkCounters
 from ilm.network._dial_failure import DialFailure
-from ilm.network._dialler import Dialler
 from ilm.network._endpoints import (
     PeerAddresses,
     address_text,
-    client_endpoints,
     server_endpoint,
 )
 from ilm.network._handshake import KeySearchBudget, PreSharedKeys
 from ilm.network._links import LinkTable
+from ilm.network._listeners import Listeners
 from ilm.network._log import log
+from ilm.network._peer_dials import PeerDials, peer_endpoints
 from ilm.network._protocol import (
     ConnectionContext,
     IConnectionOwner,
@@ -153,7 +152,6 @@ class StreamNetwork:
         self._keys: PreSharedKeys | None = keys
         self._tls = tls
         self.settings = settings = settings if settings is not None else LinkSettings()
-        self._clock: IReactorTime = reactor
         if random_bytes is None:
             import os
 
@@ -162,14 +160,13 @@ class StreamNetwork:
         # Endpoint strings are parsed now, not when the network starts: a
         # malformed one fails here, naming the option, instead of inside a
         # start-up callback where nobody would see it.
-        self._listen = [server_endpoint(reactor, d) for d in listen]
-        self._peers = self._peer_endpoints(reactor, peers or {})
+        self._listeners = Listeners(
+            [server_endpoint(reactor, d) for d in listen], tls, reactor
+        )
+        endpoints = peer_endpoints(reactor, self.local_id, keys, peers or {})
         self._receiver: IFrameReceiver | None = None
-        # The peers to dial, once told (hold_dials); None: every one.
-        self._chosen: set[PeerId] | None = None
         self._running = False
         self._stopping: Deferred[None] | None = None
-        self._ports: list[IListeningPort] = []
         self._counters = NetworkCounters()
         self._refusal: RefusalPolicy[PeerId] = RefusalPolicy(
             settings.refusal, settings.refusal_reset, reactor.seconds, uniform
@@ -181,8 +178,8 @@ class StreamNetwork:
             refusal=self._refusal,
             running=lambda: self._running,
             report=self._report,
-            sync=lambda peer_id: self._dialler.schedule_sync(peer_id),
-            linked=lambda peer_id: self._dialler.linked(peer_id),
+            sync=lambda peer_id: self._dials.schedule_sync(peer_id),
+            linked=lambda peer_id: self._dials.linked(peer_id),
         )
         self._protocols = self._table.connections
         self._links = self._table.links
@@ -209,31 +206,18 @@ class StreamNetwork:
             random_bytes=random_bytes,
             refusals=RefusalLog(self._limiter, self._counters),
         )
-        self._dialler = Dialler(
-            endpoints=self._peers,
+        self._dials = PeerDials(
+            endpoints=endpoints,
             tls=tls,
             clock=reactor,
             reconnect=settings.reconnect,
             uniform=uniform,
             counters=self._counters,
             factory_for=lambda peer_id: ILMFactory(self, peer_id),
-            wanted=self._wanted,
+            linkable=self._table.wanted,
             moot=lambda peer_id: peer_id in self._links or not self._running,
             refused_for=self._refusal.refused_for,
         )
-
-    def _peer_endpoints(
-        self, reactor: Any, peers: Mapping[PeerId, PeerAddresses]
-    ) -> dict[PeerId, list[tuple[IStreamClientEndpoint, str]]]:
-        endpoints = {}
-        for peer_id, addresses in peers.items():
-            peer_id = check_peer_id(peer_id)
-            if peer_id == self.local_id:
-                raise ConfigurationError("a node does not dial itself")
-            if self._keys is not None and self._keys.key_for(peer_id) is None:
-                raise ConfigurationError(f"peer {peer_id!r} is dialled but has no key")
-            endpoints[peer_id] = client_endpoints(reactor, peer_id, addresses)
-        return endpoints
 
     # -- INetwork ------------------------------------------------------------
 
@@ -248,32 +232,24 @@ class StreamNetwork:
             raise RuntimeError("StreamNetwork.start called twice")
         self._receiver = receiver
         self._running = True
-        factory: IProtocolFactory = ILMFactory(self, None)
-        if self._tls is not None:
-            factory = TLSMemoryBIOFactory(
-                self._tls.creator(), False, factory, clock=self._clock
-            )
-        listening = [maybeDeferred(e.listen, factory) for e in self._listen]
         done: Deferred[None] = Deferred()
 
-        def listened(results: list[tuple[bool, Any]]) -> None:
-            failures = [value for ok, value in results if not ok]
-            self._ports = [value for ok, value in results if ok]
+        def listened(failures: list[Failure]) -> None:
             if failures:
                 self._running = False
                 self.stop().addBoth(lambda _: done.errback(failures[0]))
                 return
-            self._dialler.start()
+            self._dials.start()
             log.info(
                 "node {local_id!r} listening on {addresses}, dialling {peers}",
                 local_id=self.local_id,
                 addresses=[address_text(a)[1] for a in self.listening_addresses()],
-                peers=sorted(self._peers, key=id_order_key),
+                peers=sorted(self._dials.peers(), key=id_order_key),
                 ilm_event="network_started",
             )
             done.callback(None)
 
-        DeferredList(listening, consumeErrors=True).addCallback(listened)
+        self._listeners.listen(ILMFactory(self, None)).addCallback(listened)
         return done
 
     def stop(self) -> Deferred[None]:
@@ -286,10 +262,8 @@ class StreamNetwork:
         if self._stopping is not None:
             return chain(self._stopping)
         self._running = False
-        waits: list[Deferred[Any]] = [
-            maybeDeferred(port.stopListening) for port in self._ports
-        ]
-        waits.extend(self._dialler.stop())
+        waits = self._listeners.stop()
+        waits.extend(self._dials.stop())
         for protocol in list(self._protocols):
             waits.append(protocol.when_lost())
             protocol.close(ConnectionDone("node stopping"), abort=False)
@@ -322,8 +296,8 @@ class StreamNetwork:
         self._receiver = None
         self._stopping = succeed(None)
         self._limiter.stop()
-        closing = [maybeDeferred(port.stopListening) for port in self._ports]
-        self._dialler.abort()
+        closing = self._listeners.stop()
+        self._dials.abort()
         for protocol in list(self._protocols):
             protocol.close(ConnectionDone("aborted"), abort=True)
         done: Deferred[None] = Deferred()
@@ -351,23 +325,7 @@ class StreamNetwork:
         before this returns.  After a :class:`ProtocolViolation`, links
         with the peer are refused for a while (``LinkSettings.refusal``).
         """
-        protocol = self._links.get(peer_id)
-        if protocol is None:
-            return
-        hold = 0.0
-        if isinstance(reason, ProtocolViolation):
-            hold = self._refusal.violation(peer_id)
-            self._counters.refused(refusal_reason(reason))
-        log.warn(
-            "closing the link to {peer_id!r}: {kind}: {reason}; its links are "
-            "refused for {hold:.2f}s",
-            peer_id=peer_id,
-            kind=type(reason).__name__,
-            reason=str(reason),
-            hold=hold,
-            ilm_event="link_closed",
-        )
-        protocol.close(reason, abort=True)
+        self._table.close_link(peer_id, reason)
 
     # -- reading -------------------------------------------------------------
 
@@ -392,7 +350,7 @@ class StreamNetwork:
         up, before any attempt failed, and for peers this node does not
         dial.
         """
-        return self._dialler.link_error(peer_id)
+        return self._dials.link_error(peer_id)
 
     def stats(self) -> NetworkStats:
         """
@@ -415,19 +373,14 @@ class StreamNetwork:
         for a gateway on a shared store, which dials a peer only while it
         owns the peer's stream.  Call it before :meth:`start`.
         """
-        if self._chosen is None:
-            self._chosen = set()
-            for peer_id in self._peers:
-                self._dialler.schedule_sync(peer_id)
+        self._dials.hold()
 
     def dial(self, peer_id: PeerId) -> None:
         """
         After :meth:`hold_dials`: dial ``peer_id`` (a configured peer) from
         now on, keeping its link up as without the hold.
         """
-        if self._chosen is not None and peer_id in self._peers:
-            self._chosen.add(peer_id)
-            self._dialler.schedule_sync(peer_id)
+        self._dials.dial(peer_id)
 
     def stop_dialling(self, peer_id: PeerId) -> None:
         """
@@ -435,27 +388,21 @@ class StreamNetwork:
         progress is abandoned, and a link this node dialled is closed
         cleanly; a link the peer dialled stays.
         """
-        if self._chosen is not None and peer_id in self._chosen:
-            self._chosen.discard(peer_id)
-            self._dialler.schedule_sync(peer_id)
-
-    def _wanted(self, peer_id: PeerId) -> bool:
-        chosen = self._chosen
-        return (chosen is None or peer_id in chosen) and self._table.wanted(peer_id)
+        self._dials.stop_dialling(peer_id)
 
     def dialled_peers(self) -> frozenset[PeerId]:
         """
         The peers this network dials (those given in ``peers``), for ILM's
         start line.
         """
-        return frozenset(self._peers)
+        return self._dials.peers()
 
     def listening_addresses(self) -> list[IAddress]:
         """
         :return: the addresses this node listens on (to learn a port chosen
             by the system with ``tcp:0``).
         """
-        return [port.getHost() for port in self._ports]
+        return self._listeners.addresses()
 
     def connections(self) -> tuple[ILMProtocol, ...]:
         """

@@ -936,6 +936,7 @@ def run_gateway_seed(
     :return: its :class:`GatewaySeedResult` (``ok`` when no violation).
     """
     import ilm._dial_claims
+    import ilm._lease_keeper
     import ilm._nodelog
     import ilm._ownership_guard
     import ilm.network._stream
@@ -946,6 +947,7 @@ def run_gateway_seed(
         ilm.network._stream.log,
         ilm._ownership_guard.log,
         ilm._dial_claims.log,
+        ilm._lease_keeper.log,
     )
 
     @provider(ILogObserver)
