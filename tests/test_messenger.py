@@ -1684,6 +1684,35 @@ class SendManyTests(SynchronousTestCase):
         self.assertEqual(c.received(2, 1), [b"one", b"two", b"three", b"four"])
         self.assertEqual(a.stats().sent, 4)
 
+    def test_mixed_in_one_commit(self) -> None:
+        """
+        Lists and single sends accepted before one commit get their
+        receipts in the order they were accepted, ids consecutive.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        commits = a.stats().commits
+        sends = [
+            a.send_to(2, b"1"),
+            a.send_many(2, [b"2", b"3", b"4"]),
+            a.send_to(2, b"5"),
+            a.send_many(2, [b"6", b"7"]),
+            a.send_to(2, b"8"),
+        ]
+        c.run_until(lambda: all(d.called for d in sends))
+        self.assertEqual(a.stats().commits, commits + 1)
+        ids = []
+        for d in sends:
+            got = self.successResultOf(d)
+            ids.append(
+                [r.message_id for r in got] if isinstance(got, list) else got.message_id
+            )
+        self.assertEqual(ids, [1, [2, 3, 4], 5, [6, 7], 8])
+        c.run_until(lambda: len(c.received(2, 1)) == 8)
+        self.assertEqual(c.received(2, 1), [b"%d" % i for i in range(1, 9)])
+
     def test_all_or_nothing(self) -> None:
         """
         A list that does not fit the outbox, or holds one message too large,

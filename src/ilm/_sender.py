@@ -102,6 +102,20 @@ class _Receipts:
         if len(receipts) == self._count:
             self._d.callback(receipts)
 
+    def stored(self, sender: PeerSender, first: int) -> int:
+        """
+        All of the batch's messages were stored from position ``first``:
+        fire with their receipts.
+
+        :return: how many messages the batch has.
+        """
+        count = self._count
+        peer_id = sender.peer_id
+        self._d.callback(
+            [Receipt(sender, peer_id, p) for p in range(first, first + count)]
+        )
+        return count
+
     def errback(self, fail: Failure | Exception) -> None:
         if not self._d.called:
             self._d.errback(fail)
@@ -301,8 +315,16 @@ class PeerSender:
             self.out.on_stored(first, contents)
         self.pump()
         peer_id = self.peer_id
-        for offset, d in enumerate(deferreds):
-            d.callback(Receipt(self, peer_id, first + offset))
+        offset = 0
+        total = len(deferreds)
+        while offset < total:
+            d = deferreds[offset]
+            if type(d) is _Receipts:
+                # A send_many's messages are in one commit, side by side.
+                offset += d.stored(self, first + offset)
+            else:
+                d.callback(Receipt(self, peer_id, first + offset))
+                offset += 1
 
     def refused(
         self,
