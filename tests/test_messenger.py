@@ -6,6 +6,7 @@ backend, on a Clock.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import attr
 from twisted.application.service import IService, MultiService
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, Config, Message, Receipt, StoreBatch, _frames
+from ilm import ILM, Config, Message, Receipt, StoreBatch, _committer, _frames
 from ilm._session import PROTOCOL_VERSION, Hello
 from ilm.errors import (
     InvalidPeerId,
@@ -1824,3 +1825,53 @@ class InternalErrorTests(SynchronousTestCase):
         acknowledged = receipt.acknowledged
         c.run_until(lambda: acknowledged.called)
         self.assertEqual(c.received(1, 2), [b"m"])
+
+
+class CommitStepTests(SynchronousTestCase):
+    """
+    A backlog larger than ``COMMIT_MESSAGES`` is stored in several commits,
+    one after the other, so that the first of it is transmitted while the
+    rest is written.
+    """
+
+    def test_backlog_in_steps(self) -> None:
+        """
+        Each commit takes at most ``COMMIT_MESSAGES`` of a peer's messages,
+        or more to keep a ``send_many`` list whole; receipts come in
+        order; a barrier asked for before waits for the last step.
+        """
+        self.patch(_committer, "COMMIT_MESSAGES", 10)
+        sizes: list[int] = []
+
+        class Recording(InMemoryBackend):
+            def commit(self, batch: StoreBatch) -> Any:
+                if batch.messages:
+                    sizes.append(sum(len(c) for _, c in batch.messages.values()))
+                return super().commit(batch)
+
+        c = Cluster()
+        a = c.start(1, backend=Recording(InMemoryStorage()))
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        sends: list[Deferred[Any]] = [a.send_to(2, b"%d" % i) for i in range(1, 16)]
+        sends.append(a.send_many(2, [b"%d" % i for i in range(16, 24)]))
+        sends += [a.send_to(2, b"%d" % i) for i in range(24, 29)]
+        fired_with: list[int] = []
+        a._committer.barrier().addCallback(
+            lambda _: fired_with.append(sum(d.called for d in sends))
+        )
+        c.run_until(lambda: bool(fired_with))
+        # 1-10; 11-15 and the list 16-23 whole; 24-28.
+        self.assertEqual(sizes, [10, 13, 5])
+        self.assertEqual(fired_with, [len(sends)])
+        ids = []
+        for d in sends:
+            got = self.successResultOf(d)
+            ids += (
+                [r.message_id for r in got]
+                if isinstance(got, list)
+                else [got.message_id]
+            )
+        self.assertEqual(ids, list(range(1, 29)))
+        c.run_until(lambda: len(c.received(2, 1)) == 28)
+        self.assertEqual(c.received(2, 1), [b"%d" % i for i in range(1, 29)])

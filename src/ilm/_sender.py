@@ -290,14 +290,26 @@ class PeerSender:
             committer.commit_now()
         return d
 
-    def take_pending(self) -> tuple[int, list[bytes], list[ReceiptWaiter]]:
+    def take_pending(self, limit: int) -> tuple[int, list[bytes], list[ReceiptWaiter]]:
         """
-        The messages accepted since the last commit, for the next one.
+        The messages accepted since the last commit, for the next one: the
+        first ``limit`` of them, and the rest of a ``send_many`` list that
+        ``limit`` would cut (a list is stored in one commit).
         """
         first = self.out.stored + 1
         contents, deferreds = self.pending, self.pending_deferreds
-        self.pending = []
-        self.pending_deferreds = []
+        if len(contents) > limit:
+            cut = limit
+            last = deferreds[cut - 1]
+            while cut < len(deferreds) and deferreds[cut] is last:
+                cut += 1
+            self.pending = contents[cut:]
+            self.pending_deferreds = deferreds[cut:]
+            del contents[cut:]
+            del deferreds[cut:]
+        else:
+            self.pending = []
+            self.pending_deferreds = []
         self.sent_total += len(contents)
         self.accept_times.append((first + len(contents) - 1, self.accepted_at))
         return first, contents, deferreds
