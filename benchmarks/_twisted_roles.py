@@ -132,6 +132,28 @@ async def offer(
     return start, cuts_done
 
 
+async def offer_lists(reactor: Any, send_many: Any, options: dict[str, Any]) -> float:
+    """
+    Throughput mode in batch style: call ``send_many(list)`` with lists of
+    ``batch`` (1,000) messages, ``burst`` (10,000) messages per reactor
+    turn, as :func:`offer` sends them one by one.
+
+    :return: the start time.
+    """
+    from twisted.internet import task
+
+    messages, size = options["messages"], options.get("size", 64)
+    chunk = options.get("batch", 1000)
+    burst = max(chunk, options.get("burst", 10_000))
+    payloads = [payload(i, size) for i in range(messages)]
+    start = now()
+    for offset in range(0, messages, chunk):
+        send_many(payloads[offset : offset + chunk])
+        if (offset + chunk) % burst == 0:
+            await task.deferLater(reactor, 0)
+    return start
+
+
 # -- raw Int32StringReceiver ---------------------------------------------------
 
 
@@ -233,15 +255,33 @@ def _backend(options: dict[str, Any], name: str) -> Any:
 
 
 async def ilm_receiver(reactor: Any, options: dict[str, Any]) -> None:
+    """
+    One send_to per message: a callable as delivery target.  Batch style
+    (``style="batch"``): a ``BatchQueueDelivery`` read by a consumer loop,
+    one ``get`` per list.
+    """
     from twisted.internet import defer
 
-    from ilm import ILM, Message
+    from ilm import ILM, BatchQueueDelivery, Message
     from ilm.network import StreamNetwork
 
     arrivals = Arrivals(options)
+    deliver: Any
+    if options.get("style") == "batch":
+        queue: defer.DeferredQueue[list[Message]] = defer.DeferredQueue()
+        deliver = BatchQueueDelivery(queue)
 
-    def deliver(message: Message) -> None:
-        arrivals.arrived(message.contents, message.message_id)
+        async def consume() -> None:
+            while not arrivals.done.called:
+                for message in await queue.get():
+                    arrivals.arrived(message.contents, message.message_id)
+
+        # Ends after the last message (or the first wrong one).
+        defer.ensureDeferred(consume())
+    else:
+
+        def deliver(message: Message) -> None:
+            arrivals.arrived(message.contents, message.message_id)
 
     network = StreamNetwork(
         2,
@@ -274,10 +314,18 @@ async def ilm_sender(reactor: Any, options: dict[str, Any]) -> None:
     while 2 not in node.connected_peers():
         await task.deferLater(reactor, 0.001)
     last: Any = None
+    batch = options.get("style") == "batch"
 
     def send(contents: bytes) -> None:
         nonlocal last
-        last = node.send_to(2, contents)
+        if batch:
+            last = node.send_many(2, [contents])
+        else:
+            last = node.send_to(2, contents)
+
+    def send_many(contents: list[bytes]) -> None:
+        nonlocal last
+        last = node.send_many(2, contents)
 
     def cut() -> None:
         from twisted.internet.error import ConnectionDone
@@ -287,8 +335,14 @@ async def ilm_sender(reactor: Any, options: dict[str, Any]) -> None:
         network.close_link(2, ConnectionDone("benchmark link cut"))
 
     cpu = cpu_seconds()
-    start, cuts = await offer(reactor, send, options, cut)
+    if batch and options["mode"] == "throughput":
+        start = await offer_lists(reactor, send_many, options)
+        cuts: list[float] = []
+    else:
+        start, cuts = await offer(reactor, send, options, cut)
     receipt = await last
+    if isinstance(receipt, list):
+        receipt = receipt[-1]
     await receipt.acknowledged
     acked = now()
     result(

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredQueue,
+    QueueOverflow,
+    ensureDeferred,
+    succeed,
+)
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -244,3 +251,161 @@ class BatchQueueDeliveryTests(SynchronousTestCase):
         self.assertIsNone(delivery.deliver(MESSAGE))
         self.assertEqual(self.successResultOf(queue.get()), [MESSAGE, MESSAGE])
         self.assertEqual(self.successResultOf(queue.get()), [MESSAGE])
+
+
+class QueueRunTests(SynchronousTestCase):
+    """
+    ``QueueDelivery.put_run``: a run of messages put on a ``DeferredQueue``
+    as one ``put`` per message would put them, with the waiting consumers
+    given their items after the run is queued.
+    """
+
+    def messages(self, count: int) -> list[Message]:
+        return [Message(1, 2, i + 1, b"m%d" % i) for i in range(count)]
+
+    def test_waiting_getters_then_pending(self) -> None:
+        """
+        Each waiting ``get`` is given the next message, in the order they
+        waited; the rest stay queued, in order.
+        """
+        queue: DeferredQueue[Message] = DeferredQueue()
+        first, second = queue.get(), queue.get()
+        messages = self.messages(5)
+        self.assertEqual(QueueDelivery(queue).put_run(messages), 5)
+        self.assertIs(self.successResultOf(first), messages[0])
+        self.assertIs(self.successResultOf(second), messages[1])
+        self.assertEqual(queue.pending, messages[2:])
+        self.assertEqual(queue.waiting, [])
+
+    def test_consumer_takes_the_run_awake(self) -> None:
+        """
+        A consumer awaiting ``get`` is woken once for the run and takes the
+        rest without suspending.
+        """
+        queue: DeferredQueue[Message] = DeferredQueue()
+        got: list[Message] = []
+        suspended = 0
+
+        async def consume() -> None:
+            nonlocal suspended
+            while True:
+                d = queue.get()
+                if not d.called:
+                    suspended += 1
+                got.append(await d)
+
+        consumer = ensureDeferred(consume())
+        messages = self.messages(10)
+        self.assertEqual(QueueDelivery(queue).put_run(messages), 10)
+        self.assertEqual(got, messages)
+        # Once before the run, once after it.
+        self.assertEqual(suspended, 2)
+        consumer.cancel()
+        self.failureResultOf(consumer, CancelledError)
+
+    def test_bounded_queue_takes_what_puts_would(self) -> None:
+        """
+        A queue with a ``size`` takes one message per waiting ``get`` and
+        then up to its size; a full one refuses the run with
+        ``QueueOverflow``, taking nothing.
+        """
+        queue: DeferredQueue[Message] = DeferredQueue(size=2)
+        waiter = queue.get()
+        messages = self.messages(5)
+        delivery = QueueDelivery(queue)
+        self.assertEqual(delivery.put_run(messages), 3)
+        self.assertIs(self.successResultOf(waiter), messages[0])
+        self.assertEqual(queue.pending, messages[1:3])
+        self.assertRaises(QueueOverflow, delivery.put_run, messages[3:])
+        self.assertEqual(queue.pending, messages[1:3])
+
+    def test_subclass_puts_one_by_one(self) -> None:
+        """
+        A ``DeferredQueue`` subclass overriding ``put`` gets every message
+        through its ``put``: ILM delivers it one message at a time.
+        """
+
+        class Counting(DeferredQueue[Message]):
+            puts = 0
+
+            def put(self, obj: Message) -> None:
+                self.puts += 1
+                super().put(obj)
+
+        self.assertTrue(QueueDelivery(DeferredQueue()).runs())
+        self.assertFalse(QueueDelivery(Counting()).runs())
+        cluster = Cluster()
+        queue = Counting()
+        cluster.recorders["b"] = queue  # type: ignore[assignment]
+        a = cluster.start("a")
+        cluster.start("b")
+        for contents in numbered(50):
+            a.send_to("b", contents)
+        cluster.run_until(lambda: len(queue.pending) == 50)
+        self.assertEqual(queue.puts, 50)
+        self.assertEqual([m.contents for m in queue.pending], numbered(50))
+
+
+class QueueTargetTests(SynchronousTestCase):
+    """
+    A ``DeferredQueue`` as a node's delivery target, read as the README
+    reads it: every message exactly once, in order, in runs.
+    """
+
+    def test_awaiting_consumer(self) -> None:
+        """
+        A consumer awaiting ``get`` gets every message once, in order, and
+        is woken far fewer times than there are messages.
+        """
+        cluster = Cluster()
+        queue: DeferredQueue[Message] = DeferredQueue()
+        cluster.recorders["b"] = queue  # type: ignore[assignment]
+        a = cluster.start("a")
+        cluster.start("b")
+        got: list[Message] = []
+        suspended = 0
+
+        async def consume() -> None:
+            nonlocal suspended
+            while True:
+                d = queue.get()
+                if not d.called:
+                    suspended += 1
+                got.append(await d)
+
+        consumer = ensureDeferred(consume())
+        expected = numbered(2000)
+        for contents in expected:
+            a.send_to("b", contents)
+        cluster.run_until(lambda: len(got) == 2000)
+        self.assertEqual([m.contents for m in got], expected)
+        self.assertEqual([m.message_id for m in got], list(range(1, 2001)))
+        self.assertLess(suspended, 2000 // 10)
+        consumer.cancel()
+        self.failureResultOf(consumer, CancelledError)
+
+    def test_callback_consumer(self) -> None:
+        """
+        A consumer written with callbacks, asking for the next message from
+        inside the callback (which runs at once while messages are
+        queued), gets every message without exceeding the recursion limit:
+        runs are short.
+        """
+        cluster = Cluster()
+        queue: DeferredQueue[Message] = DeferredQueue()
+        cluster.recorders["b"] = queue  # type: ignore[assignment]
+        a = cluster.start("a")
+        cluster.start("b")
+        got: list[Message] = []
+
+        def take(message: Message) -> None:
+            got.append(message)
+            queue.get().addCallback(take)
+
+        queue.get().addCallback(take)
+        expected = numbered(5000)
+        for contents in expected:
+            a.send_to("b", contents)
+        cluster.run_until(lambda: len(got) == 5000)
+        self.assertEqual([m.contents for m in got], expected)
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -6,6 +6,7 @@ backend, on a Clock.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import attr
 from twisted.application.service import IService, MultiService
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, Config, Message, Receipt, StoreBatch, _frames
+from ilm import ILM, Config, Message, Receipt, StoreBatch, _committer, _frames
 from ilm._session import PROTOCOL_VERSION, Hello
 from ilm.errors import (
     InvalidPeerId,
@@ -1684,6 +1685,35 @@ class SendManyTests(SynchronousTestCase):
         self.assertEqual(c.received(2, 1), [b"one", b"two", b"three", b"four"])
         self.assertEqual(a.stats().sent, 4)
 
+    def test_mixed_in_one_commit(self) -> None:
+        """
+        Lists and single sends accepted before one commit get their
+        receipts in the order they were accepted, ids consecutive.
+        """
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        commits = a.stats().commits
+        sends = [
+            a.send_to(2, b"1"),
+            a.send_many(2, [b"2", b"3", b"4"]),
+            a.send_to(2, b"5"),
+            a.send_many(2, [b"6", b"7"]),
+            a.send_to(2, b"8"),
+        ]
+        c.run_until(lambda: all(d.called for d in sends))
+        self.assertEqual(a.stats().commits, commits + 1)
+        ids = []
+        for d in sends:
+            got = self.successResultOf(d)
+            ids.append(
+                [r.message_id for r in got] if isinstance(got, list) else got.message_id
+            )
+        self.assertEqual(ids, [1, [2, 3, 4], 5, [6, 7], 8])
+        c.run_until(lambda: len(c.received(2, 1)) == 8)
+        self.assertEqual(c.received(2, 1), [b"%d" % i for i in range(1, 9)])
+
     def test_all_or_nothing(self) -> None:
         """
         A list that does not fit the outbox, or holds one message too large,
@@ -1795,3 +1825,53 @@ class InternalErrorTests(SynchronousTestCase):
         acknowledged = receipt.acknowledged
         c.run_until(lambda: acknowledged.called)
         self.assertEqual(c.received(1, 2), [b"m"])
+
+
+class CommitStepTests(SynchronousTestCase):
+    """
+    A backlog larger than ``COMMIT_MESSAGES`` is stored in several commits,
+    one after the other, so that the first of it is transmitted while the
+    rest is written.
+    """
+
+    def test_backlog_in_steps(self) -> None:
+        """
+        Each commit takes at most ``COMMIT_MESSAGES`` of a peer's messages,
+        or more to keep a ``send_many`` list whole; receipts come in
+        order; a barrier asked for before waits for the last step.
+        """
+        self.patch(_committer, "COMMIT_MESSAGES", 10)
+        sizes: list[int] = []
+
+        class Recording(InMemoryBackend):
+            def commit(self, batch: StoreBatch) -> Any:
+                if batch.messages:
+                    sizes.append(sum(len(c) for _, c in batch.messages.values()))
+                return super().commit(batch)
+
+        c = Cluster()
+        a = c.start(1, backend=Recording(InMemoryStorage()))
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        sends: list[Deferred[Any]] = [a.send_to(2, b"%d" % i) for i in range(1, 16)]
+        sends.append(a.send_many(2, [b"%d" % i for i in range(16, 24)]))
+        sends += [a.send_to(2, b"%d" % i) for i in range(24, 29)]
+        fired_with: list[int] = []
+        a._committer.barrier().addCallback(
+            lambda _: fired_with.append(sum(d.called for d in sends))
+        )
+        c.run_until(lambda: bool(fired_with))
+        # 1-10; 11-15 and the list 16-23 whole; 24-28.
+        self.assertEqual(sizes, [10, 13, 5])
+        self.assertEqual(fired_with, [len(sends)])
+        ids = []
+        for d in sends:
+            got = self.successResultOf(d)
+            ids += (
+                [r.message_id for r in got]
+                if isinstance(got, list)
+                else [got.message_id]
+            )
+        self.assertEqual(ids, list(range(1, 29)))
+        c.run_until(lambda: len(c.received(2, 1)) == 28)
+        self.assertEqual(c.received(2, 1), [b"%d" % i for i in range(1, 29)])

@@ -977,3 +977,88 @@ class CraftedStoreTests(StoreCase):
             self.assertEqual(snapshot(directory), before, journal)
             self.assertRaises(StoreCorrupt, inspect_store, path)
             self.assertEqual(snapshot(directory), before, journal)
+
+
+class OutboxInsertTests(StoreCase):
+    """
+    Messages are written to the outbox many rows per statement (a statement
+    per row costs a GIL hand-off per row), in statements whose row counts
+    are powers of two, within SQLite's limit on bound values and a bound on
+    the bytes one statement binds; every message reads back at its position.
+    """
+
+    async def committed(
+        self, path: str, batches: list[list[bytes]]
+    ) -> tuple[SQLiteBackend, list[str]]:
+        """
+        Commit ``batches`` of messages to peer 2 in a new store at ``path``;
+        the backend and the outbox inserts its writer ran.
+        """
+        statements: list[str] = []
+        connect = _sqlite_file.connect
+
+        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(path, **kwargs)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        self.patch(_sqlite_commit, "connect", traced)
+        backend, _ = await self.opened(path)
+        first = 1
+        for contents in batches:
+            await backend.commit(StoreBatch(messages={2: (first, contents)}))
+            first += len(contents)
+        inserts = [s for s in statements if s.startswith("INSERT INTO outbox")]
+        return backend, inserts
+
+    async def read_all(self, backend: SQLiteBackend, count: int) -> list[bytes]:
+        found: list[bytes] = []
+        while len(found) < count:
+            found += await backend.read_outbound(2, len(found), 5000, 1 << 30)
+        return found
+
+    async def test_small_messages(self) -> None:
+        """
+        3,000 small messages take a few statements (1,024 rows, then the
+        powers of two of the rest); batches of other sizes too.
+        """
+        sizes = [1, 2, 3, 255, 1023, 1024, 1025, 3000]
+        batches = [[b"%d-%d" % (n, i) for i in range(n)] for n in sizes]
+        backend, inserts = await self.committed(self.store_path(), batches)
+        expected = [m for batch in batches for m in batch]
+        self.assertEqual(await self.read_all(backend, len(expected)), expected)
+        per_batch = [(n >> 10) + bin(n & 1023).count("1") for n in sizes]
+        self.assertEqual(len(inserts), sum(per_batch))
+
+    async def test_large_messages(self) -> None:
+        """
+        Large messages take fewer rows per statement: about 256 KiB bound
+        at a time, at least one message.
+        """
+        batches = [
+            [bytes([i]) * 100_000 for i in range(7)],
+            [bytes([i]) * 300_000 for i in range(3)],
+        ]
+        backend, inserts = await self.committed(self.store_path(), batches)
+        expected = [m for batch in batches for m in batch]
+        self.assertEqual(await self.read_all(backend, len(expected)), expected)
+        # 2 + 2 + 2 + 1 rows, then 1 + 1 + 1.
+        self.assertEqual(len(inserts), 7)
+
+    async def test_few_bound_values(self) -> None:
+        """
+        An SQLite built to bind fewer values per statement gets statements
+        of fewer rows.
+        """
+        connect = _sqlite_file.connect
+
+        def limited(path: str, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(path, **kwargs)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 99)
+            return conn
+
+        self.patch(_sqlite_commit, "connect", limited)
+        backend, _ = await self.opened(self.store_path())
+        contents = [b"m%d" % i for i in range(100)]
+        await backend.commit(StoreBatch(messages={2: (1, contents)}))
+        self.assertEqual(await self.read_all(backend, 100), contents)

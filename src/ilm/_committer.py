@@ -4,10 +4,11 @@ Group commit: the one caller of ``IBackend.commit``.
 Sends accepted by ``send_to`` and the node's bookkeeping (acknowledged
 positions, delivery marks, retired and forgotten incarnations) wait here
 for the next commit.  Requests give a deadline; whatever is pending when
-the earliest comes goes into one batch, one commit runs at a time, a
-failed commit's bookkeeping is merged into the next batch and retried
-after a backoff, and a barrier waits for everything pending now to be
-durable.  Per message, only a list append happens here (in the sender);
+the earliest comes goes into one batch (up to :data:`COMMIT_MESSAGES` of
+each peer's messages; the rest goes into the next), one commit runs at a
+time, a failed commit's bookkeeping is merged into the next batch and
+retried after a backoff, and a barrier waits for everything pending now to
+be durable.  Per message, only a list append happens here (in the sender);
 everything else is per commit.
 """
 
@@ -39,13 +40,24 @@ class Outbox(Protocol):
 
     peer_id: PeerId
 
-    def take_pending(self) -> tuple[int, list[bytes], list[Any]]:
+    def take_pending(self, limit: int) -> tuple[int, list[bytes], list[Any]]:
         """
-        :return: the messages accepted since the last call, the position
-            the first takes, and per message what waits for its receipt
-            (the committer only hands them back).
+        :return: the messages accepted since the last call (about ``limit``
+            at most: the rest stay pending), the position the first takes,
+            and per message what waits for its receipt (the committer only
+            hands them back).
         """
 
+    @property
+    def pending(self) -> list[bytes]:
+        """What was accepted and not yet taken."""
+
+
+#: About the most messages of one peer a commit takes; the rest go into the
+#: next commit, which starts as soon as this one is done.  A backlog is
+#: committed in steps, so that the first of it is transmitted while the
+#: rest is being written.
+COMMIT_MESSAGES = 16384
 
 #: One peer's messages in a batch: (outbox, first position, contents,
 #: per message what waits for its receipt).
@@ -198,19 +210,31 @@ class GroupCommitter:
         batch = self.bookkeeping
         self.bookkeeping = StoreBatch()
         sends: list[Send] = []
-        for outbox in self.outboxes.values():
-            first, contents, deferreds = outbox.take_pending()
-            batch.messages[outbox.peer_id] = (first, contents)
+        left: dict[PeerId, Outbox] = {}
+        for peer_id, outbox in self.outboxes.items():
+            first, contents, deferreds = outbox.take_pending(COMMIT_MESSAGES)
+            batch.messages[peer_id] = (first, contents)
             sends.append((outbox, first, contents, deferreds))
-        self.outboxes = {}
+            if outbox.pending:
+                left[peer_id] = outbox
+        self.outboxes = left
         problems = batch_problems(batch, positions=not self._shared)
         if problems:
             sends = self._drop_unstorable(batch, sends, problems)
-        barrier, self._next_commit = self._next_commit, OneShotObserver()
+        if left:
+            # The barrier's waiters wait for a commit that takes the rest.
+            barrier: OneShotObserver[None] = OneShotObserver()
+        else:
+            barrier, self._next_commit = self._next_commit, OneShotObserver()
         if not batch:
             barrier.fire(None)
+            if left:
+                self.commit_now()
             return
         self.committing = True
+        if left:
+            # The next commit starts as soon as this one is done.
+            self.commit_now()
         self.in_commit = sends
         self._started_at = self._clock.seconds()
         self.batch_sizes.observe(

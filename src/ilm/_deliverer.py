@@ -13,7 +13,8 @@ value means is :func:`ilm._delivery.delivery_outcome`'s one rule.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -22,7 +23,7 @@ from twisted.python.failure import Failure
 
 from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter
-from ilm._delivery import delivery_outcome
+from ilm._delivery import QueueDelivery, delivery_outcome
 from ilm._message import Message
 from ilm._nodelog import NodeLogging
 from ilm._peerid import PeerId
@@ -34,6 +35,11 @@ from ilm.interfaces import IBatchDelivery, ILocalDelivery
 #: The longest wait a delivery target's ``retry_after`` (an HTTP
 #: ``Retry-After``) can impose before the next attempt, in seconds.
 MAX_RETRY_AFTER = 3600.0
+
+#: The most messages handed to a ``DeferredQueue`` in one run
+#: (:meth:`ilm._delivery.QueueDelivery.put_run`): what a consumer may find
+#: queued at once, where one ``put`` per message would leave none.
+QUEUE_RUN = 64
 
 __all__ = ["DeliveryHost", "PeerDeliverer", "one_line"]
 
@@ -92,6 +98,7 @@ class PeerDeliverer:
         "_later",
         "_local_id",
         "_mark_delay",
+        "_put_run",
         "_ready",
         "_streams",
         "_target",
@@ -146,6 +153,11 @@ class PeerDeliverer:
         self._deliver_many: Callable[[list[Message]], object] | None = (
             target.deliver_many if IBatchDelivery.providedBy(target) else None  # type: ignore[attr-defined]
         )
+        self._put_run: Callable[[Sequence[Message]], int] | None = (
+            target.put_run
+            if isinstance(target, QueueDelivery) and target.runs()
+            else None
+        )
         self.delivering = False
         self.in_loop = False
         self.retry_call: IDelayedCall | None = None
@@ -194,6 +206,9 @@ class PeerDeliverer:
         try:
             if self._deliver_many is not None:
                 self._deliver_lists(self._deliver_many)
+                return
+            if self._put_run is not None:
+                self._deliver_runs(self._put_run)
                 return
             for stream in self._streams():
                 queue = stream.queue
@@ -256,12 +271,35 @@ class PeerDeliverer:
                     continue
                 self._taken(stream, len(messages))
 
+    def _deliver_runs(self, put_run: Callable[[Sequence[Message]], int]) -> None:
+        """
+        :meth:`deliver` for a ``DeferredQueue`` target: runs of up to
+        :data:`QUEUE_RUN` messages at a time, as one ``put`` per message
+        would have queued them.
+        """
+        local_id = self._local_id
+        peer_id = self.peer_id
+        for stream in self._streams():
+            queue = stream.queue
+            while queue:
+                first = stream.delivered + 1
+                incarnation = stream.incarnation
+                messages = [
+                    Message(peer_id, local_id, first + i, contents, incarnation)
+                    for i, contents in enumerate(islice(queue, QUEUE_RUN))
+                ]
+                try:
+                    taken = put_run(messages)
+                except Exception:
+                    self._failed(Failure(), first)
+                    return
+                self._taken(stream, taken)
+
     def _taken(self, stream: InboundStream, count: int) -> None:
         """
         The first ``count`` messages queued on ``stream`` were delivered.
         """
-        for _ in range(count):
-            stream.pop_delivered()
+        stream.pop_delivered(count)
         self.delivered += count
         if self.retry.failures:
             self._release()

@@ -102,6 +102,20 @@ class _Receipts:
         if len(receipts) == self._count:
             self._d.callback(receipts)
 
+    def stored(self, sender: PeerSender, first: int) -> int:
+        """
+        All of the batch's messages were stored from position ``first``:
+        fire with their receipts.
+
+        :return: how many messages the batch has.
+        """
+        count = self._count
+        peer_id = sender.peer_id
+        self._d.callback(
+            [Receipt(sender, peer_id, p) for p in range(first, first + count)]
+        )
+        return count
+
     def errback(self, fail: Failure | Exception) -> None:
         if not self._d.called:
             self._d.errback(fail)
@@ -283,14 +297,26 @@ class PeerSender:
             committer.commit_now()
         return d
 
-    def take_pending(self) -> tuple[int, list[bytes], list[ReceiptWaiter]]:
+    def take_pending(self, limit: int) -> tuple[int, list[bytes], list[ReceiptWaiter]]:
         """
-        The messages accepted since the last commit, for the next one.
+        The messages accepted since the last commit, for the next one: the
+        first ``limit`` of them, and the rest of a ``send_many`` list that
+        ``limit`` would cut (a list is stored in one commit).
         """
         first = self.out.stored + 1
         contents, deferreds = self.pending, self.pending_deferreds
-        self.pending = []
-        self.pending_deferreds = []
+        if len(contents) > limit:
+            cut = limit
+            last = deferreds[cut - 1]
+            while cut < len(deferreds) and deferreds[cut] is last:
+                cut += 1
+            self.pending = contents[cut:]
+            self.pending_deferreds = deferreds[cut:]
+            del contents[cut:]
+            del deferreds[cut:]
+        else:
+            self.pending = []
+            self.pending_deferreds = []
         self.sent_total += len(contents)
         self.accept_times.append((first + len(contents) - 1, self.accepted_at))
         return first, contents, deferreds
@@ -308,8 +334,16 @@ class PeerSender:
             self.out.on_stored(first, contents)
         self.pump()
         peer_id = self.peer_id
-        for offset, d in enumerate(deferreds):
-            d.callback(Receipt(self, peer_id, first + offset))
+        offset = 0
+        total = len(deferreds)
+        while offset < total:
+            d = deferreds[offset]
+            if type(d) is _Receipts:
+                # A send_many's messages are in one commit, side by side.
+                offset += d.stored(self, first + offset)
+            else:
+                d.callback(Receipt(self, peer_id, first + offset))
+                offset += 1
 
     def refused(
         self,

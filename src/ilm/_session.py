@@ -563,16 +563,19 @@ class InboundStream:
         self.nacked = 0
         return len(contents), skip > 0, 0
 
-    def pop_delivered(self) -> None:
+    def pop_delivered(self, count: int = 1) -> None:
         """
-        The head of the queue was delivered.
+        The first ``count`` messages of the queue were delivered.
         """
-        size = len(self.queue.popleft())
+        popleft = self.queue.popleft
+        size = 0
+        for _ in range(count):
+            size += len(popleft())
         self.held_bytes -= size
         held = self.held
-        held.messages -= 1
+        held.messages -= count
         held.bytes -= size
-        self.delivered += 1
+        self.delivered += count
 
     def jump(self, delivered: int) -> None:
         """

@@ -8,10 +8,11 @@ which spares reads a look-up of sizes).
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
-from itertools import count
+from itertools import chain, count, islice
 
 from ilm._peerid import PeerId, stored_id
 from ilm._store import (
@@ -36,16 +37,59 @@ from ilm.errors import StoreError, StoreFull, StoreReadOnly
 
 __all__ = ["SQLiteWriter"]
 
-_INSERT_OUTBOX = (
-    "INSERT INTO outbox (peer_key, position, stored_at, contents) "
-    "VALUES ({key:d}, ?, {now:d}, ?)"
-)
-"""
-The peer key and the time are the same for every row of a batch, so they
-are written into the statement and only the position and contents are bound
-per row (a third faster than binding four values).  Both are ``int``s
-formatted by ``{:d}``: nothing from outside reaches the SQL text.
-"""
+#: The most rows one outbox ``INSERT`` writes (a power of two), and about
+#: the most bytes of contents it binds.
+_INSERT_ROWS = 1024
+_INSERT_BYTES = 256 * 1024
+
+
+@functools.cache
+def _insert_outbox(rows: int) -> str:
+    """
+    The text of an ``INSERT`` of ``rows`` outbox rows.  The peer key
+    (``?1``) and the time (``?2``) are the same for every row of a batch
+    and bound once; each row binds its position and contents.
+    """
+    values = ",".join(f"(?1,?{2 * i + 3},?2,?{2 * i + 4})" for i in range(rows))
+    return (
+        f"INSERT INTO outbox (peer_key, position, stored_at, contents) VALUES {values}"
+    )
+
+
+def insert_outbox(
+    conn: sqlite3.Connection,
+    key: int,
+    now: int,
+    first: int,
+    contents: list[bytes],
+    largest: int,
+    max_rows: int,
+) -> None:
+    """
+    Insert ``contents`` into the outbox of ``key`` from position ``first``,
+    many rows per statement.
+
+    One statement per row (``executemany``) costs more than the row: each
+    step gives up the GIL and takes it back, and while the reactor thread
+    runs Python, taking it back waits up to the interpreter's switch
+    interval (5 ms), so a commit made while ``send_to`` is busy crawled at
+    a few rows per millisecond.  A statement here binds at most
+    ``max_rows`` rows and about :data:`_INSERT_BYTES` of contents
+    (``largest`` is the largest message); its row count is a power of two,
+    so that the writer's statement cache holds a few texts, each keeping
+    at most that much of what it last bound.
+    """
+    rows = max_rows
+    while rows > 1 and rows * largest > _INSERT_BYTES:
+        rows >>= 1
+    values = chain.from_iterable(zip(count(first), contents))
+    left = len(contents)
+    while left:
+        step = rows if left >= rows else 1 << (left.bit_length() - 1)
+        conn.execute(_insert_outbox(step), [key, now, *islice(values, 2 * step)])
+        left -= step
+
+
 _RELEASED = (
     "SELECT coalesce(sum(length(contents)), 0) FROM outbox "
     "WHERE peer_key = ? AND position <= ?"
@@ -91,6 +135,8 @@ class SQLiteWriter:
         self.synchronous = synchronous
         self.max_size = max_size
         self.life = life
+        #: Rows per outbox INSERT, within the SQLite's limit on bound values.
+        self.insert_rows = _INSERT_ROWS
         self.lock = StoreLock(path)
         self.conn: sqlite3.Connection | None = None
         self.schema_version = 0
@@ -125,17 +171,22 @@ class SQLiteWriter:
             self.lock.acquire()
             if not os.path.exists(path):
                 create_private(path)
-            # No statement cache on the writer: a cached statement keeps the
-            # values last bound to it, and each commit's outbox insert has
-            # its own text (its time and peer key are literals), so 64 of
-            # them held up to 64 messages (64 MiB of 1 MiB messages).
-            # Preparing the few statements of a commit costs microseconds
-            # next to its fsync.
-            conn = self.conn = connect(path, cached_statements=0)
+            # A statement cache, though a cached statement keeps the values
+            # last bound to it: the writer's texts are fixed (an outbox
+            # insert binds the peer key and the time), so it holds the
+            # statements of one commit, and the inserts among them at most
+            # _INSERT_BYTES each, or one message.  Preparing a 1,024-row
+            # insert (13 ms) costs far more than running it (0.5 ms).
+            conn = self.conn = connect(path, cached_statements=32)
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StoreError(f"cannot put {path} in WAL mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            variables = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            rows = _INSERT_ROWS
+            while rows > 1 and 2 * rows + 2 > variables:
+                rows >>= 1
+            self.insert_rows = rows
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self.apply_max_size()
             found, version = migrate(conn, path=path)
@@ -213,17 +264,16 @@ class SQLiteWriter:
                 for peer_id, (first, contents) in batch.messages.items():
                     key = self._key(peer_id, new_keys)
                     acked, last, pending = outbound.get(key, empty)
-                    conn.executemany(
-                        _INSERT_OUTBOX.format(key=key, now=now),
-                        zip(count(first), contents),
-                    )
                     changed[key] = (
                         acked,
                         last + len(contents),
                         pending + sum(map(len, contents)),
                     )
                     if contents:
-                        largest[key] = max(map(len, contents))
+                        size = largest[key] = max(map(len, contents))
+                        insert_outbox(
+                            conn, key, now, first, contents, size, self.insert_rows
+                        )
             for peer_id, position in batch.acked.items():
                 key = self._key(peer_id, new_keys)
                 acked, last, pending = changed.get(key) or outbound.get(key, empty)
