@@ -665,6 +665,10 @@ def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
         "refused": sum(s["refused"] for s in sent),
         "clients_late_ticks": sum(s["late_ticks"] for s in sent),
         "clients_cpu_s": [round(s["cpu_s"], 2) for s in sent],
+        "clients_acks_per_s": sum(s.get("acks", 0) for s in sent)
+        / (plan.peer_seconds + warmup),
+        "resent": sum(s.get("resent", 0) for s in sent),
+        "commits_per_s": figures.get("commits_per_s"),
     }
 
 
