@@ -19,9 +19,11 @@ its CPU time, and its RSS.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
+import resource
 import struct
 import sys
 import threading
@@ -40,7 +42,7 @@ from benchmarks._harness import (
     result,
 )
 from ilm._frames import MESSAGES
-from ilm.interfaces import IFrameReceiver
+from ilm.interfaces import IFrameReceiver, ILocalDelivery
 from ilm.network._wire import CARRY, TAG_SIZE
 
 NODE = 0
@@ -270,12 +272,42 @@ def schedstat() -> tuple[float, float]:
         return 0.0, 0.0
 
 
+def system_seconds() -> float:
+    """CPU seconds this process spent in the kernel so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine, from ``/proc/stat``."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:9]]
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
+
+
+class GarbagePauses:
+    """The cyclic garbage collector's pauses between start and stop."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.longest = 0.0
+        self._began = 0.0
+
+    def start(self) -> None:
+        gc.callbacks.append(self._event)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._event)
+
+    def _event(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = now()
+            return
+        pause = now() - self._began
+        self.count += 1
+        self.total += pause
+        self.longest = max(self.longest, pause)
 
 
 def _commands(reactor: Any, handle: Any) -> None:
@@ -304,7 +336,7 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
     unpack_stamp = _STAMP.unpack_from
     clock = now
 
-    def deliver(message: Message) -> None:
+    def check(message: Message) -> None:
         # Per message: one clock read, one unpack, one dict update.
         at = clock()
         source = message.source_id
@@ -321,6 +353,12 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
         if window[0] <= at <= window[1]:
             latencies.append(at - sent)
 
+    @implementer(ILocalDelivery)
+    class Target:
+        """The node's application: ``deliver`` checks and times each message."""
+
+        deliver = staticmethod(check)
+
     network = StreamNetwork(
         NODE,
         listen=["tcp:0:interface=127.0.0.1"],
@@ -333,13 +371,16 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
             synchronous="FULL",
             reactor=reactor,
         ),
-        deliver,
+        Target(),
         network,
     )
     marks: dict[str, float] = {}
+    pauses = GarbagePauses()
 
     def mark_start() -> None:
+        pauses.start()
         marks["cpu0"] = cpu_seconds()
+        marks["sys0"] = system_seconds()
         marks["wait0"] = schedstat()[1]
         marks["busy0"], marks["ticks0"] = machine_ticks()
         marks["links0"] = len(node.connected_peers())
@@ -347,11 +388,13 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
 
     def mark_end() -> None:
         marks["cpu1"] = cpu_seconds()
+        marks["sys1"] = system_seconds()
         marks["wait1"] = schedstat()[1]
         marks["busy1"], marks["ticks1"] = machine_ticks()
         marks["rss"] = current_rss_mb()
         marks["links1"] = len(node.connected_peers())
         marks["commits1"] = node.stats().commits
+        pauses.stop()
         finished.callback(None)
 
     def command(words: list[str]) -> None:
@@ -372,6 +415,7 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
         "delivered_per_s": len(latencies) / seconds,
         "delivered_total": sum(expected.values()),
         "cpu_s": marks["cpu1"] - marks["cpu0"],
+        "cpu_system_s": marks["sys1"] - marks["sys0"],
         "commits_per_s": (marks["commits1"] - marks["commits0"]) / seconds,
         "cpu_fraction": (marks["cpu1"] - marks["cpu0"]) / seconds,
         "rss_mb": marks["rss"],
@@ -381,6 +425,11 @@ async def many_node(reactor: Any, options: dict[str, Any]) -> None:
         "machine_busy": (marks["busy1"] - marks["busy0"])
         / max(1, marks["ticks1"] - marks["ticks0"]),
         "peak_rss_mb": peak_rss_mb(),
+        # The cyclic garbage collector's pauses in the window: how many,
+        # their total and the longest, in milliseconds.
+        "gc_collections": pauses.count,
+        "gc_ms": pauses.total * 1e3,
+        "gc_max_ms": pauses.longest * 1e3,
     }
     if latencies:
         figures.update(latency_summary(latencies))
@@ -443,6 +492,7 @@ async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
     refused: list[object] = []
     late = 0
     cpu = cpu_seconds()
+    system = system_seconds()
     while (at := now()) < end:
         for group, members in enumerate(groups):
             due = int((at - start) * rate - group / phases) + 1
@@ -459,6 +509,7 @@ async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
         wait = at + tick - now()
         await task.deferLater(reactor, max(0.0, wait))
     spent = cpu_seconds() - cpu
+    system = system_seconds() - system
     result(
         {
             "sent": sum(n * len(m) for n, m in zip(sent, groups, strict=True)),
@@ -469,6 +520,7 @@ async def many_clients(reactor: Any, options: dict[str, Any]) -> None:
             "acks": sum(getattr(n, "acks", 0) for n in nodes),
             "resent": sum(getattr(n, "resent", 0) for n in nodes),
             "cpu_s": spent,
+            "cpu_system_s": system,
             "rss_mb": current_rss_mb(),
         }
     )

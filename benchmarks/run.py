@@ -655,6 +655,7 @@ def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
         "p99_ms": figures.get("p99_ms"),
         "p999_ms": figures.get("p999_ms"),
         "cpu_s": figures["cpu_s"],
+        "cpu_system_s": figures.get("cpu_system_s"),
         "cpu_fraction": figures["cpu_fraction"],
         "cpu_wait_fraction": figures["cpu_wait_fraction"],
         "machine_busy": figures["machine_busy"],
@@ -665,10 +666,14 @@ def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
         "refused": sum(s["refused"] for s in sent),
         "clients_late_ticks": sum(s["late_ticks"] for s in sent),
         "clients_cpu_s": [round(s["cpu_s"], 2) for s in sent],
+        "clients_cpu_system_s": [round(s.get("cpu_system_s", 0), 2) for s in sent],
         "clients_acks_per_s": sum(s.get("acks", 0) for s in sent)
         / (plan.peer_seconds + warmup),
         "resent": sum(s.get("resent", 0) for s in sent),
         "commits_per_s": figures.get("commits_per_s"),
+        "gc_collections": figures.get("gc_collections"),
+        "gc_ms": figures.get("gc_ms"),
+        "gc_max_ms": figures.get("gc_max_ms"),
     }
 
 
