@@ -91,6 +91,7 @@ class Plan:
             args.peer_load or ("lean" if args.quick else "ilm,lean")
         ).split(",")
         self.peer_seconds = args.peer_seconds or (3.0 if args.quick else 10.0)
+        self.peers_per_process = args.peers_per_process
         self.verbose = args.verbose
         mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
         self.mqtt = (mqtt_host or "127.0.0.1", int(mqtt_port))
@@ -601,7 +602,7 @@ def scenario_many_peers(plan: Plan) -> dict[str, Any]:
 
 
 def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
-    per_process = 500 if lean else 250
+    per_process = plan.peers_per_process or (500 if lean else 250)
     processes = max(1, -(-peers // per_process))
     directory = _store_dir(plan)
     warmup = 1.0 if plan.quick else 2.0
@@ -956,6 +957,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, help="pending messages at restart")
     parser.add_argument("--peers", help="many-peers steps, such as 10,100,1000")
     parser.add_argument("--peer-seconds", type=float, help="many-peers window")
+    parser.add_argument(
+        "--peers-per-process",
+        type=int,
+        help="many-peers: peers per client process (default 500 lean peers, "
+        "250 ILM nodes)",
+    )
     parser.add_argument(
         "--peer-load",
         help="many-peers load generators: ilm (ILM nodes), lean (protocol "
