@@ -602,7 +602,7 @@ def scenario_many_peers(plan: Plan) -> dict[str, Any]:
 
 
 def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
-    per_process = plan.peers_per_process or (500 if lean else 250)
+    per_process = plan.peers_per_process or (1000 if lean else 250)
     processes = max(1, -(-peers // per_process))
     directory = _store_dir(plan)
     warmup = 1.0 if plan.quick else 2.0
@@ -960,7 +960,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--peers-per-process",
         type=int,
-        help="many-peers: peers per client process (default 500 lean peers, "
+        help="many-peers: peers per client process (default 1,000 lean peers, "
         "250 ILM nodes)",
     )
     parser.add_argument(
