@@ -91,6 +91,7 @@ class Plan:
             args.peer_load or ("lean" if args.quick else "ilm,lean")
         ).split(",")
         self.peer_seconds = args.peer_seconds or (3.0 if args.quick else 10.0)
+        self.peers_per_process = args.peers_per_process
         self.verbose = args.verbose
         mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
         self.mqtt = (mqtt_host or "127.0.0.1", int(mqtt_port))
@@ -623,7 +624,7 @@ def scenario_many_peers(plan: Plan) -> dict[str, Any]:
 
 
 def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
-    per_process = 500 if lean else 250
+    per_process = plan.peers_per_process or (1000 if lean else 250)
     processes = max(1, -(-peers // per_process))
     directory = _store_dir(plan)
     warmup = 1.0 if plan.quick else 2.0
@@ -677,6 +678,7 @@ def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
         "p99_ms": figures.get("p99_ms"),
         "p999_ms": figures.get("p999_ms"),
         "cpu_s": figures["cpu_s"],
+        "cpu_system_s": figures.get("cpu_system_s"),
         "cpu_fraction": figures["cpu_fraction"],
         "cpu_wait_fraction": figures["cpu_wait_fraction"],
         "machine_busy": figures["machine_busy"],
@@ -687,6 +689,14 @@ def _many_step(plan: Plan, peers: int, lean: bool) -> dict[str, Any]:
         "refused": sum(s["refused"] for s in sent),
         "clients_late_ticks": sum(s["late_ticks"] for s in sent),
         "clients_cpu_s": [round(s["cpu_s"], 2) for s in sent],
+        "clients_cpu_system_s": [round(s.get("cpu_system_s", 0), 2) for s in sent],
+        "clients_acks_per_s": sum(s.get("acks", 0) for s in sent)
+        / (plan.peer_seconds + warmup),
+        "resent": sum(s.get("resent", 0) for s in sent),
+        "commits_per_s": figures.get("commits_per_s"),
+        "gc_collections": figures.get("gc_collections"),
+        "gc_ms": figures.get("gc_ms"),
+        "gc_max_ms": figures.get("gc_max_ms"),
     }
 
 
@@ -981,6 +991,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backlog", type=int, help="pending messages at restart")
     parser.add_argument("--peers", help="many-peers steps, such as 10,100,1000")
     parser.add_argument("--peer-seconds", type=float, help="many-peers window")
+    parser.add_argument(
+        "--peers-per-process",
+        type=int,
+        help="many-peers: peers per client process (default 1,000 lean peers, "
+        "250 ILM nodes)",
+    )
     parser.add_argument(
         "--peer-load",
         help="many-peers load generators: ilm (ILM nodes), lean (protocol "

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("name", "msgs_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_100k")
@@ -206,73 +206,192 @@ class WriteDocsTests(SynchronousTestCase):
 
 class LeanPeerTests(SynchronousTestCase):
     """
-    The many-peers scenario's lean load generator.
+    The many-peers scenario's lean load generator, without a network.
     """
+
+    def setUp(self) -> None:
+        sys.path.insert(0, ROOT)
+        self.addCleanup(sys.path.remove, ROOT)
 
     def test_frame_receiver(self) -> None:
         """
         A lean peer is an ``IFrameReceiver``: a ``StreamNetwork`` can carry
         its frames.
         """
+        from benchmarks._many_roles import LeanPeer
         from zope.interface.verify import verifyObject
 
         from ilm.interfaces import IFrameReceiver
 
-        sys.path.insert(0, ROOT)
-        self.addCleanup(sys.path.remove, ROOT)
-        from benchmarks._many_roles import LeanPeer
-
         self.assertTrue(verifyObject(IFrameReceiver, LeanPeer(object())))
 
-    def test_sends_within_window(self) -> None:
+    def test_carry_frame_is_what_ilm_writes(self) -> None:
         """
-        A lean peer sends its HELLO when the link comes up, DATA frames at
-        consecutive positions from 1 once the node's HELLO arrived, and
-        holds messages back (counting them) beyond the node's window until
-        an ACK frees it.
+        The frames a lean peer writes itself are, byte for byte, those an
+        ILM link writes for the same messages (tags included, frame after
+        frame).
         """
+        from benchmarks._many_roles import carry_frame
+        from twisted.internet.testing import StringTransport
+
         from ilm import _frames
-        from ilm._session import Hello
+        from ilm.network._wire import FrameSealer
+        from ilm.network._writer import LinkWriter
+
+        writer = LinkWriter(1 << 20)
+        writer.transport = transport = StringTransport()
+        writer.sealer = FrameSealer(b"k" * 32)
+        lean = FrameSealer(b"k" * 32)
+        ours = b""
+        for position, contents in ((1, b"x" * 64), (2, b""), (3, b"abc")):
+            writer.send_session_frames(
+                _frames.encode_messages(position, [contents], 1 << 20)
+            )
+            ours += carry_frame(lean.tag, position, contents)
+        self.assertEqual(ours, transport.value())
+
+    def test_holds_until_linked(self) -> None:
+        """
+        Before the node's hello, nothing is sent: the messages are counted
+        as held.
+        """
+        from benchmarks._many_roles import LeanPeer
+
+        class Network:
+            sent: list[bytes] = []
+
+            def send_frames(self, peer_id: object, frames: list[bytes]) -> None:
+                self.sent.extend(frames)
+
+        peer = LeanPeer(Network())
+        peer.send(b"early")
+        self.assertEqual((peer.held, peer.sent, Network.sent), (1, 0, []))
+
+
+class LeanPeerNodeTests(TestCase):
+    """
+    Lean peers against a real ILM node over real TCP links.
+    """
+
+    timeout = 60
+
+    async def node_and_peer(self, window: int = 4096) -> tuple[list[Any], Any, Any]:
+        """
+        An ILM node (in-memory store, a receive window of ``window``) with
+        a lean peer (id 1) linked to it.
+
+        :return: (what the node delivered, the peer).
+        """
+        from benchmarks._many_roles import NODE, LeanPeer, key
+        from twisted.internet import reactor
+
+        from ilm import ILM, Config
+        from ilm.network import Backoff, LinkSettings, StreamNetwork
+        from ilm.testing import InMemoryBackend
 
         sys.path.insert(0, ROOT)
         self.addCleanup(sys.path.remove, ROOT)
-        from benchmarks._many_roles import NODE, LeanPeer
-
-        class Network:
-            def __init__(self) -> None:
-                self.sent: list[bytes] = []
-
-            def send_frames(self, peer_id: object, frames: list[bytes]) -> None:
-                assert peer_id == NODE
-                self.sent.extend(frames)
-
-        network = Network()
-        peer = LeanPeer(network)
-        peer.send(b"early")
-        peer.link_established(NODE)
-        hello = Hello(
-            version=1,
-            incarnation="ab" * 16,
-            window=2,
-            window_bytes=1 << 20,
-            first_unacked=1,
-            last_position=0,
-            known_incarnation=None,
-            delivered=0,
+        fast = LinkSettings(reconnect=Backoff(initial=0.01, maximum=0.1))
+        delivered: list[Any] = []
+        network = StreamNetwork(
+            NODE,
+            listen=["tcp:0:interface=127.0.0.1"],
+            keys={1: key(1)},
+            settings=fast,
+            reactor=reactor,
         )
-        peer.frame_received(NODE, _frames.encode_resume(hello))
-        for contents in (b"one", b"two", b"three"):
-            peer.send(contents)
-        peer.frame_received(NODE, _frames.encode_ack(1, 2))
-        peer.send(b"four")
-        kinds = [_frames.frame_type(f) for f in network.sent]
+        node = await ILM.create(
+            InMemoryBackend(),
+            delivered.append,
+            network,
+            config=Config(window=window),
+        )
+        self.addCleanup(node.shutdown)
+        port = network.listening_addresses()[0].port
+        client = StreamNetwork(
+            1,
+            peers={NODE: f"tcp:host=127.0.0.1:port={port}"},
+            keys={NODE: key(1)},
+            settings=fast,
+            reactor=reactor,
+        )
+        peer = LeanPeer(client)
+        await client.start(peer)
+        self.addCleanup(client.stop)
+        await self.until(lambda: peer.up)
+        return delivered, peer
+
+    async def until(self, condition: Any, timeout: float = 20.0) -> None:
+        """Wait, on the real reactor, until ``condition()`` holds."""
+        from benchmarks._harness import now
+        from twisted.internet import reactor, task
+
+        deadline = now() + timeout
+        while not condition():
+            if now() > deadline:
+                self.fail("condition not reached in time")
+            await task.deferLater(reactor, 0.01)
+
+    async def test_exactly_once_in_order_across_a_cut(self) -> None:
+        """
+        The node delivers every message a lean peer sends once and in
+        order, and acknowledges them.  While the socket takes nothing
+        (``EAGAIN``), the frames wait in the transport, in order; when the
+        link is cut before they are written, the peer resumes and sends
+        them again, and the node still delivers each once.  A frame the
+        socket takes part of is completed through the transport, and the
+        frames after it follow it there.
+        """
+        delivered, peer = await self.node_and_peer()
+        for i in range(50):
+            peer.send(b"a%d" % i)
+        await self.until(lambda: peer.acked == 50)
         self.assertEqual(
-            kinds,
-            [_frames.RESUME, _frames.MESSAGES, _frames.MESSAGES, _frames.MESSAGES],
+            [m.contents for m in delivered], [b"a%d" % i for i in range(50)]
         )
-        data = [_frames.decode_messages(f, 1 << 20) for f in network.sent[1:]]
-        self.assertEqual(data, [(1, [b"one"]), (2, [b"two"]), (3, [b"four"])])
-        self.assertEqual(peer.held, 2)
+
+        class Full:
+            def send(self, data: bytes) -> int:
+                raise BlockingIOError()
+
+        peer._socket = Full()
+        for i in range(50, 100):
+            peer.send(b"a%d" % i)
+        # Cut in the same reactor turn: what the transport holds is lost.
+        peer.network.link(0).transport.abortConnection()
+        await self.until(lambda: peer.links == 2 and peer.acked == 100)
+        self.assertEqual(peer.resent, 50)
+
+        class Partial:
+            """A socket that takes 7 bytes of each write."""
+
+            def __init__(self, socket: Any) -> None:
+                self.socket = socket
+
+            def send(self, data: bytes) -> int:
+                return int(self.socket.send(data[:7]))
+
+        peer._socket = Partial(peer._socket)
+        for i in range(100, 120):
+            peer.send(b"a%d" % i)
+        await self.until(lambda: peer.acked == 120)
+        self.assertEqual(
+            [(m.message_id, m.contents) for m in delivered],
+            [(i + 1, b"a%d" % i) for i in range(120)],
+        )
+        self.assertEqual(peer.held, 0)
+
+    async def test_window(self) -> None:
+        """
+        A lean peer sends no further than the node's window beyond what the
+        node acknowledged: the rest is counted as held.
+        """
+        delivered, peer = await self.node_and_peer(window=8)
+        for i in range(12):
+            peer.send(b"w%d" % i)
+        self.assertEqual((peer.sent, peer.held), (8, 4))
+        await self.until(lambda: peer.acked == 8)
+        self.assertEqual(len(delivered), 8)
 
 
 class PostgresScenarioTests(SynchronousTestCase):

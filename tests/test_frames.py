@@ -111,6 +111,32 @@ class HostileTests(SynchronousTestCase):
                 self.assertRaises(MalformedFrame, decode_any, frame[:cut])
             self.assertRaises(MalformedFrame, decode_any, frame + b"\x00")
 
+    def test_one_message_frames(self) -> None:
+        """
+        A frame of one message (decoded by its own short path) is refused
+        exactly as the general decoder refuses it: truncated, trailing
+        bytes, a length that lies either way, a message over the limit, an
+        unknown lane, position 0; at the limit it decodes.
+        """
+        [frame] = _frames.encode_messages(5, [b"abcd"], 1000)
+        self.assertEqual(_frames.decode_messages(frame, 4), (5, [b"abcd"]))
+        for cut in range(1, len(frame)):
+            self.assertRaises(MalformedFrame, decode_any, frame[:cut])
+        self.assertRaises(MalformedFrame, decode_any, frame + b"\x00")
+        head = struct.Struct(">BHQI")
+        for length in (3, 5, 2**32 - 1):
+            lying = (
+                head.pack(_frames.MESSAGES, 0, 5, 1)
+                + struct.pack(">I", length)
+                + b"abcd"
+            )
+            self.assertRaises(MalformedFrame, _frames.decode_messages, lying, 1000)
+        self.assertRaises(MalformedFrame, _frames.decode_messages, frame, 3)
+        other_lane = head.pack(_frames.MESSAGES, 1, 5, 1) + frame[15:]
+        self.assertRaises(UnexpectedFrame, _frames.decode_messages, other_lane, 1000)
+        zero = head.pack(_frames.MESSAGES, 0, 0, 1) + frame[15:]
+        self.assertRaises(MalformedFrame, _frames.decode_messages, zero, 1000)
+
     def test_lying_lengths(self) -> None:
         """
         A count or a length that does not fit the frame is refused without

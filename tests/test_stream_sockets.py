@@ -18,6 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -27,6 +28,7 @@ from ilm.network import (
     LinkSettings,
     StreamNetwork,
     TLSCredentials,
+    _wire,
     fingerprint,
 )
 
@@ -553,3 +555,65 @@ class DialReasonTests(TestCase):
             )
         reasons = [e["kind"] for e in self.waiter.named("dial_failed")]
         self.assertEqual(reasons, ["ConnectionRefusedError", "AuthenticationFailed"])
+
+
+class DirectWriteTests(TestCase):
+    """
+    ``LinkWriter`` on a real TCP connection: small writes go straight to
+    an idle socket, and everything stays in order when they cannot.  (It
+    reads Twisted's transport buffer, ``_tempDataLen`` and ``dataBuffer``:
+    this test fails if those change.)
+    """
+
+    timeout = 30
+
+    async def test_small_writes_skip_an_idle_transport(self) -> None:
+        """
+        A small write with nothing held by the transport is on the socket
+        at once (the transport holds none of it); while the transport holds
+        data, and for a write over ``DIRECT_LIMIT``, the bytes queue in the
+        transport behind what it holds; the peer receives all of it, in
+        order.
+        """
+        from twisted.internet.protocol import Protocol
+
+        from ilm.network._writer import DIRECT_LIMIT, LinkWriter
+
+        received = bytearray()
+        lost: Deferred[None] = Deferred()
+        expected = b""
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.extend(data)
+
+            def connectionLost(self, reason: object = None) -> None:
+                lost.callback(None)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Sink), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await endpoint.connect(Factory.forProtocol(Protocol))
+        transport: Any = client.transport
+        writer = LinkWriter(1 << 20)
+        writer.attach(transport)
+
+        writer.write([b"one"])
+        self.assertEqual((transport._tempDataLen, transport.dataBuffer), (0, b""))
+        transport.write(b"held")
+        writer.write([b"two"])
+        self.assertEqual(transport._tempDataLen, len(b"heldtwo"))
+        expected = b"one" + b"held" + b"two"
+
+        while transport._tempDataLen or transport.dataBuffer:
+            await deferLater(reactor, 0.01)
+        big = b"y" * (DIRECT_LIMIT + 1)
+        writer.send_session_frames([big])
+        self.assertEqual(transport._tempDataLen, len(big) + 5)
+        expected += _wire.carry_header(len(big)) + big
+
+        while len(received) < len(expected):
+            await deferLater(reactor, 0.01)
+        self.assertEqual(bytes(received), expected)
+        transport.loseConnection()
+        await lost

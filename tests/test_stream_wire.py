@@ -247,6 +247,32 @@ class ParserTests(SynchronousTestCase):
             self.assertEqual(frames, expected)
             self.assertEqual(parser.buffered(), 0)
 
+    def test_whole_and_split_chunks(self) -> None:
+        """
+        Chunks that hold whole frames, then a frame split over three chunks
+        (one of them a ``bytearray``, one a ``memoryview``), then whole
+        frames again, all parse, in order, and nothing stays buffered.
+        """
+        frames = [_wire.carry_header(3) + b"%03d" % i for i in range(6)]
+        split = frames[3]
+        chunks: list[bytes | bytearray | memoryview] = [
+            frames[0] + frames[1],
+            frames[2] + split[:2],
+            bytearray(split[2:6]),
+            memoryview(split[6:]),
+            frames[4],
+            frames[5],
+        ]
+        parser = FrameParser(1000)
+        parsed = []
+        for chunk in chunks:
+            parser.feed(chunk)  # type: ignore[arg-type]
+            while (frame := parser.next_frame()) is not None:
+                parsed.append(frame)
+        self.assertEqual(parsed, [(6, b"%03d" % i) for i in range(6)])
+        self.assertTrue(all(type(body) is bytes for _, body in parsed))
+        self.assertEqual(parser.buffered(), 0)
+
     def test_limit_checked_on_prefix(self) -> None:
         """
         A length over the limit is refused as soon as its 4-byte prefix

@@ -63,6 +63,7 @@ DATA_OVERHEAD = _DATA_HEAD.size
 """Bytes of a MESSAGES frame besides its messages."""
 PER_MESSAGE_OVERHEAD = _LEN.size
 """Bytes a MESSAGES frame adds per message besides its contents."""
+_ONE_MESSAGE = DATA_OVERHEAD + PER_MESSAGE_OVERHEAD
 
 
 def incarnation_to_bytes(incarnation: str) -> bytes:
@@ -227,6 +228,15 @@ def decode_messages(frame: bytes, max_message_size: int) -> tuple[int, list[byte
     if size < DATA_OVERHEAD:
         raise MalformedFrame(f"MESSAGES frame of {size} bytes is truncated")
     _, lane, first, count = _DATA_HEAD.unpack_from(frame)
+    if count == 1 and lane == 0 and size >= _ONE_MESSAGE:
+        # The usual frame of a peer sending at its own pace: one message.
+        (length,) = _LEN.unpack_from(frame, DATA_OVERHEAD)
+        if (
+            length == size - _ONE_MESSAGE
+            and length <= max_message_size
+            and 1 <= first <= MAX_POSITION
+        ):
+            return first, [frame[_ONE_MESSAGE:]]
     _check_lane(lane)
     if first < 1 or count < 1:
         raise MalformedFrame(

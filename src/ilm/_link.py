@@ -170,7 +170,7 @@ class PeerRouter:
         except TypeError:
             self._invalid_id(peer_id, "a frame from")
             return
-        if peer is None or peer.link == DOWN or peer.link == CLOSING:
+        if peer is None or (link := peer.link) == DOWN or link == CLOSING:
             if self.streams is not None:
                 self.streams.guard.taking(peer_id, frame)  # type: ignore[arg-type]
             return
@@ -180,13 +180,13 @@ class PeerRouter:
                 raise FrameTooLarge(len(frame), config.max_frame_size)
             kind = _frames.frame_type(frame)
             if kind == _frames.MESSAGES:
-                if peer.link == READY:
+                if link == READY:
                     first, contents = _frames.decode_messages(
                         frame, config.max_message_size
                     )
                     self._on_data(peer, first, contents)
             elif kind == _frames.ACK:
-                if peer.link == READY:
+                if link == READY:
                     peer.sender.on_ack(*_frames.decode_ack(frame))
             elif kind == _frames.RESUME:
                 self._on_hello(peer, _frames.decode_resume(frame))

@@ -520,7 +520,25 @@ class InboundStream:
                 f"position {last} is beyond the window (delivered {self.marked}, "
                 f"window {self._window})"
             )
-        received = self.received
+        queue = self.queue
+        received = self.delivered + len(queue)
+        if first == last == received + 1:
+            # The usual frame: the next message, alone.  Queued if it fits
+            # in this stream's and the peer's budgets; else the general
+            # path below decides.
+            size = len(contents[0])
+            held = self.held
+            if (
+                self.held_bytes + size <= self._window_bytes + self._max_frame_size
+                and held.messages < held.max_messages
+                and held.bytes + size <= held.max_bytes
+            ):
+                queue.append(contents[0])
+                self.held_bytes += size
+                held.messages += 1
+                held.bytes += size
+                self.nacked = 0
+                return 1, False, 0
         if first > received + 1:
             if self.nacked != received + 1:
                 self.nacked = received + 1

@@ -195,7 +195,7 @@ class ILMProtocol(Protocol):
     # -- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._writer.transport = self.transport
+        self._writer.attach(self.transport)  # type: ignore[arg-type]
         self._guard(self._connection_made)
 
     def _connection_made(self) -> None:

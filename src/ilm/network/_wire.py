@@ -429,7 +429,10 @@ class FrameOpener:
         return self._counter
 
     def check(
-        self, kind: int, body: bytes | memoryview, tag: bytes | memoryview
+        self,
+        kind: int,
+        body: bytes | bytearray | memoryview,
+        tag: bytes | bytearray | memoryview,
     ) -> None:
         """
         :raises FrameAuthenticationFailed: ``tag`` is not the tag of the
@@ -469,17 +472,31 @@ class FrameParser:
     __slots__ = ("_buffer", "_offset", "limit", "opener")
 
     def __init__(self, limit: int = HANDSHAKE_FRAME_LIMIT) -> None:
-        self._buffer = bytearray()
+        #: What was fed and not yet parsed from :attr:`_offset` on: the last
+        #: chunk itself while whole frames arrive, a ``bytearray`` once a
+        #: frame spans chunks.
+        self._buffer: bytes | bytearray = b""
         self._offset = 0
         self.limit = limit
         self.opener: FrameOpener | None = None
 
     def feed(self, data: bytes) -> None:
         buffer = self._buffer
-        if self._offset:
-            # Drop what was parsed: one move per chunk, of the unparsed tail.
-            del buffer[: self._offset]
+        offset = self._offset
+        if offset == len(buffer) and type(data) is bytes:
+            # Everything held was parsed (the usual case: whole frames per
+            # read): parse the new chunk where it is, without a copy.
+            self._buffer = data
             self._offset = 0
+            return
+        if not isinstance(buffer, bytearray):
+            # A frame continues in a later chunk: from now on a bytearray,
+            # so that many small chunks of a large frame cost linear time.
+            self._buffer = buffer = bytearray(buffer[offset:])
+        elif offset:
+            # Drop what was parsed: one move per chunk, of the unparsed tail.
+            del buffer[:offset]
+        self._offset = 0
         buffer += data
 
     def buffered(self) -> int:
@@ -518,11 +535,11 @@ class FrameParser:
                     f"link frame of length {length} is too short for its tag"
                 )
             end -= TAG_SIZE
-            # The view is released before the buffer can be resized.
-            with memoryview(buffer) as view:
-                opener.check(kind, view[offset + 5 : end], view[end : end + TAG_SIZE])
+            body = bytes(buffer[offset + 5 : end])
+            opener.check(kind, body, buffer[end : end + TAG_SIZE])
+        else:
+            body = bytes(buffer[offset + 5 : end])
         if kind not in FRAME_NAMES:
             raise UnknownFrameType(f"unknown link frame type 0x{kind:02x}")
-        body = bytes(buffer[offset + 5 : end])
         self._offset = offset + 4 + length
         return kind, body
