@@ -30,6 +30,7 @@ from ilm import _frames
 from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter
 from ilm._config import Config
+from ilm._lean_deferred import new_deferred
 from ilm._nodelog import NodeLogging, log
 from ilm._peer import READY, PeerSession
 from ilm._peerid import PeerId
@@ -262,7 +263,7 @@ class PeerSender:
         Accept a message (checked against the limits by the caller) for
         the next group commit.
         """
-        d: Deferred[Receipt] = Deferred()
+        d: Deferred[Receipt] = new_deferred()
         pending = self.pending
         if not pending:
             self._committer.outboxes[self.peer_id] = self
@@ -342,6 +343,10 @@ class PeerSender:
                 # A send_many's messages are in one commit, side by side.
                 offset += d.stored(self, first + offset)
             else:
+                # Let go of each Deferred once fired: one that nobody else
+                # holds is freed at once with its receipt, instead of a
+                # commit's worth of them living through collections.
+                deferreds[offset] = None  # type: ignore[call-overload]
                 d.callback(Receipt(self, peer_id, first + offset))
                 offset += 1
 
