@@ -7,6 +7,9 @@ Tests for :mod:`ilm._lean_deferred`: a ``LeanDeferred`` behaves as a
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 from twisted.internet import defer
@@ -42,6 +45,40 @@ class LeanDeferredTests(SynchronousTestCase):
         self.assertEqual([o for o in referents if gc.is_tracked(o)], [])
         d.addCallback(lambda r: r)
         self.assertEqual(len(d._callbacks), 1)
+
+    def test_no_instance_dict(self) -> None:
+        """
+        Whether it fired before or after getting a callback, no instance
+        gets a dictionary object of its own: in a fresh interpreter, after
+        many fired without callbacks, a thousand given a callback first are
+        each the Deferred, its list and the callback's entry, and no dict.
+        """
+        script = textwrap.dedent(
+            """
+            import gc
+            from collections import Counter
+            from ilm._lean_deferred import LeanDeferred
+
+            fired = [LeanDeferred() for _ in range(200)]
+            for d in fired:
+                d.callback(1)
+            del fired, d
+            gc.collect()
+            gc.disable()
+            before = Counter(type(o).__name__ for o in gc.get_objects())
+            kept = []
+            for _ in range(1000):
+                d = LeanDeferred()
+                d.addErrback(lambda f: f)
+                kept.append(d)
+            after = Counter(type(o).__name__ for o in gc.get_objects())
+            print((after - before).get("dict", 0))
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(int(out), 0)
 
     def test_callbacks_in_order(self) -> None:
         """

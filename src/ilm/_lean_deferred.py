@@ -9,7 +9,8 @@ the garbage collector tracks that lives that long is promoted to its oldest
 generation and makes full collections come sooner and last longer.  A plain
 ``Deferred`` is two such objects, itself and its list of callbacks; a
 ``LeanDeferred`` makes that list only when something reads it (a callback
-is added, or it fires).  It is a ``Deferred`` in every other respect.
+is added, or it fires), and keeps it in a slot.  It is a ``Deferred`` in
+every other respect.
 
 Twisted keeps the list in the private attribute ``_callbacks`` and sets
 only it and ``_canceller`` in ``Deferred.__init__``: :func:`lean_deferreds`
@@ -29,34 +30,38 @@ __all__ = ["LeanDeferred", "lean_deferreds", "new_deferred"]
 _T = TypeVar("_T")
 
 
-class _MadeWhenRead:
-    """
-    A class attribute standing for an instance's ``_callbacks`` list until
-    the first read, which makes the list and sets it on the instance (an
-    instance attribute hides a descriptor that has only ``__get__``).
-    """
-
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        callbacks: list[Any] = []
-        instance._callbacks = callbacks
-        return callbacks
-
-
 class LeanDeferred(Deferred[_T]):
     """
     A ``Deferred`` without a canceller whose callbacks list is made when
     first needed.
+
+    The list lives in a slot, not in the instance's ``__dict__``: CPython
+    keeps a class's instance attributes in one shared layout, and an
+    instance that set ``_callbacks`` at another point of its life than the
+    others (before firing rather than after) would get a dictionary object
+    of its own, one more tracked object.
     """
 
-    _callbacks = _MadeWhenRead()  # type: ignore[assignment]
+    __slots__ = ("_lean_callbacks",)
+
     _canceller = None
 
     def __init__(self) -> None:
+        self._lean_callbacks: list[Any] | None = None
         if self.debug:
             # Debugging records where each Deferred was made.
             Deferred.__init__(self)
+
+    @property  # type: ignore[override]
+    def _callbacks(self) -> list[Any]:
+        callbacks = self._lean_callbacks
+        if callbacks is None:
+            callbacks = self._lean_callbacks = []
+        return callbacks
+
+    @_callbacks.setter
+    def _callbacks(self, callbacks: list[Any]) -> None:
+        self._lean_callbacks = callbacks
 
 
 def lean_deferreds() -> bool:
