@@ -28,7 +28,7 @@ from zope.interface.verify import verifyObject
 
 import ilm.backends._lifecycle
 from ilm import CommitResult, PeerId, StoreBatch
-from ilm._sender import PeerSender
+from ilm._transmitter import Transmitter
 from ilm.backends import SQLiteBackend
 from ilm.backends._sqlite import inspect_store
 from ilm.errors import (
@@ -200,16 +200,16 @@ class SQLiteRegressionTests(SynchronousTestCase):
         the seeds again.)
         """
         scenario = scenario_for(3, "sqlite")
-        read_failed = PeerSender._read_failed
+        read_failed = Transmitter._read_failed
         self.patch(
-            PeerSender,
+            Transmitter,
             "_read_failed",
             lambda self, reason, after=None: read_failed(self, reason),
         )
         [violation] = run_seed(57, scenario).violations
         self.assertIn("outbox_read_failed", violation)
         self.assertIn("below acknowledged", violation)
-        self.patch(PeerSender, "_read_failed", read_failed)
+        self.patch(Transmitter, "_read_failed", read_failed)
         self.patch(ilm.backends._lifecycle, "StoreInDoubt", StoreError)
         for seed in (73, 77):
             [violation] = run_seed(seed, scenario).violations

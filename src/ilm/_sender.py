@@ -2,13 +2,12 @@
 One peer's outbound side: :class:`PeerSender`, and the :class:`Receipt` it
 gives for each stored message.
 
-The sender keeps the outbox counters and limits, the messages accepted
-since the last group commit, reads what the window allows from
-``IBackend.read_outbound``, writes MESSAGES frames with
-``INetwork.send_frames``, runs the retransmission timer and the read retry
-(each with the shared :class:`ilm._backoff.Backoff`), and fires the
-receipts' ``acknowledged`` waiters.  The decisions (what to send, what an
-ACK or a NACK acknowledges, when to retransmit) are the pure
+The sender keeps the outbox counters and limits and the messages accepted
+since the last group commit, hands stored messages to its
+:class:`ilm._transmitter.Transmitter` (which writes MESSAGES frames as the
+window allows, reads the store, and retransmits), takes the peer's ACKs
+and NACKs, and fires the receipts' ``acknowledged`` waiters.  The
+decisions (what an ACK or a NACK acknowledges) are the pure
 :class:`ilm._session.OutboundStream`'s.  Per message everything is plain
 method calls: an append here, the rest per commit or per frame.
 """
@@ -18,27 +17,23 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import LogLevel
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from ilm import _frames
-from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter
 from ilm._config import Config
-from ilm._nodelog import NodeLogging, log
-from ilm._peer import READY, PeerSession
+from ilm._lean_deferred import new_deferred
+from ilm._peer import PeerSession
 from ilm._peerid import PeerId
+from ilm._transmitter import Transmitter, TransmitterHost
 from ilm.errors import (
     MessageTooLarge,
     OutboxFull,
     SendRefused,
     StoppedBeforeAcknowledged,
-    StoreError,
 )
 from ilm.interfaces import IBackend, INetwork
 
@@ -121,7 +116,7 @@ class _Receipts:
             self._d.errback(fail)
 
 
-class SenderHost(NodeLogging, Protocol):
+class SenderHost(TransmitterHost, Protocol):
     """
     What a :class:`PeerSender` needs of the node around it.
     """
@@ -129,11 +124,6 @@ class SenderHost(NodeLogging, Protocol):
     @property
     def ended(self) -> str | None:
         """How the node ended ("ILM node 1 stopped"), or ``None`` (it runs)."""
-
-    def later(
-        self, delay: float, function: Callable[..., object], *args: object
-    ) -> IDelayedCall:
-        """Call ``function`` after ``delay`` seconds, logging what it raises."""
 
     def check_drained(self) -> None:
         """Messages were acknowledged: the node may be drained."""
@@ -149,13 +139,10 @@ class PeerSender:
     """
 
     __slots__ = (
-        "_backend",
         "_clock",
         "_committer",
         "_config",
-        "_frame_target",
         "_host",
-        "_network",
         "accept_times",
         "accepted_at",
         "acked_total",
@@ -167,14 +154,9 @@ class PeerSender:
         "peer_id",
         "pending",
         "pending_deferreds",
-        "read_call",
-        "read_retry",
-        "retransmit_call",
-        "retransmit_retry",
-        "retransmitted",
-        "sent_high",
         "sent_total",
         "session",
+        "transmitter",
         "waiters",
     )
 
@@ -193,13 +175,21 @@ class PeerSender:
         self.session = session
         self.peer_id = session.peer_id
         out = self.out = session.out
-        self._network = network
-        self._backend = backend
         self._committer = committer
         self._host = host
         self._clock = clock
         self._config = config
-        self._frame_target = frame_target
+        #: Writes the stored messages to the network, retransmits, reads
+        #: the store.
+        self.transmitter = Transmitter(
+            session,
+            network=network,
+            backend=backend,
+            host=host,
+            clock=clock,
+            config=config,
+            frame_target=frame_target,
+        )
         #: Accepted since the last commit, and their send_to Deferreds.
         self.pending: list[bytes] = []
         self.pending_deferreds: list[ReceiptWaiter] = []
@@ -213,25 +203,18 @@ class PeerSender:
         self.others_bytes = 0
         #: (position, order, Deferred, receipt), a heap.
         self.waiters: list[tuple[int, int, Deferred[Receipt], Receipt]] = []
-        self.retransmit_call: IDelayedCall | None = None
-        self.retransmit_retry = Retry(
-            Backoff.exact(config.retransmit_timeout, config.max_retransmit_timeout)
-        )
-        self.read_call: IDelayedCall | None = None
-        self.read_retry = Retry(
-            Backoff.exact(config.store_retry, config.max_store_retry)
-        )
         # What peer_status() reports.  Counters since the node started.
         self.sent_total = 0
         self.acked_total = 0
-        self.retransmitted = 0
-        # The highest position transmitted since start: a chunk below it
-        # is a retransmission.
-        self.sent_high = out.acked
         # When the first message of ``pending`` was accepted; per commit,
         # (last position stored, when its first message was accepted).
         self.accepted_at = 0.0
         self.accept_times: deque[tuple[int, float]] = deque()
+
+    @property
+    def retransmitted(self) -> int:
+        """Messages sent again since the node started."""
+        return self.transmitter.retransmitted
 
     # -- accepting and storing -----------------------------------------------
 
@@ -262,7 +245,7 @@ class PeerSender:
         Accept a message (checked against the limits by the caller) for
         the next group commit.
         """
-        d: Deferred[Receipt] = Deferred()
+        d: Deferred[Receipt] = new_deferred()
         pending = self.pending
         if not pending:
             self._committer.outboxes[self.peer_id] = self
@@ -332,7 +315,7 @@ class PeerSender:
             # (Else a shared store's peer restarted from a state that
             # already counts them: ilm._ownership_guard.)
             self.out.on_stored(first, contents)
-        self.pump()
+        self.transmitter.pump()
         peer_id = self.peer_id
         offset = 0
         total = len(deferreds)
@@ -342,6 +325,10 @@ class PeerSender:
                 # A send_many's messages are in one commit, side by side.
                 offset += d.stored(self, first + offset)
             else:
+                # Let go of each Deferred once fired: one that nobody else
+                # holds is freed at once with its receipt, instead of a
+                # commit's worth of them living through collections.
+                deferreds[offset] = None  # type: ignore[call-overload]
                 d.callback(Receipt(self, peer_id, first + offset))
                 offset += 1
 
@@ -371,126 +358,7 @@ class PeerSender:
         Transmit what the window allows; read from the store what the
         stream's cache lacks.
         """
-        session = self.session
-        if session.link != READY or session.paused:
-            return
-        out = self.out
-        first, chunk = out.take()
-        if out.held_at and not session.hold_reported:
-            session.hold_reported = True
-            self._host.limited(
-                ("message_too_large_for_peer", self.peer_id),
-                LogLevel.error,
-                "message {position} to {peer_id!r} is larger than the {limit} bytes "
-                "that peer accepts: its stream waits there until the peer "
-                "accepts larger messages",
-                position=out.held_at,
-                peer_id=self.peer_id,
-                limit=out.max_message,
-                ilm_event="message_too_large_for_peer",
-            )
-        if chunk:
-            last = first + len(chunk) - 1
-            if first <= self.sent_high:
-                self.retransmitted += min(last, self.sent_high) - first + 1
-            if last > self.sent_high:
-                self.sent_high = last
-            self._network.send_frames(
-                self.peer_id,
-                _frames.encode_messages(first, chunk, self._frame_target),
-            )
-            if self.retransmit_call is None:
-                self.retransmit_call = self._host.later(
-                    self.retransmit_retry.next_delay, self._retransmit
-                )
-        if self.read_call is None:
-            request = out.read_request(self._config.read_batch)
-            if request is not None:
-                after, limit, max_bytes = request
-                try:
-                    d = self._backend.read_outbound(
-                        self.peer_id, after, limit, max_bytes
-                    )
-                except Exception:
-                    d = fail()
-                d.addCallbacks(
-                    self._read_done,
-                    self._read_failed,
-                    callbackArgs=(after,),
-                    errbackArgs=(after,),
-                )
-                d.addErrback(self._host.unexpected, "reading the outbox")
-
-    def _read_done(self, contents: list[bytes], after: int) -> None:
-        out = self.out
-        out.on_read(after, contents)
-        if contents:
-            # Only a read that returned something ends the backoff: an
-            # outbox that keeps answering nothing (a damaged or tampered
-            # store) is asked again ever more slowly.
-            self.read_retry.succeeded()
-        if not contents and out.cache_end < out.stored and after >= out.acked:
-            self._read_failed(
-                Failure(
-                    StoreError(
-                        f"outbox to {self.peer_id!r} returned nothing after "
-                        f"position {after} though {out.stored} are stored"
-                    )
-                ),
-            )
-            return
-        self.pump()
-
-    def _read_failed(self, reason: Failure, after: int | None = None) -> None:
-        out = self.out
-        out.reading = False
-        if after is not None and after < out.acked:
-            # An acknowledgement overtook this read (it was committed while
-            # the read was in flight, as a store whose reads run apart from
-            # its commits allows) and the store refused to read below it.
-            # Nothing is wrong with the store: read again from the new point.
-            log.debug(
-                "outbox read to {peer_id!r} after {after} overtaken by the "
-                "acknowledgement of {acked}; reading again",
-                peer_id=self.peer_id,
-                after=after,
-                acked=out.acked,
-            )
-            self.pump()
-            return
-        delay = self.read_retry.failed()
-        self._host.limited(
-            ("outbox_read_failed", self.peer_id),
-            LogLevel.critical,
-            "reading the outbox to {peer_id!r} failed; retrying in {delay:.2f}s",
-            reason,
-            peer_id=self.peer_id,
-            delay=delay,
-            ilm_event="outbox_read_failed",
-        )
-        self.read_call = self._host.later(delay, self._read_retry)
-
-    def _read_retry(self) -> None:
-        self.read_call = None
-        self.pump()
-
-    def _retransmit(self) -> None:
-        self.retransmit_call = None
-        if self.session.link != READY:
-            return
-        out = self.out
-        if out.retransmit(self._clock.seconds(), self._config.retransmit_timeout):
-            log.debug(
-                "retransmitting to {peer_id!r} from position {position}",
-                peer_id=self.peer_id,
-                position=out.sent + 1,
-            )
-            self.retransmit_retry.failed()
-            self.pump()
-        elif out.outstanding:
-            self.retransmit_call = self._host.later(
-                self.retransmit_retry.next_delay, self._retransmit
-            )
+        self.transmitter.pump()
 
     # -- acknowledgements ----------------------------------------------------
 
@@ -501,27 +369,16 @@ class PeerSender:
         newly, progress = self.out.on_ack(delivered, received)
         if newly:
             self.acknowledged(newly)
+        transmitter = self.transmitter
         if progress:
-            self.retransmit_retry.succeeded()
-            call = self.retransmit_call
-            if call is not None:
-                if call.active():
-                    call.cancel()
-                self.retransmit_call = None
-            if self.out.outstanding:
-                self.retransmit_call = self._host.later(
-                    self.retransmit_retry.next_delay, self._retransmit
-                )
-        self.pump()
+            transmitter.progressed()
+        transmitter.pump()
 
     def on_nack(self, expected: int) -> None:
         """
         The peer's NACK: it expects ``expected`` next.
         """
-        if self.out.on_nack(
-            expected, self._clock.seconds(), self._config.retransmit_timeout
-        ):
-            self.pump()
+        self.transmitter.on_nack(expected)
 
     def acknowledged(self, newly: int) -> None:
         """
@@ -569,16 +426,10 @@ class PeerSender:
         """
         The link went: nothing in flight to time out any more.
         """
-        call, self.retransmit_call = self.retransmit_call, None
-        if call is not None and call.active():
-            call.cancel()
-        self.retransmit_retry.succeeded()
+        self.transmitter.link_lost()
 
     def cancel_timers(self) -> None:
-        for call in (self.retransmit_call, self.read_call):
-            if call is not None and call.active():
-                call.cancel()
-        self.retransmit_call = self.read_call = None
+        self.transmitter.cancel_timers()
 
     def stop(self, detail: str) -> None:
         """

@@ -1,0 +1,278 @@
+"""
+Tests for :mod:`ilm._lean_deferred`: a ``LeanDeferred`` behaves as a
+``Deferred`` in each way Twisted and applications use one, and a pending
+``send_to`` costs the garbage collector one tracked object.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm._lean_deferred import LeanDeferred, lean_deferreds, new_deferred
+from tests.support import Cluster
+
+
+class LeanDeferredTests(SynchronousTestCase):
+    """
+    ``LeanDeferred`` against the ``Deferred`` API.
+    """
+
+    def test_this_twisted(self) -> None:
+        """
+        The Twisted under test sets only ``_callbacks`` and ``_canceller`` in
+        ``Deferred.__init__``, so ``send_to`` uses ``LeanDeferred``.
+        """
+        self.assertTrue(lean_deferreds())
+        self.assertIs(new_deferred, LeanDeferred)
+
+    def test_one_tracked_object(self) -> None:
+        """
+        A new ``LeanDeferred`` is one object tracked by the collector; adding
+        a callback makes its list.
+        """
+        d: LeanDeferred[int] = LeanDeferred()
+        referents = [o for o in gc.get_referents(d) if o is not LeanDeferred]
+        self.assertEqual([o for o in referents if gc.is_tracked(o)], [])
+        d.addCallback(lambda r: r)
+        self.assertEqual(len(d._callbacks), 1)
+
+    def test_no_instance_dict(self) -> None:
+        """
+        Whether it fired before or after getting a callback, no instance
+        gets a dictionary object of its own: in a fresh interpreter, after
+        many fired without callbacks, a thousand given a callback first are
+        each the Deferred, its list and the callback's entry, and no dict.
+        """
+        script = textwrap.dedent(
+            """
+            import gc
+            from collections import Counter
+            from ilm._lean_deferred import LeanDeferred
+
+            fired = [LeanDeferred() for _ in range(200)]
+            for d in fired:
+                d.callback(1)
+            del fired, d
+            gc.collect()
+            gc.disable()
+            before = Counter(type(o).__name__ for o in gc.get_objects())
+            kept = []
+            for _ in range(1000):
+                d = LeanDeferred()
+                d.addErrback(lambda f: f)
+                kept.append(d)
+            after = Counter(type(o).__name__ for o in gc.get_objects())
+            print((after - before).get("dict", 0))
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(int(out), 0)
+
+    def test_callbacks_in_order(self) -> None:
+        """
+        Callbacks and errbacks added before and after firing run in order,
+        each with the previous one's result.
+        """
+        seen: list[object] = []
+        d: LeanDeferred[int] = LeanDeferred()
+        d.addCallback(lambda r: seen.append(r) or r + 1)
+        d.addErrback(lambda f: seen.append("not this"))
+        d.addBoth(lambda r: seen.append(r) or r)
+        d.callback(1)
+        d.addCallback(seen.append)
+        self.assertEqual(seen, [1, 2, 2])
+        self.assertTrue(d.called)
+
+    def test_fired_without_callbacks(self) -> None:
+        """
+        Fired before anything was added, it keeps the result for callbacks
+        added later.
+        """
+        d: LeanDeferred[str] = LeanDeferred()
+        d.callback("stored")
+        self.assertEqual(self.successResultOf(d), "stored")
+
+    def test_errback(self) -> None:
+        """
+        A failure reaches the errbacks, and a second firing raises.
+        """
+        d: LeanDeferred[int] = LeanDeferred()
+        d.errback(ValueError("refused"))
+        self.failureResultOf(d, ValueError)
+        self.assertRaises(defer.AlreadyCalledError, d.callback, 1)
+
+    def test_unhandled_failure_logged(self) -> None:
+        """
+        A failure nobody handled is logged when the Deferred is collected,
+        as with a plain ``Deferred``.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        d: LeanDeferred[int] = LeanDeferred()
+        d.errback(ValueError("nobody listens"))
+        del d
+        gc.collect()
+        self.assertTrue(
+            [
+                e
+                for e in events
+                if "log_failure" in e and e["log_failure"].check(ValueError)
+            ]
+        )
+        self.flushLoggedErrors(ValueError)
+
+    def test_returned_from_a_callback(self) -> None:
+        """
+        Returned unfired from another Deferred's callback, it pauses that
+        chain until it fires (Twisted appends to its list directly).
+        """
+        lean: LeanDeferred[int] = LeanDeferred()
+        outer: Deferred[int] = Deferred()
+        outer.addCallback(lambda _: lean)
+        seen: list[int] = []
+        outer.addCallback(seen.append)
+        outer.callback(0)
+        self.assertEqual(seen, [])
+        lean.callback(7)
+        self.assertEqual(seen, [7])
+
+    def test_chain_deferred(self) -> None:
+        """
+        ``chainDeferred`` both ways.
+        """
+        lean: LeanDeferred[int] = LeanDeferred()
+        plain: Deferred[int] = Deferred()
+        lean.chainDeferred(plain)
+        lean.callback(3)
+        self.assertEqual(self.successResultOf(plain), 3)
+        other: LeanDeferred[int] = LeanDeferred()
+        first: Deferred[int] = Deferred()
+        first.chainDeferred(other)
+        first.callback(4)
+        self.assertEqual(self.successResultOf(other), 4)
+
+    def test_await_and_inline_callbacks(self) -> None:
+        """
+        Awaited in a coroutine and yielded in ``inlineCallbacks``.
+        """
+        awaited: LeanDeferred[int] = LeanDeferred()
+        yielded: LeanDeferred[int] = LeanDeferred()
+
+        async def waits() -> int:
+            return await awaited + 1
+
+        result = defer.ensureDeferred(waits())
+
+        @defer.inlineCallbacks
+        def yields() -> Any:
+            value = yield yielded
+            return value + 2
+
+        inline = yields()
+        awaited.callback(1)
+        yielded.callback(1)
+        self.assertEqual(self.successResultOf(result), 2)
+        self.assertEqual(self.successResultOf(inline), 3)
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling fails it with ``CancelledError`` (it has no canceller),
+        also while an ``inlineCallbacks`` generator waits on it.
+        """
+        d: LeanDeferred[int] = LeanDeferred()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        lean: LeanDeferred[int] = LeanDeferred()
+
+        @defer.inlineCallbacks
+        def waits() -> Any:
+            yield lean
+
+        outer = waits()
+        outer.cancel()
+        self.failureResultOf(outer, CancelledError)
+
+    def test_gather_and_timeout(self) -> None:
+        """
+        ``gatherResults``, ``DeferredList`` and ``addTimeout``.
+        """
+        a: LeanDeferred[int] = LeanDeferred()
+        b: LeanDeferred[int] = LeanDeferred()
+        gathered = defer.gatherResults([a, b])
+        listed = defer.DeferredList([a, b])
+        a.callback(1)
+        b.callback(2)
+        self.assertEqual(self.successResultOf(gathered), [1, 2])
+        self.assertEqual(self.successResultOf(listed), [(True, 1), (True, 2)])
+        clock = Clock()
+        late: LeanDeferred[int] = LeanDeferred()
+        late.addTimeout(1, clock)
+        clock.advance(2)
+        self.failureResultOf(late, defer.TimeoutError)
+
+    def test_debug(self) -> None:
+        """
+        With Deferred debugging on, it records where it was made.
+        """
+        defer.setDebugging(True)
+        self.addCleanup(defer.setDebugging, False)
+        d: LeanDeferred[int] = LeanDeferred()
+        self.assertIsNotNone(d._debugInfo)
+        self.assertIsNotNone(d._debugInfo.creator)  # type: ignore[union-attr]
+
+
+class PendingSendTests(SynchronousTestCase):
+    """
+    What a ``send_to`` waiting for its commit costs the collector.
+    """
+
+    def test_tracked_objects_per_pending_send(self) -> None:
+        """
+        A ``send_to`` waiting for its commit adds one object tracked by the
+        garbage collector (its Deferred), whether the caller keeps the
+        Deferred or not; once committed, nothing stays per message.
+        """
+        cluster = Cluster()
+        sender = cluster.start(1)
+        cluster.start(2)
+        cluster.clock.advance(0.1)
+        self.assertIn(2, sender.connected_peers())
+        count = 2000
+        payloads = [b"%064d" % i for i in range(count)]
+        kept: list[Deferred[Any]] = []
+        enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            before = len(gc.get_objects())
+            for p in payloads[: count // 2]:
+                sender.send_to(2, p)
+            for p in payloads[count // 2 :]:
+                kept.append(sender.send_to(2, p))
+            pending = len(gc.get_objects()) - before
+            kept.clear()
+            for _ in range(20):
+                cluster.clock.advance(0.01)
+            delivered = len(cluster.recorders[2].messages)
+            cluster.recorders[2].messages.clear()
+            after = len(gc.get_objects()) - before
+        finally:
+            if enabled:
+                gc.enable()
+        self.assertEqual(sender.peer_status(2).acknowledged, count)
+        self.assertEqual(delivered, count)
+        self.assertLess(pending, count * 1.05)
+        self.assertLess(after, count * 0.05)
