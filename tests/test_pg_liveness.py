@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor, task
+from twisted.logger import Logger
 
 from ilm import StoreBatch
 from ilm.backends._pg_schema import MIGRATIONS, migrate, schema_version
@@ -169,6 +170,9 @@ class StoppedAppenderTests(LivenessCase):
             StoreBatch(messages={1: (0, [b"second"])}, acked={1: 1})
         )
         blocked = time.monotonic() - stopped_at
+        Logger().info(
+            "the owner's commit ended {blocked:.2f} s after the stop", blocked=blocked
+        )
         self.assertEqual(result.positions, {1: (2, 2)})
         self.assertLess(blocked, 1.1 * LEASE + 0.5)
         self.assertFalse(self.holding(stopped))
