@@ -265,10 +265,12 @@ class PostgresBackend:
     def open(self) -> Deferred[StoredState]:
         """
         Connect, create or migrate the schema, create the node's record
-        (with a fresh incarnation) if it has none, and read the node's
-        state; see :meth:`ilm.interfaces.IBackend.open`.  On an open
-        backend, read the state again (and accept commits again after
-        :class:`ilm.errors.StoreInDoubt`).  Fails with
+        (with a fresh incarnation) if it has none, register this gateway
+        live (its liveness row, refreshed from then on every third of the
+        lease: ``ilm.backends._pg_liveness``), and read the node's state;
+        see :meth:`ilm.interfaces.IBackend.open`.  On an open backend, read
+        the state again, register this gateway live again, and accept
+        commits again after :class:`ilm.errors.StoreInDoubt`.  Fails with
         :class:`ilm.errors.StoreReadOnly`, :class:`~ilm.errors.StoreCorrupt`,
         :class:`~ilm.errors.StoreSchemaTooNew` or another
         :class:`~ilm.errors.StoreError`.
