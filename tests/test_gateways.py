@@ -822,11 +822,10 @@ class StoppedSenderTests(_ApiGateways):
     async def test_stopped_sender_does_not_block_the_owner(self) -> None:
         """
         Node 1 gets the owner's messages with no gap longer than a lease
-        and a tenth (plus 1.5 s of slack for polling and load; the stops last
-        8 s) while the
-        other gateway is stopped; at the end every accepted message was
-        delivered once, each sending loop's in its order, and nothing
-        that was not sent.
+        and a tenth (plus 1.5 s of slack for polling and load; the stops
+        last 8 s) while the other gateway is stopped; at the end every
+        accepted message was delivered once, each sending loop's in its
+        order, and nothing that was not sent.
         """
         got: list[tuple[int, bytes, float]] = []
         network = StreamNetwork(
