@@ -21,6 +21,7 @@ gateways).  At the end:
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -407,10 +408,11 @@ class StoppedMidPipelineTests(TestCase):
         await first.acquire(1)
         return first, second
 
-    def stopped(self, backend: Any, role: str = "writer") -> Any:
+    async def stopped(self, backend: Any, role: str = "writer") -> Any:
         """
         A session named as ``backend``'s ``role`` connection, stopped in the
-        middle of a pipeline holding the lease rows ``FOR SHARE``.
+        middle of a pipeline holding the lease rows ``FOR SHARE`` (once the
+        server shows it holding them: inside a transaction with an id).
         """
         conn = backend._connections.connect(role)
         self.addCleanup(conn.close)
@@ -423,6 +425,15 @@ class StoppedMidPipelineTests(TestCase):
         pgconn.send_flush_request()
         while pgconn.flush():
             pass
+        import psycopg
+
+        with psycopg.connect(DSN, autocommit=True) as probe:
+            while probe.execute(
+                b"SELECT count(*) FROM pg_stat_activity "
+                b"WHERE pid = %s AND backend_xid IS NOT NULL",
+                (conn.info.backend_pid,),
+            ).fetchone() != (1,):
+                await deferLater(reactor, 0.01)
         return conn
 
     def alive(self, conn: Any) -> bool:
@@ -454,7 +465,7 @@ class StoppedMidPipelineTests(TestCase):
         session is gone (its COMMIT could only fail).
         """
         first, second = await self.gateways()
-        stopped = self.stopped(first)
+        stopped = await self.stopped(first)
         await self.expired()
         began = time.monotonic()
         taken = await second.acquire(1, take_over=False)
@@ -472,7 +483,7 @@ class StoppedMidPipelineTests(TestCase):
 
         first, second = await self.gateways()
         await first.renew()
-        stopped = self.stopped(first)
+        stopped = await self.stopped(first)
         with self.assertRaises(StoreLocked):
             await second.acquire(1)
         self.assertTrue(self.alive(stopped))
@@ -485,7 +496,7 @@ class StoppedMidPipelineTests(TestCase):
         from ilm.errors import StoreLocked
 
         first, second = await self.gateways()
-        stopped = self.stopped(first, role="reader")
+        stopped = await self.stopped(first, role="reader")
         await self.expired()
         with self.assertRaises(StoreLocked):
             await second.acquire(1)
@@ -559,11 +570,11 @@ class SendThroughAnyGatewayTests(TestCase):
             self.assertEqual(mine, [b"%s:%d" % (name, k) for k in range(20)])
 
 
-class DiallingGatewaysTests(TestCase):
+class _ApiGateways(TestCase):
     """
-    Two ``twistd ilm`` gateways of node 2 on one PostgreSQL schema, both
-    given ``--peer 1=...`` for node 1 (in this process, listening only):
-    only the gateway that owns node 1's stream dials it.
+    Two ``twistd ilm`` gateways of node 2 on one PostgreSQL schema, with
+    their HTTP APIs, both given ``--peer 1=...`` for node 1 (in this
+    process, listening only).
     """
 
     timeout = 120
@@ -664,6 +675,14 @@ class DiallingGatewaysTests(TestCase):
                 f'SELECT max(epoch) FROM "{self.schema}".lease'.encode()
             ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+
+class DiallingGatewaysTests(_ApiGateways):
+    """
+    Two ``twistd ilm`` gateways of node 2 on one PostgreSQL schema, both
+    given ``--peer 1=...`` for node 1 (in this process, listening only):
+    only the gateway that owns node 1's stream dials it.
+    """
 
     async def test_only_the_owner_dials(self) -> None:
         """
@@ -783,6 +802,128 @@ class DiallingGatewaysTests(TestCase):
             mine = [int(c.split(b":")[1]) for c in contents if c.startswith(name)]
             self.assertEqual(mine, sorted(mine))
             self.assertEqual(len(mine), len(set(mine)))
+
+
+class StoppedSenderTests(_ApiGateways):
+    """
+    The gateway that does not own node 1's stream, sending to node 1
+    through its HTTP API at a high rate (eight requests at a time, of
+    200 kB each, so that its commits' pipelines are long and a stop lands
+    inside one often), is SIGSTOPped (three times, for 1.6 leases each)
+    while the owner sends too: the owner's messages
+    keep reaching node 1 (a stopped gateway holding the stream's row locks
+    is ended within a lease and a tenth, by the server's idle timeout or
+    the owner's liveness rule), and after SIGCONT nothing accepted is lost
+    or repeated.
+    """
+
+    timeout = 180
+
+    async def test_stopped_sender_does_not_block_the_owner(self) -> None:
+        """
+        Node 1 gets the owner's messages with no gap longer than a lease
+        and a tenth (plus 1.5 s of slack for polling and load; the stops
+        last 8 s) while the other gateway is stopped; at the end every
+        accepted message was delivered once, each sending loop's in its
+        order, and nothing that was not sent.
+        """
+        got: list[tuple[int, bytes, float]] = []
+        network = StreamNetwork(
+            1, listen=["tcp:0:interface=127.0.0.1"], keys={2: bytes.fromhex(KEY_HEX)}
+        )
+        node = await ILM.create(
+            os.path.join(self.directory, "node1.sqlite"),
+            lambda m: got.append((m.message_id, m.contents, time.monotonic())),
+            network,
+        )
+        self.addCleanup(lambda: node.shutdown(10).addErrback(lambda _: None))
+        node_port = network.listening_addresses()[0].port
+        for name in ("g1", "g2"):
+            self.start_gateway(name, node_port)
+        owner: list[str] = []
+
+        async def find_owner() -> bool:
+            for name in ("g1", "g2"):
+                if await self.link_of(name) == "up":
+                    owner[:] = [name]
+                    return True
+            return False
+
+        deadline = time.monotonic() + 30
+        while not await find_owner():
+            self.assertLess(time.monotonic(), deadline, self.logs())
+            await deferLater(reactor, 0.1)
+        (owning,) = owner
+        sender = "g2" if owning == "g1" else "g1"
+        accepted: set[bytes] = set()
+        attempted: set[bytes] = set()
+        running = [True]
+        padding = b"." * 200_000  # large batches: long pipelines
+
+        async def send(name: str, loop: int, pause: float) -> None:
+            n = 0
+            while running[0]:
+                contents = b"%s:%d:%d:" % (name.encode(), loop, n)
+                if name == sender:
+                    contents += padding
+                attempted.add(contents)
+                try:
+                    code, _ = await self.request(
+                        "POST", name, "/v1/peers/1/messages", contents
+                    )
+                except Exception:
+                    code = 0
+                if code == 202:
+                    accepted.add(contents)
+                    n += 1
+                else:
+                    await deferLater(reactor, 0.1)
+                await deferLater(reactor, pause)
+
+        loops = [Deferred.fromCoroutine(send(owning, 0, 0.02))]
+        loops += [Deferred.fromCoroutine(send(sender, i, 0)) for i in range(8)]
+
+        def stop_sending() -> Deferred[Any]:
+            running[0] = False
+            return DeferredList(loops)
+
+        self.addCleanup(stop_sending)
+        prefix = owning.encode() + b":"
+        worst = 0.0
+        for _ in range(3):
+            await self.wait_for(lambda: len(got) >= 20, "node 1 getting messages")
+            await deferLater(reactor, 1.0)
+            self.processes[sender].send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            await deferLater(reactor, 1.6 * LEASE)
+            self.processes[sender].send_signal(signal.SIGCONT)
+            times = [stopped_at] + [
+                t for _, c, t in got if c.startswith(prefix) and t >= stopped_at
+            ]
+            times.append(time.monotonic())
+            gap = max(b - a for a, b in itertools.pairwise(times))
+            worst = max(worst, gap)
+            await deferLater(reactor, 2.0)
+        Logger().info(
+            "longest gap in the owner's deliveries to node 1 while the other "
+            "gateway was stopped: {worst:.2f} s",
+            worst=worst,
+        )
+        await stop_sending()
+        await self.wait_for(
+            lambda: accepted <= {c for _, c, _ in got}, "every accepted message"
+        )
+        self.assertLess(worst, 1.1 * LEASE + 1.5, self.logs())
+        self.assertEqual([i for i, _, _ in got], list(range(1, len(got) + 1)))
+        contents = [c for _, c, _ in got]
+        self.assertEqual(len(contents), len(set(contents)), "repeated messages")
+        self.assertLessEqual(set(contents), attempted)
+        by_loop: dict[bytes, list[int]] = {}
+        for c in contents:
+            name, loop, n = c.split(b":")[:3]
+            by_loop.setdefault(name + b":" + loop, []).append(int(n))
+        for key, numbers in by_loop.items():
+            self.assertEqual(numbers, sorted(numbers), key)
 
 
 class OutboxLimitsAcrossGatewaysTests(TestCase):

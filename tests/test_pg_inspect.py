@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from ilm import StoreBatch
 from ilm.backends._pg_inspect import PostgresReport, inspect_postgres
+from ilm.backends._pg_schema import SCHEMA_VERSION
 from ilm.backends._report import LeaseReport
 from ilm.errors import StoreError
 
@@ -78,7 +79,7 @@ class InspectTests(PostgresCase):
         report = await deferToThread(inspect_postgres, DSN, schema=schema)
         self.assertIsInstance(report, PostgresReport)
         self.assertEqual(report.schema, schema)
-        self.assertEqual(report.schema_version, 1)
+        self.assertEqual(report.schema_version, SCHEMA_VERSION)
         self.assertEqual([n.node_id for n in report.nodes], [1, "two"])
         one, two = report.nodes
         self.assertEqual(one.incarnation, incarnations[1])

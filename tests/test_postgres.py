@@ -267,7 +267,16 @@ class SchemaTests(PostgresCase):
         )
         self.assertEqual(
             [t for (t,) in tables],
-            ["ilm_schema", "inbound", "lease", "node", "outbound", "outbox", "peer"],
+            [
+                "gateway",
+                "ilm_schema",
+                "inbound",
+                "lease",
+                "node",
+                "outbound",
+                "outbox",
+                "peer",
+            ],
         )
         self.assertEqual(
             self.sql(f'SELECT int_id, str_id, incarnation FROM "{schema}".node'),
@@ -283,7 +292,7 @@ class SchemaTests(PostgresCase):
         require_postgres()
         schema = self.new_schema()
         conn = self.admin
-        self.assertEqual(migrate(conn, schema), (0, 1))
+        self.assertEqual(migrate(conn, schema, MIGRATIONS, 1), (0, 1))
         self.sql(
             f'INSERT INTO "{schema}".node (int_id, incarnation) VALUES (1, %s)',
             INCARNATION,

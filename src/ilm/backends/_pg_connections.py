@@ -80,6 +80,14 @@ class PostgresConnections:
         """Transactions run again after a serialization failure or deadlock."""
         self.reconnected = 0
         """Transactions run again on a new connection after losing theirs."""
+        self.writer_pid: int | None = None
+        """The server process of the writer connection (``None``: none yet)."""
+        self.writer_busy_since: float | None = None
+        """
+        When (``time.monotonic()``) the transaction running on the writer
+        connection began, ``None`` between transactions: set on the writer
+        thread, read by the liveness watch (a lock wait shows as a long one).
+        """
 
     def start(self) -> None:
         """The threads started: log through the reactor from now on."""
@@ -128,6 +136,7 @@ class PostgresConnections:
         conn = self.writer
         self.writer = None
         conn = self.writer = self._replaced(conn, "writer")
+        self.writer_pid = conn.info.backend_pid
         return conn
 
     def reader_conn(self) -> _Conn:
@@ -207,6 +216,18 @@ class PostgresConnections:
         dropped it) is replaced and ``body`` run once more: the lost
         transaction can never commit, so nothing can be applied twice.
         """
+        self.writer_busy_since = time.monotonic()
+        try:
+            return self._interaction(doing, body, in_doubt)
+        finally:
+            self.writer_busy_since = None
+
+    def _interaction(
+        self,
+        doing: str,
+        body: Callable[[_Conn], _T],
+        in_doubt: Callable[[StoreError], StoreError] | None,
+    ) -> _T:
         attempt = 0
         reconnected = False
         while True:

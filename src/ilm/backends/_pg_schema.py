@@ -48,7 +48,7 @@ __all__ = [
     "store_error",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this version of ILM writes."""
 
 APPLICATION = "ILM1"
@@ -139,7 +139,29 @@ def _create_v1(conn: _Conn, s: str) -> None:
         conn.execute(statement.replace("{s}", s).encode())
 
 
-MIGRATIONS: Mapping[int, Migration] = {0: _create_v1}
+def _add_gateways_v2(conn: _Conn, s: str) -> None:
+    """
+    Version 1 to 2: the liveness of each gateway process.
+
+    - ``gateway``: per (node, gateway name), until when (database time)
+      that gateway is known to be running and reaching the database
+      (``expires_at``, refreshed every third of its lease duration) and
+      when it last opened the store (``opened_at``).  A gateway whose row
+      has expired may have its writer sessions ended when they block
+      another gateway's write (:mod:`ilm.backends._pg_liveness`).
+    """
+    conn.execute(
+        (
+            f"CREATE TABLE {s}.gateway ("
+            f" node_key integer NOT NULL REFERENCES {s}.node,"
+            f" name text NOT NULL CHECK (length(name) BETWEEN 1 AND 255),"
+            f" expires_at timestamptz NOT NULL, opened_at timestamptz NOT NULL,"
+            f" PRIMARY KEY (node_key, name))"
+        ).encode()
+    )
+
+
+MIGRATIONS: Mapping[int, Migration] = {0: _create_v1, 1: _add_gateways_v2}
 """``MIGRATIONS[v]`` takes a schema from version ``v`` to ``v + 1``."""
 
 

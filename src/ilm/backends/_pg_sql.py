@@ -194,6 +194,47 @@ class Statements:
         several holders sharing the lock, any such writer of that
         gateway).  Returns the sessions signalled.
         """
+        self.register_gateway = (
+            f"INSERT INTO {s}.gateway AS g (node_key, name, expires_at, opened_at) "
+            f"VALUES (%s, %s, now() + make_interval(secs => %s), now()) "
+            f"ON CONFLICT (node_key, name) DO UPDATE "
+            f"SET expires_at = excluded.expires_at, opened_at = excluded.opened_at"
+        ).encode()
+        """Records a gateway live for the given seconds, opened now."""
+        self.refresh_gateway = (
+            f"INSERT INTO {s}.gateway AS g (node_key, name, expires_at, opened_at) "
+            f"VALUES (%s, %s, now() + make_interval(secs => %s), now()) "
+            f"ON CONFLICT (node_key, name) DO UPDATE "
+            f"SET expires_at = excluded.expires_at"
+        ).encode()
+        """Records a gateway live for the given seconds more."""
+        self.expire_gateway = (
+            f"UPDATE {s}.gateway SET expires_at = now() "
+            f"WHERE node_key = %s AND name = %s AND expires_at > now()"
+        ).encode()
+        """A gateway closing: its liveness ends now."""
+        self.end_stopped_blockers = (
+            f"SELECT a.pid, min(g.name), pg_terminate_backend(a.pid) "
+            f"FROM unnest(pg_blocking_pids(%(pid)s)) AS b(pid) "
+            f"JOIN pg_stat_activity a ON a.pid = b.pid "
+            f"JOIN {s}.gateway g ON g.node_key = %(n)s "
+            f"AND a.application_name = left('ilm writer ' || g.name, 63) "
+            f"WHERE g.name <> %(me)s AND a.backend_xid IS NOT NULL "
+            f"AND a.pid <> pg_backend_pid() "
+            f"AND NOT EXISTS (SELECT 1 FROM {s}.gateway l "
+            f"WHERE l.node_key = %(n)s "
+            f"AND left('ilm writer ' || l.name, 63) = a.application_name "
+            f"AND (l.expires_at > now() OR l.name = %(me)s)) "
+            f"GROUP BY a.pid"
+        ).encode()
+        """
+        Ends the sessions that block the session ``pid`` (this gateway's
+        writer) and are, by their ``application_name``, the writer session
+        of a gateway of this node whose liveness row has expired (by the
+        database's clock), inside a write transaction.  A name shared (up
+        to the 63 bytes of ``application_name``) with a live gateway or
+        this one is left alone.  Returns the sessions signalled.
+        """
         self.take = (
             f"UPDATE {s}.lease SET owner = %s, epoch = epoch + 1, "
             f"expires_at = now() + make_interval(secs => %s), acquired_at = now() "

@@ -28,7 +28,9 @@ module: the schema and migrations (``_pg_schema``), the statements
 (``_pg_sql``), the connections and interaction wrapper
 (``_pg_connections``), the node's rows (``_pg_node``), the commit path
 (``_pg_commit``), the leases (``_pg_leases``), the reads (``_pg_reads``),
-the append hints (``_pg_listener``) and inspection (``_pg_inspect``).
+the append hints (``_pg_listener``), the gateway's liveness and the
+ending of stopped gateways' sessions that block its writes
+(``_pg_liveness``) and inspection (``_pg_inspect``).
 
 docs/scaling.md explains the design, the failure cases and the figures.
 """
@@ -59,6 +61,7 @@ from ilm.backends._pg_commit import PostgresCommitter
 from ilm.backends._pg_connections import RETRIED_SQLSTATES, PostgresConnections
 from ilm.backends._pg_leases import PostgresLeases
 from ilm.backends._pg_listener import HintListener
+from ilm.backends._pg_liveness import GatewayLiveness
 from ilm.backends._pg_node import PostgresNode
 from ilm.backends._pg_reads import PostgresReads, checked_peer_id, read_problem
 from ilm.backends._pg_schema import (
@@ -107,7 +110,9 @@ class PostgresBackend:
         (default 5).
     :param lock_timeout: the longest a transaction waits for a row lock
         (default 10 s); reaching it fails the operation with
-        :class:`ilm.errors.StoreLocked`.
+        :class:`ilm.errors.StoreLocked`.  A write blocked by a gateway of
+        this node stopped inside a transaction is freed within 1.1 leases
+        of the stop (``ilm.backends._pg_liveness``): keep this above that.
     :param retries: how many times a transaction is run in all when it
         meets a serialization failure or a deadlock (default 5).
     :param connect_timeout: seconds to establish a connection (default 10).
@@ -210,6 +215,14 @@ class PostgresBackend:
             channel=channel,
         )
         self._reads = PostgresReads(self._node, self._connections)
+        self._liveness = GatewayLiveness(
+            self._node,
+            self._connections,
+            self._threads,
+            gateway=gateway,
+            lease_duration=self.lease_duration,
+            usable=lambda: self._life.unusable() is None,
+        )
         self._channel = channel
         self._listener: HintListener | None = None
 
@@ -241,6 +254,7 @@ class PostgresBackend:
         committed; leases run out by themselves.
         """
         self._stop_listener()
+        self._liveness.stop()
         self._life.stop()
 
     def _stopped(self) -> None:
@@ -251,10 +265,12 @@ class PostgresBackend:
     def open(self) -> Deferred[StoredState]:
         """
         Connect, create or migrate the schema, create the node's record
-        (with a fresh incarnation) if it has none, and read the node's
-        state; see :meth:`ilm.interfaces.IBackend.open`.  On an open
-        backend, read the state again (and accept commits again after
-        :class:`ilm.errors.StoreInDoubt`).  Fails with
+        (with a fresh incarnation) if it has none, register this gateway
+        live (its liveness row, refreshed from then on every third of the
+        lease: ``ilm.backends._pg_liveness``), and read the node's state;
+        see :meth:`ilm.interfaces.IBackend.open`.  On an open backend, read
+        the state again, register this gateway live again, and accept
+        commits again after :class:`ilm.errors.StoreInDoubt`.  Fails with
         :class:`ilm.errors.StoreReadOnly`, :class:`~ilm.errors.StoreCorrupt`,
         :class:`~ilm.errors.StoreSchemaTooNew` or another
         :class:`~ilm.errors.StoreError`.
@@ -267,11 +283,19 @@ class PostgresBackend:
                 self._life.undo_open, self._close_writer, self._close_reader
             )
 
-        return self._life.open(open_writer, lambda: self._opened(self._node.reload))
+        d = self._life.open(open_writer, lambda: self._opened(self._node.reload))
+        return d.addCallback(self._watching)
 
     def _opened(self, read: Callable[[], StoredState]) -> StoredState:
         state = read()
+        # Registered live on every opening, and again on reopening (after
+        # StoreInDoubt: a gateway resumed after its sessions were ended).
+        self._liveness.register()
         self._life.broken = None
+        return state
+
+    def _watching(self, state: StoredState) -> StoredState:
+        self._liveness.start()
         return state
 
     def commit(self, batch: StoreBatch) -> Deferred[CommitResult]:
@@ -328,11 +352,14 @@ class PostgresBackend:
         """
         if self._life.opened and self._life.closing is None:
             self._stop_listener()
+            self._liveness.stop()
         return self._life.close(lambda: self._close_writer(True), self._close_reader)
 
     def _close_writer(self, release: bool = False) -> None:
         try:
             self._leases.close(release)
+            if release:
+                self._liveness.expire()
         finally:
             self._connections.close_writer()
 
