@@ -412,6 +412,9 @@ class NodeLife:
         # that their acknowledgements reach the peers before we go.
         idle = await self._within(committer.barrier(), deadline)
         drained = drained and idle
+        # The ACKs paced to leave later leave now, while the links are up.
+        for peer in core.peers.values():
+            peer.acks.flush()
         pending = self.pending()
         grace = max(deadline, clock.seconds() + 1.0)
         closed = await self._within(maybeDeferred(core.network.stop), grace)

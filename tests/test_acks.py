@@ -1,0 +1,268 @@
+"""
+Tests for :mod:`ilm._acks`: the pacing of ACKs after commits, alone on a
+``Clock`` and between two nodes.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm import Config, Receipt, _frames
+from ilm._acks import AckPacer
+from ilm._peerid import PeerId
+from ilm._session import InboundStream
+from tests.support import Cluster, numbered
+
+
+class PacerFixture:
+    """One pacer on a ``Clock``, counting the ACKs it asks for."""
+
+    def __init__(self, interval: float) -> None:
+        self.clock = Clock()
+        self.stream = InboundStream(
+            "a" * 32, 0, window=64, window_bytes=1000, max_frame_size=100
+        )
+        self.sends: list[float] = []
+        self.pacer = AckPacer(
+            interval,
+            clock=self.clock,
+            later=self.clock.callLater,
+            send=self.send,
+        )
+
+    def send(self) -> None:
+        # What PeerRouter.send_ack does: an ACK computed now, reported.
+        self.sends.append(self.clock.seconds())
+        self.pacer.sent(self.stream)
+
+    def commit(self, marked: int, delivered_bytes: int = 0) -> None:
+        """A commit made the stream's mark ``marked`` durable."""
+        self.stream.marked = marked
+        self.stream.delivered_bytes = delivered_bytes
+        self.pacer.committed(self.stream, 64, 1000)
+
+
+class AckPacerTests(SynchronousTestCase):
+    def test_leading_edge(self) -> None:
+        """
+        The first commit's ACK goes at once, as does the first after a
+        spell of at least the interval without one.
+        """
+        f = PacerFixture(0.05)
+        f.commit(1)
+        self.assertEqual(f.sends, [0.0])
+        f.clock.advance(0.05)
+        f.commit(2)
+        self.assertEqual(f.sends, [0.0, 0.05])
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+
+    def test_coalesced(self) -> None:
+        """
+        Commits within the interval after an ACK share one ACK, written
+        when the interval has passed; nothing more is owed after it.
+        """
+        f = PacerFixture(0.05)
+        f.commit(1)
+        for position in range(2, 6):
+            f.clock.advance(0.01)
+            f.commit(position)
+        self.assertEqual(f.sends, [0.0])
+        f.clock.advance(0.0099)
+        self.assertEqual(f.sends, [0.0])
+        f.clock.advance(0.0001)
+        self.assertEqual(len(f.sends), 2)
+        self.assertAlmostEqual(f.sends[1], 0.05)
+        self.assertEqual(f.pacer.acked, 5)
+        f.clock.advance(1)
+        self.assertEqual(len(f.sends), 2)
+
+    def test_quarter_window(self) -> None:
+        """
+        A commit that leaves a quarter of the window (16 of 64 messages)
+        unacknowledged is acknowledged at once, even within the interval,
+        and the trailing ACK is then no longer owed.
+        """
+        f = PacerFixture(10.0)
+        f.commit(1)
+        f.commit(16)
+        self.assertEqual(len(f.sends), 1)
+        self.assertIsNotNone(f.pacer.call)
+        f.commit(17)
+        self.assertEqual(len(f.sends), 2)
+        self.assertIsNone(f.pacer.call)
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+
+    def test_quarter_window_bytes(self) -> None:
+        """
+        A quarter of the byte window (250 of 1,000) delivered since the last
+        ACK also sends one at once.
+        """
+        f = PacerFixture(10.0)
+        f.commit(1, delivered_bytes=10)
+        f.commit(2, delivered_bytes=259)
+        self.assertEqual(len(f.sends), 1)
+        f.commit(3, delivered_bytes=260)
+        self.assertEqual(len(f.sends), 2)
+
+    def test_new_stream(self) -> None:
+        """
+        The marks of a stream other than the one last acknowledged (the
+        peer's new incarnation) are acknowledged at once.
+        """
+        f = PacerFixture(10.0)
+        f.commit(1)
+        f.stream = InboundStream(
+            "b" * 32, 0, window=64, window_bytes=1000, max_frame_size=100
+        )
+        f.commit(1)
+        self.assertEqual(len(f.sends), 2)
+
+    def test_zero_interval(self) -> None:
+        """With an interval of 0 every commit's marks go out at once."""
+        f = PacerFixture(0.0)
+        for position in range(1, 5):
+            f.commit(position)
+        self.assertEqual(f.sends, [0.0] * 4)
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+
+    def test_other_ack_cancels(self) -> None:
+        """
+        An ACK written for another reason (duplicates, held data) carries
+        the latest mark: the owed one is dropped and the interval counts
+        from it.
+        """
+        f = PacerFixture(0.05)
+        f.commit(1)
+        f.clock.advance(0.01)
+        f.commit(2)
+        f.clock.advance(0.01)
+        f.send()
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+        f.clock.advance(0.04)
+        f.commit(3)
+        self.assertEqual(len(f.sends), 2)
+        f.clock.advance(0.011)
+        self.assertEqual(len(f.sends), 3)
+
+    def test_flush_and_cancel(self) -> None:
+        """
+        ``flush`` writes the owed ACK now (the node stops); ``cancel``
+        drops it (the link went); neither writes one that is not owed.
+        """
+        f = PacerFixture(0.05)
+        f.pacer.flush()
+        self.assertEqual(f.sends, [])
+        f.commit(1)
+        f.commit(2)
+        f.pacer.flush()
+        self.assertEqual(f.sends, [0.0, 0.0])
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+        f.clock.advance(1)
+        f.commit(3)
+        f.commit(4)
+        f.pacer.cancel()
+        f.clock.advance(1)
+        self.assertEqual(len(f.sends), 3)
+
+
+class AckRecorder:
+    """A fault policy that lets every frame through and records ACKs 2 → 1."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.acks: list[tuple[float, int]] = []
+
+    def __call__(
+        self, source: PeerId, destination: PeerId, frame: bytes
+    ) -> tuple[float, ...]:
+        if source == 2 and _frames.frame_type(frame) == _frames.ACK:
+            self.acks.append((self.clock.seconds(), _frames.decode_ack(frame)[0]))
+        return (0.0,)
+
+
+def paced_cluster(**config: object) -> tuple[Cluster, AckRecorder]:
+    c = Cluster(Config(**config))  # type: ignore[arg-type]
+    recorder = AckRecorder(c.clock)
+    c.network.fault_policy = recorder
+    c.start(1)
+    c.start(2)
+    c.run_until(lambda: c.nodes[1].connected_peers())
+    c.run_until(lambda: not c.clock.getDelayedCalls() or recorder.acks, 1.0)
+    c.clock.advance(0.01)
+    # The ACK of the handshake's mark (position 0) is not what is tested.
+    del recorder.acks[:]
+    return c, recorder
+
+
+class PacedNodesTests(SynchronousTestCase):
+    def stored(self, c: Cluster, d: Deferred[Receipt]) -> Receipt:
+        """The receipt ``d`` gives once its message is stored."""
+        c.run_until(lambda: d.called, 1.0)
+        return self.successResultOf(d)
+
+    def test_lone_message_acknowledged_at_once(self) -> None:
+        """
+        A lone message's acknowledgement waits for its mark's commit, not
+        for the interval.
+        """
+        c, recorder = paced_cluster(ack_interval=5.0)
+        receipt = self.stored(c, c.nodes[1].send_to(2, b"x"))
+        elapsed = c.run_until(lambda: receipt.acknowledged.called)
+        self.assertLess(elapsed, 0.1)
+        self.assertEqual([position for _, position in recorder.acks], [1])
+
+    def test_coalesced_receipts_fire(self) -> None:
+        """
+        Messages sent one by one within the interval share one trailing
+        ACK, and every ``acknowledged`` receipt fires with it.
+        """
+        c, recorder = paced_cluster(ack_interval=1.0, retransmit_timeout=5.0)
+        a = c.nodes[1]
+        first = self.stored(c, a.send_to(2, b"first"))
+        c.run_until(lambda: first.acknowledged.called)
+        receipts = []
+        for contents in numbered(5):
+            c.clock.advance(0.1)
+            receipts.append(self.stored(c, a.send_to(2, contents)))
+        c.run_until(lambda: len(c.received(2, 1)) == 6)
+        self.assertEqual(len(recorder.acks), 1)
+        self.assertFalse(any(r.acknowledged.called for r in receipts))
+        c.run_until(lambda: all(r.acknowledged.called for r in receipts), 2.0)
+        self.assertEqual([position for _, position in recorder.acks], [1, 6])
+        self.assertAlmostEqual(recorder.acks[1][0] - recorder.acks[0][0], 1.0)
+        c.run_until(lambda: c.outbox(1, 2) == [], 1.0)
+
+    def test_window_never_waits_for_the_interval(self) -> None:
+        """
+        With a window of 8 and an interval of 10 s, 200 messages go through
+        in well under one interval: each quarter window is acknowledged at
+        once.
+        """
+        c, recorder = paced_cluster(window=8, ack_interval=10.0)
+        a = c.nodes[1]
+        sends = [a.send_to(2, m) for m in numbered(200)]
+        receipts = [self.stored(c, d) for d in sends]
+        elapsed = c.run_until(lambda: receipts[-1].acknowledged.called)
+        self.assertLess(elapsed, 2.0)
+        self.assertEqual(c.received(2, 1), numbered(200))
+        self.assertGreaterEqual(len(recorder.acks), 200 // 8)
+
+    def test_shutdown_sends_the_owed_ack(self) -> None:
+        """
+        A node that stops writes the ACK it owes before its links close.
+        """
+        c, recorder = paced_cluster(ack_interval=5.0)
+        a = c.nodes[1]
+        first = self.stored(c, a.send_to(2, b"first"))
+        c.run_until(lambda: first.acknowledged.called)
+        second = self.stored(c, a.send_to(2, b"second"))
+        c.run_until(lambda: c.received(2, 1) == [b"first", b"second"])
+        c.clock.advance(0.1)
+        self.assertFalse(second.acknowledged.called)
+        stopped = c.nodes[2].stopService()
+        c.run_until(lambda: stopped.called, 10.0)
+        self.assertEqual([position for _, position in recorder.acks], [1, 2])
+        self.assertLess(recorder.acks[1][0], 2.0)
+        c.run_until(lambda: second.acknowledged.called, 1.0)
