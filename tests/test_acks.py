@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm import Config, Receipt, _frames
-from ilm._acks import AckPacer
+from ilm._acks import AckPacer, AckSchedule
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
 from tests.support import Cluster, numbered
@@ -25,10 +25,13 @@ class PacerFixture:
             "a" * 32, 0, window=64, window_bytes=1000, max_frame_size=100
         )
         self.sends: list[float] = []
+        self.schedule = AckSchedule(
+            interval, clock=self.clock, later=self.clock.callLater
+        )
         self.pacer = AckPacer(
             interval,
             clock=self.clock,
-            later=self.clock.callLater,
+            schedule=self.schedule,
             send=self.send,
         )
 
@@ -88,11 +91,12 @@ class AckPacerTests(SynchronousTestCase):
         f.commit(1)
         f.commit(16)
         self.assertEqual(len(f.sends), 1)
-        self.assertIsNotNone(f.pacer.call)
+        self.assertTrue(f.pacer.owed)
         f.commit(17)
         self.assertEqual(len(f.sends), 2)
-        self.assertIsNone(f.pacer.call)
-        self.assertEqual(f.clock.getDelayedCalls(), [])
+        self.assertFalse(f.pacer.owed)
+        f.clock.advance(20)
+        self.assertEqual(len(f.sends), 2)
 
     def test_quarter_window_bytes(self) -> None:
         """
@@ -139,7 +143,7 @@ class AckPacerTests(SynchronousTestCase):
         f.commit(2)
         f.clock.advance(0.01)
         f.send()
-        self.assertEqual(f.clock.getDelayedCalls(), [])
+        self.assertFalse(f.pacer.owed)
         f.clock.advance(0.04)
         f.commit(3)
         self.assertEqual(len(f.sends), 2)
@@ -158,13 +162,67 @@ class AckPacerTests(SynchronousTestCase):
         f.commit(2)
         f.pacer.flush()
         self.assertEqual(f.sends, [0.0, 0.0])
-        self.assertEqual(f.clock.getDelayedCalls(), [])
         f.clock.advance(1)
+        self.assertEqual(f.sends, [0.0, 0.0])
         f.commit(3)
         f.commit(4)
         f.pacer.cancel()
         f.clock.advance(1)
         self.assertEqual(len(f.sends), 3)
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+
+
+class AckScheduleTests(SynchronousTestCase):
+    def test_one_timer_for_many_peers(self) -> None:
+        """
+        The ACKs 1,000 peers owe share one pending timer; each is written
+        when due (no sooner than an eighth of the interval after the
+        previous firing), and none is written twice.
+        """
+        clock = Clock()
+        schedule = AckSchedule(0.08, clock=clock, later=clock.callLater)
+        sends: list[tuple[int, float]] = []
+        pacers = []
+        stream = InboundStream(
+            "a" * 32, 0, window=4096, window_bytes=1 << 20, max_frame_size=100
+        )
+        for i in range(1000):
+            pacer = AckPacer(
+                0.08,
+                clock=clock,
+                schedule=schedule,
+                send=lambda i=i: sends.append((i, clock.seconds())),
+            )
+            pacer.sent(stream)
+            pacers.append(pacer)
+        clock.advance(0.05)
+        stream.marked = 1
+        for i, pacer in enumerate(pacers):
+            # Each peer's last ACK was at 0 or at 0.005 (the odd ones).
+            pacer.sent_at = 0.005 * (i % 2)
+            pacer.committed(stream, 4096, 1 << 20)
+        self.assertEqual(sends, [])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0.03)
+        self.assertEqual(sorted(i for i, _ in sends), list(range(0, 1000, 2)))
+        clock.advance(0.005)
+        self.assertEqual(len(sends), 500)
+        clock.advance(0.005)
+        self.assertEqual(sorted(i for i, _ in sends), list(range(1000)))
+        self.assertAlmostEqual(max(at for _, at in sends), 0.09)
+        clock.advance(1)
+        self.assertEqual(len(sends), 1000)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stop(self) -> None:
+        """A stopped schedule writes nothing and leaves no timer."""
+        f = PacerFixture(0.05)
+        f.commit(1)
+        f.commit(2)
+        f.schedule.stop()
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+        f.clock.advance(1)
+        self.assertEqual(len(f.sends), 1)
 
 
 class AckRecorder:

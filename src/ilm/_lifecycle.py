@@ -454,6 +454,7 @@ class NodeLife:
     def _stop_everything(self) -> None:
         core = self._core
         self._committer.stop()
+        self._router.ack_schedule.stop()
         if self._router.streams is not None:
             self._router.streams.guard.stop()
         core.stop_limiter()
@@ -482,6 +483,7 @@ class NodeLife:
             peer.cancel_timers()
             peer.sender.waiters = []
         self._committer.stop()
+        self._router.ack_schedule.stop()
         if self._router.streams is not None:
             self._router.streams.guard.stop(crashed=True)
         core.stop_limiter()

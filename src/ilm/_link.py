@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
-from ilm._acks import AckPacer
+from ilm._acks import AckPacer, AckSchedule
 from ilm._backoff import Backoff
 from ilm._committer import GroupCommitter
 from ilm._deliverer import PeerDeliverer, one_line
@@ -79,6 +79,10 @@ class PeerRouter:
             config.delivery_retry, config.max_delivery_retry
         )
         self.peers = core.peers
+        #: The paced ACKs this node owes (ilm._acks).
+        self.ack_schedule = AckSchedule(
+            config.ack_interval, clock=core.clock, later=core.later
+        )
         outcomes = CommitOutcomes(core, self)
         shared = OwnershipGuard.shares(core.backend)
         self.committer = GroupCommitter(
@@ -149,7 +153,7 @@ class PeerRouter:
         peer.acks = AckPacer(
             config.ack_interval,
             clock=core.clock,
-            later=core.later,
+            schedule=self.ack_schedule,
             send=lambda: self.send_ack(peer),
         )
         return peer
