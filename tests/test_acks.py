@@ -5,14 +5,19 @@ Tests for :mod:`ilm._acks`: the pacing of ACKs after commits, alone on a
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm import Config, Receipt, _frames
 from ilm._acks import AckPacer, AckSchedule
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
+from ilm._store import StoreBatch
+from ilm.testing import InMemoryBackend, InMemoryStorage
 from tests.support import Cluster, numbered
 
 
@@ -41,8 +46,12 @@ class PacerFixture:
         self.pacer.sent(self.stream)
 
     def commit(self, marked: int, delivered_bytes: int = 0) -> None:
-        """A commit made the stream's mark ``marked`` durable."""
+        """
+        A commit made the stream's mark ``marked`` durable, while one more
+        message had arrived (a sender with more on the way).
+        """
         self.stream.marked = marked
+        self.stream.delivered = marked + 1
         self.stream.delivered_bytes = delivered_bytes
         self.pacer.committed(self.stream, 64, 1000)
 
@@ -123,6 +132,20 @@ class AckPacerTests(SynchronousTestCase):
         f.commit(1)
         self.assertEqual(len(f.sends), 2)
 
+    def test_all_marked(self) -> None:
+        """
+        Marks that cover everything the peer sent (nothing arrived since)
+        go at once even within the interval: the sender may be waiting.
+        """
+        f = PacerFixture(10.0)
+        f.commit(1)
+        f.commit(2)
+        self.assertEqual(len(f.sends), 1)
+        f.stream.marked = f.stream.delivered = 5
+        f.pacer.committed(f.stream, 64, 1000)
+        self.assertEqual(len(f.sends), 2)
+        self.assertFalse(f.pacer.owed)
+
     def test_zero_interval(self) -> None:
         """With an interval of 0 every commit's marks go out at once."""
         f = PacerFixture(0.0)
@@ -200,6 +223,7 @@ class AckScheduleTests(SynchronousTestCase):
         for i, pacer in enumerate(pacers):
             # Each peer's last ACK was at 0 or at 0.005 (the odd ones).
             pacer.sent_at = 0.005 * (i % 2)
+            stream.delivered = 2
             pacer.committed(stream, 4096, 1 << 20)
         self.assertEqual(sends, [])
         self.assertEqual(len(clock.getDelayedCalls()), 1)
@@ -240,12 +264,31 @@ class AckRecorder:
         return (0.0,)
 
 
+class SlowCommits:
+    """An in-memory backend whose commits take 5 ms; counts them."""
+
+    def __init__(self, inner: InMemoryBackend, clock: Clock) -> None:
+        self._inner = inner
+        self._clock = clock
+        self.commits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def commit(self, batch: StoreBatch) -> Deferred[object]:
+        self.commits += 1
+        return deferLater(self._clock, 0.005, lambda: None).addCallback(
+            lambda _: self._inner.commit(batch)
+        )
+
+
 def paced_cluster(**config: object) -> tuple[Cluster, AckRecorder]:
     c = Cluster(Config(**config))  # type: ignore[arg-type]
     recorder = AckRecorder(c.clock)
     c.network.fault_policy = recorder
     c.start(1)
-    c.start(2)
+    storage = c.storages.setdefault(2, InMemoryStorage())
+    c.start(2, SlowCommits(InMemoryBackend(storage), c.clock))
     c.run_until(lambda: c.nodes[1].connected_peers())
     c.run_until(lambda: not c.clock.getDelayedCalls() or recorder.acks, 1.0)
     c.clock.advance(0.01)
@@ -271,26 +314,50 @@ class PacedNodesTests(SynchronousTestCase):
         self.assertLess(elapsed, 0.1)
         self.assertEqual([position for _, position in recorder.acks], [1])
 
+    def streamed(self, c: Cluster, count: int, gap: float) -> list[Deferred[Receipt]]:
+        """
+        Node 1 sends ``count`` messages to node 2, one every ``gap`` seconds
+        (node 2's commits take 5 ms, so each lands with more arrived).
+        """
+        sends = []
+        for contents in numbered(count):
+            sends.append(c.nodes[1].send_to(2, contents))
+            c.clock.advance(gap)
+        return sends
+
     def test_coalesced_receipts_fire(self) -> None:
         """
-        Messages sent one by one within the interval share one trailing
-        ACK, and every ``acknowledged`` receipt fires with it.
+        A steady stream (a message every 2 ms for 0.5 s, an interval of
+        0.1 s) gets about one ACK per interval, not one per commit, every
+        ACK carrying the mark of its moment; every ``acknowledged`` receipt
+        fires.
         """
-        c, recorder = paced_cluster(ack_interval=1.0, retransmit_timeout=5.0)
+        c, recorder = paced_cluster(ack_interval=0.1)
+        sends = self.streamed(c, 250, 0.002)
+        receipts = [self.stored(c, d) for d in sends]
+        c.run_until(lambda: all(r.acknowledged.called for r in receipts), 1.0)
+        positions = [p for _, p in recorder.acks]
+        self.assertEqual(positions[-1], 250)
+        self.assertEqual(positions, sorted(positions))
+        self.assertLessEqual(len(positions), 9)
+        times = [t for t, _ in recorder.acks]
+        gaps = [b - a for a, b in itertools.pairwise(times[:-1])]
+        self.assertTrue(all(g >= 0.1 - 1e-9 for g in gaps), gaps)
+        self.assertGreater(c.backends[2].commits, 3 * len(positions))
+
+    def test_waiting_sender_not_paced(self) -> None:
+        """
+        A sender that awaits each message's acknowledgement before sending
+        the next gets each one after its commit, not after the interval.
+        """
+        c, recorder = paced_cluster(ack_interval=5.0)
         a = c.nodes[1]
-        first = self.stored(c, a.send_to(2, b"first"))
-        c.run_until(lambda: first.acknowledged.called)
-        receipts = []
-        for contents in numbered(5):
-            c.clock.advance(0.1)
-            receipts.append(self.stored(c, a.send_to(2, contents)))
-        c.run_until(lambda: len(c.received(2, 1)) == 6)
-        self.assertEqual(len(recorder.acks), 1)
-        self.assertFalse(any(r.acknowledged.called for r in receipts))
-        c.run_until(lambda: all(r.acknowledged.called for r in receipts), 2.0)
-        self.assertEqual([position for _, position in recorder.acks], [1, 6])
-        self.assertAlmostEqual(recorder.acks[1][0] - recorder.acks[0][0], 1.0)
-        c.run_until(lambda: c.outbox(1, 2) == [], 1.0)
+        elapsed = 0.0
+        for contents in numbered(20):
+            acknowledged = self.stored(c, a.send_to(2, contents)).acknowledged
+            elapsed += c.run_until(lambda d=acknowledged: d.called, 1.0)
+        self.assertLess(elapsed, 0.5)
+        self.assertEqual([p for _, p in recorder.acks], list(range(1, 21)))
 
     def test_window_never_waits_for_the_interval(self) -> None:
         """
@@ -307,20 +374,51 @@ class PacedNodesTests(SynchronousTestCase):
         self.assertEqual(c.received(2, 1), numbered(200))
         self.assertGreaterEqual(len(recorder.acks), 200 // 8)
 
-    def test_shutdown_sends_the_owed_ack(self) -> None:
+    def test_shutdown_acknowledges_the_last_mark(self) -> None:
         """
-        A node that stops writes the ACK it owes before its links close.
+        A node that stops in the middle of a paced stream acknowledges its
+        last durable mark before its links close, not an interval later.
         """
         c, recorder = paced_cluster(ack_interval=5.0)
-        a = c.nodes[1]
-        first = self.stored(c, a.send_to(2, b"first"))
-        c.run_until(lambda: first.acknowledged.called)
-        second = self.stored(c, a.send_to(2, b"second"))
-        c.run_until(lambda: c.received(2, 1) == [b"first", b"second"])
-        c.clock.advance(0.1)
-        self.assertFalse(second.acknowledged.called)
+        pacer = c.nodes[2]._router.peers[1].acks
+        sends = iter(numbered(100))
+        while not pacer.owed:
+            c.nodes[1].send_to(2, next(sends))
+            c.clock.advance(0.002)
+        owed_at = c.clock.seconds()
+        before = len(recorder.acks)
         stopped = c.nodes[2].stopService()
         c.run_until(lambda: stopped.called, 10.0)
-        self.assertEqual([position for _, position in recorder.acks], [1, 2])
-        self.assertLess(recorder.acks[1][0], 2.0)
-        c.run_until(lambda: second.acknowledged.called, 1.0)
+        self.assertGreater(len(recorder.acks), before)
+        at, position = recorder.acks[-1]
+        self.assertLess(at - owed_at, 1.0)
+        self.assertEqual(position, pacer.acked)
+        marks = {r.peer_id: r.delivered for r in c.storages[2].state().inbound}
+        self.assertEqual(position, marks[1])
+
+    def test_shutdown_writes_the_owed_ack(self) -> None:
+        """
+        A node that stops while it owes a paced ACK, with nothing left to
+        commit (later messages wait behind a delivery that has not
+        finished), writes that ACK before its links close.
+        """
+        c, recorder = paced_cluster(ack_interval=5.0, ack_delay=10.0)
+        pacer = c.nodes[2]._router.peers[1].acks
+        c.recorders[2].hold = hold = Deferred()
+        sends = iter(numbered(100))
+        c.nodes[1].send_to(2, b"held")
+        c.clock.advance(0.002)
+        hold.callback(None)
+        c.recorders[2].hold = Deferred()
+        while not pacer.owed:
+            c.nodes[1].send_to(2, next(sends))
+            c.clock.advance(0.002)
+        c.clock.advance(0.1)
+        self.assertTrue(pacer.owed)
+        before = len(recorder.acks)
+        stopped = c.nodes[2].stopService()
+        stopped.addErrback(lambda _: None)
+        c.run_until(lambda: len(recorder.acks) > before, 1.0)
+        self.assertEqual(recorder.acks[-1][1], pacer.acked)
+        c.recorders[2].hold.callback(None)
+        c.run_until(lambda: stopped.called, 60.0)

@@ -10,7 +10,9 @@ one per ``ack_interval``: what commits make durable meanwhile waits, unless
 the acknowledged part would fall a quarter of the sender's window behind,
 which goes out at once so the sender never waits for its window.  An ACK is
 computed when it is written, so it always carries the latest durable mark:
-coalescing drops no information, only frames.
+coalescing drops no information, only frames.  Marks that cover everything
+the peer sent go at once too: only a peer with more data on the way, which
+has no reason to wait for the ACK, has its ACKs paced.
 
 The ACKs that wait share one timer (the schedule's), not one each: a timer
 per waiting ACK is an object that lives about an interval, thousands of
@@ -165,11 +167,15 @@ class AckPacer:
 
     def _behind(self, stream: InboundStream, window: int, window_bytes: int) -> bool:
         """
-        Whether what was not acknowledged yet reaches a quarter of the
-        window (or the last ACK was about another stream).
+        Whether the ACK must go now: what was not acknowledged yet reaches a
+        quarter of the window, or the marks cover all the peer sent (nothing
+        arrived since: a sender may be waiting for this ACK before sending
+        more, as one that awaits each receipt's ``acknowledged`` does), or
+        the last ACK was about another stream.
         """
         return (
-            stream is not self.acked_stream
+            stream.marked == stream.received
+            or stream is not self.acked_stream
             or (stream.marked - self.acked) * 4 >= window
             or (stream.delivered_bytes - self.acked_bytes) * 4 >= window_bytes
         )
