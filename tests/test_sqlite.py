@@ -1062,3 +1062,98 @@ class OutboxInsertTests(StoreCase):
         contents = [b"m%d" % i for i in range(100)]
         await backend.commit(StoreBatch(messages={2: (1, contents)}))
         self.assertEqual(await self.read_all(backend, 100), contents)
+
+
+class MarkUpsertTests(StoreCase):
+    """
+    A commit's delivery marks are written by one statement (up to 1,024
+    marks, the row count a power of two, padded with the last mark), not
+    one statement per stream; a mark still only moves forward.
+    """
+
+    async def traced(self) -> tuple[SQLiteBackend, list[str], str]:
+        """A new store whose writer's statements are recorded; its path."""
+        statements: list[str] = []
+        connect = _sqlite_file.connect
+
+        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(path, **kwargs)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        self.patch(_sqlite_commit, "connect", traced)
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        return backend, statements, path
+
+    @staticmethod
+    def upserts(statements: list[str]) -> list[str]:
+        return [s for s in statements if s.startswith("INSERT INTO inbound")]
+
+    async def reopened_marks(
+        self, backend: SQLiteBackend, path: str
+    ) -> dict[tuple[Any, str], int]:
+        await backend.close()
+        _, state = await self.opened(path)
+        return {(r.peer_id, r.incarnation): r.delivered for r in state.inbound}
+
+    async def test_one_statement_per_commit(self) -> None:
+        """
+        1,000 streams' marks take one statement; 1,500 take two (1,024,
+        then 476 padded to 512); a commit that moves some marks back and
+        others forward moves only those forward.
+        """
+        backend, statements, path = await self.traced()
+        marks = {(peer, "a" * 32): peer * 3 for peer in range(2, 1002)}
+        await backend.commit(StoreBatch(delivered=marks))
+        self.assertEqual(len(self.upserts(statements)), 1)
+        statements.clear()
+        more = {(peer, "b" * 32): peer for peer in range(2, 1502)}
+        await backend.commit(StoreBatch(delivered=more))
+        self.assertEqual(len(self.upserts(statements)), 2)
+        mixed = {
+            (peer, "a" * 32): peer * 3 + (1 if peer % 2 else -1)
+            for peer in range(2, 1002)
+        }
+        await backend.commit(StoreBatch(delivered=mixed))
+        expected = dict(more)
+        expected.update(
+            {key: max(marks[key], position) for key, position in mixed.items()}
+        )
+        self.assertEqual(await self.reopened_marks(backend, path), expected)
+
+    async def test_odd_sizes(self) -> None:
+        """
+        Every mark of a commit of 1, 3 or 1,025 streams is written (the
+        padding repeats a mark, which changes nothing).
+        """
+        backend, statements, path = await self.traced()
+        expected: dict[tuple[Any, str], int] = {}
+        for count, incarnation in ((1, "c"), (3, "d"), (1025, "e")):
+            marks = {(peer, incarnation * 32): 7 + peer for peer in range(2, count + 2)}
+            await backend.commit(StoreBatch(delivered=marks))
+            expected.update(marks)
+        self.assertEqual(len(self.upserts(statements)), 4)
+        self.assertEqual(await self.reopened_marks(backend, path), expected)
+
+    async def test_few_bound_values(self) -> None:
+        """
+        An SQLite built to bind fewer values per statement gets upserts of
+        fewer marks (99 values: 32 marks each).
+        """
+        connect = _sqlite_file.connect
+        statements: list[str] = []
+
+        def limited(path: str, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(path, **kwargs)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 99)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        self.patch(_sqlite_commit, "connect", limited)
+        path = self.store_path()
+        backend, _ = await self.opened(path)
+        marks = {(peer, "f" * 32): peer for peer in range(2, 102)}
+        await backend.commit(StoreBatch(delivered=marks))
+        self.assertEqual(len(self.upserts(statements)), 4)
+        self.assertEqual(await self.reopened_marks(backend, path), marks)

@@ -66,6 +66,16 @@ class Config:
         peer's has not arrived (lossy networks).
         ``ack_delay``: how soon a receiver confirms data it holds but could
         not yet deliver.
+        ``ack_interval``: the shortest time between two acknowledgements
+        of committed delivery marks to one peer while its data keeps
+        arriving.  The first after a quiet spell goes at once, as does one
+        whose marks cover everything received from the peer; what commits
+        make durable within the interval is acknowledged once at its end
+        (up to an eighth of it later), or at once when a quarter of the
+        sender's window waits for it.  Fewer ACK frames with many busy
+        peers; a streaming sender's ``acknowledged`` receipts fire up to
+        that much later.  0 acknowledges after every commit.  Keep it well
+        below the peers' ``retransmit_timeout``.
         ``mark_delay``: how long a delivery mark may wait for more deliveries
         to share its commit (fewer fsyncs; acknowledgements leave that much
         later, and a receiver crash can repeat that much more).
@@ -94,6 +104,7 @@ class Config:
     max_retransmit_timeout: float = attr.ib(default=30.0, validator=_positive)
     handshake_retry: float = attr.ib(default=1.0, validator=_positive)
     ack_delay: float = attr.ib(default=0.1, validator=_positive)
+    ack_interval: float = attr.ib(default=0.2, validator=_not_negative)
     mark_delay: float = attr.ib(default=0.002, validator=_not_negative)
     delete_delay: float = attr.ib(default=0.05, validator=_not_negative)
     delivery_retry: float = attr.ib(default=0.1, validator=_positive)

@@ -412,6 +412,9 @@ class NodeLife:
         # that their acknowledgements reach the peers before we go.
         idle = await self._within(committer.barrier(), deadline)
         drained = drained and idle
+        # The ACKs paced to leave later leave now, while the links are up.
+        for peer in core.peers.values():
+            peer.acks.flush()
         pending = self.pending()
         grace = max(deadline, clock.seconds() + 1.0)
         closed = await self._within(maybeDeferred(core.network.stop), grace)
@@ -451,6 +454,7 @@ class NodeLife:
     def _stop_everything(self) -> None:
         core = self._core
         self._committer.stop()
+        self._router.ack_schedule.stop()
         if self._router.streams is not None:
             self._router.streams.guard.stop()
         core.stop_limiter()
@@ -479,6 +483,7 @@ class NodeLife:
             peer.cancel_timers()
             peer.sender.waiters = []
         self._committer.stop()
+        self._router.ack_schedule.stop()
         if self._router.streams is not None:
             self._router.streams.guard.stop(crashed=True)
         core.stop_limiter()

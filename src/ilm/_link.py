@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ilm import _frames
+from ilm._acks import AckPacer, AckSchedule
 from ilm._backoff import Backoff
 from ilm._committer import GroupCommitter
 from ilm._deliverer import PeerDeliverer, one_line
@@ -78,6 +79,10 @@ class PeerRouter:
             config.delivery_retry, config.max_delivery_retry
         )
         self.peers = core.peers
+        #: The paced ACKs this node owes (ilm._acks).
+        self.ack_schedule = AckSchedule(
+            config.ack_interval, clock=core.clock, later=core.later
+        )
         outcomes = CommitOutcomes(core, self)
         shared = OwnershipGuard.shares(core.backend)
         self.committer = GroupCommitter(
@@ -144,6 +149,12 @@ class PeerRouter:
             ack_delay=config.ack_delay,
             mark_delay=config.mark_delay,
             latency=self._delivery_seconds,
+        )
+        peer.acks = AckPacer(
+            config.ack_interval,
+            clock=core.clock,
+            schedule=self.ack_schedule,
+            send=lambda: self.send_ack(peer),
         )
         return peer
 
@@ -282,6 +293,7 @@ class PeerRouter:
         peer.cancel_handshake()
         peer.sender.link_lost()
         peer.deliverer.cancel_ack()
+        peer.acks.cancel()
         log.debug(
             "link to {peer_id!r} lost: {reason}",
             peer_id=pid,
@@ -395,6 +407,7 @@ class PeerRouter:
         peer.link_since = core.clock.seconds()
         core.link_ups += 1
         peer.cancel_handshake()
+        peer.acks.resumed(peer.inbound[-1])
         if outcome.newly_acked:
             peer.sender.acknowledged(outcome.newly_acked)
         if outcome.reply:
@@ -420,10 +433,12 @@ class PeerRouter:
             peer.deliverer.deliver()
 
     def send_ack(self, peer: Peer) -> None:
+        """Acknowledge what ``peer`` sent, now (latest marks)."""
         ack = peer.ack()
         if ack is None:
             return
         peer.deliverer.cancel_ack()
+        peer.acks.sent(peer.inbound[-1])
         if peer.paused:
             # A peer that does not read gets no pile of ACKs: one, computed
             # afresh, when the link resumes.

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
+from ilm._acks import AckPacer
 from ilm._config import Config
 from ilm._deliverer import PeerDeliverer
 from ilm._logging import EventLimiter
@@ -40,12 +41,19 @@ def _optional(network: INetwork, name: str) -> Callable[..., Any] | None:
 
 class Peer(PeerSession):
     """
-    One peer: its pure :class:`PeerSession`, its sender and deliverer,
-    and what the link routing keeps about it (the handshake timer, when the
-    link last changed and why it went).
+    One peer: its pure :class:`PeerSession`, its sender, deliverer and
+    ACK pacer, and what the link routing keeps about it (the handshake
+    timer, when the link last changed and why it went).
     """
 
-    __slots__ = ("deliverer", "handshake_call", "link_since", "lost_reason", "sender")
+    __slots__ = (
+        "acks",
+        "deliverer",
+        "handshake_call",
+        "link_since",
+        "lost_reason",
+        "sender",
+    )
 
     def __init__(self, peer_id: PeerId, out: OutboundStream, config: Config) -> None:
         super().__init__(peer_id, out, config)
@@ -55,6 +63,7 @@ class Peer(PeerSession):
         # Set by whoever builds the peer, right after.
         self.sender: PeerSender = None  # type: ignore[assignment]
         self.deliverer: PeerDeliverer = None  # type: ignore[assignment]
+        self.acks: AckPacer = None  # type: ignore[assignment]
 
     def cancel_handshake(self) -> None:
         call, self.handshake_call = self.handshake_call, None
@@ -65,6 +74,7 @@ class Peer(PeerSession):
         self.cancel_handshake()
         self.sender.cancel_timers()
         self.deliverer.cancel_timers()
+        self.acks.cancel()
 
 
 class NodeCore:

@@ -3,7 +3,8 @@ What a group commit's outcome means for the peers: :class:`CommitOutcomes`.
 
 A commit that succeeded hands its stored sends to their
 :class:`ilm._sender.PeerSender` (which transmits them and gives their
-receipts) and turns the delivery marks it made durable into ACKs; one that
+receipts) and turns the delivery marks it made durable into ACKs (paced
+by each peer's :class:`ilm._acks.AckPacer`); one that
 failed refuses its sends; entries no store could hold are taken out of a
 batch before it reaches the store, and their peer's link is closed.  These
 are the :class:`ilm._committer.GroupCommitter`'s callbacks, per commit.
@@ -127,7 +128,12 @@ class CommitOutcomes:
             if peer.marked(incarnation, position):
                 acknowledge[peer] = None
         for peer in acknowledge:
-            self._router.send_ack(peer)
+            if peer.ack() is not None:
+                # Now, or paced (ilm._acks): the sender's window decides.
+                out = peer.out
+                peer.acks.committed(
+                    peer.inbound[-1], out.send_window, out.send_window_bytes
+                )
             forgotten = peer.drop_drained_streams()
             if forgotten:
                 self._router.forgotten(peer, forgotten)

@@ -461,6 +461,7 @@ class InboundStream:
         "_window",
         "_window_bytes",
         "delivered",
+        "delivered_bytes",
         "held",
         "held_bytes",
         "incarnation",
@@ -483,6 +484,8 @@ class InboundStream:
         self.incarnation = incarnation
         self.marked = delivered
         self.delivered = delivered
+        #: Bytes delivered from this stream since it was created here.
+        self.delivered_bytes = 0
         self.queue: deque[bytes] = deque()
         self.held_bytes = 0
         self.nacked = 0
@@ -594,6 +597,7 @@ class InboundStream:
         held.messages -= count
         held.bytes -= size
         self.delivered += count
+        self.delivered_bytes += size
 
     def jump(self, delivered: int) -> None:
         """

@@ -90,6 +90,44 @@ def insert_outbox(
         left -= step
 
 
+#: The most delivery marks one upsert writes (a power of two).
+_MARK_ROWS = 1024
+
+
+@functools.cache
+def _upsert_marks(rows: int) -> str:
+    """
+    The text of an upsert of ``rows`` delivery marks: each row binds its
+    peer key, incarnation and position; a mark only ever moves forward.
+    """
+    values = ",".join(["(?,?,?,0)"] * rows)
+    return (
+        "INSERT INTO inbound (peer_key, incarnation, delivered, retired) "
+        f"VALUES {values} ON CONFLICT (peer_key, incarnation) DO UPDATE "
+        "SET delivered = excluded.delivered WHERE excluded.delivered > delivered"
+    )
+
+
+def upsert_marks(
+    conn: sqlite3.Connection, marks: list[tuple[int, str, int]], max_rows: int
+) -> None:
+    """
+    Write the delivery marks ``marks`` (``(peer key, incarnation,
+    position)``, one per stream), up to ``max_rows`` per statement: one
+    statement for a commit's marks, where ``executemany`` ran one per
+    stream (a thousand per commit with a thousand busy peers, each step
+    giving up the GIL and taking it back, as :func:`insert_outbox` says).
+    A statement's row count is a power of two, so that the writer's
+    statement cache holds a few texts; the rows beyond the marks repeat the
+    last one, which then changes nothing (a mark moves only forward).
+    """
+    for start in range(0, len(marks), max_rows):
+        chunk = marks[start : start + max_rows]
+        rows = 1 << (len(chunk) - 1).bit_length()
+        chunk += [chunk[-1]] * (rows - len(chunk))
+        conn.execute(_upsert_marks(rows), list(chain.from_iterable(chunk)))
+
+
 _RELEASED = (
     "SELECT coalesce(sum(length(contents)), 0) FROM outbox "
     "WHERE peer_key = ? AND position <= ?"
@@ -98,11 +136,6 @@ _DELETE_OUTBOX = "DELETE FROM outbox WHERE peer_key = ? AND position <= ?"
 _SAVE_OUTBOUND = (
     "INSERT OR REPLACE INTO outbound (peer_key, acked, last_position, pending_bytes) "
     "VALUES (?, ?, ?, ?)"
-)
-_MARK = (
-    "INSERT INTO inbound (peer_key, incarnation, delivered, retired) "
-    "VALUES (?, ?, ?, 0) ON CONFLICT (peer_key, incarnation) DO UPDATE "
-    "SET delivered = excluded.delivered WHERE excluded.delivered > delivered"
 )
 _RETIRE = (
     "INSERT INTO inbound (peer_key, incarnation, delivered, retired, retired_seq) "
@@ -137,6 +170,8 @@ class SQLiteWriter:
         self.life = life
         #: Rows per outbox INSERT, within the SQLite's limit on bound values.
         self.insert_rows = _INSERT_ROWS
+        #: Delivery marks per upsert, within the same limit.
+        self.mark_rows = _MARK_ROWS
         self.lock = StoreLock(path)
         self.conn: sqlite3.Connection | None = None
         self.schema_version = 0
@@ -176,8 +211,9 @@ class SQLiteWriter:
             # insert binds the peer key and the time), so it holds the
             # statements of one commit, and the inserts among them at most
             # _INSERT_BYTES each, or one message.  Preparing a 1,024-row
-            # insert (13 ms) costs far more than running it (0.5 ms).
-            conn = self.conn = connect(path, cached_statements=32)
+            # insert (13 ms) costs far more than running it (0.5 ms).  Room
+            # for every size of both multi-row texts (11 each) and the rest.
+            conn = self.conn = connect(path, cached_statements=40)
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode != "wal":
                 raise StoreError(f"cannot put {path} in WAL mode (got {mode!r})")
@@ -187,6 +223,10 @@ class SQLiteWriter:
             while rows > 1 and 2 * rows + 2 > variables:
                 rows >>= 1
             self.insert_rows = rows
+            rows = _MARK_ROWS
+            while rows > 1 and 3 * rows > variables:
+                rows >>= 1
+            self.mark_rows = rows
             conn.execute("PRAGMA journal_size_limit = 67108864")
             self.apply_max_size()
             found, version = migrate(conn, path=path)
@@ -299,12 +339,13 @@ class SQLiteWriter:
                     ],
                 )
             if batch.delivered:
-                conn.executemany(
-                    _MARK,
+                upsert_marks(
+                    conn,
                     [
                         (self._key(peer_id, new_keys), incarnation, position)
                         for (peer_id, incarnation), position in batch.delivered.items()
                     ],
+                    self.mark_rows,
                 )
             if batch.retired:
                 conn.executemany(

@@ -69,6 +69,7 @@ from ilm.interfaces import IBackend
 from ilm.network import LinkSettings, StreamNetwork
 from ilm.simulation._pipes import Switchboard
 from ilm.simulation._store import ScheduledCalls
+from ilm.simulation._world import aside
 from ilm.testing import crash
 
 __all__ = [
@@ -513,6 +514,7 @@ class GatewayWorld:
             max_store_retry=0.5,
             delivery_retry=0.01,
             max_delivery_retry=0.2,
+            ack_interval=aside(rng).choice([0.0, 0.01, 0.05, 0.3]),
         )
         self.async_delivery = rng.random() < 0.5
         self.key = rng.randbytes(32)
