@@ -4,8 +4,9 @@ Routing: what the network reports, taken to the right peer's objects.
 
 A link established sends this node's RESUME and starts the handshake
 timer; the peer's RESUME goes to its :class:`ilm._peer.PeerSession`, whose
-decision is carried out here (retirements and marks for the store, the
-sender resumed, delivery restarted); MESSAGES go to the session's inbound
+decision is carried out here (retirements and marks for the store,
+through :class:`ilm._incarnations.IncarnationRecords`, the sender
+resumed, delivery restarted); MESSAGES go to the session's inbound
 stream and the :class:`ilm._deliverer.PeerDeliverer`, ACK and NACK to the
 :class:`ilm._sender.PeerSender`.  The router also builds each peer's
 objects and the group committer, whose outcomes :mod:`ilm._outcomes`
@@ -26,6 +27,7 @@ from ilm._acks import AckPacer, AckSchedule
 from ilm._backoff import Backoff
 from ilm._committer import GroupCommitter
 from ilm._deliverer import PeerDeliverer, one_line
+from ilm._incarnations import IncarnationRecords
 from ilm._node import NodeCore, Peer
 from ilm._nodelog import log
 from ilm._outcomes import CommitOutcomes
@@ -102,6 +104,8 @@ class PeerRouter:
         #: (ilm._ownership_guard); None for any other store.
         self.streams = GatewayStreams.for_node(core, self) if shared else None
         outcomes.streams = self.streams
+        #: The store's records of the peers' incarnations (ilm._incarnations).
+        self.incarnations = IncarnationRecords(core, self.committer)
 
     # -- peers -----------------------------------------------------------------
 
@@ -356,50 +360,7 @@ class PeerRouter:
             if outcome.reply:
                 self._send_hello(peer, reply_requested=False)
             return
-        pid = peer.peer_id
-        incarnation = hello.incarnation
-        bookkeeping = self.committer.bookkeeping
-        for old in outcome.retired:
-            bookkeeping.retired.add((pid, old))
-            core.limited(
-                ("peer_new_incarnation", pid),
-                LogLevel.info,
-                "peer {peer_id!r} came back with a new store (incarnation "
-                "{incarnation}); its old incarnation {old} is retired",
-                peer_id=pid,
-                incarnation=incarnation,
-                old=old,
-                ilm_event="peer_new_incarnation",
-            )
-        if outcome.mark is not None:
-            bookkeeping.delivered[(pid, incarnation)] = outcome.mark[1]
-        if outcome.forgotten:
-            self.forgotten(peer, outcome.forgotten)
-        if outcome.lost is not None and outcome.mark is not None:
-            first, last = outcome.lost
-            core.limited(
-                ("messages_lost", pid),
-                LogLevel.critical,
-                "peer {peer_id!r} no longer has positions {first}..{last} of its "
-                "stream, which this node's store does not record as delivered: "
-                "this node's store lost committed data; continuing after them",
-                peer_id=pid,
-                first=first,
-                last=last,
-                ilm_event="messages_lost",
-            )
-            # The same, unlimited, at debug level: each jump of a stream,
-            # for whoever traces one (the fuzz command checks deliveries
-            # against it).
-            log.debug(
-                "stream from {peer_id!r} (incarnation {incarnation}) jumps from "
-                "{first} to {position}",
-                peer_id=pid,
-                incarnation=incarnation,
-                first=first,
-                position=outcome.mark[1],
-                ilm_event="stream_jumped",
-            )
+        self.incarnations.resumed(peer, hello, outcome)
         if outcome.jumped is not None:
             peer.deliverer.jumped(outcome.jumped)
         if outcome.mark is not None:
@@ -414,7 +375,7 @@ class PeerRouter:
             self._send_hello(peer, reply_requested=False)
         log.debug(
             "handshake with {peer_id!r} complete: resuming after {position}",
-            peer_id=pid,
+            peer_id=peer.peer_id,
             position=peer.out.acked,
         )
         peer.sender.pump()
@@ -462,16 +423,4 @@ class PeerRouter:
         The session forgot these retired incarnations of ``peer``: so does
         the store, with the next commit.
         """
-        bookkeeping = self.committer.bookkeeping
-        for incarnation in incarnations:
-            key = (peer.peer_id, incarnation)
-            bookkeeping.retired.discard(key)
-            bookkeeping.delivered.pop(key, None)
-            bookkeeping.forgotten.add(key)
-            log.debug(
-                "forgot the retired incarnation {incarnation} of {peer_id!r}",
-                peer_id=peer.peer_id,
-                incarnation=incarnation,
-                ilm_event="incarnation_forgotten",
-            )
-        self.committer.schedule(self._config.delete_delay)
+        self.incarnations.forgotten(peer, incarnations)
