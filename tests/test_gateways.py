@@ -111,8 +111,15 @@ class _Deliveries(Resource):
         return sum(1 for t, g, _ in self.records if g == gateway and t >= since)
 
 
-class TwoGatewayTests(TestCase):
-    timeout = 150
+class _GatewayProcesses(TestCase):
+    """
+    ``twistd ilm`` gateway processes ``g1`` and ``g2`` of node 2 on one
+    fresh PostgreSQL schema, in a temporary directory holding node 1's key;
+    each process's output goes to ``<name>.log`` there.
+    """
+
+    #: How often :meth:`wait_for` looks again, in seconds.
+    poll_interval = 0.02
 
     def setUp(self) -> None:
         require_postgres()
@@ -124,20 +131,22 @@ class TwoGatewayTests(TestCase):
         os.chmod(keys, 0o600)
         self.schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
         self.addCleanup(drop_schema, self.schema)
-        self.ports = {"g1": free_port(), "g2": free_port()}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start_gateway(self, name: str, webhook_port: int) -> None:
+    def spawn(self, name: str, options: list[str]) -> None:
+        """
+        Start gateway ``name`` with ``options`` after ``ilm --id 2
+        --keys keys --store ... --schema ... --gateway NAME``; killed (and
+        continued first, if stopped) at cleanup.
+        """
         log = open(os.path.join(self.directory, f"{name}.log"), "ab")
         self.addCleanup(log.close)
         process = subprocess.Popen(
             [
                 sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
-                "ilm", "--api", "none", "--id", "2",
-                "--listen", f"tcp:{self.ports[name]}:interface=127.0.0.1",
-                "--keys", "keys", "--store", _uri(), "--schema", self.schema,
-                "--gateway", name,
-                "--webhook", f"http://127.0.0.1:{webhook_port}/{name}",
+                "ilm", "--id", "2", "--keys", "keys",
+                "--store", _uri(), "--schema", self.schema, "--gateway", name,
+                *options,
             ],
             cwd=self.directory,
             stdout=log,
@@ -169,7 +178,25 @@ class TwoGatewayTests(TestCase):
         while not condition():
             if time.monotonic() > deadline:
                 self.fail(f"timed out waiting for {what}\n{self.logs()}")
-            await deferLater(reactor, 0.02)
+            await deferLater(reactor, self.poll_interval)
+
+
+class TwoGatewayTests(_GatewayProcesses):
+    timeout = 150
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ports = {"g1": free_port(), "g2": free_port()}
+
+    def start_gateway(self, name: str, webhook_port: int) -> None:
+        self.spawn(
+            name,
+            [
+                "--api", "none",
+                "--listen", f"tcp:{self.ports[name]}:interface=127.0.0.1",
+                "--webhook", f"http://127.0.0.1:{webhook_port}/{name}",
+            ],
+        )  # fmt: skip
 
     async def test_kills_and_a_pause(self) -> None:
         """
@@ -570,7 +597,7 @@ class SendThroughAnyGatewayTests(TestCase):
             self.assertEqual(mine, [b"%s:%d" % (name, k) for k in range(20)])
 
 
-class _ApiGateways(TestCase):
+class _ApiGateways(_GatewayProcesses):
     """
     Two ``twistd ilm`` gateways of node 2 on one PostgreSQL schema, with
     their HTTP APIs, both given ``--peer 1=...`` for node 1 (in this
@@ -578,58 +605,26 @@ class _ApiGateways(TestCase):
     """
 
     timeout = 120
+    poll_interval = 0.05
 
     def setUp(self) -> None:
-        require_postgres()
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        keys = os.path.join(self.directory, "keys")
-        with open(keys, "w") as f:
-            f.write(f"1 {KEY_HEX}\n")
-        os.chmod(keys, 0o600)
+        super().setUp()
         self.token = "t" * 32
         token = os.path.join(self.directory, "token")
         with open(token, "w") as f:
             f.write(self.token + "\n")
         os.chmod(token, 0o600)
-        self.schema = f"ilm_test_gw_{uuid.uuid4().hex[:12]}"
-        self.addCleanup(drop_schema, self.schema)
         self.api = {"g1": free_port(), "g2": free_port()}
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start_gateway(self, name: str, node_port: int) -> None:
-        log = open(os.path.join(self.directory, f"{name}.log"), "ab")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
+        self.spawn(
+            name,
             [
-                sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-",
-                "ilm", "--id", "2", "--keys", "keys",
                 "--api", f"tcp:{self.api[name]}:interface=127.0.0.1",
                 "--api-token-file", "token",
-                "--store", _uri(), "--schema", self.schema, "--gateway", name,
                 "--peer", f"1=tcp:host=127.0.0.1:port={node_port}",
             ],
-            cwd=self.directory,
-            stdout=log,
-            stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.processes[name] = process
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
-
-    def logs(self) -> str:
-        text = []
-        for name in ("g1", "g2"):
-            path = os.path.join(self.directory, f"{name}.log")
-            if os.path.exists(path):
-                with open(path, errors="replace") as f:
-                    text.append(f"--- {name}\n" + f.read()[-4000:])
-        return "\n".join(text)
 
     async def request(
         self, method: str, name: str, path: str, body: bytes = b""
@@ -657,15 +652,6 @@ class _ApiGateways(TestCase):
         if code != 200:
             return None
         return str(json.loads(body)["link"])
-
-    async def wait_for(
-        self, condition: Callable[[], object], what: str, timeout: float = 30
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}\n{self.logs()}")
-            await deferLater(reactor, 0.05)
 
     def epoch(self) -> int:
         import psycopg
