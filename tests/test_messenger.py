@@ -1013,6 +1013,68 @@ class StoreTests(SynchronousTestCase):
         self.assertEqual(c.received(2, 1), [b"kept"])
         self.flushLoggedErrors(StoreError)
 
+    def test_next_commit_before_receipts(self) -> None:
+        """
+        When a commit succeeds, the next one (with what was sent while it
+        ran) is handed to the store before the finished one's receipts
+        fire, so the store writes while they are given.
+        """
+        c = Cluster()
+        backend = SlowCommits(
+            InMemoryBackend(c.storages.setdefault(1, InMemoryStorage())), c.clock, 0.01
+        )
+        commits: list[int] = []
+        commit = backend.commit
+
+        def counted(batch: StoreBatch) -> Deferred[object]:
+            commits.append(sum(len(m) for _, m in batch.messages.values()))
+            return commit(batch)
+
+        backend.commit = counted  # type: ignore[method-assign]
+        a = c.start(1, backend)
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        c.clock.advance(1)
+        del commits[:]
+        seen: list[int] = []
+        first = a.send_to(2, b"first")
+        c.clock.advance(0)
+        self.assertEqual(commits, [1])
+        second = a.send_to(2, b"second")
+        first.addCallback(lambda _: seen.append(len(commits)))
+        c.clock.advance(0.01)
+        self.assertEqual(seen, [2])
+        self.assertEqual(commits, [1, 1])
+        c.run_until(lambda: not a.pending_outbound())
+        self.assertEqual(self.successResultOf(second).message_id, 2)
+        self.assertEqual(c.received(2, 1), [b"first", b"second"])
+
+    def test_receipts_in_order_with_a_store_that_commits_at_once(self) -> None:
+        """
+        With a store whose commits fire at once, a backlog committed in
+        steps (the next started from inside the previous one's outcome)
+        and sends made by receipt callbacks still get their receipts in
+        send order.
+        """
+        self.patch(_committer, "COMMIT_MESSAGES", 3)
+        c = Cluster()
+        a = c.start(1)
+        c.start(2)
+        c.run_until(lambda: a.connected_peers())
+        order: list[int] = []
+
+        def record(receipt: Receipt) -> None:
+            order.append(receipt.message_id)
+            if receipt.message_id == 5:
+                # Sent while a commit's outcome is handled.
+                a.send_to(2, b"late").addCallback(record)
+
+        for i in range(10):
+            a.send_to(2, b"%d" % i).addCallback(record)
+        c.run_until(lambda: len(order) == 11 and not a.pending_outbound())
+        self.assertEqual(order, list(range(1, 12)))
+        self.assertEqual(c.received(2, 1), [b"%d" % i for i in range(10)] + [b"late"])
+
     def test_ack_only_after_mark_committed(self) -> None:
         """
         The receiver acknowledges only after the commit recording the

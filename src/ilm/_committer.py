@@ -63,6 +63,10 @@ COMMIT_MESSAGES = 16384
 #: per message what waits for its receipt).
 Send = tuple[Any, int, list[bytes], list[Any]]
 
+#: A commit started and not yet attached to: (its Deferred, batch, sends,
+#: the barrier it fires).
+_Started = tuple[Deferred[CommitResult], StoreBatch, list[Send], OneShotObserver[None]]
+
 
 class GroupCommitter:
     """
@@ -73,7 +77,11 @@ class GroupCommitter:
     :param may_commit: whether a commit may start now (the node runs).
     :param drop_unstorable: takes the sends of peers whose entries no store
         can hold out of a batch (``(batch, sends, problems) -> sends``).
-    :param committed: after a commit succeeded (``(result, batch, sends)``).
+    :param committed: after a commit succeeded (``(result, batch, sends)``):
+        counts what it stored, and returns the sends with the positions they
+        took.
+    :param receipts: then, once the next commit has started, gives those
+        sends' receipts and transmits them (``(sends)``).
     :param failed: after a commit failed, to refuse its sends
         (``(reason, sends, delay)``).
     :param settled: last, after every commit's outcome was handled.
@@ -93,7 +101,8 @@ class GroupCommitter:
         drop_unstorable: Callable[
             [StoreBatch, list[Send], dict[PeerId, str]], list[Send]
         ],
-        committed: Callable[[CommitResult, StoreBatch, list[Send]], None],
+        committed: Callable[[CommitResult, StoreBatch, list[Send]], list[Send]],
+        receipts: Callable[[list[Send]], None],
         failed: Callable[[Failure, list[Send], float], None],
         settled: Callable[[], None],
         unexpected: Callable[[Failure, str], None],
@@ -110,6 +119,7 @@ class GroupCommitter:
         self._may_commit = may_commit
         self._drop_unstorable = drop_unstorable
         self._committed = committed
+        self._receipts = receipts
         self._failed = failed
         self._settled = settled
         self._unexpected = unexpected
@@ -128,6 +138,8 @@ class GroupCommitter:
         # After a failed commit, no commit starts before this moment.
         self._retry_at = 0.0
         self._next_commit: OneShotObserver[None] = OneShotObserver()
+        # Whether a commit's outcome is being handled (_done).
+        self._in_done = False
         self._started_at = 0.0
         # What stats() reports.
         self.commits = 0
@@ -203,10 +215,19 @@ class GroupCommitter:
 
     def _flush(self) -> None:
         self._call = None
+        started = self._start()
+        if started is not None:
+            self._attach(*started)
+
+    def _start(self) -> _Started | None:
+        """
+        Start a commit of what is pending (its Deferred has no callbacks
+        yet: :meth:`_attach` adds them), or ``None`` if none starts.
+        """
         self._due = math.inf
         self.asked_now = False
         if self.committing or not self._may_commit():
-            return
+            return None
         batch = self.bookkeeping
         self.bookkeeping = StoreBatch()
         sends: list[Send] = []
@@ -230,7 +251,7 @@ class GroupCommitter:
             barrier.fire(None)
             if left:
                 self.commit_now()
-            return
+            return None
         self.committing = True
         if left:
             # The next commit starts as soon as this one is done.
@@ -248,6 +269,15 @@ class GroupCommitter:
             d = self._commit(batch)
         except Exception:
             d = fail()
+        return d, batch, sends, barrier
+
+    def _attach(
+        self,
+        d: Deferred[CommitResult],
+        batch: StoreBatch,
+        sends: list[Send],
+        barrier: OneShotObserver[None],
+    ) -> None:
         d.addCallbacks(
             self._done,
             self._commit_failed,
@@ -272,10 +302,30 @@ class GroupCommitter:
         self._retry_at = 0.0
         for _, _, contents, _ in sends:
             self.stored += len(contents)
-        self._committed(result, batch, sends)
-        self._schedule_pending()
-        barrier.fire(None)
-        self._settled()
+        # The next commit starts before this one's receipts are given and
+        # its messages transmitted, so that the store writes while the
+        # reactor thread does that.  Its Deferred gets its callbacks last:
+        # a store that commits at once (in memory) then still gives the
+        # receipts in order, and one commit at a time starts this way.
+        nested = self._in_done
+        self._in_done = True
+        started = None
+        try:
+            stored = self._committed(result, batch, sends)
+            if not nested and self._due <= self._clock.seconds():
+                if self._call is not None and self._call.active():
+                    self._call.cancel()
+                self._call = None
+                started = self._start()
+            else:
+                self._schedule_pending()
+            self._receipts(stored)
+            barrier.fire(None)
+            self._settled()
+        finally:
+            if started is not None:
+                self._attach(*started)
+            self._in_done = nested
 
     def _commit_failed(
         self,

@@ -95,6 +95,7 @@ class PeerRouter:
             may_commit=may_commit,
             drop_unstorable=outcomes.drop_unstorable,
             committed=outcomes.committed,
+            receipts=outcomes.receipts,
             failed=outcomes.failed,
             settled=core.check_drained,
             unexpected=core.unexpected,

@@ -105,7 +105,7 @@ class CommitOutcomes:
 
     def committed(
         self, result: CommitResult, batch: StoreBatch, sends: list[Send]
-    ) -> None:
+    ) -> list[Send]:
         peers = self._core.peers
         if result is not None:
             for peer_id, released in result.released_bytes.items():
@@ -137,10 +137,18 @@ class CommitOutcomes:
             forgotten = peer.drop_drained_streams()
             if forgotten:
                 self._router.forgotten(peer, forgotten)
+        stored: list[Send] = []
         for sender, first, contents, deferreds in sends:
             if streams is not None:
                 first = streams.stored_at(sender, first, result)
-            sender.stored(first, contents, deferreds)
+            sender.stored(first, contents)
+            stored.append((sender, first, contents, deferreds))
+        return stored
+
+    @staticmethod
+    def receipts(sends: list[Send]) -> None:
+        for sender, first, _, deferreds in sends:
+            sender.give_receipts(first, deferreds)
 
     def failed(self, reason: Failure, sends: list[Send], delay: float) -> None:
         if self.streams is not None and self.streams.guard.commit_failed(reason):

@@ -304,17 +304,22 @@ class PeerSender:
         self.accept_times.append((first + len(contents) - 1, self.accepted_at))
         return first, contents, deferreds
 
-    def stored(
-        self, first: int, contents: list[bytes], deferreds: list[ReceiptWaiter]
-    ) -> None:
+    def stored(self, first: int, contents: list[bytes]) -> None:
         """
-        A commit stored ``contents`` from position ``first``: transmit them,
-        give their receipts.
+        A commit stored ``contents`` from position ``first``: the next
+        commit's positions follow them.  :meth:`give_receipts` transmits
+        them and gives their receipts.
         """
         if first == self.out.stored + 1:
             # (Else a shared store's peer restarted from a state that
             # already counts them: ilm._ownership_guard.)
             self.out.on_stored(first, contents)
+
+    def give_receipts(self, first: int, deferreds: list[ReceiptWaiter]) -> None:
+        """
+        Transmit what was stored, and give the receipts of the messages
+        stored from ``first`` to what waits for them.
+        """
         self.transmitter.pump()
         peer_id = self.peer_id
         offset = 0
