@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm._lean_deferred import LeanDeferred, lean_deferreds, new_deferred
@@ -103,6 +104,39 @@ class LeanDeferredTests(SynchronousTestCase):
         d: LeanDeferred[str] = LeanDeferred()
         d.callback("stored")
         self.assertEqual(self.successResultOf(d), "stored")
+
+    def test_fired_as_deferred_is(self) -> None:
+        """
+        Fired with nothing added, it is left as a plain ``Deferred`` is (the
+        same attributes, in the same order), and a second firing raises;
+        fired while paused, it keeps the result until unpaused; a failure
+        takes ``Deferred``'s way (unhandled-error reporting).
+        """
+        plain: Deferred[str] = Deferred()
+        plain.callback("stored")
+        slow: LeanDeferred[str] = LeanDeferred()
+        Deferred.callback(slow, "stored")
+        lean: LeanDeferred[str] = LeanDeferred()
+        lean.callback("stored")
+        self.assertEqual(list(vars(lean).items()), list(vars(slow).items()))
+        expected = {k: v for k, v in vars(plain).items() if k != "_callbacks"}
+        self.assertEqual(vars(lean), expected)
+        self.assertRaises(defer.AlreadyCalledError, lean.callback, "again")
+        self.assertEqual(self.successResultOf(lean), "stored")
+
+        paused: LeanDeferred[str] = LeanDeferred()
+        paused.pause()
+        paused.callback("later")
+        seen: list[str] = []
+        paused.addCallback(seen.append)
+        self.assertEqual(seen, [])
+        paused.unpause()
+        self.assertEqual(seen, ["later"])
+
+        failed: LeanDeferred[str] = LeanDeferred()
+        failed.callback(Failure(ValueError("refused")))  # type: ignore[arg-type]
+        self.assertIsNotNone(failed._debugInfo)
+        self.failureResultOf(failed, ValueError)
 
     def test_errback(self) -> None:
         """

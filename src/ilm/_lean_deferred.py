@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 __all__ = ["LeanDeferred", "lean_deferreds", "new_deferred"]
 
@@ -52,6 +53,27 @@ class LeanDeferred(Deferred[_T]):
             # Debugging records where each Deferred was made.
             Deferred.__init__(self)
 
+    def callback(self, result: Any) -> None:
+        """
+        Fire.  With nothing added to run (the usual ``send_to`` Deferred,
+        which the application dropped), only what ``Deferred.callback``
+        would leave is set, in the order it sets it; anything else goes
+        through ``Deferred.callback``.
+        """
+        if (
+            self._lean_callbacks is None
+            and not self.called
+            and not self.paused
+            and not self.debug
+            and not isinstance(result, Failure)
+        ):
+            self.called = True
+            self._canceller = None
+            self.result = result
+            self._chainedTo = None
+            return
+        Deferred.callback(self, result)
+
     @property  # type: ignore[override]
     def _callbacks(self) -> list[Any]:
         callbacks = self._lean_callbacks
@@ -67,9 +89,20 @@ class LeanDeferred(Deferred[_T]):
 def lean_deferreds() -> bool:
     """
     Whether this Twisted's ``Deferred.__init__`` sets only what
-    :class:`LeanDeferred` stands in for.
+    :class:`LeanDeferred` stands in for, and firing one with nothing added
+    sets only what :meth:`LeanDeferred.callback` sets.
     """
-    return set(vars(Deferred())) == {"_callbacks", "_canceller"}
+    d: Deferred[int] = Deferred()
+    if set(vars(d)) != {"_callbacks", "_canceller"}:
+        return False
+    d.callback(0)
+    return vars(d) == {
+        "_callbacks": [],
+        "called": True,
+        "_canceller": None,
+        "result": 0,
+        "_chainedTo": None,
+    }
 
 
 #: What ``send_to`` makes its Deferreds with.
