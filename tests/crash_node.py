@@ -308,9 +308,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--stop", help="sender: stop sending once this file exists")
     parser.add_argument("--outbox", type=int, default=20_000)
     parser.add_argument("--burst", type=int, default=1_000)
-    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--window", type=int, help="default: Config().window")
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     options = parser.parse_args(argv)
+    if options.window is None:
+        from ilm import Config
+
+        options.window = Config().window
     if options.role == "sender" and options.stop is None:
         parser.error("the sender needs --stop")
     _log_to_stderr()

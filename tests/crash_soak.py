@@ -15,7 +15,8 @@ two stores (:func:`check_logs`):
   with no gap; a position delivered again is allowed only at the start of a
   receiver process, above the mark that process resumed from and at or
   below what earlier processes had delivered (the at-least-once window of
-  docs/durability.md), and within the window (4,096); these repeats are
+  docs/durability.md), and within the window (``Config().window``); these
+  repeats are
   counted;
 - every number the sender logged as accepted was delivered at its logged
   position with its logged contents; a position delivered but never logged
@@ -55,12 +56,13 @@ from typing import Any
 
 import attr
 
+from ilm import Config
 from ilm.backends._sqlite import StoreReport, inspect_store
 
 from .crash_node import EXIT_ADDRESS_IN_USE, RECEIVER, SENDER, TORN
 
 NODE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_node.py")
-WINDOW = 4096  # ilm.Config().window: the most a receiver crash can repeat
+WINDOW = Config().window  # the most a receiver crash can repeat
 
 
 class CheckFailed(AssertionError):

@@ -150,7 +150,7 @@ class HostileSessionTests(SynchronousTestCase):
         """
         from ilm import _frames
 
-        [frame] = _frames.encode_messages(5000, [b"x"], 1 << 16)
+        [frame] = _frames.encode_messages(Config().window + 5000, [b"x"], 1 << 16)
         self.attack(frame)
         self.assertEqual(self.violations(), ["OutOfWindow"])
 

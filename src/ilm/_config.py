@@ -90,7 +90,7 @@ class Config:
         ``shutdown_timeout``: default for ``stopService``.
     """
 
-    window: int = attr.ib(default=4096, validator=_u32)
+    window: int = attr.ib(default=16384, validator=_u32)
     window_bytes: int = attr.ib(default=4 * 1024 * 1024, validator=_u32)
     max_message_size: int = attr.ib(default=1024 * 1024, validator=_u32)
     max_outbox_messages: int = attr.ib(default=1_000_000, validator=_positive)

@@ -420,7 +420,7 @@ class Options(usage.Options):
         ["tls-certificate", None, None, "PEM certificate of this node (mutual TLS)."],
         ["tls-key", None, None, "PEM private key of this node (chmod 600)."],
         ["tls-ca", None, None, "PEM CA certificate(s) that issue peer certificates."],
-        ["window", None, None, "Messages in flight per peer (default 4096)."],
+        ["window", None, None, "Messages in flight per peer (default 16384)."],
         [
             "log-format",
             None,
