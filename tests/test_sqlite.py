@@ -979,13 +979,8 @@ class CraftedStoreTests(StoreCase):
             self.assertEqual(snapshot(directory), before, journal)
 
 
-class OutboxInsertTests(StoreCase):
-    """
-    Messages are written to the outbox many rows per statement (a statement
-    per row costs a GIL hand-off per row), in statements whose row counts
-    are powers of two, within SQLite's limit on bound values and a bound on
-    the bytes one statement binds; every message reads back at its position.
-    """
+class _OutboxCase(StoreCase):
+    """Commits of messages to peer 2, traced, and what reads back."""
 
     async def committed(
         self, path: str, batches: list[list[bytes]]
@@ -1016,6 +1011,66 @@ class OutboxInsertTests(StoreCase):
         while len(found) < count:
             found += await backend.read_outbound(2, len(found), 5000, 1 << 30)
         return found
+
+
+class OutboxRunTests(_OutboxCase):
+    """
+    Where SQLite has ``json_each``, a commit writes a peer's messages in
+    runs: one statement for about 1 MiB of contents, whatever the count
+    (every statement gives up the GIL and takes it back); every message
+    reads back at its position, empty ones too.
+    """
+
+    async def test_runs_here(self) -> None:
+        """The SQLite under test has ``json_each``."""
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        self.assertTrue(_sqlite_commit.runs_supported(conn))
+
+    async def test_small_messages(self) -> None:
+        """
+        Batches of up to 20,000 small messages take one statement each;
+        empty messages and a lone one are stored as they are.
+        """
+        sizes = [1, 2, 1024, 20_000]
+        batches = [[b"%d-%d" % (n, i) for i in range(n)] for n in sizes]
+        batches.append([b"", b"x", b"", b""])
+        batches.append([b""])
+        backend, inserts = await self.committed(self.store_path(), batches)
+        expected = [m for batch in batches for m in batch]
+        self.assertEqual(await self.read_all(backend, len(expected)), expected)
+        self.assertEqual(len(inserts), len(batches))
+
+    async def test_large_messages(self) -> None:
+        """
+        Runs stop at about 1 MiB of contents, at least one message: a
+        message larger than that is a run of its own.
+        """
+        big = 1024 * 1024 + 1
+        batches = [
+            [bytes([i]) * 300_000 for i in range(7)],
+            [b"a" * big, b"b", b"c" * big],
+        ]
+        backend, inserts = await self.committed(self.store_path(), batches)
+        expected = [m for batch in batches for m in batch]
+        self.assertEqual(await self.read_all(backend, len(expected)), expected)
+        # 3 + 3 + 1 messages, then each of the last three alone (b"b" with
+        # the message after it would pass 1 MiB).
+        self.assertEqual(len(inserts), 6)
+
+
+class OutboxInsertTests(_OutboxCase):
+    """
+    Where SQLite lacks ``json_each``, messages are written to the outbox
+    many rows per statement (a statement per row costs a GIL hand-off per
+    row), in statements whose row counts are powers of two, within SQLite's
+    limit on bound values and a bound on the bytes one statement binds;
+    every message reads back at its position.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(_sqlite_commit, "runs_supported", lambda conn: False)
 
     async def test_small_messages(self) -> None:
         """
