@@ -55,13 +55,18 @@ class Arrivals:
         self.done: defer.Deferred[dict[str, Any]] = defer.Deferred()
 
     def arrived(self, contents: bytes, message_id: int | None = None) -> None:
-        at = now()
         count = self.count
+        throughput = self.mode == "throughput"
+        # Throughput runs read the clock at the first and the last message
+        # only, and build the expected contents inline (payload()): the
+        # check costs the receiver as little as it can and misses nothing.
+        last = count + 1 == self.messages
+        at = now() if not throughput or count == 0 or last else 0.0
         if count == 0:
             self.first = at
             self.cpu_first = cpu_seconds()
-        if self.mode == "throughput":
-            ok = contents == payload(count, self.size)
+        if throughput:
+            ok = contents == b"%0*d" % (self.size, count)
         else:
             index, sent = read_stamp(contents)
             ok = index == count
