@@ -10,6 +10,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 from typing import Any
 
 from twisted.internet import defer
@@ -19,7 +20,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from ilm._lean_deferred import LeanDeferred, lean_deferreds, new_deferred
+from ilm import _sender
+from ilm._lean_deferred import LeanDeferred, lean_deferreds, new_deferred, unobserved
 from tests.support import Cluster
 
 
@@ -310,3 +312,73 @@ class PendingSendTests(SynchronousTestCase):
         self.assertEqual(delivered, count)
         self.assertLess(pending, count * 1.05)
         self.assertLess(after, count * 0.05)
+
+
+class UnobservedTests(SynchronousTestCase):
+    """
+    A committed send whose Deferred nothing can see any more gets no
+    receipt; every other one fires as before.
+    """
+
+    def test_unobserved(self) -> None:
+        """
+        Only a ``LeanDeferred`` with nothing added, no weak reference and no
+        reference but the caller's name is unobserved.
+        """
+        held = [LeanDeferred()]
+        d = held.pop()
+        self.assertTrue(unobserved(d))
+        other = d
+        self.assertFalse(unobserved(d))
+        del other
+        ref = weakref.ref(d)
+        self.assertFalse(unobserved(d))
+        del ref
+        self.assertTrue(unobserved(d))
+        plain: Deferred[int] = Deferred()
+        self.assertFalse(unobserved(plain))
+        d.addCallback(lambda r: r)
+        self.assertFalse(unobserved(d))
+
+    def test_dropped_sends_get_no_receipt(self) -> None:
+        """
+        Of sends whose Deferreds were dropped, kept, given a callback and
+        dropped, awaited, or weakly referenced, only the dropped ones make
+        no receipt; the others fire with their receipts.
+        """
+        made: list[int] = []
+
+        class Counted(_sender.Receipt):
+            __slots__ = ()
+
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                made.append(self.message_id)
+
+        self.patch(_sender, "Receipt", Counted)
+        cluster = Cluster()
+        sender = cluster.start(1)
+        cluster.start(2)
+        cluster.clock.advance(0.1)
+        for i in range(10):
+            sender.send_to(2, b"dropped %d" % i)
+        kept = sender.send_to(2, b"kept")
+        seen: list[int] = []
+        sender.send_to(2, b"callback").addCallback(
+            lambda receipt: seen.append(receipt.message_id)
+        )
+
+        async def wait() -> int:
+            receipt = await sender.send_to(2, b"awaited")
+            return receipt.message_id
+
+        awaited = defer.ensureDeferred(wait())
+        weak = weakref.ref(sender.send_to(2, b"weak"))
+        cluster.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(kept).message_id, 11)
+        self.assertEqual(seen, [12])
+        self.assertEqual(self.successResultOf(awaited), 13)
+        # The weakly referenced one fired (then went: nothing held it).
+        self.assertEqual(made, [11, 12, 13, 14])
+        self.assertIsNone(weak())
+        self.assertEqual(len(cluster.recorders[2].messages), 14)

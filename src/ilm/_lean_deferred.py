@@ -21,12 +21,17 @@ Twisted's ways of using a Deferred against this one.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TypeVar
+from weakref import getweakrefcount
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-__all__ = ["LeanDeferred", "lean_deferreds", "new_deferred"]
+__all__ = ["LeanDeferred", "lean_deferreds", "new_deferred", "unobserved"]
+
+# CPython's reference counts (other interpreters have none to read).
+_getrefcount = getattr(sys, "getrefcount", None)
 
 _T = TypeVar("_T")
 
@@ -84,6 +89,26 @@ class LeanDeferred(Deferred[_T]):
     @_callbacks.setter
     def _callbacks(self, callbacks: list[Any]) -> None:
         self._lean_callbacks = callbacks
+
+
+def unobserved(d: object) -> bool:
+    """
+    Whether nothing could ever see ``d`` fire: a :class:`LeanDeferred`
+    with nothing added to it, no weak reference to it, and no reference
+    but the caller's own, held in one local name (the caller has let go
+    of every other).  Then firing it would only make a result that is
+    freed with it, unseen: the usual ``send_to`` Deferred, which the
+    application dropped.  Only CPython's reference counts can tell;
+    elsewhere this is never true.
+    """
+    return (
+        type(d) is LeanDeferred
+        and d._lean_callbacks is None  # type: ignore[attr-defined]
+        and _getrefcount is not None
+        # The caller's name, this call's argument and getrefcount's own.
+        and _getrefcount(d) == 3
+        and not getweakrefcount(d)
+    )
 
 
 def lean_deferreds() -> bool:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from ilm._committer import GroupCommitter
 from ilm._config import Config
-from ilm._lean_deferred import new_deferred
+from ilm._lean_deferred import new_deferred, unobserved
 from ilm._peer import PeerSession
 from ilm._peerid import PeerId
 from ilm._transmitter import Transmitter, TransmitterHost
@@ -330,11 +330,13 @@ class PeerSender:
                 # A send_many's messages are in one commit, side by side.
                 offset += d.stored(self, first + offset)
             else:
-                # Let go of each Deferred once fired: one that nobody else
-                # holds is freed at once with its receipt, instead of a
-                # commit's worth of them living through collections.
+                # Let go of each Deferred here: one that nobody else holds
+                # is freed at once, instead of a commit's worth of them
+                # living through collections, and needs no receipt (the
+                # application dropped it, and nothing can see it fire).
                 deferreds[offset] = None  # type: ignore[call-overload]
-                d.callback(Receipt(self, peer_id, first + offset))
+                if not unobserved(d):
+                    d.callback(Receipt(self, peer_id, first + offset))
                 offset += 1
 
     def refused(
