@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+import attr
 from twisted.application.service import IService
 from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
@@ -16,6 +17,7 @@ from zope.interface.verify import verifyClass, verifyObject
 import ilm
 from ilm import ILM, CallableDelivery, Message, QueueDelivery, as_delivery
 from ilm._link import PeerRouter
+from ilm._message import make_message
 from ilm.interfaces import IBackend, IFrameReceiver, ILocalDelivery, IMessage, INetwork
 from ilm.testing import InMemoryBackend, InMemoryNetwork, TestMessage
 
@@ -60,6 +62,27 @@ class ProviderTests(SynchronousTestCase):
         verifyObject(IMessage, Message(1, 2, 3, b"x"))
         verifyObject(IMessage, TestMessage(1, 2))
         verifyClass(IMessage, Message)
+
+    def test_make_message(self) -> None:
+        """
+        ``make_message`` (the receiving path's) makes what ``Message`` makes:
+        equal, same hash and repr, frozen; ``Message`` has nothing its
+        ``__init__`` would run besides setting the fields.
+        """
+        made = make_message("a", 2, 3, b"x" * 40, "ab" * 16)
+        plain = Message("a", 2, 3, b"x" * 40, "ab" * 16)
+        self.assertEqual(made, plain)
+        self.assertEqual(hash(made), hash(plain))
+        self.assertEqual(repr(made), repr(plain))
+        self.assertIs(type(made), Message)
+        self.assertRaises(
+            attr.exceptions.FrozenInstanceError, setattr, made, "message_id", 4
+        )
+        for field in attr.fields(Message):
+            self.assertIsNone(field.validator)
+            self.assertIsNone(field.converter)
+        self.assertFalse(hasattr(Message, "__attrs_post_init__"))
+        self.assertFalse(hasattr(Message, "__attrs_pre_init__"))
 
     def test_delivery_adapters(self) -> None:
         """
