@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from ilm._backoff import Backoff, Retry
 from ilm._committer import GroupCommitter
 from ilm._delivery import QueueDelivery, delivery_outcome
-from ilm._message import Message
+from ilm._message import Message, make_message
 from ilm._nodelog import NodeLogging
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
@@ -213,7 +213,7 @@ class PeerDeliverer:
             for stream in self._streams():
                 queue = stream.queue
                 while queue:
-                    message = Message(
+                    message = make_message(
                         peer_id,
                         local_id,
                         stream.delivered + 1,
@@ -253,7 +253,7 @@ class PeerDeliverer:
                 first = stream.delivered + 1
                 incarnation = stream.incarnation
                 messages = [
-                    Message(peer_id, local_id, first + i, contents, incarnation)
+                    make_message(peer_id, local_id, first + i, contents, incarnation)
                     for i, contents in enumerate(stream.queue)
                 ]
                 try:
@@ -285,7 +285,7 @@ class PeerDeliverer:
                 first = stream.delivered + 1
                 incarnation = stream.incarnation
                 messages = [
-                    Message(peer_id, local_id, first + i, contents, incarnation)
+                    make_message(peer_id, local_id, first + i, contents, incarnation)
                     for i, contents in enumerate(islice(queue, QUEUE_RUN))
                 ]
                 try:
