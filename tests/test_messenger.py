@@ -17,7 +17,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from ilm import ILM, Config, Message, Receipt, StoreBatch, _committer, _frames
+from ilm import (
+    ILM,
+    Config,
+    Message,
+    Receipt,
+    StoreBatch,
+    _committer,
+    _frames,
+    _lifecycle,
+)
 from ilm._session import PROTOCOL_VERSION, Hello
 from ilm.errors import (
     InvalidPeerId,
@@ -1194,6 +1203,33 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(c.received(2, 1), numbered(500))
         self.assertEqual(c.outbox(1, 2), [])
         self.assertTrue(c.backends[1].closed)
+
+    def test_store_that_never_closes(self) -> None:
+        """
+        A backend whose close never ends (its thread gone) does not hold
+        the shutdown forever: after the close's grace it fails with
+        ShutdownTimeout and logs store_close_timeout.
+        """
+
+        class NeverCloses(WrappedBackend):
+            def close(self) -> Deferred[None]:
+                return Deferred()
+
+        c = Cluster()
+        a = c.start(1, NeverCloses(InMemoryBackend(InMemoryStorage())))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        started = c.clock.seconds()
+        d = a.shutdown(timeout=1)
+        for _ in range(49):
+            c.clock.advance(0.1)
+        self.assertNoResult(d)
+        c.run_until(lambda: d.called, timeout=60)
+        self.assertLess(c.clock.seconds() - started, _lifecycle.CLOSE_GRACE + 2)
+        self.failureResultOf(d, ShutdownTimeout)
+        self.assertIn("store_close_timeout", [e.get("ilm_event") for e in events])
+        self.flushLoggedErrors()
 
     def test_timeout(self) -> None:
         """

@@ -37,6 +37,10 @@ from ilm._peerid import PeerId
 from ilm._store import StoredState
 from ilm.errors import NotRunning, ShutdownTimeout, StoreError
 
+#: Seconds the store is given to close at the end of a shutdown, beyond
+#: the shutdown's own timeout if that leaves less.
+CLOSE_GRACE = 5.0
+
 __all__ = ["NodeLife"]
 
 NEW = "new"
@@ -431,16 +435,32 @@ class NodeLife:
         committed = await self._within(committer.barrier(), grace)
         self._machine.stopped()
         self._stop_everything()
-        try:
-            await core.backend.close()
-        except Exception:
-            log.failure("closing the store failed", ilm_event="store_close_failed")
+        # The store gets at least CLOSE_GRACE to close (a checkpoint of a
+        # large WAL takes a while), but a close that never ends (its thread
+        # gone) must not hold the shutdown, and the process, forever.
+        closing = maybeDeferred(core.backend.close)
+        closing.addErrback(
+            lambda failure: log.failure(
+                "closing the store failed", failure, ilm_event="store_close_failed"
+            )
+        )
+        store_closed = await self._within(
+            closing, max(grace, clock.seconds() + CLOSE_GRACE), quiet=True
+        )
+        if not store_closed:
+            log.error(
+                "the store did not close within {seconds:.0f}s: ILM node "
+                "{local_id!r} stops without waiting for it",
+                seconds=CLOSE_GRACE,
+                local_id=core.local_id,
+                ilm_event="store_close_timeout",
+            )
         log.info(
             "ILM node {local_id!r} stopped",
             local_id=core.local_id,
             ilm_event="stopped",
         )
-        if not (drained and closed and settled and committed):
+        if not (drained and closed and settled and committed and store_closed):
             raise ShutdownTimeout(timeout, pending or self.pending())
 
     def pending(self) -> dict[PeerId, int]:

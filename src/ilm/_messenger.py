@@ -437,12 +437,14 @@ class ILM(Service):
         given, or until ``timeout`` seconds (default
         ``config.shutdown_timeout``) have passed; then it closes its links,
         lets deliveries in progress finish and their marks commit, and closes
-        its backend.
+        its backend (given at least 5 s for that, and not waited for beyond:
+        ``store_close_timeout`` is logged).
 
         :return: a ``Deferred`` firing with ``None`` once everything was
             drained and closed, or failing with
             :class:`ilm.errors.ShutdownTimeout` (listing what is still
-            pending, which stays stored) if the timeout expired first.
+            pending, which stays stored) if the timeout expired first, or
+            the backend did not close in time.
         """
         if timeout is None:
             timeout = self._config.shutdown_timeout
