@@ -329,6 +329,12 @@ class Statements:
             f"owner IS NOT NULL AND expires_at > now() "
             f"FROM {s}.lease WHERE node_key = %s ORDER BY peer_key"
         ).encode()
+        self.inspect_gateways = (
+            f"SELECT name, extract(epoch FROM opened_at)::float8, "
+            f"extract(epoch FROM expires_at)::float8, expires_at > now() "
+            f"FROM {s}.gateway WHERE node_key = %s ORDER BY name"
+        ).encode()
+        """Each gateway's liveness row (schema version 2 on)."""
         self.outbound_of = by_id(
             f"SELECT o.acked, o.last_position, o.pending_bytes FROM {s}.peer p "
             f"JOIN {s}.outbound o USING (node_key, peer_key) "
