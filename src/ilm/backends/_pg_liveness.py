@@ -202,12 +202,14 @@ class GatewayLiveness:
         if previous_live and previous != mine:
             self.threads.reactor.callFromThread(
                 log.warn,
-                "gateway {gateway!r} opened the store while an earlier process "
-                "of that name was live (opened at {previous}): that one counts "
-                "as stopped from now on, and its writer sessions may be ended "
-                "when they block a write; give each process its own name",
+                "gateway {gateway!r} opened the store (at {later}) while an "
+                "earlier process of that name was live (opened at {earlier}): "
+                "that one counts as stopped from now on, and its writer "
+                "sessions may be ended when they block a write; give each "
+                "process its own name",
                 gateway=self.gateway,
-                previous=previous.isoformat(),
+                earlier=previous.isoformat(),
+                later=opened_at.isoformat(),
                 ilm_event="gateway_name_reused",
             )
 
@@ -343,12 +345,12 @@ class GatewayLiveness:
         self.live_until = None
         log.error(
             "another process opened the store as gateway {gateway!r} (at "
-            "{other}) after this one (at {mine}): this one no longer counts as "
-            "live, and its writer sessions may be ended when they block a "
+            "{later}) after this one (at {earlier}): this one no longer counts "
+            "as live, and its writer sessions may be ended when they block a "
             "write, until it reopens the store; give each process its own name",
             gateway=self.gateway,
-            other=None if result.other is None else result.other.isoformat(),
-            mine=result.opened_at.isoformat(),
+            earlier=result.opened_at.isoformat(),
+            later=None if result.other is None else result.other.isoformat(),
             ilm_event="gateway_name_reused",
         )
 
