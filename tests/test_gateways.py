@@ -500,6 +500,31 @@ class StoppedMidPipelineTests(TestCase):
         self.assertLess(time.monotonic() - began, 3.0)
         self.assertFalse(self.alive(stopped))
 
+    async def test_take_over_by_a_new_process_of_the_name(self) -> None:
+        """
+        g1 stopped mid-pipeline with the lease row locked, and a new
+        process opened as g1: once the lease has expired, the new g1 takes
+        the stream, ending the session of the earlier g1 (another opening
+        of the name), not StoreLocked for as long as that one stays
+        stopped.
+        """
+        from ilm.backends import PostgresBackend
+
+        first, _second = await self.gateways()
+        stopped = await self.stopped(first)
+        first._liveness.stop()
+        new = PostgresBackend(
+            DSN, node_id=2, gateway="g1", schema=self.schema, lease_duration=1.0
+        )
+        self.addCleanup(new.close)
+        await new.open()
+        await self.expired()
+        began = time.monotonic()
+        taken = await new.acquire(1, take_over=False)
+        self.assertEqual((taken.previous_owner, taken.epoch), ("g1", 2))
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.assertFalse(self.alive(stopped))
+
     async def test_live_lease_holder_is_left(self) -> None:
         """
         While g1's lease is live, its stopped session is not ended: the

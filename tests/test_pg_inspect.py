@@ -14,8 +14,8 @@ from twisted.internet.threads import deferToThread
 
 from ilm import StoreBatch
 from ilm.backends._pg_inspect import PostgresReport, inspect_postgres
-from ilm.backends._pg_schema import SCHEMA_VERSION
-from ilm.backends._report import LeaseReport
+from ilm.backends._pg_schema import MIGRATIONS, SCHEMA_VERSION, migrate
+from ilm.backends._report import GatewayReport, LeaseReport
 from ilm.errors import StoreError
 
 from . import test_cli
@@ -45,11 +45,14 @@ class InspectTests(PostgresCase):
         """
         Two nodes in ``schema``, open (as by running gateways): node ``1``
         with pending messages to ``2`` and ``"2"``, a delivery mark, a
-        retired incarnation, and the stream of ``2`` taken by gateway
-        ``g1``; node ``"two"`` with one message to ``7``.
+        retired incarnation, the stream of ``2`` taken by gateway ``g1``,
+        and gateway ``g0`` of node 1 opened and closed (its liveness row
+        expired); node ``"two"`` with one message to ``7``.
 
         :return: each node's incarnation.
         """
+        closed, _ = await self.opened(schema, node_id=1, gateway="g0")
+        await closed.close()
         one, state_one = await self.opened(schema, node_id=1, gateway="g1")
         two, state_two = await self.opened(schema, node_id="two", gateway="g2")
         await one.commit(
@@ -71,8 +74,10 @@ class InspectTests(PostgresCase):
         One read-only snapshot of every node in the schema, while their
         gateways hold it open: incarnation, pending counts, bytes and the
         oldest message's time (database time, not after the snapshot's),
-        delivery marks with retirement, and per stream the lease: owner,
-        epoch, expiry and whether it is live.
+        delivery marks with retirement, per stream the lease: owner,
+        epoch, expiry and whether it is live, and per gateway its liveness
+        row: when it opened, when it expires, whether it is live (a
+        gateway closed is not).
         """
         schema = self.new_schema()
         incarnations = await self.filled(schema)
@@ -107,6 +112,25 @@ class InspectTests(PostgresCase):
             [(b.peer_id, b.pending, b.pending_bytes) for b in two.outbound],
             [(7, 1, 3)],
         )
+        rows = {
+            name: (opened, expires)
+            for name, opened, expires in self.sql(
+                f"SELECT name, extract(epoch FROM opened_at)::float8, "
+                f'extract(epoch FROM expires_at)::float8 FROM "{schema}".gateway'
+            )
+        }
+        self.assertEqual(
+            one.gateways,
+            (
+                GatewayReport("g0", *rows["g0"], live=False),
+                GatewayReport("g1", *rows["g1"], live=True),
+            ),
+        )
+        self.assertEqual(two.gateways, (GatewayReport("g2", *rows["g2"], True),))
+        closed, live = one.gateways
+        self.assertTrue(closed.opened_at <= closed.expires_at <= report.database_time)
+        self.assertTrue(closed.expires_at <= live.opened_at <= report.database_time)
+        self.assertTrue(0 < live.expires_at - report.database_time <= 5.0)
 
     async def test_one_node(self) -> None:
         """
@@ -143,13 +167,40 @@ class InspectTests(PostgresCase):
         )
         self.assertIn("cannot connect", str(error))
 
+    async def test_version_1_store(self) -> None:
+        """
+        A store of schema version 1 (no gateway table) is read as before:
+        its nodes, with no gateways, in the report, the text and the JSON.
+        """
+        schema = self.new_schema()
+        self.assertEqual(migrate(self.admin, schema, MIGRATIONS, 1), (0, 1))
+        self.sql(
+            f'INSERT INTO "{schema}".node (int_id, incarnation) VALUES (2, %s)',
+            INCARNATION,
+        )
+        report = await deferToThread(inspect_postgres, DSN, schema=schema)
+        self.assertEqual(report.schema_version, 1)
+        [node] = report.nodes
+        self.assertEqual((node.node_id, node.gateways), (2, ()))
+        code, out, err = await deferToThread(
+            self.run_cli, dsn_uri(), "--schema", schema
+        )
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("  gateways (liveness, database time):\n    none\n", out)
+        code, out, err = await deferToThread(
+            self.run_cli, dsn_uri(), "--schema", schema, "--json"
+        )
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(json.loads(out)["nodes"][0]["gateways"], [])
+
     run_cli = test_cli.InspectTests.run_cli
     """``ilm inspect ARGS``: exit status, output, errors."""
 
     async def test_command(self) -> None:
         """
         ``ilm inspect postgresql://... --schema S`` prints, per node, what
-        it prints for an SQLite store and the leases; ``--json`` the same
+        it prints for an SQLite store, the leases and the gateways'
+        liveness; ``--json`` the same
         for machines; ``--node`` one node; errors are one line and exit 1;
         ``--node`` on an SQLite path is a usage error (exit 2).
         """
@@ -167,7 +218,14 @@ class InspectTests(PostgresCase):
             out, r"    peer 2: owner 'g1', epoch 1, expires in .* s \(live\)"
         )
         self.assertIn("    peer '2': no owner, epoch 0, never taken (not live)", out)
-        self.assertIn("node 'two'\n", out)
+        self.assertRegex(
+            out,
+            r"  gateways \(liveness, database time\):\n"
+            r"    gateway 'g0': opened [0-9.]+ s ago, expired [0-9.]+ s ago "
+            r"\(not live\)\n"
+            r"    gateway 'g1': opened [0-9.]+ s ago, expires in [0-9.]+ s \(live\)\n"
+            r"node 'two'\n",
+        )
         code, out, err = await deferToThread(
             self.run_cli, uri, "--schema", schema, "--json", "--node", "two"
         )
@@ -195,6 +253,18 @@ class InspectTests(PostgresCase):
                 "live": False,
             },
         )
+        [gateway] = node["gateways"]
+        self.assertEqual((gateway["name"], gateway["live"]), ("g2", True), gateway)
+        self.assertEqual(
+            gateway["expires_in"],
+            round(gateway["expires_at"] - data["database_time"], 3),
+        )
+        self.assertTrue(0 < gateway["expires_in"] <= 5.0)
+        self.assertEqual(
+            gateway["opened_age"],
+            round(data["database_time"] - gateway["opened_at"], 3),
+        )
+        self.assertGreaterEqual(gateway["opened_age"], 0)
         code, out, err = await deferToThread(
             self.run_cli, uri, "--schema", schema, "--node", "str:1"
         )

@@ -7,7 +7,8 @@ The ``ilm`` command (also ``python -m ilm``).
   without taking its lock (so it works on the store of a running node), and
   whether a live process holds it.  ``ilm inspect postgresql://...
   [--json] [--node ID] [--schema NAME]``: the same per node of a PostgreSQL
-  store, with each stream's lease, from one read-only transaction.
+  store, with each stream's lease and each gateway's liveness, from one
+  read-only transaction.
 - ``ilm reincarnate PATH``: give a store restored from a backup a new
   incarnation (refused while a process holds the store).
 - ``ilm send PEER [FILE|-]`` and ``ilm status [PEER]``: send a message
@@ -231,10 +232,12 @@ def _expires_in(lease: Any, now: float) -> float | None:
 def postgres_report_json(report: Any, now: float) -> dict[str, Any]:
     """
     A PostgreSQL store report as JSON-ready data: per node, what
-    :func:`report_json` gives for an SQLite store, and the leases.  Times
-    are the database's: ``database_time`` and ``expires_at`` in seconds
-    since the epoch, ``expires_in`` in seconds from ``database_time``
-    (negative once expired; ``null`` for a stream never taken).
+    :func:`report_json` gives for an SQLite store, the leases and the
+    gateways' liveness.  Times are the database's: ``database_time``,
+    ``expires_at`` and ``opened_at`` in seconds since the epoch,
+    ``expires_in`` in seconds from ``database_time`` (negative once
+    expired; ``null`` for a stream never taken), ``opened_age`` in seconds
+    before it.
     """
     return {
         "database": report.database,
@@ -257,30 +260,49 @@ def postgres_report_json(report: Any, now: float) -> dict[str, Any]:
                     }
                     for lease in node.leases
                 ],
+                "gateways": [
+                    {
+                        "name": gateway.name,
+                        "opened_at": gateway.opened_at,
+                        "opened_age": _age(gateway.opened_at, now),
+                        "expires_at": gateway.expires_at,
+                        "expires_in": _expires_in(gateway, now),
+                        "live": gateway.live,
+                    }
+                    for gateway in node.gateways
+                ],
             }
             for node in report.nodes
         ],
     }
 
 
+def _expiry_text(expires_in: float) -> str:
+    if expires_in > 0:
+        return f"expires in {expires_in:,.1f} s"
+    return f"expired {-expires_in:,.1f} s ago"
+
+
 def _lease_text(lease: Any, now: float) -> str:
     owner = "no owner" if lease.owner is None else f"owner {lease.owner!r}"
     expires_in = _expires_in(lease, now)
-    if expires_in is None:
-        when = "never taken"
-    elif expires_in > 0:
-        when = f"expires in {expires_in:,.1f} s"
-    else:
-        when = f"expired {-expires_in:,.1f} s ago"
+    when = "never taken" if expires_in is None else _expiry_text(expires_in)
     live = "live" if lease.live else "not live"
     return f"peer {lease.peer_id!r}: {owner}, epoch {lease.epoch:,}, {when} ({live})"
+
+
+def _gateway_text(gateway: Any, now: float) -> str:
+    opened = f"opened {max(0.0, now - gateway.opened_at):,.1f} s ago"
+    when = _expiry_text(gateway.expires_at - now)
+    live = "live" if gateway.live else "not live"
+    return f"gateway {gateway.name!r}: {opened}, {when} ({live})"
 
 
 def write_postgres_report(report: Any, now: float, out: TextIO) -> None:
     """
     Write a PostgreSQL store report for people: per node, what
-    :func:`write_report` shows for an SQLite store, and each stream's
-    lease (times in the database's clock).
+    :func:`write_report` shows for an SQLite store, each stream's lease
+    and each gateway's liveness (times in the database's clock).
     """
     out.write(f"ILM PostgreSQL store, schema {report.schema!r} at {report.database}\n")
     out.write(f"  schema version {report.schema_version}\n")
@@ -297,6 +319,11 @@ def write_postgres_report(report: Any, now: float, out: TextIO) -> None:
             out.write("    none\n")
         for lease in node.leases:
             out.write(f"    {_lease_text(lease, now)}\n")
+        out.write("  gateways (liveness, database time):\n")
+        if not node.gateways:
+            out.write("    none\n")
+        for gateway in node.gateways:
+            out.write(f"    {_gateway_text(gateway, now)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

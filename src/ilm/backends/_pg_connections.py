@@ -11,6 +11,13 @@ that runs a transaction on them.
   read-only snapshot.
 - A connection found lost before its transaction could commit is replaced
   and the transaction run once more.
+
+Each connection is named (``application_name``) after the gateway: the
+writer ``ilm writer <opening> <gateway>``, where ``<opening>`` is the
+gateway's current opening of the store (:data:`UNREGISTERED` before its
+first registration), so that other gateways can tell the writer sessions
+of a stopped process from those of a live one of the same name
+(:mod:`ilm.backends._pg_liveness`); the others ``ilm <role> <gateway>``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ from ilm.backends._pg_schema import _Conn, psycopg, rollback, store_error
 from ilm.backends._threads import StoreThreads
 from ilm.errors import StoreError
 
-__all__ = ["RETRIED_SQLSTATES", "PostgresConnections"]
+__all__ = [
+    "RETRIED_SQLSTATES",
+    "UNREGISTERED",
+    "PostgresConnections",
+    "session_name",
+]
 
 log = Logger(namespace="ilm.backends.postgres")
 
@@ -36,6 +48,22 @@ _T = TypeVar("_T")
 
 RETRIED_SQLSTATES = frozenset({"40001", "40P01"})
 """Serialization failure and deadlock: the transaction is run again."""
+
+UNREGISTERED = "0" * 14
+"""The opening in a writer session's name before the gateway registered."""
+
+
+def session_name(role: str, gateway: str, opening: str) -> str:
+    """
+    The ``application_name`` of a ``role`` connection of ``gateway``: for
+    the writer, ``ilm writer <opening> <gateway>`` (``opening``: 14 hex
+    digits, see :attr:`ilm.backends._pg_sql.Statements.register_gateway`),
+    else ``ilm <role> <gateway>``; at most 63 characters (the server keeps
+    63 bytes), so a long gateway name is cut, never the opening.
+    """
+    if role == "writer":
+        return f"ilm writer {opening} {gateway}"[:63]
+    return f"ilm {role} {gateway}"[:63]
 
 
 class PostgresConnections:
@@ -80,6 +108,11 @@ class PostgresConnections:
         """Transactions run again after a serialization failure or deadlock."""
         self.reconnected = 0
         """Transactions run again on a new connection after losing theirs."""
+        self.opening = UNREGISTERED
+        """
+        This gateway's current opening of the store, as its writer sessions
+        carry it (set by :meth:`ilm.backends._pg_liveness.GatewayLiveness.register`).
+        """
         self.writer_pid: int | None = None
         """The server process of the writer connection (``None``: none yet)."""
         self.writer_busy_since: float | None = None
@@ -103,7 +136,7 @@ class PostgresConnections:
         options: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": max(1, math.ceil(self.connect_timeout)),
-            "application_name": f"ilm {role} {self.gateway}"[:63],
+            "application_name": self.session_name(role),
         }
         given = psycopg.conninfo.conninfo_to_dict(self.dsn)
         timeout = self.network_timeout
@@ -122,6 +155,10 @@ class PostgresConnections:
             raise store_error(e, self.where, "cannot connect to") from e
         conn.prepare_threshold = self.prepare_threshold
         return conn
+
+    def session_name(self, role: str) -> str:
+        """The ``application_name`` of this gateway's ``role`` connections now."""
+        return session_name(role, self.gateway, self.opening)
 
     def _replaced(self, conn: _Conn | None, role: str) -> _Conn:
         """``conn`` if it is usable, else a new connection."""

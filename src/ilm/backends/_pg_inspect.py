@@ -1,9 +1,10 @@
 """
 Reading a PostgreSQL store outside a node, for ``ilm inspect
 postgresql://...``: every node in the schema (or one), its incarnation,
-streams and delivery marks, and each stream's lease, from one read-only
-snapshot.  It takes no lock and writes nothing, so it works while gateways
-run.  Times are the database's (one clock for every gateway).
+streams and delivery marks, each stream's lease and each gateway's
+liveness row, from one read-only snapshot.  It takes no lock and writes
+nothing, so it works while gateways run.  Times are the database's (one
+clock for every gateway).
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ from ilm.backends._pg_schema import (
     store_error,
 )
 from ilm.backends._pg_sql import Statements, decode_id
-from ilm.backends._report import LeaseReport, NodeReport, OutboxReport
+from ilm.backends._report import (
+    GatewayReport,
+    LeaseReport,
+    NodeReport,
+    OutboxReport,
+)
 from ilm.errors import StoreCorrupt, StoreError, StoreSchemaTooNew
 
 __all__ = ["PostgresReport", "inspect_postgres"]
@@ -34,6 +40,8 @@ __all__ = ["PostgresReport", "inspect_postgres"]
 class PostgresReport:
     """
     A read-only snapshot of a PostgreSQL store, for ``ilm inspect``.
+    A store of schema version 1 (before gateway liveness rows) reports no
+    gateways.
 
     ``database``: where it is (user, host, port, database; never a
     password); ``database_time``: the database's clock when the snapshot
@@ -101,7 +109,7 @@ def inspect_postgres(
                 continue
             if not valid_incarnation(incarnation):
                 raise StoreCorrupt(f"node {found!r}: bad incarnation {incarnation!r}")
-            nodes.append(_node(conn, sql, key, found, incarnation))
+            nodes.append(_node(conn, sql, key, found, incarnation, version))
         if node_id is not None and not nodes:
             raise StoreError(f"no node {node_id!r} in {place}")
     except StoreError:
@@ -115,9 +123,17 @@ def inspect_postgres(
 
 
 def _node(
-    conn: _Conn, sql: Statements, key: int, node_id: PeerId, incarnation: str
+    conn: _Conn,
+    sql: Statements,
+    key: int,
+    node_id: PeerId,
+    incarnation: str,
+    version: int,
 ) -> NodeReport:
-    """One node's streams, marks and leases, in the open snapshot."""
+    """
+    One node's streams, marks, leases and (from schema version 2, which
+    added them) gateways' liveness rows, in the open snapshot.
+    """
     ids = {
         peer_key: decode_id(int_id, str_id)
         for peer_key, int_id, str_id in conn.execute(sql.load_peers, (key,))
@@ -149,6 +165,21 @@ def _node(
             sql.inspect_leases, (key,)
         )
     ]
+    gateways = []
+    if version >= 2:
+        for name, opened_at, expires_at, live in conn.execute(
+            sql.inspect_gateways, (key,)
+        ):
+            if not (math.isfinite(opened_at) and math.isfinite(expires_at)):
+                raise StoreCorrupt(
+                    f"node {node_id!r}: bad liveness row of gateway {name!r}"
+                )
+            gateways.append(GatewayReport(name, opened_at, expires_at, live))
     return NodeReport(
-        node_id, incarnation, tuple(outbound), tuple(inbound), tuple(leases)
+        node_id,
+        incarnation,
+        tuple(outbound),
+        tuple(inbound),
+        tuple(leases),
+        tuple(gateways),
     )

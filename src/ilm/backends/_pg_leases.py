@@ -193,8 +193,10 @@ class PostgresLeases:
         nothing of its transaction was committed, so nothing it
         acknowledged is lost; if it resumes, its ``COMMIT`` fails
         (``StoreInDoubt``) and it reopens, reading the truth.  Only the
-        writer sessions of the expired owner (named by their
-        ``application_name``) inside a transaction are ended.
+        writer sessions of the expired owner's name (by their
+        ``application_name``, in any opening of that name but this
+        gateway's own: a stopped earlier process of this gateway's name
+        too) inside a transaction are ended.
 
         :return: whether any session was ended (then try again).
         """
@@ -202,7 +204,8 @@ class PostgresLeases:
         conn = self.connections.writer_conn()
         try:
             rows = conn.execute(
-                sql.end_expired_holders, (self.node.key, key, self.gateway)
+                sql.end_expired_holders,
+                (self.node.key, key, self.connections.session_name("writer")),
             ).fetchall()
         except Exception as e:
             log.warn(

@@ -11,11 +11,14 @@ from ilm.errors import InvalidPeerId, StoreCorrupt
 
 __all__ = [
     "Statements",
+    "any_writer_session_of",
     "decode_hint",
     "decode_id",
     "encode_hint",
     "id_columns",
     "id_value",
+    "opening_of",
+    "writer_session_of",
 ]
 
 
@@ -69,6 +72,37 @@ def by_id(template: str) -> dict[bool, bytes]:
         True: template.replace("{id}", "int_id = %s").encode(),
         False: template.replace("{id}", "str_id = %s").encode(),
     }
+
+
+def opening_of(opened_at: str) -> str:
+    """
+    SQL: the opening a liveness row's ``opened_at`` (an SQL expression)
+    stands for, as writer sessions carry it in their names: the
+    microseconds since the epoch in 14 hex digits (until the year 4253).
+    """
+    return f"lpad(to_hex((extract(epoch FROM {opened_at}) * 1000000)::bigint), 14, '0')"
+
+
+def writer_session_of(opened_at: str, name: str) -> str:
+    """
+    SQL: the ``application_name`` of the writer sessions of gateway
+    ``name`` in the opening ``opened_at`` (both SQL expressions); see
+    :func:`ilm.backends._pg_connections.session_name`.
+    """
+    return f"left('ilm writer ' || {opening_of(opened_at)} || ' ' || {name}, 63)"
+
+
+def any_writer_session_of(application_name: str, name: str) -> str:
+    """
+    SQL: whether ``application_name`` names a writer session of gateway
+    ``name`` (both SQL expressions) in any opening, whether the current one
+    or not: ``ilm writer``, an opening, and the gateway name (its first 37
+    characters, what 63 leave).
+    """
+    return (
+        f"{application_name} ~ '^ilm writer [0-9a-f]{{14}} ' "
+        f"AND substr({application_name}, 27) = left({name}, 37)"
+    )
 
 
 class Statements:
@@ -178,9 +212,9 @@ class Statements:
             f"SELECT a.pid, a.application_name, l.owner, "
             f"pg_terminate_backend(a.pid) FROM {s}.lease l "
             f"JOIN pg_stat_activity a ON a.datname = current_database() "
-            f"AND a.application_name = left('ilm writer ' || l.owner, 63) "
+            f"AND {any_writer_session_of('a.application_name', 'l.owner')} "
             f"WHERE l.node_key = %s AND l.peer_key = %s AND l.owner IS NOT NULL "
-            f"AND l.owner <> %s AND l.expires_at <= now() "
+            f"AND a.application_name <> %s AND l.expires_at <= now() "
             f"AND a.pid <> pg_backend_pid() AND a.backend_xid IS NOT NULL "
             f"AND (a.backend_xid = l.xmax OR NOT EXISTS (SELECT 1 FROM "
             f"pg_stat_activity x WHERE x.backend_xid = l.xmax))"
@@ -188,52 +222,78 @@ class Statements:
         """
         Ends the sessions of a gateway whose lease on a stream has expired
         (by the database's clock) and that hold the stream's lease row
-        locked inside a transaction: its writer connection (named by its
-        ``application_name``) with a transaction id, the one whose
-        transaction locked the row when the row names a live one (else,
-        several holders sharing the lock, any such writer of that
-        gateway).  Returns the sessions signalled.
+        locked inside a transaction: a writer connection of that gateway
+        name in any opening (by its ``application_name``) but the caller's
+        own (whose ``application_name`` is given) with a transaction id,
+        the one whose transaction locked the row when the row names a live
+        one (else, several holders sharing the lock, any such writer of
+        that gateway).  Returns the sessions signalled.
         """
         self.register_gateway = (
+            f"WITH prev AS (SELECT opened_at, expires_at > now() AS live "
+            f"FROM {s}.gateway WHERE node_key = %(n)s AND name = %(name)s) "
             f"INSERT INTO {s}.gateway AS g (node_key, name, expires_at, opened_at) "
-            f"VALUES (%s, %s, now() + make_interval(secs => %s), now()) "
+            f"VALUES (%(n)s, %(name)s, now() + make_interval(secs => %(secs)s), "
+            f"clock_timestamp()) "
             f"ON CONFLICT (node_key, name) DO UPDATE "
-            f"SET expires_at = excluded.expires_at, opened_at = excluded.opened_at"
+            f"SET expires_at = excluded.expires_at, opened_at = "
+            f"greatest(excluded.opened_at, g.opened_at + interval '1 microsecond') "
+            f"RETURNING g.opened_at, {opening_of('g.opened_at')}, "
+            f"(SELECT opened_at FROM prev), (SELECT live FROM prev)"
         ).encode()
-        """Records a gateway live for the given seconds, opened now."""
+        """
+        Records a gateway live for the given seconds, in a new opening:
+        ``opened_at`` is now, and always later than the previous opening of
+        that name (the row locked, it is at least a microsecond past the
+        previous one), so each opening of a (node, gateway name) has its
+        own.  Returns it, as a datetime and as its opening
+        (:func:`opening_of`), and the previous row's ``opened_at`` and
+        whether it was live (``NULL``: no previous row).
+        """
         self.refresh_gateway = (
             f"INSERT INTO {s}.gateway AS g (node_key, name, expires_at, opened_at) "
-            f"VALUES (%s, %s, now() + make_interval(secs => %s), now()) "
-            f"ON CONFLICT (node_key, name) DO UPDATE "
-            f"SET expires_at = excluded.expires_at"
+            f"VALUES (%(n)s, %(name)s, now() + make_interval(secs => %(secs)s), "
+            f"%(opened)s) ON CONFLICT (node_key, name) DO UPDATE "
+            f"SET expires_at = excluded.expires_at "
+            f"WHERE g.opened_at = excluded.opened_at RETURNING true"
         ).encode()
-        """Records a gateway live for the given seconds more."""
+        """
+        Records a gateway live for the given seconds more, if the row is
+        still its opening's (``opened``); no row returned: another process
+        has opened the store under that name since.
+        """
+        self.gateway_row = (
+            f"SELECT opened_at, expires_at > now() FROM {s}.gateway "
+            f"WHERE node_key = %s AND name = %s"
+        ).encode()
         self.expire_gateway = (
             f"UPDATE {s}.gateway SET expires_at = now() "
-            f"WHERE node_key = %s AND name = %s AND expires_at > now()"
+            f"WHERE node_key = %s AND name = %s AND opened_at = %s "
+            f"AND expires_at > now()"
         ).encode()
-        """A gateway closing: its liveness ends now."""
+        """A gateway closing: its opening's liveness ends now (not a later one's)."""
         self.end_stopped_blockers = (
             f"SELECT a.pid, min(g.name), pg_terminate_backend(a.pid) "
             f"FROM unnest(pg_blocking_pids(%(pid)s)) AS b(pid) "
             f"JOIN pg_stat_activity a ON a.pid = b.pid "
             f"JOIN {s}.gateway g ON g.node_key = %(n)s "
-            f"AND a.application_name = left('ilm writer ' || g.name, 63) "
-            f"WHERE g.name <> %(me)s AND a.backend_xid IS NOT NULL "
+            f"AND {any_writer_session_of('a.application_name', 'g.name')} "
+            f"WHERE a.application_name <> %(me)s AND a.backend_xid IS NOT NULL "
             f"AND a.pid <> pg_backend_pid() "
             f"AND NOT EXISTS (SELECT 1 FROM {s}.gateway l "
-            f"WHERE l.node_key = %(n)s "
-            f"AND left('ilm writer ' || l.name, 63) = a.application_name "
-            f"AND (l.expires_at > now() OR l.name = %(me)s)) "
+            f"WHERE l.node_key = %(n)s AND l.expires_at > now() "
+            f"AND {writer_session_of('l.opened_at', 'l.name')} = a.application_name) "
             f"GROUP BY a.pid"
         ).encode()
         """
         Ends the sessions that block the session ``pid`` (this gateway's
         writer) and are, by their ``application_name``, the writer session
-        of a gateway of this node whose liveness row has expired (by the
-        database's clock), inside a write transaction.  A name shared (up
-        to the 63 bytes of ``application_name``) with a live gateway or
-        this one is left alone.  Returns the sessions signalled.
+        of a gateway of this node in an opening that is not live: not its
+        name's current opening (another process opened the store under
+        that name since), or one whose liveness row has expired (by the
+        database's clock); inside a write transaction.  The writer sessions
+        of a live opening, and those named ``me`` (this gateway's own), are
+        left alone.  Returns the sessions signalled.
         """
         self.take = (
             f"UPDATE {s}.lease SET owner = %s, epoch = epoch + 1, "
@@ -329,6 +389,12 @@ class Statements:
             f"owner IS NOT NULL AND expires_at > now() "
             f"FROM {s}.lease WHERE node_key = %s ORDER BY peer_key"
         ).encode()
+        self.inspect_gateways = (
+            f"SELECT name, extract(epoch FROM opened_at)::float8, "
+            f"extract(epoch FROM expires_at)::float8, expires_at > now() "
+            f"FROM {s}.gateway WHERE node_key = %s ORDER BY name"
+        ).encode()
+        """Each gateway's liveness row (schema version 2 on)."""
         self.outbound_of = by_id(
             f"SELECT o.acked, o.last_position, o.pending_bytes FROM {s}.peer p "
             f"JOIN {s}.outbound o USING (node_key, peer_key) "

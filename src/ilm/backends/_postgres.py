@@ -103,7 +103,8 @@ class PostgresBackend:
         Several nodes may share one database and schema.
     :param gateway: this process's name among the node's gateways, recorded
         as the owner of the streams it takes (1 to 255 characters; unique per
-        live process).
+        live process: opening the store under a name makes an earlier process
+        of that name count as stopped, ``ilm.backends._pg_liveness``).
     :param schema: the PostgreSQL schema holding ILM's tables (created if
         missing; default ``"ilm"``).
     :param lease_duration: seconds a stream lease lasts without renewal

@@ -1,8 +1,9 @@
 """
 The records ``ilm inspect`` shows, whichever the store: per stream, what
 is pending to a peer (:class:`OutboxReport`) and who owns it
-(:class:`LeaseReport`, PostgreSQL only); per node, its incarnation and
-streams (:class:`NodeReport`).  The delivery marks are
+(:class:`LeaseReport`, PostgreSQL only); per node (:class:`NodeReport`),
+its incarnation, its streams and, PostgreSQL only, the liveness of each of
+its gateways (:class:`GatewayReport`).  The delivery marks are
 :class:`ilm.InboundRecord` values.
 """
 
@@ -13,7 +14,7 @@ import attr
 from ilm._peerid import PeerId
 from ilm._store import InboundRecord
 
-__all__ = ["LeaseReport", "NodeReport", "OutboxReport"]
+__all__ = ["GatewayReport", "LeaseReport", "NodeReport", "OutboxReport"]
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -55,9 +56,30 @@ class LeaseReport:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class GatewayReport:
+    """
+    The liveness row of one gateway of a node in a shared store, in
+    database time (seconds since the epoch).
+
+    ``name``: the gateway's name; ``opened_at``: when it last opened the
+    store (which names its writer sessions:
+    :mod:`ilm.backends._pg_liveness`); ``expires_at``: until when it
+    counts as running, unless refreshed; ``live``: whether it had not
+    expired when the snapshot was read.
+    """
+
+    name: str
+    opened_at: float
+    expires_at: float
+    live: bool
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class NodeReport:
     """
-    One logical node of a shared store, as ``ilm inspect`` shows it.
+    One logical node of a store, as ``ilm inspect`` shows it; ``leases``
+    and ``gateways`` are a shared (PostgreSQL) store's, by stream and by
+    gateway name.
     """
 
     node_id: PeerId
@@ -65,3 +87,4 @@ class NodeReport:
     outbound: tuple[OutboxReport, ...]
     inbound: tuple[InboundRecord, ...]
     leases: tuple[LeaseReport, ...] = ()
+    gateways: tuple[GatewayReport, ...] = ()
