@@ -183,6 +183,69 @@ class PeerDeliverer:
         last = stream.received
         self.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
 
+    def arrived_one(self, stream: InboundStream, streams: list[InboundStream]) -> None:
+        """
+        One new message was queued on ``stream``, the last of ``streams``
+        (the peer's inbound streams): :meth:`arrived` and :meth:`deliver` in
+        one, as a straight line in the usual case of a peer sending at its
+        own pace (nothing else queued or in progress, a target that takes
+        one message at a time and returns at once): one delivery, its
+        latency, its mark for the next commit.  Anything else takes the
+        general path.
+        """
+        queue = stream.queue
+        if (
+            len(queue) != 1
+            or len(streams) != 1
+            or self.delivering
+            or self.retry_call is not None
+            or self.retry.failures
+            or self.arrivals
+            or self._deliver_many is not None
+            or self._put_run is not None
+            or not self._host.deliveries_allowed
+        ):
+            self.arrived(stream, 1)
+            self.deliver()
+            return
+        clock = self._clock
+        at = clock.seconds()
+        position = stream.delivered + 1
+        message = Message(
+            self.peer_id, self._local_id, position, queue[0], stream.incarnation
+        )
+        self.in_loop = True
+        try:
+            pending = delivery_outcome(self._target.deliver(message))
+        except Exception:
+            self._failed(Failure(), position)
+            taken = False
+        else:
+            taken = pending is None
+            if pending is not None:
+                self.delivering = True
+                pending.addBoth(self._settled, stream, position, 1).addErrback(
+                    self._host.unexpected, "settling a delivery"
+                )
+        self.in_loop = False
+        if not taken:
+            # Failed, or delivered once a Deferred fires: the general path
+            # takes it from here.
+            self.arrivals.append([stream, position, position - 1, at])
+            self._after()
+            return
+        stream.pop_delivered()
+        self.delivered += 1
+        self._latency.observe(clock.seconds() - at)
+        committer = self._committer
+        marks = committer.bookkeeping.delivered
+        key = (self.peer_id, stream.incarnation)
+        if marks.get(key, -1) < position:
+            marks[key] = position
+            committer.schedule(self._mark_delay)
+        if stream.starved:
+            self._unstarve(stream)
+
     def jumped(self, stream: InboundStream) -> None:
         """
         ``stream`` skipped what it queued (the sender lost it).
