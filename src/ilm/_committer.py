@@ -132,6 +132,9 @@ class GroupCommitter:
         self.committing = False
         #: The sends of the commit in flight.
         self.in_commit: list[Send] = []
+        #: How many delivery marks the last commit to start carried (what
+        #: the deliverers space marks' commits by).
+        self.last_marks = 0
         self._call: IDelayedCall | None = None
         # The earliest moment some pending work asked to be committed by.
         self._due = math.inf
@@ -239,6 +242,7 @@ class GroupCommitter:
             if outbox.pending:
                 left[peer_id] = outbox
         self.outboxes = left
+        self.last_marks = len(batch.delivered)
         problems = batch_problems(batch, positions=not self._shared)
         if problems:
             sends = self._drop_unstorable(batch, sends, problems)

@@ -194,7 +194,7 @@ class PeerRouter:
         try:
             if len(frame) > config.max_frame_size:
                 raise FrameTooLarge(len(frame), config.max_frame_size)
-            kind = _frames.frame_type(frame)
+            kind = frame[0] if frame else _frames.frame_type(frame)
             if kind == _frames.MESSAGES:
                 if link == READY:
                     first, contents = _frames.decode_messages(
@@ -206,7 +206,7 @@ class PeerRouter:
                     peer.sender.on_ack(*_frames.decode_ack(frame))
             elif kind == _frames.RESUME:
                 self._on_hello(peer, _frames.decode_resume(frame))
-            elif peer.link == READY:
+            elif _frames.frame_type(frame) == _frames.NACK and peer.link == READY:
                 peer.sender.on_nack(_frames.decode_nack(frame))
         except ProtocolViolation as violation:
             self.violation(peer, violation)
@@ -383,8 +383,13 @@ class PeerRouter:
         peer.deliverer.deliver()
 
     def _on_data(self, peer: Peer, first: int, contents: list[bytes]) -> None:
-        stream = peer.inbound[-1]
+        inbound = peer.inbound
+        stream = inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
+        if accepted == 1 and not acknowledge_now:
+            # The usual frame: one new message, nothing to answer.
+            peer.deliverer.arrived_one(stream, inbound)
+            return
         if accepted:
             peer.deliverer.arrived(stream, accepted)
         if nack:

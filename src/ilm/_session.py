@@ -588,10 +588,13 @@ class InboundStream:
         """
         The first ``count`` messages of the queue were delivered.
         """
-        popleft = self.queue.popleft
-        size = 0
-        for _ in range(count):
-            size += len(popleft())
+        if count == 1:
+            size = len(self.queue.popleft())
+        else:
+            popleft = self.queue.popleft
+            size = 0
+            for _ in range(count):
+                size += len(popleft())
         self.held_bytes -= size
         held = self.held
         held.messages -= count

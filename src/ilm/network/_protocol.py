@@ -235,6 +235,8 @@ class ILMProtocol(Protocol):
                 if state == OPEN:
                     # The data path: session frames straight to ILM.
                     receiver = self._owner.frame_receiver()
+                    received = None if receiver is None else receiver.frame_received
+                    carry = _wire.CARRY
                     peer = self.peer_id
                     assert peer is not None
                     while self.state == OPEN:
@@ -242,8 +244,8 @@ class ILMProtocol(Protocol):
                         if frame is None:
                             return
                         kind, body = frame
-                        if kind == _wire.CARRY and body and receiver is not None:
-                            receiver.frame_received(peer, body)
+                        if kind == carry and body and received is not None:
+                            received(peer, body)
                         else:
                             self._keepalive.link_frame(kind, body)
                     continue

@@ -102,6 +102,9 @@ _HEADER = struct.Struct(">IB")
 _HELLO_HEAD = struct.Struct(">4sHB32s")
 _TOKEN = struct.Struct(">Q")
 _TAGGED = struct.Struct(">QB")
+#: The largest body :meth:`FrameOpener.check` joins to its counter and type
+#: before hashing (a copy, cheaper than a second ``update`` when small).
+_JOINED_BODY = 512
 _ID_INT = struct.Struct(">BQ")
 _ID_INT_KIND = 0x01
 _ID_STR_KIND = 0x02
@@ -440,8 +443,12 @@ class FrameOpener:
         """
         counter = self._counter
         h = self._base.copy()
-        h.update(_TAGGED.pack(counter, kind))
-        h.update(body)
+        if len(body) <= _JOINED_BODY:
+            # One update instead of two: what a small frame costs most.
+            h.update(_TAGGED.pack(counter, kind) + body)
+        else:
+            h.update(_TAGGED.pack(counter, kind))
+            h.update(body)
         if not hmac.compare_digest(h.digest(), tag):
             raise FrameAuthenticationFailed(
                 f"{FRAME_NAMES.get(kind, hex(kind))} frame number {counter} from the "

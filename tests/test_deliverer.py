@@ -1,0 +1,244 @@
+"""
+Tests for :class:`ilm._deliverer.PeerDeliverer`'s straight line for one new
+message (``arrived_one``) and for how long delivery marks wait for their
+commit, on a ``Clock`` with a recording committer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from ilm._backoff import Backoff
+from ilm._committer import GroupCommitter
+from ilm._deliverer import MARK_DELAY_PER_PEER, PeerDeliverer
+from ilm._message import Message
+from ilm._session import InboundStream
+from ilm._status import DELIVERY_SECONDS_BOUNDS, HistogramCounter
+from ilm._store import StoreBatch
+
+INCARNATION = "a" * 32
+OLD_INCARNATION = "b" * 32
+MARK_DELAY = 0.002
+
+
+class RecordingCommitter:
+    """The committer's side a deliverer uses: bookkeeping and deadlines."""
+
+    def __init__(self) -> None:
+        self.bookkeeping = StoreBatch()
+        self.last_marks = 0
+        self.delays: list[float] = []
+
+    def schedule(self, delay: float = 0) -> None:
+        self.delays.append(delay)
+
+
+class Host:
+    """The node around the deliverer: delivering allowed, errors recorded."""
+
+    deliveries_allowed = True
+
+    def __init__(self) -> None:
+        self.errors: list[Any] = []
+
+    def delivery_settled(self) -> None:
+        pass
+
+    def guard(self, function: Any, *args: object) -> None:
+        function(*args)
+
+    def limited(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def unexpected(self, reason: Failure, doing: str) -> None:
+        self.errors.append(reason)
+
+
+class Fixture:
+    def __init__(self, target: Any) -> None:
+        self.clock = Clock()
+        self.committer = RecordingCommitter()
+        self.host = Host()
+        self.latency = HistogramCounter(DELIVERY_SECONDS_BOUNDS)
+        self.streams = [self.stream(INCARNATION)]
+        self.deliverer = PeerDeliverer(
+            7,
+            0,
+            target=target,
+            streams=lambda: self.streams,
+            ready=lambda: True,
+            acknowledge=lambda: None,
+            unstarve=lambda stream: None,
+            committer=self.committer,  # type: ignore[arg-type]
+            host=self.host,
+            clock=self.clock,
+            later=self.clock.callLater,
+            backoff=Backoff(jitter=0),
+            ack_delay=0.1,
+            mark_delay=MARK_DELAY,
+            latency=self.latency,
+        )
+
+    @staticmethod
+    def stream(incarnation: str) -> InboundStream:
+        return InboundStream(
+            incarnation, 0, window=64, window_bytes=10_000, max_frame_size=1000
+        )
+
+    def arrive(self, contents: bytes, stream: InboundStream | None = None) -> None:
+        """One message arrives on ``stream`` (the current one by default)."""
+        stream = stream or self.streams[-1]
+        accepted, _, _ = stream.on_data(stream.received + 1, [contents])
+        assert accepted == 1
+        self.deliverer.arrived_one(stream, self.streams)
+
+
+class Target:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.result: Any = None
+
+    def deliver(self, message: Message) -> Any:
+        self.messages.append(message)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+class ArrivedOneTests(SynchronousTestCase):
+    def test_delivered_marked_timed(self) -> None:
+        """
+        A lone new message is delivered at once, with its position and its
+        sender's incarnation; its mark waits for the next commit (asked for
+        within ``mark_delay``), and its latency is counted once.
+        """
+        target = Target()
+        f = Fixture(target)
+        f.arrive(b"one")
+        f.arrive(b"two")
+        self.assertEqual(
+            target.messages,
+            [
+                Message(7, 0, 1, b"one", INCARNATION),
+                Message(7, 0, 2, b"two", INCARNATION),
+            ],
+        )
+        stream = f.streams[0]
+        self.assertEqual((stream.delivered, len(stream.queue)), (2, 0))
+        self.assertEqual(stream.held.messages, 0)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 2})
+        self.assertEqual(f.committer.delays, [MARK_DELAY, MARK_DELAY])
+        self.assertEqual((f.latency.count, f.deliverer.delivered), (2, 2))
+
+    def test_marks_spaced_by_busy_peers(self) -> None:
+        """
+        After a commit that carried the marks of many peers, a new mark may
+        wait ``MARK_DELAY_PER_PEER`` per such peer (0.1 s after a commit
+        for 1,000 peers); after one for a few, ``mark_delay``.
+        """
+        f = Fixture(Target())
+        f.committer.last_marks = 1000
+        f.arrive(b"one")
+        f.committer.last_marks = 3
+        f.arrive(b"two")
+        self.assertEqual(f.committer.delays, [1000 * MARK_DELAY_PER_PEER, MARK_DELAY])
+        self.assertAlmostEqual(1000 * MARK_DELAY_PER_PEER, 0.1)
+
+    def test_deferred_settles_later(self) -> None:
+        """
+        A target's Deferred holds the message (and the next) until it
+        fires; then both are delivered in order, marked and timed.
+        """
+        target = Target()
+        pending: Deferred[None] = Deferred()
+        target.result = pending
+        f = Fixture(target)
+        f.arrive(b"one")
+        target.result = None
+        f.arrive(b"two")
+        self.assertEqual([m.message_id for m in target.messages], [1])
+        self.assertEqual(f.committer.bookkeeping.delivered, {})
+        f.clock.advance(0.5)
+        pending.callback(None)
+        self.assertEqual([m.message_id for m in target.messages], [1, 2])
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 2})
+        self.assertEqual(f.latency.count, 2)
+        self.assertEqual(f.host.errors, [])
+
+    def test_failure_holds_and_retries(self) -> None:
+        """
+        A target that raises holds the message (and every later one) and
+        is retried after the backoff; nothing is marked before it takes it.
+        """
+        target = Target()
+        target.result = ValueError("not now")
+        f = Fixture(target)
+        f.arrive(b"one")
+        f.arrive(b"two")
+        self.assertEqual([m.message_id for m in target.messages], [1])
+        self.assertTrue(f.deliverer.held)
+        self.assertEqual(len(f.streams[0].queue), 2)
+        self.assertEqual(f.committer.bookkeeping.delivered, {})
+        target.result = None
+        f.clock.advance(10)
+        self.assertEqual([m.message_id for m in target.messages], [1, 1, 2])
+        self.assertFalse(f.deliverer.held)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 2})
+
+    def test_older_incarnation_first(self) -> None:
+        """
+        While an older incarnation's stream still holds messages, a new
+        message of the current stream waits for them: delivery stays in
+        order across incarnations.
+        """
+        target = Target()
+        f = Fixture(target)
+        old = f.stream(OLD_INCARNATION)
+        old.on_data(1, [b"old"])
+        f.streams.insert(0, old)
+        f.arrive(b"new")
+        self.assertEqual(
+            [(m.source_incarnation, m.contents) for m in target.messages],
+            [(OLD_INCARNATION, b"old"), (INCARNATION, b"new")],
+        )
+
+
+class LastMarksTests(SynchronousTestCase):
+    def test_last_marks(self) -> None:
+        """
+        ``GroupCommitter.last_marks`` is the number of delivery marks the
+        last commit to start carried (what marks are spaced by).
+        """
+
+        class Backend:
+            def commit(self, batch: StoreBatch) -> Deferred[None]:
+                return succeed(None)
+
+        clock = Clock()
+        committer = GroupCommitter(
+            Backend(),  # type: ignore[arg-type]
+            clock,
+            Backoff(jitter=0),
+            later=clock.callLater,
+            may_commit=lambda: True,
+            drop_unstorable=lambda batch, sends, problems: sends,
+            committed=lambda result, batch, sends: sends,
+            receipts=lambda sends: None,
+            failed=lambda reason, sends, delay: None,
+            settled=lambda: None,
+            unexpected=lambda reason, doing: None,
+        )
+        for peer in range(1, 6):
+            committer.bookkeeping.delivered[(peer, INCARNATION)] = 3
+        committer.schedule(0.002)
+        clock.advance(0.002)
+        self.assertEqual((committer.commits, committer.last_marks), (1, 5))
+        committer.bookkeeping.delivered[(1, INCARNATION)] = 4
+        committer.schedule(0.002)
+        clock.advance(0.002)
+        self.assertEqual((committer.commits, committer.last_marks), (2, 1))
