@@ -13,7 +13,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from ilm import Config, Receipt, _frames
-from ilm._acks import AckPacer, AckSchedule
+from ilm._acks import CHUNK, AckPacer, AckSchedule
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
 from ilm._store import StoreBatch
@@ -54,6 +54,58 @@ class PacerFixture:
         self.stream.delivered = marked + 1
         self.stream.delivered_bytes = delivered_bytes
         self.pacer.committed(self.stream, 64, 1000)
+
+
+class Fleet:
+    """
+    Many peers' pacers sharing one schedule on a ``Clock``, counting the
+    reactor turns (zero-delay calls run) and each ACK written as ``(turn,
+    peer, mark)``.
+    """
+
+    def __init__(self, peers: int, interval: float = 0.08) -> None:
+        self.clock = Clock()
+        self.turn = 0
+        self.schedule = AckSchedule(interval, clock=self.clock, later=self.later)
+        self.streams = [
+            InboundStream(
+                "a" * 32, 0, window=4096, window_bytes=1 << 20, max_frame_size=100
+            )
+            for _ in range(peers)
+        ]
+        self.sends: list[tuple[int, int, int]] = []
+        self.pacers = [
+            AckPacer(
+                interval,
+                clock=self.clock,
+                schedule=self.schedule,
+                send=lambda i=i: self.send(i),  # type: ignore[misc]
+            )
+            for i in range(peers)
+        ]
+        for pacer, stream in zip(self.pacers, self.streams, strict=True):
+            pacer.resumed(stream)
+
+    def later(self, delay: float, f: Any, *args: object) -> Any:
+        def run() -> None:
+            if delay == 0:
+                self.turn += 1
+            f(*args)
+
+        return self.clock.callLater(delay, run)
+
+    def send(self, i: int) -> None:
+        # What PeerRouter.send_ack does: an ACK computed now, reported.
+        self.sends.append((self.turn, i, self.streams[i].marked))
+        self.pacers[i].sent(self.streams[i])
+
+    def commit(self, peers: Any, marked: int) -> None:
+        """One commit made mark ``marked`` of each of ``peers`` durable."""
+        for i in peers:
+            stream = self.streams[i]
+            stream.marked = marked
+            stream.delivered = marked + 1
+            self.pacers[i].committed(stream, 4096, 1 << 20)
 
 
 class AckPacerTests(SynchronousTestCase):
@@ -237,6 +289,97 @@ class AckScheduleTests(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(len(sends), 1000)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_commit_for_many_peers_written_in_chunks(self) -> None:
+        """
+        1,000 ACKs due at once (one commit made 1,000 peers' marks durable)
+        are written at most ``CHUNK`` per reactor turn, the first chunk at
+        once: all of them, each once, with the mark of when it is written
+        (a later commit's, for a peer acknowledged again meanwhile), and
+        none for a peer whose link went meanwhile.
+        """
+        fleet = Fleet(1000)
+        fleet.commit(range(1000), 1)
+        self.assertEqual(len(fleet.sends), CHUNK)
+        self.assertEqual(len(fleet.schedule.ready), 1000 - CHUNK)
+        # Before the next turn: peer 999 gets a later mark, peer 998's
+        # link goes, and peer 997's ACK is written for another reason.
+        fleet.commit([999], 2)
+        fleet.pacers[998].cancel()
+        fleet.send(997)
+        self.assertEqual(len(fleet.schedule.ready), 1000 - CHUNK)
+        fleet.clock.advance(0)
+        turns = [turn for turn, i, _ in fleet.sends if i != 997]
+        self.assertEqual(max(turns), -(-1000 // CHUNK) - 1)
+        self.assertTrue(all(turns.count(turn) <= CHUNK for turn in set(turns)), turns)
+        self.assertEqual(sorted(i for _, i, _ in fleet.sends), [*range(998), 999])
+        self.assertEqual(fleet.sends[-1][1:], (999, 2))
+        self.assertEqual({m for _, i, m in fleet.sends if i != 999}, {1})
+        self.assertEqual(list(fleet.schedule.ready), [])
+        self.assertFalse(any(p.owed or p.queued for p in fleet.pacers))
+        self.assertEqual(fleet.clock.getDelayedCalls(), [])
+
+    def test_timer_writes_in_chunks(self) -> None:
+        """
+        Paced ACKs that come due at one firing are written a chunk per
+        turn too, the first in the firing's turn.
+        """
+        fleet = Fleet(1000)
+        for pacer in fleet.pacers:
+            pacer.sent_at = 0.0
+        fleet.commit(range(1000), 1)
+        self.assertEqual(fleet.sends, [])
+        fleet.clock.advance(0.08)
+        turns = [turn for turn, _, _ in fleet.sends]
+        self.assertEqual(turns.count(0), CHUNK)
+        self.assertEqual(sorted(i for _, i, _ in fleet.sends), list(range(1000)))
+        self.assertTrue(all(turns.count(turn) <= CHUNK for turn in set(turns)))
+        self.assertEqual(fleet.clock.getDelayedCalls(), [])
+
+    def test_flush_writes_queued_at_once(self) -> None:
+        """
+        ``flush`` (the node stops) writes a queued ACK at once; the queue
+        then writes it no second time.
+        """
+        fleet = Fleet(1000)
+        fleet.commit(range(1000), 1)
+        for pacer in fleet.pacers:
+            pacer.flush()
+        self.assertEqual(len(fleet.sends), 1000)
+        self.assertEqual({turn for turn, _, _ in fleet.sends}, {0})
+        fleet.clock.advance(0)
+        self.assertEqual(len(fleet.sends), 1000)
+
+    def test_turn_budget(self) -> None:
+        """
+        Few ACKs at a time go at once; once a chunk's worth went since the
+        queue last ran, the next waits a turn, after which the count
+        starts again.
+        """
+        fleet = Fleet(CHUNK + 1, interval=0.0)
+        for i in range(CHUNK + 1):
+            fleet.commit([i], 1)
+        self.assertEqual(len(fleet.sends), CHUNK)
+        fleet.clock.advance(0)
+        self.assertEqual(len(fleet.sends), CHUNK + 1)
+        fleet.commit([0], 2)
+        self.assertEqual(len(fleet.sends), CHUNK + 2)
+
+    def test_stop_drops_queued(self) -> None:
+        """
+        A stopped schedule writes none of its queued ACKs, and a pacer
+        whose ACK it dropped is queued again by its next commit.
+        """
+        fleet = Fleet(CHUNK + 1)
+        fleet.commit(range(CHUNK + 1), 1)
+        fleet.schedule.stop()
+        self.assertEqual(fleet.clock.getDelayedCalls(), [])
+        fleet.clock.advance(1)
+        self.assertEqual(len(fleet.sends), CHUNK)
+        self.assertFalse(fleet.pacers[CHUNK].queued)
+        fleet.commit([CHUNK], 2)
+        fleet.clock.advance(0)
+        self.assertEqual(fleet.sends[-1][1:], (CHUNK, 2))
 
     def test_stop(self) -> None:
         """A stopped schedule writes nothing and leaves no timer."""

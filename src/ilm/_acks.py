@@ -19,6 +19,14 @@ per waiting ACK is an object that lives about an interval, thousands of
 them a second with many peers, and such objects are what makes the garbage
 collector's full collections frequent (pauses of 100 ms were measured with
 1,000 peers).
+
+ACKs due at once (a commit that makes 1,000 peers' marks durable, a
+firing with as many due) are written at most :data:`CHUNK` per reactor
+turn: the rest wait in the schedule's queue, one entry per peer, and go on
+the next turns, each computed when written (so carrying the newest mark,
+and none for a peer whose link went meanwhile).  Writing 1,000 ACKs in one
+go holds the reactor for tens of milliseconds, which every message
+waiting to be delivered meanwhile would add to its latency.
 """
 
 from __future__ import annotations
@@ -30,7 +38,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ilm._session import InboundStream
 
-__all__ = ["AckPacer", "AckSchedule"]
+__all__ = ["CHUNK", "AckPacer", "AckSchedule"]
+
+#: The most ACKs written in one reactor turn.
+CHUNK = 64
 
 
 class AckSchedule:
@@ -41,10 +52,25 @@ class AckSchedule:
     late, and a firing looks at each owed ACK at most eight times per
     interval).
 
+    ACKs due now are written at once while the turn's :data:`CHUNK` lasts,
+    and queued for the next turns beyond it.  The count restarts when the
+    queue is drained on a later turn, so no turn writes more than a chunk
+    (an ACK may thus wait a turn even when few are due).
+
     :param interval: the node's ``ack_interval``.
     """
 
-    __slots__ = ("_clock", "_gap", "_later", "call", "fired_at", "owed")
+    __slots__ = (
+        "_clock",
+        "_gap",
+        "_later",
+        "_written",
+        "call",
+        "fired_at",
+        "owed",
+        "ready",
+        "ready_call",
+    )
 
     def __init__(
         self,
@@ -59,6 +85,11 @@ class AckSchedule:
         self.owed: deque[AckPacer] = deque()
         self.call: IDelayedCall | None = None
         self.fired_at = float("-inf")
+        #: The ACKs due now that wait for a later turn (one entry per
+        #: pacer: see ``AckPacer.queued``), and the call that writes them.
+        self.ready: deque[AckPacer] = deque()
+        self.ready_call: IDelayedCall | None = None
+        self._written = 0
 
     def add(self, pacer: AckPacer) -> None:
         """``pacer`` owes an ACK at ``pacer.due``."""
@@ -69,6 +100,44 @@ class AckSchedule:
             self.call = self._later(max(0.0, at - self._clock.seconds()), self._fire)
         elif at < call.getTime():
             call.reset(max(0.0, at - self._clock.seconds()))
+
+    def now(self, pacer: AckPacer) -> None:
+        """
+        ``pacer`` owes an ACK now: written at once if this turn's chunk is
+        not used up, else queued (once) for a later turn.
+        """
+        pacer.owed = True
+        pacer.due = float("-inf")
+        if pacer.queued:
+            return  # it goes soon, with the newest mark
+        if self.ready_call is None and self._written < CHUNK:
+            self._write(pacer)
+            return
+        pacer.queued = True
+        self.ready.append(pacer)
+        if self.ready_call is None:
+            self.ready_call = self._later(0, self._drain)
+
+    def _write(self, pacer: AckPacer) -> None:
+        self._written += 1
+        pacer.owed = False
+        pacer.send()
+
+    def _drain(self) -> None:
+        """Write a chunk of the queued ACKs; the rest on the next turn."""
+        self.ready_call = None
+        self._written = 0
+        now = self._clock.seconds()
+        ready = self.ready
+        while ready and self._written < CHUNK:
+            pacer = ready.popleft()
+            pacer.queued = False
+            # Not owed: sent or dropped (the link went) meanwhile; not due:
+            # sent, then paced anew (the timer has it).
+            if pacer.owed and pacer.due <= now:
+                self._write(pacer)
+        if ready:
+            self.ready_call = self._later(0, self._drain)
 
     def _fire(self) -> None:
         self.call = None
@@ -82,8 +151,7 @@ class AckSchedule:
             if not pacer.owed:
                 continue
             if pacer.due <= now:
-                pacer.owed = False
-                pacer.send()
+                self.now(pacer)
             else:
                 owed.append(pacer)
                 earliest = min(earliest, pacer.due)
@@ -93,10 +161,14 @@ class AckSchedule:
 
     def stop(self) -> None:
         """No more ACKs (the node stops or crashed)."""
-        call, self.call = self.call, None
-        if call is not None and call.active():
-            call.cancel()
+        for call in (self.call, self.ready_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.call = self.ready_call = None
+        for pacer in (*self.owed, *self.ready):
+            pacer.owed = pacer.queued = False
         self.owed.clear()
+        self.ready.clear()
 
 
 class AckPacer:
@@ -118,6 +190,7 @@ class AckPacer:
         "acked_stream",
         "due",
         "owed",
+        "queued",
         "send",
         "sent_at",
     )
@@ -137,6 +210,9 @@ class AckPacer:
         #: Whether a trailing ACK is owed, and when it is due.
         self.owed = False
         self.due = 0.0
+        #: Whether the owed ACK waits in the schedule's queue of those due
+        #: now (then ``owed`` says whether it is still to be written).
+        self.queued = False
         #: When the last ACK with a new mark was written (of any cause).
         self.sent_at = float("-inf")
         #: The stream the last ACK was about, its mark and the bytes
@@ -155,11 +231,11 @@ class AckPacer:
             # A trailing ACK is owed already: it goes early only if the
             # sender's window needs it.
             if self._behind(stream, window, window_bytes):
-                self.send()
+                self._schedule.now(self)
             return
         due = self.sent_at + self._interval
         if due <= self._clock.seconds() or self._behind(stream, window, window_bytes):
-            self.send()
+            self._schedule.now(self)
             return
         self.owed = True
         self.due = due
