@@ -18,23 +18,18 @@ from itertools import islice
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from ilm._backoff import Backoff, Retry
+from ilm._backoff import Backoff
 from ilm._committer import GroupCommitter
 from ilm._delivery import QueueDelivery, delivery_outcome
+from ilm._delivery_hold import MAX_RETRY_AFTER, DeliveryHold, one_line
 from ilm._message import Message, make_message
 from ilm._nodelog import NodeLogging
 from ilm._peerid import PeerId
 from ilm._session import InboundStream
 from ilm._status import HistogramCounter
-from ilm.errors import DeliveryFailed
 from ilm.interfaces import IBatchDelivery, ILocalDelivery
-
-#: The longest wait a delivery target's ``retry_after`` (an HTTP
-#: ``Retry-After``) can impose before the next attempt, in seconds.
-MAX_RETRY_AFTER = 3600.0
 
 #: The most messages handed to a ``DeferredQueue`` in one run
 #: (:meth:`ilm._delivery.QueueDelivery.put_run`): what a consumer may find
@@ -51,21 +46,13 @@ QUEUE_RUN = 64
 #: ``mark_delay``.
 MARK_DELAY_PER_PEER = 0.0001
 
-__all__ = ["MARK_DELAY_PER_PEER", "DeliveryHost", "PeerDeliverer", "one_line"]
-
-
-def one_line(reason: object) -> str:
-    """
-    A failure or an error in one line: its type and its message.
-    """
-    error = reason.value if isinstance(reason, Failure) else reason
-    if isinstance(error, BaseException):
-        text = str(error).strip()
-        kind = type(error).__name__
-        line = f"{kind}: {text}" if text else kind
-    else:
-        line = str(error)
-    return " ".join(line.split())
+__all__ = [
+    "MARK_DELAY_PER_PEER",
+    "MAX_RETRY_AFTER",
+    "DeliveryHost",
+    "PeerDeliverer",
+    "one_line",
+]
 
 
 class DeliveryHost(NodeLogging, Protocol):
@@ -117,13 +104,9 @@ class PeerDeliverer:
         "arrivals",
         "delivered",
         "delivering",
-        "failures",
-        "held_reason",
-        "held_since",
+        "hold",
         "in_loop",
         "peer_id",
-        "retry",
-        "retry_call",
     )
 
     def __init__(
@@ -159,7 +142,16 @@ class PeerDeliverer:
         self._ack_delay = ack_delay
         self._mark_delay = mark_delay
         self._latency = latency
-        self.retry = Retry(backoff)
+        #: Deliveries held behind a failed one (ilm._delivery_hold).
+        self.hold = DeliveryHold(
+            peer_id,
+            clock=clock,
+            later=later,
+            log=host,
+            backoff=backoff,
+            retry_now=self.deliver,
+            allowed=lambda: host.deliveries_allowed,
+        )
         self._deliver_many: Callable[[list[Message]], object] | None = (
             target.deliver_many if IBatchDelivery.providedBy(target) else None  # type: ignore[attr-defined]
         )
@@ -170,13 +162,9 @@ class PeerDeliverer:
         )
         self.delivering = False
         self.in_loop = False
-        self.retry_call: IDelayedCall | None = None
         self.ack_call: IDelayedCall | None = None
-        #: Messages delivered, deliveries failed, since start.
+        #: Messages delivered since start.
         self.delivered = 0
-        self.failures = 0
-        self.held_since: float | None = None
-        self.held_reason: str | None = None
         #: Per data frame queued for delivery: [stream, last position,
         #: position observed up to, arrival time] (the latency histogram).
         self.arrivals: deque[list[Any]] = deque()
@@ -184,7 +172,7 @@ class PeerDeliverer:
     @property
     def held(self) -> bool:
         """Whether delivery is held behind a failed delivery."""
-        return self.retry.failures > 0
+        return self.hold.retry.failures > 0
 
     def arrived(self, stream: InboundStream, accepted: int) -> None:
         """
@@ -208,8 +196,8 @@ class PeerDeliverer:
             len(queue) != 1
             or len(streams) != 1
             or self.delivering
-            or self.retry_call is not None
-            or self.retry.failures
+            or self.hold.call is not None
+            or self.hold.retry.failures
             or self.arrivals
             or self._deliver_many is not None
             or self._put_run is not None
@@ -229,7 +217,7 @@ class PeerDeliverer:
             result = self._target.deliver(message)
             pending = None if result is None else delivery_outcome(result)
         except Exception:
-            self._failed(Failure(), position)
+            self.hold.failed(Failure(), position)
             taken = False
         else:
             taken = pending is None
@@ -271,7 +259,7 @@ class PeerDeliverer:
         Deliver what is queued, in order, until a delivery is in progress,
         fails, or nothing is left.
         """
-        if self.delivering or self.retry_call is not None:
+        if self.delivering or self.hold.call is not None:
             return
         if not self._host.deliveries_allowed:
             self._after()
@@ -300,20 +288,20 @@ class PeerDeliverer:
                     try:
                         pending = delivery_outcome(deliver(message))
                     except Exception:
-                        self._failed(Failure(), message.message_id)
+                        self.hold.failed(Failure(), message.message_id)
                         return
                     if pending is not None:
                         self.delivering = True
                         pending.addBoth(
                             self._settled, stream, message.message_id, 1
                         ).addErrback(self._host.unexpected, "settling a delivery")
-                        if self.delivering or self.retry_call is not None:
+                        if self.delivering or self.hold.call is not None:
                             return
                         continue
                     stream.pop_delivered()
                     self.delivered += 1
-                    if self.retry.failures:
-                        self._release()
+                    if self.hold.retry.failures:
+                        self.hold.release()
         finally:
             self.in_loop = False
             self._after()
@@ -336,14 +324,14 @@ class PeerDeliverer:
                 try:
                     pending = delivery_outcome(deliver_many(messages))
                 except Exception:
-                    self._failed(Failure(), first)
+                    self.hold.failed(Failure(), first)
                     return
                 if pending is not None:
                     self.delivering = True
                     pending.addBoth(
                         self._settled, stream, first, len(messages)
                     ).addErrback(self._host.unexpected, "settling a delivery")
-                    if self.delivering or self.retry_call is not None:
+                    if self.delivering or self.hold.call is not None:
                         return
                     continue
                 self._taken(stream, len(messages))
@@ -368,7 +356,7 @@ class PeerDeliverer:
                 try:
                     taken = put_run(messages)
                 except Exception:
-                    self._failed(Failure(), first)
+                    self.hold.failed(Failure(), first)
                     return
                 self._taken(stream, taken)
 
@@ -378,8 +366,8 @@ class PeerDeliverer:
         """
         stream.pop_delivered(count)
         self.delivered += count
-        if self.retry.failures:
-            self._release()
+        if self.hold.retry.failures:
+            self.hold.release()
 
     def _settled(
         self, result: object, stream: InboundStream, first: int, count: int
@@ -390,7 +378,7 @@ class PeerDeliverer:
         """
         self.delivering = False
         if isinstance(result, Failure):
-            self._failed(result, first)
+            self.hold.failed(result, first)
         elif stream.delivered + 1 == first and len(stream.queue) >= count:
             self._taken(stream, count)
         if not self.in_loop:
@@ -401,9 +389,7 @@ class PeerDeliverer:
         """
         Start no new delivery (the node stops): cancel the retry timer.
         """
-        call, self.retry_call = self.retry_call, None
-        if call is not None and call.active():
-            call.cancel()
+        self.hold.stop()
 
     def cancel_ack(self) -> None:
         """
@@ -416,44 +402,6 @@ class PeerDeliverer:
     def cancel_timers(self) -> None:
         self.stop_retrying()
         self.cancel_ack()
-
-    def _release(self) -> None:
-        """
-        A delivery succeeded after failures: the hold is over.
-        """
-        self.retry.succeeded()
-        self.held_since = None
-        self.held_reason = None
-
-    def _failed(self, reason: Failure, message_id: int) -> None:
-        self.failures += 1
-        if not self.retry.failures:
-            self.held_since = self._clock.seconds()
-        self.held_reason = one_line(reason)
-        delay = self.retry.failed()
-        error = reason.value
-        if isinstance(error, DeliveryFailed) and error.retry_after is not None:
-            # The target said when to come back (an HTTP Retry-After): wait
-            # at least that long, but never longer than MAX_RETRY_AFTER, so
-            # a wrong header cannot hold the stream for days.
-            delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER))
-        self._host.limited(
-            ("delivery_failed", self.peer_id),
-            LogLevel.critical,
-            "delivery of message {message_id} from {peer_id!r} failed; later "
-            "messages from it wait; retrying in {delay:.2f}s",
-            reason,
-            message_id=message_id,
-            peer_id=self.peer_id,
-            delay=delay,
-            ilm_event="delivery_failed",
-        )
-        if self._host.deliveries_allowed:
-            self.retry_call = self._later(delay, self._retry_now)
-
-    def _retry_now(self) -> None:
-        self.retry_call = None
-        self.deliver()
 
     def _after(self) -> None:
         """

@@ -94,9 +94,9 @@ def peer_status(
         delivered=deliverer.delivered,
         last_delivered=stream.delivered if stream is not None else 0,
         delivery_held=deliverer.held,
-        delivery_held_reason=deliverer.held_reason,
-        delivery_held_since=deliverer.held_since,
-        delivery_retries=deliverer.retry.failures,
+        delivery_held_reason=deliverer.hold.reason,
+        delivery_held_since=deliverer.hold.since,
+        delivery_retries=deliverer.hold.retry.failures,
         peer_incarnation=(
             peer.seen_incarnation
             if peer.seen_incarnation is not None
@@ -135,7 +135,7 @@ def node_stats(
         acknowledged=sum(s.acked_total for s in senders),
         retransmitted=sum(s.retransmitted for s in senders),
         refused=core.refused,
-        delivery_failures=sum(d.failures for d in deliverers),
+        delivery_failures=sum(d.hold.failures for d in deliverers),
         link_ups=core.link_ups,
         link_downs=core.link_downs,
         commits=committer.commits,
