@@ -126,6 +126,28 @@ class StoreCase(TestCase):
         os.makedirs(directory)
         return os.path.join(directory, "store.sqlite")
 
+    def trace_statements(
+        self, *modules: Any, variables: int | None = None
+    ) -> list[str]:
+        """
+        Record every statement of the connections that ``modules`` (their
+        ``connect``) open from now on; with ``variables``, those connections
+        bind at most that many values per statement.
+        """
+        statements: list[str] = []
+        connect = _sqlite_file.connect
+
+        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
+            conn = connect(path, **kwargs)
+            if variables is not None:
+                conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        for module in modules:
+            self.patch(module, "connect", traced)
+        return statements
+
     async def opened(self, path: str, **kwargs: Any) -> tuple[SQLiteBackend, Any]:
         backend = SQLiteBackend(path, **kwargs)
         state = await backend.open()
@@ -638,16 +660,7 @@ class OpenTests(StoreCase):
         """
         path = self.store_path()
         await self.filled(path)
-        statements: list[str] = []
-        connect = _sqlite_file.connect
-
-        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
-            conn = connect(path, **kwargs)
-            conn.set_trace_callback(statements.append)
-            return conn
-
-        self.patch(_sqlite_commit, "connect", traced)
-        self.patch(_sqlite_reads, "connect", traced)
+        statements = self.trace_statements(_sqlite_commit, _sqlite_reads)
         backend, state = await self.opened(path)
         self.assertEqual(state.outbound[0].last_position, 30)
         self.assertTrue(any("FROM outbox" in s for s in statements), statements)
@@ -989,15 +1002,7 @@ class _OutboxCase(StoreCase):
         Commit ``batches`` of messages to peer 2 in a new store at ``path``;
         the backend and the outbox inserts its writer ran.
         """
-        statements: list[str] = []
-        connect = _sqlite_file.connect
-
-        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
-            conn = connect(path, **kwargs)
-            conn.set_trace_callback(statements.append)
-            return conn
-
-        self.patch(_sqlite_commit, "connect", traced)
+        statements = self.trace_statements(_sqlite_commit)
         backend, _ = await self.opened(path)
         first = 1
         for contents in batches:
@@ -1105,14 +1110,7 @@ class OutboxInsertTests(_OutboxCase):
         An SQLite built to bind fewer values per statement gets statements
         of fewer rows.
         """
-        connect = _sqlite_file.connect
-
-        def limited(path: str, **kwargs: Any) -> sqlite3.Connection:
-            conn = connect(path, **kwargs)
-            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 99)
-            return conn
-
-        self.patch(_sqlite_commit, "connect", limited)
+        self.trace_statements(_sqlite_commit, variables=99)
         backend, _ = await self.opened(self.store_path())
         contents = [b"m%d" % i for i in range(100)]
         await backend.commit(StoreBatch(messages={2: (1, contents)}))
@@ -1128,15 +1126,7 @@ class MarkUpsertTests(StoreCase):
 
     async def traced(self) -> tuple[SQLiteBackend, list[str], str]:
         """A new store whose writer's statements are recorded; its path."""
-        statements: list[str] = []
-        connect = _sqlite_file.connect
-
-        def traced(path: str, **kwargs: Any) -> sqlite3.Connection:
-            conn = connect(path, **kwargs)
-            conn.set_trace_callback(statements.append)
-            return conn
-
-        self.patch(_sqlite_commit, "connect", traced)
+        statements = self.trace_statements(_sqlite_commit)
         path = self.store_path()
         backend, _ = await self.opened(path)
         return backend, statements, path
@@ -1196,16 +1186,7 @@ class MarkUpsertTests(StoreCase):
         An SQLite built to bind fewer values per statement gets upserts of
         fewer marks (99 values: 32 marks each).
         """
-        connect = _sqlite_file.connect
-        statements: list[str] = []
-
-        def limited(path: str, **kwargs: Any) -> sqlite3.Connection:
-            conn = connect(path, **kwargs)
-            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 99)
-            conn.set_trace_callback(statements.append)
-            return conn
-
-        self.patch(_sqlite_commit, "connect", limited)
+        statements = self.trace_statements(_sqlite_commit, variables=99)
         path = self.store_path()
         backend, _ = await self.opened(path)
         marks = {(peer, "f" * 32): peer for peer in range(2, 102)}
