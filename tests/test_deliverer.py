@@ -1,7 +1,8 @@
 """
-Tests for :class:`ilm._deliverer.PeerDeliverer`'s straight line for one new
-message (``arrived_one``) and for how long delivery marks wait for their
-commit, on a ``Clock`` with a recording committer.
+Tests for :class:`ilm._deliverer.PeerDeliverer`'s straight line for new
+messages (``arrived_run``: one message, or the run of one read) and for how
+long delivery marks wait for their commit, on a ``Clock`` with a recording
+committer.
 """
 
 from __future__ import annotations
@@ -90,12 +91,12 @@ class Fixture:
             incarnation, 0, window=64, window_bytes=10_000, max_frame_size=1000
         )
 
-    def arrive(self, contents: bytes, stream: InboundStream | None = None) -> None:
-        """One message arrives on ``stream`` (the current one by default)."""
-        stream = stream or self.streams[-1]
-        accepted, _, _ = stream.on_data(stream.received + 1, [contents])
-        assert accepted == 1
-        self.deliverer.arrived_one(stream, self.streams)
+    def arrive(self, *contents: bytes) -> None:
+        """Messages arrive on the current stream, as one run."""
+        stream = self.streams[-1]
+        accepted, _, _ = stream.on_data(stream.received + 1, list(contents))
+        assert accepted == len(contents)
+        self.deliverer.arrived_run(stream, self.streams, accepted)
 
 
 class Target:
@@ -105,12 +106,16 @@ class Target:
 
     def deliver(self, message: Message) -> Any:
         self.messages.append(message)
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
+        result = self.result
+        if isinstance(result, list):
+            # One result per delivery, in turn, then None.
+            result = result.pop(0) if result else None
+        if isinstance(result, Exception):
+            raise result
+        return result
 
 
-class ArrivedOneTests(SynchronousTestCase):
+class ArrivedRunTests(SynchronousTestCase):
     def test_delivered_marked_timed(self) -> None:
         """
         A lone new message is delivered at once, with its position and its
@@ -134,6 +139,84 @@ class ArrivedOneTests(SynchronousTestCase):
         self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 2})
         self.assertEqual(f.committer.delays, [MARK_DELAY, MARK_DELAY])
         self.assertEqual((f.latency.count, f.deliverer.delivered), (2, 2))
+
+    def test_run_delivered_marked_timed(self) -> None:
+        """
+        A run of new messages (the frames of one read) is delivered at
+        once, in order; it asks for one commit, its mark is the run's last
+        position, and its latency is counted once per message.
+        """
+        target = Target()
+        f = Fixture(target)
+        f.arrive(b"one", b"two", b"three")
+        self.assertEqual(
+            [(m.message_id, m.contents) for m in target.messages],
+            [(1, b"one"), (2, b"two"), (3, b"three")],
+        )
+        stream = f.streams[0]
+        self.assertEqual((stream.delivered, len(stream.queue)), (3, 0))
+        self.assertEqual((stream.held.messages, stream.held.bytes), (0, 0))
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 3})
+        self.assertEqual(f.committer.delays, [MARK_DELAY])
+        self.assertEqual((f.latency.count, f.deliverer.delivered), (3, 3))
+
+    def test_run_failure_midway(self) -> None:
+        """
+        A target that raises on the second message of a run: the first is
+        delivered and counted, the second and third are held and retried
+        after the backoff, in order; the mark covers only what was taken.
+        """
+        target = Target()
+        target.result = [None, ValueError("not now")]
+        f = Fixture(target)
+        f.arrive(b"one", b"two", b"three")
+        self.assertEqual([m.message_id for m in target.messages], [1, 2])
+        self.assertTrue(f.deliverer.held)
+        self.assertEqual(f.deliverer.delivered, 1)
+        self.assertEqual(len(f.streams[0].queue), 2)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 1})
+        self.assertEqual(f.latency.count, 1)
+        f.clock.advance(10)
+        self.assertEqual([m.message_id for m in target.messages], [1, 2, 2, 3])
+        self.assertFalse(f.deliverer.held)
+        self.assertEqual(f.deliverer.delivered, 3)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 3})
+        self.assertEqual(f.latency.count, 3)
+
+    def test_run_deferred_midway(self) -> None:
+        """
+        A target whose Deferred for the second message of a run has not
+        fired: the rest of the run waits for it, then goes in order.
+        """
+        target = Target()
+        pending: Deferred[None] = Deferred()
+        target.result = [None, pending]
+        f = Fixture(target)
+        f.arrive(b"one", b"two", b"three")
+        self.assertEqual([m.message_id for m in target.messages], [1, 2])
+        self.assertEqual(f.deliverer.delivered, 1)
+        pending.callback(None)
+        self.assertEqual([m.message_id for m in target.messages], [1, 2, 3])
+        self.assertEqual(f.deliverer.delivered, 3)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 3})
+        self.assertEqual(f.latency.count, 3)
+        self.assertEqual(f.host.errors, [])
+
+    def test_run_fired_deferred_midway(self) -> None:
+        """
+        A target that returns an already fired Deferred for the second
+        message of a run: each message is delivered exactly once, in order.
+        """
+        target = Target()
+        target.result = [None, succeed(None)]
+        f = Fixture(target)
+        f.arrive(b"one", b"two", b"three")
+        f.arrive(b"four")
+        self.assertEqual([m.message_id for m in target.messages], [1, 2, 3, 4])
+        self.assertEqual(f.deliverer.delivered, 4)
+        self.assertEqual(len(f.streams[0].queue), 0)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 4})
+        self.assertEqual(f.latency.count, 4)
 
     def test_marks_spaced_by_busy_peers(self) -> None:
         """

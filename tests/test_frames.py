@@ -277,3 +277,80 @@ class HostileTests(SynchronousTestCase):
             decode_any(bytes([kind]) + body, 100)
         except ProtocolViolation:
             pass
+
+
+def one(position: int, contents: bytes) -> bytes:
+    """A MESSAGES frame holding one message."""
+    [frame] = _frames.encode_messages(position, [contents], 1 << 20)
+    return frame
+
+
+class MessageRunTests(SynchronousTestCase):
+    def test_consecutive_frames_one_run(self) -> None:
+        """
+        One-message frames at consecutive positions, and a frame of several
+        messages continuing them, decode as one run from ``start``.
+        """
+        [several] = _frames.encode_messages(8, [b"h", b"i"], 1 << 20)
+        frames = [_frames.encode_ack(1, 1), one(5, b"e"), one(6, b"f"), one(7, b"g")]
+        frames.append(several)
+        self.assertEqual(
+            _frames.decode_message_run(frames, 1, 1 << 20, 1000),
+            (5, 5, [b"e", b"f", b"g", b"h", b"i"]),
+        )
+
+    def test_stops_before_what_it_cannot_take(self) -> None:
+        """
+        The run stops before a gap in positions, a frame of another type, a
+        frame over the frame limit and a malformed frame (left to
+        ``decode_messages``' typed errors); ``end == start`` when the first
+        frame is one of the last four.
+        """
+        head = [one(1, b"a"), one(2, b"b")]
+        malformed = one(3, b"c")[:-1]
+        cases = {
+            "gap": one(4, b"d"),
+            "other type": _frames.encode_nack(3),
+            "too large": one(3, b"c" * 200),
+            "malformed": malformed,
+            "message too large": one(3, b"c" * 60),
+        }
+        for name, stop in cases.items():
+            self.assertEqual(
+                _frames.decode_message_run([*head, stop, one(3, b"c")], 0, 100, 50),
+                (2, 1, [b"a", b"b"]),
+                name,
+            )
+            if name != "gap":
+                self.assertEqual(
+                    _frames.decode_message_run([stop], 0, 100, 50)[0], 0, name
+                )
+        self.assertRaises(MalformedFrame, _frames.decode_messages, malformed, 50)
+
+    @given(
+        st.lists(
+            st.tuples(st.integers(1, 6), st.lists(st.binary(max_size=8), max_size=3)),
+            max_size=8,
+        )
+    )
+    def test_same_as_decoding_each(self, spec: list[tuple[int, list[bytes]]]) -> None:
+        """
+        Whatever the frames, the run is what decoding each frame from the
+        start gives, as long as each continues the one before.
+        """
+        frames = [
+            _frames.encode_messages(p, c, 1 << 20)[0] if c else one(p, b"")
+            for p, c in spec
+        ]
+        end, first, contents = _frames.decode_message_run(frames, 0, 1 << 20, 100)
+        expected: list[bytes] = []
+        taken = 0
+        for frame in frames:
+            position, more = _frames.decode_messages(frame, 100)
+            if expected and position != first + len(expected):
+                break
+            if not expected and taken == 0:
+                self.assertEqual(position, first)
+            expected += more
+            taken += 1
+        self.assertEqual((end, contents), (taken, expected))

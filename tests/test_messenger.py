@@ -620,6 +620,37 @@ class DeliveryTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
 
+class FrameRunTests(SynchronousTestCase):
+    """
+    ``PeerRouter.frames_received``: the frames of one read, together.
+    """
+
+    def test_run_then_malformed(self) -> None:
+        """
+        Consecutive MESSAGES frames are delivered as one run, in order; a
+        malformed frame after them closes the link, and nothing after it is
+        taken (the frames of the read that follow it came on a closed link).
+        """
+        c = Cluster()
+        a = c.start(1)
+        b = c.start(2)
+        a.send_to(2, b"first")
+        c.run_until(lambda: c.received(2, 1) == [b"first"])
+        events = Events(self)
+
+        def one(position: int, contents: bytes) -> bytes:
+            return _frames.encode_messages(position, [contents], 1 << 20)[0]
+
+        malformed = one(4, b"z")[:-1]
+        b._router.frames_received(
+            1, [one(2, b"x"), one(3, b"y"), malformed, one(4, b"z")]
+        )
+        self.assertEqual(c.received(2, 1), [b"first", b"x", b"y"])
+        [event] = events.named("protocol_violation")
+        self.assertEqual((event["peer_id"], event["kind"]), (1, "MalformedFrame"))
+        self.assertNotIn(1, b.connected_peers())
+
+
 class FaultTests(SynchronousTestCase):
     def test_cut_mid_stream(self) -> None:
         """

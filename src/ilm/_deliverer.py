@@ -181,19 +181,23 @@ class PeerDeliverer:
         last = stream.received
         self.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
 
-    def arrived_one(self, stream: InboundStream, streams: list[InboundStream]) -> None:
+    def arrived_run(
+        self, stream: InboundStream, streams: list[InboundStream], count: int
+    ) -> None:
         """
-        One new message was queued on ``stream``, the last of ``streams``
-        (the peer's inbound streams): :meth:`arrived` and :meth:`deliver` in
-        one, as a straight line in the usual case of a peer sending at its
-        own pace (nothing else queued or in progress, a target that takes
-        one message at a time and returns at once): one delivery, its
-        latency, its mark for the next commit.  Anything else takes the
-        general path.
+        ``count`` new messages were queued on ``stream``, the last of
+        ``streams`` (the peer's inbound streams): :meth:`arrived` and
+        :meth:`deliver` in one, as a straight line in the usual case of a
+        peer sending at its own pace (nothing else queued or in progress, a
+        target that takes one message at a time and returns at once): the
+        deliveries, their latency (one observation for the run, as
+        :meth:`_observe` counts a frame), one mark for the next commit.
+        Anything else takes the general path, from the first message that
+        did not go straight through.
         """
         queue = stream.queue
         if (
-            len(queue) != 1
+            len(queue) != count
             or len(streams) != 1
             or self.delivering
             or self.hold.call is not None
@@ -203,42 +207,54 @@ class PeerDeliverer:
             or self._put_run is not None
             or not self._host.deliveries_allowed
         ):
-            self.arrived(stream, 1)
+            self.arrived(stream, count)
             self.deliver()
             return
         clock = self._clock
         at = clock.seconds()
-        position = stream.delivered + 1
-        message = make_message(
-            self.peer_id, self._local_id, position, queue[0], stream.incarnation
-        )
+        deliver = self._target.deliver
+        peer_id = self.peer_id
+        local_id = self._local_id
+        incarnation = stream.incarnation
+        start = position = stream.delivered
         self.in_loop = True
-        try:
-            result = self._target.deliver(message)
-            pending = None if result is None else delivery_outcome(result)
-        except Exception:
-            self.hold.failed(Failure(), position)
-            taken = False
-        else:
-            taken = pending is None
-            if pending is not None:
+        for contents in list(queue):
+            position += 1
+            message = make_message(peer_id, local_id, position, contents, incarnation)
+            try:
+                result = deliver(message)
+                if result is None or (pending := delivery_outcome(result)) is None:
+                    continue
+            except Exception:
+                failure: Failure | None = Failure()
+                pending = None
+            else:
+                failure = None
+            # Failed, or delivered once a Deferred fires: what went before
+            # is taken, and the general path goes on from here (counting
+            # the run's latency).
+            done = position - 1 - start
+            if done:
+                stream.pop_delivered(done)
+                self.delivered += done
+            if failure is not None:
+                self.hold.failed(failure, position)
+            elif pending is not None:
                 self.delivering = True
                 pending.addBoth(self._settled, stream, position, 1).addErrback(
                     self._host.unexpected, "settling a delivery"
                 )
-        self.in_loop = False
-        if not taken:
-            # Failed, or delivered once a Deferred fires: the general path
-            # takes it from here.
-            self.arrivals.append([stream, position, position - 1, at])
+            self.in_loop = False
+            self.arrivals.append([stream, start + count, start, at])
             self._after()
             return
-        stream.pop_delivered()
-        self.delivered += 1
-        self._latency.observe(clock.seconds() - at)
+        self.in_loop = False
+        stream.pop_delivered(count)
+        self.delivered += count
+        self._latency.observe(clock.seconds() - at, count)
         committer = self._committer
         marks = committer.bookkeeping.delivered
-        key = (self.peer_id, stream.incarnation)
+        key = (peer_id, incarnation)
         if marks.get(key, -1) < position:
             marks[key] = position
             spaced = committer.last_marks * MARK_DELAY_PER_PEER

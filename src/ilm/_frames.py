@@ -36,7 +36,13 @@ from __future__ import annotations
 import struct
 
 from ilm._session import Hello
-from ilm.errors import FrameTooLarge, MalformedFrame, UnexpectedFrame, UnknownFrameType
+from ilm.errors import (
+    FrameTooLarge,
+    MalformedFrame,
+    ProtocolViolation,
+    UnexpectedFrame,
+    UnknownFrameType,
+)
 
 RESUME = 0x01
 MESSAGES = 0x02
@@ -271,6 +277,59 @@ def decode_messages(frame: bytes, max_message_size: int) -> tuple[int, list[byte
             f"{size - offset} trailing bytes after the messages of a MESSAGES frame"
         )
     return first, contents
+
+
+def decode_message_run(
+    frames: list[bytes], start: int, max_frame_size: int, max_message_size: int
+) -> tuple[int, int, list[bytes]]:
+    """
+    Decode, as one, the MESSAGES frames of ``frames`` from ``start`` on
+    whose positions continue each other (what a peer sending at its own
+    pace puts in one read: one message per frame).
+
+    :return: ``(end, first_position, contents)``: ``frames[start:end]``
+        were taken.  The run stops before the first frame that is not a
+        MESSAGES frame, is larger than ``max_frame_size``, is malformed or
+        does not continue the run; ``end == start`` when that is
+        ``frames[start]``.  Such a frame is left to :func:`decode_messages`
+        and its typed errors.
+    """
+    end = start
+    first = 0
+    contents: list[bytes] = []
+    append = contents.append
+    unpack_head = _DATA_HEAD.unpack_from
+    unpack_length = _LEN.unpack_from
+    for index in range(start, len(frames)):
+        frame = frames[index]
+        size = len(frame)
+        if size < DATA_OVERHEAD or size > max_frame_size:
+            break
+        kind, lane, position, count = unpack_head(frame)
+        if kind != MESSAGES:
+            break
+        if contents and position != first + len(contents):
+            break
+        if count == 1 and lane == 0 and size >= _ONE_MESSAGE:
+            # decode_messages' usual frame, inline: one message.
+            (length,) = unpack_length(frame, DATA_OVERHEAD)
+            if (
+                length != size - _ONE_MESSAGE
+                or length > max_message_size
+                or not 1 <= position <= MAX_POSITION
+            ):
+                break
+            append(frame[_ONE_MESSAGE:])
+        else:
+            try:
+                position, more = decode_messages(frame, max_message_size)
+            except ProtocolViolation:
+                break
+            contents += more
+        if end == start:
+            first = position
+        end = index + 1
+    return end, first, contents
 
 
 def decode_ack(frame: bytes) -> tuple[int, int]:

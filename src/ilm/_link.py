@@ -180,7 +180,6 @@ class PeerRouter:
         self._core.guard(self._resumed, peer_id)
 
     def frame_received(self, peer_id: object, frame: bytes) -> None:
-        core = self._core
         try:
             peer = self.peers.get(peer_id)  # type: ignore[call-overload]
         except TypeError:
@@ -211,19 +210,62 @@ class PeerRouter:
         except ProtocolViolation as violation:
             self.violation(peer, violation)
         except Exception:
-            core.limited(
-                ("internal_error", "frame", peer.peer_id),
-                LogLevel.critical,
-                "internal error handling a frame from {peer_id!r}; closing the link",
-                Failure(),
-                peer_id=peer.peer_id,
-                ilm_event="internal_error",
-            )
-            # This node's fault, not the peer's: not a ProtocolViolation, so
-            # the network does not count it against the peer.
-            self.violation(
-                peer, ILMError("internal error handling a frame"), logged=True
-            )
+            self._internal_error(peer)
+
+    def frames_received(self, peer_id: object, frames: list[bytes]) -> None:
+        """
+        The frames of one read from ``peer_id``, in order (the optional
+        batch form of :meth:`frame_received`): each is taken as
+        :meth:`frame_received` would, except that MESSAGES frames on a ready
+        link whose positions continue each other are taken as one run (one
+        window check, one round of deliveries, one delivery mark).  Nothing
+        after a frame that closed the link is taken.
+        """
+        try:
+            peer = self.peers.get(peer_id)  # type: ignore[call-overload]
+        except TypeError:
+            peer = None
+        if peer is None or peer.link == DOWN or peer.link == CLOSING:
+            for frame in frames:
+                self.frame_received(peer_id, frame)
+            return
+        config = self._config
+        index = 0
+        count = len(frames)
+        while index < count:
+            if peer.link == READY:
+                end, first, contents = _frames.decode_message_run(
+                    frames, index, config.max_frame_size, config.max_message_size
+                )
+            else:
+                end = index
+            if end > index + 1:
+                try:
+                    self._on_data(peer, first, contents)
+                except ProtocolViolation as violation:
+                    self.violation(peer, violation)
+                except Exception:
+                    self._internal_error(peer)
+                index = end
+            else:
+                self.frame_received(peer_id, frames[index])
+                index += 1
+            if peer.link == CLOSING or peer.link == DOWN:
+                return
+
+    def _internal_error(self, peer: Peer) -> None:
+        """Handling a frame from ``peer`` raised: log it, close the link."""
+        self._core.limited(
+            ("internal_error", "frame", peer.peer_id),
+            LogLevel.critical,
+            "internal error handling a frame from {peer_id!r}; closing the link",
+            Failure(),
+            peer_id=peer.peer_id,
+            ilm_event="internal_error",
+        )
+        # This node's fault, not the peer's: not a ProtocolViolation, so
+        # the network does not count it against the peer.
+        self.violation(peer, ILMError("internal error handling a frame"), logged=True)
 
     # -- link events -----------------------------------------------------------
 
@@ -386,9 +428,10 @@ class PeerRouter:
         inbound = peer.inbound
         stream = inbound[-1]
         accepted, acknowledge_now, nack = stream.on_data(first, contents)
-        if accepted == 1 and not acknowledge_now:
-            # The usual frame: one new message, nothing to answer.
-            peer.deliverer.arrived_one(stream, inbound)
+        if accepted and not acknowledge_now and not nack:
+            # The usual frame (or run of frames): new messages, nothing to
+            # answer.
+            peer.deliverer.arrived_run(stream, inbound, accepted)
             return
         if accepted:
             peer.deliverer.arrived(stream, accepted)

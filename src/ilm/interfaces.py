@@ -198,6 +198,14 @@ class IFrameReceiver(Interface):
         the peer the network authenticated, never a value read from the frame.
         """
 
+    # A receiver may also have ``frames_received(peer_id, frames)``: several
+    # frames from ``peer_id``, in order (a ``list`` of ``bytes``), as one
+    # call; the same as ``frame_received`` for each, in turn.  A network that
+    # reads several frames at once (the stream network: those of one socket
+    # read) may call it instead, so that the receiver handles them together;
+    # ILM's receiver takes consecutive MESSAGES frames as one run.  Networks
+    # that do not simply call ``frame_received``.
+
     def link_paused(peer_id: PeerId) -> None:
         """
         The link to ``peer_id`` cannot take more data for now; ILM writes

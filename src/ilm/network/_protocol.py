@@ -139,7 +139,8 @@ class IConnectionOwner(Interface):
     def frame_receiver() -> IFrameReceiver | None:
         """
         :return: where session frames go (asked once per read, then one
-            ``frame_received`` call per frame).
+            ``frame_received`` call per frame, or one ``frames_received``
+            call for the frames of the read where the receiver has it).
         """
 
 
@@ -233,21 +234,8 @@ class ILMProtocol(Protocol):
             while True:
                 state = self.state
                 if state == OPEN:
-                    # The data path: session frames straight to ILM.
-                    receiver = self._owner.frame_receiver()
-                    received = None if receiver is None else receiver.frame_received
-                    carry = _wire.CARRY
-                    peer = self.peer_id
-                    assert peer is not None
-                    while self.state == OPEN:
-                        frame = next_frame()
-                        if frame is None:
-                            return
-                        kind, body = frame
-                        if kind == carry and body and received is not None:
-                            received(peer, body)
-                        else:
-                            self._keepalive.link_frame(kind, body)
+                    if self._session_frames(next_frame):
+                        return
                     continue
                 if state == CLOSED:
                     return
@@ -259,6 +247,70 @@ class ILMProtocol(Protocol):
             self.fail(violation)
         except Exception:
             self._internal_error()
+
+    def _session_frames(
+        self, next_frame: Callable[[], tuple[int, bytes] | None]
+    ) -> bool:
+        """
+        The data path: session frames straight to ILM, those of one read in
+        one ``frames_received`` call where the receiver has it (else one
+        ``frame_received`` each); link frames between them in their order.
+
+        :return: whether everything read was parsed (else the link's state
+            changed, and the caller goes on by state).
+        """
+        receiver = self._owner.frame_receiver()
+        received = many = None
+        if receiver is not None:
+            received = receiver.frame_received
+            many = getattr(receiver, "frames_received", None)
+        carry = _wire.CARRY
+        peer = self.peer_id
+        assert peer is not None
+        if many is None:
+            while self.state == OPEN:
+                frame = next_frame()
+                if frame is None:
+                    return True
+                kind, body = frame
+                if kind == carry and body and received is not None:
+                    received(peer, body)
+                else:
+                    self._keepalive.link_frame(kind, body)
+            return False
+        frames_of = self._parser.frames_of
+        frames: list[bytes] = []
+        try:
+            while self.state == OPEN:
+                other = frames_of(carry, frames)
+                if frames:
+                    taken, frames = frames, []
+                    self._hand(peer, taken, received, many)
+                if other is None:
+                    return True
+                if self.state != OPEN:
+                    return False
+                self._keepalive.link_frame(*other)
+            return False
+        finally:
+            # A frame failed its checks: what came before it is ILM's.
+            if frames and self.state == OPEN:
+                self._hand(peer, frames, received, many)
+
+    @staticmethod
+    def _hand(
+        peer: PeerId,
+        frames: list[bytes],
+        received: Callable[[PeerId, bytes], None] | None,
+        many: Callable[[PeerId, list[bytes]], None] | None,
+    ) -> None:
+        """Give ``frames`` (from ``peer``) to the frame receiver."""
+        if len(frames) == 1 or many is None:
+            assert received is not None
+            for frame in frames:
+                received(peer, frame)
+        else:
+            many(peer, frames)
 
     def _guard(self, function: Callable[..., object], *args: object) -> None:
         """

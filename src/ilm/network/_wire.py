@@ -69,6 +69,8 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 TAG_SIZE = 16
 """Bytes of the integrity tag at the end of every frame of a tagged link."""
+_TAGGED_MINIMUM = 1 + TAG_SIZE
+"""A tagged frame's length (type byte, body, tag) with an empty body."""
 
 FLAG_FRAME_TAGS = 0x01
 """LINK_HELLO/LINK_CHALLENGE flag: the sender tags every frame after the handshake."""
@@ -550,3 +552,46 @@ class FrameParser:
             raise UnknownFrameType(f"unknown link frame type 0x{kind:02x}")
         self._offset = offset + 4 + length
         return kind, body
+
+    def frames_of(self, kind: int, frames: list[bytes]) -> tuple[int, bytes] | None:
+        """
+        :meth:`next_frame` in a loop, for the data path: append the bodies
+        of the complete frames of type ``kind`` (checked, with non-empty
+        bodies) to ``frames``, up to the first frame of another type or with
+        an empty body.  A tagged frame of that type that is whole and within
+        the limit is taken here in one step; anything else goes through
+        :meth:`next_frame`.
+
+        :return: that frame, as :meth:`next_frame` returns it, or ``None``
+            once every complete frame was taken.
+        :raises: what :meth:`next_frame` raises, for the first frame that
+            fails its checks (the frames before it are in ``frames``).
+        """
+        append = frames.append
+        opener = self.opener
+        limit = self.limit
+        buffer = self._buffer
+        size = len(buffer)
+        offset = self._offset
+        unpack = _PREFIX.unpack_from
+        while True:
+            if size - offset >= 4:
+                (length,) = unpack(buffer, offset)
+                end = offset + 4 + length
+                if (
+                    opener is not None
+                    and _TAGGED_MINIMUM < length <= limit
+                    and end <= size
+                    and buffer[offset + 4] == kind
+                ):
+                    end -= TAG_SIZE
+                    body = bytes(buffer[offset + 5 : end])
+                    opener.check(kind, body, buffer[end : end + TAG_SIZE])
+                    offset = self._offset = end + TAG_SIZE
+                    append(body)
+                    continue
+            frame = self.next_frame()
+            if frame is None or frame[0] != kind or not frame[1]:
+                return frame
+            append(frame[1])
+            offset = self._offset
