@@ -257,10 +257,7 @@ class PeerDeliverer:
         key = (peer_id, incarnation)
         if marks.get(key, -1) < position:
             marks[key] = position
-            spaced = committer.last_marks * MARK_DELAY_PER_PEER
-            committer.schedule(
-                spaced if spaced > self._mark_delay else self._mark_delay
-            )
+            committer.schedule(self._mark_wait(committer))
         if stream.starved:
             self._unstarve(stream)
 

@@ -297,37 +297,19 @@ def decode_message_run(
     end = start
     first = 0
     contents: list[bytes] = []
-    append = contents.append
-    unpack_head = _DATA_HEAD.unpack_from
-    unpack_length = _LEN.unpack_from
     for index in range(start, len(frames)):
         frame = frames[index]
-        size = len(frame)
-        if size < DATA_OVERHEAD or size > max_frame_size:
+        if not frame or frame[0] != MESSAGES or len(frame) > max_frame_size:
             break
-        kind, lane, position, count = unpack_head(frame)
-        if kind != MESSAGES:
+        try:
+            position, more = decode_messages(frame, max_message_size)
+        except ProtocolViolation:
             break
-        if contents and position != first + len(contents):
-            break
-        if count == 1 and lane == 0 and size >= _ONE_MESSAGE:
-            # decode_messages' usual frame, inline: one message.
-            (length,) = unpack_length(frame, DATA_OVERHEAD)
-            if (
-                length != size - _ONE_MESSAGE
-                or length > max_message_size
-                or not 1 <= position <= MAX_POSITION
-            ):
-                break
-            append(frame[_ONE_MESSAGE:])
-        else:
-            try:
-                position, more = decode_messages(frame, max_message_size)
-            except ProtocolViolation:
-                break
-            contents += more
-        if end == start:
+        if not contents:
             first = position
+        elif position != first + len(contents):
+            break
+        contents += more
         end = index + 1
     return end, first, contents
 

@@ -234,7 +234,7 @@ class ILMProtocol(Protocol):
             while True:
                 state = self.state
                 if state == OPEN:
-                    if self._session_frames(next_frame):
+                    if self._session_frames():
                         return
                     continue
                 if state == CLOSED:
@@ -248,44 +248,28 @@ class ILMProtocol(Protocol):
         except Exception:
             self._internal_error()
 
-    def _session_frames(
-        self, next_frame: Callable[[], tuple[int, bytes] | None]
-    ) -> bool:
+    def _session_frames(self) -> bool:
         """
-        The data path: session frames straight to ILM, those of one read in
-        one ``frames_received`` call where the receiver has it (else one
-        ``frame_received`` each); link frames between them in their order.
+        The data path: the session frames of this read straight to ILM, in
+        one ``frames_received`` call where the receiver has it, else one
+        ``frame_received`` each; link frames between them in their order.
+        A frame that fails its checks still fails the link, after what came
+        before it was handed over.
 
         :return: whether everything read was parsed (else the link's state
             changed, and the caller goes on by state).
         """
         receiver = self._owner.frame_receiver()
-        received = many = None
-        if receiver is not None:
-            received = receiver.frame_received
-            many = getattr(receiver, "frames_received", None)
-        carry = _wire.CARRY
-        peer = self.peer_id
-        assert peer is not None
-        if many is None:
-            while self.state == OPEN:
-                frame = next_frame()
-                if frame is None:
-                    return True
-                kind, body = frame
-                if kind == carry and body and received is not None:
-                    received(peer, body)
-                else:
-                    self._keepalive.link_frame(kind, body)
-            return False
+        many = getattr(receiver, "frames_received", None)
         frames_of = self._parser.frames_of
         frames: list[bytes] = []
         try:
             while self.state == OPEN:
-                other = frames_of(carry, frames)
+                other = frames_of(_wire.CARRY, frames)
                 if frames:
                     taken, frames = frames, []
-                    self._hand(peer, taken, received, many)
+                    if receiver is not None:
+                        self._hand(receiver, many, taken)
                 if other is None:
                     return True
                 if self.state != OPEN:
@@ -293,24 +277,25 @@ class ILMProtocol(Protocol):
                 self._keepalive.link_frame(*other)
             return False
         finally:
-            # A frame failed its checks: what came before it is ILM's.
-            if frames and self.state == OPEN:
-                self._hand(peer, frames, received, many)
+            if frames and receiver is not None and self.state == OPEN:
+                self._hand(receiver, many, frames)
 
-    @staticmethod
     def _hand(
-        peer: PeerId,
-        frames: list[bytes],
-        received: Callable[[PeerId, bytes], None] | None,
+        self,
+        receiver: IFrameReceiver,
         many: Callable[[PeerId, list[bytes]], None] | None,
+        frames: list[bytes],
     ) -> None:
-        """Give ``frames`` (from ``peer``) to the frame receiver."""
-        if len(frames) == 1 or many is None:
-            assert received is not None
-            for frame in frames:
-                received(peer, frame)
-        else:
+        """Give ``frames`` to ILM (one by one while the link stays open)."""
+        peer = self.peer_id
+        assert peer is not None
+        if many is not None and len(frames) > 1:
             many(peer, frames)
+            return
+        for frame in frames:
+            if self.state != OPEN:
+                return
+            receiver.frame_received(peer, frame)
 
     def _guard(self, function: Callable[..., object], *args: object) -> None:
         """
