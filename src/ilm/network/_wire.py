@@ -575,21 +575,23 @@ class FrameParser:
         offset = self._offset
         unpack = _PREFIX.unpack_from
         while True:
-            if size - offset >= 4:
-                (length,) = unpack(buffer, offset)
-                end = offset + 4 + length
-                if (
-                    opener is not None
-                    and _TAGGED_MINIMUM < length <= limit
-                    and end <= size
-                    and buffer[offset + 4] == kind
-                ):
-                    end -= TAG_SIZE
-                    body = bytes(buffer[offset + 5 : end])
-                    opener.check(kind, body, buffer[end : end + TAG_SIZE])
-                    offset = self._offset = end + TAG_SIZE
-                    append(body)
-                    continue
+            if size - offset < 4:
+                # Everything whole was taken (the usual end of a read).
+                return None
+            (length,) = unpack(buffer, offset)
+            end = offset + 4 + length
+            if (
+                opener is not None
+                and _TAGGED_MINIMUM < length <= limit
+                and end <= size
+                and buffer[offset + 4] == kind
+            ):
+                end -= TAG_SIZE
+                body = bytes(buffer[offset + 5 : end])
+                opener.check(kind, body, buffer[end : end + TAG_SIZE])
+                offset = self._offset = end + TAG_SIZE
+                append(body)
+                continue
             frame = self.next_frame()
             if frame is None or frame[0] != kind or not frame[1]:
                 return frame
