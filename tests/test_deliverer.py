@@ -205,18 +205,36 @@ class ArrivedRunTests(SynchronousTestCase):
     def test_run_fired_deferred_midway(self) -> None:
         """
         A target that returns an already fired Deferred for the second
-        message of a run: each message is delivered exactly once, in order.
+        message of a run: the rest of the run is delivered at once, each
+        message exactly once, in order.
         """
         target = Target()
         target.result = [None, succeed(None)]
         f = Fixture(target)
         f.arrive(b"one", b"two", b"three")
-        f.arrive(b"four")
-        self.assertEqual([m.message_id for m in target.messages], [1, 2, 3, 4])
-        self.assertEqual(f.deliverer.delivered, 4)
+        self.assertEqual([m.message_id for m in target.messages], [1, 2, 3])
+        self.assertEqual(f.deliverer.delivered, 3)
         self.assertEqual(len(f.streams[0].queue), 0)
+        self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 3})
+        self.assertEqual(f.latency.count, 3)
+
+    def test_run_async_target(self) -> None:
+        """
+        An ``async def`` target that finishes without waiting (its
+        coroutine's Deferred has fired when it returns) gets a whole run at
+        once, in order.
+        """
+        delivered: list[int] = []
+
+        class AsyncTarget:
+            async def deliver(self, message: Message) -> None:
+                delivered.append(message.message_id)
+
+        f = Fixture(AsyncTarget())
+        f.arrive(b"one", b"two", b"three", b"four")
+        self.assertEqual(delivered, [1, 2, 3, 4])
+        self.assertEqual(f.deliverer.delivered, 4)
         self.assertEqual(f.committer.bookkeeping.delivered, {(7, INCARNATION): 4})
-        self.assertEqual(f.latency.count, 4)
 
     def test_marks_spaced_by_busy_peers(self) -> None:
         """

@@ -501,6 +501,28 @@ class DeliveryTests(SynchronousTestCase):
         pending[2].callback(None)
         self.assertEqual(delivered, numbered(3))
 
+    def test_async_target_burst(self) -> None:
+        """
+        An ``async def`` target that finishes without waiting gets every
+        message of a burst (sent in one MESSAGES frame), in order, without
+        waiting for more to arrive.
+        """
+        c = Cluster()
+        a = c.start(1)
+        delivered: list[bytes] = []
+
+        async def deliver(message: Message) -> None:
+            delivered.append(message.contents)
+
+        b = ILM(InMemoryBackend(), deliver, c.network.add_peer(2), clock=c.clock)
+        b.startService()
+        self.addCleanup(b.stopService)
+        for p in numbered(5):
+            a.send_to(2, p)
+        c.run_until(lambda: delivered)
+        c.clock.advance(0.1)
+        self.assertEqual(delivered, numbered(5))
+
     def test_frame_from_unhashable_peer_id(self) -> None:
         """
         A network that reports a frame from an id that cannot be a peer id
@@ -649,6 +671,49 @@ class FrameRunTests(SynchronousTestCase):
         [event] = events.named("protocol_violation")
         self.assertEqual((event["peer_id"], event["kind"]), (1, "MalformedFrame"))
         self.assertNotIn(1, b.connected_peers())
+
+    def test_same_as_frame_by_frame(self) -> None:
+        """
+        Whatever one read holds (a run, a repeat, a gap, a run that goes
+        beyond the receiver's window, a malformed frame), ``frames_received``
+        delivers what ``frame_received`` for each frame in turn delivers,
+        and closes the link in the same cases with the same violation.
+        """
+
+        def one(position: int, contents: bytes) -> bytes:
+            return _frames.encode_messages(position, [contents], 1 << 20)[0]
+
+        reads = {
+            "run": [one(p, b"%d" % p) for p in range(2, 7)],
+            "repeat and gap": [one(2, b"2"), one(2, b"2"), one(3, b"3"), one(5, b"5")],
+            "beyond the window": [one(p, b"%d" % p) for p in range(2, 40)],
+            "malformed": [one(2, b"2"), one(3, b"3")[:-1], one(3, b"3")],
+        }
+        for name, frames in reads.items():
+            outcomes = []
+            for together in (True, False):
+                c = Cluster(config=Config(window=8))
+                a = c.start(1)
+                b = c.start(2)
+                a.send_to(2, b"1")
+                c.run_until(lambda c=c: c.received(2, 1) == [b"1"])
+                events = Events(self)
+                if together:
+                    b._router.frames_received(1, list(frames))
+                else:
+                    for frame in frames:
+                        if 1 not in b.connected_peers():
+                            break
+                        b._router.frame_received(1, frame)
+                outcomes.append(
+                    (
+                        c.received(2, 1),
+                        1 in b.connected_peers(),
+                        [e["kind"] for e in events.named("protocol_violation")],
+                    )
+                )
+            self.assertEqual(outcomes[0], outcomes[1], name)
+        self.assertEqual(len(outcomes[0][0]), 2)
 
 
 class FaultTests(SynchronousTestCase):

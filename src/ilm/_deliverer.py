@@ -217,38 +217,49 @@ class PeerDeliverer:
         local_id = self._local_id
         incarnation = stream.incarnation
         start = position = stream.delivered
+        straight = True
         self.in_loop = True
-        for contents in list(queue):
-            position += 1
-            message = make_message(peer_id, local_id, position, contents, incarnation)
-            try:
-                result = deliver(message)
-                if result is None or (pending := delivery_outcome(result)) is None:
-                    continue
-            except Exception:
-                failure: Failure | None = Failure()
-                pending = None
-            else:
-                failure = None
-            # Failed, or delivered once a Deferred fires: what went before
-            # is taken, and the general path goes on from here (counting
-            # the run's latency).
-            done = position - 1 - start
-            if done:
-                stream.pop_delivered(done)
-                self.delivered += done
-            if failure is not None:
-                self.hold.failed(failure, position)
-            elif pending is not None:
-                self.delivering = True
-                pending.addBoth(self._settled, stream, position, 1).addErrback(
-                    self._host.unexpected, "settling a delivery"
+        try:
+            for contents in list(queue):
+                position += 1
+                message = make_message(
+                    peer_id, local_id, position, contents, incarnation
                 )
+                try:
+                    result = deliver(message)
+                    if result is None or (pending := delivery_outcome(result)) is None:
+                        continue
+                except Exception:
+                    failure: Failure | None = Failure()
+                    pending = None
+                else:
+                    failure = None
+                # Failed, or delivered once a Deferred fires: what went
+                # before is taken, and the general path goes on from here.
+                straight = False
+                done = position - 1 - start
+                if done:
+                    stream.pop_delivered(done)
+                    self.delivered += done
+                if failure is not None:
+                    self.hold.failed(failure, position)
+                elif pending is not None:
+                    self.delivering = True
+                    pending.addBoth(self._settled, stream, position, 1).addErrback(
+                        self._host.unexpected, "settling a delivery"
+                    )
+                break
+        finally:
             self.in_loop = False
+        if not straight:
+            # The general path counts the run's latency; it delivers the
+            # rest at once if the Deferred had already fired.
             self.arrivals.append([stream, start + count, start, at])
-            self._after()
+            if self.delivering or self.hold.call is not None:
+                self._after()
+            else:
+                self.deliver()
             return
-        self.in_loop = False
         stream.pop_delivered(count)
         self.delivered += count
         self._latency.observe(clock.seconds() - at, count)

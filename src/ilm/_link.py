@@ -232,21 +232,24 @@ class PeerRouter:
         config = self._config
         index = 0
         count = len(frames)
+        one_by_one = 0
         while index < count:
-            if peer.link == READY:
+            end = index
+            if peer.link == READY and index >= one_by_one:
                 end, first, contents = _frames.decode_message_run(
                     frames, index, config.max_frame_size, config.max_message_size
                 )
-            else:
-                end = index
             if end > index + 1:
                 try:
                     self._on_data(peer, first, contents)
-                except ProtocolViolation as violation:
-                    self.violation(peer, violation)
+                    index = end
+                except ProtocolViolation:
+                    # The run breaks the window: refused before anything
+                    # was taken.  Frame by frame, those within the window
+                    # are taken before the link is closed.
+                    one_by_one = end
                 except Exception:
                     self._internal_error(peer)
-                index = end
             else:
                 self.frame_received(peer_id, frames[index])
                 index += 1
