@@ -12,10 +12,9 @@ value means is :func:`ilm._delivery.delivery_outcome`'s one rule.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
@@ -24,6 +23,7 @@ from ilm._backoff import Backoff
 from ilm._committer import GroupCommitter
 from ilm._delivery import QueueDelivery, delivery_outcome
 from ilm._delivery_hold import MAX_RETRY_AFTER, DeliveryHold, one_line
+from ilm._delivery_latency import DeliveryLatency
 from ilm._message import Message, make_message
 from ilm._nodelog import NodeLogging
 from ilm._peerid import PeerId
@@ -91,7 +91,6 @@ class PeerDeliverer:
         "_committer",
         "_deliver_many",
         "_host",
-        "_latency",
         "_later",
         "_local_id",
         "_mark_delay",
@@ -101,11 +100,11 @@ class PeerDeliverer:
         "_target",
         "_unstarve",
         "ack_call",
-        "arrivals",
         "delivered",
         "delivering",
         "hold",
         "in_loop",
+        "latency",
         "peer_id",
     )
 
@@ -141,7 +140,6 @@ class PeerDeliverer:
         self._later = later
         self._ack_delay = ack_delay
         self._mark_delay = mark_delay
-        self._latency = latency
         #: Deliveries held behind a failed one (ilm._delivery_hold).
         self.hold = DeliveryHold(
             peer_id,
@@ -165,9 +163,8 @@ class PeerDeliverer:
         self.ack_call: IDelayedCall | None = None
         #: Messages delivered since start.
         self.delivered = 0
-        #: Per data frame queued for delivery: [stream, last position,
-        #: position observed up to, arrival time] (the latency histogram).
-        self.arrivals: deque[list[Any]] = deque()
+        #: What arrived and waits for delivery, for the latency histogram.
+        self.latency = DeliveryLatency(latency, clock)
 
     @property
     def held(self) -> bool:
@@ -179,7 +176,7 @@ class PeerDeliverer:
         ``accepted`` new messages were queued on ``stream``.
         """
         last = stream.received
-        self.arrivals.append([stream, last, last - accepted, self._clock.seconds()])
+        self.latency.arrived(stream, last, last - accepted, self._clock.seconds())
 
     def arrived_run(
         self, stream: InboundStream, streams: list[InboundStream], count: int
@@ -191,7 +188,7 @@ class PeerDeliverer:
         peer sending at its own pace (nothing else queued or in progress, a
         target that takes one message at a time and returns at once): the
         deliveries, their latency (one observation for the run, as
-        :meth:`_observe` counts a frame), one mark for the next commit.
+        an arrived frame is counted), one mark for the next commit.
         Anything else takes the general path, from the first message that
         did not go straight through.
         """
@@ -202,7 +199,7 @@ class PeerDeliverer:
             or self.delivering
             or self.hold.call is not None
             or self.hold.retry.failures
-            or self.arrivals
+            or self.latency.waiting
             or self._deliver_many is not None
             or self._put_run is not None
             or not self._host.deliveries_allowed
@@ -210,8 +207,7 @@ class PeerDeliverer:
             self.arrived(stream, count)
             self.deliver()
             return
-        clock = self._clock
-        at = clock.seconds()
+        at = self._clock.seconds()
         deliver = self._target.deliver
         peer_id = self.peer_id
         local_id = self._local_id
@@ -254,7 +250,7 @@ class PeerDeliverer:
         if not straight:
             # The general path counts the run's latency; it delivers the
             # rest at once if the Deferred had already fired.
-            self.arrivals.append([stream, start + count, start, at])
+            self.latency.arrived(stream, start + count, start, at)
             if self.delivering or self.hold.call is not None:
                 self._after()
             else:
@@ -262,7 +258,7 @@ class PeerDeliverer:
             return
         stream.pop_delivered(count)
         self.delivered += count
-        self._latency.observe(clock.seconds() - at, count)
+        self.latency.delivered_at_once(at, count)
         committer = self._committer
         marks = committer.bookkeeping.delivered
         key = (peer_id, incarnation)
@@ -276,7 +272,7 @@ class PeerDeliverer:
         """
         ``stream`` skipped what it queued (the sender lost it).
         """
-        self.arrivals = deque(a for a in self.arrivals if a[0] is not stream)
+        self.latency.forget(stream)
 
     def deliver(self) -> None:
         """
@@ -433,9 +429,7 @@ class PeerDeliverer:
         for the next commit, start the ack timer, ask again for what a
         starved stream dropped.
         """
-        arrivals = self.arrivals
-        if arrivals:
-            self._observe(arrivals)
+        self.latency.observe()
         streams = self._streams()
         marks = False
         delivered = self._committer.bookkeeping.delivered
@@ -467,23 +461,3 @@ class PeerDeliverer:
     def _delayed_ack(self) -> None:
         self.ack_call = None
         self._acknowledge()
-
-    def _observe(self, arrivals: deque[list[Any]]) -> None:
-        """
-        Count the delivery latency of what was delivered since the last
-        look: one observation per arrived frame, not per message.  Frames
-        are delivered in the order they arrived (one incarnation's stream
-        after another's), so only the head can have moved.
-        """
-        now = self._clock.seconds()
-        histogram = self._latency
-        while arrivals:
-            arrival = arrivals[0]
-            stream, last, observed, at = arrival
-            done = min(stream.delivered, last)
-            if done > observed:
-                histogram.observe(now - at, done - observed)
-                arrival[2] = done
-            if done < last:
-                return
-            arrivals.popleft()
