@@ -33,6 +33,12 @@ def now() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
+if time.get_clock_info("monotonic").implementation == "clock_gettime(CLOCK_MONOTONIC)":
+    # The same clock without a Python call around it: a delivery target
+    # that times every message reads it a hundred thousand times a second.
+    now = time.monotonic
+
+
 def result(values: dict[str, Any]) -> None:
     """Print a child's figures for the orchestrator."""
     print("RESULT " + json.dumps(values), flush=True)

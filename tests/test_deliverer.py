@@ -1,6 +1,6 @@
 """
 Tests for :class:`ilm._deliverer.PeerDeliverer`'s straight line for new
-messages (``arrived_run``: one message, or the run of one read) and for how
+messages (``take_run``: one message, or the run of one read) and for how
 long delivery marks wait for their commit, on a ``Clock`` with a recording
 committer.
 """
@@ -67,6 +67,8 @@ class Fixture:
         self.host = Host()
         self.latency = HistogramCounter(DELIVERY_SECONDS_BOUNDS)
         self.streams = [self.stream(INCARNATION)]
+        #: Whether :meth:`arrive` tries ``take_run`` (else always queues).
+        self.straight = True
         self.deliverer = PeerDeliverer(
             7,
             0,
@@ -91,12 +93,24 @@ class Fixture:
             incarnation, 0, window=64, window_bytes=10_000, max_frame_size=1000
         )
 
-    def arrive(self, *contents: bytes) -> None:
-        """Messages arrive on the current stream, as one run."""
+    def arrive(self, *contents: bytes) -> bool:
+        """
+        Messages arrive on the current stream, as one run, as the router
+        takes them.
+
+        :return: whether they went straight through ``take_run``.
+        """
         stream = self.streams[-1]
-        accepted, _, _ = stream.on_data(stream.received + 1, list(contents))
+        first = stream.received + 1
+        if self.straight and self.deliverer.take_run(
+            stream, self.streams, first, list(contents)
+        ):
+            return True
+        accepted, _, _ = stream.on_data(first, list(contents))
         assert accepted == len(contents)
-        self.deliverer.arrived_run(stream, self.streams, accepted)
+        self.deliverer.arrived(stream, accepted)
+        self.deliverer.deliver()
+        return False
 
 
 class Target:
@@ -115,7 +129,7 @@ class Target:
         return result
 
 
-class ArrivedRunTests(SynchronousTestCase):
+class TakeRunTests(SynchronousTestCase):
     def test_delivered_marked_timed(self) -> None:
         """
         A lone new message is delivered at once, with its position and its
@@ -148,7 +162,7 @@ class ArrivedRunTests(SynchronousTestCase):
         """
         target = Target()
         f = Fixture(target)
-        f.arrive(b"one", b"two", b"three")
+        self.assertTrue(f.arrive(b"one", b"two", b"three"))
         self.assertEqual(
             [(m.message_id, m.contents) for m in target.messages],
             [(1, b"one"), (2, b"two"), (3, b"three")],
@@ -259,9 +273,10 @@ class ArrivedRunTests(SynchronousTestCase):
         pending: Deferred[None] = Deferred()
         target.result = pending
         f = Fixture(target)
-        f.arrive(b"one")
+        self.assertTrue(f.arrive(b"one"))
         target.result = None
-        f.arrive(b"two")
+        # Behind a delivery in progress: queued, not straight.
+        self.assertFalse(f.arrive(b"two"))
         self.assertEqual([m.message_id for m in target.messages], [1])
         self.assertEqual(f.committer.bookkeeping.delivered, {})
         f.clock.advance(0.5)
@@ -307,6 +322,124 @@ class ArrivedRunTests(SynchronousTestCase):
             [(m.source_incarnation, m.contents) for m in target.messages],
             [(OLD_INCARNATION, b"old"), (INCARNATION, b"new")],
         )
+
+    def test_beyond_budget_queued(self) -> None:
+        """
+        A run larger than what the peer's streams may hold together does
+        not go straight: ``on_data`` keeps what fits (the rest is asked for
+        again once room is made), and that is delivered.
+        """
+        target = Target()
+        f = Fixture(target)
+        f.streams[0].held.max_messages = 2
+        self.assertEqual(f.streams[0].fits_run(1, [b"a", b"b", b"c"]), -1)
+        stream = f.streams[-1]
+        self.assertFalse(f.deliverer.take_run(stream, f.streams, 1, [b"a", b"b", b"c"]))
+        self.assertEqual((stream.delivered, target.messages), (0, []))
+        self.assertEqual(stream.on_data(1, [b"a", b"b", b"c"]), (2, False, 0))
+        self.assertTrue(stream.starved)
+        f.deliverer.arrived(stream, 2)
+        f.deliverer.deliver()
+        self.assertEqual([m.contents for m in target.messages], [b"a", b"b"])
+
+    def test_not_next_not_straight(self) -> None:
+        """
+        Data that does not continue the stream (a gap, or a repeat) never
+        goes straight: ``on_data`` decides what it means.
+        """
+        f = Fixture(Target())
+        stream = f.streams[-1]
+        self.assertFalse(f.deliverer.take_run(stream, f.streams, 2, [b"gap"]))
+        self.assertTrue(f.arrive(b"one"))
+        self.assertFalse(f.deliverer.take_run(stream, f.streams, 1, [b"one"]))
+        self.assertEqual(stream.delivered, 1)
+
+    def test_same_as_general_path(self) -> None:
+        """
+        For runs of random sizes and a target that takes, raises, returns a
+        pending Deferred or one that has fired, in random turns: delivering
+        straight from the read (``take_run``) leaves everything as queueing
+        each run and delivering it would (``on_data``, ``arrived``,
+        ``deliver``): the messages delivered, in order, the streams'
+        counts, the delivery marks and latency counts, at every step.
+        """
+        import random
+
+        straight_taken = 0
+        for seed in range(300):
+            rng = random.Random(seed)
+            sides = []
+            for straight in (True, False):
+                target = Target()
+                target.result = []
+                f = Fixture(target)
+                f.straight = straight
+                sides.append((f, target, []))
+            sent = 0
+            for step in range(rng.randrange(1, 12)):
+                action = rng.random()
+                if action < 0.6 and sent < 50:
+                    count = rng.randrange(1, 6)
+                    results = [
+                        rng.choice(["none", "none", "none", "raise", "wait", "fired"])
+                        for _ in range(count + 2)
+                    ]
+                    contents = [b"m%d" % (sent + i) for i in range(count)]
+                    sent += count
+                    for f, target, waiting in sides:
+                        target.result = []
+                        for r in results:
+                            if r == "raise":
+                                target.result.append(ValueError("not now"))
+                            elif r == "wait":
+                                d: Deferred[None] = Deferred()
+                                waiting.append(d)
+                                target.result.append(d)
+                            elif r == "fired":
+                                target.result.append(succeed(None))
+                            else:
+                                target.result.append(None)
+                        straight_taken += f.arrive(*contents)
+                elif action < 0.8:
+                    for _, target, waiting in sides:
+                        target.result = []
+                        for d in waiting:
+                            if not d.called:
+                                d.callback(None)
+                                break
+                else:
+                    seconds = rng.choice([0.01, 1, 10])
+                    for f, target, _ in sides:
+                        target.result = []
+                        f.clock.advance(seconds)
+                (a, ta, _), (b, tb, _) = sides
+                where = f"seed {seed}, step {step}"
+                self.assertEqual(ta.messages, tb.messages, where)
+                sa, sb = a.streams[-1], b.streams[-1]
+                self.assertEqual(
+                    (sa.delivered, sa.delivered_bytes, list(sa.queue), sa.nacked),
+                    (sb.delivered, sb.delivered_bytes, list(sb.queue), sb.nacked),
+                    where,
+                )
+                self.assertEqual(
+                    (sa.held.messages, sa.held.bytes),
+                    (sb.held.messages, sb.held.bytes),
+                    where,
+                )
+                self.assertEqual(
+                    (a.deliverer.delivered, a.deliverer.held, a.deliverer.delivering),
+                    (b.deliverer.delivered, b.deliverer.held, b.deliverer.delivering),
+                    where,
+                )
+                self.assertEqual(
+                    a.committer.bookkeeping.delivered,
+                    b.committer.bookkeeping.delivered,
+                    where,
+                )
+                self.assertEqual(a.latency.count, b.latency.count, where)
+                self.assertEqual((a.host.errors, b.host.errors), ([], []), where)
+        # The straight line was taken, and not always.
+        self.assertGreater(straight_taken, 300)
 
 
 class LastMarksTests(SynchronousTestCase):

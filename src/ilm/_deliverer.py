@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import Protocol
+from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -178,24 +179,31 @@ class PeerDeliverer:
         last = stream.received
         self.latency.arrived(stream, last, last - accepted, self._clock.seconds())
 
-    def arrived_run(
-        self, stream: InboundStream, streams: list[InboundStream], count: int
-    ) -> None:
+    def take_run(
+        self,
+        stream: InboundStream,
+        streams: list[InboundStream],
+        first: int,
+        contents: list[bytes],
+    ) -> bool:
         """
-        ``count`` new messages were queued on ``stream``, the last of
-        ``streams`` (the peer's inbound streams): :meth:`arrived` and
-        :meth:`deliver` in one, as a straight line in the usual case of a
-        peer sending at its own pace (nothing else queued or in progress, a
-        target that takes one message at a time and returns at once): the
-        deliveries, their latency (one observation for the run, as
-        an arrived frame is counted), one mark for the next commit.
-        Anything else takes the general path, from the first message that
-        did not go straight through.
+        New messages arrived for ``stream``, the last of ``streams`` (the
+        peer's inbound streams): ``contents`` at positions ``first`` on, one
+        message or the run of one read.  In the usual case of a peer sending
+        at its own pace (they are the next messages and fit where
+        :meth:`InboundStream.on_data` would queue them, nothing is queued or
+        in progress, the target takes one message at a time) they are
+        delivered straight from the read, in one line: their latency as one
+        observation, one mark for the next commit.  From the first that does
+        not go straight through (the target failed, or returned a
+        ``Deferred``), the rest is queued and the general path goes on.
+
+        :return: ``False`` when that is not the case: nothing was done, and
+            the caller queues them (``on_data``), then :meth:`arrived` and
+            :meth:`deliver`.
         """
-        queue = stream.queue
         if (
-            len(queue) != count
-            or len(streams) != 1
+            len(streams) != 1
             or self.delivering
             or self.hold.call is not None
             or self.hold.retry.failures
@@ -204,39 +212,42 @@ class PeerDeliverer:
             or self._put_run is not None
             or not self._host.deliveries_allowed
         ):
-            self.arrived(stream, count)
-            self.deliver()
-            return
+            return False
+        size = stream.fits_run(first, contents)
+        if size < 0:
+            return False
         at = self._clock.seconds()
         deliver = self._target.deliver
         peer_id = self.peer_id
         local_id = self._local_id
         incarnation = stream.incarnation
-        start = position = stream.delivered
-        straight = True
+        position = first
+        pending: Deferred[Any] | None = None
+        failure: Failure | None = None
         self.in_loop = True
         try:
-            for contents in list(queue):
-                position += 1
-                message = make_message(
-                    peer_id, local_id, position, contents, incarnation
-                )
+            for item in contents:
                 try:
-                    result = deliver(message)
-                    if result is None or (pending := delivery_outcome(result)) is None:
-                        continue
+                    result = deliver(
+                        make_message(peer_id, local_id, position, item, incarnation)
+                    )
+                    if result is not None:
+                        pending = delivery_outcome(result)
                 except Exception:
-                    failure: Failure | None = Failure()
-                    pending = None
-                else:
-                    failure = None
+                    failure = Failure()
+                    break
+                if pending is not None:
+                    break
+                position += 1
+            count = len(contents)
+            done = position - first
+            if done == count:
+                stream.passed(count, size)
+            else:
                 # Failed, or delivered once a Deferred fires: what went
-                # before is taken, and the general path goes on from here.
-                straight = False
-                done = position - 1 - start
-                if done:
-                    stream.pop_delivered(done)
-                    self.delivered += done
+                # before is taken, the rest is queued as on_data queues it.
+                stream.passed(done, sum(map(len, contents[:done])))
+                stream.on_data(position, contents[done:])
                 if failure is not None:
                     self.hold.failed(failure, position)
                 elif pending is not None:
@@ -244,29 +255,29 @@ class PeerDeliverer:
                     pending.addBoth(self._settled, stream, position, 1).addErrback(
                         self._host.unexpected, "settling a delivery"
                     )
-                break
         finally:
             self.in_loop = False
-        if not straight:
+        self.delivered += done
+        if done < count:
             # The general path counts the run's latency; it delivers the
             # rest at once if the Deferred had already fired.
-            self.latency.arrived(stream, start + count, start, at)
+            self.latency.arrived(stream, first + count - 1, first - 1, at)
             if self.delivering or self.hold.call is not None:
                 self._after()
             else:
                 self.deliver()
-            return
-        stream.pop_delivered(count)
-        self.delivered += count
+            return True
         self.latency.delivered_at_once(at, count)
         committer = self._committer
         marks = committer.bookkeeping.delivered
         key = (peer_id, incarnation)
+        position -= 1
         if marks.get(key, -1) < position:
             marks[key] = position
             committer.schedule(self._mark_wait(committer))
         if stream.starved:
             self._unstarve(stream)
+        return True
 
     def jumped(self, stream: InboundStream) -> None:
         """

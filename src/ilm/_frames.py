@@ -54,6 +54,9 @@ _DATA_HEAD = struct.Struct(">BHQI")
 _ACK = struct.Struct(">BHQQ")
 _NACK = struct.Struct(">BHQ")
 _LEN = struct.Struct(">I")
+# A one-message MESSAGES frame's head: type, lane, first position, count,
+# the message's length.
+_ONE_HEAD = struct.Struct(">BHQII")
 
 _FLAG_KNOWN = 0x01
 _FLAG_REPLY = 0x02
@@ -297,10 +300,31 @@ def decode_message_run(
     end = start
     first = 0
     contents: list[bytes] = []
+    append = contents.append
+    unpack = _ONE_HEAD.unpack_from
     for index in range(start, len(frames)):
         frame = frames[index]
-        if not frame or frame[0] != MESSAGES or len(frame) > max_frame_size:
+        size = len(frame)
+        if not frame or frame[0] != MESSAGES or size > max_frame_size:
             break
+        if size >= _ONE_MESSAGE:
+            # One message (the usual frame), decoded here as
+            # decode_messages would.
+            _, lane, position, count, length = unpack(frame)
+            if (
+                count == 1
+                and lane == 0
+                and length == size - _ONE_MESSAGE
+                and length <= max_message_size
+                and 1 <= position <= MAX_POSITION
+            ):
+                if not contents:
+                    first = position
+                elif position != first + len(contents):
+                    break
+                append(frame[_ONE_MESSAGE:])
+                end = index + 1
+                continue
         try:
             position, more = decode_messages(frame, max_message_size)
         except ProtocolViolation:

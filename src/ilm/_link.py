@@ -430,20 +430,20 @@ class PeerRouter:
     def _on_data(self, peer: Peer, first: int, contents: list[bytes]) -> None:
         inbound = peer.inbound
         stream = inbound[-1]
-        accepted, acknowledge_now, nack = stream.on_data(first, contents)
-        if accepted and not acknowledge_now and not nack:
-            # The usual frame (or run of frames): new messages, nothing to
-            # answer.
-            peer.deliverer.arrived_run(stream, inbound, accepted)
+        deliverer = peer.deliverer
+        if deliverer.take_run(stream, inbound, first, contents):
+            # The usual frame (or run of frames of one read): the next
+            # messages, delivered straight; nothing to answer.
             return
+        accepted, acknowledge_now, nack = stream.on_data(first, contents)
         if accepted:
-            peer.deliverer.arrived(stream, accepted)
+            deliverer.arrived(stream, accepted)
         if nack:
             self._send_nack(peer, nack)
         if acknowledge_now:
             self.send_ack(peer)
         if accepted:
-            peer.deliverer.deliver()
+            deliverer.deliver()
 
     def send_ack(self, peer: Peer) -> None:
         """Acknowledge what ``peer`` sent, now (latest marks)."""

@@ -584,6 +584,41 @@ class InboundStream:
         self.nacked = 0
         return len(contents), skip > 0, 0
 
+    def fits_run(self, first: int, contents: list[bytes]) -> int:
+        """
+        Whether ``contents``, at positions ``first`` on, may be delivered
+        straight from the read, never queued: they are the next messages,
+        nothing is queued, and :meth:`on_data` would queue them all (within
+        the window and both budgets).
+
+        :return: their size in bytes, or -1 if not (then :meth:`on_data`
+            decides).
+        """
+        if self.queue or first != self.delivered + 1:
+            return -1
+        count = len(contents)
+        if first + count - 1 > self.marked + self._window:
+            return -1
+        size = len(contents[0]) if count == 1 else sum(map(len, contents))
+        held = self.held
+        if (
+            size > self._window_bytes + self._max_frame_size
+            or held.messages + count > held.max_messages
+            or held.bytes + size > held.max_bytes
+        ):
+            return -1
+        return size
+
+    def passed(self, count: int, size: int) -> None:
+        """
+        The first ``count`` of the messages :meth:`fits_run` allowed
+        (``size`` bytes) were delivered straight from the read.
+        """
+        self.delivered += count
+        self.delivered_bytes += size
+        if count:
+            self.nacked = 0
+
     def pop_delivered(self, count: int = 1) -> None:
         """
         The first ``count`` messages of the queue were delivered.
