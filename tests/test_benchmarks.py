@@ -250,6 +250,22 @@ class LeanPeerTests(SynchronousTestCase):
             ours += carry_frame(lean.tag, position, contents)
         self.assertEqual(ours, transport.value())
 
+    def test_receive_path(self) -> None:
+        """
+        ``benchmarks/receive_path.py`` puts every read of every peer
+        through a real node (it fails unless each peer's messages all arrive
+        once, in order) and reports a cost per read for each read size.
+        """
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        self.addCleanup(sys.path.remove, os.path.join(ROOT, "benchmarks"))
+        import receive_path
+
+        figures = receive_path.run(peers=3, rounds=4)
+        self.assertEqual(sorted(figures), [1, 2, 4, 8])
+        for ilm, raw in figures.values():
+            self.assertGreater(ilm, 0)
+            self.assertGreater(raw, 0)
+
     def test_holds_until_linked(self) -> None:
         """
         Before the node's hello, nothing is sent: the messages are counted
