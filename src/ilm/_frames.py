@@ -229,23 +229,39 @@ def decode_resume(frame: bytes) -> Hello:
     )
 
 
+def _one_message(frame: bytes, size: int, max_message_size: int) -> int:
+    """
+    The usual MESSAGES frame of a peer sending at its own pace, well
+    formed: one message, on lane 0, its contents ``frame[_ONE_MESSAGE:]``.
+
+    :return: its position, or 0 if ``frame`` (of ``size`` bytes) is not
+        such a frame (then the general decoding decides).
+    """
+    if size < _ONE_MESSAGE:
+        return 0
+    _, lane, position, count, length = _ONE_HEAD.unpack_from(frame)
+    if (
+        count == 1
+        and lane == 0
+        and length == size - _ONE_MESSAGE
+        and length <= max_message_size
+        and 1 <= position <= MAX_POSITION
+    ):
+        return position  # type: ignore[no-any-return]
+    return 0
+
+
 def decode_messages(frame: bytes, max_message_size: int) -> tuple[int, list[bytes]]:
     """
     :return: ``(first_position, [contents, ...])``.
     """
     size = len(frame)
+    first = _one_message(frame, size, max_message_size)
+    if first:
+        return first, [frame[_ONE_MESSAGE:]]
     if size < DATA_OVERHEAD:
         raise MalformedFrame(f"MESSAGES frame of {size} bytes is truncated")
     _, lane, first, count = _DATA_HEAD.unpack_from(frame)
-    if count == 1 and lane == 0 and size >= _ONE_MESSAGE:
-        # The usual frame of a peer sending at its own pace: one message.
-        (length,) = _LEN.unpack_from(frame, DATA_OVERHEAD)
-        if (
-            length == size - _ONE_MESSAGE
-            and length <= max_message_size
-            and 1 <= first <= MAX_POSITION
-        ):
-            return first, [frame[_ONE_MESSAGE:]]
     _check_lane(lane)
     if first < 1 or count < 1:
         raise MalformedFrame(
@@ -301,30 +317,21 @@ def decode_message_run(
     first = 0
     contents: list[bytes] = []
     append = contents.append
-    unpack = _ONE_HEAD.unpack_from
     for index in range(start, len(frames)):
         frame = frames[index]
         size = len(frame)
         if not frame or frame[0] != MESSAGES or size > max_frame_size:
             break
-        if size >= _ONE_MESSAGE:
-            # One message (the usual frame), decoded here as
-            # decode_messages would.
-            _, lane, position, count, length = unpack(frame)
-            if (
-                count == 1
-                and lane == 0
-                and length == size - _ONE_MESSAGE
-                and length <= max_message_size
-                and 1 <= position <= MAX_POSITION
-            ):
-                if not contents:
-                    first = position
-                elif position != first + len(contents):
-                    break
-                append(frame[_ONE_MESSAGE:])
-                end = index + 1
-                continue
+        position = _one_message(frame, size, max_message_size)
+        if position:
+            # The usual frame, without a list of its own.
+            if not contents:
+                first = position
+            elif position != first + len(contents):
+                break
+            append(frame[_ONE_MESSAGE:])
+            end = index + 1
+            continue
         try:
             position, more = decode_messages(frame, max_message_size)
         except ProtocolViolation:

@@ -531,11 +531,7 @@ class InboundStream:
             # path below decides.
             size = len(contents[0])
             held = self.held
-            if (
-                self.held_bytes + size <= self._window_bytes + self._max_frame_size
-                and held.messages < held.max_messages
-                and held.bytes + size <= held.max_bytes
-            ):
+            if self._room(1, size):
                 queue.append(contents[0])
                 self.held_bytes += size
                 held.messages += 1
@@ -600,14 +596,19 @@ class InboundStream:
         if first + count - 1 > self.marked + self._window:
             return -1
         size = len(contents[0]) if count == 1 else sum(map(len, contents))
+        return size if self._room(count, size) else -1
+
+    def _room(self, count: int, size: int) -> bool:
+        """
+        Whether ``count`` more messages of ``size`` bytes in all fit in
+        what this stream and the peer's incarnations together may hold.
+        """
         held = self.held
-        if (
-            size > self._window_bytes + self._max_frame_size
-            or held.messages + count > held.max_messages
-            or held.bytes + size > held.max_bytes
-        ):
-            return -1
-        return size
+        return (
+            self.held_bytes + size <= self._window_bytes + self._max_frame_size
+            and held.messages + count <= held.max_messages
+            and held.bytes + size <= held.max_bytes
+        )
 
     def passed(self, count: int, size: int) -> None:
         """

@@ -382,7 +382,6 @@ class FrameSealer:
     __slots__ = ("_base", "_counter")
 
     def __init__(self, key: bytes) -> None:
-        # FrameParser.frames_of does what check does, inline, with these.
         self._base = hashlib.blake2b(key=key, digest_size=TAG_SIZE)
         self._counter = 0
 
